@@ -1,0 +1,436 @@
+"""ProcessSandboxConfig and its parts, loaded from TOML, ``SANDBOX_*`` variables and overrides.
+
+Precedence, lowest to highest: built-in defaults, the TOML file (``--config`` or the
+default path), environment variables, explicit overrides (CLI flags). Only this module
+reads environment variables and config files; everything else receives a config object.
+
+Keys are dotted: top-level fields are plain (``max_workers``), section fields carry
+their section (``limits.cpu_seconds``). In TOML a section is a table (``[limits]``);
+in the environment the dot becomes a double underscore (``SANDBOX_LIMITS__CPU_SECONDS``).
+``ANTHROPIC_API_KEY`` and ``ANTHROPIC_BASE_URL`` are honoured for the model section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sandbox_core.errors import ConfigError
+
+Profile = Literal["strict", "process"]
+Provider = Literal["auto", "anthropic", "offline"]
+Source = Literal["default", "file", "env", "flag"]
+
+DEFAULT_ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+DEFAULT_MODEL = "claude-sonnet-4-5"
+_USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
+
+
+class Secret(str):
+    """A string that never shows itself in ``repr`` or ``str`` formatting of a config."""
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+
+@dataclass(frozen=True)
+class EnvPolicy:
+    """Which host environment variables a worker sees.
+
+    ``allow`` holds exact names; an entry ending in ``*`` (``LC_*``) is a prefix pattern
+    and is honoured only when an operator writes one. Everything else is withheld.
+    ``fixed`` variables are set as given; ``HOME`` always points at the workspace.
+    """
+
+    allow: tuple[str, ...] = DEFAULT_ENV_ALLOW
+    fixed: Mapping[str, str] = field(default_factory=dict)
+    default_path: str = DEFAULT_PATH
+    """PATH used when the host has none to pass."""
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    """Per-worker limits (rlimits, plus cgroups in the strict profile where writable).
+
+    A value of 0 means "no limit" except for ``core_dumps`` (always off unless True).
+    """
+
+    address_space_mb: int = 4096
+    """RLIMIT_AS: virtual memory of each process in the worker."""
+    memory_mb: int = 1024
+    """Memory of the whole worker (cgroup memory.limit_in_bytes, strict profile)."""
+    cpu_seconds: int = 600
+    """RLIMIT_CPU per process."""
+    open_files: int = 256
+    """RLIMIT_NOFILE."""
+    processes: int = 128
+    """RLIMIT_NPROC (per uid) and the cgroup pids limit."""
+    file_size_mb: int = 1024
+    """RLIMIT_FSIZE: largest file a process may write."""
+    core_dumps: bool = False
+    """RLIMIT_CORE is 0 unless this is True."""
+
+
+@dataclass(frozen=True)
+class StrictIsolation:
+    """Settings of the ``strict`` profile (bubblewrap + seccomp + landlock)."""
+
+    bwrap: str = "bwrap"
+    """The bubblewrap executable (looked up on PATH)."""
+    sandbox_user: str = "nobody"
+    """The unprivileged account a worker runs as when the host is root."""
+    ro_binds: tuple[str, ...] = ()
+    """Extra host paths visible read-only (``SRC`` or ``SRC:DEST``)."""
+    rw_binds: tuple[str, ...] = ()
+    """Extra host paths visible read-write (``SRC`` or ``SRC:DEST``)."""
+    deny_paths: tuple[str, ...] = ()
+    """Paths hidden inside the sandbox; they win over any allow."""
+    seccomp: bool = True
+    landlock: bool = True
+    """Use landlock as a second layer when the kernel has it."""
+    cgroups: bool = True
+    """Use cgroup memory/pids limits where the hierarchy is writable."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How the agent reaches a model (through the host's gateway)."""
+
+    provider: Provider = "auto"
+    """``auto`` = ``anthropic`` when an API key is configured, else ``offline``."""
+    model: str = DEFAULT_MODEL
+    api_key: Secret | None = None
+    base_url: str = "https://api.anthropic.com"
+    max_tokens: int = 4096
+    max_turns: int = 20
+    request_token_budget: int = 0
+    """Tokens one agent.run may use (0 = unlimited)."""
+    user_token_budget: int = 0
+    """Tokens one user may use over the life of the pool (0 = unlimited)."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Largest request body the gateway forwards."""
+    request_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class ProcessSandboxConfig:
+    """Everything the orchestrator and its workers need, immutable once loaded."""
+
+    profile: Profile = "strict"
+    workspace_root: Path = field(
+        default_factory=lambda: Path.home() / ".local" / "share" / "sandbox" / "workspaces"
+    )
+    """One directory per user below this, created 0700."""
+    default_user: str | None = None
+    startup_timeout: float = 10.0
+    """Seconds a new worker has to finish its handshake."""
+    request_timeout: float = 300.0
+    """Default deadline of one request."""
+    worker_timeout: float = 300.0
+    """Idle seconds after which a bound worker is reaped."""
+    max_workers: int = 8
+    max_workers_per_user: int = 2
+    """A user's concurrent requests get up to this many workers, then queue."""
+    min_idle: int = 1
+    """Pre-warmed unbound workers kept ready."""
+    max_requests_per_worker: int = 200
+    """A worker is recycled after this many requests (0 = never)."""
+    acquire_timeout: float = 10.0
+    """How long a request waits for a free slot before PoolExhausted."""
+    cleanup_interval: float = 5.0
+    max_frame_bytes: int = 8 * 1024 * 1024
+    shutdown_grace: float = 5.0
+    """Seconds in-flight requests get at shutdown, and a worker gets between SIGTERM and SIGKILL."""
+    cancel_grace: float = 2.0
+    """Seconds a cancelled request has to answer before its worker is killed."""
+    start_failure_threshold: int = 3
+    """Consecutive start failures that open the circuit breaker."""
+    circuit_reset: float = 30.0
+    """Seconds the circuit stays open."""
+    stderr_lines: int = 200
+    """Lines of worker stderr kept for diagnostics."""
+    env: EnvPolicy = field(default_factory=EnvPolicy)
+    limits: ResourceLimits = field(default_factory=ResourceLimits)
+    strict: StrictIsolation = field(default_factory=StrictIsolation)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def replace(self, **changes: Any) -> ProcessSandboxConfig:
+        return dataclasses.replace(self, **changes)
+
+    def workspace_for(self, user_id: str) -> Path:
+        """The workspace path of ``user_id`` (validated; not created)."""
+        validate_user_id(user_id)
+        return self.workspace_root / user_id
+
+
+def validate_user_id(user_id: str) -> str:
+    """A user id names exactly one directory below the workspace root, or ConfigError."""
+    if not isinstance(user_id, str) or not _USER_ID.match(user_id) or user_id in {".", ".."}:
+        raise ConfigError(
+            "user_id",
+            f"{user_id!r} is not a valid user id (letters, digits, '_', '.', '@', '-'; "
+            "1-64 chars; must not start with a symbol)",
+        )
+    return user_id
+
+
+def _positive(cfg: object, names: tuple[str, ...], prefix: str = "", zero_ok: bool = False) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 0 or (value == 0 and not zero_ok):
+            raise ConfigError(prefix + name, f"must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def _validate(cfg: ProcessSandboxConfig) -> None:
+    _positive(cfg, ("startup_timeout", "request_timeout", "worker_timeout", "max_workers",
+                    "max_workers_per_user", "acquire_timeout", "cleanup_interval",
+                    "max_frame_bytes", "stderr_lines", "start_failure_threshold"))
+    _positive(cfg, ("min_idle", "max_requests_per_worker", "shutdown_grace", "cancel_grace",
+                    "circuit_reset"), zero_ok=True)
+    if cfg.min_idle > cfg.max_workers:
+        raise ConfigError("min_idle", f"must not exceed max_workers ({cfg.max_workers})")
+    if cfg.max_frame_bytes < 1024:
+        raise ConfigError("max_frame_bytes", "must be at least 1024")
+    if cfg.profile not in ("strict", "process"):
+        raise ConfigError("profile", f"must be 'strict' or 'process', got {cfg.profile!r}")
+    if not cfg.workspace_root.is_absolute():
+        raise ConfigError("workspace_root", f"must be an absolute path, got {str(cfg.workspace_root)!r}")
+    if cfg.default_user is not None:
+        try:
+            validate_user_id(cfg.default_user)
+        except ConfigError as exc:
+            raise ConfigError("default_user", exc.message) from None
+    for name in cfg.env.allow:
+        if not _ENV_NAME.match(name):
+            raise ConfigError("env.allow", f"{name!r} is not a variable name or NAME_* pattern")
+    for key in cfg.env.fixed:
+        if not _ENV_NAME.match(key) or key.endswith("*"):
+            raise ConfigError("env.fixed", f"{key!r} is not a variable name")
+    _positive(cfg.limits, ("address_space_mb", "memory_mb", "cpu_seconds", "open_files",
+                           "processes", "file_size_mb"), "limits.", zero_ok=True)
+    if cfg.model.provider not in ("auto", "anthropic", "offline"):
+        raise ConfigError("model.provider", f"must be auto, anthropic or offline, got {cfg.model.provider!r}")
+    _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout"), "model.")
+    _positive(cfg.model, ("request_token_budget", "user_token_budget"), "model.", zero_ok=True)
+    if not re.match(r"^https?://", cfg.model.base_url):
+        raise ConfigError("model.base_url", f"must be an http(s) URL, got {cfg.model.base_url!r}")
+
+
+# ---------------------------------------------------------------- loading
+
+_SECTIONS: dict[str, type[Any]] = {
+    "env": EnvPolicy,
+    "limits": ResourceLimits,
+    "strict": StrictIsolation,
+    "model": ModelConfig,
+}
+_ENV_ALIASES = {"ANTHROPIC_API_KEY": "model.api_key", "ANTHROPIC_BASE_URL": "model.base_url"}
+
+
+def default_config_path(environ: Mapping[str, str]) -> Path:
+    """``$SANDBOX_CONFIG``, else ``$XDG_CONFIG_HOME/sandbox/config.toml``."""
+    if environ.get("SANDBOX_CONFIG"):
+        return Path(environ["SANDBOX_CONFIG"])
+    base = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "sandbox" / "config.toml"
+
+
+def field_types() -> dict[str, Any]:
+    """Every dotted key and its annotated type."""
+    out: dict[str, Any] = {}
+    for name, tp in typing.get_type_hints(ProcessSandboxConfig).items():
+        if name in _SECTIONS:
+            for sub, stp in typing.get_type_hints(_SECTIONS[name]).items():
+                out[f"{name}.{sub}"] = stp
+        else:
+            out[name] = tp
+    return out
+
+
+def _coerce(key: str, tp: Any, value: Any, from_text: bool) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (from_text and value in ("", "none", "None")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value, from_text)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, f"must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if from_text and str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(key, f"must be a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        try:
+            return int(value) if (from_text or isinstance(value, int)) else _fail(key, "an integer", value)
+        except ValueError:
+            raise ConfigError(key, f"must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        try:
+            return float(value) if (from_text or isinstance(value, int | float)) else _fail(key, "a number", value)
+        except ValueError:
+            raise ConfigError(key, f"must be a number, got {value!r}") from None
+    if tp is Path:
+        if not isinstance(value, str | Path):
+            _fail(key, "a path", value)
+        return Path(os.path.expanduser(str(value)))
+    if tp is Secret:
+        if not isinstance(value, str):
+            _fail(key, "a string", value)
+        return Secret(value)
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(key, "a string", value)
+        return value
+    if origin is tuple:
+        if from_text and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            _fail(key, "a list of strings", value)
+        return tuple(value)
+    if origin in (Mapping, dict) or tp is Mapping:
+        if from_text and isinstance(value, str):
+            pairs = [p for p in value.split(",") if p.strip()]
+            try:
+                value = dict(p.split("=", 1) for p in pairs)
+            except ValueError:
+                _fail(key, "NAME=VALUE pairs", value)
+        if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+            _fail(key, "a table of strings", value)
+        return dict(value)
+    raise ConfigError(key, f"unsupported type {tp!r}")  # pragma: no cover
+
+
+def _fail(key: str, what: str, value: Any) -> typing.NoReturn:
+    raise ConfigError(key, f"must be {what}, got {value!r}")
+
+
+def _flatten_toml(data: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS and isinstance(value, dict):
+            for sub, subval in value.items():
+                out[f"{key}.{sub}"] = subval
+        else:
+            out[key] = value
+    return out
+
+
+def _from_environ(environ: Mapping[str, str], known: Mapping[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for var, key in _ENV_ALIASES.items():
+        if environ.get(var):
+            out[key] = environ[var]
+    for var, value in environ.items():
+        if not var.startswith("SANDBOX_") or var == "SANDBOX_CONFIG":
+            continue
+        key = var[len("SANDBOX_"):].lower().replace("__", ".")
+        if key in known:
+            out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A config plus where each value came from (for ``sandbox config show``)."""
+
+    config: ProcessSandboxConfig
+    sources: Mapping[str, Source]
+    path: Path | None
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> LoadedConfig:
+    """Build the effective config: defaults < TOML file < environment < overrides.
+
+    ``path=None`` uses the default path if that file exists; an explicit path must exist.
+    """
+    env = os.environ if environ is None else environ
+    known = field_types()
+    layers: list[tuple[Source, dict[str, Any], bool]] = []
+    used_path: Path | None = None
+    file_path = path if path is not None else default_config_path(env)
+    if path is not None or file_path.is_file():
+        try:
+            data = tomllib.loads(file_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("config", f"config file not found: {file_path}") from None
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError("config", f"cannot read {file_path}: {exc}") from None
+        layers.append(("file", _flatten_toml(data), False))
+        used_path = file_path
+    layers.append(("env", _from_environ(env, known), True))
+    layers.append(("flag", {k: v for k, v in (overrides or {}).items() if v is not None}, False))
+
+    values: dict[str, Any] = {}
+    sources: dict[str, Source] = dict.fromkeys(known, "default")
+    for source, layer, from_text in layers:
+        for key, raw in layer.items():
+            if key not in known:
+                raise ConfigError(key, "unknown setting")
+            values[key] = _coerce(key, known[key], raw, from_text)
+            sources[key] = source
+    return LoadedConfig(build_config(values), sources, used_path)
+
+
+def build_config(values: Mapping[str, Any]) -> ProcessSandboxConfig:
+    """A config from already-typed dotted values (unknown keys are a ConfigError)."""
+    top: dict[str, Any] = {}
+    sections: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for key, value in values.items():
+        head, _, tail = key.partition(".")
+        if tail and head in sections:
+            sections[head][tail] = value
+        elif not tail:
+            top[key] = value
+        else:
+            raise ConfigError(key, "unknown setting")
+    for name, cls in _SECTIONS.items():
+        if sections[name]:
+            try:
+                top[name] = cls(**sections[name])
+            except TypeError as exc:
+                raise ConfigError(name, str(exc)) from None
+    try:
+        return ProcessSandboxConfig(**top)
+    except TypeError as exc:
+        raise ConfigError("config", str(exc)) from None
+
+
+def flat_values(cfg: ProcessSandboxConfig) -> dict[str, Any]:
+    """Every dotted key of ``cfg`` with its value (secrets stay :class:`Secret`)."""
+    out: dict[str, Any] = {}
+    for key in field_types():
+        head, _, tail = key.partition(".")
+        obj: Any = getattr(cfg, head)
+        out[key] = getattr(obj, tail) if tail else obj
+    return out

@@ -1,0 +1,154 @@
+"""The one error tree of sandbox_core, and its mapping to and from JSON-RPC error objects.
+
+    SandboxError                  root: every error this library raises on purpose
+    ├── ConfigError               a configuration value is invalid (names the field)
+    ├── ProtocolError             a frame could not be parsed or broke JSON-RPC rules
+    ├── IsolationUnavailable      the configured profile cannot be applied (fail closed)
+    ├── WorkerStartError          a worker did not start or finish its handshake
+    │   └── CircuitOpen           too many start failures in a row; spawning is paused
+    ├── WorkerCrashed             the worker process died while a call was pending
+    ├── RequestTimeout            a request ran past its deadline and was killed
+    ├── RequestCancelled          the caller (or a client) cancelled the request
+    ├── PoolExhausted             no worker slot became free within the wait limit
+    ├── PoolClosed                the orchestrator is shutting down or has shut down
+    ├── GatewayError              a model call from the sandbox was refused or failed
+    └── RemoteError               the worker answered a request with an error
+
+Errors that cross the pipe keep ``code``, ``message`` and ``data``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from sandbox_core import codes
+
+
+class SandboxError(Exception):
+    """Root of every error raised on purpose by sandbox_core."""
+
+    code: ClassVar[int] = codes.INTERNAL_ERROR
+
+    def __init__(self, message: str, *, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.data: dict[str, Any] = dict(data or {})
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON-RPC error object for this error."""
+        obj: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data:
+            obj["data"] = self.data
+        return obj
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(SandboxError):
+    """A configuration value is invalid; ``field`` names it."""
+
+    code = codes.INVALID_PARAMS
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", data={"field": field})
+        self.field = field
+
+
+class ProtocolError(SandboxError):
+    """A frame was malformed, oversized, or broke JSON-RPC 2.0 rules."""
+
+    code = codes.INVALID_REQUEST
+
+
+class IsolationUnavailable(SandboxError):
+    """The configured isolation profile cannot be applied; the worker must not start."""
+
+    code = codes.ISOLATION_UNAVAILABLE
+
+
+class WorkerStartError(SandboxError):
+    """A worker process failed to start or to finish the ``initialize`` handshake."""
+
+    code = codes.WORKER_START_FAILED
+
+
+class CircuitOpen(WorkerStartError):
+    """Workers failed to start too many times in a row; spawning is paused."""
+
+
+class WorkerCrashed(SandboxError):
+    """The worker process died while a call was pending."""
+
+    code = codes.WORKER_CRASHED
+
+
+class RequestTimeout(SandboxError):
+    """A request ran past its deadline; everything it started was killed."""
+
+    code = codes.TIMEOUT
+
+
+class RequestCancelled(SandboxError):
+    """The request was cancelled before it finished."""
+
+    code = codes.CANCELLED
+
+
+class PoolExhausted(SandboxError):
+    """No worker became available within the wait limit."""
+
+    code = codes.POOL_EXHAUSTED
+
+
+class PoolClosed(SandboxError):
+    """The orchestrator no longer accepts requests."""
+
+    code = codes.POOL_CLOSED
+
+
+class GatewayError(SandboxError):
+    """A model call made from inside the sandbox was refused or failed on the host."""
+
+    code = codes.GATEWAY_ERROR
+
+
+class RemoteError(SandboxError):
+    """The worker answered with a JSON-RPC error that maps to no more specific class."""
+
+    def __init__(self, code: int, message: str, *, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message, data=data)
+        self.remote_code = code
+
+    def to_wire(self) -> dict[str, Any]:
+        obj = super().to_wire()
+        obj["code"] = self.remote_code
+        return obj
+
+
+_BY_CODE: dict[int, type[SandboxError]] = {
+    codes.ISOLATION_UNAVAILABLE: IsolationUnavailable,
+    codes.WORKER_START_FAILED: WorkerStartError,
+    codes.WORKER_CRASHED: WorkerCrashed,
+    codes.TIMEOUT: RequestTimeout,
+    codes.CANCELLED: RequestCancelled,
+    codes.POOL_EXHAUSTED: PoolExhausted,
+    codes.POOL_CLOSED: PoolClosed,
+    codes.GATEWAY_ERROR: GatewayError,
+}
+
+
+def from_wire(obj: Any) -> SandboxError:
+    """Turn a JSON-RPC error object into the matching SandboxError (never raises)."""
+    if not isinstance(obj, dict):
+        return ProtocolError(f"malformed error object: {obj!r:.200}")
+    code = obj.get("code")
+    message = obj.get("message")
+    data = obj.get("data")
+    if not isinstance(code, int) or not isinstance(message, str):
+        return ProtocolError(f"malformed error object: {obj!r:.200}")
+    data_dict = data if isinstance(data, dict) else ({"detail": data} if data is not None else None)
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return RemoteError(code, message, data=data_dict)
+    return cls(message, data=data_dict)

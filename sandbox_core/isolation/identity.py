@@ -1,0 +1,30 @@
+"""Who the worker runs as: dropping to an unprivileged uid/gid, and no_new_privs."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+from sandbox_core.errors import IsolationUnavailable
+
+_PR_SET_NO_NEW_PRIVS = 38
+
+
+def switch_user(uid: int, gid: int) -> None:
+    """Become ``uid``/``gid`` with no supplementary groups, for good (fails closed)."""
+    try:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        raise IsolationUnavailable(f"cannot switch to uid {uid} gid {gid}: {exc}") from None
+    if os.getuid() != uid or os.geteuid() != uid or os.getgid() != gid:
+        raise IsolationUnavailable(f"uid switch to {uid} did not take effect")
+
+
+def set_no_new_privs() -> None:
+    """Set PR_SET_NO_NEW_PRIVS so exec can never gain privileges (setuid bits, caps)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise IsolationUnavailable(f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(err)}")

@@ -1,0 +1,128 @@
+"""Isolation layers a worker applies to itself, and the report of what is in force.
+
+Runs inside the worker during ``initialize``, before any request is served. The report
+is built from what the process observes about itself (``/proc/self/status``, its open
+descriptors, its rlimits), not from what was asked for, so the host sees the truth.
+A layer that was asked for but cannot be applied raises IsolationUnavailable: the
+worker fails its handshake and never serves a request (fail closed).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+from sandbox_core.errors import IsolationUnavailable
+
+RLIMITS: dict[str, int] = {
+    "as": resource.RLIMIT_AS,
+    "cpu": resource.RLIMIT_CPU,
+    "nofile": resource.RLIMIT_NOFILE,
+    "nproc": resource.RLIMIT_NPROC,
+    "fsize": resource.RLIMIT_FSIZE,
+    "core": resource.RLIMIT_CORE,
+}
+
+
+def apply(plan: dict[str, Any]) -> dict[str, Any]:
+    """Apply the plan's in-process layers (in a safe order) and return the report."""
+    from sandbox_core.isolation import identity
+
+    layers: dict[str, Any] = {"profile": plan.get("profile", "process")}
+    switch = plan.get("switch_user")
+    if isinstance(switch, dict):
+        identity.switch_user(int(switch["uid"]), int(switch["gid"]))
+    _apply_rlimits(plan.get("rlimits") or {})
+    os.umask(int(plan.get("umask", 0o077)))
+    if plan.get("no_new_privs"):
+        identity.set_no_new_privs()
+    layers.update(observe())
+    layers["env_allowlist"] = bool(plan.get("env_allowlist", True))
+    layers["new_session"] = os.getsid(0) == os.getpid() or plan.get("profile") == "strict"
+    for name, value in (plan.get("host_layers") or {}).items():
+        layers[name] = value
+    return layers
+
+
+def after_bind(plan: dict[str, Any], workspace: Path, report: dict[str, Any]) -> None:
+    """Layers that need the workspace (landlock rules); updates ``report`` in place."""
+    landlock_rules = plan.get("landlock")
+    if isinstance(landlock_rules, dict):
+        from sandbox_core.isolation import landlock
+
+        abi = landlock.restrict(
+            read_only=[Path(p) for p in landlock_rules.get("read_only", [])],
+            read_write=[workspace, *(Path(p) for p in landlock_rules.get("read_write", []))],
+        )
+        if abi == 0 and landlock_rules.get("required"):
+            raise IsolationUnavailable("landlock was required but the kernel does not support it")
+        report["landlock"] = {"abi": abi} if abi else False
+
+
+def _apply_rlimits(limits: dict[str, Any]) -> None:
+    for name, value in limits.items():
+        if name not in RLIMITS:
+            raise IsolationUnavailable(f"unknown rlimit {name!r}")
+        soft, hard = (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+        try:
+            resource.setrlimit(RLIMITS[name], (soft, hard))
+        except (ValueError, OSError) as exc:
+            raise IsolationUnavailable(f"cannot set rlimit {name}={value}: {exc}") from None
+
+
+def _status() -> dict[str, str]:
+    out: dict[str, str] = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                out[key] = value.strip()
+    except OSError:
+        pass
+    return out
+
+
+def open_fds() -> list[int]:
+    """The descriptors this process has open (Linux: /proc/self/fd)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return []
+    fds = sorted(int(n) for n in names if n.isdigit())
+    return [fd for fd in fds if _is_open(fd)]
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def observe() -> dict[str, Any]:
+    """Facts about this process that tell which layers are in force."""
+    status = _status()
+    limits = {}
+    for name, res in RLIMITS.items():
+        soft, _hard = resource.getrlimit(res)
+        limits[name] = None if soft == resource.RLIM_INFINITY else soft
+    cap_eff = status.get("CapEff")
+    return {
+        "uid": os.getuid(),
+        "gid": os.getgid(),
+        "rlimits": limits,
+        "umask": f"{_current_umask():03o}",
+        "no_new_privs": status.get("NoNewPrivs") == "1",
+        "seccomp": status.get("Seccomp") == "2",
+        "capabilities_zero": cap_eff is not None and int(cap_eff, 16) == 0,
+        "open_fds": len(open_fds()),
+    }
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,322 @@
+"""Sandbox-side entry point: the JSON-RPC loop (:class:`IPCHandler`) and the methods it serves.
+
+Run as ``python -m sandbox_core.worker_main [MAX_FRAME_BYTES]``. The first thing the process does is move
+the protocol off fds 0/1 onto private descriptors and point fd 0 at /dev/null and fd 1
+at stderr, so a stray ``print`` or a child's output can never corrupt the channel.
+
+Then it waits for ``initialize`` (which applies the in-process isolation layers and
+reports what is in force), serves requests concurrently (one task per request, each
+cancellable with a ``cancel`` notification), and exits on ``shutdown`` or end of input.
+The worker can also call the host (``call_host``) for the model gateway; those calls are
+matched by id and their streamed chunks arrive as ``host.chunk`` notifications.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from sandbox_core import codes
+from sandbox_core.errors import ProtocolError, RequestCancelled, SandboxError
+from sandbox_core.events import EVENT_METHOD, EventType
+from sandbox_core.protocol import (
+    DEFAULT_MAX_FRAME,
+    PROTOCOL_VERSION,
+    FrameReader,
+    Malformed,
+    Notification,
+    Request,
+    RequestId,
+    Response,
+    encode,
+)
+
+Handler = Callable[["RequestContext", dict[str, Any]], Awaitable[Any]]
+HOST_CHUNK = "host.chunk"
+
+
+class _HostCall:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any] | Response] = asyncio.Queue()
+
+
+class Channel:
+    """The worker's end of the pipe: writes frames and makes calls to the host."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        self._calls: dict[RequestId, _HostCall] = {}
+
+    async def send(self, msg: Request | Notification | Response) -> None:
+        async with self._lock:
+            self._writer.write(encode(msg))
+            await self._writer.drain()
+
+    async def call_host(self, method: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Call the host; yield each streamed chunk, end when the final response arrives."""
+        call_id = f"w{next(self._ids)}"
+        call = _HostCall()
+        self._calls[call_id] = call
+        try:
+            await self.send(Request(call_id, method, params))
+            while True:
+                item = await call.queue.get()
+                if isinstance(item, Response):
+                    if item.error is not None:
+                        from sandbox_core.errors import from_wire
+
+                        raise from_wire(item.error)
+                    return
+                yield item
+        finally:
+            self._calls.pop(call_id, None)
+
+    def route(self, msg: Response | Notification) -> bool:
+        """Deliver a host response or chunk to its pending call; False if none matches."""
+        if isinstance(msg, Response):
+            call = self._calls.get(msg.id) if msg.id is not None else None
+            if call is None:
+                return False
+            call.queue.put_nowait(msg)
+            return True
+        call_id = msg.params.get("call_id")
+        call = self._calls.get(call_id) if isinstance(call_id, str | int) else None
+        if call is None:
+            return False
+        call.queue.put_nowait(msg.params)
+        return True
+
+
+class RequestContext:
+    """What a method handler gets: its request, a way to emit events, the executor state."""
+
+    def __init__(self, request: Request, channel: Channel, executor: SandboxExecutor) -> None:
+        self.request = request
+        self.channel = channel
+        self.executor = executor
+        self._seq = itertools.count(1)
+
+    async def emit(self, kind: EventType, data: dict[str, Any]) -> None:
+        await self.channel.send(
+            Notification(
+                EVENT_METHOD,
+                {"request_id": self.request.id, "seq": next(self._seq), "type": kind, "data": data},
+            )
+        )
+
+    @property
+    def workspace(self) -> Path:
+        return self.executor.require_workspace()
+
+
+class SandboxExecutor:
+    """The methods a worker serves. ``agent.*`` methods load their module on first use."""
+
+    def __init__(self) -> None:
+        self.worker_id = ""
+        self.user_id: str | None = None
+        self.workspace: Path | None = None
+        self.initialized = False
+        self.report: dict[str, Any] = {}
+        self.plan: dict[str, Any] = {}
+        self.stop_requested = asyncio.Event()
+        self.state: dict[str, Any] = {}
+        """Per-worker state of lazily loaded runtimes (e.g. the agent's conversations)."""
+        self._methods: dict[str, Handler] = {
+            "initialize": self.initialize,
+            "ping": self.ping,
+            "bind": self.bind,
+            "exec": self.exec,
+            "shutdown": self.shutdown,
+            "agent.run": self._lazy("sandbox_core.agent.runtime", "run"),
+            "agent.reset": self._lazy("sandbox_core.agent.runtime", "reset"),
+            "audit.probe": self._lazy("sandbox_core.audit_probes", "probe"),
+        }
+
+    def lookup(self, method: str) -> Handler | None:
+        return self._methods.get(method)
+
+    @staticmethod
+    def _lazy(module: str, name: str) -> Handler:
+        async def handler(ctx: RequestContext, params: dict[str, Any]) -> Any:
+            import importlib
+
+            fn: Handler = getattr(importlib.import_module(module), name)
+            return await fn(ctx, params)
+
+        return handler
+
+    def require_workspace(self) -> Path:
+        if self.workspace is None:
+            raise SandboxError("worker is not bound to a user yet", data={"code": codes.NOT_BOUND})
+        return self.workspace
+
+    async def initialize(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
+        """Apply the in-process isolation layers of the plan and report what is in force."""
+        from sandbox_core.isolation import inside
+
+        if self.initialized:
+            raise ProtocolError("already initialized")
+        self.worker_id = str(params.get("worker_id", ""))
+        self.plan = dict(params.get("plan") or {})
+        self.report = inside.apply(self.plan)
+        self.initialized = True
+        workspace = params.get("workspace")
+        if isinstance(workspace, str):
+            self._enter(str(params.get("user_id", "")), Path(workspace))
+        return {"protocol": PROTOCOL_VERSION, "pid": os.getpid(), "layers": self.report}
+
+    async def ping(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
+        return {"pong": True, "time": time.time(), "echo": params.get("echo")}
+
+    async def bind(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
+        """Assign a user and workspace to a pre-warmed worker (once)."""
+        user_id, workspace = params.get("user_id"), params.get("workspace")
+        if not isinstance(user_id, str) or not isinstance(workspace, str):
+            raise ProtocolError("bind needs user_id and workspace strings")
+        if self.user_id is not None and self.user_id != user_id:
+            raise SandboxError(f"worker is already bound to {self.user_id!r}")
+        self._enter(user_id, Path(workspace))
+        return {"user_id": user_id, "workspace": workspace}
+
+    def _enter(self, user_id: str, workspace: Path) -> None:
+        from sandbox_core.isolation import inside
+
+        os.chdir(workspace)
+        self.user_id, self.workspace = user_id, workspace
+        os.environ["HOME"] = str(workspace)
+        inside.after_bind(self.plan, workspace, self.report)
+
+    async def exec(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
+        from sandbox_core.runner import run_command
+
+        return await run_command(ctx, params)
+
+    async def shutdown(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
+        self.stop_requested.set()
+        return {}
+
+
+class IPCHandler:
+    """Reads frames, runs each request as a task, routes host answers and cancels."""
+
+    def __init__(self, reader: FrameReader, channel: Channel, executor: SandboxExecutor) -> None:
+        self._reader = reader
+        self._channel = channel
+        self._executor = executor
+        self._tasks: dict[RequestId, asyncio.Task[None]] = {}
+        self._garbage = 0
+
+    async def serve(self) -> None:
+        read_task: asyncio.Task[None] = asyncio.create_task(self._read_loop())
+        stop_task = asyncio.create_task(self._executor.stop_requested.wait())
+        await asyncio.wait({read_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (read_task, stop_task, *self._tasks.values()):
+            task.cancel()
+        await asyncio.gather(read_task, stop_task, *self._tasks.values(), return_exceptions=True)
+
+    async def _read_loop(self) -> None:
+        while True:
+            msg = await self._reader.next()
+            if msg is None:
+                return
+            if isinstance(msg, Malformed):
+                self._garbage += 1
+                await self._channel.send(Response(msg.id, error=msg.error_object()))
+            elif isinstance(msg, Request):
+                self._start(msg)
+            elif isinstance(msg, Notification) and msg.method == "cancel":
+                task = self._tasks.get(msg.params.get("id"))  # type: ignore[arg-type]
+                if task is not None:
+                    task.cancel()
+            elif isinstance(msg, Response | Notification):
+                self._channel.route(msg)
+
+    def _start(self, request: Request) -> None:
+        if request.id in self._tasks:
+            asyncio.ensure_future(
+                self._channel.send(
+                    Response(request.id, error={"code": codes.INVALID_REQUEST, "message": "duplicate id"})
+                )
+            )
+            return
+        task = asyncio.create_task(self._run(request))
+        self._tasks[request.id] = task
+        task.add_done_callback(lambda _t: self._tasks.pop(request.id, None))
+
+    async def _run(self, request: Request) -> None:
+        handler = self._executor.lookup(request.method)
+        if handler is None:
+            error: dict[str, Any] | None = {
+                "code": codes.METHOD_NOT_FOUND,
+                "message": f"method not found: {request.method}",
+            }
+            await self._channel.send(Response(request.id, error=error))
+            return
+        if not self._executor.initialized and request.method != "initialize":
+            error = {"code": codes.INVALID_REQUEST, "message": "initialize first"}
+            await self._channel.send(Response(request.id, error=error))
+            return
+        ctx = RequestContext(request, self._channel, self._executor)
+        try:
+            result = await handler(ctx, request.params)
+            response = Response(request.id, result=result)
+        except asyncio.CancelledError:
+            response = Response(request.id, error=RequestCancelled("request cancelled").to_wire())
+        except SandboxError as exc:
+            wire = exc.to_wire()
+            inner = exc.data.get("code")
+            if isinstance(inner, int):
+                wire["code"] = inner
+            response = Response(request.id, error=wire)
+        except Exception as exc:  # noqa: BLE001 - any handler bug becomes an error answer
+            response = Response(
+                request.id,
+                error={"code": codes.INTERNAL_ERROR, "message": f"{type(exc).__name__}: {exc}"},
+            )
+        await self._channel.send(response)
+
+
+def _take_protocol_fds() -> tuple[int, int]:
+    """Move the protocol to private fds; fd 0 becomes /dev/null and fd 1 a copy of stderr."""
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return proto_in, proto_out
+
+
+async def _amain(proto_in: int, proto_out: int, max_frame: int) -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=max_frame + 1)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(proto_in, "rb", 0))
+    transport, protocol = await loop.connect_write_pipe(
+        asyncio.streams.FlowControlMixin, os.fdopen(proto_out, "wb", 0)
+    )
+    writer = asyncio.StreamWriter(transport, protocol, None, loop)
+    channel = Channel(writer)
+    handler = IPCHandler(FrameReader(reader.read, max_frame), channel, SandboxExecutor())
+    try:
+        await handler.serve()
+    finally:
+        transport.close()
+
+
+def main() -> None:
+    proto_in, proto_out = _take_protocol_fds()
+    max_frame = int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_MAX_FRAME
+    asyncio.run(_amain(proto_in, proto_out, max_frame))
+
+
+if __name__ == "__main__":
+    main()
