@@ -74,8 +74,15 @@ def rlimit_plan(limits: ResourceLimits) -> dict[str, int]:
     return plan
 
 
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+"""The directory holding the ``sandbox_core`` package (put first on the worker's path)."""
+_BOOT = "import sys; sys.path.insert(0, {root!r}); from sandbox_core.worker_main import main; main()"
+
+
 def python_argv(config: ProcessSandboxConfig) -> list[str]:
-    return [sys.executable, "-I", "-m", "sandbox_core.worker_main", str(config.max_frame_bytes)]
+    """The worker's command: isolated mode (-I ignores PYTHON* variables and the cwd)."""
+    boot = _BOOT.format(root=PACKAGE_ROOT)
+    return [sys.executable, "-I", "-c", boot, str(config.max_frame_bytes)]
 
 
 def process_launch(config: ProcessSandboxConfig, workspace: Path | None) -> LaunchSpec:
@@ -125,3 +132,12 @@ def prepare_workspace(config: ProcessSandboxConfig, user_id: str) -> Path:
             if (st.st_uid, st.st_gid) != (uid, gid):
                 os.chown(path, uid, gid)
     return path
+
+
+def can_prewarm(config: ProcessSandboxConfig) -> bool:
+    """Whether workers of this profile can start unbound and be bound to a user later.
+
+    ``strict`` mounts the user's workspace when the sandbox is created, so its workers
+    start on a user's first request (and stay warm for that user afterwards).
+    """
+    return config.profile != "strict"

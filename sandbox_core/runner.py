@@ -1,0 +1,115 @@
+"""Runs one command inside the worker, streaming its output as events.
+
+The command gets the worker's (already scrubbed) environment and the workspace as cwd,
+in a process group of its own. On cancel, and after it exits, the whole group is
+killed, so nothing it started in the background outlives the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import codecs
+import contextlib
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+from sandbox_core.errors import ProtocolError
+
+if TYPE_CHECKING:
+    from sandbox_core.worker_main import RequestContext
+
+_READ = 64 * 1024
+_DRAIN_AFTER_EXIT = 2.0
+NOT_EXECUTABLE = 126
+NOT_FOUND = 127
+
+
+def command_argv(params: dict[str, Any]) -> list[str]:
+    """The argv of an ``exec`` request (``argv`` list or ``shell`` string)."""
+    argv, shell = params.get("argv"), params.get("shell")
+    if argv is not None:
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise ProtocolError("argv must be a non-empty list of strings")
+        return argv
+    if isinstance(shell, str) and shell:
+        return ["/bin/sh", "-c", shell]
+    raise ProtocolError("exec needs argv or shell")
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL a process group, ignoring one that is already gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+async def _pump(stream: asyncio.StreamReader, ctx: RequestContext, kind: str) -> None:
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while chunk := await stream.read(_READ):
+        text = decoder.decode(chunk)
+        if text:
+            await ctx.emit("stdout" if kind == "stdout" else "stderr", {"data": text})
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        await ctx.emit("stdout" if kind == "stdout" else "stderr", {"data": tail})
+
+
+async def _feed(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
+    if proc.stdin is None:
+        return
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        if data:
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+    proc.stdin.close()
+
+
+async def run_command(ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
+    """Run the command of an ``exec`` request; the result carries ``exit_code``."""
+    argv = command_argv(params)
+    stdin_b64 = params.get("stdin_b64")
+    data = base64.b64decode(stdin_b64) if isinstance(stdin_b64, str) else None
+    started = time.monotonic()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE if data is not None else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=ctx.workspace,
+            process_group=0,
+        )
+    except FileNotFoundError:
+        await ctx.emit("stderr", {"data": f"{argv[0]}: command not found\n"})
+        return {"exit_code": NOT_FOUND, "duration_s": 0.0}
+    except PermissionError:
+        await ctx.emit("stderr", {"data": f"{argv[0]}: permission denied\n"})
+        return {"exit_code": NOT_EXECUTABLE, "duration_s": 0.0}
+    assert proc.stdout is not None and proc.stderr is not None
+    pumps = [
+        asyncio.create_task(_pump(proc.stdout, ctx, "stdout")),
+        asyncio.create_task(_pump(proc.stderr, ctx, "stderr")),
+        asyncio.create_task(_feed(proc, data)),
+    ]
+    try:
+        returncode = await proc.wait()
+        kill_group(proc.pid)  # background children must not outlive the request
+        _done, pending = await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
+        for task in pending:  # a process that left the group still holds the pipe
+            task.cancel()
+    except BaseException:
+        kill_group(proc.pid)
+        for task in pumps:
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(proc.wait())
+        raise
+    result: dict[str, Any] = {"duration_s": round(time.monotonic() - started, 6)}
+    if returncode < 0:
+        result["signal"] = -returncode
+        result["exit_code"] = 128 - returncode
+    else:
+        result["exit_code"] = returncode
+    return result
