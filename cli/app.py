@@ -1,0 +1,59 @@
+"""The ``sandbox`` command: global options and the command modules under ``cli/commands``.
+
+Heavy imports (sandbox_core's orchestrator, anthropic) happen inside commands, so
+``sandbox --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cli import output
+from cli.commands import exec_cmd, stats
+from cli.state import AppState
+
+app = typer.Typer(
+    name="sandbox",
+    help="Run Claude agents and commands in process-isolated sandboxes.\n\n" + output.EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from sandbox_core import __version__
+
+        typer.echo(f"sandbox {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML config file.", envvar="SANDBOX_CONFIG")
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Isolation profile: strict (default) or process.")
+    ] = None,
+    user: Annotated[str | None, typer.Option("--user", help="User id (default: config, else login name).")] = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Tracebacks and worker stderr.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    ctx.obj = AppState(config_path=config, profile=profile, user=user, verbose=verbose)
+
+
+exec_cmd.register(app)
+stats.register(app)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,556 @@
+"""SandboxOrchestrator: a pool of sandboxed workers shared by many users.
+
+Rules of the pool:
+
+* **Affinity.** A worker, once bound, serves one user only, one request at a time. A
+  user's request goes to an idle worker of theirs; if all are busy and the user has fewer
+  than ``max_workers_per_user``, the user gets another worker; otherwise the request
+  queues until one of the user's workers is free.
+* **Cap.** At most ``max_workers`` processes exist (starting, idle, busy or stopping).
+  When the pool is full, an idle worker of another user (least recently used first) is
+  evicted to make room; if none is idle, the request waits up to ``acquire_timeout`` and
+  then fails with :class:`PoolExhausted`.
+* **Pre-warm.** ``min_idle`` unbound workers are kept ready (profiles that allow binding
+  after spawn); a request claims one and binds it to the user's workspace. Refill happens
+  in the background, never on the request path.
+* **Reap and recycle.** A background loop removes dead workers, stops workers idle for
+  ``worker_timeout``, and a worker is retired after ``max_requests_per_worker`` requests
+  or when it sent garbage on the protocol channel.
+* **Crash recovery.** A crashed worker is removed; its in-flight request fails with
+  :class:`WorkerCrashed`; the user's next request gets a fresh worker on the same
+  workspace. ``start_failure_threshold`` consecutive start failures open a circuit breaker
+  for ``circuit_reset`` seconds: requests then fail at once with :class:`CircuitOpen`.
+* **Shutdown.** Stop accepting, give in-flight requests ``shutdown_grace`` seconds, then
+  stop every worker; afterwards no worker process or descendant is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sandbox_core.config import ProcessSandboxConfig, validate_user_id
+from sandbox_core.errors import (
+    CircuitOpen,
+    GatewayError,
+    PoolClosed,
+    PoolExhausted,
+    RequestCancelled,
+    RequestTimeout,
+    SandboxError,
+    WorkerCrashed,
+    WorkerStartError,
+)
+from sandbox_core.events import Event
+from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace
+from sandbox_core.process_tree import kill_session
+from sandbox_core.requests import Request, RequestResult
+from sandbox_core.worker import Launcher, SandboxWorker, WorkerState
+
+if TYPE_CHECKING:
+    from sandbox_core.gateway import ModelGateway
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class SandboxOrchestrator:
+    """Async pool of :class:`SandboxWorker` processes; use as ``async with``."""
+
+    def __init__(
+        self,
+        config: ProcessSandboxConfig,
+        *,
+        launcher: Launcher = launch_spec,
+        gateway: ModelGateway | None = None,
+    ) -> None:
+        self.config = config
+        self._launcher = launcher
+        self._gateway = gateway
+        self._workers: dict[str, SandboxWorker] = {}
+        self._changed = asyncio.Condition()
+        self._ids = itertools.count(1)
+        self._tag = secrets.token_hex(2)
+        self._closed = False
+        self._started = False
+        self._cleanup_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._started_at = time.monotonic()
+        self._failures_in_row = 0
+        self._circuit_until = 0.0
+        self._last_start_error: str | None = None
+        self._crashed_users: set[str] = set()
+        self._spawn_latency: list[float] = []
+        self._waiting = 0
+        self._in_flight = 0
+        self._counters: dict[str, int] = dict.fromkeys(
+            ("ok", "failed", "timed_out", "cancelled", "crashes", "restarts", "recycled",
+             "reaped", "spawned", "start_failures", "evicted", "claimed"), 0)
+        self._user_requests: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> SandboxOrchestrator:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def start(self) -> None:
+        """Start the cleanup loop and the pre-warm refill (idempotent)."""
+        if self._started:
+            return
+        if self._closed:
+            raise PoolClosed("the orchestrator was shut down")
+        self._started = True
+        self._cleanup_task = asyncio.create_task(self._cleanup_loop(), name="sandbox-cleanup")
+        self._refill()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ------------------------------------------------------------------ requests
+
+    async def execute(self, user_id: str, request: Request) -> RequestResult:
+        """Run ``request`` for ``user_id`` and collect every event."""
+        events: list[Event] = []
+        async with contextlib.aclosing(self.execute_stream(user_id, request)) as stream:
+            async for event in stream:
+                events.append(event)
+        done = events[-1].data if events and events[-1].type == "done" else {}
+        worker_id = str(done.get("worker_id", ""))
+        return RequestResult(events, dict(done), worker_id)
+
+    async def execute_stream(self, user_id: str, request: Request) -> AsyncIterator[Event]:
+        """Run ``request`` for ``user_id`` on their worker, yielding events as they happen."""
+        validate_user_id(user_id)
+        if not self._started:
+            await self.start()
+        worker = await self._acquire(user_id)
+        self._in_flight += 1
+        self._user_requests[user_id] = self._user_requests.get(user_id, 0) + 1
+        outcome = "cancelled"
+        try:
+            stream = worker.execute_stream(request.method, request.params(), request.timeout)
+            async with contextlib.aclosing(stream):
+                async for event in stream:
+                    yield event
+            outcome = "ok"
+        except RequestTimeout:
+            outcome = "timed_out"
+            raise
+        except RequestCancelled:
+            outcome = "cancelled"
+            raise
+        except WorkerCrashed:
+            outcome = "failed"
+            raise
+        except SandboxError:
+            outcome = "failed"
+            raise
+        finally:
+            self._counters[outcome] += 1
+            self._in_flight -= 1
+            await self._release(worker)
+
+    # ------------------------------------------------------------------ acquire
+
+    async def _acquire(self, user_id: str) -> SandboxWorker:
+        deadline = time.monotonic() + self.config.acquire_timeout
+        self._waiting += 1
+        try:
+            while True:
+                if self._closed:
+                    raise PoolClosed("the orchestrator is shutting down")
+                self._check_circuit()
+                worker = await self._try_acquire(user_id)
+                if worker is not None:
+                    return worker
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PoolExhausted(
+                        f"no worker free for {user_id!r} within {self.config.acquire_timeout:g}s "
+                        f"({len(self._workers)}/{self.config.max_workers} workers, all busy)",
+                        data={"max_workers": self.config.max_workers, "user_id": user_id},
+                    )
+                async with self._changed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), remaining)
+        finally:
+            self._waiting -= 1
+
+    async def _try_acquire(self, user_id: str) -> SandboxWorker | None:
+        mine = [w for w in self._workers.values() if w.user_id == user_id]
+        for worker in mine:
+            if worker.state is WorkerState.IDLE and worker.healthy:
+                worker.state = WorkerState.BUSY
+                return worker
+        if len(mine) >= self.config.max_workers_per_user:
+            return None
+        prewarmed = self._idle_unbound()
+        if prewarmed:
+            return await self._claim(prewarmed[0], user_id)
+        if self._capacity() <= 0 and not self._evict_one(user_id):
+            return None
+        return await self._spawn_for(user_id)
+
+    def _idle_unbound(self) -> list[SandboxWorker]:
+        return [
+            w for w in self._workers.values()
+            if w.user_id is None and w.state is WorkerState.IDLE and w.healthy
+        ]
+
+    def _capacity(self) -> int:
+        return self.config.max_workers - len(self._workers)
+
+    def _evict_one(self, for_user: str) -> bool:
+        """Stop the least recently used idle worker of another user to free a slot."""
+        idle = [
+            w for w in self._workers.values()
+            if w.state is WorkerState.IDLE and w.user_id not in (None, for_user)
+        ]
+        if not idle:
+            idle = self._idle_unbound()
+        if not idle:
+            return False
+        victim = min(idle, key=lambda w: w.last_used)
+        self._counters["evicted"] += 1
+        self._retire(victim)
+        return True
+
+    async def _claim(self, worker: SandboxWorker, user_id: str) -> SandboxWorker | None:
+        worker.state = WorkerState.BUSY
+        try:
+            workspace = await asyncio.to_thread(prepare_workspace, self.config, user_id)
+            await worker.bind(user_id, workspace)
+        except SandboxError:
+            self._retire(worker)
+            return None
+        self._counters["claimed"] += 1
+        self._refill()
+        return worker
+
+    async def _spawn_for(self, user_id: str) -> SandboxWorker:
+        worker = self._new_worker(user_id)  # holds its slot (and the user's) from now on
+        try:
+            workspace = await asyncio.to_thread(prepare_workspace, self.config, user_id)
+        except BaseException:
+            self._workers.pop(worker.worker_id, None)
+            await self._notify()
+            raise
+        worker.workspace = workspace
+        await self._start(worker)
+        worker.state = WorkerState.BUSY  # no await since start(): nobody else can claim it
+        if user_id in self._crashed_users:
+            self._crashed_users.discard(user_id)
+            self._counters["restarts"] += 1
+        if can_prewarm(self.config):
+            try:
+                await worker.bind(user_id, workspace)
+            except SandboxError:
+                self._retire(worker)
+                raise
+        return worker
+
+    def _new_worker(self, user_id: str | None) -> SandboxWorker:
+        worker = SandboxWorker(
+            self.config,
+            f"w{next(self._ids)}-{self._tag}",
+            user_id=user_id,
+            host_handler=self._serve_host_call,
+            launcher=self._launcher,
+        )
+        self._workers[worker.worker_id] = worker
+        return worker
+
+    async def _spawn(self) -> SandboxWorker:
+        """Start one unbound (pre-warmed) worker."""
+        worker = self._new_worker(None)
+        await self._start(worker)
+        return worker
+
+    async def _start(self, worker: SandboxWorker) -> None:
+        """Start a registered worker; failures remove it and feed the circuit breaker."""
+        try:
+            await worker.start()
+        except BaseException as exc:
+            self._workers.pop(worker.worker_id, None)
+            if isinstance(exc, SandboxError):
+                self._record_start_failure(exc)
+            await self._notify()
+            raise
+        self._failures_in_row = 0
+        self._counters["spawned"] += 1
+        if worker.spawn_seconds is not None:
+            self._spawn_latency.append(worker.spawn_seconds)
+            del self._spawn_latency[:-1000]
+
+    def _record_start_failure(self, exc: SandboxError) -> None:
+        self._counters["start_failures"] += 1
+        self._failures_in_row += 1
+        self._last_start_error = exc.message
+        if self._failures_in_row >= self.config.start_failure_threshold:
+            self._circuit_until = time.monotonic() + self.config.circuit_reset
+
+    def _check_circuit(self) -> None:
+        if time.monotonic() < self._circuit_until:
+            raise CircuitOpen(
+                f"workers failed to start {self._failures_in_row} times in a row; not retrying "
+                f"for {self._circuit_until - time.monotonic():.0f}s. Last error: {self._last_start_error}",
+                data={"last_error": self._last_start_error},
+            )
+
+    # ------------------------------------------------------------------ release
+
+    async def _release(self, worker: SandboxWorker) -> None:
+        if not worker.alive:
+            if worker.state is WorkerState.CRASHED:
+                self._counters["crashes"] += 1
+                if worker.user_id is not None:
+                    self._crashed_users.add(worker.user_id)
+            self._workers.pop(worker.worker_id, None)
+            await worker.stop(grace=0)
+        elif (
+            self._closed
+            or not worker.healthy
+            or (self.config.max_requests_per_worker
+                and worker.requests_served >= self.config.max_requests_per_worker)
+        ):
+            if not self._closed:
+                self._counters["recycled"] += 1
+            self._retire(worker)
+        else:
+            worker.state = WorkerState.IDLE
+        await self._notify()
+
+    def _retire(self, worker: SandboxWorker) -> None:
+        """Remove ``worker`` from the pool now and stop it in the background."""
+        self._workers.pop(worker.worker_id, None)
+        worker.state = WorkerState.STOPPING
+        self._in_background(self._stop_worker(worker))
+
+    async def _stop_worker(self, worker: SandboxWorker) -> None:
+        await worker.stop()
+        await self._notify()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _in_background(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # ------------------------------------------------------------------ pre-warm, reap
+
+    def _refill(self) -> None:
+        """Start pre-warmed workers in the background up to ``min_idle`` (off the request path)."""
+        if self._closed or not can_prewarm(self.config) or time.monotonic() < self._circuit_until:
+            return
+        warming = sum(
+            1 for w in self._workers.values()
+            if w.user_id is None and w.state in (WorkerState.NEW, WorkerState.STARTING, WorkerState.IDLE)
+        )
+        for _ in range(min(self.config.min_idle - warming, self._capacity())):
+            self._in_background(self._prewarm_one())
+
+    async def _prewarm_one(self) -> None:
+        with contextlib.suppress(SandboxError):
+            await self._spawn()
+            await self._notify()
+
+    async def _cleanup_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(self.config.cleanup_interval)
+            await self.cleanup_idle_workers()
+
+    async def cleanup_idle_workers(self) -> int:
+        """Remove dead workers, reap idle ones past ``worker_timeout``, refill; returns reaped."""
+        now = time.monotonic()
+        reaped = 0
+        for worker in list(self._workers.values()):
+            if worker.state in (WorkerState.NEW, WorkerState.STARTING):
+                continue
+            if not worker.alive and worker.state is not WorkerState.BUSY:
+                self._counters["crashes"] += 1
+                if worker.user_id is not None:
+                    self._crashed_users.add(worker.user_id)
+                self._workers.pop(worker.worker_id, None)
+                await worker.stop(grace=0)
+            elif worker.state is WorkerState.IDLE and now - worker.last_used > self.config.worker_timeout:
+                if worker.user_id is None and len(self._idle_unbound()) <= self.config.min_idle:
+                    continue
+                self._counters["reaped"] += 1
+                reaped += 1
+                self._retire(worker)
+        self._refill()
+        await self._notify()
+        return reaped
+
+    # ------------------------------------------------------------------ host calls
+
+    async def _serve_host_call(
+        self, worker: SandboxWorker, method: str, params: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        if method != "gateway.request":
+            raise GatewayError(f"the host serves no {method!r} calls")
+        if worker.user_id is None:
+            raise GatewayError("worker is not bound to a user")
+        gateway = self.gateway
+        async for chunk in gateway.handle(worker.user_id, params):
+            yield chunk
+
+    @property
+    def gateway(self) -> ModelGateway:
+        """The model gateway (created on first use so ``exec`` never loads it)."""
+        if self._gateway is None:
+            from sandbox_core.gateway import ModelGateway
+
+            self._gateway = ModelGateway(self.config.model)
+        return self._gateway
+
+    # ------------------------------------------------------------------ operator control
+
+    def list_workers(self) -> list[dict[str, Any]]:
+        """One row per worker, for ``sandbox workers list``."""
+        now = time.monotonic()
+        return [
+            {
+                "worker_id": w.worker_id,
+                "state": w.state.value,
+                "user_id": w.user_id,
+                "pid": w.pid,
+                "requests": w.requests_served,
+                "idle_s": round(now - w.last_used, 3) if w.state is WorkerState.IDLE else 0.0,
+                "age_s": round(now - w.created, 3),
+                "profile": w.profile,
+            }
+            for w in self._workers.values()
+        ]
+
+    async def launch(self, count: int) -> list[str]:
+        """Pre-warm ``count`` more workers now (bounded by the cap); returns their ids."""
+        if not self._started:
+            await self.start()
+        if not can_prewarm(self.config):
+            raise WorkerStartError(
+                f"the {self.config.profile} profile binds a workspace at spawn; "
+                "workers start on a user's first request"
+            )
+        count = min(count, self._capacity())
+        results = await asyncio.gather(*(self._spawn() for _ in range(count)), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors and len(errors) == len(results):
+            raise errors[0]
+        return [r.worker_id for r in results if isinstance(r, SandboxWorker)]
+
+    async def stop_workers(
+        self, *, worker_ids: list[str] | None = None, user_id: str | None = None, everything: bool = False
+    ) -> int:
+        """Stop idle or busy workers by id, by user, or all; busy ones have their request killed."""
+        targets = [
+            w for w in list(self._workers.values())
+            if everything
+            or (worker_ids is not None and w.worker_id in worker_ids)
+            or (user_id is not None and w.user_id == user_id)
+        ]
+        for worker in targets:
+            self._workers.pop(worker.worker_id, None)
+        await asyncio.gather(*(w.stop(grace=0) for w in targets))
+        await self._notify()
+        return len(targets)
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish within ``grace``, then stop everything."""
+        if self._closed and not self._workers and not self._background:
+            return
+        self._closed = True
+        await self._notify()
+        limit = self.config.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + limit
+        while self._in_flight and time.monotonic() < deadline:
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), deadline - time.monotonic())
+        if self._cleanup_task is not None:
+            self._cleanup_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._cleanup_task
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        workers = list(self._workers.values())
+        self._workers.clear()
+        await asyncio.shield(asyncio.gather(*(w.stop(grace=0) for w in workers), return_exceptions=True))
+        for worker in workers:
+            if worker.pid is not None:
+                kill_session(worker.pid)
+
+    # ------------------------------------------------------------------ stats
+
+    def get_pool_stats(self) -> dict[str, Any]:
+        """Workers by state, per user, request outcomes, crashes, latency, queue depth."""
+        by_state = dict.fromkeys(("starting", "idle", "busy", "stopping"), 0)
+        users: dict[str, dict[str, int]] = {}
+        for w in self._workers.values():
+            key = "starting" if w.state is WorkerState.NEW else w.state.value
+            if key in by_state:
+                by_state[key] += 1
+            if w.user_id is not None:
+                row = users.setdefault(w.user_id, {"workers": 0, "busy": 0, "requests": 0})
+                row["workers"] += 1
+                row["busy"] += w.state is WorkerState.BUSY
+        for user, count in self._user_requests.items():
+            users.setdefault(user, {"workers": 0, "busy": 0, "requests": 0})["requests"] = count
+        c = self._counters
+        p50 = _percentile(self._spawn_latency, 0.5)
+        p95 = _percentile(self._spawn_latency, 0.95)
+        stats: dict[str, Any] = {
+            "profile": self.config.profile,
+            "workers": {
+                "total": len(self._workers),
+                **by_state,
+                "prewarmed": len(self._idle_unbound()),
+                "max": self.config.max_workers,
+            },
+            "users": users,
+            "requests": {
+                "ok": c["ok"], "failed": c["failed"], "timed_out": c["timed_out"],
+                "cancelled": c["cancelled"], "in_flight": self._in_flight,
+            },
+            "crashes": c["crashes"],
+            "restarts": c["restarts"],
+            "recycled": c["recycled"],
+            "reaped": c["reaped"],
+            "evicted": c["evicted"],
+            "spawned": c["spawned"],
+            "claimed": c["claimed"],
+            "start_failures": c["start_failures"],
+            "circuit": "open" if time.monotonic() < self._circuit_until else "closed",
+            "queue_depth": self._waiting,
+            "spawn_latency_ms": {
+                "p50": None if p50 is None else round(p50 * 1000, 2),
+                "p95": None if p95 is None else round(p95 * 1000, 2),
+                "count": len(self._spawn_latency),
+            },
+            "uptime_s": round(time.monotonic() - self._started_at, 3),
+        }
+        if self._gateway is not None:
+            stats["gateway"] = self._gateway.stats()
+        return stats

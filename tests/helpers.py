@@ -1,0 +1,59 @@
+"""Shared test helpers: polling with a deadline (never sleeping for state), process checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.process_tree import session_members
+
+
+def process_config(root: Path, **changes: object) -> ProcessSandboxConfig:
+    """A ``process``-profile config with a private workspace root and short limits."""
+    base = ProcessSandboxConfig(
+        profile="process",
+        workspace_root=root,
+        min_idle=0,
+        startup_timeout=15.0,
+        request_timeout=30.0,
+        acquire_timeout=5.0,
+        cleanup_interval=0.1,
+        shutdown_grace=2.0,
+        cancel_grace=1.0,
+    )
+    return base.replace(**changes)
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true, or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def wait_for_async(predicate: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "x") -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def live_session_members(sid: int) -> list[int]:
+    return [p for p in session_members(sid) if pid_alive(p) and p != os.getpid()]

@@ -1,0 +1,186 @@
+"""SandboxWorker against real worker processes (process profile)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.errors import RequestTimeout, WorkerCrashed, WorkerStartError
+from sandbox_core.events import Event
+from sandbox_core.isolation.launch import LaunchSpec, process_launch
+from sandbox_core.requests import ExecRequest
+from sandbox_core.worker import SandboxWorker, WorkerState
+from tests.helpers import live_session_members, pid_alive, process_config, wait_for
+
+FAKES = Path(__file__).resolve().parents[1] / "fakes"
+
+
+async def _bound(root: Path, **changes: object) -> SandboxWorker:
+    config = process_config(root, **changes)
+    worker = SandboxWorker(config, "wt")
+    await worker.start()
+    ws = root / "u"
+    ws.mkdir(exist_ok=True)
+    await worker.bind("u", ws)
+    return worker
+
+
+async def test_handshake_reports_layers(workspace_root: Path) -> None:
+    worker = await _bound(workspace_root)
+    try:
+        assert worker.state is WorkerState.IDLE
+        report = worker.report
+        assert report["profile"] == "process"
+        assert report["env_allowlist"] is True and report["new_session"] is True
+        assert report["umask"] == "077"
+        assert report["rlimits"]["core"] == 0 and report["rlimits"]["nofile"] == 256
+        assert os.getsid(worker.pid or 0) == worker.pid
+    finally:
+        await worker.stop()
+
+
+async def test_exec_streams_output_as_it_happens(workspace_root: Path) -> None:
+    worker = await _bound(workspace_root)
+    gate = workspace_root / "u" / "go"
+    script = "echo first; while [ ! -e go ]; do sleep 0.01; done; echo second >&2; exit 3"
+    events: list[Event] = []
+    try:
+        async for event in worker.execute_stream("exec", ExecRequest(shell=script).params()):
+            events.append(event)
+            if event.type == "stdout" and "first" in event.data["data"]:
+                assert not gate.exists()
+                gate.touch()  # the command can only finish after we saw its first line
+        kinds = [e.type for e in events]
+        assert kinds[0] == "started" and kinds[-1] == "done"
+        assert events[-1].data["exit_code"] == 3
+        assert "".join(e.data["data"] for e in events if e.type == "stderr") == "second\n"
+        seqs = [e.seq for e in events]
+        assert seqs == sorted(seqs)
+    finally:
+        await worker.stop()
+
+
+async def test_exec_stdin_argv_and_missing_command(workspace_root: Path) -> None:
+    worker = await _bound(workspace_root)
+    try:
+        result = await worker.execute("exec", ExecRequest(argv=("cat",), stdin=b"hello\x00world").params())
+        assert result.stdout == "hello\x00world" and result.exit_code == 0
+        missing = await worker.execute("exec", ExecRequest(argv=("no-such-cmd-xyz",)).params())
+        assert missing.exit_code == 127
+        result = await worker.execute("exec", ExecRequest(shell="pwd; echo $HOME").params())
+        ws = str(workspace_root / "u")
+        assert result.stdout == f"{ws}\n{ws}\n"
+    finally:
+        await worker.stop()
+
+
+async def test_env_is_built_from_allowlist(workspace_root: Path, host_canary: str) -> None:
+    worker = await _bound(workspace_root)
+    try:
+        result = await worker.execute("exec", ExecRequest(argv=("env",)).params())
+        names = {line.split("=", 1)[0] for line in result.stdout.splitlines()}
+        assert host_canary not in result.stdout
+        assert "SANDBOX_TEST_HOST_SECRET" not in names
+        assert names <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "HOME", "PWD", "SHLVL", "_"}
+        environ = Path(f"/proc/{worker.pid}/environ").read_bytes()
+        assert host_canary.encode() not in environ
+    finally:
+        await worker.stop()
+
+
+async def test_timeout_kills_the_whole_process_group(workspace_root: Path) -> None:
+    worker = await _bound(workspace_root)
+    try:
+        script = "sleep 300 & echo $! > bg.pid; sleep 300"
+        with pytest.raises(RequestTimeout):
+            await worker.execute("exec", ExecRequest(shell=script).params(), timeout=1.0)
+        bg = int((workspace_root / "u" / "bg.pid").read_text())
+        await wait_for(lambda: not pid_alive(bg), 5, "background child to die")
+        assert worker.alive and await worker.ping() < 1.0  # the worker itself survives
+    finally:
+        await worker.stop()
+
+
+async def test_crash_mid_request_fails_pending_calls_at_once(workspace_root: Path) -> None:
+    worker = await _bound(workspace_root)
+    pid = worker.pid
+    assert pid is not None
+
+    async def kill_when_running() -> None:
+        await wait_for(lambda: (workspace_root / "u" / "running").exists(), 10, "command start")
+        os.kill(pid, signal.SIGKILL)
+
+    killer = asyncio.create_task(kill_when_running())
+    with pytest.raises(WorkerCrashed) as info:
+        await worker.execute("exec", ExecRequest(shell="touch running; sleep 300").params(), timeout=60)
+    await killer
+    assert info.value.data["signal"] == signal.SIGKILL
+    assert worker.state is WorkerState.CRASHED
+    assert worker.exit_signal == signal.SIGKILL
+    await wait_for(lambda: not live_session_members(pid), 5, "the session to be gone")
+    with pytest.raises(WorkerCrashed):
+        await worker.ping()
+    await worker.stop()
+
+
+async def test_stderr_is_kept_for_diagnostics(workspace_root: Path) -> None:
+    config = process_config(workspace_root)
+
+    def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
+        spec = process_launch(cfg, ws)
+        return LaunchSpec([sys.executable, "-c", "import sys; sys.stderr.write('boom: bad thing\\n'); sys.exit(3)"],
+                          spec.env, spec.cwd, spec.plan)
+
+    worker = SandboxWorker(config, "wbad", launcher=launcher)
+    with pytest.raises(WorkerStartError) as info:
+        await worker.start()
+    assert "boom: bad thing" in str(info.value)
+    assert worker.exit_status == 3
+
+
+async def test_handshake_timeout_kills_the_process(workspace_root: Path) -> None:
+    config = process_config(workspace_root, startup_timeout=0.5)
+
+    def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
+        spec = process_launch(cfg, ws)
+        return LaunchSpec(["sleep", "300"], spec.env, spec.cwd, spec.plan)
+
+    worker = SandboxWorker(config, "wslow", launcher=launcher)
+    with pytest.raises(WorkerStartError, match="handshake"):
+        await worker.start()
+    assert worker.pid is not None
+    await wait_for(lambda: not pid_alive(worker.pid or 0), 5, "hung worker to be killed")
+
+
+async def test_garbage_on_the_channel_is_survived_and_counted(workspace_root: Path) -> None:
+    config = process_config(workspace_root)
+
+    def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
+        spec = process_launch(cfg, ws)
+        env = dict(spec.env, GARBAGE_LINES="20")
+        return LaunchSpec([sys.executable, str(FAKES / "garbage_worker.py")], env, spec.cwd, spec.plan)
+
+    worker = SandboxWorker(config.replace(max_frame_bytes=4096), "wg", launcher=launcher)
+    await worker.start()
+    try:
+        assert await worker.ping() < 5
+        assert worker.garbage_frames == 21  # 20 malformed + 1 oversized
+        assert not worker.healthy  # so an orchestrator recycles it
+    finally:
+        await worker.stop()
+
+
+async def test_stop_closes_stdin_and_leaves_nothing(workspace_root: Path) -> None:
+    worker = await _bound(workspace_root)
+    pid = worker.pid
+    assert pid is not None
+    await worker.stop()
+    assert worker.state is WorkerState.STOPPED and worker.exit_status == 0
+    assert not pid_alive(pid) and not live_session_members(pid)
+    await worker.stop()  # idempotent

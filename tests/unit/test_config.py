@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sandbox_core.config import (
+    ProcessSandboxConfig,
+    Secret,
+    load_config,
+    validate_user_id,
+)
+from sandbox_core.errors import ConfigError
+from sandbox_core.isolation.launch import worker_env
+
+
+def test_defaults_are_strict_and_minimal() -> None:
+    cfg = ProcessSandboxConfig()
+    assert cfg.profile == "strict"
+    assert set(cfg.env.allow) == {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ"}
+    assert cfg.limits.core_dumps is False
+
+
+def test_precedence_file_env_override(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('max_workers = 3\nmin_idle = 2\n[limits]\ncpu_seconds = 11\nopen_files = 99\n')
+    env = {"SANDBOX_MAX_WORKERS": "5", "SANDBOX_LIMITS__CPU_SECONDS": "22"}
+    loaded = load_config(path, environ=env, overrides={"max_workers": 7})
+    cfg = loaded.config
+    assert cfg.max_workers == 7 and loaded.sources["max_workers"] == "flag"
+    assert cfg.limits.cpu_seconds == 22 and loaded.sources["limits.cpu_seconds"] == "env"
+    assert cfg.limits.open_files == 99 and loaded.sources["limits.open_files"] == "file"
+    assert cfg.min_idle == 2 and loaded.sources["min_idle"] == "file"
+    assert loaded.sources["request_timeout"] == "default"
+
+
+def test_default_path_is_optional_but_explicit_path_must_exist(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path)}
+    assert load_config(environ=env).path is None
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.toml", environ=env)
+
+
+@pytest.mark.parametrize(
+    ("env", "field"),
+    [
+        ({"SANDBOX_MAX_WORKERS": "many"}, "max_workers"),
+        ({"SANDBOX_MAX_WORKERS": "0"}, "max_workers"),
+        ({"SANDBOX_PROFILE": "docker"}, "profile"),
+        ({"SANDBOX_LIMITS__OPEN_FILES": "-1"}, "limits.open_files"),
+        ({"SANDBOX_WORKSPACE_ROOT": "relative/dir"}, "workspace_root"),
+        ({"SANDBOX_MIN_IDLE": "50"}, "min_idle"),
+        ({"SANDBOX_ENV__ALLOW": "PATH,bad name"}, "env.allow"),
+        ({"SANDBOX_MODEL__BASE_URL": "ftp://x"}, "model.base_url"),
+    ],
+)
+def test_invalid_value_names_the_field(env: dict[str, str], field: str, tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path), **env}
+    with pytest.raises(ConfigError) as info:
+        load_config(environ=env)
+    assert info.value.field == field
+
+
+def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("max_wrokers = 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert info.value.field == "max_wrokers"
+
+
+def test_api_key_from_anthropic_variable_is_secret(tmp_path: Path) -> None:
+    cfg = load_config(environ={"XDG_CONFIG_HOME": str(tmp_path), "ANTHROPIC_API_KEY": "sk-real"}).config
+    assert isinstance(cfg.model.api_key, Secret) and cfg.model.api_key == "sk-real"
+    assert "sk-real" not in repr(cfg)
+
+
+@pytest.mark.parametrize("bad", ["../x", "/etc", ".", "..", "", "a/b", "-rf", "x" * 65, "a b", "é"])
+def test_user_ids_cannot_name_other_paths(bad: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        validate_user_id(bad)
+    assert info.value.field == "user_id"
+
+
+def test_workspace_is_below_root() -> None:
+    cfg = ProcessSandboxConfig(workspace_root=Path("/srv/ws"))
+    assert cfg.workspace_for("alice") == Path("/srv/ws/alice")
+    with pytest.raises(ConfigError):
+        cfg.workspace_for("../alice")
+
+
+def test_env_allowlist_exact_names_and_operator_patterns() -> None:
+    host = {"PATH": "/bin", "LANG": "C", "AWS_SECRET": "s", "LC_NUMERIC": "x", "DATABASE_URL": "pg://"}
+    env = worker_env(ProcessSandboxConfig(), "/ws", host)
+    assert env == {"PATH": "/bin", "LANG": "C", "HOME": "/ws"}
+    cfg = ProcessSandboxConfig().replace(
+        env=ProcessSandboxConfig().env.__class__(allow=("LC_*",), fixed={"FOO": "bar"})
+    )
+    env = worker_env(cfg, "/ws", host)
+    assert env["LC_NUMERIC"] == "x" and env["FOO"] == "bar" and "AWS_SECRET" not in env
+    assert env["PATH"] == cfg.env.default_path
