@@ -35,7 +35,31 @@ _EXPORTS = {
     "GatewayError": "sandbox_core.errors",
     "RemoteError": "sandbox_core.errors",
 }
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = [
+    "AgentRequest",
+    "CircuitOpen",
+    "ConfigError",
+    "Event",
+    "ExecRequest",
+    "GatewayError",
+    "IsolationUnavailable",
+    "PoolClosed",
+    "PoolExhausted",
+    "ProcessSandboxConfig",
+    "ProtocolError",
+    "RemoteError",
+    "RequestCancelled",
+    "RequestResult",
+    "RequestTimeout",
+    "SandboxError",
+    "SandboxOrchestrator",
+    "SandboxWorker",
+    "WorkerCrashed",
+    "WorkerStartError",
+    "WorkerState",
+    "__version__",
+    "load_config",
+]
 
 if TYPE_CHECKING:
     from sandbox_core.config import ProcessSandboxConfig, load_config

@@ -264,9 +264,8 @@ def _coerce(key: str, tp: Any, value: Any, from_text: bool) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (from_text and value in ("", "none", "None")):
-            if type(None) in args:
-                return None
+        if type(None) in args and (value is None or (from_text and value in ("", "none", "None"))):
+            return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, inner[0], value, from_text)
     if origin is Literal:

@@ -31,8 +31,7 @@ import contextlib
 import itertools
 import secrets
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from sandbox_core.config import ProcessSandboxConfig, validate_user_id
@@ -127,14 +126,17 @@ class SandboxOrchestrator:
     async def execute(self, user_id: str, request: Request) -> RequestResult:
         """Run ``request`` for ``user_id`` and collect every event."""
         events: list[Event] = []
-        async with contextlib.aclosing(self.execute_stream(user_id, request)) as stream:
+        stream = self.execute_stream(user_id, request)
+        try:
             async for event in stream:
                 events.append(event)
+        finally:
+            await stream.aclose()
         done = events[-1].data if events and events[-1].type == "done" else {}
         worker_id = str(done.get("worker_id", ""))
         return RequestResult(events, dict(done), worker_id)
 
-    async def execute_stream(self, user_id: str, request: Request) -> AsyncIterator[Event]:
+    async def execute_stream(self, user_id: str, request: Request) -> AsyncGenerator[Event, None]:
         """Run ``request`` for ``user_id`` on their worker, yielding events as they happen."""
         validate_user_id(user_id)
         if not self._started:
@@ -145,9 +147,11 @@ class SandboxOrchestrator:
         outcome = "cancelled"
         try:
             stream = worker.execute_stream(request.method, request.params(), request.timeout)
-            async with contextlib.aclosing(stream):
+            try:
                 async for event in stream:
                     yield event
+            finally:
+                await stream.aclose()
             outcome = "ok"
         except RequestTimeout:
             outcome = "timed_out"

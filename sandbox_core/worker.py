@@ -21,7 +21,7 @@ import itertools
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,6 @@ from sandbox_core.errors import (
     GatewayError,
     IsolationUnavailable,
     ProtocolError,
-    RequestCancelled,
     RequestTimeout,
     SandboxError,
     WorkerCrashed,
@@ -72,9 +71,16 @@ class WorkerState(enum.Enum):
     CRASHED = "crashed"
 
 
+class _Deadline:
+    """Put on a request's queue by its timer when the request runs out of time."""
+
+
+_DEADLINE = _Deadline()
+
+
 class _Pending:
     def __init__(self) -> None:
-        self.queue: asyncio.Queue[Event | Response | SandboxError] = asyncio.Queue()
+        self.queue: asyncio.Queue[Event | Response | SandboxError | _Deadline] = asyncio.Queue()
 
 
 class SandboxWorker:
@@ -346,7 +352,7 @@ class SandboxWorker:
 
     def execute_stream(
         self, method: str, params: dict[str, Any], timeout: float | None = None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Send a request and yield ``started``, its events, then ``done`` (or raise)."""
         return self._stream(method, params, timeout, emit_started=True)
 
@@ -358,12 +364,12 @@ class SandboxWorker:
         *,
         emit_started: bool,
         raw: list[Any] | None = None,
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         request_id = next(self._ids)
         pending = _Pending()
         self._pending[request_id] = pending
         limit = self.config.request_timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
+        timer = asyncio.get_running_loop().call_later(limit, pending.queue.put_nowait, _DEADLINE)
         began = time.monotonic()
         finished = False
         last_seq = 0
@@ -372,18 +378,14 @@ class SandboxWorker:
             if emit_started:
                 yield Event("started", self._started_data(method), 0)
             while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                item = await pending.queue.get()
+                if item is _DEADLINE:
                     await self._abandon(request_id, pending)
                     finished = True
                     raise RequestTimeout(
                         f"{method} timed out after {limit:g}s and was killed",
                         data={"worker_id": self.worker_id, "timeout": limit},
                     )
-                try:
-                    item = await asyncio.wait_for(pending.queue.get(), remaining)
-                except TimeoutError:
-                    continue
                 if isinstance(item, Event):
                     last_seq = max(last_seq, item.seq)
                     yield item
@@ -393,13 +395,15 @@ class SandboxWorker:
                     raise item
                 if item.error is not None:
                     raise from_wire(item.error)
-                self.requests_served += 1
+                if emit_started:  # control calls (bind, ping) are not requests
+                    self.requests_served += 1
                 self.last_used = time.monotonic()
                 if raw is not None:
                     raw.append(item.result)
                 yield Event("done", self._done_data(item.result, began), last_seq + 1)
                 return
         finally:
+            timer.cancel()
             if not finished:
                 await asyncio.shield(self._abandon(request_id, pending))
             self._pending.pop(request_id, None)
@@ -438,6 +442,8 @@ class SandboxWorker:
                 break
             if isinstance(item, Response | SandboxError):
                 return
+            if isinstance(item, _Deadline):
+                continue
         await self.stop(grace=0)
 
     async def bind(self, user_id: str, workspace: Path) -> None:

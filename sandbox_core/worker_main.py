@@ -213,6 +213,7 @@ class IPCHandler:
         self._channel = channel
         self._executor = executor
         self._tasks: dict[RequestId, asyncio.Task[None]] = {}
+        self._replies: set[asyncio.Task[None]] = set()
         self._garbage = 0
 
     async def serve(self) -> None:
@@ -242,11 +243,10 @@ class IPCHandler:
 
     def _start(self, request: Request) -> None:
         if request.id in self._tasks:
-            asyncio.ensure_future(
-                self._channel.send(
-                    Response(request.id, error={"code": codes.INVALID_REQUEST, "message": "duplicate id"})
-                )
-            )
+            error = {"code": codes.INVALID_REQUEST, "message": "duplicate id"}
+            duplicate = asyncio.create_task(self._channel.send(Response(request.id, error=error)))
+            self._replies.add(duplicate)
+            duplicate.add_done_callback(self._replies.discard)
             return
         task = asyncio.create_task(self._run(request))
         self._tasks[request.id] = task

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ def python_argv(config: ProcessSandboxConfig) -> list[str]:
 
 def process_launch(config: ProcessSandboxConfig, workspace: Path | None) -> LaunchSpec:
     """The portable ``process`` profile: env allowlist, new session, closed fds, rlimits."""
-    home = str(workspace) if workspace is not None else str(config.workspace_root)
+    home = str(workspace) if workspace is not None else "/"  # unbound: chdir at bind
     env = worker_env(config, home)
     plan: dict[str, Any] = {
         "profile": "process",

@@ -1,0 +1,244 @@
+"""The benchmark suite: each figure is measured against a baseline taken in the same run.
+
+Used by ``benchmarks/bench.py`` and ``sandbox bench``. Figures are wall-clock
+milliseconds on this machine; the ratios are what to compare across machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.orchestrator import SandboxOrchestrator
+from sandbox_core.requests import ExecRequest, RawRequest
+from sandbox_core.worker import SandboxWorker
+
+
+@dataclass
+class Figure:
+    """One measured figure, its target and (when it has one) its same-run baseline."""
+
+    name: str
+    value: float
+    unit: str
+    target: str = ""
+    ok: bool | None = None
+    baseline: float | None = None
+    ratio: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None and v != {} and v != ""}
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+async def _timed(fn: Callable[[], Awaitable[object]], n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        began = time.perf_counter()
+        await fn()
+        out.append(time.perf_counter() - began)
+    return out
+
+
+async def cold_start(config: ProcessSandboxConfig, n: int) -> Figure:
+    """Spawn to ready (handshake done) of a fresh worker."""
+    samples = []
+    for i in range(n):
+        worker = SandboxWorker(config, f"bench-cold-{i}", user_id="bench", workspace=config.workspace_for("bench"))
+        began = time.perf_counter()
+        await worker.start()
+        samples.append(time.perf_counter() - began)
+        await worker.stop()
+    p50, p95 = _pct(samples, 0.5), _pct(samples, 0.95)
+    return Figure(f"cold start ({config.profile})", _ms(p50), "ms p50", "< 300 ms", p50 < 0.3,
+                  detail={"p95_ms": _ms(p95), "n": n})
+
+
+async def warm_claim(config: ProcessSandboxConfig, n: int) -> Figure:
+    """Time for a request to get a ready worker bound to its user from the pre-warmed pool.
+
+    In profiles that bind at spawn (strict), "warm" is the user's own idle worker.
+    """
+    from sandbox_core.isolation.launch import can_prewarm
+
+    samples = []
+    async with SandboxOrchestrator(config.replace(min_idle=1, worker_timeout=3600)) as pool:
+        for i in range(n):
+            user = f"claim{i}" if can_prewarm(config) else "claim"
+            if can_prewarm(config):
+                deadline = time.monotonic() + 30
+                while pool.get_pool_stats()["workers"]["prewarmed"] < 1:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("pre-warm did not happen")
+                    await asyncio.sleep(0.005)
+            elif i == 0:
+                await pool.execute(user, RawRequest("ping"))
+            began = time.perf_counter()
+            worker = await pool._acquire(user)
+            samples.append(time.perf_counter() - began)
+            await pool._release(worker)
+            if can_prewarm(config):
+                await pool.stop_workers(user_id=user)
+    p50, p99 = _pct(samples, 0.5), _pct(samples, 0.99)
+    return Figure(f"warm claim ({config.profile})", _ms(p50), "ms p50", "< 5 ms", p50 < 0.005,
+                  detail={"p99_ms": _ms(p99), "n": n})
+
+
+_ECHO = "import sys\nfor line in sys.stdin.buffer:\n    sys.stdout.buffer.write(line)\n    sys.stdout.buffer.flush()\n"
+
+
+async def _pipe_echo(argv: list[str], n: int) -> float:
+    """Median round trip of one protocol-sized line through a pipe to ``argv`` and back."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    line = b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{}}\n'
+    samples = []
+    for _ in range(n):
+        began = time.perf_counter()
+        proc.stdin.write(line)
+        await proc.stdin.drain()
+        await proc.stdout.readline()
+        samples.append(time.perf_counter() - began)
+    proc.stdin.close()
+    await proc.wait()
+    return statistics.median(samples)
+
+
+async def ping_vs_pipe(config: ProcessSandboxConfig, n: int) -> Figure:
+    """``ping`` through the orchestrator (warm worker) against a raw pipe echo.
+
+    The baseline is a Python process echoing lines over the same kind of pipes (the
+    floor for any Python worker); ``cat`` as echo is reported alongside.
+    """
+    base = await _pipe_echo([sys.executable, "-c", _ECHO], n)
+    cat = await _pipe_echo(["cat"], n)
+    async with SandboxOrchestrator(config.replace(min_idle=0)) as pool:
+        await pool.execute("bench", RawRequest("ping"))
+        samples = await _timed(lambda: pool.execute("bench", RawRequest("ping")), n)
+    ours = statistics.median(samples)
+    ratio = ours / base
+    return Figure("ping round trip", _ms(ours), "ms p50", "< 3x raw pipe echo", ratio < 3,
+                  baseline=_ms(base), ratio=round(ratio, 2),
+                  detail={"n": n, "cat_echo_ms": _ms(cat), "ratio_vs_cat": round(ours / cat, 2)})
+
+
+async def exec_true(config: ProcessSandboxConfig, n: int) -> Figure:
+    """``exec true`` end to end on a warm worker against spawning ``true`` directly."""
+    async def direct() -> None:
+        proc = await asyncio.create_subprocess_exec("true")
+        await proc.wait()
+
+    base = statistics.median(await _timed(direct, n))
+    async with SandboxOrchestrator(config.replace(min_idle=0)) as pool:
+        await pool.execute("bench", ExecRequest(argv=("true",)))
+        samples = await _timed(lambda: pool.execute("bench", ExecRequest(argv=("true",))), n)
+    ours = statistics.median(samples)
+    return Figure("exec true end to end", _ms(ours), "ms p50", "", None, baseline=_ms(base),
+                  ratio=round(ours / base, 2), detail={"n": n})
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    rss = uss = 0
+    with open(f"/proc/{pid}/smaps_rollup") as fh:
+        for line in fh:
+            key, _, rest = line.partition(":")
+            kb = int(rest.split()[0]) if rest.split() else 0
+            if key == "Rss":
+                rss = kb
+            elif key in ("Private_Clean", "Private_Dirty"):
+                uss += kb
+    return rss, uss
+
+
+def _worker_python_pid(pid: int) -> int:
+    """The Python worker inside a launcher chain (bwrap forks it as a descendant)."""
+    from sandbox_core.process_tree import session_members
+
+    best = pid
+    for member in session_members(pid):
+        try:
+            with open(f"/proc/{member}/cmdline", "rb") as fh:
+                if b"sandbox_core.worker_main" in fh.read():
+                    best = member
+        except OSError:
+            continue
+    return best
+
+
+async def idle_memory(config: ProcessSandboxConfig) -> Figure:
+    """RSS and USS of an idle, bound worker."""
+    worker = SandboxWorker(config, "bench-mem", user_id="bench", workspace=config.workspace_for("bench"))
+    await worker.start()
+    try:
+        rss, uss = _memory(_worker_python_pid(worker.pid or 0))
+    finally:
+        await worker.stop()
+    return Figure("idle worker memory", round(uss / 1024, 1), "MB USS", "< 30 MB USS", uss < 30 * 1024,
+                  detail={"rss_mb": round(rss / 1024, 1)})
+
+
+Step = tuple[str, Callable[[], Awaitable[Figure]]]
+
+
+def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
+    """The benchmark steps for ``config`` (a private workspace root is used)."""
+    n = 5 if quick else 20
+    steps: list[Step] = [
+        ("cold start", lambda: cold_start(config, n)),
+        ("warm claim", lambda: warm_claim(config, n)),
+        ("ping vs pipe", lambda: ping_vs_pipe(config, n * 10)),
+        ("exec true", lambda: exec_true(config, n * 2)),
+        ("idle memory", lambda: idle_memory(config)),
+    ]
+    return steps
+
+
+async def run_suite(
+    config: ProcessSandboxConfig, quick: bool = False, progress: Callable[[str], None] | None = None
+) -> list[Figure]:
+    """Run every step on a private temporary workspace root; returns the figures."""
+    root = Path(tempfile.mkdtemp(prefix="sandbox-bench-"))
+    os.chmod(root, 0o711)
+    try:
+        from sandbox_core.isolation.launch import prepare_workspace
+
+        config = config.replace(workspace_root=root / "ws")
+        prepare_workspace(config, "bench")
+        figures = []
+        for name, step in suite(config, quick):
+            if progress is not None:
+                progress(name)
+            figures.append(await step())
+        return figures
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main() -> None:  # pragma: no cover - exercised by benchmarks/bench.py
+    import json
+
+    profile = sys.argv[1] if len(sys.argv) > 1 else "process"
+    config = ProcessSandboxConfig(profile=profile)  # type: ignore[arg-type]
+    figures = asyncio.run(run_suite(config))
+    sys.stdout.write(json.dumps([f.to_dict() for f in figures], indent=2) + "\n")

@@ -1,0 +1,250 @@
+"""SandboxOrchestrator against real worker processes (process profile)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.errors import (
+    CircuitOpen,
+    ConfigError,
+    PoolClosed,
+    PoolExhausted,
+    RequestTimeout,
+    SandboxError,
+    WorkerCrashed,
+)
+from sandbox_core.isolation.launch import LaunchSpec, process_launch
+from sandbox_core.orchestrator import SandboxOrchestrator
+from sandbox_core.requests import ExecRequest, RawRequest
+from tests.helpers import live_session_members, pid_alive, process_config, wait_for
+
+
+def sh(script: str, timeout: float | None = None) -> ExecRequest:
+    return ExecRequest(shell=script, timeout=timeout)
+
+
+async def test_affinity_under_concurrency(workspace_root: Path) -> None:
+    config = process_config(workspace_root, max_workers=4, max_workers_per_user=1)
+    async with SandboxOrchestrator(config) as pool:
+        users = ["alice", "bob", "carol"]
+        await asyncio.gather(*(pool.execute(u, sh(f"echo {u} > mine")) for u in users))
+
+        async def read(user: str) -> tuple[str, str, str]:
+            result = await pool.execute(user, sh("cat mine; ls"))
+            return user, result.stdout, result.worker_id
+
+        results = await asyncio.gather(*(read(u) for u in users for _ in range(4)))
+        for user, out, _ in results:
+            assert out == f"{user}\nmine\n"
+        by_user: dict[str, set[str]] = {}
+        for user, _, wid in results:
+            by_user.setdefault(user, set()).add(wid)
+        assert all(len(ids) == 1 for ids in by_user.values())  # per-user cap 1: same worker
+        assert len(set().union(*by_user.values())) == 3  # never shared between users
+
+
+async def test_a_users_concurrent_requests_queue_then_spread(workspace_root: Path) -> None:
+    config = process_config(workspace_root, max_workers=4, max_workers_per_user=2)
+    async with SandboxOrchestrator(config) as pool:
+        gate = workspace_root / "dave" / "go"
+
+        async def hold() -> str:
+            return (await pool.execute("dave", sh("while [ ! -e go ]; do sleep 0.01; done"))).worker_id
+
+        tasks = [asyncio.create_task(hold()) for _ in range(3)]
+        await wait_for(lambda: pool.get_pool_stats()["workers"]["busy"] == 2, 10, "two busy workers")
+        assert pool.get_pool_stats()["queue_depth"] == 1  # third request waits for dave's cap
+        gate.touch()
+        ids = await asyncio.gather(*tasks)
+        assert len(set(ids)) == 2
+
+
+async def test_cap_then_pool_exhausted(workspace_root: Path) -> None:
+    config = process_config(workspace_root, max_workers=1, acquire_timeout=0.5)
+    async with SandboxOrchestrator(config) as pool:
+        hold = asyncio.create_task(pool.execute("alice", sh("while [ ! -e go ]; do sleep 0.01; done")))
+        await wait_for(lambda: pool.get_pool_stats()["workers"]["busy"] == 1, 10, "alice busy")
+        with pytest.raises(PoolExhausted) as info:
+            await pool.execute("bob", sh("true"))
+        assert info.value.data["max_workers"] == 1
+        (workspace_root / "alice" / "go").touch()
+        await hold
+        # once alice's worker is idle, bob evicts it instead of waiting
+        result = await pool.execute("bob", sh("echo ok"))
+        assert result.stdout == "ok\n"
+        stats = pool.get_pool_stats()
+        assert stats["evicted"] == 1 and stats["workers"]["total"] <= 1
+
+
+async def test_prewarm_claim_and_background_refill(workspace_root: Path) -> None:
+    config = process_config(workspace_root, min_idle=1)
+    async with SandboxOrchestrator(config) as pool:
+        await wait_for(lambda: pool.get_pool_stats()["workers"]["prewarmed"] == 1, 15, "pre-warm")
+        warm_id = pool.list_workers()[0]["worker_id"]
+        result = await pool.execute("erin", sh("pwd"))
+        assert result.worker_id == warm_id
+        assert result.stdout.strip() == str(workspace_root / "erin")
+        assert pool.get_pool_stats()["claimed"] == 1
+        await wait_for(lambda: pool.get_pool_stats()["workers"]["prewarmed"] == 1, 15, "refill")
+        assert pool.get_pool_stats()["workers"]["total"] == 2
+
+
+async def test_idle_workers_are_reaped(workspace_root: Path) -> None:
+    config = process_config(workspace_root, worker_timeout=0.3, cleanup_interval=0.05)
+    async with SandboxOrchestrator(config) as pool:
+        await pool.execute("frank", sh("true"))
+        pid = pool.list_workers()[0]["pid"]
+        await wait_for(lambda: pool.get_pool_stats()["reaped"] == 1, 10, "reaping")
+        await wait_for(lambda: not pid_alive(pid), 10, "reaped worker exit")
+        assert pool.get_pool_stats()["workers"]["total"] == 0
+
+
+async def test_workers_are_recycled_after_max_requests(workspace_root: Path) -> None:
+    config = process_config(workspace_root, max_requests_per_worker=2)
+    async with SandboxOrchestrator(config) as pool:
+        ids = [(await pool.execute("gina", sh("true"))).worker_id for _ in range(3)]
+        assert ids[0] == ids[1] != ids[2]
+        assert pool.get_pool_stats()["recycled"] == 1
+
+
+async def test_crash_of_busy_worker_then_recovery(workspace_root: Path) -> None:
+    config = process_config(workspace_root)
+    async with SandboxOrchestrator(config) as pool:
+        await pool.execute("hank", sh("echo keep > data"))
+        pid = pool.list_workers()[0]["pid"]
+        running = workspace_root / "hank" / "running"
+
+        async def kill_it() -> None:
+            await wait_for(running.exists, 10, "command start")
+            os.kill(pid, signal.SIGKILL)
+
+        killer = asyncio.create_task(kill_it())
+        with pytest.raises(WorkerCrashed) as info:
+            await pool.execute("hank", sh("touch running; sleep 300"))
+        await killer
+        assert info.value.data["signal"] == signal.SIGKILL
+        result = await pool.execute("hank", sh("cat data"))
+        assert result.stdout == "keep\n"
+        assert result.worker_id != ""
+        stats = pool.get_pool_stats()
+        assert stats["crashes"] == 1 and stats["restarts"] == 1 and stats["requests"]["failed"] == 1
+        await wait_for(lambda: not live_session_members(pid), 5, "crashed session gone")
+
+
+async def test_request_timeout_and_hung_worker(workspace_root: Path) -> None:
+    config = process_config(workspace_root, cancel_grace=0.5)
+    async with SandboxOrchestrator(config) as pool:
+        with pytest.raises(RequestTimeout):
+            await pool.execute("ivan", sh("sleep 300", timeout=0.5))
+        assert (await pool.execute("ivan", sh("echo alive"))).stdout == "alive\n"
+        # a worker that stops answering altogether is killed after the cancel grace
+        pid = pool.list_workers()[0]["pid"]
+        task = asyncio.create_task(pool.execute("ivan", sh("touch started; sleep 300", timeout=1.0)))
+        await wait_for((workspace_root / "ivan" / "started").exists, 10, "start")
+        os.kill(pid, signal.SIGSTOP)
+        with pytest.raises(RequestTimeout):
+            await task
+        await wait_for(lambda: not pid_alive(pid), 10, "hung worker killed")
+        assert (await pool.execute("ivan", sh("echo fresh"))).stdout == "fresh\n"
+        assert pool.get_pool_stats()["requests"]["timed_out"] == 2
+
+
+async def test_garbage_worker_is_recycled(workspace_root: Path) -> None:
+    fakes = Path(__file__).resolve().parents[1] / "fakes"
+
+    def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
+        spec = process_launch(cfg, ws)
+        env = dict(spec.env, GARBAGE_LINES="20")
+        return LaunchSpec([sys.executable, str(fakes / "garbage_worker.py")], env, spec.cwd, spec.plan)
+
+    config = process_config(workspace_root)
+    async with SandboxOrchestrator(config, launcher=launcher) as pool:
+        first = await pool.execute("jill", RawRequest("ping"))
+        second = await pool.execute("jill", RawRequest("ping"))
+        assert first.result["pong"] is True and second.result["pong"] is True
+        assert first.worker_id != second.worker_id
+        assert pool.get_pool_stats()["recycled"] >= 1
+
+
+async def test_circuit_breaker_stops_respawn_loop(workspace_root: Path) -> None:
+    def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
+        spec = process_launch(cfg, ws)
+        return LaunchSpec(["false"], spec.env, spec.cwd, spec.plan)
+
+    config = process_config(workspace_root, start_failure_threshold=2, circuit_reset=60)
+    async with SandboxOrchestrator(config, launcher=launcher) as pool:
+        for _ in range(2):
+            with pytest.raises(SandboxError):
+                await pool.execute("kim", sh("true"))
+        with pytest.raises(CircuitOpen, match="2 times in a row"):
+            await pool.execute("kim", sh("true"))
+        stats = pool.get_pool_stats()
+        assert stats["start_failures"] == 2 and stats["circuit"] == "open"
+
+
+async def test_shutdown_with_requests_in_flight_leaves_no_process(workspace_root: Path) -> None:
+    config = process_config(workspace_root, min_idle=1, max_workers=4)
+    pool = SandboxOrchestrator(config)
+    await pool.start()
+    script = "sleep 300 & echo $! > bg; touch started; sleep 300"
+    tasks = [asyncio.create_task(pool.execute(u, sh(script))) for u in ("lea", "max")]
+    await wait_for(lambda: all((workspace_root / u / "started").exists() for u in ("lea", "max")), 15, "start")
+    pids = [w["pid"] for w in pool.list_workers()]
+    await pool.shutdown(grace=0.2)
+    for task in tasks:
+        with pytest.raises(SandboxError):
+            await task
+    for pid in pids:
+        assert not live_session_members(pid)
+    for user in ("lea", "max"):
+        assert not pid_alive(int((workspace_root / user / "bg").read_text()))
+    with pytest.raises(PoolClosed):
+        await pool.execute("lea", sh("true"))
+
+
+async def test_shutdown_lets_short_requests_finish(workspace_root: Path) -> None:
+    config = process_config(workspace_root)
+    pool = SandboxOrchestrator(config)
+    await pool.start()
+    script = "touch started; while [ ! -e go ]; do sleep 0.01; done; echo done"
+    task = asyncio.create_task(pool.execute("ned", sh(script)))
+    await wait_for((workspace_root / "ned" / "started").exists, 10, "start")
+    shutdown = asyncio.create_task(pool.shutdown(grace=10))
+    await wait_for(lambda: pool.closed, 5, "closed")
+    (workspace_root / "ned" / "go").touch()
+    assert (await task).stdout == "done\n"
+    await shutdown
+
+
+async def test_bad_user_ids_are_rejected(workspace_root: Path) -> None:
+    async with SandboxOrchestrator(process_config(workspace_root)) as pool:
+        for bad in ("../x", "/etc", "..", ""):
+            with pytest.raises(ConfigError):
+                await pool.execute(bad, sh("true"))
+        assert pool.get_pool_stats()["workers"]["total"] == 0
+        assert sorted(p.name for p in workspace_root.iterdir()) == []
+
+
+async def test_workspaces_are_private(workspace_root: Path) -> None:
+    async with SandboxOrchestrator(process_config(workspace_root)) as pool:
+        result = await pool.execute("olga", sh("touch f; stat -c %a . f"))
+        assert result.stdout == "700\n600\n"
+
+
+async def test_operator_controls(workspace_root: Path) -> None:
+    async with SandboxOrchestrator(process_config(workspace_root, max_workers=5)) as pool:
+        ids = await pool.launch(2)
+        assert len(ids) == 2 and pool.get_pool_stats()["workers"]["prewarmed"] == 2
+        await pool.execute("pat", sh("true"))
+        rows = pool.list_workers()
+        assert {r["user_id"] for r in rows} == {None, "pat"}
+        assert await pool.stop_workers(user_id="pat") == 1
+        assert await pool.stop_workers(everything=True) == 1
+        assert pool.list_workers() == []
