@@ -38,7 +38,7 @@ class Figure:
     detail: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if v is not None and v != {} and v != ""}
+        return {k: v for k, v in self.__dict__.items() if v is not None and v not in ({}, "")}
 
 
 def _pct(values: list[float], q: float) -> float:

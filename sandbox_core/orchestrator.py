@@ -446,6 +446,11 @@ class SandboxOrchestrator:
             for w in self._workers.values()
         ]
 
+    def worker_report(self, worker_id: str) -> dict[str, Any] | None:
+        """The handshake report (isolation layers in force) of a live worker."""
+        worker = self._workers.get(worker_id)
+        return dict(worker.report) if worker is not None else None
+
     async def launch(self, count: int) -> list[str]:
         """Pre-warm ``count`` more workers now (bounded by the cap); returns their ids."""
         if not self._started:
