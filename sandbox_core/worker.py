@@ -379,7 +379,7 @@ class SandboxWorker:
                 yield Event("started", self._started_data(method), 0)
             while True:
                 item = await pending.queue.get()
-                if item is _DEADLINE:
+                if isinstance(item, _Deadline):
                     await self._abandon(request_id, pending)
                     finished = True
                     raise RequestTimeout(
