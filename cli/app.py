@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from cli import output
-from cli.commands import exec_cmd, stats
+from cli.commands import exec_cmd, serve, stats
 from cli.state import AppState
 
 app = typer.Typer(
@@ -53,6 +53,7 @@ def main_options(
 
 exec_cmd.register(app)
 stats.register(app)
+serve.register(app)
 
 
 def main() -> None:

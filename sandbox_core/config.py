@@ -123,6 +123,27 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    """``sandbox serve``: where it listens and who may do what."""
+
+    socket_path: Path | None = None
+    """Unix socket (0600); None = ``$XDG_RUNTIME_DIR/sandbox/sandbox.sock``, else
+    ``/run/sandbox/sandbox.sock`` for root, else ``/tmp/sandbox-UID/sandbox.sock``."""
+    tokens_file: Path | None = None
+    """TOML file of bearer tokens for TCP (``[[token]] sha256|token, user, role``)."""
+    operator_uids: tuple[str, ...] = ()
+    """Unix-socket peers (uids) that are operators besides root and the server's own uid."""
+    cancel_on_disconnect: bool = True
+    """A client that disconnects mid-stream cancels its run."""
+    keepalive_seconds: float = 15.0
+    """Seconds between SSE keep-alive comments."""
+    drain_grace: float = 30.0
+    """Seconds in-flight runs get after SIGTERM before they are killed."""
+    max_buffered_events: int = 10000
+    """Events kept per run for re-attaching streams."""
+
+
+@dataclass(frozen=True)
 class ProcessSandboxConfig:
     """Everything the orchestrator and its workers need, immutable once loaded."""
 
@@ -163,6 +184,7 @@ class ProcessSandboxConfig:
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     strict: StrictIsolation = field(default_factory=StrictIsolation)
     model: ModelConfig = field(default_factory=ModelConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -225,6 +247,10 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
         raise ConfigError("model.provider", f"must be auto, anthropic or offline, got {cfg.model.provider!r}")
     _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout"), "model.")
     _positive(cfg.model, ("request_token_budget", "user_token_budget"), "model.", zero_ok=True)
+    _positive(cfg.service, ("keepalive_seconds", "drain_grace", "max_buffered_events"), "service.")
+    for uid in cfg.service.operator_uids:
+        if not uid.isdigit():
+            raise ConfigError("service.operator_uids", f"{uid!r} is not a numeric uid")
     if not re.match(r"^https?://", cfg.model.base_url):
         raise ConfigError("model.base_url", f"must be an http(s) URL, got {cfg.model.base_url!r}")
 
@@ -236,6 +262,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "limits": ResourceLimits,
     "strict": StrictIsolation,
     "model": ModelConfig,
+    "service": ServiceConfig,
 }
 _ENV_ALIASES = {"ANTHROPIC_API_KEY": "model.api_key", "ANTHROPIC_BASE_URL": "model.base_url"}
 

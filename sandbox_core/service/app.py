@@ -1,0 +1,328 @@
+"""The HTTP API (Starlette): runs streamed as server-sent events, pool control, metrics.
+
+Routes (all JSON unless noted; ``/v1`` is the API version):
+
+    GET  /v1/health                    liveness, draining flag          anyone
+    GET  /openapi.json                 the OpenAPI 3.1 schema           anyone
+    POST /v1/runs/agent                start an agent run, SSE stream   user
+    POST /v1/runs/exec                 start an exec, SSE stream        user
+    GET  /v1/runs                      the caller's runs                user
+    GET  /v1/runs/{id}                 one run's summary                owner
+    GET  /v1/runs/{id}/events          (re)attach to a run's stream     owner
+    POST /v1/runs/{id}/cancel          cancel a run                     owner
+    GET  /v1/stats                     pool stats                       operator
+    GET  /v1/workers                   list workers                     operator
+    POST /v1/workers/launch            {"count": N}                     operator
+    POST /v1/workers/stop              {"worker_ids"|"user_id"|"all"}   operator
+    GET  /metrics                      Prometheus text format           operator
+
+An SSE event per sandbox event: ``id`` is the run's event sequence number, ``event`` the
+event type, ``data`` its JSON; ``: keep-alive`` comments while nothing happens. Wrong or
+missing credentials get a bare 401, a role that may not act a bare 403, another user's run
+a 404 (it does not exist for them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.errors import ConfigError, SandboxError
+from sandbox_core.orchestrator import SandboxOrchestrator
+from sandbox_core.requests import AgentRequest, ExecRequest
+from sandbox_core.service.auth import UNIX_PEER, Principal, TokenTable, bearer_token, principal_for_uid
+from sandbox_core.service.openapi import openapi_schema
+from sandbox_core.service.runs import Run, RunRegistry
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+class ServiceState:
+    """What the routes share: the orchestrator, the runs, the auth mode, the drain flag."""
+
+    def __init__(
+        self,
+        config: ProcessSandboxConfig,
+        orchestrator: SandboxOrchestrator,
+        *,
+        transport: str,
+        tokens: TokenTable | None = None,
+    ) -> None:
+        self.config = config
+        self.orchestrator = orchestrator
+        self.runs = RunRegistry(orchestrator, config.service.max_buffered_events)
+        self.transport = transport
+        self.tokens = tokens or TokenTable()
+        self.draining = False
+
+    def authenticate(self, request: Request) -> Principal | None:
+        if self.transport == "unix":
+            client = request.scope.get("client")
+            if client and client[0] == UNIX_PEER:
+                return principal_for_uid(int(client[1]), self.config.service.operator_uids)
+            return None
+        token = bearer_token(request.headers.get("authorization"))
+        return self.tokens.lookup(token) if token else None
+
+
+def _state(request: Request) -> ServiceState:
+    state: ServiceState = request.app.state.service
+    return state
+
+
+def _denied(status: int) -> Response:
+    return PlainTextResponse("unauthorized" if status == 401 else "forbidden", status_code=status)
+
+
+def guarded(role: str) -> Callable[[Callable[[Request, Principal], Awaitable[Response]]], Endpoint]:
+    """Authenticate the caller and require ``role`` (user or operator) before the route."""
+
+    def wrap(fn: Callable[[Request, Principal], Awaitable[Response]]) -> Endpoint:
+        async def endpoint(request: Request) -> Response:
+            who = _state(request).authenticate(request)
+            if who is None:
+                return _denied(401)
+            if role == "operator" and not who.is_operator:
+                return _denied(403)
+            return await fn(request, who)
+
+        return endpoint
+
+    return wrap
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError("body", "request body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise ConfigError("body", "request body must be a JSON object")
+    return body
+
+
+def _bad_request(exc: Exception) -> Response:
+    return JSONResponse({"error": str(exc)}, status_code=400)
+
+
+def sse(seq: int | None, event: dict[str, Any] | None) -> bytes:
+    """One SSE frame (or a keep-alive comment)."""
+    if event is None:
+        return b": keep-alive\n\n"
+    data = json.dumps(event["data"], separators=(",", ":"))
+    return f"id: {seq}\nevent: {event['type']}\ndata: {data}\n\n".encode()
+
+
+def _stream(state: ServiceState, run: Run, after: int, owns_run: bool) -> StreamingResponse:
+    async def body() -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            async for item in state.runs.follow(run, after, state.config.service.keepalive_seconds):
+                yield sse(None, None) if item is None else sse(*item)
+            finished = True
+        finally:
+            if not finished and owns_run and state.config.service.cancel_on_disconnect:
+                await state.runs.cancel(run)
+
+    headers = {"Cache-Control": "no-cache", "X-Run-Id": run.run_id, "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+def _agent_request(body: dict[str, Any]) -> AgentRequest:
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ConfigError("prompt", "must be a non-empty string")
+    tools = body.get("tools")
+    return AgentRequest(
+        prompt=prompt,
+        system=body.get("system"),
+        model=body.get("model"),
+        max_turns=body.get("max_turns"),
+        max_tokens=body.get("max_tokens"),
+        tools=tuple(tools) if isinstance(tools, list) else None,
+        conversation_id=str(body.get("conversation_id", "default")),
+        timeout=body.get("timeout"),
+    )
+
+
+def _exec_request(body: dict[str, Any]) -> ExecRequest:
+    argv, shell, stdin = body.get("argv"), body.get("shell"), body.get("stdin")
+    try:
+        return ExecRequest(
+            argv=tuple(argv) if isinstance(argv, list) else None,
+            shell=shell if isinstance(shell, str) else None,
+            stdin=stdin if isinstance(stdin, str) else None,
+            timeout=float(body["timeout"]) if body.get("timeout") is not None else None,
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError("body", str(exc)) from None
+
+
+def _start(kind: str) -> Endpoint:
+    @guarded("user")
+    async def start(request: Request, who: Principal) -> Response:
+        state = _state(request)
+        if state.draining or state.orchestrator.closed:
+            return JSONResponse({"error": "the service is draining"}, status_code=503)
+        try:
+            body = await _json_body(request)
+            req = _agent_request(body) if kind == "agent" else _exec_request(body)
+        except ConfigError as exc:
+            return _bad_request(exc)
+        run = state.runs.start(who, kind, req)
+        return _stream(state, run, 0, owns_run=True)
+
+    return start
+
+
+@guarded("user")
+async def list_runs(request: Request, who: Principal) -> Response:
+    return JSONResponse({"runs": [r.summary() for r in _state(request).runs.visible(who)]})
+
+
+def _find(request: Request, who: Principal) -> Run | None:
+    return _state(request).runs.get(request.path_params["run_id"], who)
+
+
+@guarded("user")
+async def get_run(request: Request, who: Principal) -> Response:
+    run = _find(request, who)
+    return JSONResponse(run.summary()) if run else JSONResponse({"error": "no such run"}, status_code=404)
+
+
+@guarded("user")
+async def run_events(request: Request, who: Principal) -> Response:
+    run = _find(request, who)
+    if run is None:
+        return JSONResponse({"error": "no such run"}, status_code=404)
+    after = 0
+    with contextlib.suppress(ValueError):
+        after = int(request.headers.get("last-event-id", "0"))
+    return _stream(_state(request), run, after, owns_run=False)
+
+
+@guarded("user")
+async def cancel_run(request: Request, who: Principal) -> Response:
+    run = _find(request, who)
+    if run is None:
+        return JSONResponse({"error": "no such run"}, status_code=404)
+    await _state(request).runs.cancel(run)
+    return JSONResponse(run.summary())
+
+
+@guarded("operator")
+async def stats(request: Request, who: Principal) -> Response:
+    state = _state(request)
+    data = state.orchestrator.get_pool_stats()
+    data["runs_in_flight"] = state.runs.in_flight
+    return JSONResponse(data)
+
+
+@guarded("operator")
+async def workers(request: Request, who: Principal) -> Response:
+    return JSONResponse({"workers": _state(request).orchestrator.list_workers()})
+
+
+@guarded("operator")
+async def launch_workers(request: Request, who: Principal) -> Response:
+    try:
+        body = await _json_body(request)
+        count = int(body.get("count", 1))
+    except (ConfigError, ValueError, TypeError) as exc:
+        return _bad_request(exc)
+    try:
+        ids = await _state(request).orchestrator.launch(count)
+    except SandboxError as exc:
+        return JSONResponse({"error": exc.message}, status_code=409)
+    return JSONResponse({"launched": ids})
+
+
+@guarded("operator")
+async def stop_workers(request: Request, who: Principal) -> Response:
+    try:
+        body = await _json_body(request)
+    except ConfigError as exc:
+        return _bad_request(exc)
+    ids = body.get("worker_ids")
+    stopped = await _state(request).orchestrator.stop_workers(
+        worker_ids=[str(i) for i in ids] if isinstance(ids, list) else None,
+        user_id=body.get("user_id") if isinstance(body.get("user_id"), str) else None,
+        everything=body.get("all") is True,
+    )
+    return JSONResponse({"stopped": stopped})
+
+
+async def health(request: Request) -> Response:
+    state = _state(request)
+    return JSONResponse({"status": "draining" if state.draining else "ok", "profile": state.config.profile})
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(openapi_schema())
+
+
+@guarded("operator")
+async def metrics(request: Request, who: Principal) -> Response:
+    state = _state(request)
+    return PlainTextResponse(prometheus(state.orchestrator.get_pool_stats(), state.runs.in_flight),
+                             media_type="text/plain; version=0.0.4")
+
+
+def prometheus(stats: dict[str, Any], runs_in_flight: int) -> str:
+    """Pool stats in the Prometheus text exposition format."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float | None]]) -> None:
+        lines.append(f"# HELP sandbox_{name} {help_text}")
+        lines.append(f"# TYPE sandbox_{name} {kind}")
+        for labels, value in samples:
+            if value is not None:
+                lines.append(f"sandbox_{name}{labels} {value}")
+
+    w = stats["workers"]
+    metric("workers", "gauge", "Workers by state.",
+           [(f'{{state="{s}"}}', w[s]) for s in ("starting", "idle", "busy", "stopping", "prewarmed")])
+    metric("requests_total", "counter", "Requests by outcome.",
+           [(f'{{outcome="{k}"}}', v) for k, v in stats["requests"].items() if k != "in_flight"])
+    for key in ("crashes", "restarts", "recycled", "reaped", "evicted", "spawned", "start_failures"):
+        metric(f"{key}_total", "counter", f"Workers {key.replace('_', ' ')}.", [("", stats[key])])
+    metric("queue_depth", "gauge", "Requests waiting for a worker.", [("", stats["queue_depth"])])
+    metric("runs_in_flight", "gauge", "Service runs not finished.", [("", runs_in_flight)])
+    lat = stats["spawn_latency_ms"]
+    metric("spawn_latency_ms", "summary", "Worker spawn latency.",
+           [('{quantile="0.5"}', lat["p50"]), ('{quantile="0.95"}', lat["p95"])])
+    metric("uptime_seconds", "gauge", "Seconds since the pool started.", [("", stats["uptime_s"])])
+    return "\n".join(lines) + "\n"
+
+
+def create_app(state: ServiceState) -> Starlette:
+    """The Starlette app over ``state`` (whose orchestrator the caller starts and stops)."""
+    routes = [
+        Route("/v1/health", health),
+        Route("/openapi.json", openapi),
+        Route("/v1/runs/agent", _start("agent"), methods=["POST"]),
+        Route("/v1/runs/exec", _start("exec"), methods=["POST"]),
+        Route("/v1/runs", list_runs),
+        Route("/v1/runs/{run_id}", get_run),
+        Route("/v1/runs/{run_id}/events", run_events),
+        Route("/v1/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+        Route("/v1/stats", stats),
+        Route("/v1/workers", workers),
+        Route("/v1/workers/launch", launch_workers, methods=["POST"]),
+        Route("/v1/workers/stop", stop_workers, methods=["POST"]),
+        Route("/metrics", metrics),
+    ]
+    app = Starlette(routes=routes)
+    app.state.service = state
+    return app
+
+
+__all__ = ["ServiceState", "create_app", "prometheus", "sse"]

@@ -1,0 +1,161 @@
+"""The HTTP client of the service, used by the CLI in client mode (``--connect``).
+
+``target`` is ``unix:/path``, a filesystem path of a socket, or an ``http(s)://`` URL;
+the bearer token (TCP) comes from ``SANDBOX_TOKEN`` or a token file, never a flag.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import httpx2
+
+from sandbox_core.errors import (
+    ConfigError,
+    PoolClosed,
+    SandboxError,
+    from_wire,
+)
+from sandbox_core.events import Event
+
+
+class ServiceError(SandboxError):
+    """The service answered with an HTTP error."""
+
+
+def _transport(target: str) -> tuple[str, httpx2.AsyncHTTPTransport]:
+    if target.startswith(("http://", "https://")):
+        return target.rstrip("/"), httpx2.AsyncHTTPTransport()
+    path = target[len("unix:"):] if target.startswith("unix:") else target
+    if not path.startswith("/"):
+        raise ConfigError("connect", f"expected a socket path, unix:/path or http(s) URL, got {target!r}")
+    return "http://sandbox", httpx2.AsyncHTTPTransport(uds=path)
+
+
+async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[int | None, str, str]]:
+    """``(id, event, data)`` for each SSE event in ``lines`` (comments skipped)."""
+    event_id: int | None = None
+    kind = "message"
+    data: list[str] = []
+    async for raw in lines:
+        line = raw.rstrip("\r")
+        if not line:
+            if data:
+                yield event_id, kind, "\n".join(data)
+            event_id, kind, data = None, "message", []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "id" and value.isdigit():
+            event_id = int(value)
+        elif field == "event":
+            kind = value
+        elif field == "data":
+            data.append(value)
+
+
+class ServiceClient:
+    """Talks to a running ``sandbox serve``."""
+
+    def __init__(self, target: str, token: str | None = None, timeout: float = 30.0) -> None:
+        base, transport = _transport(target)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx2.AsyncClient(
+            base_url=base, transport=transport, headers=headers,
+            timeout=httpx2.Timeout(timeout, read=None),
+        )
+        self.last_run_id: str | None = None
+
+    async def __aenter__(self) -> ServiceClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        try:
+            response = await self._http.request(method, path, json=body)
+        except httpx2.TransportError as exc:
+            raise ServiceError(f"cannot reach the service: {exc}") from exc
+        self._check(response.status_code, response.text)
+        return response.json()
+
+    @staticmethod
+    def _check(status: int, text: str) -> None:
+        if status == 401:
+            raise ServiceError("the service refused the credentials (401); set SANDBOX_TOKEN")
+        if status == 403:
+            raise ServiceError("this needs the operator role (403)")
+        if status == 503:
+            raise PoolClosed("the service is draining")
+        if status >= 400:
+            raise ServiceError(f"service error {status}: {text[:200]}")
+
+    async def health(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._json("GET", "/v1/health")
+        return result
+
+    async def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = await self._json("GET", "/v1/stats")
+        return result
+
+    async def workers(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = (await self._json("GET", "/v1/workers"))["workers"]
+        return result
+
+    async def launch(self, count: int) -> list[str]:
+        result: list[str] = (await self._json("POST", "/v1/workers/launch", {"count": count}))["launched"]
+        return result
+
+    async def stop_workers(
+        self, *, worker_ids: list[str] | None = None, user_id: str | None = None, everything: bool = False
+    ) -> int:
+        body: dict[str, Any] = {"all": everything}
+        if worker_ids is not None:
+            body["worker_ids"] = worker_ids
+        if user_id is not None:
+            body["user_id"] = user_id
+        result: int = (await self._json("POST", "/v1/workers/stop", body))["stopped"]
+        return result
+
+    async def cancel(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._json("POST", f"/v1/runs/{run_id}/cancel")
+        return result
+
+    async def runs(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = (await self._json("GET", "/v1/runs"))["runs"]
+        return result
+
+    async def stream(self, kind: str, body: dict[str, Any]) -> AsyncGenerator[Event, None]:
+        """Start a run (``agent`` or ``exec``) and yield its events; errors raise typed."""
+        async for event in self._events("POST", f"/v1/runs/{kind}", body):
+            yield event
+
+    async def attach(self, run_id: str, after: int = 0) -> AsyncGenerator[Event, None]:
+        headers = {"Last-Event-ID": str(after)} if after else None
+        async for event in self._events("GET", f"/v1/runs/{run_id}/events", None, headers):
+            yield event
+
+    async def _events(
+        self, method: str, path: str, body: dict[str, Any] | None, headers: dict[str, str] | None = None
+    ) -> AsyncGenerator[Event, None]:
+        try:
+            async with self._http.stream(method, path, json=body, headers=headers) as response:
+                if response.status_code != 200:
+                    text = (await response.aread()).decode(errors="replace")
+                    self._check(response.status_code, text)
+                self.last_run_id = response.headers.get("x-run-id")
+                async for seq, kind, data in parse_sse(response.aiter_lines()):
+                    payload = json.loads(data)
+                    if kind == "error":
+                        raise from_wire(payload)
+                    yield Event.from_dict({"type": kind, "seq": seq or 0, "data": payload})
+        except httpx2.TransportError as exc:
+            raise ServiceError(f"lost the service connection: {exc}") from exc

@@ -1,0 +1,95 @@
+"""The OpenAPI 3.1 description of the service's HTTP API (served at /openapi.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_SSE = {
+    "description": "Server-sent events: one event per sandbox event (id = sequence number, "
+    "event = type, data = JSON); `: keep-alive` comments while idle.",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+_401 = {"description": "missing or wrong credentials"}
+_403 = {"description": "the caller's role may not do this"}
+_404 = {"description": "no such run (or not the caller's)"}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _body(ref: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+def openapi_schema() -> dict[str, Any]:
+    obj = {"type": "object"}
+    run_id = [{"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}]
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "sandbox service", "version": "1"},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "AgentRun": {
+                    "type": "object",
+                    "required": ["prompt"],
+                    "properties": {
+                        "prompt": {"type": "string"},
+                        "system": {"type": "string"},
+                        "model": {"type": "string"},
+                        "max_turns": {"type": "integer"},
+                        "max_tokens": {"type": "integer"},
+                        "tools": {"type": "array", "items": {"type": "string"}},
+                        "conversation_id": {"type": "string"},
+                        "timeout": {"type": "number"},
+                    },
+                },
+                "ExecRun": {
+                    "type": "object",
+                    "properties": {
+                        "argv": {"type": "array", "items": {"type": "string"}},
+                        "shell": {"type": "string"},
+                        "stdin": {"type": "string"},
+                        "timeout": {"type": "number"},
+                    },
+                },
+                "StopWorkers": {
+                    "type": "object",
+                    "properties": {
+                        "worker_ids": {"type": "array", "items": {"type": "string"}},
+                        "user_id": {"type": "string"},
+                        "all": {"type": "boolean"},
+                    },
+                },
+                "Launch": {"type": "object", "properties": {"count": {"type": "integer", "minimum": 1}}},
+            },
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/v1/health": {"get": {"security": [], "responses": {"200": _json(obj)}}},
+            "/v1/runs/agent": {"post": {"requestBody": _body("AgentRun"),
+                                        "responses": {"200": _SSE, "400": {"description": "bad body"},
+                                                      "401": _401, "503": {"description": "draining"}}}},
+            "/v1/runs/exec": {"post": {"requestBody": _body("ExecRun"),
+                                       "responses": {"200": _SSE, "400": {"description": "bad body"},
+                                                     "401": _401, "503": {"description": "draining"}}}},
+            "/v1/runs": {"get": {"responses": {"200": _json(obj), "401": _401}}},
+            "/v1/runs/{run_id}": {"get": {"parameters": run_id,
+                                          "responses": {"200": _json(obj), "401": _401, "404": _404}}},
+            "/v1/runs/{run_id}/events": {"get": {"parameters": [*run_id, {
+                "name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "integer"}}],
+                "responses": {"200": _SSE, "401": _401, "404": _404}}},
+            "/v1/runs/{run_id}/cancel": {"post": {"parameters": run_id,
+                                                  "responses": {"200": _json(obj), "401": _401, "404": _404}}},
+            "/v1/stats": {"get": {"responses": {"200": _json(obj), "401": _401, "403": _403}}},
+            "/v1/workers": {"get": {"responses": {"200": _json(obj), "401": _401, "403": _403}}},
+            "/v1/workers/launch": {"post": {"requestBody": _body("Launch"),
+                                            "responses": {"200": _json(obj), "401": _401, "403": _403}}},
+            "/v1/workers/stop": {"post": {"requestBody": _body("StopWorkers"),
+                                          "responses": {"200": _json(obj), "401": _401, "403": _403}}},
+            "/metrics": {"get": {"responses": {"200": {"description": "Prometheus text format",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                               "401": _401, "403": _403}}},
+        },
+    }

@@ -1,0 +1,153 @@
+"""Running the service: uvicorn on a 0600 Unix socket (default) or a loopback TCP port.
+
+Signals: the first SIGTERM or SIGINT drains — listeners close (no new runs), in-flight
+runs get ``service.drain_grace`` seconds to finish, then are cancelled; a second SIGINT
+stops at once. Either way the pool is shut down before the process exits, leaving no
+worker behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from types import FrameType
+
+import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.errors import ConfigError
+from sandbox_core.orchestrator import SandboxOrchestrator
+from sandbox_core.service.app import ServiceState, create_app
+from sandbox_core.service.auth import UNIX_PEER, TokenTable, peer_uid
+
+
+def default_socket_path(config: ProcessSandboxConfig, environ: Mapping[str, str] | None = None) -> Path:
+    """``service.socket_path``, else the user's runtime directory."""
+    if config.service.socket_path is not None:
+        return config.service.socket_path
+    env = os.environ if environ is None else environ
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "sandbox" / "sandbox.sock"
+    if os.getuid() == 0:
+        return Path("/run/sandbox/sandbox.sock")
+    return Path(f"/tmp/sandbox-{os.getuid()}/sandbox.sock")
+
+
+class PeerCredProtocol(H11Protocol):
+    """uvicorn's h11 protocol, recording a Unix-socket peer's uid as the ASGI client."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        uid = peer_uid(sock) if sock is not None else None
+        if uid is not None:
+            self.client = (UNIX_PEER, uid)
+
+
+def bind_unix(path: Path) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600, in a 0700 directory we own."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    parent = path.parent.stat()
+    if parent.st_uid != os.getuid() or parent.st_mode & 0o022:
+        raise ConfigError("service.socket_path", f"{path.parent} must be owned by us and not group/world-writable")
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            probe = socket.socket(socket.AF_UNIX)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # stale socket of a dead server
+            else:
+                probe.close()
+                raise ConfigError("service.socket_path", f"a server is already listening on {path}")
+            finally:
+                probe.close()
+        else:
+            raise ConfigError("service.socket_path", f"{path} exists and is not a socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(128)
+    return sock
+
+
+def bind_tcp(listen: str) -> socket.socket:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError("listen", f"expected HOST:PORT, got {listen!r}")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host.strip("[]"), int(port)))
+    sock.listen(128)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
+        super().__init__(config)
+        self._service = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._service.draining = True
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises captured signals when it returns, which would kill us before
+        # the pool is shut down; we drain and exit normally instead.
+        self._captured_signals.clear()
+
+
+async def serve(
+    config: ProcessSandboxConfig,
+    *,
+    listen: str | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until a signal; ``listen`` = ``HOST:PORT`` for TCP, else the Unix socket."""
+    if listen is not None:
+        if config.service.tokens_file is None:
+            raise ConfigError("service.tokens_file", "TCP listening needs a tokens file (service.tokens_file)")
+        tokens = TokenTable.from_file(config.service.tokens_file)
+        sock = bind_tcp(listen)
+        where = "http://{}:{}".format(*sock.getsockname()[:2])
+        transport = "tcp"
+        path: Path | None = None
+    else:
+        tokens = TokenTable()
+        path = default_socket_path(config)
+        sock = bind_unix(path)
+        where = f"unix:{path}"
+        transport = "unix"
+    orchestrator = SandboxOrchestrator(config)
+    state = ServiceState(config, orchestrator, transport=transport, tokens=tokens)
+    uconfig = uvicorn.Config(
+        create_app(state),
+        http=PeerCredProtocol,
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(max(1, config.service.drain_grace)),
+    )
+    server = _Server(uconfig, state)
+    await orchestrator.start()
+    try:
+        if on_ready is not None:
+            loop = asyncio.get_running_loop()
+            loop.call_soon(on_ready, where)
+        await server.serve(sockets=[sock])
+    finally:
+        state.draining = True
+        await state.runs.cancel_all()
+        await orchestrator.shutdown(grace=0 if server.force_exit else config.shutdown_grace)
+        sock.close()
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
