@@ -85,6 +85,9 @@ class SandboxOrchestrator:
         self._started = False
         self._cleanup_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        """Pre-warm spawns (cancelled at shutdown)."""
+        self._stopping: set[asyncio.Future[None]] = set()
+        """Stops of retired workers (awaited at shutdown, never cancelled)."""
         self._started_at = time.monotonic()
         self._failures_in_row = 0
         self._circuit_until = 0.0
@@ -344,7 +347,9 @@ class SandboxOrchestrator:
         """Remove ``worker`` from the pool now and stop it in the background."""
         self._workers.pop(worker.worker_id, None)
         worker.state = WorkerState.STOPPING
-        self._in_background(self._stop_worker(worker))
+        task = asyncio.ensure_future(self._stop_worker(worker))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     async def _stop_worker(self, worker: SandboxWorker) -> None:
         await worker.stop()
@@ -487,7 +492,7 @@ class SandboxOrchestrator:
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish within ``grace``, then stop everything."""
-        if self._closed and not self._workers and not self._background:
+        if self._closed and not self._workers and not self._background and not self._stopping:
             return
         self._closed = True
         await self._notify()
@@ -507,6 +512,8 @@ class SandboxOrchestrator:
         workers = list(self._workers.values())
         self._workers.clear()
         await asyncio.shield(asyncio.gather(*(w.stop(grace=0) for w in workers), return_exceptions=True))
+        while self._stopping:  # retired workers finish stopping before we return
+            await asyncio.gather(*list(self._stopping), return_exceptions=True)
         for worker in workers:
             if worker.pid is not None:
                 kill_session(worker.pid)

@@ -10,6 +10,7 @@ the next line. Only end of stream ends it.
 
 from __future__ import annotations
 
+import collections
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -128,49 +129,64 @@ def decode(line: bytes) -> Message:
     return Response(msg_id, result=obj["result"])
 
 
-class FrameReader:
-    """Split a byte stream into messages; bad frames become :class:`Malformed` values."""
+class FrameSplitter:
+    """Push side of framing: feed bytes, get the complete messages they finish."""
 
-    def __init__(self, read: Callable[[int], Awaitable[bytes]], max_frame: int = DEFAULT_MAX_FRAME) -> None:
-        self._read = read
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._max = max_frame
         self._buf = bytearray()
         self._discarding = False
+
+    def feed(self, data: bytes) -> list[Message]:
+        """Messages completed by ``data`` (malformed or oversized ones as :class:`Malformed`)."""
+        out: list[Message] = []
+        self._buf += data
+        start = 0
+        while (nl := self._buf.find(b"\n", start)) >= 0:
+            if self._discarding:
+                self._discarding = False
+                out.append(self._oversized())
+            elif nl - start > self._max:
+                out.append(self._oversized())
+            elif self._buf[start:nl].strip():
+                out.append(decode(bytes(self._buf[start:nl])))
+            start = nl + 1
+        del self._buf[:start]
+        if len(self._buf) > self._max:
+            self._buf.clear()
+            self._discarding = True
+        return out
+
+    def close(self) -> list[Message]:
+        """Whatever an unterminated last frame holds, at end of stream."""
+        if self._discarding:
+            self._discarding = False
+            return [self._oversized()]
+        rest, self._buf = bytes(self._buf), bytearray()
+        return [decode(rest)] if rest.strip() else []
+
+    def _oversized(self) -> Malformed:
+        return Malformed(codes.FRAME_TOO_LARGE, f"frame larger than {self._max} bytes dropped")
+
+
+class FrameReader:
+    """Pull side of framing over an async ``read(n)``; bad frames become :class:`Malformed`."""
+
+    def __init__(self, read: Callable[[int], Awaitable[bytes]], max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self._read = read
+        self._splitter = FrameSplitter(max_frame)
+        self._ready: collections.deque[Message] = collections.deque()
         self._eof = False
 
     async def next(self) -> Message | None:
         """The next message, or ``None`` at end of stream."""
-        while True:
-            nl = self._buf.find(b"\n")
-            if nl >= 0:
-                line = bytes(self._buf[:nl])
-                del self._buf[: nl + 1]
-                if self._discarding:
-                    self._discarding = False
-                    return self._oversized()
-                if len(line) > self._max:
-                    return self._oversized()
-                if not line.strip():
-                    continue
-                return decode(line)
+        while not self._ready:
             if self._eof:
-                if self._buf and not self._discarding:
-                    line = bytes(self._buf)
-                    self._buf.clear()
-                    return decode(line)
                 return None
-            if len(self._buf) > self._max:
-                self._buf.clear()
-                self._discarding = True
             chunk = await self._read(_CHUNK)
-            if not chunk:
-                self._eof = True
-                if self._discarding:
-                    self._discarding = False
-                    self._buf.clear()
-                    return self._oversized()
+            if chunk:
+                self._ready.extend(self._splitter.feed(chunk))
             else:
-                self._buf += chunk
-
-    def _oversized(self) -> Malformed:
-        return Malformed(codes.FRAME_TOO_LARGE, f"frame larger than {self._max} bytes dropped")
+                self._eof = True
+                self._ready.extend(self._splitter.close())
+        return self._ready.popleft()

@@ -41,7 +41,7 @@ from sandbox_core.isolation.launch import LaunchSpec, launch_spec
 from sandbox_core.process_tree import kill_session
 from sandbox_core.protocol import (
     PROTOCOL_VERSION,
-    FrameReader,
+    FrameSplitter,
     Malformed,
     Notification,
     Request,
@@ -113,24 +113,27 @@ class SandboxWorker:
         self._host_handler = host_handler
         self._launcher = launcher
         self._spec: LaunchSpec | None = None
-        self._proc: asyncio.subprocess.Process | None = None
+        self._transport: asyncio.SubprocessTransport | None = None
+        self._pid: int | None = None
         self._ids = itertools.count(1)
         self._pending: dict[RequestId, _Pending] = {}
         self._host_calls: set[asyncio.Task[None]] = set()
         self._stderr: collections.deque[str] = collections.deque(maxlen=config.stderr_lines)
-        self._write_lock = asyncio.Lock()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._stderr_partial = b""
+        self._splitter = FrameSplitter(config.max_frame_bytes)
+        self._writable = asyncio.Event()
+        self._writable.set()
         self._exited = asyncio.Event()
 
     # ------------------------------------------------------------------ info
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        return self._pid
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and not self._exited.is_set()
+        return self._pid is not None and not self._exited.is_set()
 
     @property
     def healthy(self) -> bool:
@@ -182,7 +185,9 @@ class SandboxWorker:
         spec = self._launcher(self.config, self.worker_id, self.workspace)
         self._spec = spec
         self.workspace_in_sandbox = spec.workspace_in_sandbox
-        self._proc = await asyncio.create_subprocess_exec(
+        loop = asyncio.get_running_loop()
+        transport, _ = await loop.subprocess_exec(
+            lambda: _WorkerPipes(self),
             *spec.argv,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
@@ -193,12 +198,10 @@ class SandboxWorker:
             close_fds=True,
             pass_fds=spec.pass_fds,
         )
+        self._transport = transport
+        self._pid = transport.get_pid()
         if spec.after_spawn is not None:
-            spec.after_spawn(self._proc.pid)
-        self._tasks = [
-            asyncio.create_task(self._read_loop(), name=f"{self.worker_id}-reader"),
-            asyncio.create_task(self._stderr_loop(), name=f"{self.worker_id}-stderr"),
-        ]
+            spec.after_spawn(self._pid)
         params: dict[str, Any] = {"worker_id": self.worker_id, "plan": spec.plan}
         if spec.bound_at_spawn and self.user_id is not None:
             params.update(user_id=self.user_id, workspace=spec.workspace_in_sandbox)
@@ -211,24 +214,23 @@ class SandboxWorker:
     # ------------------------------------------------------------------ I/O
 
     async def _send(self, msg: Request | Notification | Response) -> None:
-        proc = self._proc
-        if proc is None or proc.stdin is None or self._exited.is_set():
+        stdin = self._transport.get_pipe_transport(0) if self._transport is not None else None
+        if stdin is None or stdin.is_closing() or self._exited.is_set():
             raise self._crash_error("worker is not running")
-        async with self._write_lock:
-            try:
-                proc.stdin.write(encode(msg))
-                await proc.stdin.drain()
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                raise self._crash_error(f"pipe to worker broke: {exc}") from None
+        assert isinstance(stdin, asyncio.WriteTransport)
+        stdin.write(encode(msg))
+        if not self._writable.is_set():  # the worker is not reading: wait for the pipe
+            await self._writable.wait()
 
-    async def _read_loop(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        reader = FrameReader(self._proc.stdout.read, self.config.max_frame_bytes)
-        try:
-            while (msg := await reader.next()) is not None:
-                self._dispatch(msg)
-        finally:
-            await self._on_exit()
+    def _on_stdout(self, data: bytes) -> None:
+        for msg in self._splitter.feed(data):
+            self._dispatch(msg)
+
+    def _on_stderr(self, data: bytes) -> None:
+        lines = (self._stderr_partial + data).split(b"\n")
+        self._stderr_partial = lines.pop()[-64 * 1024 :]
+        for line in lines:
+            self._stderr.append(line.decode(errors="replace"))
 
     def _dispatch(self, msg: Request | Notification | Response | Malformed) -> None:
         if isinstance(msg, Malformed):
@@ -278,31 +280,22 @@ class SandboxWorker:
         with contextlib.suppress(SandboxError):
             await self._send(response)
 
-    async def _stderr_loop(self) -> None:
-        assert self._proc is not None and self._proc.stderr is not None
-        while True:
-            try:
-                line = await self._proc.stderr.readline()
-            except ValueError:  # a line longer than the stream limit: keep what fits
-                line = await self._proc.stderr.read(64 * 1024)
-            if not line:
-                return
-            self._stderr.append(line.decode(errors="replace").rstrip("\n"))
-
-    async def _on_exit(self) -> None:
-        proc = self._proc
-        assert proc is not None
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(proc.wait(), self.config.shutdown_grace + 1)
-        if proc.returncode is None:
-            self._signal_group(signal.SIGKILL)
-            await proc.wait()
-        code = proc.returncode
+    def _on_exit(self) -> None:
+        """The process has exited and its pipes are closed: fail what is pending, clean up."""
+        if self._exited.is_set():
+            return
+        for msg in self._splitter.close():
+            self._dispatch(msg)
+        if self._stderr_partial:
+            self._stderr.append(self._stderr_partial.decode(errors="replace"))
+            self._stderr_partial = b""
+        code = self._transport.get_returncode() if self._transport is not None else None
         if code is not None and code < 0:
             self.exit_signal = -code
         else:
             self.exit_status = code
         self._exited.set()
+        self._writable.set()
         if self.state is not WorkerState.STOPPING:
             self.state = WorkerState.CRASHED
         error = self._crash_error("worker process exited")
@@ -310,7 +303,8 @@ class SandboxWorker:
             pending.queue.put_nowait(error)
         for task in self._host_calls:
             task.cancel()
-        kill_session(proc.pid)
+        if self._pid is not None:
+            kill_session(self._pid)
         if self._spec is not None and self._spec.cleanup is not None:
             with contextlib.suppress(Exception):
                 self._spec.cleanup()
@@ -464,42 +458,31 @@ class SandboxWorker:
         await asyncio.shield(self._stop(self.config.shutdown_grace if grace is None else grace))
 
     async def _stop(self, grace: float) -> None:
-        if self._proc is None:
+        if self._transport is None:
             self.state = WorkerState.STOPPED
             return
         if not self._exited.is_set():
             if self.state is not WorkerState.CRASHED:
                 self.state = WorkerState.STOPPING
-            if self._proc.stdin is not None:
-                with contextlib.suppress(Exception):
-                    self._proc.stdin.close()
+            stdin = self._transport.get_pipe_transport(0)
+            if stdin is not None:
+                stdin.close()
             if not await self._wait_exit(grace):
                 self._signal_group(signal.SIGTERM)
                 if not await self._wait_exit(grace):
                     self._signal_group(signal.SIGKILL)
                     await self._wait_exit(None)
-        for task in self._tasks:
-            if not task.done():
-                await asyncio.wait({task}, timeout=1)
-                task.cancel()
+        self._transport.close()
         if self.state is not WorkerState.CRASHED:
             self.state = WorkerState.STOPPED
 
     async def _kill_now(self) -> None:
-        if self._proc is None:
+        if self._transport is None:
             return
-        if self._exited.is_set() or self._proc.returncode is not None:
-            kill_session(self._proc.pid)
-            return
-        self._signal_group(signal.SIGKILL)
-        if self._tasks:
+        if not self._exited.is_set():
+            self._signal_group(signal.SIGKILL)
             await self._wait_exit(None)
-        else:
-            await self._proc.wait()
-            kill_session(self._proc.pid)
-            if self._spec is not None and self._spec.cleanup is not None:
-                with contextlib.suppress(Exception):
-                    self._spec.cleanup()
+        self._transport.close()
 
     async def _wait_exit(self, timeout: float | None) -> bool:
         if timeout is not None and timeout <= 0:
@@ -511,7 +494,43 @@ class SandboxWorker:
         return True
 
     def _signal_group(self, sig: signal.Signals) -> None:
-        if self._proc is None:
+        if self._pid is None or self._exited.is_set():
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, sig)
+            os.killpg(self._pid, sig)
+
+
+class _WorkerPipes(asyncio.SubprocessProtocol):
+    """Feeds the worker's pipes to its handle as bytes arrive (no reader tasks)."""
+
+    EXIT_DRAIN = 1.0
+    """Seconds to wait for the pipes to close after the process exited (a leaked
+    descriptor must not keep pending calls waiting)."""
+
+    def __init__(self, worker: SandboxWorker) -> None:
+        self._worker = worker
+        self._transport: asyncio.SubprocessTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.SubprocessTransport)
+        self._transport = transport
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        if fd == 1:
+            self._worker._on_stdout(raw)
+        elif fd == 2:
+            self._worker._on_stderr(raw)
+
+    def pause_writing(self) -> None:
+        self._worker._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._worker._writable.set()
+
+    def process_exited(self) -> None:
+        if self._transport is not None:
+            asyncio.get_running_loop().call_later(self.EXIT_DRAIN, self._transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._worker._on_exit()

@@ -28,8 +28,9 @@ from sandbox_core.events import EVENT_METHOD, EventType
 from sandbox_core.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
-    FrameReader,
+    FrameSplitter,
     Malformed,
+    Message,
     Notification,
     Request,
     RequestId,
@@ -51,14 +52,17 @@ class Channel:
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
-        self._lock = asyncio.Lock()
         self._ids = itertools.count(1)
         self._calls: dict[RequestId, _HostCall] = {}
 
+    def send_nowait(self, msg: Request | Notification | Response) -> None:
+        """Queue one whole frame on the pipe (frames never interleave)."""
+        self._writer.write(encode(msg))
+
     async def send(self, msg: Request | Notification | Response) -> None:
-        async with self._lock:
-            self._writer.write(encode(msg))
-            await self._writer.drain()
+        """Send a frame and wait while the pipe is backed up (the host reads slowly)."""
+        self._writer.write(encode(msg))
+        await self._writer.drain()
 
     async def call_host(self, method: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Call the host; yield each streamed chunk, end when the final response arrives."""
@@ -132,7 +136,6 @@ class SandboxExecutor:
         """Per-worker state of lazily loaded runtimes (e.g. the agent's conversations)."""
         self._methods: dict[str, Handler] = {
             "initialize": self.initialize,
-            "ping": self.ping,
             "bind": self.bind,
             "exec": self.exec,
             "shutdown": self.shutdown,
@@ -140,6 +143,9 @@ class SandboxExecutor:
             "agent.reset": self._lazy("sandbox_core.agent.runtime", "reset"),
             "audit.probe": self._lazy("sandbox_core.audit_probes", "probe"),
         }
+
+        self.quick: dict[str, Callable[[dict[str, Any]], Any]] = {"ping": self.ping}
+        """Methods answered inline by the reader: instant, never cancelled, no task."""
 
     def lookup(self, method: str) -> Handler | None:
         return self._methods.get(method)
@@ -174,7 +180,7 @@ class SandboxExecutor:
             self._enter(str(params.get("user_id", "")), Path(workspace))
         return {"protocol": PROTOCOL_VERSION, "pid": os.getpid(), "layers": self.report}
 
-    async def ping(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
+    def ping(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "time": time.time(), "echo": params.get("echo")}
 
     async def bind(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
@@ -206,40 +212,43 @@ class SandboxExecutor:
 
 
 class IPCHandler:
-    """Reads frames, runs each request as a task, routes host answers and cancels."""
+    """Dispatches frames as they arrive: requests become tasks, answers go to host calls."""
 
-    def __init__(self, reader: FrameReader, channel: Channel, executor: SandboxExecutor) -> None:
-        self._reader = reader
+    def __init__(self, channel: Channel, executor: SandboxExecutor) -> None:
         self._channel = channel
         self._executor = executor
         self._tasks: dict[RequestId, asyncio.Task[None]] = {}
         self._replies: set[asyncio.Task[None]] = set()
         self._garbage = 0
+        self.closed = asyncio.Event()
+        """Set at end of input (the host went away or closed our stdin)."""
 
     async def serve(self) -> None:
-        read_task: asyncio.Task[None] = asyncio.create_task(self._read_loop())
+        """Run until ``shutdown`` or end of input; then cancel what is still running."""
         stop_task = asyncio.create_task(self._executor.stop_requested.wait())
-        await asyncio.wait({read_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (read_task, stop_task, *self._tasks.values()):
+        closed_task = asyncio.create_task(self.closed.wait())
+        await asyncio.wait({stop_task, closed_task}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (stop_task, closed_task, *self._tasks.values()):
             task.cancel()
-        await asyncio.gather(read_task, stop_task, *self._tasks.values(), return_exceptions=True)
+        await asyncio.gather(stop_task, closed_task, *self._tasks.values(), return_exceptions=True)
 
-    async def _read_loop(self) -> None:
-        while True:
-            msg = await self._reader.next()
-            if msg is None:
-                return
-            if isinstance(msg, Malformed):
-                self._garbage += 1
-                await self._channel.send(Response(msg.id, error=msg.error_object()))
-            elif isinstance(msg, Request):
+    def dispatch(self, msg: Message) -> None:
+        """Handle one incoming frame without blocking the reader."""
+        if isinstance(msg, Malformed):
+            self._garbage += 1
+            self._channel.send_nowait(Response(msg.id, error=msg.error_object()))
+        elif isinstance(msg, Request):
+            quick = self._executor.quick.get(msg.method)
+            if quick is not None and self._executor.initialized:
+                self._channel.send_nowait(Response(msg.id, result=quick(msg.params)))
+            else:
                 self._start(msg)
-            elif isinstance(msg, Notification) and msg.method == "cancel":
-                task = self._tasks.get(msg.params.get("id"))  # type: ignore[arg-type]
-                if task is not None:
-                    task.cancel()
-            elif isinstance(msg, Response | Notification):
-                self._channel.route(msg)
+        elif isinstance(msg, Notification) and msg.method == "cancel":
+            task = self._tasks.get(msg.params.get("id"))  # type: ignore[arg-type]
+            if task is not None:
+                task.cancel()
+        else:
+            self._channel.route(msg)
 
     def _start(self, request: Request) -> None:
         if request.id in self._tasks:
@@ -296,16 +305,35 @@ def _take_protocol_fds() -> tuple[int, int]:
     return proto_in, proto_out
 
 
+class _Inbound(asyncio.Protocol):
+    """The protocol pipe's reading end: frames are split and dispatched as bytes arrive."""
+
+    def __init__(self, handler: IPCHandler, max_frame: int) -> None:
+        self._handler = handler
+        self._splitter = FrameSplitter(max_frame)
+
+    def data_received(self, data: bytes) -> None:
+        for msg in self._splitter.feed(data):
+            self._handler.dispatch(msg)
+
+    def eof_received(self) -> bool:
+        for msg in self._splitter.close():
+            self._handler.dispatch(msg)
+        self._handler.closed.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._handler.closed.set()
+
+
 async def _amain(proto_in: int, proto_out: int, max_frame: int) -> None:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=max_frame + 1)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(proto_in, "rb", 0))
     transport, protocol = await loop.connect_write_pipe(
         asyncio.streams.FlowControlMixin, os.fdopen(proto_out, "wb", 0)
     )
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
-    channel = Channel(writer)
-    handler = IPCHandler(FrameReader(reader.read, max_frame), channel, SandboxExecutor())
+    handler = IPCHandler(Channel(writer), SandboxExecutor())
+    await loop.connect_read_pipe(lambda: _Inbound(handler, max_frame), os.fdopen(proto_in, "rb", 0))
     try:
         await handler.serve()
     finally:
