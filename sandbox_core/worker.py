@@ -477,7 +477,10 @@ class SandboxWorker:
             self.state = WorkerState.STOPPED
 
     async def _kill_now(self) -> None:
-        if self._transport is None:
+        if self._transport is None:  # never spawned: release what the launch spec prepared
+            if self._spec is not None and self._spec.cleanup is not None:
+                with contextlib.suppress(Exception):
+                    self._spec.cleanup()
             return
         if not self._exited.is_set():
             self._signal_group(signal.SIGKILL)

@@ -1,0 +1,151 @@
+"""Landlock, the kernel's unprivileged file-access sandbox, applied by the worker to itself.
+
+A second layer under bubblewrap's mount view: even if a path were visible and
+writable by permission bits, the process can only read below ``read_only`` paths and
+write below ``read_write`` paths. The ruleset is built for the kernel's ABI (refer,
+truncate and device-ioctl rights appear in ABI 2, 3 and 5; abstract-socket and signal
+scoping in ABI 6). TCP is left to the network namespace (the sandbox has only its own
+loopback), so a tool may still run and test a local server.
+
+The syscall numbers 444-446 are the same on every architecture (asm-generic table).
+``landlock_restrict_self`` confines the calling thread and its future children, so this
+must run before the worker starts any thread; :func:`restrict` refuses otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+from typing import NoReturn
+
+from sandbox_core.errors import IsolationUnavailable
+
+SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
+_CREATE_RULESET_VERSION = 1
+_RULE_PATH_BENEATH = 1
+
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+REMOVE_DIR, REMOVE_FILE, MAKE_CHAR, MAKE_DIR = 1 << 4, 1 << 5, 1 << 6, 1 << 7
+MAKE_REG, MAKE_SOCK, MAKE_FIFO, MAKE_BLOCK, MAKE_SYM = 1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12
+REFER, TRUNCATE, IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
+
+FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
+"""The rights that apply to a non-directory (a rule on a file may only hold these)."""
+READ_RIGHTS = EXECUTE | READ_FILE | READ_DIR
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = (
+        ("handled_access_fs", ctypes.c_uint64),
+        ("handled_access_net", ctypes.c_uint64),
+        ("scoped", ctypes.c_uint64),
+    )
+
+
+class _PathBeneathAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = (("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32))
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+def _syscall(*args: object) -> int:
+    return int(_libc.syscall(*args))
+
+
+def abi_version() -> int:
+    """The kernel's Landlock ABI version, or 0 when Landlock is absent or disabled."""
+    res = _syscall(
+        ctypes.c_long(SYS_CREATE_RULESET), None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION)
+    )
+    return max(res, 0)
+
+
+def handled_fs(abi: int) -> int:
+    """Every filesystem right this ABI knows about (all of them are restricted)."""
+    rights = (MAKE_SYM << 1) - 1
+    if abi >= 2:
+        rights |= REFER
+    if abi >= 3:
+        rights |= TRUNCATE
+    if abi >= 5:
+        rights |= IOCTL_DEV
+    return rights
+
+
+def restrict(read_only: Iterable[Path], read_write: Iterable[Path]) -> int:
+    """Confine this process to the given trees and return the ABI used (0: unsupported).
+
+    ``/`` stays listable (directory names only) so that path walks work; files can be
+    read or executed only below ``read_only`` and written only below ``read_write``.
+    Paths that do not exist (or that this uid cannot reach) are skipped.
+    """
+    abi = abi_version()
+    if abi == 0:
+        return 0
+    if _thread_count() > 1:
+        raise IsolationUnavailable("landlock must be applied before the worker starts threads")
+    handled = handled_fs(abi)
+    attr = _RulesetAttr(handled_access_fs=handled)
+    size = 8 if abi < 4 else 16 if abi < 6 else 24
+    if abi >= 6:
+        attr.scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
+    ruleset = _syscall(ctypes.c_long(SYS_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+    if ruleset < 0:
+        _fail("landlock_create_ruleset")
+    try:
+        _add(ruleset, Path("/"), READ_DIR)
+        for path in read_only:
+            _add(ruleset, path, READ_RIGHTS & handled)
+        for path in read_write:
+            _add(ruleset, path, handled)
+        from sandbox_core.isolation.identity import set_no_new_privs
+
+        set_no_new_privs()
+        if _syscall(ctypes.c_long(SYS_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
+            _fail("landlock_restrict_self")
+    finally:
+        os.close(ruleset)
+    return abi
+
+
+def _add(ruleset: int, path: Path, rights: int) -> None:
+    try:
+        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return
+    try:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            rights &= FILE_RIGHTS
+        rule = _PathBeneathAttr(allowed_access=rights, parent_fd=fd)
+        if (
+            _syscall(
+                ctypes.c_long(SYS_ADD_RULE),
+                ctypes.c_int(ruleset),
+                ctypes.c_int(_RULE_PATH_BENEATH),
+                ctypes.byref(rule),
+                ctypes.c_uint32(0),
+            )
+            != 0
+        ):
+            _fail(f"landlock_add_rule({path})")
+    finally:
+        os.close(fd)
+
+
+def _thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 1
+
+
+def _fail(what: str) -> NoReturn:
+    err = ctypes.get_errno()
+    raise IsolationUnavailable(f"{what} failed: {os.strerror(err)}")

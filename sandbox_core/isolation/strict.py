@@ -1,0 +1,486 @@
+"""The ``strict`` profile: a bubblewrap sandbox around the worker, built on the host.
+
+The sandbox sees a minimal read-only system (/usr and the /lib, /bin symlinks, a few
+/etc files, a generated passwd/group/hosts), the Python interpreter and the packages it
+needs at their host paths, private tmpfs /tmp and /dev/shm, a fresh /dev and /proc, and
+the user's workspace read-write at ``/workspace``. It has new pid, net, ipc, uts, mount
+and cgroup namespaces, a seccomp filter loaded by bwrap before exec, and no capabilities
+except CAP_SETUID/CAP_SETGID when the host is root, which the worker uses once to become
+the unprivileged sandbox user (then they are gone: ``no_new_privs`` is set).
+
+The environment is the allowlisted one from :func:`worker_env` and is the environment of
+bwrap itself, so PID 1 inside holds nothing else (never ``--clearenv``, never
+``--setenv``, and nothing secret on the command line).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import functools
+import glob
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import sysconfig
+import weakref
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.errors import IsolationUnavailable
+from sandbox_core.isolation import cgroups, landlock
+from sandbox_core.isolation.launch import PACKAGE_ROOT, LaunchSpec, python_argv, rlimit_plan, worker_env
+
+WORKSPACE = "/workspace"
+_MB = 1024 * 1024
+SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+ETC_ENTRIES = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "nsswitch.conf",
+    "localtime",
+    "timezone",
+    "ssl/certs",
+    "ssl/openssl.cnf",
+    "pki/tls/certs",
+    "pki/ca-trust/extracted",
+    "alternatives",
+    "protocols",
+    "services",
+    "os-release",
+    "debian_version",
+    "mime.types",
+    "magic",
+    "magic.mime",
+)
+"""Host /etc entries visible read-only (never shadow, ssl/private, environment, *rc)."""
+NEVER = ("/etc/shadow", "/etc/gshadow", "/etc/ssl/private")
+"""Host paths no extra bind may expose, not even through a parent directory."""
+MIN_BWRAP = (0, 6, 0)
+"""--perms and --size for tmpfs mounts."""
+INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`)"
+
+
+def sandbox_identity(config: ProcessSandboxConfig) -> tuple[int, int] | None:
+    """The (uid, gid) workers run as when the host is root; None when it is not."""
+    if os.geteuid() != 0:
+        return None
+    name = config.strict.sandbox_user
+    try:
+        entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+    except (KeyError, ValueError):
+        raise IsolationUnavailable(
+            f"strict.sandbox_user {name!r} does not exist on this host; create it "
+            "(`useradd --system --no-create-home sandbox`) or set strict.sandbox_user"
+        ) from None
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise IsolationUnavailable(f"strict.sandbox_user {name!r} is root; choose an unprivileged user")
+    return entry.pw_uid, entry.pw_gid
+
+
+def find_bwrap(config: ProcessSandboxConfig) -> str:
+    """The bwrap executable, or IsolationUnavailable saying how to install it."""
+    if not sys.platform.startswith("linux"):
+        raise IsolationUnavailable(
+            f"the strict profile needs Linux (this is {sys.platform}); "
+            "use profile = 'process' explicitly to accept weaker isolation"
+        )
+    found = shutil.which(config.strict.bwrap)
+    if found is None:
+        raise IsolationUnavailable(
+            f"bubblewrap ({config.strict.bwrap!r}) was not found on PATH; {INSTALL_HINT}, or point strict.bwrap at it"
+        )
+    return found
+
+
+@functools.cache
+def bwrap_version(bwrap: str) -> str:
+    """``bwrap --version`` (cached; also proves the binary runs)."""
+    try:
+        out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise IsolationUnavailable(f"{bwrap} does not run ({exc}); {INSTALL_HINT}") from None
+    return out.stdout.strip() or "bubblewrap (unknown version)"
+
+
+class _Fds:
+    """Descriptors handed to one bwrap; closed after spawn, at cleanup, or when dropped."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self._finalizer = weakref.finalize(self, _close_all, self.fds)
+
+    def add(self, fd: int) -> int:
+        self.fds.append(fd)
+        return fd
+
+    def close(self) -> None:
+        _close_all(self.fds)
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        try:
+            os.close(fds.pop())
+        except OSError:
+            pass
+
+
+class _Mounts:
+    """Builds the mount part of the argv: parents first, traversable, never twice."""
+
+    def __init__(self, fds: _Fds) -> None:
+        self.args: list[str] = []
+        self.fds = fds
+        self.covered: list[str] = []
+        """Sandbox paths already provided by a bind (their subtrees need nothing more)."""
+        self.made: set[str] = {"/"}
+        self.dest_to_host: list[tuple[str, str]] = []
+
+    def copy(self, fds: _Fds) -> _Mounts:
+        """An independent builder that continues from this one's state."""
+        other = _Mounts(fds)
+        other.args, other.covered = list(self.args), list(self.covered)
+        other.made, other.dest_to_host = set(self.made), list(self.dest_to_host)
+        return other
+
+    def is_covered(self, dest: str) -> bool:
+        return any(_under(dest, root) for root in self.covered)
+
+    def parents(self, dest: str, mode: str = "0711") -> None:
+        """Create the missing parents of ``dest`` (0711: traversable, not listable)."""
+        for parent in reversed(PurePosixPath(dest).parents):
+            p = str(parent)
+            if p not in self.made and not self.is_covered(p):
+                self.args += ["--perms", mode, "--dir", p]
+                self.made.add(p)
+
+    def dir(self, dest: str, mode: str) -> None:
+        self.parents(dest)
+        if dest not in self.made and not self.is_covered(dest):
+            self.args += ["--perms", mode, "--dir", dest]
+            self.made.add(dest)
+
+    def bind(
+        self, src: str, dest: str | None = None, *, rw: bool = False, force: bool = False, mode: str = "0711"
+    ) -> None:
+        dest = dest or src
+        if self.is_covered(dest) and not (rw or force):
+            return
+        self.parents(dest, mode)
+        self.args += ["--bind" if rw else "--ro-bind", src, dest]
+        self.covered.append(dest)
+        self.dest_to_host.append((dest, src))
+
+    def symlink(self, target: str, dest: str) -> None:
+        if self.is_covered(dest) or dest in self.made:
+            return
+        self.parents(dest)
+        self.args += ["--symlink", target, dest]
+        self.made.add(dest)
+
+    def chain(self, path: str) -> None:
+        """Make ``path`` work inside: each symlink hop recreated, the final file bound."""
+        seen: set[str] = set()
+        while os.path.islink(path) and path not in seen:
+            seen.add(path)
+            target = os.readlink(path)
+            self.symlink(target, path)
+            path = os.path.normpath(os.path.join(os.path.dirname(path), target))
+        self.bind(os.path.realpath(path))
+
+    def data(self, content: bytes, dest: str, mode: str = "0644") -> None:
+        self.parents(dest)
+        fd = self.fds.add(data_fd(PurePosixPath(dest).name, content))
+        self.args += ["--perms", mode, "--ro-bind-data", str(fd), dest]
+
+    def host_path(self, dest: str) -> str | None:
+        """The host path behind sandbox path ``dest`` (deepest bind wins), if any."""
+        for bound, src in sorted(self.dest_to_host, key=lambda x: -len(x[0])):
+            if _under(dest, bound):
+                return src + dest[len(bound) :] if bound != "/" else src + dest
+        return None
+
+
+def data_fd(name: str, data: bytes) -> int:
+    """A sealed close-on-exec memfd holding ``data`` at offset 0, for bwrap's FD options.
+
+    One per use: bwrap reads each to end of file, and a shared offset would race when two
+    workers start at once.
+    """
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def python_paths() -> tuple[list[str], list[str]]:
+    """(files or symlink chains, directories) the running interpreter needs, host paths."""
+    chains = [sys.executable]
+    if sys.prefix != sys.base_prefix:
+        chains.append(os.path.join(sys.prefix, "pyvenv.cfg"))
+    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname:
+        chains.append(os.path.join(libdir, soname))
+    dirs: list[str] = []
+    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
+        path = sysconfig.get_path(key)
+        if path and os.path.isdir(path) and path not in dirs:
+            dirs.append(path)
+    package = os.path.join(PACKAGE_ROOT, "sandbox_core")
+    dirs.append(package)
+    return [c for c in chains if os.path.lexists(c)], sorted(dirs, key=len)
+
+
+def _split_bind(spec: str) -> tuple[str, str]:
+    src, sep, dest = spec.partition(":")
+    return os.path.realpath(src), os.path.normpath(dest) if sep else os.path.realpath(src)
+
+
+def _check_bind(src: str, dest: str, what: str) -> None:
+    if not os.path.exists(src):
+        raise IsolationUnavailable(f"strict.{what}: {src} does not exist")
+    if src == "/" or any(_under(never, src) for never in NEVER):
+        raise IsolationUnavailable(f"strict.{what}: binding {src} would expose host secrets")
+    if not dest.startswith("/") or os.path.normpath(dest) in ("/", WORKSPACE, "/proc", "/dev"):
+        raise IsolationUnavailable(f"strict.{what}: {dest!r} is not a usable absolute destination")
+
+
+def _passwd(ident: tuple[int, int] | None, user: str) -> tuple[bytes, bytes]:
+    """A passwd and group that name only root and the sandbox user (no host accounts)."""
+    uid, gid = ident if ident is not None else (os.getuid(), os.getgid())
+    name = user if ident is not None and not user.isdigit() else "sandbox"
+    passwd = f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n{name}:x:{uid}:{gid}:sandbox:{WORKSPACE}:/bin/sh\n"
+    group = f"root:x:0:\n{name}:x:{gid}:\n"
+    return passwd.encode(), group.encode()
+
+
+HOSTS = b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tsandbox\n"
+
+
+def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path | None) -> LaunchSpec:
+    """The bwrap argv, scrubbed environment, fds and plan of one strict worker (fails closed)."""
+    bwrap = find_bwrap(config)
+    version = bwrap_version(bwrap)
+    if _version_tuple(version) < MIN_BWRAP:
+        need = ".".join(map(str, MIN_BWRAP))
+        raise IsolationUnavailable(f"{version} is too old for the strict profile (need {need}+); {INSTALL_HINT}")
+    ident = sandbox_identity(config)
+    fds = _Fds()
+    try:
+        m = _static_view().copy(fds)
+        passwd, group = _passwd(ident, config.strict.sandbox_user)
+        m.data(passwd, "/etc/passwd")
+        m.data(group, "/etc/group")
+        m.data(HOSTS, "/etc/hosts")
+        rw_dests = _sandbox_view(m, config, workspace)
+        denied = _deny(m, config.strict.deny_paths)
+        m.args += ["--remount-ro", "/"]
+        seccomp_args, seccomp_info = _seccomp(config, fds)
+    except BaseException:
+        fds.close()
+        raise
+    ns_args, namespaces = _namespaces(ident, version)
+    cgroup = cgroups.plan(worker_id, config.limits) if config.strict.cgroups else None
+    rlimits, limits_layer = _limits(config, cgroup)
+    # No --chdir into the workspace: it belongs to the sandbox uid (0700) and bwrap, holding
+    # no CAP_DAC_OVERRIDE, cannot enter it; the worker changes into it after the uid switch.
+    # (bwrap exports PWD=/ after its chdir; the rest of the environment is the allowlist.)
+    argv = [bwrap, *m.args, "--chdir", "/", *ns_args, "--new-session", "--die-with-parent", *seccomp_args]
+    argv += ["--", *python_argv(config)]
+    plan: dict[str, Any] = {
+        "profile": "strict",
+        "rlimits": rlimits,
+        "umask": 0o077,
+        "env_allowlist": True,
+        "no_new_privs": True,
+        "host_layers": {
+            "engine": version,
+            "namespaces": namespaces,
+            "identity": "switch to sandbox user" if ident else "user namespace (caller's uid)",
+            "filesystem": {
+                "workspace": WORKSPACE,
+                "read_write": [WORKSPACE, "/tmp", "/dev/shm", *rw_dests],
+                "denied": denied,
+            },
+            "seccomp_filter": seccomp_info,
+            "limits": limits_layer["mode"],
+            "limits_detail": limits_layer,
+        },
+    }
+    if ident is not None:
+        plan["switch_user"] = {"uid": ident[0], "gid": ident[1]}
+    if config.strict.landlock:
+        plan["landlock"] = {
+            "read_only": _roots({"/etc", "/proc", *m.covered} - {WORKSPACE, *rw_dests}),
+            "read_write": ["/tmp", "/dev", *rw_dests],
+            "required": landlock.abi_version() > 0,
+        }
+
+    def after_spawn(pid: int) -> None:
+        fds.close()  # bwrap holds its own copies until it has read them
+        if cgroup is not None:
+            cgroup.after_spawn(pid)
+
+    def cleanup() -> None:
+        fds.close()
+        if cgroup is not None:
+            cgroup.cleanup()
+
+    return LaunchSpec(
+        argv=argv,
+        env=worker_env(config, home=WORKSPACE),
+        cwd="/",
+        plan=plan,
+        workspace_in_sandbox=WORKSPACE if workspace is not None else None,
+        bound_at_spawn=True,
+        pass_fds=tuple(fds.fds),
+        after_spawn=after_spawn,
+        cleanup=cleanup,
+    )
+
+
+@functools.cache
+def _static_view() -> _Mounts:
+    """The system and Python part of the view, computed once per process (it does not vary)."""
+    m = _Mounts(_Fds())
+    _system_view(m)
+    _python_view(m)
+    return m
+
+
+def _system_view(m: _Mounts) -> None:
+    """/usr, the /bin and /lib* links, and selected /etc entries (passwd and group come later)."""
+    for tree in SYSTEM_TREES:
+        if os.path.islink(tree):
+            m.symlink(os.readlink(tree), tree)
+        elif os.path.isdir(tree):
+            m.bind(tree)
+    m.dir("/etc", "0755")
+    for path in [f"/etc/{entry}" for entry in ETC_ENTRIES] + sorted(glob.glob("/etc/python3*")):
+        if os.path.exists(path):
+            m.bind(os.path.realpath(path), path, mode="0755")
+
+
+def _python_view(m: _Mounts) -> None:
+    """The interpreter, its stdlib and site-packages, and the sandbox_core package, read-only."""
+    chains, dirs = python_paths()
+    for chain in chains:
+        m.chain(chain)
+    m.dir(PACKAGE_ROOT, "0755")  # first on the worker's sys.path: must be listable for imports
+    for path in dirs:
+        m.bind(path)
+    base_site = os.path.join(sysconfig.get_path("stdlib"), "site-packages")
+    if os.path.isdir(base_site) and base_site not in sys.path:
+        m.args += ["--perms", "0755", "--tmpfs", base_site]  # a venv's base packages stay hidden
+
+
+def _sandbox_view(m: _Mounts, config: ProcessSandboxConfig, workspace: Path | None) -> list[str]:
+    """Fresh /dev and /proc, private /tmp and /dev/shm, the workspace, extra binds (rw dests)."""
+    size = ["--size", str(config.limits.memory_mb * _MB)] if config.limits.memory_mb else []
+    m.args += ["--dev", "/dev", "--proc", "/proc"]
+    m.args += ["--perms", "1777", *size, "--tmpfs", "/tmp", "--perms", "1777", *size, "--tmpfs", "/dev/shm"]
+    m.made.update({"/dev", "/proc", "/tmp", "/dev/shm"})
+    if workspace is not None:
+        m.bind(str(workspace.resolve()), WORKSPACE, rw=True)
+    else:
+        m.args += ["--perms", "1777", *size, "--tmpfs", WORKSPACE]
+    rw_dests: list[str] = []
+    binds = [(b, False) for b in config.strict.ro_binds] + [(b, True) for b in config.strict.rw_binds]
+    for spec, rw in binds:
+        what = "rw_binds" if rw else "ro_binds"
+        src, dest = _split_bind(spec)
+        _check_bind(src, dest, what)
+        m.bind(src, dest, rw=rw, force=True)
+        if rw:
+            rw_dests.append(dest)
+    return rw_dests
+
+
+def _seccomp(config: ProcessSandboxConfig, fds: _Fds) -> tuple[list[str], dict[str, Any] | bool]:
+    """``--seccomp FD`` with the compiled filter, and its summary for the report."""
+    if not config.strict.seccomp:
+        return [], False
+    from sandbox_core.isolation import seccomp
+
+    program = seccomp.program()
+    return ["--seccomp", str(fds.add(data_fd("sandbox-seccomp", program.bpf)))], program.summary()
+
+
+def _namespaces(ident: tuple[int, int] | None, version: str) -> tuple[list[str], list[str]]:
+    """Namespace and capability options, and the namespace names for the report.
+
+    As root: no user namespace (its uid 0 would be the host's root on every bind mount);
+    all capabilities dropped but CAP_SETUID/CAP_SETGID, which the worker spends on its
+    switch to the sandbox user. Not root: a user namespace mapping the caller's uid.
+    """
+    args = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+    args += ["--hostname", "sandbox", "--cap-drop", "ALL"]
+    names = ["mount", "pid", "net", "ipc", "uts", "cgroup"]
+    if ident is not None:
+        return [*args, "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"], names
+    nested = ["--disable-userns"] if _version_tuple(version) >= (0, 8, 0) else []
+    return ["--unshare-user", *nested, *args], ["user", *names]
+
+
+def _limits(config: ProcessSandboxConfig, cgroup: cgroups.WorkerCgroup | None) -> tuple[dict[str, int], dict[str, Any]]:
+    """The rlimits for the plan and the report's description of the limits in force."""
+    rlimits = rlimit_plan(config.limits)
+    if cgroup is not None:
+        # RLIMIT_NPROC counts every process of the uid host-wide and all strict workers
+        # share the sandbox uid, so one worker's fork bomb would starve the others: the
+        # per-worker pids cgroup is the process limit instead.
+        rlimits.pop("nproc", None)
+        return rlimits, {"mode": "cgroup-v1", **cgroup.describe()}
+    why = cgroups.available() if config.strict.cgroups else "disabled by strict.cgroups"
+    note = "RLIMIT_NPROC counts all processes of the sandbox uid; memory is RLIMIT_AS per process"
+    return rlimits, {"mode": "rlimits", "why": why, "note": note}
+
+
+def _roots(paths: set[str]) -> list[str]:
+    """The paths that are not below another one in the set (landlock rules are recursive)."""
+    return sorted(p for p in paths if not any(q != p and _under(p, q) for q in paths))
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    for word in version.split():
+        parts = word.split(".")
+        if len(parts) >= 2 and all(p.isdigit() for p in parts):
+            return tuple(int(p) for p in parts)
+    return (0,)
+
+
+def _deny(m: _Mounts, deny_paths: tuple[str, ...]) -> list[str]:
+    """Hide each deny path that the sandbox would show: an empty 000 tmpfs or an empty file."""
+    denied: list[str] = []
+    for path in deny_paths:
+        dest = os.path.normpath(path)
+        host = m.host_path(dest)
+        if host is None and os.path.realpath(dest) != dest:  # under a mirrored symlink (/bin -> usr/bin)
+            dest = os.path.realpath(dest)
+            host = m.host_path(dest)
+        if host is None or not os.path.lexists(host):
+            continue
+        if os.path.isdir(host):
+            m.args += ["--perms", "0000", "--size", "4096", "--tmpfs", dest, "--remount-ro", dest]
+        else:
+            m.data(b"", dest, mode="0000")
+        denied.append(dest)
+    return denied
