@@ -117,7 +117,7 @@ class SandboxWorker:
         self._pid: int | None = None
         self._ids = itertools.count(1)
         self._pending: dict[RequestId, _Pending] = {}
-        self._host_calls: set[asyncio.Task[None]] = set()
+        self._host_calls: dict[RequestId, asyncio.Task[None]] = {}
         self._stderr: collections.deque[str] = collections.deque(maxlen=config.stderr_lines)
         self._stderr_partial = b""
         self._splitter = FrameSplitter(config.max_frame_bytes)
@@ -245,10 +245,14 @@ class SandboxWorker:
         elif isinstance(msg, Notification):
             if msg.method == EVENT_METHOD:
                 self._route_event(msg.params)
+            elif msg.method == "cancel":  # the worker gave up on one of its calls to us
+                call = self._host_calls.get(msg.params.get("id"))  # type: ignore[arg-type]
+                if call is not None:
+                    call.cancel()
         else:
             task = asyncio.create_task(self._serve_host_call(msg))
-            self._host_calls.add(task)
-            task.add_done_callback(self._host_calls.discard)
+            self._host_calls[msg.id] = task
+            task.add_done_callback(lambda _t, call_id=msg.id: self._host_calls.pop(call_id, None))
 
     def _route_event(self, params: dict[str, Any]) -> None:
         request_id = params.get("request_id")
@@ -301,7 +305,7 @@ class SandboxWorker:
         error = self._crash_error("worker process exited")
         for pending in self._pending.values():
             pending.queue.put_nowait(error)
-        for task in self._host_calls:
+        for task in self._host_calls.values():
             task.cancel()
         if self._pid is not None:
             kill_session(self._pid)

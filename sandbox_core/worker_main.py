@@ -42,6 +42,15 @@ Handler = Callable[["RequestContext", dict[str, Any]], Awaitable[Any]]
 HOST_CHUNK = "host.chunk"
 
 
+def _enable_site_packages() -> None:
+    """Add the interpreter's site-packages (the worker starts with ``-S`` to boot faster)."""
+    if not sys.flags.no_site or "site" in sys.modules:
+        return
+    import site
+
+    site.main()  # what start-up would have done: venv prefix, site-packages, .pth files
+
+
 class _HostCall:
     def __init__(self) -> None:
         self.queue: asyncio.Queue[dict[str, Any] | Response] = asyncio.Queue()
@@ -69,11 +78,13 @@ class Channel:
         call_id = f"w{next(self._ids)}"
         call = _HostCall()
         self._calls[call_id] = call
+        answered = False
         try:
             await self.send(Request(call_id, method, params))
             while True:
                 item = await call.queue.get()
                 if isinstance(item, Response):
+                    answered = True
                     if item.error is not None:
                         from sandbox_core.errors import from_wire
 
@@ -82,6 +93,8 @@ class Channel:
                 yield item
         finally:
             self._calls.pop(call_id, None)
+            if not answered:  # the caller gave up (cancel, error): the host stops the call too
+                self.send_nowait(Notification("cancel", {"id": call_id}))
 
     def route(self, msg: Response | Notification) -> bool:
         """Deliver a host response or chunk to its pending call; False if none matches."""
@@ -155,6 +168,7 @@ class SandboxExecutor:
         async def handler(ctx: RequestContext, params: dict[str, Any]) -> Any:
             import importlib
 
+            _enable_site_packages()
             fn: Handler = getattr(importlib.import_module(module), name)
             return await fn(ctx, params)
 

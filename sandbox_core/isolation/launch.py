@@ -80,9 +80,13 @@ _BOOT = "import sys; sys.path.insert(0, {root!r}); from sandbox_core.worker_main
 
 
 def python_argv(config: ProcessSandboxConfig) -> list[str]:
-    """The worker's command: isolated mode (-I ignores PYTHON* variables and the cwd)."""
+    """The worker's command: isolated mode (-I ignores PYTHON* variables and the cwd).
+
+    ``-S`` skips ``site`` at start-up (~25 ms of .pth processing); the worker adds
+    site-packages itself only when a method needs a third-party package (the agent).
+    """
     boot = _BOOT.format(root=PACKAGE_ROOT)
-    return [sys.executable, "-I", "-c", boot, str(config.max_frame_bytes)]
+    return [sys.executable, "-I", "-S", "-c", boot, str(config.max_frame_bytes)]
 
 
 def process_launch(config: ProcessSandboxConfig, workspace: Path | None) -> LaunchSpec:
