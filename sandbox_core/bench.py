@@ -173,10 +173,10 @@ def _memory(pid: int) -> tuple[int, int]:
 
 def _worker_python_pid(pid: int) -> int:
     """The Python worker inside a launcher chain (bwrap forks it as a descendant)."""
-    from sandbox_core.process_tree import session_members
+    from sandbox_core.process_tree import descendants
 
     best = pid
-    for member in session_members(pid):
+    for member in descendants(pid):
         try:
             with open(f"/proc/{member}/cmdline", "rb") as fh:
                 if b"sandbox_core.worker_main" in fh.read():
@@ -198,6 +198,38 @@ async def idle_memory(config: ProcessSandboxConfig) -> Figure:
                   detail={"rss_mb": round(rss / 1024, 1)})
 
 
+async def _run_argv(argv: list[str]) -> float:
+    began = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
+    if await proc.wait() != 0:
+        raise RuntimeError(f"baseline command failed: {argv}")
+    return time.perf_counter() - began
+
+
+async def strict_vs_bare_bwrap(config: ProcessSandboxConfig, n: int) -> Figure:
+    """Strict worker spawn-to-ready against bare ``bwrap python -c pass`` in the same run.
+
+    A second baseline runs bare bwrap with Python importing the worker's own modules, to
+    separate the cost of the isolation layers from the cost of the worker's imports.
+    """
+    from sandbox_core.isolation.launch import PACKAGE_ROOT
+    from sandbox_core.isolation.strict import find_bwrap
+
+    bwrap = find_bwrap(config)
+    bare = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid",
+            "--unshare-net", "--die-with-parent", "--", sys.executable, "-I", "-c", "pass"]
+    imports = (f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); import sandbox_core.worker_main, "
+               "sandbox_core.isolation.inside, sandbox_core.isolation.identity, sandbox_core.isolation.landlock")
+    bare_imports = [*bare[:-4], sys.executable, "-I", "-S", "-c", imports]
+    base = [await _run_argv(bare) for _ in range(n)]
+    base_imp = [await _run_argv(bare_imports) for _ in range(n)]
+    ours = (await cold_start(config, n)).value / 1000
+    b, bi = statistics.median(base), statistics.median(base_imp)
+    return Figure("strict cold start vs bwrap", _ms(ours), "ms p50", "<= 1.5x bare bwrap python",
+                  ours / b <= 1.5, baseline=_ms(b), ratio=round(ours / b, 2),
+                  detail={"bare_bwrap_with_worker_imports_ms": _ms(bi), "ratio_vs_same_imports": round(ours / bi, 2)})
+
+
 Step = tuple[str, Callable[[], Awaitable[Figure]]]
 
 
@@ -211,6 +243,8 @@ def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
         ("exec true", lambda: exec_true(config, n * 2)),
         ("idle memory", lambda: idle_memory(config)),
     ]
+    if config.profile == "strict":
+        steps.insert(1, ("strict vs bare bwrap", lambda: strict_vs_bare_bwrap(config, n)))
     return steps
 
 
