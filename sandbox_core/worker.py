@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import functools
 import itertools
 import os
 import signal
@@ -252,7 +253,10 @@ class SandboxWorker:
         else:
             task = asyncio.create_task(self._serve_host_call(msg))
             self._host_calls[msg.id] = task
-            task.add_done_callback(lambda _t, call_id=msg.id: self._host_calls.pop(call_id, None))
+            task.add_done_callback(functools.partial(self._host_call_done, msg.id))
+
+    def _host_call_done(self, call_id: RequestId, _task: asyncio.Task[None]) -> None:
+        self._host_calls.pop(call_id, None)
 
     def _route_event(self, params: dict[str, Any]) -> None:
         request_id = params.get("request_id")
