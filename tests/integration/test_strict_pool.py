@@ -1,0 +1,87 @@
+"""The orchestrator with the default ``strict`` profile: real bubblewrap workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.errors import RequestTimeout, WorkerCrashed
+from sandbox_core.orchestrator import SandboxOrchestrator
+from sandbox_core.process_tree import descendants
+from sandbox_core.requests import ExecRequest
+from tests.helpers import pid_alive, process_config, wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
+
+
+def strict(root: Path, **changes: object) -> ProcessSandboxConfig:
+    return process_config(root, **changes).replace(profile="strict")
+
+
+def sh(script: str, timeout: float | None = None) -> ExecRequest:
+    return ExecRequest(shell=script, timeout=timeout)
+
+
+async def test_strict_exec_sees_only_its_own_workspace(workspace_root: Path, host_canary: str) -> None:
+    async with SandboxOrchestrator(strict(workspace_root)) as pool:
+        await pool.execute("alice", sh("echo mine > a.txt"))
+        result = await pool.execute("bob", sh("pwd; ls -a /workspace; ls /workspace/.. ; env; cat /proc/1/environ"))
+        assert result.stdout.startswith("/workspace\n.\n..\n")
+        assert "a.txt" not in result.stdout and "alice" not in result.stdout
+        assert host_canary not in result.stdout + result.stderr
+        report = pool.worker_report(result.worker_id)
+        assert report is not None and report["profile"] == "strict"
+        assert report["seccomp"] is True and report["no_new_privs"] is True
+        if os.getuid() == 0:
+            assert report["uid"] == 65534 and report["capabilities_zero"] is True
+        assert (workspace_root / "alice" / "a.txt").read_text() == "mine\n"
+
+
+async def test_strict_timeout_kills_everything_the_request_started(workspace_root: Path) -> None:
+    async with SandboxOrchestrator(strict(workspace_root)) as pool:
+        await pool.execute("carol", sh("true"))
+        bwrap_pid = pool.list_workers()[0]["pid"]
+        before = set(descendants(bwrap_pid))
+        with pytest.raises(RequestTimeout):
+            await pool.execute("carol", sh("sleep 300 & sleep 300 & touch started; sleep 300", timeout=1.0))
+        await wait_for(lambda: set(descendants(bwrap_pid)) <= before, 10, "request's processes gone")
+        assert (await pool.execute("carol", sh("echo alive"))).stdout == "alive\n"
+
+
+async def test_strict_crash_then_recovery_and_no_orphans(workspace_root: Path) -> None:
+    async with SandboxOrchestrator(strict(workspace_root)) as pool:
+        await pool.execute("dave", sh("echo keep > data"))
+        bwrap_pid = pool.list_workers()[0]["pid"]
+        running = workspace_root / "dave" / "running"
+
+        async def kill_it() -> None:
+            await wait_for(running.exists, 10, "command start")
+            os.kill(bwrap_pid, signal.SIGKILL)
+
+        killer = asyncio.create_task(kill_it())
+        with pytest.raises(WorkerCrashed):
+            await pool.execute("dave", sh("touch running; sleep 300 & sleep 300"))
+        await killer
+        assert (await pool.execute("dave", sh("cat data"))).stdout == "keep\n"
+        assert pool.get_pool_stats()["restarts"] == 1
+
+
+async def test_strict_shutdown_leaves_no_process(workspace_root: Path) -> None:
+    pool = SandboxOrchestrator(strict(workspace_root))
+    await pool.start()
+    task = asyncio.create_task(pool.execute("erin", sh("touch started; sleep 300 & sleep 300")))
+    await wait_for((workspace_root / "erin" / "started").exists, 15, "start")
+    bwrap_pid = pool.list_workers()[0]["pid"]
+    tree = descendants(bwrap_pid)
+    assert tree
+    await pool.shutdown(grace=0.2)
+    with pytest.raises(WorkerCrashed):
+        await task
+    for pid in [bwrap_pid, *tree]:
+        assert not pid_alive(pid)
