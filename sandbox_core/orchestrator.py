@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import secrets
 import time
@@ -49,7 +50,7 @@ from sandbox_core.errors import (
 from sandbox_core.events import Event
 from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace
 from sandbox_core.process_tree import kill_session
-from sandbox_core.requests import Request, RequestResult
+from sandbox_core.requests import AgentRequest, Request, RequestResult
 from sandbox_core.worker import Launcher, SandboxWorker, WorkerState
 
 if TYPE_CHECKING:
@@ -144,6 +145,7 @@ class SandboxOrchestrator:
         validate_user_id(user_id)
         if not self._started:
             await self.start()
+        request = self._with_defaults(request)
         worker = await self._acquire(user_id)
         self._in_flight += 1
         self._user_requests[user_id] = self._user_requests.get(user_id, 0) + 1
@@ -172,6 +174,19 @@ class SandboxOrchestrator:
             self._counters[outcome] += 1
             self._in_flight -= 1
             await self._release(worker)
+
+    def _with_defaults(self, request: Request) -> Request:
+        """An agent request with the config's model, max_tokens and max_turns filled in."""
+        if not isinstance(request, AgentRequest):
+            return request
+        model = self.config.model
+        return dataclasses.replace(
+            request,
+            model=request.model or model.model,
+            max_tokens=request.max_tokens or model.max_tokens,
+            max_turns=request.max_turns or model.max_turns,
+            timeout=request.timeout or max(self.config.request_timeout, model.request_timeout),
+        )
 
     # ------------------------------------------------------------------ acquire
 
@@ -517,6 +532,8 @@ class SandboxOrchestrator:
         for worker in workers:
             if worker.pid is not None:
                 kill_session(worker.pid)
+        if self._gateway is not None:
+            await self._gateway.aclose()
 
     # ------------------------------------------------------------------ stats
 
