@@ -16,7 +16,8 @@ from sandbox_core.config import load_config
 
 
 def _line(f: Figure) -> str:
-    base = f"  baseline {f.baseline} ms  ratio {f.ratio}x" if f.baseline is not None else ""
+    unit = f.unit.split()[0]
+    base = f"  baseline {f.baseline} {unit}  ratio {f.ratio}x" if f.baseline is not None else ""
     verdict = "" if f.ok is None else ("  PASS" if f.ok else "  MISS")
     extra = "  " + " ".join(f"{k}={v}" for k, v in f.detail.items()) if f.detail else ""
     target = f"  target {f.target}" if f.target else ""

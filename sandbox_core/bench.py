@@ -7,6 +7,8 @@ milliseconds on this machine; the ratios are what to compare across machines.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import os
 import shutil
 import statistics
@@ -230,6 +232,106 @@ async def strict_vs_bare_bwrap(config: ProcessSandboxConfig, n: int) -> Figure:
                   detail={"bare_bwrap_with_worker_imports_ms": _ms(bi), "ratio_vs_same_imports": round(ours / bi, 2)})
 
 
+async def agent_first_text(config: ProcessSandboxConfig, n: int) -> Figure:
+    """``agent.run`` request to first ``text`` event, offline model: cold vs warm worker."""
+    from sandbox_core.requests import AgentRequest
+
+    offline = config.replace(model=dataclasses.replace(config.model, provider="offline"), min_idle=0)
+
+    async def first_text(pool: SandboxOrchestrator, user: str) -> float:
+        began = time.perf_counter()
+        stream = pool.execute_stream(user, AgentRequest(prompt="hello"))
+        try:
+            async for event in stream:
+                if event.type == "text":
+                    return time.perf_counter() - began
+        finally:
+            await stream.aclose()
+        raise RuntimeError("no text event")
+
+    cold: list[float] = []
+    warm: list[float] = []
+    for i in range(max(2, n // 4)):
+        async with SandboxOrchestrator(offline) as pool:
+            cold.append(await first_text(pool, f"agent{i}"))
+            if i == 0:
+                warm = [await first_text(pool, "agent0") for _ in range(n)]
+    c, w = statistics.median(cold), statistics.median(warm)
+    return Figure("agent first text (offline)", _ms(w), "ms p50 warm", "", None, baseline=_ms(c),
+                  ratio=round(w / c, 3), detail={"cold_ms": _ms(c), "n_cold": len(cold), "n_warm": len(warm)})
+
+
+def _sse_reply(deltas: int) -> bytes:
+    def event(kind: str, data: dict[str, Any]) -> str:
+        return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
+
+    usage = {"input_tokens": 10, "output_tokens": deltas}
+    parts = [event("message_start", {"type": "message_start", "message": {
+        "id": "msg_bench", "type": "message", "role": "assistant", "model": "bench", "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+        event("content_block_start", {"type": "content_block_start", "index": 0,
+                                      "content_block": {"type": "text", "text": ""}})]
+    parts += [event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": {"type": "text_delta", "text": f"w{i} "}})
+              for i in range(deltas)]
+    parts += [event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+              event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn",
+                                                                        "stop_sequence": None}, "usage": usage}),
+              event("message_stop", {"type": "message_stop"})]
+    return "".join(parts).encode()
+
+
+async def gateway_overhead(config: ProcessSandboxConfig, deltas: int = 1000) -> Figure:
+    """Per text event: the SDK streaming through worker, pipe and gateway vs the SDK in-process.
+
+    Both sides read the same server-sent events (``deltas`` text deltas) from an in-memory
+    HTTP transport standing in for the API, so only the path differs.
+    """
+    import anthropic
+    import httpx2
+
+    from sandbox_core.config import Secret
+    from sandbox_core.gateway import ModelGateway
+    from sandbox_core.requests import AgentRequest
+
+    body = _sse_reply(deltas)
+
+    def api(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    client = anthropic.AsyncAnthropic(api_key="bench", base_url="http://api.bench",
+                                      http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(api)))
+    began = time.perf_counter()
+    seen = 0
+    async with client.messages.stream(model="bench", max_tokens=10, messages=[
+            {"role": "user", "content": "x"}]) as stream:
+        async for _text in stream.text_stream:
+            seen += 1
+    direct = time.perf_counter() - began
+    await client.close()
+
+    model = dataclasses.replace(config.model, provider="anthropic", api_key=Secret("bench"),
+                                base_url="http://api.bench")
+    gateway = ModelGateway(model, transport=httpx2.MockTransport(api))
+    async with SandboxOrchestrator(config.replace(model=model, min_idle=0), gateway=gateway) as pool:
+        await pool.execute("gw", RawRequest("ping"))
+        stream2 = pool.execute_stream("gw", AgentRequest(prompt="x", tools=()))
+        first = last = 0.0
+        count = 0
+        async for event in stream2:
+            if event.type == "text":
+                last = time.perf_counter()
+                first = first or last
+                count += 1
+        # time per event from the first to the last delta, against the same span in-process
+    through = last - first
+    per_event_us = (through / max(1, count - 1) - direct / max(1, seen)) * 1e6
+    return Figure("gateway stream per event", round(through / max(1, count - 1) * 1e6, 2), "us/event", "",
+                  None, baseline=round(direct / max(1, seen) * 1e6, 2),
+                  ratio=round((through / max(1, count - 1)) / (direct / max(1, seen)), 2),
+                  detail={"events": count, "direct_events": seen, "overhead_us_per_event": round(per_event_us, 2)})
+
+
 Step = tuple[str, Callable[[], Awaitable[Figure]]]
 
 
@@ -242,6 +344,8 @@ def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
         ("ping vs pipe", lambda: ping_vs_pipe(config, n * 10)),
         ("exec true", lambda: exec_true(config, n * 2)),
         ("idle memory", lambda: idle_memory(config)),
+        ("agent first text", lambda: agent_first_text(config, n)),
+        ("gateway overhead", lambda: gateway_overhead(config)),
     ]
     if config.profile == "strict":
         steps.insert(1, ("strict vs bare bwrap", lambda: strict_vs_bare_bwrap(config, n)))
