@@ -1,0 +1,449 @@
+"""``sandbox audit-env`` against real workers: every check, one test each.
+
+* strict: every check must pass (parametrized by check name, so a regression names the
+  layer), and switching one layer off must make exactly that layer's checks fail;
+* process: the weaknesses of the portable profile must be *reported* as failures, while
+  the environment checks pass;
+* the CLI through the real console script (``--json`` parses, exit codes);
+* fail closed and clean-up: nothing planted outlives an audit, even one that cannot start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox_core.audit import CANARY_VAR, CHECK_NAMES, AuditReport, run_audit
+from sandbox_core.audit_probes import CANARY_PREFIX, CANARY_RE, LIMIT_PROBES, STATIC_PROBES
+from sandbox_core.config import ProcessSandboxConfig, StrictIsolation
+from sandbox_core.errors import IsolationUnavailable
+from tests.helpers import process_config
+
+LINUX = sys.platform.startswith("linux")
+AS_ROOT = os.geteuid() == 0
+
+
+def _strict_unavailable() -> str | None:
+    if not LINUX:
+        return "the strict profile is Linux only"
+    if importlib.util.find_spec("sandbox_core.isolation.strict") is None:
+        return "sandbox_core.isolation.strict (the strict engine) is not importable yet"
+    if shutil.which("bwrap") is None:
+        return "bubblewrap (bwrap) is not installed: apt-get install bubblewrap"
+    return None
+
+
+STRICT_SKIP = _strict_unavailable()
+needs_strict = pytest.mark.skipif(STRICT_SKIP is not None, reason=STRICT_SKIP or "")
+needs_linux = pytest.mark.skipif(not LINUX, reason="the audit's probes read Linux /proc")
+
+USER = "auditee"
+
+
+def _strict_config(root: Path, **strict: Any) -> ProcessSandboxConfig:
+    return ProcessSandboxConfig(
+        profile="strict", workspace_root=root, min_idle=0, startup_timeout=20.0,
+        strict=StrictIsolation(**strict),
+    )  # fmt: skip
+
+
+def _audit(config: ProcessSandboxConfig, user: str = USER) -> AuditReport:
+    return asyncio.run(run_audit(config, user))
+
+
+def _my_decoys() -> list[int]:
+    """Children of this test process carrying an audit canary on their command line."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
+        if ppid == os.getpid() and b"--audit-canary=" + CANARY_PREFIX.encode() in cmdline:
+            pids.append(int(name))
+    return pids
+
+
+def _assert_clean(root: Path, users: set[str], report: AuditReport | None = None) -> None:
+    """Nothing this audit planted is left: canary files, peer workspace, scratch dir, decoy, env."""
+    left = {p.name for p in root.iterdir()} if root.exists() else set()
+    assert left <= users, f"workspaces left: {left - users}"
+    for user in users & left:
+        assert not [p for p in (root / user).iterdir() if p.name.startswith(".sba-")]
+    assert CANARY_VAR not in os.environ
+    assert _my_decoys() == []
+    if report is not None:
+        planted = report.planted
+        for key in ("canary_dir", "secret_file", "world_file", "peer_workspace", "scratch_dir"):
+            assert not os.path.lexists(planted[key]), f"{key} left: {planted[key]}"
+        for path in planted["unix_listeners"]:
+            assert path.startswith("@") or not os.path.lexists(path)
+        assert planted["decoy_pid"] not in _my_decoys()
+
+
+def _describe(report: AuditReport, name: str) -> str:
+    check = report.check(name)
+    return f"{name}: expected {check.expectation!r}, observed {check.observed!r}\n{json.dumps(check.details)[:2000]}"
+
+
+# ---------------------------------------------------------------- strict
+
+
+@pytest.fixture(scope="module")
+def strict_report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditReport]:
+    if STRICT_SKIP is not None:
+        pytest.skip(STRICT_SKIP)
+    root = tmp_path_factory.mktemp("strict") / "ws"
+    report = _audit(_strict_config(root))
+    _assert_clean(root, {USER}, report)
+    yield report
+
+
+@needs_strict
+@pytest.mark.parametrize("name", CHECK_NAMES)
+def test_strict_check_passes(strict_report: AuditReport, name: str) -> None:
+    assert strict_report.check(name).passed, _describe(strict_report, name)
+
+
+@needs_strict
+def test_strict_report_shape(strict_report: AuditReport) -> None:
+    assert strict_report.profile == "strict"
+    assert [c.name for c in strict_report.checks] == list(CHECK_NAMES)
+    assert strict_report.layers.get("profile") == "strict"
+    assert CANARY_VAR in strict_report.withheld_variables
+    assert CANARY_VAR not in strict_report.passed_variables
+    allowed = set(ProcessSandboxConfig().env.allow) | {"PATH"}
+    assert set(strict_report.passed_variables) <= allowed
+    json.dumps(strict_report.to_dict())  # JSON-able throughout
+
+
+@needs_strict
+@pytest.mark.parametrize(
+    ("layer", "expect_failing"),
+    [
+        ({"seccomp": False}, {"net.host_unix", "proc.ptrace", "proc.vm_readv", "ns.user"}),
+    ],
+    ids=["seccomp-off"],
+)
+def test_strict_layer_regression_is_named(tmp_path: Path, layer: dict[str, Any], expect_failing: set[str]) -> None:
+    """Switching one layer off fails exactly the checks that layer is responsible for."""
+    report = _audit(_strict_config(tmp_path / "ws", **layer))
+    failing = {c.name for c in report.failed}
+    assert failing == expect_failing, {n: report.check(n).observed for n in failing ^ expect_failing}
+
+
+@needs_strict
+@pytest.mark.skipif(not AS_ROOT, reason="the strict profile only needs cgroups for limits when the host is root")
+def test_strict_without_cgroups_reports_memory_unlimited(tmp_path: Path) -> None:
+    """Without cgroups, limits.memory_mb is not enforced (only RLIMIT_AS): the audit says so."""
+    report = _audit(_strict_config(tmp_path / "ws", cgroups=False))
+    assert {c.name for c in report.failed} == {"limits.memory"}, [c.observed for c in report.failed]
+    assert report.check("limits.fork_bomb").passed
+
+
+@needs_linux
+def test_strict_without_bwrap_fails_closed_and_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if importlib.util.find_spec("sandbox_core.isolation.strict") is None:
+        pytest.skip("sandbox_core.isolation.strict (the strict engine) is not importable yet")
+    from sandbox_core import audit
+
+    canaries = tmp_path / "canaries"
+    canaries.mkdir()
+    monkeypatch.setattr(audit, "_canary_parent", lambda: str(canaries))
+    root = tmp_path / "ws"
+    config = _strict_config(root, bwrap=str(tmp_path / "no-such-bwrap"))
+    with pytest.raises(IsolationUnavailable, match="bubblewrap"):
+        _audit(config)
+    assert list(canaries.iterdir()) == []
+    _assert_clean(root, {USER})
+
+
+# ---------------------------------------------------------------- process
+
+PROCESS_MUST_FAIL = (
+    "proc.environ", "proc.cmdline", "proc.pids", "files.secret", "files.world", "files.write_outside",
+    "escape.symlink", "escape.hardlink", "net.host_tcp", "net.host_unix", "net.outbound", "proc.ptrace",
+    "proc.vm_readv", "priv.no_new_privs", "workspace.other_user", "limits.memory",
+)  # fmt: skip
+"""Weaknesses of the ``process`` profile, whoever runs it."""
+PROCESS_MUST_FAIL_AS_ROOT = ("files.shadow", "priv.capabilities", "priv.setuid", "ns.user", "limits.fork_bomb")
+"""Further weaknesses when the host (and so the worker) is root."""
+HOST_SECRET = "SANDBOX_TEST_AUDIT_HOST_SECRET"
+PROCESS_MUST_PASS = ("env.allowlist", "env.canary", "fds.command", "host.responsive", "canary.exfiltration")
+
+
+@pytest.fixture(scope="module")
+def process_report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditReport]:
+    if not LINUX:
+        pytest.skip("the audit's probes read Linux /proc")
+    root = tmp_path_factory.mktemp("process") / "ws"
+    os.environ[HOST_SECRET] = "not-a-canary-" + os.urandom(8).hex()
+    try:
+        report = _audit(process_config(root, request_timeout=120.0))
+    finally:
+        del os.environ[HOST_SECRET]
+    _assert_clean(root, {USER}, report)
+    yield report
+
+
+@needs_linux
+@pytest.mark.parametrize("name", PROCESS_MUST_FAIL)
+def test_process_reports_weakness(process_report: AuditReport, name: str) -> None:
+    assert not process_report.check(name).passed, _describe(process_report, name)
+
+
+@needs_linux
+@pytest.mark.skipif(not AS_ROOT, reason="these are weaknesses of a root worker")
+@pytest.mark.parametrize("name", PROCESS_MUST_FAIL_AS_ROOT)
+def test_process_as_root_reports_weakness(process_report: AuditReport, name: str) -> None:
+    assert not process_report.check(name).passed, _describe(process_report, name)
+
+
+@needs_linux
+@pytest.mark.parametrize("name", PROCESS_MUST_PASS)
+def test_process_env_checks_pass(process_report: AuditReport, name: str) -> None:
+    assert process_report.check(name).passed, _describe(process_report, name)
+
+
+@needs_linux
+def test_process_canaries_are_found_by_digest(process_report: AuditReport) -> None:
+    """The probes recognise each canary (by its digest) where the process profile exposes it."""
+    files = process_report.check("files.world").details
+    assert files["canaries"] == ["world_file"]
+    environ = process_report.check("proc.environ").details
+    assert {m["canary"] for m in environ["matches"]} == {"env"}
+    cmdline = process_report.check("proc.cmdline").details
+    assert {m["canary"] for m in cmdline["matches"]} == {"cmdline"}
+    assert process_report.check("net.host_tcp").details["listener_connections"] >= 1
+
+
+@needs_linux
+def test_process_variable_lists(process_report: AuditReport) -> None:
+    assert {CANARY_VAR, HOST_SECRET} <= set(process_report.withheld_variables)
+    assert set(process_report.passed_variables) <= set(ProcessSandboxConfig().env.allow) | {"PATH"}
+    assert "HOME" in process_report.replaced_variables + process_report.added_variables
+    assert not set(process_report.withheld_variables) & set(process_report.passed_variables)
+
+
+@needs_linux
+def test_canary_values_never_enter_the_sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request the audit sends to the worker carries digests, never a canary value."""
+    from sandbox_core.orchestrator import SandboxOrchestrator
+    from sandbox_core.requests import Request, RequestResult
+
+    sent: list[str] = []
+    planted: list[str] = []
+    real_execute = SandboxOrchestrator.execute
+
+    async def spy(self: SandboxOrchestrator, user_id: str, request: Request) -> RequestResult:
+        sent.append(json.dumps(request.params()) + json.dumps(list(getattr(request, "argv", None) or [])))
+        planted.append(os.environ[CANARY_VAR])
+        return await real_execute(self, user_id, request)
+
+    monkeypatch.setattr(SandboxOrchestrator, "execute", spy)
+    deep = tmp_path / ("d" * 60) / ("e" * 60) / "ws"  # socket paths over AF_UNIX's 108 bytes still work
+    report = asyncio.run(run_audit(process_config(deep, request_timeout=120.0), USER))
+    assert len(sent) == 4  # the command snapshot, the static probes, the bomb, the hog
+    unix = report.check("net.host_unix")
+    assert len(str(deep)) > 108 and unix.details["listener_connections"] == 3, unix.observed
+    assert planted and all(p.startswith(CANARY_PREFIX) for p in planted)
+    for payload in sent:
+        assert not CANARY_RE.search(payload.encode()), payload  # digests only, no canary token
+        for value in planted:
+            assert value not in payload
+    assert report.check("canary.exfiltration").passed
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _registered() -> bool:
+    from cli.app import app
+
+    return any(c.name == "audit-env" for c in app.registered_commands)
+
+
+def _cli_argv() -> list[str]:
+    """The real console script once cli/app.py registers the command; until then the same app plus it."""
+    if _registered():
+        return [str(Path(sys.executable).with_name("sandbox"))]
+    boot = "from cli.app import app; from cli.commands import audit_env; audit_env.register(app); app()"
+    return [sys.executable, "-c", boot]
+
+
+def _cli_env(tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SANDBOX_", "ANTHROPIC_"))}
+    env.pop("NO_COLOR", None)
+    env.pop("FORCE_COLOR", None)
+    env.update(
+        XDG_CONFIG_HOME=str(tmp_path / "config"), XDG_STATE_HOME=str(tmp_path / "state"),
+        SANDBOX_WORKSPACE_ROOT=str(tmp_path / "ws"), SANDBOX_MIN_IDLE="0", COLUMNS="200",
+    )  # fmt: skip
+    return env
+
+
+def _run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*_cli_argv(), *args], capture_output=True, text=True, timeout=180, env=_cli_env(tmp_path), check=False
+    )
+
+
+@needs_linux
+def test_cli_process_json_exits_1(tmp_path: Path) -> None:
+    proc = _run_cli(tmp_path, "--profile", "process", "audit-env", "--user", USER, "--json")
+    assert proc.returncode == 1, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["profile"] == "process" and data["user_id"] == USER and data["passed"] is False
+    assert [c["name"] for c in data["checks"]] == list(CHECK_NAMES)
+    failing = {c["name"] for c in data["checks"] if not c["passed"]}
+    assert set(PROCESS_MUST_FAIL) <= failing
+    assert CANARY_VAR in data["variables"]["withheld"]
+    assert "weaker than 'strict'" in proc.stderr  # the visible warning for the process profile
+
+
+@needs_linux
+def test_cli_command_options_and_table(tmp_path: Path) -> None:
+    proc = _run_cli(tmp_path, "audit-env", "--profile", "process", "--user", "bob")
+    assert proc.returncode == 1, proc.stderr
+    out = proc.stdout
+    assert "profile process, user bob" in out
+    for name in CHECK_NAMES:
+        assert name in out
+    assert "FAIL" in out and "PASS" in out
+    assert "withheld host variables" in out and "passed host variables" in out
+    assert "checks FAILED" in out
+
+
+@needs_strict
+def test_cli_strict_exits_0(tmp_path: Path) -> None:
+    proc = _run_cli(tmp_path, "audit-env", "--profile", "strict", "--json")
+    data = json.loads(proc.stdout)
+    failing = {c["name"]: c["observed"] for c in data["checks"] if not c["passed"]}
+    assert proc.returncode == 0 and data["passed"] is True, failing
+
+
+@needs_linux
+def test_cli_fail_closed_exit_125(tmp_path: Path) -> None:
+    if importlib.util.find_spec("sandbox_core.isolation.strict") is None:
+        pytest.skip("sandbox_core.isolation.strict (the strict engine) is not importable yet")
+    env = {"SANDBOX_STRICT__BWRAP": str(tmp_path / "no-such-bwrap")}
+    proc = subprocess.run(
+        [*_cli_argv(), "audit-env", "--profile", "strict", "--json"], capture_output=True, text=True,
+        timeout=60, env={**_cli_env(tmp_path), **env}, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 125, proc.stderr
+    assert proc.stdout == ""
+    assert "bubblewrap" in proc.stderr
+
+
+def test_cli_run_audit_refuses_a_running_loop() -> None:
+    """``run_audit`` (the REPL's entry) says to use ``run_audit_async`` inside an event loop."""
+    from cli.commands.audit_env import run_audit as cli_run_audit
+
+    async def inside() -> None:
+        with pytest.raises(RuntimeError, match="run_audit_async"):
+            cli_run_audit(ProcessSandboxConfig(profile="process"), USER)
+
+    asyncio.run(inside())
+
+
+def test_a_probe_that_returned_nothing_fails_its_checks(tmp_path: Path) -> None:
+    """No check passes vacuously: without probe results (worker crashed, probe errored) all fail."""
+    from sandbox_core import audit
+
+    plants = audit._Plants(
+        canaries={"env": CANARY_PREFIX + "0" * 32}, canary_dir=tmp_path, secret_file=tmp_path / "s",
+        world_file=tmp_path / "w", peer_user="p", peer_dir=tmp_path / "p", peer_file=tmp_path / "p" / "f",
+        workspace=tmp_path / "u", scratch=".sba-x", nonce="x",
+    )  # fmt: skip
+    monitor = {"max_loop_lag_ms": 0.0, "host_spawns": 0, "spawn_failures": [], "max_spawn_ms": 0.0}
+    limits = {"pids_limit": 128, "memory_limit_mb": 1024, "host_available_mb": 4096}
+    failed: dict[str, Any] = {n: {"error": "boom"} for n in (*STATIC_PROBES, *LIMIT_PROBES, "command")}
+    cases: list[tuple[dict[str, Any], dict[str, str]]] = [({}, {}), (failed, {}), ({}, {"static": "boom"})]
+    for results, errors in cases:
+        ctx = audit._Context(ProcessSandboxConfig(), plants, results, errors, limits, monitor, {}, "")
+        for name in CHECK_NAMES:
+            check = audit._evaluate(ctx, name)
+            assert not check.passed, (name, check.observed)
+            assert "boom" in check.observed or "returned nothing" in check.observed or name == "host.responsive"
+
+
+@needs_linux
+def test_repl_entry_prints_into_the_given_console(tmp_path: Path) -> None:
+    """The REPL's /audit calls ``run_audit`` in a thread with its own console."""
+    import io
+
+    from rich.console import Console
+
+    from cli.commands.audit_env import run_audit as cli_run_audit
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200, no_color=True)
+    config = process_config(tmp_path / "ws", request_timeout=120.0)
+
+    async def repl() -> int:
+        return await asyncio.to_thread(cli_run_audit, config=config, user_id=USER, as_json=False, console=console)
+
+    assert asyncio.run(repl()) == 1
+    text = buffer.getvalue()
+    assert "isolation audit: profile process" in text
+    assert all(name in text for name in CHECK_NAMES)
+    assert "checks FAILED" in text
+
+
+@needs_linux
+def test_cli_interrupt_exits_130_and_removes_everything(tmp_path: Path) -> None:
+    """Ctrl-C in the middle of an audit: exit 130, and every canary, listener and decoy is gone."""
+    import signal
+    import time
+
+    root = tmp_path / "ws"
+    env = {**_cli_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(root)}
+    proc = subprocess.Popen(
+        [*_cli_argv(), "--profile", "process", "audit-env", "--user", USER], env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
+    try:
+        nonce = ""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:  # wait until the canaries are planted
+            peers = [p.name for p in root.iterdir() if p.name.startswith("audit-peer-")] if root.exists() else []
+            scratch = root / USER / f".sba-{peers[0].removeprefix('audit-peer-')}" if peers else None
+            if scratch is not None and scratch.exists():
+                nonce = peers[0].removeprefix("audit-peer-")
+                break
+            time.sleep(0.01)
+        assert nonce, "the audit never planted its canaries"
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert not [n for n in os.listdir("/var/tmp") if n.startswith(f"sandbox-audit-{nonce}-")]
+    assert {p.name for p in root.iterdir()} == {USER}
+    assert [p.name for p in (root / USER).iterdir()] == []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as fh:
+                    assert f"--audit-nonce={nonce}".encode() not in fh.read(), f"decoy {name} left running"
+            except OSError:
+                continue
