@@ -6,13 +6,15 @@ Heavy imports (sandbox_core's orchestrator, anthropic) happen inside commands, s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from cli import output
-from cli.commands import exec_cmd, serve, stats
+from cli.commands import audit_env, bench, completions, config_cmd, exec_cmd, repl, run, serve, stats, workers
+from cli.commands.common import ProfileName
 from cli.state import AppState
 
 app = typer.Typer(
@@ -40,21 +42,30 @@ def main_options(
         Path | None, typer.Option("--config", help="TOML config file.", envvar="SANDBOX_CONFIG")
     ] = None,
     profile: Annotated[
-        str | None, typer.Option("--profile", help="Isolation profile: strict (default) or process.")
+        ProfileName | None, typer.Option("--profile", help="Isolation profile: strict (default) or process.")
     ] = None,
     user: Annotated[str | None, typer.Option("--user", help="User id (default: config, else login name).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output where the output is data.")
+                       ] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Tracebacks and worker stderr.")] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
-    ctx.obj = AppState(config_path=config, profile=profile, user=user, verbose=verbose)
+    ctx.obj = AppState(
+        config_path=config,
+        profile=profile.value if profile is not None else None,
+        user=user,
+        verbose=verbose,
+        json=as_json,
+    )
 
 
-exec_cmd.register(app)
-stats.register(app)
-serve.register(app)
+for command in (run, exec_cmd, repl, audit_env, workers, stats, config_cmd, bench, serve, completions):
+    command.register(app)
 
 
 def main() -> None:
+    if os.environ.get(completions.COMPLETE_VAR):
+        completions.activate()
     app()

@@ -1,10 +1,15 @@
-"""One way to print and one way to fail: consoles that respect NO_COLOR and pipes, exit codes."""
+"""One way to print and one way to fail: consoles that respect NO_COLOR and pipes, exit codes.
+
+Colour needs a terminal and no ``NO_COLOR``; live redraws (spinners, progress bars) need
+a terminal that is not ``TERM=dumb``. Piped output gets neither: plain text only.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn, TextIO
 
 import typer
 from rich.console import Console
@@ -16,43 +21,77 @@ EXIT_TIMEOUT = 124
 EXIT_SANDBOX = 125
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
+EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 success, 1 failure, 2 usage error, 124 timeout, 125 sandbox failure "
-    "(could not start or isolate), 126 command not executable, 127 command not found; "
-    "`exec` passes through the command's own code."
+    "(could not start or isolate), 126 command not executable, 127 command not found, "
+    "130 interrupted (Ctrl-C); `exec` passes through the command's own code."
 )
 
 
-def _color_allowed(stream: object) -> bool:
-    if os.environ.get("NO_COLOR"):
-        return False
+def is_tty(stream: object) -> bool:
     isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty())
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # a closed stream
+        return False
 
 
-def console(stderr: bool = False) -> Console:
-    """A rich console: colour and live redraws only on a terminal without NO_COLOR."""
-    stream = sys.stderr if stderr else sys.stdout
-    tty = _color_allowed(stream)
+def color_allowed(stream: object) -> bool:
+    return is_tty(stream) and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def console(stderr: bool = False, stream: TextIO | None = None) -> Console:
+    """A rich console for stdout (or stderr): colour and live redraws only where allowed."""
+    out = stream if stream is not None else (sys.stderr if stderr else sys.stdout)
+    tty = is_tty(out)
+    color = color_allowed(out)
     return Console(
-        file=stream,
-        no_color=not tty,
-        color_system="auto" if tty else None,
+        file=out,
         force_terminal=tty,
+        force_interactive=tty and os.environ.get("TERM") != "dumb",
+        no_color=not color,
+        color_system="auto" if color else None,
         highlight=False,
         soft_wrap=not tty,
+        emoji=False,
     )
 
 
+def print_json(obj: Any) -> None:
+    """Pretty JSON on stdout (paths and other objects as strings)."""
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def json_line(obj: Any) -> None:
+    """One compact JSON object per line on stdout (NDJSON), flushed at once."""
+    sys.stdout.write(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.flush()
+
+
 def warn(message: str) -> None:
-    console(stderr=True).print(f"[bold yellow]warning:[/] {message}")
+    warn_to(console(stderr=True), message)
+
+
+def warn_to(err: Console, message: str) -> None:
+    from rich.text import Text
+
+    err.print(Text.assemble(("warning: ", "bold yellow"), message))
+
+
+def error(message: str, *, hint: str | None = None, err: Console | None = None) -> None:
+    """Print one red line (and a dim hint) without exiting (the REPL keeps going)."""
+    from rich.text import Text
+
+    out = err if err is not None else console(stderr=True)
+    out.print(Text.assemble(("error: ", "bold red"), (message, "red")))
+    if hint:
+        out.print(Text.assemble(("hint: ", "dim"), hint))
 
 
 def fail(message: str, *, hint: str | None = None, code: int = EXIT_FAILURE) -> NoReturn:
     """Print one red line (and a hint) to stderr and exit with ``code``."""
-    err = console(stderr=True)
-    err.print(f"[bold red]error:[/] {message}", markup=True)
-    if hint:
-        err.print(f"[dim]hint:[/] {hint}")
+    error(message, hint=hint)
     raise typer.Exit(code)

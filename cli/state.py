@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sandbox_core.config import LoadedConfig
+    from sandbox_core.config import LoadedConfig, ProcessSandboxConfig
 
 
 @dataclass
@@ -21,6 +21,7 @@ class AppState:
     profile: str | None = None
     user: str | None = None
     verbose: bool = False
+    json: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     _loaded: LoadedConfig | None = None
 
@@ -33,6 +34,22 @@ class AppState:
                 overrides["profile"] = self.profile
             self._loaded = load_config(self.config_path, overrides=overrides)
         return self._loaded
+
+    def set_override(self, key: str, value: Any) -> None:
+        """Set a dotted config key as a flag (``model.provider``); the config reloads on next use."""
+        if value is None:
+            self.overrides.pop(key, None)
+        else:
+            self.overrides[key] = value
+        self.reload()
+
+    def reload(self) -> None:
+        """Forget the loaded config (after a change of flags)."""
+        self._loaded = None
+
+    def json_output(self, flag: bool = False) -> bool:
+        """A command's ``--json`` or the global one."""
+        return flag or self.json
 
     def user_id(self, explicit: str | None = None) -> str:
         """``--user``, else the config's default user, else the login name."""
@@ -48,3 +65,11 @@ class AppState:
         except (KeyError, OSError):
             name = f"uid{os.getuid()}"
         return re.sub(r"[^A-Za-z0-9_.@-]", "_", name) or "default"
+
+
+def effective_provider(config: ProcessSandboxConfig) -> str:
+    """The provider ``auto`` resolves to: ``anthropic`` with an API key, else ``offline``."""
+    provider = config.model.provider
+    if provider == "auto":
+        return "anthropic" if config.model.api_key else "offline"
+    return provider

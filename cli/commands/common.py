@@ -1,7 +1,8 @@
-"""Helpers shared by commands: the effective config with command-level flags applied."""
+"""Helpers shared by commands: the app state, the effective config with command flags applied."""
 
 from __future__ import annotations
 
+import enum
 from typing import TYPE_CHECKING
 
 import typer
@@ -12,27 +13,53 @@ from cli.state import AppState
 if TYPE_CHECKING:
     from sandbox_core.config import ProcessSandboxConfig
 
+PROCESS_WARNING = (
+    "profile 'process' is weaker than 'strict': no namespaces, seccomp or landlock; "
+    "the agent can read any file this user can and reach the network"
+)
+
+
+class ProfileName(enum.StrEnum):
+    strict = "strict"
+    process = "process"
+
+
+class ProviderName(enum.StrEnum):
+    auto = "auto"
+    anthropic = "anthropic"
+    offline = "offline"
+
 
 def state_of(ctx: typer.Context) -> AppState:
     obj = ctx.find_root().obj
     return obj if isinstance(obj, AppState) else AppState()
 
 
-def effective_config(state: AppState, profile: str | None = None, **changes: object) -> ProcessSandboxConfig:
+def effective_config(
+    state: AppState, profile: str | None = None, *, warn: bool = True, **changes: object
+) -> ProcessSandboxConfig:
     """Load the config (global flags), apply command flags; warn loudly for ``process``."""
     from sandbox_core.errors import ConfigError
 
-    if profile is not None:
-        state.profile = profile
+    if profile is not None and str(profile) != state.profile:
+        state.profile = str(profile)
+        state.reload()
     try:
         config = state.loaded().config
         if changes:
             config = config.replace(**changes)
     except ConfigError as exc:
         output.fail(str(exc), hint="check your config file, SANDBOX_* variables and flags", code=output.EXIT_USAGE)
-    if config.profile == "process":
-        output.warn(
-            "profile 'process' is weaker than 'strict': no namespaces, seccomp or landlock; "
-            "the agent can read any file this user can and reach the network"
-        )
+    if warn and config.profile == "process":
+        output.warn(PROCESS_WARNING)
     return config
+
+
+def require_model_key(config: ProcessSandboxConfig) -> None:
+    """Fail early, with the fix, when the ``anthropic`` provider has no API key on the host."""
+    if config.model.provider == "anthropic" and not config.model.api_key:
+        output.fail(
+            "provider 'anthropic' needs an API key on the host",
+            hint="set ANTHROPIC_API_KEY (or model.api_key in the config file), or use --provider offline",
+            code=output.EXIT_USAGE,
+        )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cli import output
-from cli.commands.common import effective_config, state_of
+from cli.commands.common import ProfileName, effective_config, state_of
 from cli.runtime import run_job
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ def exec_command(
     command: Annotated[list[str], typer.Argument(help="The command and its arguments (after --).")],
     user: Annotated[str | None, typer.Option("--user", help="User id whose workspace to use.")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds before the command is killed.")] = None,
-    profile: Annotated[str | None, typer.Option("--profile", help="strict or process.")] = None,
+    profile: Annotated[ProfileName | None, typer.Option("--profile", help="Isolation profile.")] = None,
     shell: Annotated[bool, typer.Option("--shell", help="Run COMMAND as one /bin/sh -c string.")] = False,
 ) -> None:
     """Run COMMAND in the user's sandboxed workspace.

@@ -16,59 +16,61 @@ def test_help_is_instant_and_documents_exit_codes(run_cli: Run) -> None:
     probe = (
         "import sys; from typer.testing import CliRunner; from cli.app import app; "
         "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; "
-        "print(sorted(m for m in ('sandbox_core.orchestrator', 'anthropic', 'sandbox_core.worker') "
+        "print(sorted(m for m in ('sandbox_core.orchestrator', 'anthropic', 'sandbox_core.worker', "
+        "'prompt_toolkit', 'cli.render') "
         "if m in sys.modules))"
     )
     heavy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert heavy.stdout.strip() == "[]"
 
 
-def test_exec_streams_and_passes_exit_code(run_cli: Run) -> None:
-    result = run_cli("--profile", "process", "exec", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
+def test_exec_streams_and_passes_exit_code(run_cli: Run, profile: str) -> None:
+    result = run_cli("exec", "--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert result.returncode == 7
     assert result.stdout == "out\n"
     assert "err\n" in result.stderr
-    assert "weaker than 'strict'" in result.stderr  # process profile warns visibly
+    if profile == "process":
+        assert "weaker than 'strict'" in result.stderr  # the process profile warns visibly
     assert "\x1b[" not in result.stdout + result.stderr  # piped: no ANSI codes
 
 
 def test_exec_forwards_stdin(run_cli: Run) -> None:
-    result = run_cli("--profile", "process", "exec", "--", "cat", input="x\n")
+    result = run_cli("exec", "--", "cat", input="x\n")
     assert result.returncode == 0 and result.stdout == "x\n"
 
 
 def test_exec_timeout_exits_124(run_cli: Run) -> None:
-    result = run_cli("--profile", "process", "exec", "--timeout", "0.5", "--", "sleep", "30")
+    result = run_cli("exec", "--timeout", "0.5", "--", "sleep", "30")
     assert result.returncode == 124
     assert "timed out" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_exec_missing_command_exits_127(run_cli: Run) -> None:
-    result = run_cli("--profile", "process", "exec", "--", "no-such-command-xyz")
+    result = run_cli("exec", "--", "no-such-command-xyz")
     assert result.returncode == 127
     assert "command not found" in result.stderr
 
 
 def test_exec_env_hides_host_variables(run_cli: Run) -> None:
-    result = run_cli("--profile", "process", "exec", "--", "env", env={"DATABASE_PASSWORD": "pg-secret-1"})
+    result = run_cli("exec", "--", "env", env={"DATABASE_PASSWORD": "pg-secret-1"})
     assert result.returncode == 0
     assert "pg-secret-1" not in result.stdout and "HOME=" in result.stdout
 
 
 def test_bad_config_value_is_a_usage_error(run_cli: Run) -> None:
-    result = run_cli("--profile", "process", "exec", "--", "true", env={"SANDBOX_MAX_WORKERS": "lots"})
+    result = run_cli("exec", "--", "true", env={"SANDBOX_MAX_WORKERS": "lots"})
     assert result.returncode == 2
     assert "max_workers" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_bad_user_is_a_usage_error(run_cli: Run) -> None:
-    result = run_cli("--profile", "process", "--user", "../etc", "exec", "--", "true")
+    result = run_cli("--user", "../etc", "exec", "--", "true")
     assert result.returncode == 2 and "user_id" in result.stderr
 
 
-def test_stats_json_after_self_check(run_cli: Run) -> None:
-    result = run_cli("--profile", "process", "stats", "--json")
+def test_stats_json_after_self_check(run_cli: Run, profile: str) -> None:
+    result = run_cli("stats", "--json")
     assert result.returncode == 0, result.stderr
     stats = json.loads(result.stdout)
-    assert stats["requests"]["ok"] == 2 and stats["profile"] == "process"
+    assert stats["requests"]["ok"] == 2 and stats["profile"] == profile
     assert stats["spawn_latency_ms"]["count"] >= 1

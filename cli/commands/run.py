@@ -1,0 +1,94 @@
+"""``sandbox run``: one prompt to the Claude agent in the user's sandbox, streamed as it happens."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from cli import output
+from cli.commands.common import ProfileName, ProviderName, effective_config, require_model_key, state_of
+from cli.runtime import run_job
+
+if TYPE_CHECKING:
+    from sandbox_core.orchestrator import SandboxOrchestrator
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt argument, or all of stdin for ``-``."""
+    if prompt != "-":
+        return prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        output.fail("PROMPT is '-' but stdin is a terminal", hint="pipe the prompt in: echo 'run: ls' | sandbox run -",
+                    code=output.EXIT_USAGE)
+    return sys.stdin.read()
+
+
+def run_command(
+    ctx: typer.Context,
+    prompt: Annotated[str, typer.Argument(help="The prompt; '-' reads it from stdin.", show_default=False)],
+    user: Annotated[str | None, typer.Option("--user", help="User id whose workspace and worker to use.")] = None,
+    provider: Annotated[
+        ProviderName | None, typer.Option("--provider", help="Model provider (default: config; auto = anthropic "
+                                          "with an API key, else offline).")
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model name (default: config).")] = None,
+    max_turns: Annotated[int | None, typer.Option("--max-turns", min=1, help="Model turns before stopping.")] = None,
+    system: Annotated[str | None, typer.Option("--system", help="System prompt.")] = None,
+    timeout: Annotated[float | None, typer.Option("--timeout", min=0.001, help="Seconds before the run is killed.")
+                       ] = None,
+    profile: Annotated[ProfileName | None, typer.Option("--profile", help="Isolation profile.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one event per line (NDJSON).")] = False,
+) -> None:
+    """Run the Claude agent on PROMPT inside the sandbox and stream what it does.
+
+    Assistant text streams as it arrives; each tool call is a panel (command or file, truncated
+    output, status); a closing line gives turns, tokens, duration, worker and profile. With
+    --json every event is one JSON object per line. Exit code 0 on success.
+    """
+    state = state_of(ctx)
+    if provider is not None:
+        state.set_override("model.provider", provider.value)
+    if model is not None:
+        state.set_override("model.model", model)
+    text = read_prompt(prompt)
+    if not text.strip():
+        output.fail("the prompt is empty", code=output.EXIT_USAGE)
+    config = effective_config(state, profile, min_idle=0)
+    require_model_key(config)
+    user_id = state.user_id(user)
+    json_mode = state.json_output(as_json)
+
+    async def job(orchestrator: SandboxOrchestrator) -> int:
+        from cli.render import JsonRenderer, RichRenderer, drive
+        from cli.runtime import exit_code_for
+        from sandbox_core.errors import SandboxError
+        from sandbox_core.requests import AgentRequest
+
+        request = AgentRequest(
+            prompt=text,
+            system=system,
+            model=config.model.model,
+            max_turns=max_turns if max_turns is not None else config.model.max_turns,
+            max_tokens=config.model.max_tokens,
+            conversation_id=f"run-{secrets.token_hex(4)}",
+            timeout=timeout,
+        )
+        renderer = JsonRenderer() if json_mode else RichRenderer(output.console())
+        try:
+            outcome = await drive(orchestrator, user_id, request, renderer)
+        except SandboxError as exc:
+            if json_mode:
+                JsonRenderer.error(str(exc), exit_code_for(exc))
+            raise
+        if outcome.exit_code != output.EXIT_OK and outcome.error and json_mode:
+            output.error(outcome.error)  # the rich renderer has shown it already
+        return outcome.exit_code
+
+    raise typer.Exit(run_job(config, job, verbose=state.verbose))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("run", epilog=output.EXIT_CODES_HELP)(run_command)

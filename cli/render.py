@@ -1,0 +1,354 @@
+"""Rendering a request's event stream: rich for people (``run``, the REPL), NDJSON for scripts.
+
+The rich renderer streams assistant text as it arrives, shows each tool call as a compact
+panel (command or file, truncated output, status) and ends with one summary line (turns,
+tokens, duration, worker, profile). Everything that came from inside the sandbox is shown
+with its control characters made visible, so a command or a prompt-injected agent cannot
+drive the operator's terminal with escape sequences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.text import Text
+
+from cli import output
+
+if TYPE_CHECKING:
+    from rich.status import Status
+
+    from sandbox_core.events import Event
+    from sandbox_core.orchestrator import SandboxOrchestrator
+    from sandbox_core.requests import Request
+
+PANEL_HEAD_LINES = 8
+"""Output lines shown from the start of a tool's output."""
+PANEL_TAIL_LINES = 4
+"""Output lines shown from its end (errors usually are there)."""
+PANEL_LINE_CHARS = 400
+HEADER_LINES = 3
+"""Lines of a multi-line command shown in a panel's header."""
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """``text`` safe for a terminal: CR/LF normalised, other control characters as ``^X``."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+
+    def caret(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        if code == 0x7F:
+            return "^?"
+        if code < 0x20:
+            return "^" + chr(code + 64)
+        return f"\\x{code:02x}"
+
+    return _CONTROL.sub(caret, text)
+
+
+@dataclass
+class Outcome:
+    """What a rendered request came to: its exit code, an error, the ``done`` data."""
+
+    method: str = ""
+    exit_code: int = output.EXIT_OK
+    error: str | None = None
+    done: dict[str, Any] | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def track(self, event: Event) -> None:
+        data = event.data
+        if event.type == "started":
+            self.method = str(data.get("method", ""))
+        elif event.type == "usage":
+            self.input_tokens += _int(data.get("input_tokens"))
+            self.output_tokens += _int(data.get("output_tokens"))
+        elif event.type == "error":
+            self.error = str(data.get("message", "error"))
+            self.exit_code = output.EXIT_FAILURE
+        elif event.type == "done":
+            self.done = dict(data)
+            usage = data.get("usage")
+            if isinstance(usage, dict) and ("input_tokens" in usage or "output_tokens" in usage):
+                self.input_tokens = _int(usage.get("input_tokens"))
+                self.output_tokens = _int(usage.get("output_tokens"))
+            if "exit_code" in data:
+                self.exit_code = _int(data.get("exit_code"), output.EXIT_FAILURE)
+            elif data.get("stop_reason") == "error" or data.get("error"):
+                self.exit_code = output.EXIT_FAILURE
+                self.error = self.error or str(data.get("error") or "the agent stopped on an error")
+
+
+def _int(value: Any, default: int = 0) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+class Renderer(Protocol):
+    outcome: Outcome
+
+    def handle(self, event: Event) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonRenderer:
+    """One event per line (NDJSON) on stdout, exactly as the library yields it."""
+
+    def __init__(self) -> None:
+        self.outcome = Outcome()
+
+    def handle(self, event: Event) -> None:
+        self.outcome.track(event)
+        output.json_line(event.to_dict())
+
+    def close(self) -> None:
+        pass
+
+    @staticmethod
+    def error(message: str, code: int) -> None:
+        """The line a script sees when the request failed before ``done``."""
+        output.json_line({"type": "error", "seq": -1, "data": {"message": message, "exit_code": code}})
+
+
+@dataclass
+class _Tool:
+    name: str
+    input: dict[str, Any] = field(default_factory=dict)
+
+
+class RichRenderer:
+    """Streams events to a rich console as they happen (spinner only on an interactive terminal)."""
+
+    def __init__(self, console: Console, *, err: Console | None = None, summary: bool = True) -> None:
+        self.console = console
+        self.err = err if err is not None else output.console(stderr=True)
+        self.outcome = Outcome()
+        self._summary = summary
+        self._status: Status | None = None
+        self._at_line_start = True
+        self._tools: dict[str, _Tool] = {}
+        self._worker = ""
+        self._profile = ""
+
+    # ------------------------------------------------------------------ events
+
+    def handle(self, event: Event) -> None:
+        self.outcome.track(event)
+        data = event.data
+        kind = event.type
+        if kind == "started":
+            self._worker = str(data.get("worker_id", ""))
+            self._profile = str(data.get("profile", ""))
+            self._spin("running" if self.outcome.method == "exec" else "thinking")
+        elif kind == "text":
+            self._write(str(data.get("text", "")))
+        elif kind in ("stdout", "stderr"):
+            self._write(str(data.get("data", "")), style="red" if kind == "stderr" else None)
+        elif kind == "tool_use":
+            self._end_line()
+            raw_input = data.get("input")
+            tool_input = raw_input if isinstance(raw_input, dict) else {"input": raw_input} if raw_input else {}
+            tool = _Tool(str(data.get("name", "tool")), tool_input)
+            self._tools[str(data.get("id", ""))] = tool
+            self._spin(f"{tool.name}: {_one_line(_subject(tool), 60)}")
+        elif kind == "tool_result":
+            self._end_line()
+            tool = self._tools.pop(str(data.get("id", "")), _Tool("tool"))
+            self.console.print(tool_panel(tool.name, tool.input, data))
+            self._spin("thinking")
+        elif kind == "error":
+            self._end_line()
+            output.error(visible(str(data.get("message", "error"))), err=self.err)
+        elif kind == "done":
+            self._end_line()
+            warnings = data.get("warnings")
+            for warning in warnings if isinstance(warnings, list) else [warnings] if warnings else []:
+                output.warn_to(self.err, visible(str(warning)))
+            if self._summary:
+                self.console.print(self.summary_line())
+
+    def close(self) -> None:
+        """Stop the spinner and finish the line; show tool calls that never got a result."""
+        self._unspin()
+        self._end_line()
+        for tool in self._tools.values():
+            self.console.print(tool_panel(tool.name, tool.input, None))
+        self._tools.clear()
+
+    # ------------------------------------------------------------------ pieces
+
+    def summary_line(self) -> Text:
+        o = self.outcome
+        done = o.done or {}
+        ok = o.exit_code == output.EXIT_OK
+        parts: list[str] = []
+        if o.method == "exec" or "exit_code" in done:
+            parts.append(f"exit {done.get('exit_code', '?')}")
+            if "signal" in done:
+                parts.append(f"signal {done['signal']}")
+        else:
+            reason = done.get("stop_reason")
+            if reason:
+                parts.append(str(reason))
+            turns = done.get("turns")
+            if isinstance(turns, int):
+                parts.append(f"{turns} turn" + ("" if turns == 1 else "s"))
+            total = o.input_tokens + o.output_tokens
+            parts.append(f"{total:,} tokens ({o.input_tokens:,} in, {o.output_tokens:,} out)")
+        duration = done.get("duration_s")
+        if isinstance(duration, int | float):
+            parts.append(f"{duration:.2f} s")
+        worker = done.get("worker_id") or self._worker
+        if worker:
+            parts.append(f"worker {worker}")
+        profile = done.get("profile") or self._profile
+        if profile:
+            parts.append(f"profile {profile}")
+        mark = ("✓ ", "green") if ok else ("✗ ", "red")
+        return Text.assemble(mark, (visible(" · ".join(parts)), "dim"))
+
+    def _write(self, text: str, style: str | None = None) -> None:
+        if not text:
+            return
+        self._unspin()
+        self.console.print(Text(visible(text), style=style or ""), end="", soft_wrap=True)
+        self._at_line_start = text.endswith(("\n", "\r"))
+
+    def _end_line(self) -> None:
+        self._unspin()
+        if not self._at_line_start:
+            self.console.print()
+            self._at_line_start = True
+
+    def _spin(self, message: str) -> None:
+        if not self.console.is_interactive or not self._at_line_start:
+            return
+        label = Text(visible(message) + "…", style="dim")
+        if self._status is None:
+            self._status = self.console.status(label, spinner="dots")
+            self._status.start()
+        else:
+            self._status.update(label)
+
+    def _unspin(self) -> None:
+        if self._status is not None:
+            status, self._status = self._status, None
+            with contextlib.suppress(Exception):
+                status.stop()
+
+
+def _subject(tool: _Tool) -> str:
+    """What a tool call is about: the command, the pattern, the file."""
+    inp = tool.input
+    if isinstance(inp.get("command"), str):
+        return str(inp["command"])
+    if isinstance(inp.get("pattern"), str):
+        where = inp.get("path")
+        return str(inp["pattern"]) + (f" in {where}" if isinstance(where, str) else "")
+    for key in ("file_path", "path"):
+        if isinstance(inp.get(key), str):
+            return str(inp[key])
+    if inp.get("restart"):
+        return "restart"
+    return json.dumps(inp, sort_keys=True, default=str) if inp else ""
+
+
+def _one_line(text: str, width: int) -> str:
+    lines = text.strip().splitlines()
+    first = lines[0] if lines else ""
+    if len(lines) > 1 or len(first) > width:
+        return first[: width - 1] + "…"
+    return first
+
+
+def _clip_lines(lines: list[str]) -> list[str]:
+    return [line if len(line) <= PANEL_LINE_CHARS else line[: PANEL_LINE_CHARS - 1] + "…" for line in lines]
+
+
+def _truncated(text: str) -> tuple[list[str], int]:
+    """Head and tail lines of ``text`` and how many were left out between them."""
+    lines = visible(text).rstrip("\n").splitlines()
+    if len(lines) <= PANEL_HEAD_LINES + PANEL_TAIL_LINES:
+        return _clip_lines(lines), 0
+    hidden = len(lines) - PANEL_HEAD_LINES - PANEL_TAIL_LINES
+    return _clip_lines(lines[:PANEL_HEAD_LINES] + lines[-PANEL_TAIL_LINES:]), hidden
+
+
+def tool_panel(name: str, tool_input: dict[str, Any], result: dict[str, Any] | None) -> Panel:
+    """A compact panel for one tool call: what it ran or touched, its output, its status."""
+    tool = _Tool(name, tool_input)
+    subject = visible(_subject(tool))
+    header_lines = subject.splitlines() or [""]
+    header = Text("$ " if name == "bash" and "command" in tool_input else "", style="bold")
+    header.append("\n".join(header_lines[:HEADER_LINES]), style="bold")
+    if len(header_lines) > HEADER_LINES:
+        header.append(f"\n… {len(header_lines) - HEADER_LINES} more lines", style="dim")
+    parts: list[Text] = [header]
+    if result is None:
+        status, colour = "no result (cancelled)", "yellow"
+    else:
+        text = result.get("output")
+        if not isinstance(text, str):
+            text = "" if text is None else json.dumps(text, default=str)
+        shown, hidden = _truncated(text)
+        if shown:
+            body = Text(style="dim")
+            head = shown[:PANEL_HEAD_LINES] if hidden else shown
+            body.append("\n".join(head))
+            if hidden:
+                body.append(f"\n… {hidden} more lines …\n", style="italic")
+                body.append("\n".join(shown[PANEL_HEAD_LINES:]))
+            parts.append(body)
+        failed = bool(result.get("is_error"))
+        code = result.get("exit_code")
+        if isinstance(code, int) and not isinstance(code, bool):
+            status = f"exit {code}"
+            failed = failed or code != 0
+        else:
+            status = "error" if failed else "ok"
+        if result.get("truncated"):
+            status += " · output truncated"
+        colour = "red" if failed else "green"
+    return Panel(
+        Group(*parts),
+        title=Text(visible(name), style="bold"),
+        title_align="left",
+        subtitle=Text(status, style=colour),
+        subtitle_align="right",
+        border_style=colour,
+        padding=(0, 1),
+    )
+
+
+async def drive(
+    orchestrator: SandboxOrchestrator, user_id: str, request: Request, renderer: Renderer
+) -> Outcome:
+    """Stream ``request`` for ``user_id`` into ``renderer``; errors propagate after it closes."""
+    stream = orchestrator.execute_stream(user_id, request)
+    try:
+        async with contextlib.aclosing(stream):
+            async for event in stream:
+                renderer.handle(event)
+    finally:
+        renderer.close()
+    return renderer.outcome
+
+
+def render_events(events: Iterable[Event], renderer: Renderer) -> Outcome:
+    """Feed already collected events to ``renderer`` (tests, replays)."""
+    try:
+        for event in events:
+            renderer.handle(event)
+    finally:
+        renderer.close()
+    return renderer.outcome

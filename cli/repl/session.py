@@ -1,0 +1,223 @@
+"""The REPL's loop and its live pool.
+
+Each input line is a prompt to the agent of the current user (the conversation continues
+across prompts: same worker, same conversation id) or a slash command. The line runs as a
+foreground task; Ctrl-C (SIGINT, the terminal being in cooked mode while a request runs)
+cancels that task, which makes the library cancel the request in the worker (the worker
+kills the running command's process group), and the REPL returns to the prompt. At the
+end (Ctrl-D, /quit, end of piped input) the pool is shut down: no worker process is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import sys
+import traceback
+from collections.abc import Callable, Coroutine, Iterator
+from typing import TYPE_CHECKING, Any
+
+from cli import output
+from cli.render import RichRenderer, drive
+from cli.runtime import report
+from cli.state import AppState, effective_provider
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from sandbox_core.config import ProcessSandboxConfig
+    from sandbox_core.orchestrator import SandboxOrchestrator
+
+
+class UsageError(Exception):
+    """A slash command was given arguments it cannot use (shown as one line)."""
+
+
+@contextlib.contextmanager
+def sigint_calls(callback: Callable[[], None]) -> Iterator[None]:
+    """While inside, SIGINT calls ``callback`` in the event loop (and the old handler is restored)."""
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        loop.add_signal_handler(signal.SIGINT, callback)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+class Repl:
+    """One REPL session: the current user, provider and model, and the pool it talks to."""
+
+    def __init__(self, state: AppState, console: Console, user_id: str) -> None:
+        self.state = state
+        self.console = console
+        self.user_id = user_id
+        self.model = self.config.model.model
+        self.pool: SandboxOrchestrator | None = None
+        self.conversations: dict[str, str] = {}
+        self.users: set[str] = {user_id}
+        self.done = False
+
+    # ------------------------------------------------------------------ config, pool
+
+    @property
+    def config(self) -> ProcessSandboxConfig:
+        return self.state.loaded().config
+
+    @property
+    def provider(self) -> str:
+        return effective_provider(self.config)
+
+    def live_pool(self) -> SandboxOrchestrator:
+        if self.pool is None:
+            raise RuntimeError("the pool is not running")
+        return self.pool
+
+    async def open_pool(self) -> None:
+        from sandbox_core.orchestrator import SandboxOrchestrator
+
+        self.pool = SandboxOrchestrator(self.config)
+        await self.pool.start()
+
+    async def close_pool(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            await pool.shutdown()
+
+    async def restart_pool(self) -> None:
+        """A new pool from the current config (conversations start over)."""
+        await asyncio.shield(self.close_pool())
+        self.conversations.clear()
+        await self.open_pool()
+
+    def conversation(self) -> str:
+        """The current user's conversation id (one per user for the life of the session)."""
+        return self.conversations.setdefault(self.user_id, f"repl-{secrets.token_hex(6)}")
+
+    # ------------------------------------------------------------------ loop
+
+    async def run(self, interactive: bool) -> int:
+        """Serve input until Ctrl-D, /quit or end of input; always shut the pool down."""
+        await self.open_pool()
+        try:
+            if interactive:
+                await self._serve_terminal()
+            else:
+                await self._serve_lines()
+        finally:
+            workers = len(self.pool.list_workers()) if self.pool is not None else 0
+            if interactive:
+                self.console.print(f"stopping {workers} worker(s)…", style="dim")
+            await asyncio.shield(self.close_pool())
+        return output.EXIT_OK
+
+    async def _serve_terminal(self) -> None:
+        from cli.repl.prompt import build_session, prompt_message
+
+        session = build_session(self)
+        self.banner()
+        while not self.done:
+            try:
+                line = await session.prompt_async(prompt_message(self))
+            except KeyboardInterrupt:  # Ctrl-C at an empty prompt (a non-empty line is just cleared)
+                self.console.print("(Ctrl-D or /quit exits)", style="dim")
+                continue
+            except EOFError:
+                break
+            await self.handle(line)
+
+    async def _serve_lines(self) -> None:
+        """Piped input: one line at a time, no prompt, no line editing."""
+        while not self.done:
+            line = await asyncio.to_thread(sys.stdin.readline)
+            if not line:
+                break
+            await self.handle(line)
+
+    def banner(self) -> None:
+        self.console.print(
+            f"sandbox repl · user {self.user_id} · provider {self.provider} · model {self.model} · "
+            f"profile {self.config.profile}", style="bold", markup=False,
+        )
+        self.console.print("Type a prompt for the agent, /help for commands, Esc+Enter (Alt+Enter) for a new "
+                           "line, Ctrl-C to cancel, Ctrl-D to exit.", style="dim", markup=False)
+
+    async def handle(self, line: str) -> None:
+        """Run one input line in the foreground."""
+        from cli.repl import slash
+
+        text = line.strip()
+        if not text:
+            return
+        if text.startswith("//"):
+            await self.foreground(self.ask(text[1:]))
+        elif text.startswith("/"):
+            await self.foreground(slash.dispatch(self, text))
+        else:
+            await self.foreground(self.ask(text))
+
+    async def foreground(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` until it ends or Ctrl-C cancels it; errors become one line, never a traceback."""
+        from sandbox_core.errors import SandboxError
+
+        task = asyncio.create_task(work)
+        interrupted = False
+
+        def interrupt() -> None:
+            nonlocal interrupted
+            if interrupted:  # a second Ctrl-C must not break the cancellation's own cleanup
+                return
+            interrupted = True
+            task.cancel()
+
+        try:
+            with sigint_calls(interrupt):
+                await task
+        except asyncio.CancelledError:
+            if not interrupted:
+                raise
+            self.console.print("^C cancelled", style="yellow")
+        except SandboxError as exc:
+            report(exc, verbose=self.state.verbose, err=self.console)
+        except UsageError as exc:
+            output.error(str(exc), err=self.console)
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the session
+            if self.state.verbose:
+                self.console.print("".join(traceback.format_exception(exc)), markup=False)
+            output.error(f"unexpected {type(exc).__name__}: {exc}", hint="rerun with -v for the traceback",
+                         err=self.console)
+
+    # ------------------------------------------------------------------ requests
+
+    async def ask(self, prompt: str) -> None:
+        """Send ``prompt`` to the current user's agent and stream the answer."""
+        from sandbox_core.requests import AgentRequest
+
+        config = self.config
+        if config.model.provider == "anthropic" and not config.model.api_key:
+            output.error("provider 'anthropic' needs an API key on the host",
+                         hint="set ANTHROPIC_API_KEY (or model.api_key in the config) and restart, "
+                              "or /provider offline", err=self.console)
+            return
+        request = AgentRequest(
+            prompt=prompt,
+            model=self.model,
+            max_turns=config.model.max_turns,
+            max_tokens=config.model.max_tokens,
+            conversation_id=self.conversation(),
+        )
+        await drive(self.live_pool(), self.user_id, request, RichRenderer(self.console, err=self.console))
+
+    async def exec(self, command: str) -> None:
+        from sandbox_core.requests import ExecRequest
+
+        request = ExecRequest(shell=command)
+        await drive(self.live_pool(), self.user_id, request, RichRenderer(self.console, err=self.console))

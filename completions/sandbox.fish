@@ -1,0 +1,1 @@
+complete --command sandbox --no-files --arguments "(env _SANDBOX_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) sandbox)" --condition "env _SANDBOX_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) sandbox"

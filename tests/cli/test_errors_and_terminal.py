@@ -1,0 +1,81 @@
+"""Expected failures print one red line and a hint (a traceback only with -v); colour rules."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pexpect
+import pytest
+import typer
+
+from cli.runtime import exit_code_for, hint_for, run_job
+from sandbox_core import errors
+from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.orchestrator import SandboxOrchestrator
+from tests.cli.conftest import SANDBOX, Run, assert_plain
+
+COLOUR = re.compile(r"\x1b\[[0-9;]*(3[0-7]|9[0-7]|38;[25];[0-9;]+)m")
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "hint"),
+    [
+        (errors.RequestTimeout("exec timed out after 1s and was killed"), 124, "--timeout"),
+        (errors.IsolationUnavailable("bwrap not found"), 125, "install bubblewrap"),
+        (errors.CircuitOpen("workers failed to start 3 times in a row"), 125, "circuit_reset"),
+        (errors.WorkerCrashed("worker w1 exited (killed by signal 9)"), 125, "-v"),
+        (errors.PoolExhausted("no worker free for 'a' within 10s"), 1, "max_workers"),
+        (errors.ConfigError("max_workers", "must be > 0"), 2, "config"),
+        (errors.GatewayError("the anthropic provider needs an API key", data={"reason": "no_api_key"}), 1,
+         "ANTHROPIC_API_KEY"),
+    ],
+)
+def test_each_error_becomes_one_line_a_hint_and_its_code(
+    error: errors.SandboxError, code: int, hint: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert exit_code_for(error) == code
+    assert hint in (hint_for(error) or "")
+
+    async def job(pool: SandboxOrchestrator) -> None:
+        raise error
+
+    config = ProcessSandboxConfig(profile="process", workspace_root=tmp_path, min_idle=0)
+    with pytest.raises(typer.Exit) as exit_info:
+        run_job(config, job)
+    assert exit_info.value.exit_code == code
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"error: {error}" and err[1].startswith("hint: ") and len(err) == 2
+
+    with pytest.raises(typer.Exit):
+        run_job(config, job, verbose=True)
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_isolation_unavailable_fails_closed_with_a_hint(run_cli: Run) -> None:
+    env = {"SANDBOX_STRICT__BWRAP": "/nonexistent/bwrap"}
+    result = run_cli("--profile", "strict", "exec", "--", "true", env=env)
+    assert result.returncode == 125, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and lines[1].startswith("hint: ") and len(lines) == 2
+    assert "Traceback" not in result.stderr
+    verbose = run_cli("-v", "--profile", "strict", "exec", "--", "true", env=env)
+    assert verbose.returncode == 125 and "Traceback" in verbose.stderr
+
+
+def _tty_output(args: list[str], env: dict[str, str]) -> str:
+    child = pexpect.spawn(SANDBOX, args, env=env, encoding="utf-8", dimensions=(40, 140), timeout=30)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    return str(child.before)
+
+
+def test_colour_only_on_a_terminal_without_no_color(cli_env: dict[str, str], run_cli: Run) -> None:
+    env = {**cli_env, "TERM": "xterm-256color", "SANDBOX_MAX_WORKERS": "3"}
+    args = ["config", "show"]
+    assert COLOUR.search(_tty_output(args, env))
+    no_color = _tty_output(args, {**env, "NO_COLOR": "1"})
+    assert not COLOUR.search(no_color) and "max_workers" in no_color
+    piped = run_cli(*args, env={"SANDBOX_MAX_WORKERS": "3"})
+    assert_plain(piped.stdout + piped.stderr)
