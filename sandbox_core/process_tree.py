@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import time
 
 
 def session_members(sid: int) -> list[int]:
@@ -35,17 +36,27 @@ def _stat_fields(pid: str) -> list[bytes] | None:
     return stat[stat.rfind(b")") + 2 :].split()
 
 
-def descendants(root: int) -> list[int]:
-    """Pids below ``root`` in the process tree (children, grandchildren, ...)."""
+def boot_ticks() -> int:
+    """Now, in the clock ticks since boot that /proc/PID/stat uses for start times."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def descendants(root: int, started_since: int | None = None) -> list[int]:
+    """Pids below ``root`` in the process tree, optionally only those started at or after
+    ``started_since`` (boot ticks, see :func:`boot_ticks`)."""
     children: dict[int, list[int]] = {}
+    started: dict[int, int] = {}
     for name in os.listdir("/proc"):
-        if name.isdigit() and (fields := _stat_fields(name)) is not None and len(fields) > 1:
+        fields = _stat_fields(name) if name.isdigit() else None
+        if fields is not None and len(fields) > 19:
             children.setdefault(int(fields[1]), []).append(int(name))
+            started[int(name)] = int(fields[19])
     out: list[int] = []
     stack = [root]
     while stack:
         for child in children.get(stack.pop(), []):
-            out.append(child)
+            if started_since is None or started.get(child, 0) >= started_since:
+                out.append(child)
             stack.append(child)
     return out
 

@@ -17,6 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from sandbox_core.errors import ProtocolError
+from sandbox_core.process_tree import boot_ticks, descendants
 
 if TYPE_CHECKING:
     from sandbox_core.worker_main import RequestContext
@@ -43,6 +44,35 @@ def kill_group(pgid: int) -> None:
     """SIGKILL a process group, ignoring one that is already gone."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
+
+
+class _ExitWatch(asyncio.subprocess.SubprocessStreamProtocol):
+    """The stream protocol, plus a future that resolves when the process exits."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=_READ, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+def kill_strays(since: int) -> None:
+    """Kill what a request left behind outside its process group (``setsid``, double fork).
+
+    The worker is a child subreaper, so such orphans are re-parented to it and stay its
+    descendants; every descendant started since the request began dies, and the ones
+    re-parented to us are reaped.
+    """
+    strays = descendants(os.getpid(), started_since=since)
+    for pid in strays:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in strays:
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
 
 
 async def _pump(stream: asyncio.StreamReader, ctx: RequestContext, kind: str) -> None:
@@ -72,8 +102,11 @@ async def run_command(ctx: RequestContext, params: dict[str, Any]) -> dict[str, 
     stdin_b64 = params.get("stdin_b64")
     data = base64.b64decode(stdin_b64) if isinstance(stdin_b64, str) else None
     started = time.monotonic()
+    since = boot_ticks()
+    loop = asyncio.get_running_loop()
     try:
-        proc = await asyncio.create_subprocess_exec(
+        transport, protocol = await loop.subprocess_exec(
+            lambda: _ExitWatch(loop),
             *argv,
             stdin=asyncio.subprocess.PIPE if data is not None else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -87,6 +120,7 @@ async def run_command(ctx: RequestContext, params: dict[str, Any]) -> dict[str, 
     except PermissionError:
         await ctx.emit("stderr", {"data": f"{argv[0]}: permission denied\n"})
         return {"exit_code": NOT_EXECUTABLE, "duration_s": 0.0}
+    proc = asyncio.subprocess.Process(transport, protocol, loop)
     assert proc.stdout is not None and proc.stderr is not None
     pumps = [
         asyncio.create_task(_pump(proc.stdout, ctx, "stdout")),
@@ -94,18 +128,24 @@ async def run_command(ctx: RequestContext, params: dict[str, Any]) -> dict[str, 
         asyncio.create_task(_feed(proc, data)),
     ]
     try:
-        returncode = await proc.wait()
+        await protocol.exited  # not proc.wait(): on 3.11 that also waits for every pipe to close
+        returncode = transport.get_returncode()
         kill_group(proc.pid)  # background children must not outlive the request
+        kill_strays(since)
         _done, pending = await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
         for task in pending:  # a process that left the group still holds the pipe
             task.cancel()
     except BaseException:
         kill_group(proc.pid)
+        kill_strays(since)
         for task in pumps:
             task.cancel()
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(proc.wait())
+        transport.close()
         raise
+    finally:
+        if transport.get_returncode() is not None:
+            transport.close()
+    assert returncode is not None
     result: dict[str, Any] = {"duration_s": round(time.monotonic() - started, 6)}
     if returncode < 0:
         result["signal"] = -returncode

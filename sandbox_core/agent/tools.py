@@ -37,7 +37,8 @@ from anthropic.lib.tools.agent_toolset import (
 )
 from anthropic.types.beta import BetaManagedAgentsAgentToolset20260401BashInput
 
-from sandbox_core.runner import kill_group
+from sandbox_core.process_tree import boot_ticks
+from sandbox_core.runner import kill_group, kill_strays
 
 TOOL_NAMES = ("bash", "read", "write", "edit", "glob", "grep")
 OUTPUT_LIMIT = 100 * 1024
@@ -55,6 +56,10 @@ def shell_env(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+_CLOSE_WAIT = 5.0
+"""Seconds close() waits for the killed shell's pipes to close."""
+
+
 class WorkspaceShell:
     """A persistent bash in the workspace; cwd, variables and functions survive between commands."""
 
@@ -63,10 +68,12 @@ class WorkspaceShell:
         self._env = dict(env)
         self._proc: asyncio.subprocess.Process | None = None
         self.pgid: int | None = None
+        self._since = boot_ticks()
 
     async def _ensure(self) -> asyncio.subprocess.Process:
         if self._proc is None or self._proc.returncode is not None:
             await self.close()
+            self._since = boot_ticks()
             self._proc = await asyncio.create_subprocess_exec(
                 SHELL, *(["--noprofile", "--norc"] if SHELL.endswith("bash") else []),
                 stdin=asyncio.subprocess.PIPE,
@@ -122,13 +129,15 @@ class WorkspaceShell:
         proc, self._proc = self._proc, None
         if self.pgid is not None:
             kill_group(self.pgid)
+        kill_strays(self._since)  # what left the group (setsid) still holds our pipe
         if proc is not None:
             if proc.stdin is not None:
                 proc.stdin.close()
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-            await asyncio.shield(proc.wait())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.shield(asyncio.wait_for(proc.wait(), _CLOSE_WAIT))
 
 
 def _clip(text: str, truncated: bool) -> str:

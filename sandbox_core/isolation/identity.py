@@ -8,6 +8,7 @@ import os
 from sandbox_core.errors import IsolationUnavailable
 
 _PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def switch_user(uid: int, gid: int) -> None:
@@ -28,3 +29,12 @@ def set_no_new_privs() -> None:
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise IsolationUnavailable(f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(err)}")
+
+
+def become_subreaper() -> None:
+    """Orphans of our descendants are re-parented to us (not to init), so the worker can
+    find and kill what a command left behind after ``setsid`` or a double fork."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise IsolationUnavailable(f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(err)}")

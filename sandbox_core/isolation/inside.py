@@ -36,6 +36,7 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
         identity.switch_user(int(switch["uid"]), int(switch["gid"]))
     _apply_rlimits(plan.get("rlimits") or {})
     os.umask(int(plan.get("umask", 0o077)))
+    identity.become_subreaper()
     if plan.get("no_new_privs"):
         identity.set_no_new_privs()
     layers.update(observe())

@@ -184,3 +184,25 @@ async def test_stop_closes_stdin_and_leaves_nothing(workspace_root: Path) -> Non
     assert worker.state is WorkerState.STOPPED and worker.exit_status == 0
     assert not pid_alive(pid) and not live_session_members(pid)
     await worker.stop()  # idempotent
+
+
+async def test_background_job_holding_stdout_does_not_block_the_answer(workspace_root: Path) -> None:
+    worker = await _bound(workspace_root)
+    try:
+        # the background sleep inherits stdout; the answer must not wait for it (nor time out)
+        result = await worker.execute("exec", ExecRequest(shell="sleep 99 & echo started").params(), timeout=20)
+        assert result.stdout == "started\n" and result.exit_code == 0
+    finally:
+        await worker.stop()
+
+
+async def test_processes_that_leave_the_group_are_killed_too(workspace_root: Path) -> None:
+    worker = await _bound(workspace_root)
+    try:
+        script = "setsid -f sh -c 'echo $$ > stray.pid; exec sleep 300' >/dev/null 2>&1; " \
+                 "while [ ! -s stray.pid ]; do sleep 0.01; done"
+        await worker.execute("exec", ExecRequest(shell=script).params(), timeout=20)
+        stray = int((workspace_root / "u" / "stray.pid").read_text())
+        await wait_for(lambda: not pid_alive(stray), 5, "the setsid escapee to die")
+    finally:
+        await worker.stop()
