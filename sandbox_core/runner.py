@@ -11,6 +11,7 @@ import asyncio
 import base64
 import codecs
 import contextlib
+import functools
 import os
 import signal
 import time
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
 _READ = 64 * 1024
 _DRAIN_AFTER_EXIT = 2.0
+_REAP_WAIT = 1.0
+"""Seconds to wait for killed strays to be reaped (a SIGKILLed process dies at once)."""
 NOT_EXECUTABLE = 126
 NOT_FOUND = 127
 
@@ -59,20 +62,41 @@ class _ExitWatch(asyncio.subprocess.SubprocessStreamProtocol):
             self.exited.set_result(None)
 
 
-def kill_strays(since: int) -> None:
-    """Kill what a request left behind outside its process group (``setsid``, double fork).
+@functools.cache
+def _in_worker() -> bool:
+    from sandbox_core.isolation.identity import is_subreaper
 
-    The worker is a child subreaper, so such orphans are re-parented to it and stay its
-    descendants; every descendant started since the request began dies, and the ones
-    re-parented to us are reaped.
+    return is_subreaper()
+
+
+def kill_strays(since: int, exclude: frozenset[int] = frozenset()) -> None:
+    """Kill what a request started that is still running, wherever it went (``setsid``,
+    double fork), and reap the orphans among them.
+
+    The worker is a child subreaper, so orphans are re-parented to it and stay its
+    descendants; every descendant started since the request began dies. Those that end
+    up as our children are reaped here (asyncio reaps only what it spawned, ``exclude``).
     """
-    strays = descendants(os.getpid(), started_since=since)
+    if not _in_worker():  # only a worker owns all of its descendants (tests run tools in-process)
+        return
+    strays = [pid for pid in descendants(os.getpid(), started_since=since) if pid not in exclude]
     for pid in strays:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    for pid in strays:
-        with contextlib.suppress(ChildProcessError, OSError):
-            os.waitpid(pid, os.WNOHANG)
+    deadline = time.monotonic() + _REAP_WAIT
+    pending = set(strays)
+    while pending and time.monotonic() < deadline:
+        for pid in list(pending):
+            try:
+                done, _status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:  # not (yet) ours: gone, or its parent reaps it
+                if not os.path.exists(f"/proc/{pid}"):
+                    pending.discard(pid)
+                continue
+            if done:
+                pending.discard(pid)
+        if pending:
+            time.sleep(0.002)
 
 
 async def _pump(stream: asyncio.StreamReader, ctx: RequestContext, kind: str) -> None:
@@ -131,13 +155,13 @@ async def run_command(ctx: RequestContext, params: dict[str, Any]) -> dict[str, 
         await protocol.exited  # not proc.wait(): on 3.11 that also waits for every pipe to close
         returncode = transport.get_returncode()
         kill_group(proc.pid)  # background children must not outlive the request
-        kill_strays(since)
+        kill_strays(since, frozenset({proc.pid}))
         _done, pending = await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
         for task in pending:  # a process that left the group still holds the pipe
             task.cancel()
     except BaseException:
         kill_group(proc.pid)
-        kill_strays(since)
+        kill_strays(since, frozenset({proc.pid}))
         for task in pumps:
             task.cancel()
         transport.close()

@@ -129,7 +129,7 @@ class WorkspaceShell:
         proc, self._proc = self._proc, None
         if self.pgid is not None:
             kill_group(self.pgid)
-        kill_strays(self._since)  # what left the group (setsid) still holds our pipe
+        kill_strays(self._since, frozenset({proc.pid}) if proc is not None else frozenset())
         if proc is not None:
             if proc.stdin is not None:
                 proc.stdin.close()
