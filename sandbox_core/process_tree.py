@@ -41,9 +41,50 @@ def boot_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 
 
+def _children(pid: int) -> list[int] | None:
+    """Direct children of ``pid`` from /proc/PID/task/*/children (None if unsupported)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    out: list[int] = []
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as fh:
+                out.extend(int(c) for c in fh.read().split())
+        except FileNotFoundError:
+            return None if tid == tasks[0] and not out else out
+        except OSError:
+            continue
+    return out
+
+
+def _start_time(pid: int) -> int:
+    fields = _stat_fields(str(pid))
+    return int(fields[19]) if fields is not None and len(fields) > 19 else 0
+
+
 def descendants(root: int, started_since: int | None = None) -> list[int]:
     """Pids below ``root`` in the process tree, optionally only those started at or after
-    ``started_since`` (boot ticks, see :func:`boot_ticks`)."""
+    ``started_since`` (boot ticks, see :func:`boot_ticks`).
+
+    Walks /proc/PID/task/*/children (cost grows with the tree, not with the host's process
+    count); falls back to scanning all of /proc where the kernel lacks those files.
+    """
+    out: list[int] = []
+    stack = [root]
+    while stack:
+        kids = _children(stack.pop())
+        if kids is None:
+            return _descendants_by_scan(root, started_since)
+        for child in kids:
+            if started_since is None or _start_time(child) >= started_since:
+                out.append(child)
+            stack.append(child)
+    return out
+
+
+def _descendants_by_scan(root: int, started_since: int | None) -> list[int]:
     children: dict[int, list[int]] = {}
     started: dict[int, int] = {}
     for name in os.listdir("/proc"):
