@@ -286,6 +286,9 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
     fds = _Fds()
     try:
         m = _static_view().copy(fds)
+        # The private /tmp comes first: an interpreter or checkout that lives under /tmp on
+        # the host (a CI clone, say) is then bound on top of it instead of hidden by it.
+        m.args[:0] = ["--perms", "1777", *_tmpfs_size(config), "--tmpfs", "/tmp"]
         passwd, group = _passwd(ident, config.strict.sandbox_user)
         m.data(passwd, "/etc/passwd")
         m.data(group, "/etc/group")
@@ -392,11 +395,15 @@ def _python_view(m: _Mounts) -> None:
         m.args += ["--perms", "0755", "--tmpfs", base_site]  # a venv's base packages stay hidden
 
 
+def _tmpfs_size(config: ProcessSandboxConfig) -> list[str]:
+    return ["--size", str(config.limits.memory_mb * _MB)] if config.limits.memory_mb else []
+
+
 def _sandbox_view(m: _Mounts, config: ProcessSandboxConfig, workspace: Path | None) -> list[str]:
     """Fresh /dev and /proc, private /tmp and /dev/shm, the workspace, extra binds (rw dests)."""
-    size = ["--size", str(config.limits.memory_mb * _MB)] if config.limits.memory_mb else []
+    size = _tmpfs_size(config)
     m.args += ["--dev", "/dev", "--proc", "/proc"]
-    m.args += ["--perms", "1777", *size, "--tmpfs", "/tmp", "--perms", "1777", *size, "--tmpfs", "/dev/shm"]
+    m.args += ["--perms", "1777", *size, "--tmpfs", "/dev/shm"]
     m.made.update({"/dev", "/proc", "/tmp", "/dev/shm"})
     if workspace is not None:
         m.bind(str(workspace.resolve()), WORKSPACE, rw=True)
