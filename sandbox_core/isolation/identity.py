@@ -13,7 +13,12 @@ _PR_GET_CHILD_SUBREAPER = 37
 
 
 def switch_user(uid: int, gid: int) -> None:
-    """Become ``uid``/``gid`` with no supplementary groups, for good (fails closed)."""
+    """Become ``uid``/``gid`` with no supplementary groups and no capabilities, for good.
+
+    First the bounding set is emptied (so nothing exec'd later can ever regain a
+    capability), then the ids change, then the remaining sets are cleared (fails closed).
+    """
+    drop_bounding_set()
     try:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
@@ -22,6 +27,46 @@ def switch_user(uid: int, gid: int) -> None:
         raise IsolationUnavailable(f"cannot switch to uid {uid} gid {gid}: {exc}") from None
     if os.getuid() != uid or os.geteuid() != uid or os.getgid() != gid:
         raise IsolationUnavailable(f"uid switch to {uid} did not take effect")
+    clear_capabilities()
+
+
+_PR_CAPBSET_DROP = 24
+_CAP_LAST_FALLBACK = 63
+
+
+def drop_bounding_set() -> None:
+    """Drop every capability from the bounding set (needs CAP_SETPCAP; bwrap leaves it to us)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as fh:
+            last = int(fh.read())
+    except (OSError, ValueError):
+        last = _CAP_LAST_FALLBACK
+    for cap in range(last + 1):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = ctypes.get_errno()
+            raise IsolationUnavailable(f"cannot drop capability {cap} from the bounding set: {os.strerror(err)}")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+
+
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def clear_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets (lowering needs no privilege)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    if libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise IsolationUnavailable(f"capset (clearing capabilities) failed: {os.strerror(err)}")
 
 
 def set_no_new_privs() -> None:

@@ -435,14 +435,16 @@ def _namespaces(ident: tuple[int, int] | None, version: str) -> tuple[list[str],
     """Namespace and capability options, and the namespace names for the report.
 
     As root: no user namespace (its uid 0 would be the host's root on every bind mount);
-    all capabilities dropped but CAP_SETUID/CAP_SETGID, which the worker spends on its
-    switch to the sandbox user. Not root: a user namespace mapping the caller's uid.
+    all capabilities dropped but CAP_SETUID/CAP_SETGID/CAP_SETPCAP, which the worker spends,
+    before anything else runs, on emptying its bounding set and switching to the sandbox
+    user. Not root: a user namespace mapping the caller's uid.
     """
     args = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     args += ["--hostname", "sandbox", "--cap-drop", "ALL"]
     names = ["mount", "pid", "net", "ipc", "uts", "cgroup"]
     if ident is not None:
-        return [*args, "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"], names
+        caps = ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
+        return [*args, *caps], names
     nested = ["--disable-userns"] if _version_tuple(version) >= (0, 8, 0) else []
     return ["--unshare-user", *nested, *args], ["user", *names]
 

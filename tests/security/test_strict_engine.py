@@ -414,19 +414,22 @@ def test_uid_switch_drops_every_capability(tmp_path: Path) -> None:
     """
     with launched(tmp_path) as spec:
         assert "--unshare-user" not in spec.argv
-        assert spec.argv[spec.argv.index("--cap-drop") : spec.argv.index("--cap-drop") + 6] == [
+        assert spec.argv[spec.argv.index("--cap-drop") : spec.argv.index("--cap-drop") + 8] == [
             "--cap-drop",
             "ALL",
             "--cap-add",
             "CAP_SETUID",
             "--cap-add",
             "CAP_SETGID",
+            "--cap-add",
+            "CAP_SETPCAP",
         ]
         assert spec.plan["switch_user"] == {"uid": 65534, "gid": 65534} and spec.plan["no_new_privs"]
         out = run(spec, code)
     status = {k: v.strip() for k, v in out["status"].items()}
     assert out["ids"] == [[65534] * 3, [65534] * 3, []]
-    assert status["CapEff"] == status["CapPrm"] == status["CapAmb"] == "0000000000000000"
+    assert status["CapEff"] == status["CapPrm"] == status["CapAmb"] == status["CapInh"] == "0000000000000000"
+    assert status["CapBnd"] == "0000000000000000"
     assert status["NoNewPrivs"] == "1"
     assert out["setuid_back"] != "ok" and out["su"] != 0
     report = out["report"]
