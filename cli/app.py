@@ -48,16 +48,31 @@ def main_options(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output where the output is data.")
                        ] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Tracebacks and worker stderr.")] = False,
+    connect: Annotated[
+        str | None,
+        typer.Option("--connect", envvar="SANDBOX_URL", metavar="URL|SOCKET",
+                     help="Use the `sandbox serve` at unix:PATH, a socket path or http://HOST:PORT "
+                          "(run, exec, stats, workers, repl). Default: its socket in the runtime "
+                          "directory if a server answers there, else an in-process pool."),
+    ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Use an in-process pool even when a service is running.")
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
 ) -> None:
+    source = ctx.get_parameter_source("connect")
+    if local and connect and source is not None and source.name == "COMMANDLINE":
+        output.fail("--local and --connect contradict each other", code=output.EXIT_USAGE)
     ctx.obj = AppState(
         config_path=config,
         profile=profile.value if profile is not None else None,
         user=user,
         verbose=verbose,
         json=as_json,
+        connect=connect or None,
+        local=local,
     )
 
 

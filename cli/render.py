@@ -25,8 +25,8 @@ from cli import output
 if TYPE_CHECKING:
     from rich.status import Status
 
+    from cli.runtime import Pool
     from sandbox_core.events import Event
-    from sandbox_core.orchestrator import SandboxOrchestrator
     from sandbox_core.requests import Request
 
 PANEL_HEAD_LINES = 8
@@ -330,11 +330,12 @@ def tool_panel(name: str, tool_input: dict[str, Any], result: dict[str, Any] | N
     )
 
 
-async def drive(
-    orchestrator: SandboxOrchestrator, user_id: str, request: Request, renderer: Renderer
-) -> Outcome:
-    """Stream ``request`` for ``user_id`` into ``renderer``; errors propagate after it closes."""
-    stream = orchestrator.execute_stream(user_id, request)
+async def drive(pool: Pool, user_id: str, request: Request, renderer: Renderer) -> Outcome:
+    """Stream ``request`` for ``user_id`` into ``renderer``; errors propagate after it closes.
+
+    ``pool`` is an in-process orchestrator or the service (where ``user_id`` is the service's call).
+    """
+    stream = pool.execute_stream(user_id, request)
     try:
         async with contextlib.aclosing(stream):
             async for event in stream:

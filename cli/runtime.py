@@ -1,28 +1,64 @@
-"""Running an async orchestrator job from a command, and mapping errors to exit codes and hints."""
+"""Running an async pool job from a command, and mapping errors to exit codes and hints.
+
+This is the one place that decides where a command's pool lives (:func:`service_target`):
+a running ``sandbox serve`` (``--connect``, ``SANDBOX_URL``, or the default socket when a
+server answers there; ``--local`` forces in-process), else a fresh in-process
+orchestrator. :func:`run_job` hands the job either a ``SandboxOrchestrator`` or a
+:class:`~cli.remote.RemotePool`; :func:`pool_stats` and :func:`pool_workers` read both.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import sys
 import traceback
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
 import typer
 
 from cli import output
+from cli.remote import RemotePool, Target
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from cli.state import AppState
     from sandbox_core.config import ProcessSandboxConfig
     from sandbox_core.orchestrator import SandboxOrchestrator
 
+    Pool: TypeAlias = SandboxOrchestrator | RemotePool
+    """What a command's job runs on: an in-process orchestrator or the service."""
+
 T = TypeVar("T")
+
+UNREACHABLE_HINT = (
+    "is `sandbox serve` running there? check --connect / SANDBOX_URL, or pass --local to run in-process"
+)
+
+
+def _service_error(exc: BaseException) -> tuple[bool, int | None]:
+    """Whether ``exc`` says the service is unreachable, and its HTTP status (if it answered one)."""
+    if "sandbox_core.service.client" not in sys.modules:  # in-process: no need to load the HTTP client
+        return False, None
+    from sandbox_core.service.client import ServiceError, ServiceUnreachable
+
+    if isinstance(exc, ServiceUnreachable):
+        return True, None
+    if isinstance(exc, ServiceError):
+        status = exc.data.get("status")
+        return False, status if isinstance(status, int) else None
+    return False, None
 
 
 def exit_code_for(exc: BaseException) -> int:
     from sandbox_core import errors
 
+    if _service_error(exc)[0]:
+        return output.EXIT_SANDBOX
     if isinstance(exc, errors.RequestTimeout):
         return output.EXIT_TIMEOUT
     if isinstance(exc, errors.ConfigError):
@@ -35,6 +71,16 @@ def exit_code_for(exc: BaseException) -> int:
 def hint_for(exc: BaseException) -> str | None:
     from sandbox_core import errors
 
+    unreachable, status = _service_error(exc)
+    if unreachable:
+        return UNREACHABLE_HINT
+    if status == 401:
+        return "set SANDBOX_TOKEN (or SANDBOX_TOKEN_FILE) to a token from the service's tokens file"
+    if status == 403:
+        return ("pool stats and worker control are for operators: root or the service's own uid on its socket, "
+                "service.operator_uids, or an operator token")
+    if isinstance(exc, errors.PoolClosed) and status == 503:
+        return "the service is shutting down; retry when it is back, or pass --local to run in-process"
     if isinstance(exc, errors.IsolationUnavailable):
         return "install bubblewrap (apt-get install bubblewrap), or pass --profile process (weaker)"
     if isinstance(exc, errors.CircuitOpen):
@@ -70,17 +116,143 @@ def report(exc: BaseException, *, verbose: bool = False, err: Console | None = N
     return exit_code_for(exc)
 
 
+# ---------------------------------------------------------------- local or service
+
+
+def service_target(state: AppState) -> Target | None:
+    """The service this command uses, or None for an in-process pool.
+
+    ``--local`` wins; then ``--connect`` / ``SANDBOX_URL`` (explicit: if it cannot be reached
+    the command fails with exit code 125); then the default socket of ``sandbox serve``
+    if a server answers on it. With ``-v`` the choice is said on stderr.
+    """
+    from sandbox_core.errors import ConfigError
+
+    if state.local:
+        return None
+    err = output.console(stderr=True)
+    if state.connect:
+        from cli.remote import normalize_address
+
+        try:
+            target = Target(normalize_address(state.connect), explicit=True)
+        except ConfigError as exc:
+            output.fail(str(exc), hint="e.g. --connect unix:/run/user/1000/sandbox/sandbox.sock or "
+                                       "--connect http://127.0.0.1:8765", code=output.EXIT_USAGE)
+    else:
+        try:
+            config = state.loaded().config
+        except ConfigError:
+            return None  # the command reports it when it loads the config
+        from cli.remote import socket_answers
+        from sandbox_core.service.paths import default_socket_path
+
+        path = default_socket_path(config)
+        if not socket_answers(path):
+            if state.verbose and path.exists():
+                err.print(f"no service answers at unix:{path}; running in-process", style="dim", highlight=False)
+            return None
+        target = Target(f"unix:{path}", explicit=False)
+    if state.verbose:
+        how = "" if target.explicit else " (its default socket exists; --local runs in-process)"
+        err.print(f"using the service at {target.address}{how}", style="dim", highlight=False)
+    return target
+
+
+async def connect(target: Target, requested_user: str | None = None) -> RemotePool:
+    """Connect to the service at ``target`` (token from ``SANDBOX_TOKEN`` / ``SANDBOX_TOKEN_FILE``)."""
+    from cli.remote import exposed, read_token
+
+    token, token_file = read_token(os.environ)
+    if token_file is not None and exposed(token_file):
+        output.warn(f"{token_file} is readable by group or others (chmod 600 it)")
+    return await RemotePool.connect(target, token=token, requested_user=requested_user, warn=output.warn)
+
+
+def warn_ignored(target: Target | None, **flags: object) -> None:
+    """In client mode, warn about command flags the service decides instead (``profile=...``)."""
+    if target is None:
+        return
+    for name, value in flags.items():
+        if value is not None:
+            output.warn(f"--{name.replace('_', '-')} is ignored in client mode (the service's config decides)")
+
+
+async def pool_stats(pool: Pool) -> dict[str, Any]:
+    """The pool's stats, from the service or the in-process orchestrator."""
+    if isinstance(pool, RemotePool):
+        return await pool.stats()
+    return pool.get_pool_stats()
+
+
+async def pool_workers(pool: Pool) -> list[dict[str, Any]]:
+    """The pool's workers, from the service or the in-process orchestrator."""
+    if isinstance(pool, RemotePool):
+        return await pool.workers()
+    return pool.list_workers()
+
+
+@contextlib.contextmanager
+def sigint_calls(callback: Callable[[], None]) -> Iterator[None]:
+    """While inside, SIGINT calls ``callback`` in the event loop (and the old handler is restored)."""
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        loop.add_signal_handler(signal.SIGINT, callback)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+@overload
 def run_job(
     config: ProcessSandboxConfig,
     job: Callable[[SandboxOrchestrator], Awaitable[T]],
     *,
     verbose: bool = False,
+    target: None = None,
+    user: str | None = None,
+) -> T: ...
+
+
+@overload
+def run_job(
+    config: ProcessSandboxConfig,
+    job: Callable[[Pool], Awaitable[T]],
+    *,
+    verbose: bool = False,
+    target: Target | None,
+    user: str | None = None,
+) -> T: ...
+
+
+def run_job(
+    config: ProcessSandboxConfig,
+    job: Callable[[Any], Awaitable[T]],
+    *,
+    verbose: bool = False,
+    target: Target | None = None,
+    user: str | None = None,
 ) -> T:
-    """Run ``job`` against a fresh orchestrator, shut it down, and turn errors into exits."""
+    """Run ``job`` on the service at ``target``, else on a fresh orchestrator; errors become exits.
+
+    ``user`` is an explicit ``--user``: in client mode the service decides the user, and a
+    different one is warned about.
+    """
     from sandbox_core.errors import SandboxError
-    from sandbox_core.orchestrator import SandboxOrchestrator
 
     async def main() -> T:
+        if target is not None:
+            async with await connect(target, user) as pool:
+                return await job(pool)
+        from sandbox_core.orchestrator import SandboxOrchestrator
+
         async with SandboxOrchestrator(config) as orchestrator:
             return await job(orchestrator)
 

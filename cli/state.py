@@ -22,6 +22,10 @@ class AppState:
     user: str | None = None
     verbose: bool = False
     json: bool = False
+    connect: str | None = None
+    """``--connect`` / ``SANDBOX_URL``: the service to use instead of an in-process pool."""
+    local: bool = False
+    """``--local``: in-process even when the default socket of ``sandbox serve`` exists."""
     overrides: dict[str, Any] = field(default_factory=dict)
     _loaded: LoadedConfig | None = None
 

@@ -9,10 +9,10 @@ import typer
 
 from cli import output
 from cli.commands.common import ProfileName, effective_config, state_of
-from cli.runtime import run_job
+from cli.runtime import run_job, service_target, warn_ignored
 
 if TYPE_CHECKING:
-    from sandbox_core.orchestrator import SandboxOrchestrator
+    from cli.runtime import Pool
 
 
 def exec_command(
@@ -26,14 +26,24 @@ def exec_command(
     """Run COMMAND in the user's sandboxed workspace.
 
     Output streams as it is produced; stdin is forwarded when it is not a terminal;
-    the exit code is the command's own (124 on timeout).
+    the exit code is the command's own (124 on timeout). With a service (--connect,
+    SANDBOX_URL or its default socket) the command runs there, as the user of your
+    credentials; stdin must then be UTF-8 text.
     """
     state = state_of(ctx)
-    config = effective_config(state, profile, min_idle=0)
+    target = service_target(state)
+    warn_ignored(target, profile=profile)
+    config = effective_config(state, profile, min_idle=0, warn=target is None)
     user_id = state.user_id(user)
-    stdin = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    stdin: bytes | str | None = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    if target is not None and isinstance(stdin, bytes):
+        try:
+            stdin = stdin.decode()
+        except UnicodeDecodeError:
+            output.fail("stdin is not UTF-8 text, and the service takes text",
+                        hint="pass --local to run in-process with binary stdin", code=output.EXIT_USAGE)
 
-    async def job(orchestrator: SandboxOrchestrator) -> int:
+    async def job(pool: Pool) -> int:
         from sandbox_core.requests import ExecRequest
 
         request = (
@@ -42,7 +52,7 @@ def exec_command(
             else ExecRequest(argv=tuple(command), stdin=stdin, timeout=timeout)
         )
         code = output.EXIT_FAILURE
-        async for event in orchestrator.execute_stream(user_id, request):
+        async for event in pool.execute_stream(user_id, request):
             if event.type == "stdout":
                 sys.stdout.write(event.data.get("data", ""))
                 sys.stdout.flush()
@@ -53,7 +63,7 @@ def exec_command(
                 code = int(event.data.get("exit_code", output.EXIT_FAILURE))
         return code
 
-    raise typer.Exit(run_job(config, job, verbose=state.verbose))
+    raise typer.Exit(run_job(config, job, verbose=state.verbose, target=target, user=user or state.user))
 
 
 def register(app: typer.Typer) -> None:

@@ -10,7 +10,7 @@ import typer
 
 from cli import output
 from cli.commands.common import ProfileName, ProviderName, effective_config, require_model_key, state_of
-from cli.runtime import report
+from cli.runtime import report, service_target, warn_ignored
 
 REPL_HELP = (
     "Talk to the agent interactively, over a live pool.\n\n"
@@ -22,6 +22,9 @@ REPL_HELP = (
     "$EDITOR; Tab completes slash commands and their arguments; Up/Down and Ctrl-R search the history "
     "($XDG_STATE_HOME/sandbox/history); Ctrl-C cancels the running request (at the prompt it clears the "
     "line); Ctrl-D exits after shutting the pool down.\n\n"
+    "With a service (--connect, SANDBOX_URL or its default socket) prompts, /exec, /stats and /workers go "
+    "to it: the service decides the user (from your credentials), provider and profile; Ctrl-C cancels the "
+    "run on the service; Ctrl-D only disconnects (the service keeps running).\n\n"
     "With stdin not a terminal, lines are read from it one by one (no prompt) until end of input."
 )
 
@@ -34,11 +37,15 @@ def repl_command(
     profile: Annotated[ProfileName | None, typer.Option("--profile", help="Isolation profile.")] = None,
 ) -> None:
     state = state_of(ctx)
+    target = service_target(state)
+    warn_ignored(target, provider=provider, profile=profile)
     if provider is not None:
         state.set_override("model.provider", provider.value)
     if model is not None:
         state.set_override("model.model", model)
-    require_model_key(effective_config(state, profile))
+    config = effective_config(state, profile, warn=target is None)
+    if target is None:
+        require_model_key(config)
     user_id = state.user_id(user)
 
     from cli.repl.session import Repl
@@ -50,7 +57,7 @@ def repl_command(
     except ConfigError as exc:
         output.fail(str(exc), code=output.EXIT_USAGE)
     interactive = output.is_tty(sys.stdin) and output.is_tty(sys.stdout)
-    repl = Repl(state, output.console(), user_id)
+    repl = Repl(state, output.console(), user_id, target, requested_user=user or state.user)
     try:
         code = asyncio.run(repl.run(interactive))
     except SandboxError as exc:

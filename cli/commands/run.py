@@ -10,10 +10,10 @@ import typer
 
 from cli import output
 from cli.commands.common import ProfileName, ProviderName, effective_config, require_model_key, state_of
-from cli.runtime import run_job
+from cli.runtime import run_job, service_target, warn_ignored
 
 if TYPE_CHECKING:
-    from sandbox_core.orchestrator import SandboxOrchestrator
+    from cli.runtime import Pool
 
 
 def read_prompt(prompt: str) -> str:
@@ -47,8 +47,13 @@ def run_command(
     Assistant text streams as it arrives; each tool call is a panel (command or file, truncated
     output, status); a closing line gives turns, tokens, duration, worker and profile. With
     --json every event is one JSON object per line. Exit code 0 on success.
+
+    With a service (--connect, SANDBOX_URL or its default socket) the run happens there:
+    the service's config decides provider and profile, your credentials decide the user.
     """
     state = state_of(ctx)
+    target = service_target(state)
+    warn_ignored(target, provider=provider, profile=profile)
     if provider is not None:
         state.set_override("model.provider", provider.value)
     if model is not None:
@@ -56,12 +61,14 @@ def run_command(
     text = read_prompt(prompt)
     if not text.strip():
         output.fail("the prompt is empty", code=output.EXIT_USAGE)
-    config = effective_config(state, profile, min_idle=0)
-    require_model_key(config)
+    config = effective_config(state, profile, min_idle=0, warn=target is None)
+    if target is None:
+        require_model_key(config)
     user_id = state.user_id(user)
     json_mode = state.json_output(as_json)
+    local = target is None
 
-    async def job(orchestrator: SandboxOrchestrator) -> int:
+    async def job(pool: Pool) -> int:
         from cli.render import JsonRenderer, RichRenderer, drive
         from cli.runtime import exit_code_for
         from sandbox_core.errors import SandboxError
@@ -70,15 +77,16 @@ def run_command(
         request = AgentRequest(
             prompt=text,
             system=system,
-            model=config.model.model,
-            max_turns=max_turns if max_turns is not None else config.model.max_turns,
-            max_tokens=config.model.max_tokens,
+            # in client mode only what was asked for explicitly: the service's config fills the rest
+            model=config.model.model if local else model,
+            max_turns=max_turns if max_turns is not None else config.model.max_turns if local else None,
+            max_tokens=config.model.max_tokens if local else None,
             conversation_id=f"run-{secrets.token_hex(4)}",
             timeout=timeout,
         )
         renderer = JsonRenderer() if json_mode else RichRenderer(output.console())
         try:
-            outcome = await drive(orchestrator, user_id, request, renderer)
+            outcome = await drive(pool, user_id, request, renderer)
         except SandboxError as exc:
             if json_mode:
                 JsonRenderer.error(str(exc), exit_code_for(exc))
@@ -87,7 +95,7 @@ def run_command(
             output.error(outcome.error)  # the rich renderer has shown it already
         return outcome.exit_code
 
-    raise typer.Exit(run_job(config, job, verbose=state.verbose))
+    raise typer.Exit(run_job(config, job, verbose=state.verbose, target=target, user=user or state.user))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,8 +1,9 @@
 """``sandbox workers launch|list|stop``: operator control of a pool.
 
-There is no long-running pool service yet, so from the shell these act on the pool of this
-one command (it is shut down when the command ends); inside ``sandbox repl`` the same
-operations (``/workers ...``) act on the REPL's live pool.
+With a service (``--connect``, ``SANDBOX_URL`` or its default socket) these act on its live
+pool (operators only). Without one they act on the pool of this one command (shut down
+when the command ends); inside ``sandbox repl`` the same operations (``/workers ...``) act
+on the REPL's pool.
 """
 
 from __future__ import annotations
@@ -15,20 +16,25 @@ import typer
 
 from cli import output
 from cli.commands.common import effective_config, state_of
-from cli.runtime import run_job
+from cli.remote import RemotePool, Target
+from cli.runtime import pool_stats, pool_workers, run_job, service_target
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from sandbox_core.orchestrator import SandboxOrchestrator
+    from cli.runtime import Pool
+    from sandbox_core.config import ProcessSandboxConfig
 
 NO_SERVICE_NOTE = (
-    "this acts on a pool that lives only as long as this command (in the REPL, /workers acts on its live pool)"
+    "this acts on an in-process pool that lives only as long as this command "
+    "(`sandbox serve` keeps a live pool, which this command then uses)"
 )
 
 workers_app = typer.Typer(
     name="workers",
-    help="Launch, list and stop the workers of a pool.\n\n" + NO_SERVICE_NOTE + ".",
+    help="Launch, list and stop the workers of a pool.\n\nWith a service (--connect, SANDBOX_URL or its "
+         "default socket) these act on its live pool (operators only); without one, on a pool that lives only "
+         "as long as the command.",
     no_args_is_help=True,
 )
 
@@ -36,25 +42,23 @@ workers_app = typer.Typer(
 # ---------------------------------------------------------------- operations (shared with the REPL)
 
 
-async def settle(pool: SandboxOrchestrator, timeout: float) -> None:
+async def settle(pool: Pool, timeout: float) -> None:
     """Wait (up to ``timeout``) until no worker of ``pool`` is still starting."""
     deadline = time.monotonic() + timeout
     await asyncio.sleep(0)  # let a pre-warm scheduled by start() register its worker
-    while pool.get_pool_stats()["workers"]["starting"] and time.monotonic() < deadline:
+    while (await pool_stats(pool))["workers"]["starting"] and time.monotonic() < deadline:
         await asyncio.sleep(0.02)
 
 
-async def launch(pool: SandboxOrchestrator, count: int) -> list[dict[str, Any]]:
+async def launch(pool: Pool, count: int) -> list[dict[str, Any]]:
     """Pre-warm ``count`` workers; the rows of the launched ones."""
     ids = set(await pool.launch(count))
-    return [row for row in pool.list_workers() if row["worker_id"] in ids]
+    return [row for row in await pool_workers(pool) if row["worker_id"] in ids]
 
 
-async def stop(
-    pool: SandboxOrchestrator, ids: list[str], user: str | None, everything: bool
-) -> tuple[int, list[str]]:
+async def stop(pool: Pool, ids: list[str], user: str | None, everything: bool) -> tuple[int, list[str]]:
     """Stop workers by id, by user, or all; returns how many stopped and the unknown ids."""
-    known = {row["worker_id"] for row in pool.list_workers()}
+    known = {row["worker_id"] for row in await pool_workers(pool)}
     unknown = [i for i in ids if i not in known]
     stopped = await pool.stop_workers(worker_ids=ids or None, user_id=user, everything=everything)
     return stopped, unknown
@@ -81,6 +85,25 @@ def render_workers(rows: list[dict[str, Any]], console: Console, title: str = "w
 # ---------------------------------------------------------------- commands
 
 
+def _pool_for_command(ctx: typer.Context, *, prewarm: bool = True) -> tuple[Target | None, ProcessSandboxConfig]:
+    """Where this command acts (the service, else in-process with a note) and the config."""
+    state = state_of(ctx)
+    target = service_target(state)
+    config = effective_config(state, warn=target is None)
+    if not prewarm:
+        config = config.replace(min_idle=0)
+    if target is None:
+        output.console(stderr=True).print(f"note: {NO_SERVICE_NOTE}", style="dim")
+    return target, config
+
+
+async def _started(pool: Pool, timeout: float) -> None:
+    """An in-process pool: started, its pre-warmed workers up (a service's pool is live already)."""
+    if not isinstance(pool, RemotePool):
+        await pool.start()
+        await settle(pool, timeout)
+
+
 def _show(rows: list[dict[str, Any]], as_json: bool, title: str) -> None:
     if as_json:
         output.print_json(rows)
@@ -96,13 +119,12 @@ def launch_command(
 ) -> None:
     """Pre-warm COUNT unbound workers and show them."""
     state = state_of(ctx)
-    config = effective_config(state, min_idle=0)
-    output.console(stderr=True).print(f"note: {NO_SERVICE_NOTE}", style="dim")
+    target, config = _pool_for_command(ctx, prewarm=False)
 
-    async def job(pool: SandboxOrchestrator) -> list[dict[str, Any]]:
+    async def job(pool: Pool) -> list[dict[str, Any]]:
         return await launch(pool, count)
 
-    rows = run_job(config, job, verbose=state.verbose)
+    rows = run_job(config, job, verbose=state.verbose, target=target)
     _show(rows, state.json_output(as_json), f"launched {len(rows)} worker(s)")
 
 
@@ -113,15 +135,13 @@ def list_command(
 ) -> None:
     """List the pool's workers (state, user, pid, requests, idle time, age, profile)."""
     state = state_of(ctx)
-    config = effective_config(state)
-    output.console(stderr=True).print(f"note: {NO_SERVICE_NOTE}", style="dim")
+    target, config = _pool_for_command(ctx)
 
-    async def job(pool: SandboxOrchestrator) -> list[dict[str, Any]]:
-        await pool.start()
-        await settle(pool, config.startup_timeout)
-        return pool.list_workers()
+    async def job(pool: Pool) -> list[dict[str, Any]]:
+        await _started(pool, config.startup_timeout)
+        return await pool_workers(pool)
 
-    rows = run_job(config, job, verbose=state.verbose)
+    rows = run_job(config, job, verbose=state.verbose, target=target)
     _show(rows, state.json_output(as_json), "workers")
 
 
@@ -138,15 +158,13 @@ def stop_command(
     if sum((bool(ids), user is not None, everything)) != 1:
         output.fail("give worker ids, --user U or --all (exactly one of them)", code=output.EXIT_USAGE)
     state = state_of(ctx)
-    config = effective_config(state)
-    output.console(stderr=True).print(f"note: {NO_SERVICE_NOTE}", style="dim")
+    target, config = _pool_for_command(ctx)
 
-    async def job(pool: SandboxOrchestrator) -> tuple[int, list[str]]:
-        await pool.start()
-        await settle(pool, config.startup_timeout)
+    async def job(pool: Pool) -> tuple[int, list[str]]:
+        await _started(pool, config.startup_timeout)
         return await stop(pool, ids, user, everything)
 
-    stopped, unknown = run_job(config, job, verbose=state.verbose)
+    stopped, unknown = run_job(config, job, verbose=state.verbose, target=target)
     if state.json_output(as_json):
         output.print_json({"stopped": stopped, "unknown": unknown})
     else:

@@ -77,20 +77,29 @@ def prompt_message(repl: Repl) -> FormattedText:
     return FormattedText([("class:user", repl.user_id), ("", "› ")])
 
 
+def short_address(address: str, width: int = 24) -> str:
+    """A service address that fits in the toolbar (the end of a long socket path)."""
+    return address if len(address) <= width else "…" + address[-(width - 1):]
+
+
 def toolbar(repl: Repl) -> FormattedText:
-    """user, provider, model, profile, and workers busy/idle of the live pool."""
-    workers = repl.pool.get_pool_stats()["workers"] if repl.pool is not None else None
-    pool = (
-        f"workers {workers['busy']} busy / {workers['idle']} idle"
-        + (f" / {workers['starting']} starting" if workers["starting"] else "")
-        if workers is not None else "pool restarting"
-    )
+    """user, provider (or service), model, profile, and workers busy/idle of the live pool."""
+    stats = repl.stats_snapshot()
+    workers = stats["workers"] if stats is not None else None
+    remote = repl.remote
+    if workers is not None:
+        pool = f"workers {workers['busy']} busy / {workers['idle']} idle" + (
+            f" / {workers['starting']} starting" if workers["starting"] else "")
+    elif remote is not None:
+        pool = "" if remote.operator is False else "workers …"
+    else:
+        pool = "pool restarting"
     parts = [
         f"user {repl.user_id}",
-        f"provider {repl.provider}",
-        f"model {repl.model}",
-        f"profile {repl.config.profile}",
-        pool,
+        f"service {short_address(remote.target.address)}" if remote is not None else f"provider {repl.provider}",
+        *([f"model {repl.model}"] if repl.model else []),  # none in client mode: the service's default
+        f"profile {repl.profile}",
+        *([pool] if pool else []),
     ]
     return FormattedText([("", " " + " │ ".join(parts) + " ")])
 

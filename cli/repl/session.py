@@ -6,65 +6,68 @@ foreground task; Ctrl-C (SIGINT, the terminal being in cooked mode while a reque
 cancels that task, which makes the library cancel the request in the worker (the worker
 kills the running command's process group), and the REPL returns to the prompt. At the
 end (Ctrl-D, /quit, end of piped input) the pool is shut down: no worker process is left.
+
+In client mode (a running ``sandbox serve``) the pool is the service's: prompts, /exec,
+/stats and /workers go to it, Ctrl-C closes the request's stream and cancels its run there,
+and the end just closes the connection (the service keeps running). The service decides
+the user from the credentials, and its config decides provider and profile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
-import signal
 import sys
 import traceback
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from cli import output
+from cli.remote import RemotePool, Target
 from cli.render import RichRenderer, drive
-from cli.runtime import report
+from cli.runtime import connect, report, sigint_calls
 from cli.state import AppState, effective_provider
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from cli.runtime import Pool
     from sandbox_core.config import ProcessSandboxConfig
-    from sandbox_core.orchestrator import SandboxOrchestrator
+
+POLL_INTERVAL_S = 1.0
+"""How often a client-mode REPL refreshes the service's stats for its toolbar."""
 
 
 class UsageError(Exception):
     """A slash command was given arguments it cannot use (shown as one line)."""
 
 
-@contextlib.contextmanager
-def sigint_calls(callback: Callable[[], None]) -> Iterator[None]:
-    """While inside, SIGINT calls ``callback`` in the event loop (and the old handler is restored)."""
-    loop = asyncio.get_running_loop()
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        loop.add_signal_handler(signal.SIGINT, callback)
-    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
-        yield
-        return
-    try:
-        yield
-    finally:
-        loop.remove_signal_handler(signal.SIGINT)
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
 class Repl:
     """One REPL session: the current user, provider and model, and the pool it talks to."""
 
-    def __init__(self, state: AppState, console: Console, user_id: str) -> None:
+    def __init__(
+        self,
+        state: AppState,
+        console: Console,
+        user_id: str,
+        target: Target | None = None,
+        requested_user: str | None = None,
+    ) -> None:
         self.state = state
         self.console = console
         self.user_id = user_id
-        self.model = self.config.model.model
-        self.pool: SandboxOrchestrator | None = None
+        self.target = target
+        """The service this session uses (None: an in-process pool)."""
+        self.requested_user = requested_user
+        """An explicit --user (in client mode only compared with the service's idea)."""
+        # in client mode only an explicit --model is sent: the service's config decides otherwise
+        explicit_model = state.overrides.get("model.model")
+        self.model: str | None = self.config.model.model if target is None else explicit_model
+        self.pool: Pool | None = None
         self.conversations: dict[str, str] = {}
         self.users: set[str] = {user_id}
         self.done = False
+        self.interactive = False
 
     # ------------------------------------------------------------------ config, pool
 
@@ -76,21 +79,67 @@ class Repl:
     def provider(self) -> str:
         return effective_provider(self.config)
 
-    def live_pool(self) -> SandboxOrchestrator:
+    @property
+    def remote(self) -> RemotePool | None:
+        """The service connection, in client mode."""
+        return self.pool if isinstance(self.pool, RemotePool) else None
+
+    @property
+    def profile(self) -> str:
+        remote = self.remote
+        return remote.profile if remote is not None else self.config.profile
+
+    def live_pool(self) -> Pool:
         if self.pool is None:
             raise RuntimeError("the pool is not running")
         return self.pool
 
+    def stats_snapshot(self) -> dict[str, Any] | None:
+        """The pool's stats without waiting (the service's: the last ones polled, if we may see them)."""
+        if self.pool is None:
+            return None
+        if isinstance(self.pool, RemotePool):
+            return self.pool.last_stats
+        return self.pool.get_pool_stats()
+
+    def workers_snapshot(self) -> list[dict[str, Any]]:
+        """The pool's workers without waiting (for completion)."""
+        if self.pool is None:
+            return []
+        if isinstance(self.pool, RemotePool):
+            return list(self.pool.last_workers or [])
+        return self.pool.list_workers()
+
     async def open_pool(self) -> None:
+        if self.target is not None:
+            remote = await connect(self.target, self.requested_user)
+            self.pool = remote
+            self.sync_identity()
+            if self.interactive:
+                remote.start_polling(POLL_INTERVAL_S)
+            return
         from sandbox_core.orchestrator import SandboxOrchestrator
 
-        self.pool = SandboxOrchestrator(self.config)
-        await self.pool.start()
+        orchestrator = SandboxOrchestrator(self.config)
+        self.pool = orchestrator
+        await orchestrator.start()
 
     async def close_pool(self) -> None:
         pool, self.pool = self.pool, None
-        if pool is not None:
+        if isinstance(pool, RemotePool):
+            await pool.aclose()
+        elif pool is not None:
             await pool.shutdown()
+
+    def sync_identity(self) -> None:
+        """In client mode, take the user the service says we are (it decides, not --user)."""
+        remote = self.remote
+        if remote is None or remote.identity is None or remote.identity == self.user_id:
+            return
+        if self.user_id in self.conversations:
+            self.conversations[remote.identity] = self.conversations.pop(self.user_id)
+        self.user_id = remote.identity
+        self.users = {remote.identity}
 
     async def restart_pool(self) -> None:
         """A new pool from the current config (conversations start over)."""
@@ -106,6 +155,7 @@ class Repl:
 
     async def run(self, interactive: bool) -> int:
         """Serve input until Ctrl-D, /quit or end of input; always shut the pool down."""
+        self.interactive = interactive
         await self.open_pool()
         try:
             if interactive:
@@ -113,9 +163,10 @@ class Repl:
             else:
                 await self._serve_lines()
         finally:
-            workers = len(self.pool.list_workers()) if self.pool is not None else 0
-            if interactive:
-                self.console.print(f"stopping {workers} worker(s)…", style="dim")
+            if interactive and self.remote is not None:
+                self.console.print("disconnecting (the service keeps running)…", style="dim")
+            elif interactive:
+                self.console.print(f"stopping {len(self.workers_snapshot())} worker(s)…", style="dim")
             await asyncio.shield(self.close_pool())
         return output.EXIT_OK
 
@@ -143,10 +194,17 @@ class Repl:
             await self.handle(line)
 
     def banner(self) -> None:
-        self.console.print(
-            f"sandbox repl · user {self.user_id} · provider {self.provider} · model {self.model} · "
-            f"profile {self.config.profile}", style="bold", markup=False,
-        )
+        remote = self.remote
+        if remote is not None:
+            self.console.print(
+                f"sandbox repl · service {remote.target.address} · user {self.user_id} · "
+                f"model {self.model or 'the service default'} · profile {remote.profile}", style="bold", markup=False,
+            )
+        else:
+            self.console.print(
+                f"sandbox repl · user {self.user_id} · provider {self.provider} · model {self.model} · "
+                f"profile {self.config.profile}", style="bold", markup=False,
+            )
         self.console.print("Type a prompt for the agent, /help for commands, Esc+Enter (Alt+Enter) for a new "
                            "line, Ctrl-C to cancel, Ctrl-D to exit.", style="dim", markup=False)
 
@@ -202,7 +260,8 @@ class Repl:
         from sandbox_core.requests import AgentRequest
 
         config = self.config
-        if config.model.provider == "anthropic" and not config.model.api_key:
+        local = self.remote is None
+        if local and config.model.provider == "anthropic" and not config.model.api_key:
             output.error("provider 'anthropic' needs an API key on the host",
                          hint="set ANTHROPIC_API_KEY (or model.api_key in the config) and restart, "
                               "or /provider offline", err=self.console)
@@ -210,14 +269,20 @@ class Repl:
         request = AgentRequest(
             prompt=prompt,
             model=self.model,
-            max_turns=config.model.max_turns,
-            max_tokens=config.model.max_tokens,
+            max_turns=config.model.max_turns if local else None,
+            max_tokens=config.model.max_tokens if local else None,
             conversation_id=self.conversation(),
         )
-        await drive(self.live_pool(), self.user_id, request, RichRenderer(self.console, err=self.console))
+        try:
+            await drive(self.live_pool(), self.user_id, request, RichRenderer(self.console, err=self.console))
+        finally:
+            self.sync_identity()
 
     async def exec(self, command: str) -> None:
         from sandbox_core.requests import ExecRequest
 
         request = ExecRequest(shell=command)
-        await drive(self.live_pool(), self.user_id, request, RichRenderer(self.console, err=self.console))
+        try:
+            await drive(self.live_pool(), self.user_id, request, RichRenderer(self.console, err=self.console))
+        finally:
+            self.sync_identity()

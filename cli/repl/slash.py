@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cli import output
+from cli.remote import RemotePool
 from cli.repl.session import UsageError
 
 if TYPE_CHECKING:
@@ -31,7 +32,7 @@ KEY_BINDINGS = (
     ("Tab", "complete a slash command or its argument"),
     ("Up / Down, Ctrl-R", "history (kept in $XDG_STATE_HOME/sandbox/history)"),
     ("Ctrl-C", "cancel the running request; at the prompt, clear the line"),
-    ("Ctrl-D", "exit (the pool is shut down, no worker is left)"),
+    ("Ctrl-D", "exit (the pool is shut down, no worker is left; a service keeps running)"),
 )
 
 
@@ -73,17 +74,19 @@ async def _exec(repl: Repl, args: list[str], raw: str) -> None:
 
 async def _stats(repl: Repl, args: list[str], raw: str) -> None:
     from cli.commands.stats import render_stats
+    from cli.runtime import pool_stats
 
-    render_stats(repl.live_pool().get_pool_stats(), repl.console)
+    render_stats(await pool_stats(repl.live_pool()), repl.console)
 
 
 async def _workers(repl: Repl, args: list[str], raw: str) -> None:
     from cli.commands import workers
+    from cli.runtime import pool_workers
 
     pool = repl.live_pool()
     verb = args[0] if args else "list"
     if verb == "list" and len(args) <= 1:
-        workers.render_workers(pool.list_workers(), repl.console)
+        workers.render_workers(await pool_workers(pool), repl.console)
     elif verb == "launch" and len(args) == 2 and args[1].isdigit() and int(args[1]) > 0:
         rows = await workers.launch(pool, int(args[1]))
         workers.render_workers(rows, repl.console, f"launched {len(rows)} worker(s)")
@@ -111,6 +114,9 @@ async def _user(repl: Repl, args: list[str], raw: str) -> None:
     if not args:
         repl.console.print(f"user {repl.user_id}")
         return
+    if repl.remote is not None:
+        raise UsageError(f"in client mode the service decides the user from your credentials (you are "
+                         f"{repl.user_id}); use --local, or connect with another user's credentials")
     if len(args) != 1:
         raise UsageError("usage: /user NAME")
     try:
@@ -123,6 +129,11 @@ async def _user(repl: Repl, args: list[str], raw: str) -> None:
 
 
 async def _provider(repl: Repl, args: list[str], raw: str) -> None:
+    if repl.remote is not None:
+        if args:
+            raise UsageError("in client mode the service's config decides the provider (use --local to choose)")
+        repl.console.print("provider: the service's")
+        return
     if not args:
         repl.console.print(f"provider {repl.config.model.provider} (→ {repl.provider})")
         return
@@ -143,7 +154,7 @@ async def _provider(repl: Repl, args: list[str], raw: str) -> None:
 
 async def _model(repl: Repl, args: list[str], raw: str) -> None:
     if not args:
-        repl.console.print(f"model {repl.model}")
+        repl.console.print(f"model {repl.model or 'the service default'}")
         return
     if len(args) != 1:
         raise UsageError("usage: /model NAME")
@@ -158,6 +169,9 @@ async def _reset(repl: Repl, args: list[str], raw: str) -> None:
 
     old = repl.conversations.pop(repl.user_id, None)
     pool = repl.live_pool()
+    if isinstance(pool, RemotePool):  # the service forgets the old one when the worker goes
+        repl.console.print("new conversation")
+        return
     if old is not None and any(row["user_id"] == repl.user_id for row in pool.list_workers()):
         try:
             await pool.execute(repl.user_id, RawRequest("agent.reset", {"conversation_id": old}))
@@ -173,6 +187,9 @@ async def _audit(repl: Repl, args: list[str], raw: str) -> None:
     The keyword arguments it declares are filled from the session (config, user_id,
     console, verbose, as_json...); a build without that module says so instead.
     """
+    if repl.remote is not None:
+        raise UsageError("the audit runs in-process: `sandbox --local audit-env` audits this host's profile "
+                         "(run it on the service's host to audit the service)")
     try:
         module = importlib.import_module("cli.commands.audit_env")
     except ModuleNotFoundError as exc:
@@ -211,15 +228,16 @@ def _complete_workers(repl: Repl, words: list[str]) -> Iterable[str]:
     if words[0] == "stop":
         if words[-1] == "--user":
             return sorted(_known_users(repl))
-        ids = [row["worker_id"] for row in repl.pool.list_workers()] if repl.pool is not None else []
+        ids = [row["worker_id"] for row in repl.workers_snapshot()]
         return [*ids, "--user", "--all"] if len(words) == 1 else ids
     return ()
 
 
 def _known_users(repl: Repl) -> set[str]:
     users = set(repl.users)
-    if repl.pool is not None:
-        users.update(repl.pool.get_pool_stats()["users"])
+    stats = repl.stats_snapshot()
+    if stats is not None:
+        users.update(stats["users"])
     return users
 
 
@@ -260,7 +278,8 @@ def sdk_models() -> list[str]:
 def _complete_model(repl: Repl, words: list[str]) -> Iterable[str]:
     if words:
         return ()
-    return [repl.model, *(m for m in sdk_models() if m != repl.model)]
+    current = [repl.model] if repl.model else []
+    return [*current, *(m for m in sdk_models() if m != repl.model)]
 
 
 COMMANDS: dict[str, Slash] = {

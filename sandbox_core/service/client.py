@@ -22,7 +22,11 @@ from sandbox_core.events import Event
 
 
 class ServiceError(SandboxError):
-    """The service answered with an HTTP error."""
+    """The service answered with an HTTP error (``data["status"]``), or could not be reached."""
+
+
+class ServiceUnreachable(ServiceError):
+    """No service answered at the target (nothing listening, wrong address, refused)."""
 
 
 def _transport(target: str) -> tuple[str, httpx2.AsyncHTTPTransport]:
@@ -83,20 +87,21 @@ class ServiceClient:
         try:
             response = await self._http.request(method, path, json=body)
         except httpx2.TransportError as exc:
-            raise ServiceError(f"cannot reach the service: {exc}") from exc
+            raise ServiceUnreachable(f"cannot reach the service: {exc}") from exc
         self._check(response.status_code, response.text)
         return response.json()
 
     @staticmethod
     def _check(status: int, text: str) -> None:
+        data = {"status": status}
         if status == 401:
-            raise ServiceError("the service refused the credentials (401); set SANDBOX_TOKEN")
+            raise ServiceError("the service refused the credentials (401); set SANDBOX_TOKEN", data=data)
         if status == 403:
-            raise ServiceError("this needs the operator role (403)")
+            raise ServiceError("this needs the operator role (403)", data=data)
         if status == 503:
-            raise PoolClosed("the service is draining")
+            raise PoolClosed("the service is draining", data=data)
         if status >= 400:
-            raise ServiceError(f"service error {status}: {text[:200]}")
+            raise ServiceError(f"service error {status}: {text[:200]}", data=data)
 
     async def health(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._json("GET", "/v1/health")

@@ -13,7 +13,7 @@ import contextlib
 import os
 import socket
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -25,18 +25,7 @@ from sandbox_core.errors import ConfigError
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.service.app import ServiceState, create_app
 from sandbox_core.service.auth import UNIX_PEER, TokenTable, peer_uid
-
-
-def default_socket_path(config: ProcessSandboxConfig, environ: Mapping[str, str] | None = None) -> Path:
-    """``service.socket_path``, else the user's runtime directory."""
-    if config.service.socket_path is not None:
-        return config.service.socket_path
-    env = os.environ if environ is None else environ
-    if env.get("XDG_RUNTIME_DIR"):
-        return Path(env["XDG_RUNTIME_DIR"]) / "sandbox" / "sandbox.sock"
-    if os.getuid() == 0:
-        return Path("/run/sandbox/sandbox.sock")
-    return Path(f"/tmp/sandbox-{os.getuid()}/sandbox.sock")
+from sandbox_core.service.paths import default_socket_path
 
 
 class PeerCredProtocol(H11Protocol):

@@ -41,7 +41,11 @@ def profile() -> str:
 
 @pytest.fixture
 def cli_env(tmp_path: Path, profile: str) -> dict[str, str]:
-    """An environment for the CLI: private config/state dirs and workspace root, no colour vars."""
+    """An environment for the CLI: private config/state/runtime dirs and workspace root, no colour vars.
+
+    A private ``XDG_RUNTIME_DIR`` keeps a ``sandbox serve`` running on this machine from
+    being used automatically (client mode) by tests of the in-process CLI.
+    """
     env = {
         k: v for k, v in os.environ.items()
         if not k.startswith(("SANDBOX_", "ANTHROPIC_", "_SANDBOX_", "_TYPER_", "COMP_"))
@@ -50,6 +54,7 @@ def cli_env(tmp_path: Path, profile: str) -> dict[str, str]:
     env.update(
         XDG_CONFIG_HOME=str(tmp_path / "config"),
         XDG_STATE_HOME=str(tmp_path / "state"),
+        XDG_RUNTIME_DIR=str(tmp_path / "run"),
         SANDBOX_WORKSPACE_ROOT=str(tmp_path / "ws"),
         SANDBOX_PROFILE=profile,
         SANDBOX_MIN_IDLE="0",

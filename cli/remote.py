@@ -1,0 +1,307 @@
+"""Client mode: the commands talking to a running ``sandbox serve`` instead of an in-process pool.
+
+:class:`Target` is where the service listens (``unix:/path`` or ``http(s)://HOST:PORT``);
+:class:`RemotePool` is the part of the orchestrator's API the commands use
+(``execute_stream``, stats, workers, launch, stop), over the service's HTTP API. The
+service decides who the caller is from the credentials (the peer uid on the Unix socket,
+the bearer token on TCP): a ``--user`` given here is not sent, only compared.
+
+This module stays light (no HTTP client at import) so in-process commands do not pay for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import stat
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sandbox_core.errors import ConfigError, SandboxError
+
+if TYPE_CHECKING:
+    from sandbox_core.events import Event
+    from sandbox_core.requests import Request
+    from sandbox_core.service.client import ServiceClient
+
+URL_ENV = "SANDBOX_URL"
+TOKEN_ENV = "SANDBOX_TOKEN"
+TOKEN_FILE_ENV = "SANDBOX_TOKEN_FILE"
+CANCEL_TIMEOUT = 10.0
+"""Seconds to wait for the service to confirm a cancelled run has stopped."""
+
+_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the service is: ``unix:/abs/path`` or ``http(s)://host:port``."""
+
+    address: str
+    explicit: bool = True
+    """Named by ``--connect`` or ``SANDBOX_URL`` (else: the default socket, found answering)."""
+
+    @property
+    def tcp(self) -> bool:
+        return self.address.startswith(("http://", "https://"))
+
+
+def normalize_address(text: str) -> str:
+    """``unix:/abs/path`` or an ``http(s)://`` URL from what a user may type.
+
+    Accepted: ``unix:PATH``, a socket path (relative ones are made absolute),
+    ``http(s)://HOST:PORT`` and a bare ``HOST:PORT`` (TCP).
+    """
+    text = text.strip()
+    if text.startswith(("http://", "https://")):
+        return text.rstrip("/")
+    if "://" in text:
+        raise ConfigError("--connect", f"unsupported address {text!r}: use unix:PATH, a socket path or "
+                                       "http(s)://HOST:PORT")
+    if text.startswith("unix:"):
+        path = text[len("unix:"):]
+    elif _HOST_PORT.match(text) and not Path(text).exists():
+        return f"http://{text}"
+    else:
+        path = text
+    if not path:
+        raise ConfigError("--connect", "empty socket path")
+    return "unix:" + str(Path(path).expanduser().absolute())
+
+
+def socket_answers(path: Path, timeout: float = 1.0) -> bool:
+    """True if ``path`` is a Unix socket something accepts connections on."""
+    try:
+        if not stat.S_ISSOCK(path.stat().st_mode):
+            return False
+    except OSError:
+        return False
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def read_token(environ: Mapping[str, str]) -> tuple[str | None, Path | None]:
+    """The bearer token: ``SANDBOX_TOKEN``, else the first line of ``SANDBOX_TOKEN_FILE``.
+
+    Returns the token and the file it came from (None for the variable or no token).
+    """
+    token = environ.get(TOKEN_ENV, "").strip()
+    if token:
+        return token, None
+    name = environ.get(TOKEN_FILE_ENV, "").strip()
+    if not name:
+        return None, None
+    path = Path(name).expanduser()
+    try:
+        lines = path.read_text().strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(TOKEN_FILE_ENV, f"cannot read {path}: {reason}") from None
+    if not lines or not lines[0].strip():
+        raise ConfigError(TOKEN_FILE_ENV, f"{path} is empty")
+    return lines[0].strip(), path
+
+
+def exposed(path: Path) -> bool:
+    """A token file group or others can read."""
+    try:
+        return bool(path.stat().st_mode & 0o077)
+    except OSError:
+        return False
+
+
+def unix_identity() -> str:
+    """The user the service gives this process over its Unix socket (the login name of our uid)."""
+    from sandbox_core.service.auth import principal_for_uid
+
+    return principal_for_uid(os.getuid()).user_id
+
+
+def request_body(request: Request) -> tuple[str, dict[str, Any]]:
+    """The service route (``agent`` or ``exec``) and JSON body for ``request``."""
+    from sandbox_core.requests import AgentRequest, ExecRequest
+
+    body: dict[str, Any]
+    if isinstance(request, ExecRequest):
+        body = {"argv": list(request.argv)} if request.argv is not None else {"shell": request.shell}
+        if request.stdin is not None:
+            try:
+                body["stdin"] = request.stdin if isinstance(request.stdin, str) else request.stdin.decode()
+            except UnicodeDecodeError:
+                raise ConfigError("stdin", "is not UTF-8 text; the service takes text (use --local for "
+                                           "binary input)") from None
+        if request.timeout is not None:
+            body["timeout"] = request.timeout
+        return "exec", body
+    if isinstance(request, AgentRequest):
+        body = {"prompt": request.prompt, "conversation_id": request.conversation_id}
+        for key in ("system", "model", "max_turns", "max_tokens", "timeout"):
+            value = getattr(request, key)
+            if value is not None:
+                body[key] = value
+        if request.tools is not None:
+            body["tools"] = list(request.tools)
+        return "agent", body
+    raise SandboxError(f"the service does not run {request.method!r} requests (use --local)")
+
+
+class RemotePool:
+    """The orchestrator API the commands use, served by a running ``sandbox serve``."""
+
+    def __init__(
+        self,
+        client: ServiceClient,
+        target: Target,
+        *,
+        profile: str,
+        requested_user: str | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.target = target
+        self.profile = profile
+        self.identity: str | None = None
+        """The user the service runs our requests as (None on TCP until the first run says)."""
+        self.last_stats: dict[str, Any] | None = None
+        self.last_workers: list[dict[str, Any]] | None = None
+        self.operator: bool | None = None
+        """False once the service refused stats (403); None while unknown."""
+        self._requested_user = requested_user
+        self._warn = warn
+        self._warned = False
+        self._poller: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        target: Target,
+        *,
+        token: str | None = None,
+        requested_user: str | None = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> RemotePool:
+        """Connect and check the service answers (:class:`ServiceUnreachable` if not)."""
+        from sandbox_core.service.client import ServiceClient, ServiceUnreachable
+
+        client = ServiceClient(target.address, token if target.tcp else None)
+        try:
+            health = await client.health()
+        except ServiceUnreachable as exc:
+            await client.aclose()
+            detail = str(exc.__cause__ or exc) or type(exc.__cause__).__name__
+            raise ServiceUnreachable(f"cannot reach the service at {target.address}: {detail}") from None
+        except BaseException:
+            await client.aclose()
+            raise
+        pool = cls(client, target, profile=str(health.get("profile", "?")), requested_user=requested_user,
+                   warn=warn)
+        if not target.tcp:
+            pool.learn_identity(unix_identity())
+        return pool
+
+    async def __aenter__(self) -> RemotePool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop polling and close the connection (the service keeps running)."""
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+        await self.client.aclose()
+
+    def learn_identity(self, user: object) -> None:
+        """Record who the service says we are; warn once if an explicit ``--user`` differs."""
+        if not isinstance(user, str) or not user or user == self.identity:
+            return
+        self.identity = user
+        if self._requested_user and self._requested_user != user and not self._warned:
+            self._warned = True
+            if self._warn is not None:
+                self._warn(f"the service runs your requests as user {user!r} (from your credentials); "
+                           f"--user {self._requested_user} is ignored in client mode")
+
+    # ------------------------------------------------------------------ requests
+
+    async def execute_stream(self, user_id: str, request: Request) -> AsyncGenerator[Event, None]:
+        """Run ``request`` on the service and yield its events (``user_id`` is the service's call).
+
+        If the consumer stops early or is cancelled (Ctrl-C), the run is cancelled on the
+        service and this waits (up to :data:`CANCEL_TIMEOUT`) until it has stopped.
+        """
+        kind, body = request_body(request)
+        run_id: str | None = None
+        stream = self.client.stream(kind, body)
+        try:
+            async for event in stream:
+                if event.type == "started":
+                    run_id = str(event.data.get("run_id") or "") or None
+                    self.learn_identity(event.data.get("user_id"))
+                yield event
+        except SandboxError:
+            raise  # the run failed on the service, or the connection is gone
+        except BaseException:
+            if run_id is not None:
+                await self._cancel(run_id)
+            raise
+        finally:
+            await stream.aclose()
+
+    async def _cancel(self, run_id: str) -> None:
+        with contextlib.suppress(SandboxError, TimeoutError):
+            await asyncio.wait_for(self.client.cancel(run_id), CANCEL_TIMEOUT)
+
+    # ------------------------------------------------------------------ operator control
+
+    async def stats(self) -> dict[str, Any]:
+        self.last_stats = await self.client.stats()
+        self.operator = True
+        return self.last_stats
+
+    async def workers(self) -> list[dict[str, Any]]:
+        self.last_workers = await self.client.workers()
+        return self.last_workers
+
+    async def launch(self, count: int) -> list[str]:
+        return await self.client.launch(count)
+
+    async def stop_workers(
+        self, *, worker_ids: list[str] | None = None, user_id: str | None = None, everything: bool = False
+    ) -> int:
+        return await self.client.stop_workers(worker_ids=worker_ids, user_id=user_id, everything=everything)
+
+    # ------------------------------------------------------------------ live snapshot (REPL toolbar)
+
+    def start_polling(self, interval: float) -> None:
+        """Refresh :attr:`last_stats` and :attr:`last_workers` every ``interval`` s (operators only)."""
+        if self._poller is None:
+            self._poller = asyncio.create_task(self._poll(interval), name="sandbox-service-poll")
+
+    async def _poll(self, interval: float) -> None:
+        while True:
+            try:
+                await self.stats()
+                await self.workers()
+            except SandboxError as exc:
+                if exc.data.get("status") in (401, 403):
+                    self.operator = False
+                    self.last_stats = self.last_workers = None
+                    return
+                self.last_stats = None
+            await asyncio.sleep(interval)
