@@ -278,8 +278,8 @@ class RemotePool:
         self.last_workers = await self.client.workers()
         return self.last_workers
 
-    async def launch(self, count: int) -> list[str]:
-        return await self.client.launch(count)
+    async def launch(self, count: int, user_id: str | None = None) -> list[str]:
+        return await self.client.launch(count, user_id)
 
     async def stop_workers(
         self, *, worker_ids: list[str] | None = None, user_id: str | None = None, everything: bool = False

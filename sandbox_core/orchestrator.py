@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from sandbox_core.config import ProcessSandboxConfig, validate_user_id
 from sandbox_core.errors import (
     CircuitOpen,
+    ConfigError,
     GatewayError,
     PoolClosed,
     PoolExhausted,
@@ -45,7 +46,6 @@ from sandbox_core.errors import (
     RequestTimeout,
     SandboxError,
     WorkerCrashed,
-    WorkerStartError,
 )
 from sandbox_core.events import Event
 from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace
@@ -287,6 +287,13 @@ class SandboxOrchestrator:
                 raise
         return worker
 
+    async def _spawn_warm_for(self, user_id: str) -> SandboxWorker:
+        """A worker bound to ``user_id`` left idle (pre-warmed for that user)."""
+        worker = await self._spawn_for(user_id)
+        worker.state = WorkerState.IDLE
+        await self._notify()
+        return worker
+
     def _new_worker(self, user_id: str | None) -> SandboxWorker:
         worker = SandboxWorker(
             self.config,
@@ -471,17 +478,25 @@ class SandboxOrchestrator:
         worker = self._workers.get(worker_id)
         return dict(worker.report) if worker is not None else None
 
-    async def launch(self, count: int) -> list[str]:
-        """Pre-warm ``count`` more workers now (bounded by the cap); returns their ids."""
+    async def launch(self, count: int, user_id: str | None = None) -> list[str]:
+        """Pre-warm ``count`` more workers now (bounded by the cap); returns their ids.
+
+        Unbound workers where the profile allows it; with ``user_id`` (required by profiles
+        that mount the workspace at spawn, like strict), workers warm for that user.
+        """
         if not self._started:
             await self.start()
-        if not can_prewarm(self.config):
-            raise WorkerStartError(
-                f"the {self.config.profile} profile binds a workspace at spawn; "
-                "workers start on a user's first request"
+        if user_id is None and not can_prewarm(self.config):
+            raise ConfigError(
+                "user_id",
+                f"the {self.config.profile} profile mounts a user's workspace when a worker starts: "
+                "name the user to pre-warm workers for",
             )
+        if user_id is not None:
+            validate_user_id(user_id)
         count = min(count, self._capacity())
-        results = await asyncio.gather(*(self._spawn() for _ in range(count)), return_exceptions=True)
+        spawns = [self._spawn_warm_for(user_id) if user_id is not None else self._spawn() for _ in range(count)]
+        results = await asyncio.gather(*spawns, return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors and len(errors) == len(results):
             raise errors[0]

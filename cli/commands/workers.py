@@ -50,9 +50,9 @@ async def settle(pool: Pool, timeout: float) -> None:
         await asyncio.sleep(0.02)
 
 
-async def launch(pool: Pool, count: int) -> list[dict[str, Any]]:
-    """Pre-warm ``count`` workers; the rows of the launched ones."""
-    ids = set(await pool.launch(count))
+async def launch(pool: Pool, count: int, user_id: str | None = None) -> list[dict[str, Any]]:
+    """Pre-warm ``count`` workers (for ``user_id`` if given); the rows of the launched ones."""
+    ids = set(await pool.launch(count, user_id))
     return [row for row in await pool_workers(pool) if row["worker_id"] in ids]
 
 
@@ -115,14 +115,22 @@ def _show(rows: list[dict[str, Any]], as_json: bool, title: str) -> None:
 def launch_command(
     ctx: typer.Context,
     count: Annotated[int, typer.Argument(min=1, help="How many workers to pre-warm.")],
+    user: Annotated[str | None, typer.Option("--user", help="Pre-warm for this user (strict needs one).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the workers as JSON.")] = False,
 ) -> None:
-    """Pre-warm COUNT unbound workers and show them."""
+    """Pre-warm COUNT workers and show them.
+
+    Unbound workers in the process profile; in strict (which mounts the workspace at
+    spawn) workers warm for --user (default: the current user).
+    """
     state = state_of(ctx)
     target, config = _pool_for_command(ctx, prewarm=False)
+    from sandbox_core.isolation.launch import can_prewarm
+
+    for_user = user if user is not None else (None if can_prewarm(config) else state.user_id())
 
     async def job(pool: Pool) -> list[dict[str, Any]]:
-        return await launch(pool, count)
+        return await launch(pool, count, for_user)
 
     rows = run_job(config, job, verbose=state.verbose, target=target)
     _show(rows, state.json_output(as_json), f"launched {len(rows)} worker(s)")

@@ -88,7 +88,10 @@ async def _workers(repl: Repl, args: list[str], raw: str) -> None:
     if verb == "list" and len(args) <= 1:
         workers.render_workers(await pool_workers(pool), repl.console)
     elif verb == "launch" and len(args) == 2 and args[1].isdigit() and int(args[1]) > 0:
-        rows = await workers.launch(pool, int(args[1]))
+        from sandbox_core.isolation.launch import can_prewarm
+
+        for_user = None if can_prewarm(repl.config) else repl.user_id
+        rows = await workers.launch(pool, int(args[1]), for_user)
         workers.render_workers(rows, repl.console, f"launched {len(rows)} worker(s)")
     elif verb == "stop" and len(args) >= 2:
         rest = args[1:]

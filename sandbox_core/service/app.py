@@ -12,7 +12,7 @@ Routes (all JSON unless noted; ``/v1`` is the API version):
     POST /v1/runs/{id}/cancel          cancel a run                     owner
     GET  /v1/stats                     pool stats                       operator
     GET  /v1/workers                   list workers                     operator
-    POST /v1/workers/launch            {"count": N}                     operator
+    POST /v1/workers/launch            {"count": N, "user_id"?: U}      operator
     POST /v1/workers/stop              {"worker_ids"|"user_id"|"all"}   operator
     GET  /metrics                      Prometheus text format           operator
 
@@ -236,10 +236,15 @@ async def launch_workers(request: Request, who: Principal) -> Response:
     try:
         body = await _json_body(request)
         count = int(body.get("count", 1))
+        user = body.get("user_id")
+        if user is not None and not isinstance(user, str):
+            raise ConfigError("user_id", "must be a string")
     except (ConfigError, ValueError, TypeError) as exc:
         return _bad_request(exc)
     try:
-        ids = await _state(request).orchestrator.launch(count)
+        ids = await _state(request).orchestrator.launch(count, user)
+    except ConfigError as exc:
+        return _bad_request(exc)
     except SandboxError as exc:
         return JSONResponse({"error": exc.message}, status_code=409)
     return JSONResponse({"launched": ids})

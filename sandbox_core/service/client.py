@@ -115,8 +115,11 @@ class ServiceClient:
         result: list[dict[str, Any]] = (await self._json("GET", "/v1/workers"))["workers"]
         return result
 
-    async def launch(self, count: int) -> list[str]:
-        result: list[str] = (await self._json("POST", "/v1/workers/launch", {"count": count}))["launched"]
+    async def launch(self, count: int, user_id: str | None = None) -> list[str]:
+        body: dict[str, Any] = {"count": count}
+        if user_id is not None:
+            body["user_id"] = user_id
+        result: list[str] = (await self._json("POST", "/v1/workers/launch", body))["launched"]
         return result
 
     async def stop_workers(

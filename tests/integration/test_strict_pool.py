@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from sandbox_core.config import ProcessSandboxConfig
-from sandbox_core.errors import RequestTimeout, WorkerCrashed
+from sandbox_core.errors import ConfigError, RequestTimeout, WorkerCrashed
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.process_tree import descendants
 from sandbox_core.requests import ExecRequest
@@ -85,3 +85,15 @@ async def test_strict_shutdown_leaves_no_process(workspace_root: Path) -> None:
     with pytest.raises(WorkerCrashed):
         await task
     await wait_for(lambda: not any(pid_alive(p) for p in [bwrap_pid, *tree]), 10, "the sandbox to be gone")
+
+
+async def test_strict_prewarms_per_user(workspace_root: Path) -> None:
+    async with SandboxOrchestrator(strict(workspace_root)) as pool:
+        with pytest.raises(ConfigError, match="name the user"):
+            await pool.launch(1)
+        ids = await pool.launch(2, "frank")
+        rows = {r["worker_id"]: r for r in pool.list_workers()}
+        assert set(ids) == set(rows) and all(r["state"] == "idle" and r["user_id"] == "frank" for r in rows.values())
+        result = await pool.execute("frank", sh("pwd"))
+        assert result.worker_id in ids and result.stdout == "/workspace\n"
+        assert pool.get_pool_stats()["spawned"] == 2  # served warm, nothing new started
