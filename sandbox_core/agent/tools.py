@@ -133,9 +133,9 @@ class WorkspaceShell:
         if proc is not None:
             if proc.stdin is not None:
                 proc.stdin.close()
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+            # No proc.kill(): the group kill above already reached bash, and Popen.kill() polls
+            # (waitpid) first, which can reap bash before asyncio's watcher does and turn its
+            # exit status into 255.
             with contextlib.suppress(TimeoutError):
                 await asyncio.shield(asyncio.wait_for(proc.wait(), _CLOSE_WAIT))
 
