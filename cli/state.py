@@ -73,7 +73,4 @@ class AppState:
 
 def effective_provider(config: ProcessSandboxConfig) -> str:
     """The provider ``auto`` resolves to: ``anthropic`` with an API key, else ``offline``."""
-    provider = config.model.provider
-    if provider == "auto":
-        return "anthropic" if config.model.api_key else "offline"
-    return provider
+    return config.model.effective_provider

@@ -121,6 +121,13 @@ class ModelConfig:
     """Largest request body the gateway forwards."""
     request_timeout: float = 600.0
 
+    @property
+    def effective_provider(self) -> Literal["anthropic", "offline"]:
+        """What ``provider`` means now: ``auto`` is ``anthropic`` with an API key, else ``offline``."""
+        if self.provider == "auto":
+            return "anthropic" if self.api_key else "offline"
+        return self.provider
+
 
 @dataclass(frozen=True)
 class ServiceConfig:

@@ -62,9 +62,7 @@ def _refused(why: str) -> GatewayError:
 
 def resolve_provider(config: ModelConfig) -> Literal["anthropic", "offline"]:
     """``auto`` means ``anthropic`` when an API key is configured, else ``offline``."""
-    if config.provider == "auto":
-        return "anthropic" if config.api_key else "offline"
-    return config.provider
+    return config.effective_provider
 
 
 @dataclass

@@ -35,7 +35,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from sandbox_core.config import ProcessSandboxConfig, validate_user_id
+from sandbox_core.config import ModelConfig, ProcessSandboxConfig, validate_user_id
 from sandbox_core.errors import (
     CircuitOpen,
     ConfigError,
@@ -78,6 +78,7 @@ class SandboxOrchestrator:
         self.config = config
         self._launcher = launcher
         self._gateway = gateway
+        self._old_gateways: list[ModelGateway] = []
         self._workers: dict[str, SandboxWorker] = {}
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
@@ -445,6 +446,17 @@ class SandboxOrchestrator:
         async for chunk in gateway.handle(worker.user_id, params):
             yield chunk
 
+    async def set_model_config(self, model: ModelConfig) -> None:
+        """Use ``model`` (provider, model, key, budgets) for the next model calls.
+
+        Workers and their conversations stay; calls already streaming finish on the old
+        gateway, which is closed at shutdown.
+        """
+        self.config = self.config.replace(model=model)
+        if self._gateway is not None:
+            self._old_gateways.append(self._gateway)
+            self._gateway = None
+
     @property
     def gateway(self) -> ModelGateway:
         """The model gateway (created on first use so ``exec`` never loads it)."""
@@ -547,8 +559,8 @@ class SandboxOrchestrator:
         for worker in workers:
             if worker.pid is not None:
                 kill_session(worker.pid)
-        if self._gateway is not None:
-            await self._gateway.aclose()
+        for gateway in [*self._old_gateways, *([self._gateway] if self._gateway is not None else [])]:
+            await gateway.aclose()
 
     # ------------------------------------------------------------------ stats
 

@@ -150,6 +150,13 @@ async def _provider(repl: Repl, args: list[str], raw: str) -> None:
                      hint="set ANTHROPIC_API_KEY (or model.api_key in the config file) and restart the REPL",
                      err=repl.console)
         return
+    pool = repl.live_pool()
+    from sandbox_core.orchestrator import SandboxOrchestrator
+
+    if isinstance(pool, SandboxOrchestrator):  # same workers, same conversations
+        await pool.set_model_config(repl.config.model)
+        repl.console.print(f"provider {args[0]} (→ {repl.provider})", style="dim")
+        return
     repl.console.print(f"provider {args[0]} (→ {repl.provider}); restarting the pool, conversations start over…",
                        style="dim")
     await repl.restart_pool()

@@ -192,3 +192,23 @@ async def test_cancel_mid_stream_reaches_the_api(
     with pytest.raises((asyncio.CancelledError, RequestCancelled)):
         await task
     await wait_for(lambda: server.requests[0].disconnected, 10, "the API to see the stream closed")
+
+
+async def test_provider_switch_keeps_workers_and_conversation(tmp_path: Path) -> None:
+    from tests.helpers import process_config
+
+    root = tmp_path / "ws"
+    root.mkdir()
+    config = process_config(root).replace(model=ModelConfig(provider="offline"))
+    async with SandboxOrchestrator(config) as pool:
+        first = await pool.execute("zed", AgentRequest(prompt="run: echo one", conversation_id="c"))
+        providers = [pool.gateway.provider]
+        await pool.set_model_config(ModelConfig(provider="anthropic", api_key=Secret("sk-test"),
+                                                base_url="http://127.0.0.1:9"))
+        providers.append(pool.gateway.provider)
+        assert providers == ["offline", "anthropic"]
+        await pool.set_model_config(ModelConfig(provider="offline"))
+        second = await pool.execute("zed", AgentRequest(prompt="run: echo two", conversation_id="c"))
+        assert second.worker_id == first.worker_id
+        assert second.result["turns"] >= 1 and "two" in second.text
+        assert pool.get_pool_stats()["spawned"] == 1
