@@ -11,6 +11,7 @@ from cli import output
 from cli.state import AppState
 
 if TYPE_CHECKING:
+    from cli.remote import Target
     from sandbox_core.config import ProcessSandboxConfig
 
 PROCESS_WARNING = (
@@ -63,3 +64,17 @@ def require_model_key(config: ProcessSandboxConfig) -> None:
             hint="set ANTHROPIC_API_KEY (or model.api_key in the config file), or use --provider offline",
             code=output.EXIT_USAGE,
         )
+
+
+def apply_model_flags(
+    state: AppState, target: Target | None, provider: ProviderName | None, model: str | None,
+    profile: ProfileName | None,
+) -> None:
+    """``--provider``/``--model`` become config overrides (warned about when a service decides)."""
+    from cli.runtime import warn_ignored
+
+    warn_ignored(target, provider=provider, profile=profile)
+    if provider is not None:
+        state.set_override("model.provider", provider.value)
+    if model is not None:
+        state.set_override("model.model", model)

@@ -9,8 +9,15 @@ from typing import Annotated
 import typer
 
 from cli import output
-from cli.commands.common import ProfileName, ProviderName, effective_config, require_model_key, state_of
-from cli.runtime import report, service_target, warn_ignored
+from cli.commands.common import (
+    ProfileName,
+    ProviderName,
+    apply_model_flags,
+    effective_config,
+    require_model_key,
+    state_of,
+)
+from cli.runtime import report, service_target
 
 REPL_HELP = (
     "Talk to the agent interactively, over a live pool.\n\n"
@@ -38,11 +45,7 @@ def repl_command(
 ) -> None:
     state = state_of(ctx)
     target = service_target(state)
-    warn_ignored(target, provider=provider, profile=profile)
-    if provider is not None:
-        state.set_override("model.provider", provider.value)
-    if model is not None:
-        state.set_override("model.model", model)
+    apply_model_flags(state, target, provider, model, profile)
     config = effective_config(state, profile, warn=target is None)
     if target is None:
         require_model_key(config)

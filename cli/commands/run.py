@@ -9,8 +9,15 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from cli import output
-from cli.commands.common import ProfileName, ProviderName, effective_config, require_model_key, state_of
-from cli.runtime import run_job, service_target, warn_ignored
+from cli.commands.common import (
+    ProfileName,
+    ProviderName,
+    apply_model_flags,
+    effective_config,
+    require_model_key,
+    state_of,
+)
+from cli.runtime import run_job, service_target
 
 if TYPE_CHECKING:
     from cli.runtime import Pool
@@ -53,11 +60,7 @@ def run_command(
     """
     state = state_of(ctx)
     target = service_target(state)
-    warn_ignored(target, provider=provider, profile=profile)
-    if provider is not None:
-        state.set_override("model.provider", provider.value)
-    if model is not None:
-        state.set_override("model.model", model)
+    apply_model_flags(state, target, provider, model, profile)
     text = read_prompt(prompt)
     if not text.strip():
         output.fail("the prompt is empty", code=output.EXIT_USAGE)
