@@ -97,8 +97,8 @@ def hint_for(exc: BaseException) -> str | None:
         exc.data.get("reason") == "no_api_key" or "api key" in exc.message.lower()
     ):
         return "set ANTHROPIC_API_KEY (or model.api_key in the config file), or use --provider offline"
-    if isinstance(exc, errors.RemoteError) and "sandbox_core.agent" in exc.message:
-        return "this build has no agent runtime yet (sandbox_core.agent.runtime)"
+    if isinstance(exc, errors.RemoteError) and "sandbox_core.inside.agent" in exc.message:
+        return "this build has no agent runtime yet (sandbox_core.inside.agent.runtime)"
     return None
 
 

@@ -1,7 +1,7 @@
 """sandbox_core: run AI agents and commands in process-isolated sandbox workers.
 
 Public names are imported lazily so that a worker process (which imports
-``sandbox_core.worker_main``) pays only for what it uses.
+``sandbox_core.inside.worker_main``) pays only for what it uses.
 """
 
 from __future__ import annotations

@@ -176,12 +176,13 @@ def _memory(pid: int) -> tuple[int, int]:
 def _worker_python_pid(pid: int) -> int:
     """The Python worker inside a launcher chain (bwrap forks it as a descendant)."""
     from sandbox_core.process_tree import descendants
+    from sandbox_core.shared import WORKER_ENTRY
 
     best = pid
     for member in descendants(pid):
         try:
             with open(f"/proc/{member}/cmdline", "rb") as fh:
-                if b"sandbox_core.worker_main" in fh.read():
+                if WORKER_ENTRY.encode() in fh.read():
                     best = member
         except OSError:
             continue
@@ -220,8 +221,8 @@ async def strict_vs_bare_bwrap(config: ProcessSandboxConfig, n: int) -> Figure:
     bwrap = find_bwrap(config)
     bare = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--unshare-pid",
             "--unshare-net", "--die-with-parent", "--", sys.executable, "-I", "-c", "pass"]
-    imports = (f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); import sandbox_core.worker_main, "
-               "sandbox_core.isolation.inside, sandbox_core.isolation.identity, sandbox_core.isolation.landlock")
+    inside = ", ".join(f"sandbox_core.inside.{m}" for m in ("worker_main", "confine", "identity", "landlock"))
+    imports = f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); import {inside}"
     bare_imports = [*bare[:-4], sys.executable, "-I", "-S", "-c", imports]
     base = [await _run_argv(bare) for _ in range(n)]
     base_imp = [await _run_argv(bare_imports) for _ in range(n)]

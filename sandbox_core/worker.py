@@ -51,13 +51,13 @@ from sandbox_core.protocol import (
     encode,
 )
 from sandbox_core.requests import RequestResult
+from sandbox_core.shared import HOST_CHUNK
 
 HostHandler = Callable[["SandboxWorker", str, dict[str, Any]], AsyncIterator[dict[str, Any]]]
 """Serves a call the worker makes to the host (e.g. ``gateway.request``), yielding chunks."""
 Launcher = Callable[[ProcessSandboxConfig, str, "Path | None"], LaunchSpec]
 """Turns a config into the launch spec of one worker (the seam for other launchers)."""
 
-HOST_CHUNK = "host.chunk"
 GARBAGE_LIMIT = 16
 """Malformed frames after which a worker is marked unhealthy (and recycled)."""
 

@@ -1,7 +1,8 @@
-"""How a worker process is confined: host-side launch specs and in-worker layers.
+"""Host side of confinement: how one worker process is launched and what walls it gets.
 
-Host side: :mod:`launch` turns a config into the argv, environment and plan of one
-worker for the configured profile (``process`` there, ``strict`` in :mod:`strict`).
-Worker side: :mod:`inside` applies the plan's in-process layers during ``initialize``.
-This package imports nothing eagerly, so the worker pays only for what it uses.
+:mod:`spec` holds what every profile shares (the environment from the allowlist, rlimits,
+the worker's argv) and the portable ``process`` profile; :mod:`strict` builds the bubblewrap
+sandbox with :mod:`seccomp` and :mod:`cgroups`; :mod:`launch` picks the profile and prepares
+the user's workspace. The steps the worker applies to itself live on the other side of the
+boundary, in :mod:`sandbox_core.inside.confine`. This package imports nothing eagerly.
 """

@@ -30,8 +30,9 @@ from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import IsolationUnavailable
-from sandbox_core.isolation import cgroups, landlock
-from sandbox_core.isolation.launch import PACKAGE_ROOT, LaunchSpec, python_argv, rlimit_plan, worker_env
+from sandbox_core.isolation import cgroups
+from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, python_argv, rlimit_plan, worker_env
+from sandbox_core.kernel import landlock_abi
 
 WORKSPACE = "/workspace"
 _MB = 1024 * 1024
@@ -334,7 +335,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         plan["landlock"] = {
             "read_only": _roots({"/etc", "/proc", *m.covered} - {WORKSPACE, *rw_dests}),
             "read_write": ["/tmp", "/dev", *rw_dests],
-            "required": landlock.abi_version() > 0,
+            "required": landlock_abi() > 0,
         }
 
     def after_spawn(pid: int) -> None:

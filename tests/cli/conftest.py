@@ -25,8 +25,10 @@ SANDBOX = str(Path(sys.executable).with_name("sandbox"))
 Run = Callable[..., subprocess.CompletedProcess[str]]
 Invoke = Callable[..., Result]
 ANSI = re.compile(r"\x1b[\[\]()]")
-AGENT_AVAILABLE = importlib.util.find_spec("sandbox_core.agent.runtime") is not None
-needs_agent = pytest.mark.skipif(not AGENT_AVAILABLE, reason="sandbox_core.agent.runtime is not in this build yet")
+AGENT_AVAILABLE = importlib.util.find_spec("sandbox_core.inside.agent.runtime") is not None
+needs_agent = pytest.mark.skipif(
+    not AGENT_AVAILABLE, reason="sandbox_core.inside.agent.runtime is not in this build yet"
+)
 
 
 def assert_plain(text: str) -> None:

@@ -160,7 +160,7 @@ def test_ctrl_d_shuts_the_pool_down_leaving_no_worker(terminal: Terminal, profil
         terminal.prompt()
     sessions = poll(lambda: (s := worker_sessions(terminal.pid)) and len(s) >= 2 and s, 10, "two workers")
     members = [pid for sid in sessions for pid in process_tree(sid)]
-    assert any("sandbox_core.worker_main" in " ".join(cmdline(pid)) for pid in members)
+    assert any("sandbox_core.inside.worker_main" in " ".join(cmdline(pid)) for pid in members)
     terminal.child.sendcontrol("d")
     terminal.expect(r"stopping \d worker")
     terminal.child.expect(pexpect.EOF)

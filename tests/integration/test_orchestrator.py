@@ -20,7 +20,7 @@ from sandbox_core.errors import (
     SandboxError,
     WorkerCrashed,
 )
-from sandbox_core.isolation.launch import LaunchSpec, process_launch
+from sandbox_core.isolation.spec import LaunchSpec, process_launch
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.requests import ExecRequest, RawRequest
 from tests.helpers import live_session_members, pid_alive, process_config, wait_for

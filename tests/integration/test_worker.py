@@ -13,7 +13,7 @@ import pytest
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import RequestTimeout, WorkerCrashed, WorkerStartError
 from sandbox_core.events import Event
-from sandbox_core.isolation.launch import LaunchSpec, process_launch
+from sandbox_core.isolation.spec import LaunchSpec, process_launch
 from sandbox_core.requests import ExecRequest
 from sandbox_core.worker import SandboxWorker, WorkerState
 from tests.helpers import live_session_members, pid_alive, process_config, wait_for

@@ -24,9 +24,9 @@ from typing import Any
 import pytest
 
 from sandbox_core.audit import CANARY_VAR, CHECK_NAMES, AuditReport, run_audit
-from sandbox_core.audit_probes import CANARY_PREFIX, CANARY_RE, LIMIT_PROBES, STATIC_PROBES
 from sandbox_core.config import ProcessSandboxConfig, StrictIsolation
 from sandbox_core.errors import IsolationUnavailable
+from sandbox_core.shared import CANARY_PREFIX, CANARY_RE, LIMIT_PROBES, STATIC_PROBES
 from tests.helpers import process_config
 
 LINUX = sys.platform.startswith("linux")
@@ -161,11 +161,11 @@ def test_strict_without_cgroups_reports_memory_unlimited(tmp_path: Path) -> None
 def test_strict_without_bwrap_fails_closed_and_cleans_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if importlib.util.find_spec("sandbox_core.isolation.strict") is None:
         pytest.skip("sandbox_core.isolation.strict (the strict engine) is not importable yet")
-    from sandbox_core import audit
+    from sandbox_core.audit import plant
 
     canaries = tmp_path / "canaries"
     canaries.mkdir()
-    monkeypatch.setattr(audit, "_canary_parent", lambda: str(canaries))
+    monkeypatch.setattr(plant, "_canary_parent", lambda: str(canaries))
     root = tmp_path / "ws"
     config = _strict_config(root, bwrap=str(tmp_path / "no-such-bwrap"))
     with pytest.raises(IsolationUnavailable, match="bubblewrap"):
@@ -365,9 +365,10 @@ def test_cli_run_audit_refuses_a_running_loop() -> None:
 
 def test_a_probe_that_returned_nothing_fails_its_checks(tmp_path: Path) -> None:
     """No check passes vacuously: without probe results (worker crashed, probe errored) all fail."""
-    from sandbox_core import audit
+    from sandbox_core.audit.judge import Evidence, judge
+    from sandbox_core.audit.plant import Plants
 
-    plants = audit._Plants(
+    plants = Plants(
         canaries={"env": CANARY_PREFIX + "0" * 32}, canary_dir=tmp_path, secret_file=tmp_path / "s",
         world_file=tmp_path / "w", peer_user="p", peer_dir=tmp_path / "p", peer_file=tmp_path / "p" / "f",
         workspace=tmp_path / "u", scratch=".sba-x", nonce="x",
@@ -377,9 +378,9 @@ def test_a_probe_that_returned_nothing_fails_its_checks(tmp_path: Path) -> None:
     failed: dict[str, Any] = {n: {"error": "boom"} for n in (*STATIC_PROBES, *LIMIT_PROBES, "command")}
     cases: list[tuple[dict[str, Any], dict[str, str]]] = [({}, {}), (failed, {}), ({}, {"static": "boom"})]
     for results, errors in cases:
-        ctx = audit._Context(ProcessSandboxConfig(), plants, results, errors, limits, monitor, {}, "")
+        ctx = Evidence(ProcessSandboxConfig(), plants, results, errors, limits, monitor, {}, "")
         for name in CHECK_NAMES:
-            check = audit._evaluate(ctx, name)
+            check = judge(ctx, name)
             assert not check.passed, (name, check.observed)
             assert "boom" in check.observed or "returned nothing" in check.observed or name == "host.responsive"
 

@@ -26,9 +26,10 @@ import pytest
 
 from sandbox_core.config import ProcessSandboxConfig, ResourceLimits, StrictIsolation
 from sandbox_core.errors import IsolationUnavailable
-from sandbox_core.isolation import cgroups, landlock
+from sandbox_core.isolation import cgroups
 from sandbox_core.isolation.launch import PACKAGE_ROOT, LaunchSpec, prepare_workspace
 from sandbox_core.isolation.strict import strict_launch
+from sandbox_core.kernel import landlock_abi
 
 pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="strict profile is Linux only"),
@@ -36,14 +37,14 @@ pytestmark = [
 ]
 AS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not AS_ROOT, reason="the uid switch happens only when the host is root")
-needs_landlock = pytest.mark.skipif(landlock.abi_version() == 0, reason="kernel has no landlock")
+needs_landlock = pytest.mark.skipif(landlock_abi() == 0, reason="kernel has no landlock")
 needs_cgroups = pytest.mark.skipif(cgroups.available() is not None, reason=f"cgroups: {cgroups.available()}")
 
 PRELUDE = """
 import json, os, sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from sandbox_core.isolation import inside
+from sandbox_core.inside import confine as inside
 plan = json.loads(sys.argv[1])
 out = {{}}
 def attempt(fn, *args):
@@ -458,7 +459,7 @@ def test_landlock_blocks_writes_that_the_mounts_allow(tmp_path: Path) -> None:
     shared.chmod(0o777)
     (shared / "existing").chmod(0o666)
     code = """
-    from sandbox_core.isolation import landlock
+    from sandbox_core.inside import landlock
     out["before"] = attempt(lambda: open("/shared/before", "w").close())
     ro = [Path(p) for p in plan["landlock"]["read_only"]] + [Path("/shared")]
     out["abi"] = landlock.restrict(read_only=ro, read_write=[Path("/workspace"), Path("/tmp"), Path("/dev")])
@@ -479,14 +480,14 @@ def test_landlock_blocks_writes_that_the_mounts_allow(tmp_path: Path) -> None:
     assert out["after"] == errno.EACCES and out["truncate"] == errno.EACCES  # ...landlock is not
     assert out["read"] == "data" and out["workspace"] == "ok" and out["devnull"] == "ok"
     assert out["exec"] == "hi\ndata"
-    assert out["abi"] == landlock.abi_version() and out["report"]["landlock"] == {"abi": out["abi"]}
+    assert out["abi"] == landlock_abi() and out["report"]["landlock"] == {"abi": out["abi"]}
 
 
 @needs_landlock
 def test_plan_landlock_keeps_the_worker_working(tmp_path: Path) -> None:
     code = """
     import asyncio, subprocess, importlib
-    importlib.import_module("sandbox_core.runner")
+    importlib.import_module("sandbox_core.inside.runner")
     out["asyncio"] = asyncio.run(asyncio.sleep(0, "ok"))
     out["sh"] = subprocess.run(["sh", "-c", "ls /usr/bin/env && echo x > /tmp/t && cat /tmp/t"],
                                capture_output=True, text=True).stdout
@@ -686,8 +687,8 @@ def test_real_worker_handshake_and_exec(tmp_path: Path, host_canary: str) -> Non
     assert report["capabilities_zero"] is True and report["engine"].startswith("bubblewrap")
     if AS_ROOT:
         assert report["uid"] == 65534 and text.startswith("65534\n/workspace\n")
-    if landlock.abi_version():
-        assert report["landlock"] == {"abi": landlock.abi_version()}
+    if landlock_abi():
+        assert report["landlock"] == {"abi": landlock_abi()}
     if cgroups.available() is None:
         assert report["limits"] == "cgroup-v1"
         leftovers = [

@@ -11,7 +11,7 @@ from sandbox_core.config import (
     validate_user_id,
 )
 from sandbox_core.errors import ConfigError
-from sandbox_core.isolation.launch import worker_env
+from sandbox_core.isolation.spec import worker_env
 
 
 def test_defaults_are_strict_and_minimal() -> None:

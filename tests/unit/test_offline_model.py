@@ -11,10 +11,10 @@ import httpx2
 import pytest
 from anthropic import AsyncAnthropic
 
-from sandbox_core.agent import GATEWAY_BASE_URL, PLACEHOLDER_API_KEY, offline
-from sandbox_core.agent.transport import GatewayTransport
 from sandbox_core.config import ModelConfig
-from sandbox_core.gateway import ModelGateway
+from sandbox_core.gateway import ModelGateway, offline
+from sandbox_core.inside.agent.transport import GatewayTransport
+from sandbox_core.shared import GATEWAY_BASE_URL, PLACEHOLDER_API_KEY
 
 MODEL = "claude-sonnet-5-5"
 BASH = {"name": "bash", "description": "run", "input_schema": {"type": "object"}}

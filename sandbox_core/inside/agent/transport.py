@@ -35,8 +35,8 @@ from typing import Any
 import anthropic
 import httpx2
 
-from sandbox_core.agent import GATEWAY_METHOD
 from sandbox_core.errors import SandboxError
+from sandbox_core.shared import GATEWAY_METHOD
 
 CallHost = Callable[[str, dict[str, Any]], AsyncIterator[dict[str, Any]]]
 CancelHostCall = Callable[[Any], Awaitable[None]]

@@ -21,7 +21,7 @@ from sandbox_core.errors import ProtocolError
 from sandbox_core.process_tree import boot_ticks, descendants
 
 if TYPE_CHECKING:
-    from sandbox_core.worker_main import RequestContext
+    from sandbox_core.inside.channel import RequestContext
 
 _READ = 64 * 1024
 _DRAIN_AFTER_EXIT = 2.0
@@ -64,7 +64,7 @@ class _ExitWatch(asyncio.subprocess.SubprocessStreamProtocol):
 
 @functools.cache
 def _in_worker() -> bool:
-    from sandbox_core.isolation.identity import is_subreaper
+    from sandbox_core.inside.identity import is_subreaper
 
     return is_subreaper()
 

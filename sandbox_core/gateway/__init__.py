@@ -1,7 +1,7 @@
 """The host side of model calls made from inside the sandbox.
 
 A worker's SDK sends each HTTP request as a ``gateway.request`` call (see
-``sandbox_core.agent.transport``). :meth:`ModelGateway.handle` checks it, then answers with
+``sandbox_core.inside.agent.transport``). :meth:`ModelGateway.handle` checks it, then answers with
 chunks: ``{"kind": "start", "status", "headers"}`` once, then ``{"kind": "body",
 "data_b64"}`` as the response body arrives (server-sent events are passed on one read at a
 time, never buffered to the end).
@@ -16,7 +16,7 @@ is added as the documented ``x-api-key`` and as ``Authorization: Bearer`` (what 
 installed SDK sends), so either kind of endpoint or proxy accepts it.
 
 Providers: ``anthropic`` forwards to ``base_url`` with httpx2; ``offline`` answers with
-:mod:`sandbox_core.agent.offline`, in process; ``auto`` is ``anthropic`` when an API key is
+:mod:`sandbox_core.gateway.offline`, in process; ``auto`` is ``anthropic`` when an API key is
 configured, else ``offline``.
 
 Metering, per user: calls, refused calls, errors (status >= 400 or a broken stream), and
@@ -40,9 +40,9 @@ from urllib.parse import urlsplit
 
 import httpx2
 
-from sandbox_core.agent import GATEWAY_HOST
 from sandbox_core.config import ModelConfig
 from sandbox_core.errors import GatewayError
+from sandbox_core.shared import GATEWAY_HOST
 
 ALLOWED_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 ALLOWED_QUERIES = frozenset({"", "beta=true"})
@@ -267,7 +267,7 @@ class ModelGateway:
     # ------------------------------------------------------------------ backends
 
     async def _offline(self, call: _Call) -> AsyncIterator[tuple[int, list[tuple[str, str]], bytes]]:
-        from sandbox_core.agent import offline
+        from sandbox_core.gateway import offline
 
         reply = offline.respond(call.path, call.json)
         if not reply.chunks:

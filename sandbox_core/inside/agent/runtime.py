@@ -2,8 +2,8 @@
 
 The loop is the SDK's own streaming tool runner (``client.beta.messages.tool_runner(...,
 stream=True)``) over the reference agent toolset confined to the workspace
-(:mod:`sandbox_core.agent.tools`). The client's HTTP goes through
-:class:`~sandbox_core.agent.transport.GatewayTransport` to the host, with a placeholder key.
+(:mod:`sandbox_core.inside.agent.tools`). The client's HTTP goes through
+:class:`~sandbox_core.inside.agent.transport.GatewayTransport` to the host, with a placeholder key.
 What this module adds, and why the runner does not do it:
 
 - events: the runner yields one message stream per turn; this maps its ``text`` deltas,
@@ -71,8 +71,8 @@ class AgentContext(Protocol):
 
 class _Params:
     def __init__(self, params: dict[str, Any]) -> None:
-        from sandbox_core.agent.tools import TOOL_NAMES
         from sandbox_core.config import DEFAULT_MODEL
+        from sandbox_core.inside.agent.tools import TOOL_NAMES
 
         self.prompt = _get(params, "prompt", str, None)
         if not self.prompt:
@@ -114,7 +114,7 @@ def _clip(text: str, limit: int = EVENT_OUTPUT_LIMIT) -> tuple[str, bool]:
 
 
 def _result_event(block: Any) -> dict[str, Any]:
-    from sandbox_core.agent.tools import EXIT_TRAILER
+    from sandbox_core.inside.agent.tools import EXIT_TRAILER
 
     content = block.get("content")
     if isinstance(content, str):
@@ -213,9 +213,9 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
     from anthropic import AsyncAnthropic
     from anthropic.lib.streaming import ParsedBetaContentBlockStopEvent, ParsedBetaTextEvent
 
-    from sandbox_core.agent import GATEWAY_BASE_URL, PLACEHOLDER_API_KEY
-    from sandbox_core.agent.tools import WorkspaceShell, shell_env, workspace_tools
-    from sandbox_core.agent.transport import GatewayTransport
+    from sandbox_core.inside.agent.tools import WorkspaceShell, shell_env, workspace_tools
+    from sandbox_core.inside.agent.transport import GatewayTransport
+    from sandbox_core.shared import GATEWAY_BASE_URL, PLACEHOLDER_API_KEY
 
     started = time.monotonic()
     store: dict[str, list[Any]] = ctx.executor.state.setdefault(CONVERSATIONS, {})

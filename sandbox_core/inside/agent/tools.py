@@ -37,8 +37,8 @@ from anthropic.lib.tools.agent_toolset import (
 )
 from anthropic.types.beta import BetaManagedAgentsAgentToolset20260401BashInput
 
+from sandbox_core.inside.runner import kill_group, kill_strays
 from sandbox_core.process_tree import boot_ticks
-from sandbox_core.runner import kill_group, kill_strays
 
 TOOL_NAMES = ("bash", "read", "write", "edit", "glob", "grep")
 OUTPUT_LIMIT = 100 * 1024

@@ -28,7 +28,7 @@ RLIMITS: dict[str, int] = {
 
 def apply(plan: dict[str, Any]) -> dict[str, Any]:
     """Apply the plan's in-process layers (in a safe order) and return the report."""
-    from sandbox_core.isolation import identity
+    from sandbox_core.inside import identity
 
     layers: dict[str, Any] = {"profile": plan.get("profile", "process")}
     switch = plan.get("switch_user")
@@ -51,7 +51,7 @@ def after_bind(plan: dict[str, Any], workspace: Path, report: dict[str, Any]) ->
     """Layers that need the workspace (landlock rules); updates ``report`` in place."""
     landlock_rules = plan.get("landlock")
     if isinstance(landlock_rules, dict):
-        from sandbox_core.isolation import landlock
+        from sandbox_core.inside import landlock
 
         abi = landlock.restrict(
             read_only=[Path(p) for p in landlock_rules.get("read_only", [])],

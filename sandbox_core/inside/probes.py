@@ -18,37 +18,25 @@ becomes ``{"error": ...}`` rather than an exception.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
 import errno
-import hashlib
 import json
 import os
-import re
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sandbox_core.shared import CANARY_RE, STATIC_PROBES, sha256_hex, unix_address
+
 if TYPE_CHECKING:
-    from sandbox_core.worker_main import RequestContext
+    from sandbox_core.inside.channel import RequestContext
 
-CANARY_PREFIX = "sbx-canary-"
-CANARY_RE = re.compile(rb"sbx-canary-[0-9a-f]{32}")
-"""The public shape of every canary: the prefix and 32 random hex digits."""
-
-STATIC_PROBES = (
-    "worker_fds", "worker_env", "caps", "proc_scan", "files", "write_outside", "symlink_escape",
-    "hardlink_escape", "host_tcp", "host_unix", "outbound", "ptrace", "userns", "setuid",
-    "other_workspace",
-)  # fmt: skip
-"""Probes of the first ``audit.probe`` request, in order (fds first: nothing else is open yet)."""
-LIMIT_PROBES = ("fork_bomb", "memory_hog")
 
 _READ_CAP = 1 << 20
 _PROC_SCAN_SECONDS = 8.0
@@ -61,11 +49,6 @@ Observation = dict[str, Any]
 
 
 # ---------------------------------------------------------------- canaries
-
-
-def sha256_hex(data: bytes | str) -> str:
-    raw = data.encode() if isinstance(data, str) else data
-    return hashlib.sha256(raw).hexdigest()
 
 
 def find_canaries(data: bytes, digests: Mapping[str, str]) -> list[str]:
@@ -430,20 +413,6 @@ def probe_hardlink_escape(spec: Spec, workspace: Path) -> Observation:
                 obs["cleanup_errno"] = _errname(exc)
         attempts.append(obs)
     return {"attempts": attempts}
-
-
-@contextlib.contextmanager
-def unix_address(path: str) -> Iterator[str]:
-    """``path`` as a usable AF_UNIX address: a path over the 107-byte limit goes through
-    ``/proc/self/fd/N/`` of its directory (abstract names, starting with NUL, pass as they are)."""
-    if path.startswith("\0") or len(os.fsencode(path)) < 108:
-        yield path
-        return
-    dirfd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{dirfd}/{os.path.basename(path)}"
-    finally:
-        os.close(dirfd)
 
 
 def _connect(family: int, address: Any, timeout: float) -> Observation:

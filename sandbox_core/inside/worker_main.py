@@ -1,7 +1,7 @@
 """Sandbox-side entry point: the JSON-RPC loop (:class:`IPCHandler`) and the methods it serves.
 
-Run as ``python -m sandbox_core.worker_main [MAX_FRAME_BYTES]``. The first thing the process does is move
-the protocol off fds 0/1 onto private descriptors and point fd 0 at /dev/null and fd 1
+Run as ``python -m sandbox_core.inside.worker_main [MAX_FRAME_BYTES]``. First the process moves
+the protocol off fds 0/1 onto private descriptors and points fd 0 at /dev/null and fd 1
 at stderr, so a stray ``print`` or a child's output can never corrupt the channel.
 
 Then it waits for ``initialize`` (which applies the in-process isolation layers and
@@ -14,17 +14,16 @@ matched by id and their streamed chunks arrive as ``host.chunk`` notifications.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from sandbox_core import codes
 from sandbox_core.errors import ProtocolError, RequestCancelled, SandboxError
-from sandbox_core.events import EVENT_METHOD, EventType
+from sandbox_core.inside.channel import Channel, RequestContext
 from sandbox_core.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -35,11 +34,9 @@ from sandbox_core.protocol import (
     Request,
     RequestId,
     Response,
-    encode,
 )
 
 Handler = Callable[["RequestContext", dict[str, Any]], Awaitable[Any]]
-HOST_CHUNK = "host.chunk"
 
 
 def _enable_site_packages() -> None:
@@ -49,89 +46,6 @@ def _enable_site_packages() -> None:
     import site
 
     site.main()  # what start-up would have done: venv prefix, site-packages, .pth files
-
-
-class _HostCall:
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[dict[str, Any] | Response] = asyncio.Queue()
-
-
-class Channel:
-    """The worker's end of the pipe: writes frames and makes calls to the host."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
-        self._ids = itertools.count(1)
-        self._calls: dict[RequestId, _HostCall] = {}
-
-    def send_nowait(self, msg: Request | Notification | Response) -> None:
-        """Queue one whole frame on the pipe (frames never interleave)."""
-        self._writer.write(encode(msg))
-
-    async def send(self, msg: Request | Notification | Response) -> None:
-        """Send a frame and wait while the pipe is backed up (the host reads slowly)."""
-        self._writer.write(encode(msg))
-        await self._writer.drain()
-
-    async def call_host(self, method: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Call the host; yield each streamed chunk, end when the final response arrives."""
-        call_id = f"w{next(self._ids)}"
-        call = _HostCall()
-        self._calls[call_id] = call
-        answered = False
-        try:
-            await self.send(Request(call_id, method, params))
-            while True:
-                item = await call.queue.get()
-                if isinstance(item, Response):
-                    answered = True
-                    if item.error is not None:
-                        from sandbox_core.errors import from_wire
-
-                        raise from_wire(item.error)
-                    return
-                yield item
-        finally:
-            self._calls.pop(call_id, None)
-            if not answered:  # the caller gave up (cancel, error): the host stops the call too
-                self.send_nowait(Notification("cancel", {"id": call_id}))
-
-    def route(self, msg: Response | Notification) -> bool:
-        """Deliver a host response or chunk to its pending call; False if none matches."""
-        if isinstance(msg, Response):
-            call = self._calls.get(msg.id) if msg.id is not None else None
-            if call is None:
-                return False
-            call.queue.put_nowait(msg)
-            return True
-        call_id = msg.params.get("call_id")
-        call = self._calls.get(call_id) if isinstance(call_id, str | int) else None
-        if call is None:
-            return False
-        call.queue.put_nowait(msg.params)
-        return True
-
-
-class RequestContext:
-    """What a method handler gets: its request, a way to emit events, the executor state."""
-
-    def __init__(self, request: Request, channel: Channel, executor: SandboxExecutor) -> None:
-        self.request = request
-        self.channel = channel
-        self.executor = executor
-        self._seq = itertools.count(1)
-
-    async def emit(self, kind: EventType, data: dict[str, Any]) -> None:
-        await self.channel.send(
-            Notification(
-                EVENT_METHOD,
-                {"request_id": self.request.id, "seq": next(self._seq), "type": kind, "data": data},
-            )
-        )
-
-    @property
-    def workspace(self) -> Path:
-        return self.executor.require_workspace()
 
 
 class SandboxExecutor:
@@ -152,9 +66,9 @@ class SandboxExecutor:
             "bind": self.bind,
             "exec": self.exec,
             "shutdown": self.shutdown,
-            "agent.run": self._lazy("sandbox_core.agent.runtime", "run"),
-            "agent.reset": self._lazy("sandbox_core.agent.runtime", "reset"),
-            "audit.probe": self._lazy("sandbox_core.audit_probes", "probe"),
+            "agent.run": self._lazy("sandbox_core.inside.agent.runtime", "run"),
+            "agent.reset": self._lazy("sandbox_core.inside.agent.runtime", "reset"),
+            "audit.probe": self._lazy("sandbox_core.inside.probes", "probe"),
         }
 
         self.quick: dict[str, Callable[[dict[str, Any]], Any]] = {"ping": self.ping}
@@ -181,13 +95,13 @@ class SandboxExecutor:
 
     async def initialize(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         """Apply the in-process isolation layers of the plan and report what is in force."""
-        from sandbox_core.isolation import inside
+        from sandbox_core.inside import confine
 
         if self.initialized:
             raise ProtocolError("already initialized")
         self.worker_id = str(params.get("worker_id", ""))
         self.plan = dict(params.get("plan") or {})
-        self.report = inside.apply(self.plan)
+        self.report = confine.apply(self.plan)
         self.initialized = True
         workspace = params.get("workspace")
         if isinstance(workspace, str):
@@ -208,15 +122,15 @@ class SandboxExecutor:
         return {"user_id": user_id, "workspace": workspace}
 
     def _enter(self, user_id: str, workspace: Path) -> None:
-        from sandbox_core.isolation import inside
+        from sandbox_core.inside import confine
 
         os.chdir(workspace)
         self.user_id, self.workspace = user_id, workspace
         os.environ["HOME"] = str(workspace)
-        inside.after_bind(self.plan, workspace, self.report)
+        confine.after_bind(self.plan, workspace, self.report)
 
     async def exec(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
-        from sandbox_core.runner import run_command
+        from sandbox_core.inside.runner import run_command
 
         return await run_command(ctx, params)
 

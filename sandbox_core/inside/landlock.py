@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from sandbox_core.errors import IsolationUnavailable
+from sandbox_core.kernel import landlock_abi
 
 SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
-_CREATE_RULESET_VERSION = 1
 _RULE_PATH_BENEATH = 1
 
 EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
@@ -61,10 +61,7 @@ def _syscall(*args: object) -> int:
 
 def abi_version() -> int:
     """The kernel's Landlock ABI version, or 0 when Landlock is absent or disabled."""
-    res = _syscall(
-        ctypes.c_long(SYS_CREATE_RULESET), None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION)
-    )
-    return max(res, 0)
+    return landlock_abi()
 
 
 def handled_fs(abi: int) -> int:
@@ -105,7 +102,7 @@ def restrict(read_only: Iterable[Path], read_write: Iterable[Path]) -> int:
             _add(ruleset, path, READ_RIGHTS & handled)
         for path in read_write:
             _add(ruleset, path, handled)
-        from sandbox_core.isolation.identity import set_no_new_privs
+        from sandbox_core.inside.identity import set_no_new_privs
 
         set_no_new_privs()
         if _syscall(ctypes.c_long(SYS_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:

@@ -1,0 +1,107 @@
+"""The worker's end of the control pipe: frames out, calls to the host, request contexts.
+
+:class:`Channel` writes whole frames (they never interleave) and makes calls to the host
+(the model gateway), matching their answers by id; :class:`RequestContext` is what a method
+handler gets: its request, a way to emit events, and the executor's state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from sandbox_core.errors import from_wire
+from sandbox_core.events import EVENT_METHOD, EventType
+from sandbox_core.protocol import Notification, Request, RequestId, Response, encode
+
+
+class Executor(Protocol):
+    """What a request context needs of the worker's executor."""
+
+    state: dict[str, Any]
+
+    def require_workspace(self) -> Path: ...
+
+
+class _HostCall:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any] | Response] = asyncio.Queue()
+
+
+class Channel:
+    """The worker's end of the pipe: writes frames and makes calls to the host."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._calls: dict[RequestId, _HostCall] = {}
+
+    def send_nowait(self, msg: Request | Notification | Response) -> None:
+        """Queue one whole frame on the pipe (frames never interleave)."""
+        self._writer.write(encode(msg))
+
+    async def send(self, msg: Request | Notification | Response) -> None:
+        """Send a frame and wait while the pipe is backed up (the host reads slowly)."""
+        self._writer.write(encode(msg))
+        await self._writer.drain()
+
+    async def call_host(self, method: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Call the host; yield each streamed chunk, end when the final response arrives."""
+        call_id = f"w{next(self._ids)}"
+        call = _HostCall()
+        self._calls[call_id] = call
+        answered = False
+        try:
+            await self.send(Request(call_id, method, params))
+            while True:
+                item = await call.queue.get()
+                if isinstance(item, Response):
+                    answered = True
+                    if item.error is not None:
+                        raise from_wire(item.error)
+                    return
+                yield item
+        finally:
+            self._calls.pop(call_id, None)
+            if not answered:  # the caller gave up (cancel, error): the host stops the call too
+                self.send_nowait(Notification("cancel", {"id": call_id}))
+
+    def route(self, msg: Response | Notification) -> bool:
+        """Deliver a host response or chunk to its pending call; False if none matches."""
+        if isinstance(msg, Response):
+            call = self._calls.get(msg.id) if msg.id is not None else None
+            if call is None:
+                return False
+            call.queue.put_nowait(msg)
+            return True
+        call_id = msg.params.get("call_id")
+        call = self._calls.get(call_id) if isinstance(call_id, str | int) else None
+        if call is None:
+            return False
+        call.queue.put_nowait(msg.params)
+        return True
+
+
+class RequestContext:
+    """What a method handler gets: its request, a way to emit events, the executor state."""
+
+    def __init__(self, request: Request, channel: Channel, executor: Executor) -> None:
+        self.request = request
+        self.channel = channel
+        self.executor = executor
+        self._seq = itertools.count(1)
+
+    async def emit(self, kind: EventType, data: dict[str, Any]) -> None:
+        await self.channel.send(
+            Notification(
+                EVENT_METHOD,
+                {"request_id": self.request.id, "seq": next(self._seq), "type": kind, "data": data},
+            )
+        )
+
+    @property
+    def workspace(self) -> Path:
+        return self.executor.require_workspace()

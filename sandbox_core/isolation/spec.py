@@ -1,0 +1,109 @@
+"""What spawning one worker takes: its argv, environment and plan (the ``process`` profile here)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sandbox_core.config import ProcessSandboxConfig, ResourceLimits
+from sandbox_core.shared import WORKER_ENTRY
+
+_MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything needed to spawn one worker.
+
+    ``env`` is the complete environment of the spawned process (never inherited).
+    ``plan`` travels in the ``initialize`` request and tells the worker which
+    in-process layers to apply. ``workspace_in_sandbox`` is the path the worker sees
+    for the user's workspace; ``bound_at_spawn`` says the workspace is fixed at spawn
+    (the worker cannot be pre-warmed unbound).
+    """
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    plan: dict[str, Any]
+    workspace_in_sandbox: str | None = None
+    bound_at_spawn: bool = False
+    pass_fds: tuple[int, ...] = ()
+    after_spawn: Callable[[int], None] | None = None
+    """Called on the host with the new process's pid before the handshake (e.g. to
+    move it into a cgroup). Raising IsolationUnavailable kills the worker."""
+    cleanup: Callable[[], None] | None = None
+    """Called on the host after the worker has exited (remove cgroups, temp files)."""
+
+
+def worker_env(
+    config: ProcessSandboxConfig, home: str, environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The worker's environment, built from the allowlist: nothing else is inherited."""
+    source = os.environ if environ is None else environ
+    env: dict[str, str] = {}
+    for name in config.env.allow:
+        if name.endswith("*"):
+            prefix = name[:-1]
+            env.update({k: v for k, v in source.items() if k.startswith(prefix)})
+        elif name in source:
+            env[name] = source[name]
+    env.setdefault("PATH", config.env.default_path)
+    env.update(config.env.fixed)
+    env["HOME"] = home
+    return env
+
+
+def rlimit_plan(limits: ResourceLimits) -> dict[str, int]:
+    """rlimits for the plan (``0`` settings are left out, i.e. unlimited)."""
+    plan: dict[str, int] = {"core": 0 if not limits.core_dumps else -1}
+    if plan["core"] == -1:
+        del plan["core"]
+    for key, value, scale in (
+        ("as", limits.address_space_mb, _MB),
+        ("cpu", limits.cpu_seconds, 1),
+        ("nofile", limits.open_files, 1),
+        ("nproc", limits.processes, 1),
+        ("fsize", limits.file_size_mb, _MB),
+    ):
+        if value:
+            plan[key] = value * scale
+    return plan
+
+
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+"""The directory holding the ``sandbox_core`` package (put first on the worker's path)."""
+_BOOT = "import sys; sys.path.insert(0, {root!r}); from {entry} import main; main()"
+
+
+def python_argv(config: ProcessSandboxConfig) -> list[str]:
+    """The worker's command: isolated mode (-I ignores PYTHON* variables and the cwd).
+
+    ``-S`` skips ``site`` at start-up (~25 ms of .pth processing); the worker adds
+    site-packages itself only when a method needs a third-party package (the agent).
+    """
+    boot = _BOOT.format(root=PACKAGE_ROOT, entry=WORKER_ENTRY)
+    return [sys.executable, "-I", "-S", "-c", boot, str(config.max_frame_bytes)]
+
+
+def process_launch(config: ProcessSandboxConfig, workspace: Path | None) -> LaunchSpec:
+    """The portable ``process`` profile: env allowlist, new session, closed fds, rlimits."""
+    home = str(workspace) if workspace is not None else "/"  # unbound: chdir at bind
+    env = worker_env(config, home)
+    plan: dict[str, Any] = {
+        "profile": "process",
+        "rlimits": rlimit_plan(config.limits),
+        "umask": 0o077,
+        "env_allowlist": True,
+    }
+    return LaunchSpec(
+        argv=python_argv(config),
+        env=env,
+        cwd=home,
+        plan=plan,
+        workspace_in_sandbox=str(workspace) if workspace is not None else None,
+    )

@@ -1,0 +1,61 @@
+"""Names both sides of the trust boundary agree on: methods, entry points, placeholders.
+
+The host and the code inside the sandbox never import each other (import-linter contracts
+in ``pyproject.toml``); what they must agree on lives here, in a leaf that imports only
+the standard library, so importing it costs nothing on either side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+
+WORKER_ENTRY = "sandbox_core.inside.worker_main"
+"""The module the launcher starts inside the sandbox (named, never imported, by the host)."""
+PROBE_COMMAND_ENTRY = "sandbox_core.inside.probes"
+"""The module ``audit-env`` runs as a command inside the sandbox (its ``command_main``)."""
+
+HOST_CHUNK = "host.chunk"
+"""The host → worker notification carrying one streamed chunk of a host call."""
+
+GATEWAY_HOST = "gateway.sandbox"
+"""The placeholder host the SDK inside the worker talks to; the host's gateway replaces it
+with the configured API base URL."""
+GATEWAY_BASE_URL = f"http://{GATEWAY_HOST}"
+PLACEHOLDER_API_KEY = "sandbox-gateway"
+"""What the SDK inside the worker sends as its key; the gateway drops it."""
+GATEWAY_METHOD = "gateway.request"
+"""The worker → host JSON-RPC method that carries one HTTP request."""
+
+CANARY_PREFIX = "sbx-canary-"
+CANARY_RE = re.compile(rb"sbx-canary-[0-9a-f]{32}")
+"""The public shape of every audit canary: the prefix and 32 random hex digits."""
+STATIC_PROBES = (
+    "worker_fds", "worker_env", "caps", "proc_scan", "files", "write_outside", "symlink_escape",
+    "hardlink_escape", "host_tcp", "host_unix", "outbound", "ptrace", "userns", "setuid",
+    "other_workspace",
+)  # fmt: skip
+"""Probes of the first ``audit.probe`` request, in order (fds first: nothing else is open yet)."""
+LIMIT_PROBES = ("fork_bomb", "memory_hog")
+
+
+def sha256_hex(data: bytes | str) -> str:
+    """The hex SHA-256 of ``data`` (text is UTF-8): how canaries are named across the pipe."""
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+@contextlib.contextmanager
+def unix_address(path: str) -> Iterator[str]:
+    """``path`` as a usable AF_UNIX address: a path over the 107-byte limit goes through
+    ``/proc/self/fd/N/`` of its directory (abstract names, starting with NUL, pass as they are)."""
+    if path.startswith("\0") or len(os.fsencode(path)) < 108:
+        yield path
+        return
+    dirfd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{dirfd}/{os.path.basename(path)}"
+    finally:
+        os.close(dirfd)
