@@ -3,15 +3,19 @@
 Batches (JSON arrays) are rejected with ``INVALID_REQUEST``: every message on this
 channel is a single object, which keeps ordering and cancellation simple.
 
-:class:`FrameReader` never raises for bad input: a malformed or oversized line
-becomes a :class:`Malformed` value on the message stream, and reading goes on at
-the next line. Only end of stream ends it.
+:func:`decode` never raises: any bad frame (not JSON, not UTF-8, nested deeper than
+:data:`MAX_NESTING`, wrong types) becomes a :class:`Malformed` value, and the framers
+consume a line before decoding it, so a bad line is read once and reading goes on at the
+next one. An oversized frame is dropped, but the ``id`` at its head (our encoder writes
+``{"jsonrpc":"2.0","id":...`` first) is kept on the :class:`Malformed`, so the receiver
+can answer or fail that one call at once instead of letting it wait for a timeout.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +24,14 @@ from sandbox_core import codes
 
 PROTOCOL_VERSION = "1"
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+MAX_NESTING = 64
+"""Deepest JSON nesting a frame may have; checked before parsing (the parser recurses)."""
 _CHUNK = 64 * 1024
+_HEAD = 256
+"""Bytes of an oversized frame kept to read its id from."""
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_INNERMOST = re.compile(rb"\[[^\[\]{}]*\]|\{[^\[\]{}]*\}")
+_HEAD_ID = re.compile(rb'\A\s*\{\s*"jsonrpc"\s*:\s*"2\.0"\s*,\s*"id"\s*:\s*(-?\d{1,18}|"[A-Za-z0-9_.:-]{1,64}")\s*[,}]')
 
 RequestId = int | str
 
@@ -86,12 +97,50 @@ def _valid_id(value: Any) -> bool:
     return (isinstance(value, int) and not isinstance(value, bool)) or isinstance(value, str)
 
 
+def too_deep(line: bytes, limit: int = MAX_NESTING) -> bool:
+    """Whether the JSON in ``line`` nests deeper than ``limit`` (or its brackets do not pair).
+
+    Cheap for ordinary frames: only a frame with more than ``limit`` brackets is looked at,
+    and then strings are cut out and innermost pairs removed level by level (all in C).
+    """
+    if line.count(b"[") + line.count(b"{") <= limit:
+        return False
+    rest = _STRING.sub(b"", line)
+    for _ in range(limit):
+        reduced = _INNERMOST.sub(b"", rest)
+        if reduced == rest:
+            break
+        rest = reduced
+    return any(ch in rest for ch in b"[]{}")
+
+
+def head_id(head: bytes) -> RequestId | None:
+    """The id at the head of a frame written by :func:`encode` (None if not readable)."""
+    match = _HEAD_ID.match(head)
+    if match is None:
+        return None
+    raw = match.group(1)
+    return raw[1:-1].decode() if raw.startswith(b'"') else int(raw)
+
+
 def decode(line: bytes) -> Message:
-    """Parse one frame (without or with its newline) into a message or a :class:`Malformed`."""
+    """Parse one frame (without or with its newline) into a message or a :class:`Malformed`.
+
+    Never raises: whatever goes wrong becomes a :class:`Malformed` value.
+    """
+    try:
+        return _decode(line)
+    except Exception as exc:  # noqa: BLE001 - a frame must never break its reader
+        return Malformed(codes.PARSE_ERROR, f"undecodable frame: {type(exc).__name__}", head_id(line[:_HEAD]))
+
+
+def _decode(line: bytes) -> Message:
+    if too_deep(line):
+        return Malformed(codes.PARSE_ERROR, f"frame nests deeper than {MAX_NESTING}", head_id(line[:_HEAD]))
     try:
         obj = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
-        return Malformed(codes.PARSE_ERROR, f"parse error: {exc}")
+        return Malformed(codes.PARSE_ERROR, f"parse error: {str(exc)[:200]}")
     if isinstance(obj, list):
         return Malformed(codes.INVALID_REQUEST, "batch requests are not supported")
     if not isinstance(obj, dict):
@@ -130,43 +179,61 @@ def decode(line: bytes) -> Message:
 
 
 class FrameSplitter:
-    """Push side of framing: feed bytes, get the complete messages they finish."""
+    """Push side of framing: feed bytes, get the complete messages they finish.
+
+    Holds at most ``max_frame`` bytes of an unfinished frame; past that the frame is
+    dropped as it arrives (its head is kept for the id) and reported when its newline
+    comes. Each line is cut out of the buffer before it is decoded.
+    """
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._max = max_frame
         self._buf = bytearray()
-        self._discarding = False
+        self._scanned = 0
+        self._discarding: bytes | None = None
+        """The head of the oversized frame being dropped, while one is."""
 
     def feed(self, data: bytes) -> list[Message]:
         """Messages completed by ``data`` (malformed or oversized ones as :class:`Malformed`)."""
         out: list[Message] = []
+        if self._discarding is not None:
+            nl = data.find(b"\n")
+            if nl < 0:
+                return out
+            out.append(self._oversized(self._discarding))
+            self._discarding = None
+            data = data[nl + 1 :]
         self._buf += data
+        lines: list[bytes] = []
         start = 0
-        while (nl := self._buf.find(b"\n", start)) >= 0:
-            if self._discarding:
-                self._discarding = False
-                out.append(self._oversized())
-            elif nl - start > self._max:
-                out.append(self._oversized())
-            elif self._buf[start:nl].strip():
-                out.append(decode(bytes(self._buf[start:nl])))
+        while (nl := self._buf.find(b"\n", max(start, self._scanned))) >= 0:
+            lines.append(bytes(self._buf[start:nl]))
             start = nl + 1
+            self._scanned = 0
         del self._buf[:start]
+        self._scanned = len(self._buf)
         if len(self._buf) > self._max:
+            self._discarding = bytes(self._buf[:_HEAD])
             self._buf.clear()
-            self._discarding = True
+            self._scanned = 0
+        for line in lines:
+            if len(line) > self._max:
+                out.append(self._oversized(line[:_HEAD]))
+            elif line.strip():
+                out.append(decode(line))
         return out
 
     def close(self) -> list[Message]:
         """Whatever an unterminated last frame holds, at end of stream."""
-        if self._discarding:
-            self._discarding = False
-            return [self._oversized()]
+        if self._discarding is not None:
+            head, self._discarding = self._discarding, None
+            return [self._oversized(head)]
         rest, self._buf = bytes(self._buf), bytearray()
+        self._scanned = 0
         return [decode(rest)] if rest.strip() else []
 
-    def _oversized(self) -> Malformed:
-        return Malformed(codes.FRAME_TOO_LARGE, f"frame larger than {self._max} bytes dropped")
+    def _oversized(self, head: bytes) -> Malformed:
+        return Malformed(codes.FRAME_TOO_LARGE, f"frame larger than {self._max} bytes dropped", head_id(head))
 
 
 class FrameReader:

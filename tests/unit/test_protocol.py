@@ -8,6 +8,7 @@ import pytest
 from sandbox_core import codes
 from sandbox_core.protocol import (
     FrameReader,
+    FrameSplitter,
     Malformed,
     Notification,
     Request,
@@ -113,3 +114,74 @@ def test_reader_handles_frame_exactly_at_limit() -> None:
     assert msgs == [Request(1, "ping", {"p": "x" * 100})]
     msgs = asyncio.run(_all(_reader(frame, max_frame=len(frame) - 2)))
     assert isinstance(msgs[0], Malformed) and msgs[0].code == codes.FRAME_TOO_LARGE
+
+
+# ----------------------------------------------------------------- hostile frames
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"[" * 1500,
+        b'{"jsonrpc":"2.0","id":3,"method":"x","params":{"a":' + b"[" * 1500 + b"]" * 1500 + b"}}",
+        b"{" * 100_000,
+        b'{"jsonrpc":"2.0","id":1,"result":' + b'{"a":' * 200 + b"1" + b"}" * 200 + b"}",
+    ],
+)
+def test_deep_nesting_is_refused_before_parsing(line: bytes) -> None:
+    msg = decode(line)
+    assert isinstance(msg, Malformed) and msg.code == codes.PARSE_ERROR
+
+
+def test_refused_nesting_keeps_the_id_of_the_call() -> None:
+    msg = decode(b'{"jsonrpc":"2.0","id":3,"method":"x","params":{"a":' + b"[" * 1500 + b"]" * 1500 + b"}}")
+    assert isinstance(msg, Malformed) and msg.id == 3
+
+
+def test_brackets_inside_strings_and_ordinary_depth_pass() -> None:
+    msg = Request(4, "x", {"s": "[[[[{{{{" * 1000, "l": [[[[[{"a": [1]}]]]]]})
+    assert decode(encode(msg)) == msg
+
+
+def test_decode_never_raises_on_random_bytes() -> None:
+    import random
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        line = bytes(rng.choice(b'{}[]":,0123456789abc\\ \x00\xff') for _ in range(rng.randrange(1, 60)))
+        assert isinstance(decode(line), Request | Response | Notification | Malformed)
+
+
+def test_splitter_consumes_a_bad_line_once_and_goes_on() -> None:
+    splitter = FrameSplitter(1024 * 1024)
+    out = splitter.feed(b"[" * 1500 + b"\n")
+    assert len(out) == 1 and isinstance(out[0], Malformed)
+    assert splitter.feed(b"") == []  # nothing left to re-parse
+    assert splitter.feed(encode(Request(1, "ping"))) == [Request(1, "ping")]
+
+
+def test_oversized_frame_keeps_its_id_from_the_head() -> None:
+    splitter = FrameSplitter(1024)
+    head = b'{"jsonrpc":"2.0","id":"w7","method":"gateway.request","params":{"pad":"'
+    assert splitter.feed(head + b"y" * 5000) == []  # dropped as it arrives, not buffered
+    out = splitter.feed(b"y" * 5000 + b'"}}\n' + encode(Request(2, "ping")))
+    assert isinstance(out[0], Malformed) and out[0].code == codes.FRAME_TOO_LARGE and out[0].id == "w7"
+    assert out[1] == Request(2, "ping")
+    big = encode(Request(9, "exec", {"pad": "z" * 4000}))
+    (only,) = FrameSplitter(1024).feed(big)
+    assert isinstance(only, Malformed) and only.id == 9
+
+
+def test_splitter_holds_at_most_one_frame_limit() -> None:
+    splitter = FrameSplitter(4096)
+    for _ in range(1000):
+        splitter.feed(b"x" * 4096)  # one endless line
+        assert len(splitter._buf) <= 4096
+    (msg,) = splitter.feed(b"\n")
+    assert isinstance(msg, Malformed) and msg.code == codes.FRAME_TOO_LARGE
+
+
+def test_hundred_thousand_frames_in_one_chunk() -> None:
+    frames = b"".join(encode(Notification("event", {"n": i})) for i in range(100_000))
+    out = FrameSplitter().feed(frames)
+    assert len(out) == 100_000 and out[-1] == Notification("event", {"n": 99_999})
