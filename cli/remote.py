@@ -12,6 +12,7 @@ This module stays light (no HTTP client at import) so in-process commands do not
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -136,12 +137,12 @@ def request_body(request: Request) -> tuple[str, dict[str, Any]]:
     body: dict[str, Any]
     if isinstance(request, ExecRequest):
         body = {"argv": list(request.argv)} if request.argv is not None else {"shell": request.shell}
-        if request.stdin is not None:
-            try:
-                body["stdin"] = request.stdin if isinstance(request.stdin, str) else request.stdin.decode()
-            except UnicodeDecodeError:
-                raise ConfigError("stdin", "is not UTF-8 text; the service takes text (use --local for "
-                                           "binary input)") from None
+        if isinstance(request.stdin, str):
+            body["stdin"] = request.stdin
+        elif isinstance(request.stdin, bytes):
+            body["stdin_b64"] = base64.b64encode(request.stdin).decode()
+        elif request.stdin is not None:
+            body["stdin_stream"] = True  # the bytes follow in POST /v1/runs/{id}/stdin
         if request.timeout is not None:
             body["timeout"] = request.timeout
         return "exec", body
@@ -245,14 +246,20 @@ class RemotePool:
         If the consumer stops early or is cancelled (Ctrl-C), the run is cancelled on the
         service and this waits (up to :data:`CANCEL_TIMEOUT`) until it has stopped.
         """
+        from sandbox_core.requests import ExecRequest
+
         kind, body = request_body(request)
         run_id: str | None = None
+        stdin = request.stdin if body.get("stdin_stream") and isinstance(request, ExecRequest) else None
+        sender: asyncio.Task[Any] | None = None
         stream = self.client.stream(kind, body)
         try:
             async for event in stream:
                 if event.type == "started":
                     run_id = str(event.data.get("run_id") or "") or None
                     self.learn_identity(event.data.get("user_id"))
+                    if run_id is not None and stdin is not None and not isinstance(stdin, bytes | str):
+                        sender = asyncio.create_task(self.client.send_stdin(run_id, stdin))
                 yield event
         except SandboxError:
             raise  # the run failed on the service, or the connection is gone
@@ -261,6 +268,10 @@ class RemotePool:
                 await self._cancel(run_id)
             raise
         finally:
+            if sender is not None:
+                sender.cancel()
+                with contextlib.suppress(BaseException):
+                    await sender
             await stream.aclose()
 
     async def _cancel(self, run_id: str) -> None:

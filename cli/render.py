@@ -9,6 +9,7 @@ drive the operator's terminal with escape sequences.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import re
@@ -126,6 +127,10 @@ class _Tool:
     input: dict[str, Any] = field(default_factory=dict)
 
 
+def _text_decoder() -> codecs.IncrementalDecoder:
+    return codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
+
+
 class RichRenderer:
     """Streams events to a rich console as they happen (spinner only on an interactive terminal)."""
 
@@ -137,6 +142,8 @@ class RichRenderer:
         self._status: Status | None = None
         self._at_line_start = True
         self._tools: dict[str, _Tool] = {}
+        self._decoders = {kind: _text_decoder() for kind in ("stdout", "stderr")}
+        """Output is bytes: text shows as text (never a character cut in two), the rest as \\xNN."""
         self._worker = ""
         self._profile = ""
 
@@ -153,7 +160,8 @@ class RichRenderer:
         elif kind == "text":
             self._write(str(data.get("text", "")))
         elif kind in ("stdout", "stderr"):
-            self._write(str(data.get("data", "")), style="red" if kind == "stderr" else None)
+            text = self._decoders[kind].decode(event.chunk())
+            self._write(text, style="red" if kind == "stderr" else None)
         elif kind == "tool_use":
             self._end_line()
             raw_input = data.get("input")
@@ -196,6 +204,8 @@ class RichRenderer:
             parts.append(f"exit {done.get('exit_code', '?')}")
             if "signal" in done:
                 parts.append(f"signal {done['signal']}")
+            if isinstance(done.get("kill_reason"), str):
+                parts.append(f"killed: {done['kill_reason']}")
         else:
             reason = done.get("stop_reason")
             if reason:

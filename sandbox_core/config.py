@@ -79,6 +79,8 @@ class ResourceLimits:
     """RLIMIT_FSIZE: largest file a process may write."""
     core_dumps: bool = False
     """RLIMIT_CORE is 0 unless this is True."""
+    output_mb: int = 0
+    """Output (stdout + stderr) one command may produce before it is killed (0 = no limit)."""
 
 
 @dataclass(frozen=True)
@@ -249,7 +251,7 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
         if not _ENV_NAME.match(key) or key.endswith("*"):
             raise ConfigError("env.fixed", f"{key!r} is not a variable name")
     _positive(cfg.limits, ("address_space_mb", "memory_mb", "cpu_seconds", "open_files",
-                           "processes", "file_size_mb"), "limits.", zero_ok=True)
+                           "processes", "file_size_mb", "output_mb"), "limits.", zero_ok=True)
     if cfg.model.provider not in ("auto", "anthropic", "offline"):
         raise ConfigError("model.provider", f"must be auto, anthropic or offline, got {cfg.model.provider!r}")
     _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout"), "model.")

@@ -3,11 +3,13 @@
 A long request streams events as ``event`` notifications tagged with its request id
 and a sequence number; the final response follows them.
 
-Command output is bytes. A ``stdout``/``stderr`` event carries one chunk as exactly one of
-``data`` (the chunk is valid UTF-8: readable JSON for the common case) or ``b64`` (standard
-base64 of the raw bytes); :meth:`Event.chunk` gives the bytes either way, and joining the
-chunks of a stream gives the command's output byte for byte. :class:`OutputEncoder` makes
-the chunks: it never splits a UTF-8 character between two ``data`` chunks.
+Command output is bytes. In memory a ``stdout``/``stderr`` event from a command holds them as
+``bytes`` (``{"bytes": b"..."}``); in JSON (:meth:`Event.to_dict`: the CLI's ``--json``, the
+service's SSE, the control pipe) one chunk is exactly one of ``data`` (the chunk is valid
+UTF-8: readable JSON for the common case) or ``b64`` (standard base64 of the raw bytes).
+:meth:`Event.chunk` gives the bytes of any of these forms, and joining the chunks of a stream
+gives the command's output byte for byte. :class:`OutputEncoder` makes JSON chunks from a
+stream without splitting a UTF-8 character between two ``data`` chunks.
 """
 
 from __future__ import annotations
@@ -41,7 +43,16 @@ class Event:
     seq: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "seq": self.seq, "data": self.data}
+        """The JSON form (output bytes become ``data`` text or ``b64``)."""
+        return {"type": self.type, "seq": self.seq, "data": self.json_data()}
+
+    def json_data(self) -> dict[str, Any]:
+        """``data`` with nothing JSON cannot hold (output bytes become ``data`` or ``b64``)."""
+        raw = self.data.get("bytes")
+        if not isinstance(raw, bytes):
+            return self.data
+        rest = {k: v for k, v in self.data.items() if k != "bytes"}
+        return {**rest, **output_data(raw)}
 
     def chunk(self) -> bytes:
         """The bytes of a ``stdout``/``stderr`` event (empty for other types or bad base64)."""
@@ -65,7 +76,10 @@ class Event:
 
 
 def output_bytes(data: dict[str, Any]) -> bytes:
-    """The bytes one output event's ``data`` carries (``data`` text or ``b64``)."""
+    """The bytes one output event's ``data`` carries (``bytes``, ``data`` text or ``b64``)."""
+    raw = data.get("bytes")
+    if isinstance(raw, bytes):
+        return raw
     text = data.get("data")
     if isinstance(text, str):
         return text.encode("utf-8", errors="surrogatepass")
@@ -78,12 +92,21 @@ def output_bytes(data: dict[str, Any]) -> bytes:
     return b""
 
 
+_CONTROL = bytes(b for b in range(256) if b < 0x20 and b not in b"\t\n\r")
+_NOT_CONTROL = bytes(b for b in range(256) if b not in _CONTROL)
+
+
 def output_data(chunk: bytes) -> dict[str, Any]:
-    """One chunk as event data: ``{"data": text}`` when it is UTF-8, else ``{"b64": ...}``."""
-    try:
-        return {"data": chunk.decode("utf-8")}
-    except UnicodeDecodeError:
-        return {"b64": base64.b64encode(chunk).decode("ascii")}
+    """One chunk as JSON event data: ``{"data": text}`` when it is UTF-8 text, else ``{"b64": ...}``.
+
+    Text with many control bytes (NULs, say) goes as base64 too: JSON escapes each as six bytes.
+    """
+    if len(chunk.translate(None, _NOT_CONTROL)) * 16 <= len(chunk):
+        try:
+            return {"data": chunk.decode("utf-8")}
+        except UnicodeDecodeError:
+            pass
+    return {"b64": base64.b64encode(chunk).decode("ascii")}
 
 
 class OutputEncoder:

@@ -50,7 +50,7 @@ from sandbox_core.errors import (
 from sandbox_core.events import Event
 from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace
 from sandbox_core.process_tree import kill_session
-from sandbox_core.requests import AgentRequest, Request, RequestResult
+from sandbox_core.requests import AgentRequest, ExecRequest, Request, RequestResult
 from sandbox_core.worker import Launcher, SandboxWorker, WorkerState
 
 if TYPE_CHECKING:
@@ -152,7 +152,8 @@ class SandboxOrchestrator:
         self._user_requests[user_id] = self._user_requests.get(user_id, 0) + 1
         outcome = "cancelled"
         try:
-            stream = worker.execute_stream(request.method, request.params(), request.timeout)
+            stdin = request.stdin_stream() if isinstance(request, ExecRequest) else None
+            stream = worker.execute_stream(request.method, request.params(), request.timeout, stdin=stdin)
             try:
                 async for event in stream:
                     yield event

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox_core.events import Event
+
+INLINE_STDIN = 64 * 1024
+"""Stdin up to this size travels inside the ``exec`` request; more is streamed in chunks."""
+
+Stdin = bytes | str | AsyncIterable[bytes]
 
 
 @dataclass(frozen=True)
@@ -15,7 +21,9 @@ class ExecRequest:
 
     argv: tuple[str, ...] | None = None
     shell: str | None = None
-    stdin: bytes | str | None = None
+    stdin: Stdin | None = None
+    """Bytes or text, or an async iterable of bytes streamed to the command as it produces
+    them (the command starts at once; EOF when the iterable ends)."""
     timeout: float | None = None
     """Deadline in seconds; None = the config's request_timeout."""
 
@@ -33,10 +41,26 @@ class ExecRequest:
             params["argv"] = list(self.argv)
         else:
             params["shell"] = self.shell
-        if self.stdin is not None:
-            raw = self.stdin.encode() if isinstance(self.stdin, str) else self.stdin
+        raw = self._stdin_bytes()
+        if raw is not None and len(raw) <= INLINE_STDIN:
             params["stdin_b64"] = base64.b64encode(raw).decode()
         return params
+
+    def stdin_stream(self) -> AsyncIterable[bytes] | None:
+        """The stdin to stream (``None`` when there is none or it travels inline)."""
+        if self.stdin is None or isinstance(self.stdin, bytes | str):
+            raw = self._stdin_bytes()
+            return _once(raw) if raw is not None and len(raw) > INLINE_STDIN else None
+        return self.stdin
+
+    def _stdin_bytes(self) -> bytes | None:
+        if isinstance(self.stdin, str):
+            return self.stdin.encode()
+        return self.stdin if isinstance(self.stdin, bytes) else None
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 @dataclass(frozen=True)
@@ -88,20 +112,39 @@ class RequestResult:
     result: dict[str, Any]
     worker_id: str
 
-    def _joined(self, kind: str, key: str) -> str:
-        return "".join(str(e.data.get(key, "")) for e in self.events if e.type == kind)
+    def _output(self, kind: str) -> bytes:
+        return b"".join(e.chunk() for e in self.events if e.type == kind)
 
     @property
-    def stdout(self) -> str:
-        return self._joined("stdout", "data")
+    def stdout(self) -> bytes:
+        """The command's stdout, byte for byte."""
+        return self._output("stdout")
 
     @property
-    def stderr(self) -> str:
-        return self._joined("stderr", "data")
+    def stderr(self) -> bytes:
+        """The command's stderr, byte for byte."""
+        return self._output("stderr")
+
+    @property
+    def stdout_text(self) -> str:
+        """``stdout`` as text (bytes that are not UTF-8 become U+FFFD)."""
+        return self.stdout.decode(errors="replace")
+
+    @property
+    def stderr_text(self) -> str:
+        """``stderr`` as text (bytes that are not UTF-8 become U+FFFD)."""
+        return self.stderr.decode(errors="replace")
 
     @property
     def text(self) -> str:
-        return self._joined("text", "text")
+        """The agent's text."""
+        return "".join(str(e.data.get("text", "")) for e in self.events if e.type == "text")
+
+    @property
+    def kill_reason(self) -> str | None:
+        """Which limit ended the command (``memory limit 1024 MB``), if one did."""
+        reason = self.result.get("kill_reason")
+        return reason if isinstance(reason, str) else None
 
     @property
     def exit_code(self) -> int | None:

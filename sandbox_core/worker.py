@@ -6,6 +6,16 @@ Requests are multiplexed by id; events arrive as notifications and are routed to
 request's stream. When the process dies, every pending call fails at once with
 :class:`WorkerCrashed` carrying the exit status or signal and the last stderr lines.
 
+Every crossing is bounded. A frame the host would send over ``max_frame_bytes`` fails its
+call at once; stdin of any size streams in ``exec.stdin`` chunks, at most
+:data:`STDIN_WINDOW` unanswered, so a command that does not read slows the sender; output a
+caller has not consumed past :data:`BUFFER_HIGH` pauses reading the worker's pipe (the worker
+then blocks on its writes); at most :data:`MAX_HOST_CALLS` calls from the worker run at once.
+Garbage (malformed frames, answers to nothing, stray events) is counted: a worker that
+sends :data:`GARBAGE_LIMIT` pieces of it is retired after its current request, and one that
+sends :data:`GARBAGE_KILL`, or whose frames break a pipe callback, is killed at once: its
+pending calls fail with :class:`ProtocolError`.
+
 Shutdown (``stop()``): close stdin (the worker exits at end of input), wait the grace
 period, SIGTERM the process group, wait again, SIGKILL; then kill whatever remains of the
 worker's session. Cleanup is shielded from cancellation.
@@ -14,18 +24,20 @@ worker's session. Cleanup is shielded from cancellation.
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import enum
+import fcntl
 import functools
-import itertools
 import os
 import signal
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from sandbox_core import datapipe
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import (
     GatewayError,
@@ -57,9 +69,27 @@ HostHandler = Callable[["SandboxWorker", str, dict[str, Any]], AsyncIterator[dic
 """Serves a call the worker makes to the host (e.g. ``gateway.request``), yielding chunks."""
 Launcher = Callable[[ProcessSandboxConfig, str, "Path | None"], LaunchSpec]
 """Turns a config into the launch spec of one worker (the seam for other launchers)."""
+StdinSource = AsyncIterable[bytes]
+"""Stdin for a command, read as it is produced."""
 
-GARBAGE_LIMIT = 16
-"""Malformed frames after which a worker is marked unhealthy (and recycled)."""
+GARBAGE_LIMIT = 1
+"""Malformed frames, answers to nothing and stray events after which a worker is retired
+(no new request after the current one): our own worker sends none, so one means it is
+broken or compromised..."""
+GARBAGE_KILL = 256
+"""...and after which it is killed at once (a flood), failing its calls with ProtocolError."""
+MAX_HOST_CALLS = 4
+"""Calls from one worker to the host that may run at once; more are refused at once."""
+STDIN_CHUNK = 256 * 1024
+"""Bytes of stdin per ``exec.stdin`` call."""
+STDIN_WINDOW = 4
+"""``exec.stdin`` calls that may be unanswered at once (the worker answers once written)."""
+BUFFER_HIGH = 8 * 1024 * 1024
+"""Output bytes waiting for a slow caller at which reading the worker's pipe pauses..."""
+BUFFER_LOW = 2 * 1024 * 1024
+"""...and below which it resumes."""
+OUTPUT_SLACK = 1024 * 1024
+"""Output past ``limits.output_mb`` the host tolerates before it stops trusting the worker."""
 
 
 class WorkerState(enum.Enum):
@@ -80,8 +110,14 @@ _DEADLINE = _Deadline()
 
 
 class _Pending:
-    def __init__(self) -> None:
+    def __init__(self, *, output_on_data_pipe: bool = False) -> None:
         self.queue: asyncio.Queue[Event | Response | SandboxError | _Deadline] = asyncio.Queue()
+        self.output = 0
+        """Bytes of command output this request has produced."""
+        self.output_pending = output_on_data_pipe
+        """Output may still come on the data pipe (until its end frame)."""
+        self.held: Response | None = None
+        """A successful answer that came before the end of the output, held until it."""
 
 
 class SandboxWorker:
@@ -116,7 +152,9 @@ class SandboxWorker:
         self._spec: LaunchSpec | None = None
         self._transport: asyncio.SubprocessTransport | None = None
         self._pid: int | None = None
-        self._ids = itertools.count(1)
+        self._last_id = 0
+        self._limits_at_start: dict[str, int] = {}
+        """Struck-limit counters when the current request began (to name a kill's reason)."""
         self._pending: dict[RequestId, _Pending] = {}
         self._host_calls: dict[RequestId, asyncio.Task[None]] = {}
         self._stderr: collections.deque[str] = collections.deque(maxlen=config.stderr_lines)
@@ -125,6 +163,15 @@ class SandboxWorker:
         self._writable = asyncio.Event()
         self._writable.set()
         self._exited = asyncio.Event()
+        self._buffered = 0
+        """Output bytes routed to streams and not yet taken by their callers."""
+        self._data: asyncio.ReadTransport | None = None
+        self._data_split = datapipe.DataSplitter(self._on_output)
+        self._data_pipe = False
+        """Whether the worker sends command output on the data pipe (it said so at handshake)."""
+        self._reading_paused = False
+        self.broken: str | None = None
+        """Why the host stopped trusting this worker's channel (it is then killed)."""
 
     # ------------------------------------------------------------------ info
 
@@ -138,7 +185,7 @@ class SandboxWorker:
 
     @property
     def healthy(self) -> bool:
-        return self.alive and self.garbage_frames < GARBAGE_LIMIT
+        return self.alive and self.garbage_frames < GARBAGE_LIMIT and self.broken is None
 
     @property
     def profile(self) -> str:
@@ -187,23 +234,35 @@ class SandboxWorker:
         self._spec = spec
         self.workspace_in_sandbox = spec.workspace_in_sandbox
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.subprocess_exec(
-            lambda: _WorkerPipes(self),
-            *spec.argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=spec.env,
-            cwd=spec.cwd,
-            start_new_session=True,
-            close_fds=True,
-            pass_fds=spec.pass_fds,
-        )
+        data_read, data_write = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(data_write, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
+        try:
+            transport, _ = await loop.subprocess_exec(
+                lambda: _WorkerPipes(self),
+                *spec.argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=spec.env,
+                cwd=spec.cwd,
+                start_new_session=True,
+                close_fds=True,
+                pass_fds=(*spec.pass_fds, data_write),
+            )
+        except BaseException:
+            os.close(data_read)
+            raise
+        finally:
+            os.close(data_write)
         self._transport = transport
         self._pid = transport.get_pid()
+        self._data, _ = await loop.connect_read_pipe(
+            lambda: _DataPipe(self), os.fdopen(data_read, "rb", buffering=0)
+        )
         if spec.after_spawn is not None:
             spec.after_spawn(self._pid)
-        params: dict[str, Any] = {"worker_id": self.worker_id, "plan": spec.plan}
+        params: dict[str, Any] = {"worker_id": self.worker_id, "plan": spec.plan, "data_fd": data_write}
         if spec.bound_at_spawn and self.user_id is not None:
             params.update(user_id=self.user_id, workspace=spec.workspace_in_sandbox)
         reply = await self.call("initialize", params)
@@ -211,6 +270,7 @@ class SandboxWorker:
             raise WorkerStartError(f"unexpected handshake reply: {reply!r:.200}")
         self.report = dict(reply.get("layers") or {})
         self.report["pid_in_sandbox"] = reply.get("pid")
+        self._data_pipe = reply.get("data_pipe") is True
 
     # ------------------------------------------------------------------ I/O
 
@@ -218,14 +278,24 @@ class SandboxWorker:
         stdin = self._transport.get_pipe_transport(0) if self._transport is not None else None
         if stdin is None or stdin.is_closing() or self._exited.is_set():
             raise self._crash_error("worker is not running")
+        frame = encode(msg)
+        if len(frame) > self.config.max_frame_bytes:
+            raise ProtocolError(
+                f"a {getattr(msg, 'method', 'response')} frame of {len(frame)} bytes is over the "
+                f"{self.config.max_frame_bytes}-byte frame limit and was not sent",
+                data={"frame_bytes": len(frame), "max_frame_bytes": self.config.max_frame_bytes},
+            )
         assert isinstance(stdin, asyncio.WriteTransport)
-        stdin.write(encode(msg))
+        stdin.write(frame)
         if not self._writable.is_set():  # the worker is not reading: wait for the pipe
             await self._writable.wait()
 
     def _on_stdout(self, data: bytes) -> None:
-        for msg in self._splitter.feed(data):
-            self._dispatch(msg)
+        try:
+            for msg in self._splitter.feed(data):
+                self._dispatch(msg)
+        except Exception as exc:  # noqa: BLE001 - a bad frame must not break the reader
+            self._break(f"a frame from the worker broke the host's reader ({type(exc).__name__}: {exc})")
 
     def _on_stderr(self, data: bytes) -> None:
         lines = (self._stderr_partial + data).split(b"\n")
@@ -233,16 +303,37 @@ class SandboxWorker:
         for line in lines:
             self._stderr.append(line.decode(errors="replace"))
 
+    def _break(self, why: str) -> None:
+        """Stop trusting the channel: fail every pending call with ``why`` and kill the worker."""
+        if self.broken is not None:
+            return
+        self.broken = why
+        error = ProtocolError(f"worker {self.worker_id}: {why}", data={"worker_id": self.worker_id})
+        for pending in self._pending.values():
+            pending.queue.put_nowait(error)
+        self._signal_group(signal.SIGKILL)
+
+    def _garbage(self, what: str) -> None:
+        self.garbage_frames += 1
+        if self.garbage_frames >= GARBAGE_KILL:
+            self._break(f"sent {self.garbage_frames} malformed or unexpected frames (last: {what}); retired")
+
     def _dispatch(self, msg: Request | Notification | Response | Malformed) -> None:
         if isinstance(msg, Malformed):
-            self.garbage_frames += 1
             pending = self._pending.get(msg.id) if msg.id is not None else None
             if pending is not None:
                 pending.queue.put_nowait(ProtocolError(f"worker sent a bad frame: {msg.message}"))
+            elif isinstance(msg.id, str):  # a call of the worker's own: answer it, never leave it waiting
+                self._answer_nowait(Response(msg.id, error=msg.error_object()))
+            self._garbage(msg.message)
         elif isinstance(msg, Response):
             pending = self._pending.get(msg.id) if msg.id is not None else None
-            if pending is not None:
+            if pending is not None and pending.output_pending and msg.error is None:
+                pending.held = msg  # the output is still on its way: answer after its end frame
+            elif pending is not None:
                 pending.queue.put_nowait(msg)
+            elif not self._was_issued(msg.id):
+                self._garbage(f"an answer to unknown id {msg.id!r:.40}")
         elif isinstance(msg, Notification):
             if msg.method == EVENT_METHOD:
                 self._route_event(msg.params)
@@ -250,10 +341,24 @@ class SandboxWorker:
                 call = self._host_calls.get(msg.params.get("id"))  # type: ignore[arg-type]
                 if call is not None:
                     call.cancel()
+            else:
+                self._garbage(f"unknown notification {msg.method!r:.40}")
+        elif msg.id in self._host_calls or len(self._host_calls) >= MAX_HOST_CALLS:
+            why = "duplicate call id" if msg.id in self._host_calls else f"over {MAX_HOST_CALLS} host calls at once"
+            self._answer_nowait(Response(msg.id, error=GatewayError(f"refused: {why}").to_wire()))
         else:
             task = asyncio.create_task(self._serve_host_call(msg))
             self._host_calls[msg.id] = task
             task.add_done_callback(functools.partial(self._host_call_done, msg.id))
+
+    def _was_issued(self, msg_id: RequestId | None) -> bool:
+        """Whether ``msg_id`` is one of ours (an answer that came after its caller gave up)."""
+        return isinstance(msg_id, int) and 0 < msg_id <= self._last_id
+
+    def _answer_nowait(self, response: Response) -> None:
+        stdin = self._transport.get_pipe_transport(0) if self._transport is not None else None
+        if isinstance(stdin, asyncio.WriteTransport) and not stdin.is_closing():
+            stdin.write(encode(response))
 
     def _host_call_done(self, call_id: RequestId, _task: asyncio.Task[None]) -> None:
         self._host_calls.pop(call_id, None)
@@ -262,13 +367,70 @@ class SandboxWorker:
         request_id = params.get("request_id")
         pending = self._pending.get(request_id) if isinstance(request_id, int | str) else None
         if pending is None:
+            if not self._was_issued(request_id):
+                self._garbage("an event for no request")
             return
         try:
             event = Event.from_dict(params)
-        except ValueError:
-            self.garbage_frames += 1
+        except ValueError as exc:
+            self._garbage(str(exc))
+            return
+        if event.type in ("stdout", "stderr") and not self._count_output(pending, output_size(event)):
             return
         pending.queue.put_nowait(event)
+
+    def _on_output(self, request_id: int, kind: int, payload: bytes) -> None:
+        """One frame from the data pipe: output of a request, or the end of it."""
+        pending = self._pending.get(request_id)
+        if pending is None:
+            if not self._was_issued(request_id):
+                self._garbage("output for no request")
+            return
+        if kind == datapipe.KIND_END:
+            pending.output_pending = False
+            if pending.held is not None:
+                pending.queue.put_nowait(pending.held)
+                pending.held = None
+            return
+        if self._count_output(pending, len(payload)):
+            pending.queue.put_nowait(Event(datapipe.STREAMS[kind], {"bytes": payload}))
+
+    def _count_output(self, pending: _Pending, size: int) -> bool:
+        """Count a request's output; False (and the worker broken) far past the output limit."""
+        pending.output += size
+        limit = self.config.limits.output_mb * 1024 * 1024
+        if limit and pending.output > limit + OUTPUT_SLACK:
+            self._break(f"sent {pending.output} bytes of output, past the {self.config.limits.output_mb} MB limit")
+            return False
+        self._hold(size)
+        return True
+
+    def _hold(self, size: int) -> None:
+        """Count output waiting for a caller; pause reading the worker past BUFFER_HIGH."""
+        self._buffered += size
+        if self._buffered > BUFFER_HIGH and not self._reading_paused:
+            self._set_reading(paused=True)
+
+    def _taken(self, size: int) -> None:
+        self._buffered = max(0, self._buffered - size)
+        if self._buffered < BUFFER_LOW and self._reading_paused:
+            self._set_reading(paused=False)
+
+    def _set_reading(self, *, paused: bool) -> None:
+        control = self._transport.get_pipe_transport(1) if self._transport is not None else None
+        for pipe in (control, self._data):
+            if isinstance(pipe, asyncio.ReadTransport) and not pipe.is_closing():
+                if paused:
+                    pipe.pause_reading()
+                else:
+                    pipe.resume_reading()
+        self._reading_paused = paused
+
+    def _on_data(self, data: bytes) -> None:
+        try:
+            self._data_split.feed(data)
+        except Exception as exc:  # noqa: BLE001 - bad output frames must not break the reader
+            self._break(f"its output pipe broke the host's reader ({type(exc).__name__}: {exc})")
 
     async def _serve_host_call(self, request: Request) -> None:
         """Answer a call the worker made to the host, streaming chunks then a response."""
@@ -292,8 +454,11 @@ class SandboxWorker:
         """The process has exited and its pipes are closed: fail what is pending, clean up."""
         if self._exited.is_set():
             return
-        for msg in self._splitter.close():
-            self._dispatch(msg)
+        try:
+            for msg in self._splitter.close():
+                self._dispatch(msg)
+        except Exception as exc:  # noqa: BLE001 - the exit must be recorded whatever the last frame was
+            self.broken = self.broken or f"its last frame broke the host's reader ({type(exc).__name__})"
         if self._stderr_partial:
             self._stderr.append(self._stderr_partial.decode(errors="replace"))
             self._stderr_partial = b""
@@ -304,9 +469,13 @@ class SandboxWorker:
             self.exit_status = code
         self._exited.set()
         self._writable.set()
+        if self._data is not None:
+            self._data.close()
         if self.state is not WorkerState.STOPPING:
             self.state = WorkerState.CRASHED
-        error = self._crash_error("worker process exited")
+        error: SandboxError = self._crash_error("worker process exited")
+        if self.broken is not None:
+            error = ProtocolError(f"worker {self.worker_id}: {self.broken}", data={"worker_id": self.worker_id})
         for pending in self._pending.values():
             pending.queue.put_nowait(error)
         for task in self._host_calls.values():
@@ -327,6 +496,9 @@ class SandboxWorker:
         )
         tail = self.stderr_tail(10)
         detail = f"; stderr: {tail[-1]}" if tail else ""
+        reason = self._limit_struck(self._limits_at_start) if self.exit_signal == signal.SIGKILL else None
+        if reason is not None:
+            how = f"{how}: {reason}"
         return WorkerCrashed(
             f"worker {self.worker_id} {what} ({how}){detail}",
             data={
@@ -334,8 +506,24 @@ class SandboxWorker:
                 "exit_status": self.exit_status,
                 "signal": self.exit_signal,
                 "stderr": tail,
+                **({"kill_reason": reason} if reason else {}),
             },
         )
+
+    def limit_counts(self) -> dict[str, int]:
+        """The launch spec's counters of struck limits (empty where there are none)."""
+        if self._spec is None or self._spec.limit_events is None:
+            return {}
+        with contextlib.suppress(OSError):
+            return self._spec.limit_events()
+        return {}
+
+    def _limit_struck(self, before: dict[str, int]) -> str | None:
+        """The limit that struck since ``before`` (``memory limit 1024 MB``), if one did."""
+        after = self.limit_counts()
+        if after.get("memory", 0) > before.get("memory", 0):
+            return f"memory limit {self.config.limits.memory_mb} MB"
+        return None
 
     # ------------------------------------------------------------------ calls
 
@@ -346,17 +534,29 @@ class SandboxWorker:
             pass
         return raw[0] if raw else None
 
-    async def execute(self, method: str, params: dict[str, Any], timeout: float | None = None) -> RequestResult:
+    async def execute(
+        self, method: str, params: dict[str, Any], timeout: float | None = None, *, stdin: StdinSource | None = None
+    ) -> RequestResult:
         """``execute_stream`` collected into a :class:`RequestResult`."""
-        events = [e async for e in self.execute_stream(method, params, timeout)]
+        events = [e async for e in self.execute_stream(method, params, timeout, stdin=stdin)]
         done = events[-1].data if events and events[-1].type == "done" else {}
         return RequestResult(events, dict(done), self.worker_id)
 
     def execute_stream(
-        self, method: str, params: dict[str, Any], timeout: float | None = None
+        self, method: str, params: dict[str, Any], timeout: float | None = None, *, stdin: StdinSource | None = None
     ) -> AsyncGenerator[Event, None]:
-        """Send a request and yield ``started``, its events, then ``done`` (or raise)."""
-        return self._stream(method, params, timeout, emit_started=True)
+        """Send a request and yield ``started``, its events, then ``done`` (or raise).
+
+        ``stdin`` (``exec`` only) streams to the command as it is produced; the request's
+        params then say ``"stdin": "stream"``. An ``exec`` gets ``limits.output_mb``.
+        """
+        if method == "exec" and self.config.limits.output_mb:
+            params = {**params, "output_limit": self.config.limits.output_mb * 1024 * 1024}
+        return self._stream(method, params, timeout, emit_started=True, stdin=stdin)
+
+    def _next_id(self) -> int:
+        self._last_id += 1
+        return self._last_id
 
     async def _stream(
         self,
@@ -366,17 +566,28 @@ class SandboxWorker:
         *,
         emit_started: bool,
         raw: list[Any] | None = None,
+        stdin: StdinSource | None = None,
     ) -> AsyncGenerator[Event, None]:
-        request_id = next(self._ids)
-        pending = _Pending()
+        request_id = self._next_id()
+        on_data_pipe = self._data_pipe and method == "exec"
+        if on_data_pipe:
+            params = {**params, "output": "data_pipe"}
+        pending = _Pending(output_on_data_pipe=on_data_pipe)
         self._pending[request_id] = pending
         limit = self.config.request_timeout if timeout is None else timeout
         timer = asyncio.get_running_loop().call_later(limit, pending.queue.put_nowait, _DEADLINE)
         began = time.monotonic()
         finished = False
-        last_seq = 0
+        seq = 0
+        feeder: asyncio.Task[None] | None = None
+        if emit_started:
+            self._limits_at_start = self.limit_counts()
         try:
+            if stdin is not None:
+                params = {**params, "stdin": "stream"}
             await self._send(Request(request_id, method, params))
+            if stdin is not None:
+                feeder = asyncio.create_task(self._feed_stdin(request_id, pending, stdin))
             if emit_started:
                 yield Event("started", self._started_data(method), 0)
             while True:
@@ -386,11 +597,13 @@ class SandboxWorker:
                     finished = True
                     raise RequestTimeout(
                         f"{method} timed out after {limit:g}s and was killed",
-                        data={"worker_id": self.worker_id, "timeout": limit},
+                        data={"worker_id": self.worker_id, "timeout": limit, "kill_reason": f"timeout {limit:g} s"},
                     )
                 if isinstance(item, Event):
-                    last_seq = max(last_seq, item.seq)
-                    yield item
+                    if item.type in ("stdout", "stderr"):
+                        self._taken(output_size(item))
+                    seq += 1
+                    yield Event(item.type, item.data, seq)
                     continue
                 finished = True
                 if isinstance(item, SandboxError):
@@ -402,12 +615,99 @@ class SandboxWorker:
                 self.last_used = time.monotonic()
                 if raw is not None:
                     raw.append(item.result)
-                yield Event("done", self._done_data(item.result, began), last_seq + 1)
+                done = self._done_data(item.result, began)
+                if emit_started:
+                    self._name_kill(done)
+                yield Event("done", done, seq + 1)
                 return
         finally:
             timer.cancel()
+            if feeder is not None:
+                feeder.cancel()
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(feeder)
             if not finished:
                 await asyncio.shield(self._abandon(request_id, pending))
+            self._pending.pop(request_id, None)
+            while not pending.queue.empty():  # output nobody will take no longer holds the pipe
+                item = pending.queue.get_nowait()
+                if isinstance(item, Event) and item.type in ("stdout", "stderr"):
+                    self._taken(output_size(item))
+
+    def _name_kill(self, done: dict[str, Any]) -> None:
+        """Name the cgroup limits a request struck (``limits_hit``) and the one that killed it."""
+        after, before = self.limit_counts(), self._limits_at_start
+        hit = [name for name in ("memory", "processes") if after.get(name, 0) > before.get(name, 0)]
+        if hit:
+            done["limits_hit"] = hit
+        if "kill_reason" not in done and done.get("signal") == signal.SIGKILL:
+            reason = self._limit_struck(before)
+            if reason is not None:
+                done["kill_reason"] = reason
+
+    async def _feed_stdin(self, request_id: int, pending: _Pending, source: StdinSource) -> None:
+        """Stream ``source`` to request ``request_id``'s command in ``exec.stdin`` calls.
+
+        At most STDIN_WINDOW calls are unanswered; the worker answers a chunk once it is
+        written into the command's stdin pipe, so a command that does not read holds the
+        sender here. An answer ``closed`` (the command exited or closed its stdin) ends it.
+        """
+        window = asyncio.Semaphore(STDIN_WINDOW)
+        closed = asyncio.Event()
+        flying: set[asyncio.Task[None]] = set()
+
+        async def push(data: bytes, eof: bool) -> None:
+            try:
+                params = {"id": request_id, "b64": base64.b64encode(data).decode(), "eof": eof}
+                reply = await self._oneshot("exec.stdin", params)
+                if not isinstance(reply, dict) or reply.get("closed"):
+                    closed.set()
+            except SandboxError as exc:
+                closed.set()
+                pending.queue.put_nowait(exc)
+            finally:
+                window.release()
+
+        def launch(data: bytes, eof: bool) -> None:
+            task = asyncio.create_task(push(data, eof))
+            flying.add(task)
+            task.add_done_callback(flying.discard)
+
+        size = min(STDIN_CHUNK, (self.config.max_frame_bytes - 512) * 3 // 4)  # base64 in one frame
+        try:
+            async for chunk in source:
+                for at in range(0, len(chunk), size):
+                    await window.acquire()
+                    if closed.is_set():
+                        return
+                    launch(bytes(chunk[at : at + size]), False)
+            await window.acquire()
+            if not closed.is_set():
+                launch(b"", True)
+            await asyncio.gather(*flying, return_exceptions=True)
+        except Exception as exc:  # noqa: BLE001 - a failing source must fail the request, not truncate it
+            error = exc if isinstance(exc, SandboxError) else SandboxError(f"reading stdin failed: {exc!r:.200}")
+            pending.queue.put_nowait(error)
+        finally:
+            for task in flying:
+                task.cancel()
+
+    async def _oneshot(self, method: str, params: dict[str, Any]) -> Any:
+        """A request answered without events; a caller that gives up just forgets it."""
+        request_id = self._next_id()
+        pending = _Pending()
+        self._pending[request_id] = pending
+        try:
+            await self._send(Request(request_id, method, params))
+            while True:
+                item = await pending.queue.get()
+                if isinstance(item, SandboxError):
+                    raise item
+                if isinstance(item, Response):
+                    if item.error is not None:
+                        raise from_wire(item.error)
+                    return item.result
+        finally:
             self._pending.pop(request_id, None)
 
     def _started_data(self, method: str) -> dict[str, Any]:
@@ -509,6 +809,25 @@ class SandboxWorker:
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._pid, sig)
+
+
+def output_size(event: Event) -> int:
+    """About how many bytes an output event holds, without decoding it."""
+    raw = event.data.get("bytes")
+    if isinstance(raw, bytes):
+        return len(raw)
+    text = event.data.get("data") or event.data.get("b64")
+    return len(text) if isinstance(text, str) else 0
+
+
+class _DataPipe(asyncio.Protocol):
+    """The reading end of the worker's output pipe: frames go to the worker as they arrive."""
+
+    def __init__(self, worker: SandboxWorker) -> None:
+        self._worker = worker
+
+    def data_received(self, data: bytes) -> None:
+        self._worker._on_data(data)
 
 
 class _WorkerPipes(asyncio.SubprocessProtocol):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import os
 import sys
+import threading
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -25,45 +30,91 @@ def exec_command(
 ) -> None:
     """Run COMMAND in the user's sandboxed workspace.
 
-    Output streams as it is produced; stdin is forwarded when it is not a terminal;
-    the exit code is the command's own (124 on timeout). With a service (--connect,
-    SANDBOX_URL or its default socket) the command runs there, as the user of your
-    credentials; stdin must then be UTF-8 text.
+    Output streams as it is produced, byte for byte; stdin, when it is not a terminal,
+    streams to the command as it arrives (any size, binary too); the exit code is the
+    command's own (124 on timeout), and a command killed by a limit says which. With a
+    service (--connect, SANDBOX_URL or its default socket) the command runs there, as
+    the user of your credentials.
     """
     state = state_of(ctx)
     target = service_target(state)
     warn_ignored(target, profile=profile)
     config = effective_config(state, profile, min_idle=0, warn=target is None)
     user_id = state.user_id(user)
-    stdin: bytes | str | None = None if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    if target is not None and isinstance(stdin, bytes):
-        try:
-            stdin = stdin.decode()
-        except UnicodeDecodeError:
-            output.fail("stdin is not UTF-8 text, and the service takes text",
-                        hint="pass --local to run in-process with binary stdin", code=output.EXIT_USAGE)
+    piped = sys.stdin is not None and not sys.stdin.isatty()
 
     async def job(pool: Pool) -> int:
         from sandbox_core.requests import ExecRequest
 
+        stdin = read_stdin() if piped else None
         request = (
             ExecRequest(shell=" ".join(command), stdin=stdin, timeout=timeout)
             if shell
             else ExecRequest(argv=tuple(command), stdin=stdin, timeout=timeout)
         )
         code = output.EXIT_FAILURE
+        out, err = sys.stdout.buffer, sys.stderr.buffer
         async for event in pool.execute_stream(user_id, request):
             if event.type == "stdout":
-                sys.stdout.write(event.data.get("data", ""))
-                sys.stdout.flush()
+                out.write(event.chunk())
+                out.flush()
             elif event.type == "stderr":
-                sys.stderr.write(event.data.get("data", ""))
-                sys.stderr.flush()
+                err.write(event.chunk())
+                err.flush()
             elif event.type == "done":
                 code = int(event.data.get("exit_code", output.EXIT_FAILURE))
+                for line in limit_notes(event.data, config.limits.processes):
+                    output.error(line)
         return code
 
     raise typer.Exit(run_job(config, job, verbose=state.verbose, target=target, user=user or state.user))
+
+
+def limit_notes(done: dict[str, object], processes: int) -> list[str]:
+    """What to tell the user about limits a command struck (from its ``done`` data)."""
+    notes: list[str] = []
+    reason = done.get("kill_reason")
+    if isinstance(reason, str):
+        notes.append(f"killed: {reason}")
+    hit = done.get("limits_hit")
+    if isinstance(hit, list) and "processes" in hit:
+        notes.append(f"process limit {processes} reached: the sandbox refused to start more processes")
+    return notes
+
+
+async def read_stdin(size: int = 256 * 1024, ahead: int = 4) -> AsyncIterator[bytes]:
+    """This process's stdin as it arrives (a pipe, a file or a socket), until end of file.
+
+    A daemon thread reads at most ``ahead`` chunks ahead of the consumer, so memory is
+    bounded, and a writer that never closes the pipe cannot keep the CLI from exiting.
+    """
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[bytes] = asyncio.Queue()
+    room = threading.Semaphore(ahead)
+    try:
+        fd = sys.stdin.fileno()
+        read: Callable[[], bytes] = functools.partial(os.read, fd, size)
+    except (OSError, ValueError):  # not a real descriptor (an embedding program's stream)
+        read = functools.partial(sys.stdin.buffer.read, size)
+
+    def reader() -> None:
+        while True:
+            room.acquire()
+            try:
+                chunk = read()
+            except (OSError, ValueError):
+                chunk = b""
+            try:
+                loop.call_soon_threadsafe(chunks.put_nowait, chunk)
+            except RuntimeError:  # the loop is gone: the command is over
+                return
+            if not chunk:
+                return
+
+    threading.Thread(target=reader, name="sandbox-stdin", daemon=True).start()
+    while chunk := await chunks.get():
+        room.release()
+        yield chunk
 
 
 def register(app: typer.Typer) -> None:

@@ -189,9 +189,10 @@ async def run_audit(
                 res = await orchestrator.execute(user_id, snapshot)
                 worker_id = res.worker_id
                 layers = orchestrator.worker_report(worker_id) or {}
-                sent_back += [res.stdout, res.stderr]
-                lines = res.stdout.strip().splitlines()
-                results["command"] = json.loads(lines[-1]) if lines else {"error": f"no output: {res.stderr[-300:]}"}
+                sent_back += [res.stdout_text, res.stderr_text]
+                lines = res.stdout_text.strip().splitlines()
+                missing = {"error": f"no output: {res.stderr_text[-300:]}"}
+                results["command"] = json.loads(lines[-1]) if lines else missing
             except SandboxError as exc:
                 if _cancelling() or (not worker_id and not isinstance(exc, _RECOVERABLE)):
                     raise

@@ -1,19 +1,24 @@
-"""The worker's end of the control pipe: frames out, calls to the host, request contexts.
+"""The worker's ends of its pipes to the host: control frames, calls to the host, output.
 
-:class:`Channel` writes whole frames (they never interleave) and makes calls to the host
-(the model gateway), matching their answers by id; :class:`RequestContext` is what a method
-handler gets: its request, a way to emit events, and the executor's state.
+:class:`Channel` writes whole control frames (they never interleave) and makes calls to the
+host (the model gateway), matching their answers by id; :class:`OutputPipe` writes command
+output as binary frames (:mod:`sandbox_core.datapipe`); :class:`RequestContext` is what a
+method handler gets: its request, a way to emit events, and the executor's state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
+import os
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Protocol
 
-from sandbox_core.errors import from_wire
+from sandbox_core import datapipe
+from sandbox_core.errors import ProtocolError, from_wire
 from sandbox_core.events import EVENT_METHOD, EventType
 from sandbox_core.protocol import Notification, Request, RequestId, Response, encode
 
@@ -24,6 +29,34 @@ class Executor(Protocol):
     state: dict[str, Any]
 
     def require_workspace(self) -> Path: ...
+
+
+class OutputPipe:
+    """The worker's end of the data pipe: output frames, each written whole, in order."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+
+    @classmethod
+    async def open(cls, fd: int) -> OutputPipe:
+        """Take the data pipe's write end ``fd`` (kept from every command: close-on-exec)."""
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise ProtocolError(f"data_fd {fd} is not a pipe")
+        os.set_inheritable(fd, False)
+        try:
+            fcntl.fcntl(fd, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
+        except OSError:
+            pass
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", 0))
+        return cls(asyncio.StreamWriter(transport, protocol, None, loop))
+
+    async def send(self, request_id: int, kind: int, payload: bytes = b"") -> None:
+        """One frame; waits while the host is not reading (that slows the command)."""
+        self._writer.write(datapipe.frame(request_id, kind, payload))
+        if payload:
+            self._writer.write(payload)  # a second write, not a copy of the payload
+        await self._writer.drain()
 
 
 class _HostCall:

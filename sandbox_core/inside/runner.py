@@ -1,29 +1,43 @@
-"""Runs one command inside the worker, streaming its output as events.
+"""Runs one command inside the worker: stdin streamed in, output streamed out as bytes.
 
 The command gets the worker's (already scrubbed) environment and the workspace as cwd,
 in a process group of its own. On cancel, and after it exits, the whole group is
 killed, so nothing it started in the background outlives the request.
+
+Output is read in chunks of up to :data:`_READ` bytes and sent as ``stdout``/``stderr``
+events exactly as the command wrote it (:class:`~sandbox_core.events.OutputEncoder`);
+each event waits for the pipe to the host, so a host that reads slowly slows the command.
+Stdin comes inline (``stdin_b64``, small) or streamed (``"stdin": "stream"``): the host sends
+``exec.stdin`` chunks, a :class:`StdinSink` writes them in order and answers each once the
+command's pipe took it. A command killed by one of its own limits says which
+(``kill_reason``); the host adds the cgroup limits it can see.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import codecs
+import binascii
 import contextlib
+import fcntl
 import functools
 import os
+import resource
 import signal
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+from sandbox_core import codes, datapipe
 from sandbox_core.errors import ProtocolError
+from sandbox_core.events import OutputEncoder
 from sandbox_core.process_tree import boot_ticks, descendants
+from sandbox_core.protocol import Request, Response
 
 if TYPE_CHECKING:
-    from sandbox_core.inside.channel import RequestContext
+    from sandbox_core.inside.channel import Channel, OutputPipe, RequestContext
 
-_READ = 64 * 1024
+_READ = 256 * 1024
+_MB = 1024 * 1024
 _DRAIN_AFTER_EXIT = 2.0
 _REAP_WAIT = 1.0
 """Seconds to wait for killed strays to be reaped (a SIGKILLed process dies at once)."""
@@ -44,7 +58,9 @@ def command_argv(params: dict[str, Any]) -> list[str]:
 
 
 def kill_group(pgid: int) -> None:
-    """SIGKILL a process group, ignoring one that is already gone."""
+    """SIGKILL a process group, ignoring one that is already gone (and never our own: 0)."""
+    if pgid <= 0:
+        return
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
 
@@ -99,15 +115,118 @@ def kill_strays(since: int, exclude: frozenset[int] = frozenset()) -> None:
             time.sleep(0.002)
 
 
-async def _pump(stream: asyncio.StreamReader, ctx: RequestContext, kind: str) -> None:
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    while chunk := await stream.read(_READ):
-        text = decoder.decode(chunk)
-        if text:
-            await ctx.emit("stdout" if kind == "stdout" else "stderr", {"data": text})
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        await ctx.emit("stdout" if kind == "stdout" else "stderr", {"data": tail})
+class StdinSink:
+    """The inside end of one command's streamed stdin.
+
+    Chunks arrive as ``exec.stdin`` requests, possibly before the command has started;
+    they are written in arrival order and each is answered once the command's pipe has
+    taken it (``{"written": n}``), or ``{"closed": true}`` when the command exited or closed
+    its stdin. The host keeps only a few chunks unanswered, which bounds what waits here.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self._channel = channel
+        self._writer: asyncio.StreamWriter | None = None
+        self._queued: list[tuple[Request, bytes, bool]] = []
+        self._acks: dict[Any, asyncio.Task[None]] = {}
+        self.closed = False
+
+    def push(self, request: Request) -> None:
+        """Take one ``exec.stdin`` request (called by the reader, in arrival order)."""
+        raw, eof = request.params.get("b64", ""), bool(request.params.get("eof"))
+        try:
+            data = base64.b64decode(raw if isinstance(raw, str) else "", validate=True)
+        except (binascii.Error, ValueError):
+            error = {"code": codes.INVALID_PARAMS, "message": "exec.stdin: b64 is not base64"}
+            self._channel.send_nowait(Response(request.id, error=error))
+            return
+        if self.closed:
+            self._answer(request, {"closed": True})
+        elif self._writer is None:
+            self._queued.append((request, data, eof))
+        else:
+            self._write(request, data, eof)
+
+    def attach(self, writer: asyncio.StreamWriter) -> None:
+        """The command started: write what arrived before it, then stream."""
+        self._writer = writer
+        queued, self._queued = self._queued, []
+        for request, data, eof in queued:
+            self._write(request, data, eof)
+
+    def close(self) -> None:
+        """The command is gone: every chunk not yet answered is answered ``closed``."""
+        self.closed = True
+        for request, _data, _eof in self._queued:
+            self._answer(request, {"closed": True})
+        self._queued.clear()
+        for task in self._acks.values():
+            task.cancel()
+
+    def _write(self, request: Request, data: bytes, eof: bool) -> None:
+        assert self._writer is not None
+        if self._writer.is_closing():
+            self._answer(request, {"closed": True})
+            return
+        self._writer.write(data)
+        if eof:
+            self._writer.close()
+        task = asyncio.create_task(self._ack(request, len(data), eof))
+        self._acks[request.id] = task
+        task.add_done_callback(lambda _t: self._acks.pop(request.id, None))
+
+    async def _ack(self, request: Request, size: int, eof: bool) -> None:
+        assert self._writer is not None
+        result: dict[str, Any] = {"written": size}
+        try:
+            if eof:
+                await self._writer.wait_closed()
+            else:
+                await self._writer.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            result = {"closed": True}
+        except asyncio.CancelledError:
+            result = {"closed": True}
+        self._answer(request, result)
+
+    def _answer(self, request: Request, result: dict[str, Any]) -> None:
+        self._channel.send_nowait(Response(request.id, result=result))
+
+
+class _Output:
+    """Both output streams of one command: sent as read (data pipe, else events), and the limit."""
+
+    def __init__(self, ctx: RequestContext, pipe: OutputPipe | None, limit: int, pgid: int) -> None:
+        self._ctx = ctx
+        self._pipe = pipe if isinstance(ctx.request.id, int) else None
+        self.limit = limit
+        self.pgid = pgid
+        self.total = 0
+        self.limited = False
+
+    async def pump(self, stream: asyncio.StreamReader, event: Literal["stdout", "stderr"]) -> None:
+        encoder = OutputEncoder()
+        kind = datapipe.KIND_STDOUT if event == "stdout" else datapipe.KIND_STDERR
+        while chunk := await stream.read(_READ):
+            if self.limited:
+                continue  # drain what is left without sending it
+            if self.limit and self.total + len(chunk) > self.limit:
+                chunk = chunk[: self.limit - self.total]
+                self.limited = True
+                kill_group(self.pgid)
+            self.total += len(chunk)
+            if self._pipe is not None:
+                await self._pipe.send(int(self._ctx.request.id), kind, chunk)
+            elif (data := encoder.encode(chunk)) is not None:
+                await self._ctx.emit(event, data)
+        tail = encoder.flush()
+        if tail is not None:
+            await self._ctx.emit(event, tail)
+
+    async def end(self) -> None:
+        """Tell the host this request's output is complete (before its answer)."""
+        if self._pipe is not None:
+            await self._pipe.send(int(self._ctx.request.id), datapipe.KIND_END)
 
 
 async def _feed(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
@@ -120,19 +239,71 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
     proc.stdin.close()
 
 
-async def run_command(ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
-    """Run the command of an ``exec`` request; the result carries ``exit_code``."""
+def _own_limit_reason(returncode: int) -> str | None:
+    """The rlimit that killed a command, from the signal it died of."""
+    if returncode == -signal.SIGXCPU:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_CPU)
+        return f"cpu limit {soft} s" if soft != resource.RLIM_INFINITY else "cpu limit"
+    if returncode == -signal.SIGXFSZ:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        return f"file size limit {soft // _MB} MB" if soft != resource.RLIM_INFINITY else "file size limit"
+    return None
+
+
+async def run_command(
+    ctx: RequestContext, params: dict[str, Any], sink: StdinSink | None = None, pipe: OutputPipe | None = None
+) -> dict[str, Any]:
+    """Run the command of an ``exec`` request; the result carries ``exit_code``.
+
+    ``sink`` is the request's streamed stdin (``"stdin": "stream"``); it is closed, and
+    every chunk still unanswered answered, however the command ends. ``pipe`` carries the
+    output (``"output": "data_pipe"``); its end frame is sent before the result, also when
+    the command could not start.
+    """
+    output = _Output(ctx, pipe, _output_limit(params), 0)
+    try:
+        return await _run(ctx, params, sink, output)
+    finally:
+        if sink is not None:
+            sink.close()
+        if not _cancelled():
+            await output.end()
+
+
+def _cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _output_limit(params: dict[str, Any]) -> int:
+    limit = params.get("output_limit")
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0
+
+
+def _widen(pipe: asyncio.BaseTransport | None) -> None:
+    """Ask for a larger pipe buffer (fewer, larger reads); the kernel may refuse."""
+    handle = pipe.get_extra_info("pipe") if pipe is not None else None
+    if handle is not None:
+        with contextlib.suppress(OSError, ValueError):
+            fcntl.fcntl(handle.fileno(), datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
+
+
+async def _run(ctx: RequestContext, params: dict[str, Any], sink: StdinSink | None, output: _Output) -> dict[str, Any]:
     argv = command_argv(params)
     stdin_b64 = params.get("stdin_b64")
-    data = base64.b64decode(stdin_b64) if isinstance(stdin_b64, str) else None
+    try:
+        data = base64.b64decode(stdin_b64, validate=True) if isinstance(stdin_b64, str) else None
+    except (binascii.Error, ValueError):
+        raise ProtocolError("stdin_b64 is not base64") from None
     started = time.monotonic()
     since = boot_ticks()
     loop = asyncio.get_running_loop()
+    piped = data is not None or sink is not None
     try:
         transport, protocol = await loop.subprocess_exec(
             lambda: _ExitWatch(loop),
             *argv,
-            stdin=asyncio.subprocess.PIPE if data is not None else asyncio.subprocess.DEVNULL,
+            stdin=asyncio.subprocess.PIPE if piped else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             cwd=ctx.workspace,
@@ -146,23 +317,31 @@ async def run_command(ctx: RequestContext, params: dict[str, Any]) -> dict[str, 
         return {"exit_code": NOT_EXECUTABLE, "duration_s": 0.0}
     proc = asyncio.subprocess.Process(transport, protocol, loop)
     assert proc.stdout is not None and proc.stderr is not None
-    pumps = [
-        asyncio.create_task(_pump(proc.stdout, ctx, "stdout")),
-        asyncio.create_task(_pump(proc.stderr, ctx, "stderr")),
-        asyncio.create_task(_feed(proc, data)),
+    _widen(transport.get_pipe_transport(1))
+    _widen(transport.get_pipe_transport(2))
+    output.pgid = proc.pid
+    tasks = [
+        asyncio.create_task(output.pump(proc.stdout, "stdout")),
+        asyncio.create_task(output.pump(proc.stderr, "stderr")),
     ]
+    if sink is not None and proc.stdin is not None:
+        sink.attach(proc.stdin)
+    elif data is not None:
+        tasks.append(asyncio.create_task(_feed(proc, data)))
     try:
         await protocol.exited  # not proc.wait(): on 3.11 that also waits for every pipe to close
         returncode = transport.get_returncode()
         kill_group(proc.pid)  # background children must not outlive the request
         kill_strays(since, frozenset({proc.pid}))
-        _done, pending = await asyncio.wait(pumps, timeout=_DRAIN_AFTER_EXIT)
+        if sink is not None:
+            sink.close()
+        _done, pending = await asyncio.wait(tasks, timeout=_DRAIN_AFTER_EXIT)
         for task in pending:  # a process that left the group still holds the pipe
             task.cancel()
     except BaseException:
         kill_group(proc.pid)
         kill_strays(since, frozenset({proc.pid}))
-        for task in pumps:
+        for task in tasks:
             task.cancel()
         transport.close()
         raise
@@ -176,4 +355,7 @@ async def run_command(ctx: RequestContext, params: dict[str, Any]) -> dict[str, 
         result["exit_code"] = 128 - returncode
     else:
         result["exit_code"] = returncode
+    reason = f"output limit {output.limit / _MB:g} MB" if output.limited else _own_limit_reason(returncode)
+    if reason is not None:
+        result["kill_reason"] = reason
     return result

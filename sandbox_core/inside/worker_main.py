@@ -19,11 +19,11 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox_core import codes
 from sandbox_core.errors import ProtocolError, RequestCancelled, SandboxError
-from sandbox_core.inside.channel import Channel, RequestContext
+from sandbox_core.inside.channel import Channel, OutputPipe, RequestContext
 from sandbox_core.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -35,6 +35,9 @@ from sandbox_core.protocol import (
     RequestId,
     Response,
 )
+
+if TYPE_CHECKING:
+    from sandbox_core.inside.runner import StdinSink
 
 Handler = Callable[["RequestContext", dict[str, Any]], Awaitable[Any]]
 
@@ -61,6 +64,10 @@ class SandboxExecutor:
         self.stop_requested = asyncio.Event()
         self.state: dict[str, Any] = {}
         """Per-worker state of lazily loaded runtimes (e.g. the agent's conversations)."""
+        self.stdin_sinks: dict[RequestId, StdinSink] = {}
+        """Streamed stdin of running ``exec`` requests, by request id."""
+        self.output: OutputPipe | None = None
+        """The data pipe to the host that command output travels on (given at ``initialize``)."""
         self._methods: dict[str, Handler] = {
             "initialize": self.initialize,
             "bind": self.bind,
@@ -103,10 +110,18 @@ class SandboxExecutor:
         self.plan = dict(params.get("plan") or {})
         self.report = confine.apply(self.plan)
         self.initialized = True
+        data_fd = params.get("data_fd")
+        if isinstance(data_fd, int) and not isinstance(data_fd, bool):
+            self.output = await OutputPipe.open(data_fd)
         workspace = params.get("workspace")
         if isinstance(workspace, str):
             self._enter(str(params.get("user_id", "")), Path(workspace))
-        return {"protocol": PROTOCOL_VERSION, "pid": os.getpid(), "layers": self.report}
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "pid": os.getpid(),
+            "layers": self.report,
+            "data_pipe": self.output is not None,
+        }
 
     def ping(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "time": time.time(), "echo": params.get("echo")}
@@ -132,7 +147,23 @@ class SandboxExecutor:
     async def exec(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         from sandbox_core.inside.runner import run_command
 
-        return await run_command(ctx, params)
+        sink = self.stdin_sink(ctx.request.id, ctx.channel) if params.get("stdin") == "stream" else None
+        pipe = self.output if params.get("output") == "data_pipe" else None
+        return await run_command(ctx, params, sink, pipe)
+
+    def stdin_sink(self, request_id: RequestId, channel: Channel) -> StdinSink:
+        """The stdin sink of a running request (made by whichever needs it first)."""
+        from sandbox_core.inside.runner import StdinSink
+
+        sink = self.stdin_sinks.get(request_id)
+        if sink is None:
+            sink = self.stdin_sinks[request_id] = StdinSink(channel)
+        return sink
+
+    def drop_stdin(self, request_id: RequestId) -> None:
+        sink = self.stdin_sinks.pop(request_id, None)
+        if sink is not None:
+            sink.close()
 
     async def shutdown(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         self.stop_requested.set()
@@ -165,6 +196,8 @@ class IPCHandler:
         if isinstance(msg, Malformed):
             self._garbage += 1
             self._channel.send_nowait(Response(msg.id, error=msg.error_object()))
+        elif isinstance(msg, Request) and msg.method == "exec.stdin":
+            self._stdin(msg)
         elif isinstance(msg, Request):
             quick = self._executor.quick.get(msg.method)
             if quick is not None and self._executor.initialized:
@@ -178,6 +211,14 @@ class IPCHandler:
         else:
             self._channel.route(msg)
 
+    def _stdin(self, request: Request) -> None:
+        """A chunk of a running request's stdin: to its sink, in order; else it is closed."""
+        target = request.params.get("id")
+        if isinstance(target, int | str) and target in self._tasks:
+            self._executor.stdin_sink(target, self._channel).push(request)
+        else:
+            self._channel.send_nowait(Response(request.id, result={"closed": True}))
+
     def _start(self, request: Request) -> None:
         if request.id in self._tasks:
             error = {"code": codes.INVALID_REQUEST, "message": "duplicate id"}
@@ -187,7 +228,11 @@ class IPCHandler:
             return
         task = asyncio.create_task(self._run(request))
         self._tasks[request.id] = task
-        task.add_done_callback(lambda _t: self._tasks.pop(request.id, None))
+        task.add_done_callback(lambda _t: self._finished(request.id))
+
+    def _finished(self, request_id: RequestId) -> None:
+        self._tasks.pop(request_id, None)
+        self._executor.drop_stdin(request_id)
 
     async def _run(self, request: Request) -> None:
         handler = self._executor.lookup(request.method)

@@ -79,6 +79,21 @@ class WorkerCgroup:
         except OSError as exc:
             raise IsolationUnavailable(f"cannot put worker {pid} into its cgroups: {exc}") from None
 
+    def limit_events(self) -> dict[str, int]:
+        """How often each limit has struck so far: OOM kills (memory) and refused forks (pids)."""
+        counts: dict[str, int] = {}
+        with contextlib.suppress(OSError, ValueError):
+            for line in (self.paths["memory"] / "memory.oom_control").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    counts["memory"] = int(value)
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            for line in (self.paths["pids"] / "pids.events").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "max":
+                    counts["processes"] = int(value)
+        return counts
+
     def pids(self) -> set[int]:
         """Every process still in this worker's cgroups."""
         found: set[int] = set()

@@ -38,6 +38,9 @@ class LaunchSpec:
     move it into a cgroup). Raising IsolationUnavailable kills the worker."""
     cleanup: Callable[[], None] | None = None
     """Called on the host after the worker has exited (remove cgroups, temp files)."""
+    limit_events: Callable[[], dict[str, int]] | None = None
+    """Counters of limits that struck (``memory``: OOM kills, ``processes``: refused forks),
+    read before and after a request to say which limit ended it."""
 
 
 def worker_env(
@@ -58,9 +61,14 @@ def worker_env(
     return env
 
 
-def rlimit_plan(limits: ResourceLimits) -> dict[str, int]:
-    """rlimits for the plan (``0`` settings are left out, i.e. unlimited)."""
-    plan: dict[str, int] = {"core": 0 if not limits.core_dumps else -1}
+def rlimit_plan(limits: ResourceLimits) -> dict[str, int | tuple[int, int]]:
+    """rlimits for the plan (``0`` settings are left out, i.e. unlimited).
+
+    The CPU limit's hard value is one second above its soft one: at the soft limit the
+    kernel sends SIGXCPU, which names the reason; with soft == hard it sends SIGKILL,
+    which could be anything.
+    """
+    plan: dict[str, int | tuple[int, int]] = {"core": 0 if not limits.core_dumps else -1}
     if plan["core"] == -1:
         del plan["core"]
     for key, value, scale in (
@@ -72,6 +80,8 @@ def rlimit_plan(limits: ResourceLimits) -> dict[str, int]:
     ):
         if value:
             plan[key] = value * scale
+    if limits.cpu_seconds:
+        plan["cpu"] = (limits.cpu_seconds, limits.cpu_seconds + 1)
     return plan
 
 

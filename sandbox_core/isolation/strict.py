@@ -358,6 +358,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         pass_fds=tuple(fds.fds),
         after_spawn=after_spawn,
         cleanup=cleanup,
+        limit_events=cgroup.limit_events if cgroup is not None else None,
     )
 
 
@@ -450,7 +451,9 @@ def _namespaces(ident: tuple[int, int] | None, version: str) -> tuple[list[str],
     return ["--unshare-user", *nested, *args], ["user", *names]
 
 
-def _limits(config: ProcessSandboxConfig, cgroup: cgroups.WorkerCgroup | None) -> tuple[dict[str, int], dict[str, Any]]:
+def _limits(
+    config: ProcessSandboxConfig, cgroup: cgroups.WorkerCgroup | None
+) -> tuple[dict[str, int | tuple[int, int]], dict[str, Any]]:
     """The rlimits for the plan and the report's description of the limits in force."""
     rlimits = rlimit_plan(config.limits)
     if cgroup is not None:

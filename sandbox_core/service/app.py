@@ -24,6 +24,8 @@ a 404 (it does not exist for them).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +43,7 @@ from sandbox_core.requests import AgentRequest, ExecRequest
 from sandbox_core.service.auth import UNIX_PEER, Principal, TokenTable, bearer_token, principal_for_uid
 from sandbox_core.service.openapi import openapi_schema
 from sandbox_core.service.runs import Run, RunRegistry
+from sandbox_core.service.stdin import StdinRelay
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -154,15 +157,21 @@ def _agent_request(body: dict[str, Any]) -> AgentRequest:
 
 
 def _exec_request(body: dict[str, Any]) -> ExecRequest:
-    argv, shell, stdin = body.get("argv"), body.get("shell"), body.get("stdin")
+    """An exec request from a JSON body: stdin as ``stdin`` (text), ``stdin_b64`` (bytes) or
+    ``stdin_stream: true`` (the bytes follow in ``POST /v1/runs/{id}/stdin``)."""
+    argv, shell, stdin, stdin_b64 = body.get("argv"), body.get("shell"), body.get("stdin"), body.get("stdin_b64")
     try:
+        raw = base64.b64decode(stdin_b64, validate=True) if isinstance(stdin_b64, str) else None
+        source: bytes | str | StdinRelay | None = raw if raw is not None else stdin if isinstance(stdin, str) else None
+        if body.get("stdin_stream") is True:
+            source = StdinRelay()
         return ExecRequest(
             argv=tuple(argv) if isinstance(argv, list) else None,
             shell=shell if isinstance(shell, str) else None,
-            stdin=stdin if isinstance(stdin, str) else None,
+            stdin=source,
             timeout=float(body["timeout"]) if body.get("timeout") is not None else None,
         )
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, binascii.Error) as exc:
         raise ConfigError("body", str(exc)) from None
 
 
@@ -207,6 +216,29 @@ async def run_events(request: Request, who: Principal) -> Response:
     with contextlib.suppress(ValueError):
         after = int(request.headers.get("last-event-id", "0"))
     return _stream(_state(request), run, after, owns_run=False)
+
+
+@guarded("user")
+async def run_stdin(request: Request, who: Principal) -> Response:
+    """The streamed stdin of an exec run started with ``stdin_stream: true``: the request body,
+    read as the command takes it; the response comes when the body ends or the run does."""
+    run = _find(request, who)
+    if run is None:
+        return JSONResponse({"error": "no such run"}, status_code=404)
+    relay = run.stdin
+    if relay is None or relay.attached:
+        why = "already has its stdin" if relay is not None else "was not started with stdin_stream: true"
+        return JSONResponse({"error": f"run {run.run_id} {why}"}, status_code=409)
+    relay.attached = True
+    taken = 0
+    async for chunk in request.stream():
+        if not chunk:
+            continue
+        if not await relay.put(chunk):
+            return JSONResponse({"bytes": taken, "closed": True})
+        taken += len(chunk)
+    await relay.put(None)
+    return JSONResponse({"bytes": taken, "closed": relay.closed})
 
 
 @guarded("user")
@@ -318,6 +350,7 @@ def create_app(state: ServiceState) -> Starlette:
         Route("/v1/runs", list_runs),
         Route("/v1/runs/{run_id}", get_run),
         Route("/v1/runs/{run_id}/events", run_events),
+        Route("/v1/runs/{run_id}/stdin", run_stdin, methods=["POST"]),
         Route("/v1/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         Route("/v1/stats", stats),
         Route("/v1/workers", workers),

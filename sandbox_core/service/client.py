@@ -7,7 +7,7 @@ the bearer token (TCP) comes from ``SANDBOX_TOKEN`` or a token file, never a fla
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from typing import Any
 
 import httpx2
@@ -135,6 +135,18 @@ class ServiceClient:
 
     async def cancel(self, run_id: str) -> dict[str, Any]:
         result: dict[str, Any] = await self._json("POST", f"/v1/runs/{run_id}/cancel")
+        return result
+
+    async def send_stdin(self, run_id: str, chunks: AsyncIterable[bytes]) -> dict[str, Any]:
+        """Stream ``chunks`` as the stdin of a run started with ``stdin_stream: true``."""
+        try:
+            response = await self._http.post(
+                f"/v1/runs/{run_id}/stdin", content=chunks, headers={"Content-Type": "application/octet-stream"}
+            )
+        except httpx2.TransportError as exc:
+            raise ServiceUnreachable(f"lost the service connection while sending stdin: {exc}") from exc
+        self._check(response.status_code, response.text)
+        result: dict[str, Any] = response.json()
         return result
 
     async def runs(self) -> list[dict[str, Any]]:

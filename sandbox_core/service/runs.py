@@ -17,8 +17,9 @@ from typing import Any
 
 from sandbox_core.errors import SandboxError
 from sandbox_core.orchestrator import SandboxOrchestrator
-from sandbox_core.requests import Request
+from sandbox_core.requests import ExecRequest, Request
 from sandbox_core.service.auth import Principal
+from sandbox_core.service.stdin import StdinRelay
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Run:
     error: dict[str, Any] | None = None
     task: asyncio.Task[None] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    stdin: StdinRelay | None = None
+    """Where ``POST /v1/runs/{id}/stdin`` hands the command its input (exec with stdin_stream)."""
 
     @property
     def finished(self) -> bool:
@@ -69,6 +72,8 @@ class RunRegistry:
 
     def start(self, owner: Principal, kind: str, request: Request) -> Run:
         run = Run(f"run_{secrets.token_hex(8)}", owner, kind)
+        if isinstance(request, ExecRequest) and isinstance(request.stdin, StdinRelay):
+            run.stdin = request.stdin
         run.task = asyncio.create_task(self._drive(run, request), name=run.run_id)
         self._runs[run.run_id] = run
         self._forget_old()
@@ -102,7 +107,7 @@ class RunRegistry:
         stream = self._orchestrator.execute_stream(run.owner.user_id, request)
         try:
             async for event in stream:
-                data = dict(event.data)
+                data = dict(event.json_data())  # output bytes become text or base64
                 if event.type == "started":
                     data["run_id"] = run.run_id
                 self._append(run, {"type": event.type, "data": data})
@@ -117,6 +122,8 @@ class RunRegistry:
             self._append(run, {"type": "error", "data": {**exc.to_wire(), "error": type(exc).__name__}})
         finally:
             await stream.aclose()
+            if run.stdin is not None:
+                await run.stdin.close()
             run.changed.set()
 
     def _append(self, run: Run, event: dict[str, Any]) -> None:

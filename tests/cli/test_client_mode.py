@@ -8,6 +8,7 @@ servers' counters as deltas, since they share them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -421,3 +422,13 @@ def test_addresses_and_rates() -> None:
     assert rates["users"] == {"a": 2.0}
     assert rates["gateway_calls_per_s"] == 1.0 and rates["gateway_tokens_per_s"] == 11.0
     assert compute_rates(sample(12, 10, 8, 3), sample(1, 0, 0, 0), 1) == {}  # the pool restarted
+
+
+def test_exec_through_the_service_is_binary_safe_and_streams_stdin(unix_server: Server, client_env: dict[str, str]
+                                                                   ) -> None:
+    """Bytes both ways through SSE; stdin streams in a follow-up POST, any size, with backpressure."""
+    blob = bytes(range(256)) * 4096 + os.urandom(3 * 1024 * 1024)  # 4 MiB, over the inline size
+    result = subprocess.run([SANDBOX, "--connect", unix_server.address, "exec", "--", "cat"], input=blob,
+                            capture_output=True, timeout=120, env=client_env, check=False)
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(result.stdout).hexdigest() == hashlib.sha256(blob).hexdigest()

@@ -74,3 +74,25 @@ def test_stats_json_after_self_check(run_cli: Run, profile: str) -> None:
     stats = json.loads(result.stdout)
     assert stats["requests"]["ok"] == 2 and stats["profile"] == profile
     assert stats["spawn_latency_ms"]["count"] >= 1
+
+
+BLOB = bytes(range(256)) * 512 + b"\xff\xfe\x00 tail"
+
+
+def _raw(cli_env: dict[str, str], *args: str, data: bytes) -> subprocess.CompletedProcess[bytes]:
+    from tests.cli.conftest import SANDBOX
+
+    return subprocess.run([SANDBOX, *args], input=data, capture_output=True, timeout=60, env=cli_env, check=False)
+
+
+def test_exec_passes_binary_both_ways_byte_for_byte(cli_env: dict[str, str]) -> None:
+    result = _raw(cli_env, "exec", "--", "cat", data=BLOB)
+    assert result.returncode == 0 and result.stdout == BLOB
+    result = _raw(cli_env, "exec", "--", "sh", "-c", "gzip -c | gunzip >&2", data=BLOB)
+    assert result.returncode == 0 and result.stderr.endswith(BLOB)
+
+
+def test_exec_says_which_limit_killed_the_command(run_cli: Run) -> None:
+    result = run_cli("exec", "--", "yes", env={"SANDBOX_LIMITS__OUTPUT_MB": "1"})
+    assert result.returncode == 137 and len(result.stdout) == 1024 * 1024
+    assert "killed: output limit 1 MB" in result.stderr

@@ -38,7 +38,7 @@ async def test_affinity_under_concurrency(workspace_root: Path) -> None:
 
         async def read(user: str) -> tuple[str, str, str]:
             result = await pool.execute(user, sh("cat mine; ls"))
-            return user, result.stdout, result.worker_id
+            return user, result.stdout_text, result.worker_id
 
         results = await asyncio.gather(*(read(u) for u in users for _ in range(4)))
         for user, out, _ in results:
@@ -78,7 +78,7 @@ async def test_cap_then_pool_exhausted(workspace_root: Path) -> None:
         await hold
         # once alice's worker is idle, bob evicts it instead of waiting
         result = await pool.execute("bob", sh("echo ok"))
-        assert result.stdout == "ok\n"
+        assert result.stdout_text == "ok\n"
         stats = pool.get_pool_stats()
         assert stats["evicted"] == 1 and stats["workers"]["total"] <= 1
 
@@ -90,7 +90,7 @@ async def test_prewarm_claim_and_background_refill(workspace_root: Path) -> None
         warm_id = pool.list_workers()[0]["worker_id"]
         result = await pool.execute("erin", sh("pwd"))
         assert result.worker_id == warm_id
-        assert result.stdout.strip() == str(workspace_root / "erin")
+        assert result.stdout_text.strip() == str(workspace_root / "erin")
         assert pool.get_pool_stats()["claimed"] == 1
         await wait_for(lambda: pool.get_pool_stats()["workers"]["prewarmed"] == 1, 15, "refill")
         assert pool.get_pool_stats()["workers"]["total"] == 2
@@ -131,7 +131,7 @@ async def test_crash_of_busy_worker_then_recovery(workspace_root: Path) -> None:
         await killer
         assert info.value.data["signal"] == signal.SIGKILL
         result = await pool.execute("hank", sh("cat data"))
-        assert result.stdout == "keep\n"
+        assert result.stdout_text == "keep\n"
         assert result.worker_id != ""
         stats = pool.get_pool_stats()
         assert stats["crashes"] == 1 and stats["restarts"] == 1 and stats["requests"]["failed"] == 1
@@ -143,7 +143,7 @@ async def test_request_timeout_and_hung_worker(workspace_root: Path) -> None:
     async with SandboxOrchestrator(config) as pool:
         with pytest.raises(RequestTimeout):
             await pool.execute("ivan", sh("sleep 300", timeout=0.5))
-        assert (await pool.execute("ivan", sh("echo alive"))).stdout == "alive\n"
+        assert (await pool.execute("ivan", sh("echo alive"))).stdout_text == "alive\n"
         # a worker that stops answering altogether is killed after the cancel grace
         pid = pool.list_workers()[0]["pid"]
         task = asyncio.create_task(pool.execute("ivan", sh("touch started; sleep 300", timeout=1.0)))
@@ -152,7 +152,7 @@ async def test_request_timeout_and_hung_worker(workspace_root: Path) -> None:
         with pytest.raises(RequestTimeout):
             await task
         await wait_for(lambda: not pid_alive(pid), 10, "hung worker killed")
-        assert (await pool.execute("ivan", sh("echo fresh"))).stdout == "fresh\n"
+        assert (await pool.execute("ivan", sh("echo fresh"))).stdout_text == "fresh\n"
         assert pool.get_pool_stats()["requests"]["timed_out"] == 2
 
 
@@ -219,7 +219,7 @@ async def test_shutdown_lets_short_requests_finish(workspace_root: Path) -> None
     shutdown = asyncio.create_task(pool.shutdown(grace=10))
     await wait_for(lambda: pool.closed, 5, "closed")
     (workspace_root / "ned" / "go").touch()
-    assert (await task).stdout == "done\n"
+    assert (await task).stdout_text == "done\n"
     await shutdown
 
 
@@ -235,7 +235,7 @@ async def test_bad_user_ids_are_rejected(workspace_root: Path) -> None:
 async def test_workspaces_are_private(workspace_root: Path) -> None:
     async with SandboxOrchestrator(process_config(workspace_root)) as pool:
         result = await pool.execute("olga", sh("touch f; stat -c %a . f"))
-        assert result.stdout == "700\n600\n"
+        assert result.stdout_text == "700\n600\n"
 
 
 async def test_operator_controls(workspace_root: Path) -> None:

@@ -32,9 +32,9 @@ async def test_strict_exec_sees_only_its_own_workspace(workspace_root: Path, hos
     async with SandboxOrchestrator(strict(workspace_root)) as pool:
         await pool.execute("alice", sh("echo mine > a.txt"))
         result = await pool.execute("bob", sh("pwd; ls -a /workspace; ls /workspace/.. ; env; cat /proc/1/environ"))
-        assert result.stdout.startswith("/workspace\n.\n..\n")
-        assert "a.txt" not in result.stdout and "alice" not in result.stdout
-        assert host_canary not in result.stdout + result.stderr
+        assert result.stdout_text.startswith("/workspace\n.\n..\n")
+        assert "a.txt" not in result.stdout_text and "alice" not in result.stdout_text
+        assert host_canary not in result.stdout_text + result.stderr_text
         report = pool.worker_report(result.worker_id)
         assert report is not None and report["profile"] == "strict"
         assert report["seccomp"] is True and report["no_new_privs"] is True
@@ -52,7 +52,7 @@ async def test_strict_timeout_kills_everything_the_request_started(workspace_roo
             await pool.execute("carol", sh("sleep 300 & sleep 300 & touch started; sleep 300", timeout=1.0))
         await wait_for(lambda: {p for p in descendants(bwrap_pid) if pid_alive(p)} <= before, 10,
                        "request's processes gone")
-        assert (await pool.execute("carol", sh("echo alive"))).stdout == "alive\n"
+        assert (await pool.execute("carol", sh("echo alive"))).stdout_text == "alive\n"
 
 
 async def test_strict_crash_then_recovery_and_no_orphans(workspace_root: Path) -> None:
@@ -69,7 +69,7 @@ async def test_strict_crash_then_recovery_and_no_orphans(workspace_root: Path) -
         with pytest.raises(WorkerCrashed):
             await pool.execute("dave", sh("touch running; sleep 300 & sleep 300"))
         await killer
-        assert (await pool.execute("dave", sh("cat data"))).stdout == "keep\n"
+        assert (await pool.execute("dave", sh("cat data"))).stdout_text == "keep\n"
         assert pool.get_pool_stats()["restarts"] == 1
 
 
@@ -95,5 +95,5 @@ async def test_strict_prewarms_per_user(workspace_root: Path) -> None:
         rows = {r["worker_id"]: r for r in pool.list_workers()}
         assert set(ids) == set(rows) and all(r["state"] == "idle" and r["user_id"] == "frank" for r in rows.values())
         result = await pool.execute("frank", sh("pwd"))
-        assert result.worker_id in ids and result.stdout == "/workspace\n"
+        assert result.worker_id in ids and result.stdout_text == "/workspace\n"
         assert pool.get_pool_stats()["spawned"] == 2  # served warm, nothing new started

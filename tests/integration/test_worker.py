@@ -53,13 +53,13 @@ async def test_exec_streams_output_as_it_happens(workspace_root: Path) -> None:
     try:
         async for event in worker.execute_stream("exec", ExecRequest(shell=script).params()):
             events.append(event)
-            if event.type == "stdout" and "first" in event.data["data"]:
+            if event.type == "stdout" and b"first" in event.chunk():
                 assert not gate.exists()
                 gate.touch()  # the command can only finish after we saw its first line
         kinds = [e.type for e in events]
         assert kinds[0] == "started" and kinds[-1] == "done"
         assert events[-1].data["exit_code"] == 3
-        assert "".join(e.data["data"] for e in events if e.type == "stderr") == "second\n"
+        assert b"".join(e.chunk() for e in events if e.type == "stderr") == b"second\n"
         seqs = [e.seq for e in events]
         assert seqs == sorted(seqs)
     finally:
@@ -70,12 +70,12 @@ async def test_exec_stdin_argv_and_missing_command(workspace_root: Path) -> None
     worker = await _bound(workspace_root)
     try:
         result = await worker.execute("exec", ExecRequest(argv=("cat",), stdin=b"hello\x00world").params())
-        assert result.stdout == "hello\x00world" and result.exit_code == 0
+        assert result.stdout_text == "hello\x00world" and result.exit_code == 0
         missing = await worker.execute("exec", ExecRequest(argv=("no-such-cmd-xyz",)).params())
         assert missing.exit_code == 127
         result = await worker.execute("exec", ExecRequest(shell="pwd; echo $HOME").params())
         ws = str(workspace_root / "u")
-        assert result.stdout == f"{ws}\n{ws}\n"
+        assert result.stdout_text == f"{ws}\n{ws}\n"
     finally:
         await worker.stop()
 
@@ -84,8 +84,8 @@ async def test_env_is_built_from_allowlist(workspace_root: Path, host_canary: st
     worker = await _bound(workspace_root)
     try:
         result = await worker.execute("exec", ExecRequest(argv=("env",)).params())
-        names = {line.split("=", 1)[0] for line in result.stdout.splitlines()}
-        assert host_canary not in result.stdout
+        names = {line.split("=", 1)[0] for line in result.stdout_text.splitlines()}
+        assert host_canary not in result.stdout_text
         assert "SANDBOX_TEST_HOST_SECRET" not in names
         assert names <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "HOME", "PWD", "SHLVL", "_"}
         environ = Path(f"/proc/{worker.pid}/environ").read_bytes()
@@ -191,7 +191,7 @@ async def test_background_job_holding_stdout_does_not_block_the_answer(workspace
     try:
         # the background sleep inherits stdout; the answer must not wait for it (nor time out)
         result = await worker.execute("exec", ExecRequest(shell="sleep 99 & echo started").params(), timeout=20)
-        assert result.stdout == "started\n" and result.exit_code == 0
+        assert result.stdout_text == "started\n" and result.exit_code == 0
     finally:
         await worker.stop()
 

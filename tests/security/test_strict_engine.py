@@ -675,7 +675,7 @@ def test_real_worker_handshake_and_exec(tmp_path: Path, host_canary: str) -> Non
             lines: list[str] = []
             async for event in worker.execute_stream("exec", ExecRequest(shell=script).params()):
                 if event.type in ("stdout", "stderr"):
-                    lines.append(event.data["data"])
+                    lines.append(event.chunk().decode())
             return worker.report, lines, started
         finally:
             await worker.stop()
