@@ -2,9 +2,13 @@
 
 The rich renderer streams assistant text as it arrives, shows each tool call as a compact
 panel (command or file, truncated output, status) and ends with one summary line (turns,
-tokens, duration, worker, profile). Everything that came from inside the sandbox is shown
-with its control characters made visible, so a command or a prompt-injected agent cannot
-drive the operator's terminal with escape sequences.
+tokens, duration, worker, profile). A ``bash`` call whose output streams (``stdout`` events
+with its ``tool_use_id``) is drawn as it runs instead: a header line, its output lines
+under a ``│`` rule (the first ``LIVE_LINES``; the rest are counted, the last few shown at
+the end), then a closing line with the status. Its output is not printed again at the end:
+the operator has seen it, and the tool result only repeats it. Everything that came from
+inside the sandbox is shown with its control characters made visible, so a command or a
+prompt-injected agent cannot drive the operator's terminal with escape sequences.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import codecs
 import contextlib
 import json
 import re
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -37,6 +42,11 @@ PANEL_TAIL_LINES = 4
 PANEL_LINE_CHARS = 400
 HEADER_LINES = 3
 """Lines of a multi-line command shown in a panel's header."""
+LIVE_LINES = 50
+"""Output lines of one tool call shown as they arrive; of the later ones only the last
+``PANEL_TAIL_LINES`` are shown, when the call ends."""
+SUBJECT_CHARS = 100
+"""Characters of a command shown on a live tool's header line."""
 
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
@@ -125,6 +135,13 @@ class JsonRenderer:
 class _Tool:
     name: str
     input: dict[str, Any] = field(default_factory=dict)
+    live: bool = False
+    """Its output has been streaming (header printed)."""
+    shown: int = 0
+    partial: str = ""
+    """The last line of its output so far, not ended yet."""
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=PANEL_TAIL_LINES))
+    skipped: int = 0
 
 
 def _text_decoder() -> codecs.IncrementalDecoder:
@@ -160,8 +177,11 @@ class RichRenderer:
         elif kind == "text":
             self._write(str(data.get("text", "")))
         elif kind in ("stdout", "stderr"):
-            text = self._decoders[kind].decode(event.chunk())
-            self._write(text, style="red" if kind == "stderr" else None)
+            if "tool_use_id" in data:
+                self._tool_output(data["tool_use_id"], event.chunk().decode("utf-8", errors="backslashreplace"))
+            else:
+                text = self._decoders[kind].decode(event.chunk())
+                self._write(text, style="red" if kind == "stderr" else None)
         elif kind == "tool_use":
             self._end_line()
             raw_input = data.get("input")
@@ -172,7 +192,10 @@ class RichRenderer:
         elif kind == "tool_result":
             self._end_line()
             tool = self._tools.pop(str(data.get("id", "")), _Tool("tool"))
-            self.console.print(tool_panel(tool.name, tool.input, data))
+            if tool.live:
+                self._end_live(tool, data)
+            else:
+                self.console.print(tool_panel(tool.name, tool.input, data))
             self._spin("thinking")
         elif kind == "error":
             self._end_line()
@@ -190,7 +213,10 @@ class RichRenderer:
         self._unspin()
         self._end_line()
         for tool in self._tools.values():
-            self.console.print(tool_panel(tool.name, tool.input, None))
+            if tool.live:
+                self._end_live(tool, None)
+            else:
+                self.console.print(tool_panel(tool.name, tool.input, None))
         self._tools.clear()
 
     # ------------------------------------------------------------------ pieces
@@ -226,6 +252,63 @@ class RichRenderer:
             parts.append(f"profile {profile}")
         mark = ("✓ ", "green") if ok else ("✗ ", "red")
         return Text.assemble(mark, (visible(" · ".join(parts)), "dim"))
+
+    def _tool_output(self, tool_use_id: object, text: str) -> None:
+        """Output of a running tool call: whole lines under its header, the open line in the spinner."""
+        key = str(tool_use_id) if str(tool_use_id) in self._tools else next(reversed(self._tools), None)
+        if key is None:  # no call to put it under (a replay that starts midway)
+            self._write(text)
+            return
+        tool = self._tools[key]
+        if not text:
+            return
+        if not self._at_line_start:
+            self._end_line()
+        if not tool.live:
+            tool.live = True
+            header = Text("╭─ ", style="dim")
+            header.append(visible(tool.name), style="bold")
+            subject = _subject(tool)
+            if subject:
+                header.append((" · $ " if tool.name == "bash" and "command" in tool.input else " · ")
+                              + _one_line(visible(subject), SUBJECT_CHARS), style="bold")
+            self.console.print(header)
+        lines = (tool.partial + visible(text)).split("\n")
+        tool.partial = lines.pop()
+        for line in lines:
+            self._live_line(tool, line)
+        latest = tool.partial or (tool.tail[-1] if tool.tail else "")
+        if latest:
+            self._spin(f"{tool.name}: {_one_line(_subject(tool), 40)} · {_one_line(latest, 60)}")
+        else:
+            self._spin(f"{tool.name}: {_one_line(_subject(tool), 60)}")
+
+    def _live_line(self, tool: _Tool, line: str) -> None:
+        if tool.shown < LIVE_LINES:
+            tool.shown += 1
+            self.console.print(Text.assemble(("│ ", "dim"), (_clip_lines([line])[0], "dim")))
+            return
+        if len(tool.tail) == tool.tail.maxlen:
+            tool.skipped += 1
+        tool.tail.append(line)
+
+    def _end_live(self, tool: _Tool, result: dict[str, Any] | None) -> None:
+        """Close a live tool call: the rest of its output, a tool error's message, the status."""
+        if tool.partial:
+            line, tool.partial = tool.partial, ""
+            self._live_line(tool, line)
+        if tool.skipped:
+            self.console.print(Text.assemble(("│ ", "dim"), (f"… {tool.skipped} more lines …", "italic")))
+        for line in _clip_lines(list(tool.tail)):
+            self.console.print(Text.assemble(("│ ", "dim"), (line, "dim")))
+        tool.tail.clear()
+        status, colour = _status(result, live=True)
+        if result is not None and result.get("is_error") and not isinstance(result.get("exit_code"), int):
+            # not the command's own output (a timeout, a tool failure): the operator has not seen it
+            shown, hidden = _truncated(_output_text(result))
+            for line in shown if not hidden else shown[:PANEL_HEAD_LINES]:
+                self.console.print(Text.assemble(("│ ", "dim"), (line, colour)))
+        self.console.print(Text.assemble(("╰─ ", "dim"), (status, colour)))
 
     def _write(self, text: str, style: str | None = None) -> None:
         if not text:
@@ -304,13 +387,9 @@ def tool_panel(name: str, tool_input: dict[str, Any], result: dict[str, Any] | N
     if len(header_lines) > HEADER_LINES:
         header.append(f"\n… {len(header_lines) - HEADER_LINES} more lines", style="dim")
     parts: list[Text] = [header]
-    if result is None:
-        status, colour = "no result (cancelled)", "yellow"
-    else:
-        text = result.get("output")
-        if not isinstance(text, str):
-            text = "" if text is None else json.dumps(text, default=str)
-        shown, hidden = _truncated(text)
+    status, colour = _status(result)
+    if result is not None:
+        shown, hidden = _truncated(_output_text(result))
         if shown:
             body = Text(style="dim")
             head = shown[:PANEL_HEAD_LINES] if hidden else shown
@@ -319,16 +398,6 @@ def tool_panel(name: str, tool_input: dict[str, Any], result: dict[str, Any] | N
                 body.append(f"\n… {hidden} more lines …\n", style="italic")
                 body.append("\n".join(shown[PANEL_HEAD_LINES:]))
             parts.append(body)
-        failed = bool(result.get("is_error"))
-        code = result.get("exit_code")
-        if isinstance(code, int) and not isinstance(code, bool):
-            status = f"exit {code}"
-            failed = failed or code != 0
-        else:
-            status = "error" if failed else "ok"
-        if result.get("truncated"):
-            status += " · output truncated"
-        colour = "red" if failed else "green"
     return Panel(
         Group(*parts),
         title=Text(visible(name), style="bold"),
@@ -338,6 +407,28 @@ def tool_panel(name: str, tool_input: dict[str, Any], result: dict[str, Any] | N
         border_style=colour,
         padding=(0, 1),
     )
+
+
+def _output_text(result: dict[str, Any]) -> str:
+    text = result.get("output")
+    return text if isinstance(text, str) else "" if text is None else json.dumps(text, default=str)
+
+
+def _status(result: dict[str, Any] | None, *, live: bool = False) -> tuple[str, str]:
+    """A tool call's status and its colour. A live call's output was seen whole, so its
+    result's truncation is not news."""
+    if result is None:
+        return "no result (cancelled)", "yellow"
+    failed = bool(result.get("is_error"))
+    code = result.get("exit_code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        status = f"exit {code}"
+        failed = failed or code != 0
+    else:
+        status = "error" if failed else "ok"
+    if result.get("truncated") and not live:
+        status += " · output truncated"
+    return status, "red" if failed else "green"
 
 
 async def drive(pool: Pool, user_id: str, request: Request, renderer: Renderer) -> Outcome:

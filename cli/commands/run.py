@@ -52,8 +52,9 @@ def run_command(
     """Run the Claude agent on PROMPT inside the sandbox and stream what it does.
 
     Assistant text streams as it arrives; each tool call is a panel (command or file, truncated
-    output, status); a closing line gives turns, tokens, duration, worker and profile. With
-    --json every event is one JSON object per line. Exit code 0 on success.
+    output, status), and a bash command's output shows while it runs; a closing line gives turns,
+    tokens, duration, worker and profile. With --json every event is one JSON object per line.
+    Exit code 0 on success.
 
     With a service (--connect, SANDBOX_URL or its default socket) the run happens there:
     the service's config decides provider and profile, your credentials decide the user.

@@ -8,7 +8,15 @@ import json
 import pytest
 from rich.console import Console
 
-from cli.render import JsonRenderer, RichRenderer, render_events, tool_panel, visible
+from cli.render import (
+    LIVE_LINES,
+    PANEL_TAIL_LINES,
+    JsonRenderer,
+    RichRenderer,
+    render_events,
+    tool_panel,
+    visible,
+)
 from sandbox_core.events import Event, EventType
 
 
@@ -112,3 +120,54 @@ def test_panel_for_unknown_tool_shows_its_input() -> None:
     console.print(tool_panel("fetch", {"url": "http://x"}, {"output": "", "is_error": False}))
     text = console.file.getvalue()  # type: ignore[attr-defined]
     assert "fetch" in text and '{"url": "http://x"}' in text and "ok" in text
+
+
+LIVE_RUN = [
+    ev("started", 0, worker_id="w1-ab", user_id="alice", method="agent.run", profile="process"),
+    ev("tool_use", 1, id="t1", name="bash", input={"command": "echo first; wait-for-go; echo second"}),
+    ev("stdout", 2, tool_use_id="t1", data="first\n"),
+    ev("stdout", 3, tool_use_id="t1", data="sec"),
+    ev("stdout", 4, tool_use_id="t1", b64="b25kCgHz"),  # "ond\n", ^A, then a byte that is not UTF-8
+    ev("tool_result", 5, id="t1", output="first\nsecond\n\x01\ufffd", is_error=False, truncated=False),
+    ev("done", 6, stop_reason="end_turn", turns=2),
+]
+
+
+def test_tool_output_is_shown_as_it_arrives_and_not_again_at_the_end() -> None:
+    out = io.StringIO()
+    renderer = RichRenderer(Console(file=out, width=120), err=Console(file=io.StringIO()))
+    for event in LIVE_RUN[:3]:
+        renderer.handle(event)
+    assert out.getvalue().splitlines() == ["╭─ bash · $ echo first; wait-for-go; echo second", "│ first"]
+    renderer.handle(LIVE_RUN[3])
+    assert "│ sec" not in out.getvalue()  # a line is shown once it is complete
+    for event in LIVE_RUN[4:]:
+        renderer.handle(event)
+    renderer.close()
+    lines = out.getvalue().splitlines()
+    header = "╭─ bash · $ echo first; wait-for-go; echo second"
+    assert lines[:5] == [header, "│ first", "│ second", "│ ^A\ufffd", "╰─ ok"]
+    assert out.getvalue().count("first") == 2 and "╭─ bash ─" not in out.getvalue()  # header + the line: no panel
+
+
+def test_long_live_output_is_cut_and_errors_and_cancels_close_the_call() -> None:
+    lines = "".join(f"line {i}\n" for i in range(1, 201))
+    events = [
+        ev("started", 0, method="agent.run"),
+        ev("tool_use", 1, id="a", name="bash", input={"command": "seq"}),
+        ev("stdout", 2, tool_use_id="a", data=lines),
+        ev("tool_result", 3, id="a", output=lines[:4096] + "\n[exit code 2]", is_error=True, truncated=True,
+           exit_code=2),
+        ev("tool_use", 4, id="b", name="bash", input={"command": "sleep"}),
+        ev("stdout", 5, tool_use_id="b", data="waiting\x1b[2J"),
+        ev("tool_result", 6, id="b", output="bash: command timed out after 1s; the shell was restarted",
+           is_error=True, truncated=False),
+        ev("tool_use", 7, id="c", name="bash", input={"command": "hang"}),
+        ev("stdout", 8, tool_use_id="c", data="still here\n"),
+    ]
+    out, _, _ = rich(events)  # no done: cancelled while "hang" ran
+    assert "\x1b" not in out
+    assert f"│ line {LIVE_LINES}\n│ … {200 - LIVE_LINES - PANEL_TAIL_LINES} more lines …\n│ line 197\n" in out
+    assert f"│ line {LIVE_LINES + 1}\n" not in out and "│ line 200\n╰─ exit 2\n" in out  # the flag is not news
+    assert "│ waiting^[[2J\n│ bash: command timed out after 1s; the shell was restarted\n╰─ error\n" in out
+    assert out.endswith("│ still here\n╰─ no result (cancelled)\n")

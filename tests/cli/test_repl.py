@@ -104,6 +104,17 @@ def test_prompt_streams_the_agent_and_the_conversation_continues(terminal: Termi
     terminal.prompt()
 
 
+@needs_agent
+def test_tool_output_shows_while_the_command_runs(terminal: Terminal, cli_env: dict[str, str]) -> None:
+    terminal.line("run: echo first-$((6*7)); while [ ! -e go ]; do sleep 0.05; done; echo second-$((6*8))")
+    terminal.expect(r"│ first-42")  # the typed line shows $((6*7)), the output 42
+    (Path(cli_env["SANDBOX_WORKSPACE_ROOT"]) / "alice" / "go").touch()
+    terminal.expect(r"│ second-48")
+    terminal.expect(r"╰─ ok")
+    terminal.expect(r"✓ end_turn")
+    terminal.prompt()
+
+
 def test_ctrl_c_cancels_a_running_command_and_the_repl_goes_on(terminal: Terminal) -> None:
     terminal.line("/exec sleep 3011")
     sleeper = poll(lambda: find_process(["sleep", "3011"], terminal.pid), 15, "sleep to start")

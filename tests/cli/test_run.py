@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import selectors
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
 
 import pexpect
 
@@ -15,7 +20,8 @@ def test_run_streams_text_tool_panel_and_summary(run_cli: Run, profile: str) -> 
     result = run_cli("run", "run: echo hi-from-the-sandbox")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "╭─ bash" in out and "$ echo hi-from-the-sandbox" in out and "hi-from-the-sandbox" in out
+    assert "╭─ bash" in out and "$ echo hi-from-the-sandbox" in out and "│ hi-from-the-sandbox" in out
+    assert "╰─ ok" in out  # the output streamed under the call, then its status (no second copy in a panel)
     summary = out.strip().splitlines()[-1]
     assert summary.startswith("✓ end_turn · 2 turns · ")
     assert "tokens" in summary and f"profile {profile}" in summary and "worker w" in summary
@@ -33,6 +39,64 @@ def test_run_json_is_one_event_per_line_and_reads_stdin(run_cli: Run) -> None:
     tool = next(e for e in events if e["type"] == "tool_use")
     assert tool["data"]["input"]["command"] == "echo json-run"
     assert "json-run" in next(e for e in events if e["type"] == "tool_result")["data"]["output"]
+
+
+LIVE = "echo first; while [ ! -e go ]; do sleep 0.05; done; echo second"
+
+
+class Lines:
+    """The NDJSON lines of a running process's stdout, each read with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        self.stdout = proc.stdout
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(proc.stdout, selectors.EVENT_READ)
+        self.buffer = b""
+
+    def next(self, timeout: float = 30) -> dict[str, Any] | None:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no line within {timeout}s; got so far {self.buffer[-300:]!r}")
+            if self.selector.select(left):
+                chunk = self.stdout.read1(65536)  # type: ignore[attr-defined]
+                if not chunk:
+                    return None
+                self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        event: dict[str, Any] = json.loads(line)
+        return event
+
+
+@needs_agent
+def test_run_json_streams_tool_output_before_the_result(cli_env: dict[str, str]) -> None:
+    events: list[dict[str, Any]] = []
+    with subprocess.Popen([SANDBOX, "run", "--json", "--user", "alice", f"run: {LIVE}"], env=cli_env,
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL) as proc:
+        lines = Lines(proc)
+        try:
+            while not any(e["type"] == "stdout" for e in events):
+                event = lines.next()
+                assert event is not None, f"the run ended without live output: {events}"
+                events.append(event)
+            use = next(e["data"] for e in events if e["type"] == "tool_use")
+            assert events[-1]["data"] == {"tool_use_id": use["id"], "data": "first\n"}
+            assert "tool_result" not in [e["type"] for e in events]
+            (Path(cli_env["SANDBOX_WORKSPACE_ROOT"]) / "alice" / "go").touch()
+            while (event := lines.next()) is not None:
+                events.append(event)
+            assert proc.wait(30) == 0
+        finally:
+            lines.selector.close()
+            if proc.poll() is None:
+                proc.kill()
+    kinds = [e["type"] for e in events]
+    outputs = [e["data"] for e in events if e["type"] == "stdout"]
+    assert outputs == [{"tool_use_id": use["id"], "data": "first\n"}, {"tool_use_id": use["id"], "data": "second\n"}]
+    last_output = max(i for i, kind in enumerate(kinds) if kind == "stdout")
+    assert last_output < kinds.index("tool_result") and kinds[-1] == "done"
 
 
 @needs_agent

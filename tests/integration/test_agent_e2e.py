@@ -100,6 +100,36 @@ async def test_offline_agent_runs_commands_in_the_sandbox(
     assert reset.result["forgotten"] == ["default"]
 
 
+async def test_tool_output_streams_from_the_worker_while_the_command_runs(
+    offline: tuple[SandboxOrchestrator, ModelGateway], workspace_root: Path
+) -> None:
+    pool, _ = offline
+    command = "echo first; while [ ! -e go ]; do sleep 0.05; done; echo second"
+    events: list[Event] = []
+
+    async def consume() -> None:
+        async for event in pool.execute_stream("alice", AgentRequest(prompt=f"run: {command}", model=MODEL)):
+            events.append(event)
+
+    task = asyncio.create_task(consume())
+    try:
+        await wait_for(lambda: any(e.type == "stdout" for e in events) or task.done(), 30, "the first output")
+        (use,) = _data(events, "tool_use")
+        seen = [(e.data["tool_use_id"], e.chunk()) for e in events if e.type == "stdout"]
+        assert seen == [(use["id"], b"first\n")]
+        assert not _data(events, "tool_result")
+        (workspace_root / "alice" / "go").touch()
+        await asyncio.wait_for(task, 30)
+    finally:
+        task.cancel()
+    kinds = [e.type for e in events]
+    outputs = [e for e in events if e.type == "stdout"]
+    assert [e.chunk() for e in outputs] == [b"first\n", b"second\n"]
+    assert {e.data["tool_use_id"] for e in outputs} == {use["id"]}
+    assert kinds.index("tool_use") < events.index(outputs[0]) < events.index(outputs[1]) < kinds.index("tool_result")
+    assert _data(events, "tool_result")[0]["output"] == "first\nsecond" and kinds[-1] == "done"
+
+
 async def test_key_reaches_the_api_and_nothing_in_the_sandbox(
     api: tuple[SandboxOrchestrator, ModelGateway], server: MessagesServer
 ) -> None:

@@ -265,6 +265,49 @@ async def test_gateway_refusal_is_not_retried(workspace: Path) -> None:
     assert gateway.stats()["alice"]["refused"] == 1
 
 
+LIVE = "echo first; while [ ! -e go ]; do sleep 0.05; done; echo second"
+
+
+def _stdout(ctx: FakeContext) -> list[tuple[str | None, str]]:
+    return [(d["tool_use_id"], d["data"]) for d in ctx.of("stdout")]
+
+
+async def test_bash_output_streams_while_the_command_runs(offline_ctx: FakeContext) -> None:
+    task = asyncio.create_task(runtime.run(offline_ctx, {"prompt": f"run: {LIVE}", "model": MODEL}))
+    try:
+        await wait_for(lambda: bool(offline_ctx.of("stdout")), what="the command's first output")
+        (use,) = offline_ctx.of("tool_use")
+        assert _stdout(offline_ctx) == [(use["id"], "first\n")] and not offline_ctx.of("tool_result")
+        (offline_ctx.workspace / "go").touch()
+        await asyncio.wait_for(task, 30)
+    finally:
+        task.cancel()
+    kinds = [k for k, _ in offline_ctx.events]
+    assert _stdout(offline_ctx) == [(use["id"], "first\n"), (use["id"], "second\n")]
+    last_stdout = max(i for i, kind in enumerate(kinds) if kind == "stdout")
+    assert kinds.index("tool_use") < kinds.index("stdout") and last_stdout < kinds.index("tool_result")
+    (res,) = offline_ctx.of("tool_result")
+    assert res["id"] == use["id"] and res["output"] == "first\nsecond"
+
+
+async def test_each_bash_call_tags_its_output_with_its_own_id(api_ctx: FakeContext, server: MessagesServer) -> None:
+    calls = [
+        ("toolu_bad", "bash", {"command": "echo same", "timeout_ms": "soon"}),  # fails validation: never runs
+        ("toolu_a", "bash", {"command": "echo same"}),
+        ("toolu_r", "read", {"file_path": "missing.txt"}),
+        ("toolu_b", "bash", {"command": "echo same"}),
+        ("toolu_c", "bash", {"command": "echo other; exit 3"}),  # ends the shell: the next call gets a new one
+        ("toolu_d", "bash", {"command": "echo after"}),
+    ]
+    server.push(tool_reply(calls), text_reply("done"))
+    await runtime.run(api_ctx, {"prompt": "hi", "model": MODEL})
+    assert _stdout(api_ctx) == [("toolu_a", "same\n"), ("toolu_b", "same\n"), ("toolu_c", "other\n"),
+                                ("toolu_d", "after\n")]
+    results = {r["id"]: r for r in api_ctx.of("tool_result")}
+    assert results["toolu_bad"]["is_error"] and results["toolu_c"]["exit_code"] == 3
+    assert results["toolu_a"]["output"] == results["toolu_b"]["output"] == "same"
+
+
 async def test_command_timeout_kills_its_process_group(api_ctx: FakeContext, server: MessagesServer) -> None:
     command = "echo $$ > shell.pid; sleep 30 & sleep 30"
     server.push(tool_reply([("toolu_t", "bash", {"command": command, "timeout_ms": 500})]), text_reply("ok"))

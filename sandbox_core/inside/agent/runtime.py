@@ -10,7 +10,10 @@ What this module adds, and why the runner does not do it:
   finished ``tool_use`` blocks and the turn's usage to events, and reads the turn's tool
   results through ``runner.generate_tool_call_response()`` (cached, so the runner sends the
   very same results) to emit ``tool_result`` events (output cut to 4 KiB; the model gets it
-  whole);
+  whole); while a ``bash`` call runs, its output streams as ``stdout`` events with the
+  call's ``tool_use_id`` (the runner tells a tool only its input: each finished ``bash``
+  block is noted in :class:`~sandbox_core.inside.agent.tools.BashCalls` for the tool to
+  claim);
 - history: ``thread=False`` so every turn sends the whole conversation (no server-side
   thread: the offline model and compatible endpoints are stateless, and the worker is the
   one place that keeps a conversation); the history of each ``conversation_id`` is kept in
@@ -213,7 +216,7 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
     from anthropic import AsyncAnthropic
     from anthropic.lib.streaming import ParsedBetaContentBlockStopEvent, ParsedBetaTextEvent
 
-    from sandbox_core.inside.agent.tools import WorkspaceShell, shell_env, workspace_tools
+    from sandbox_core.inside.agent.tools import BashCalls, WorkspaceShell, shell_env, workspace_tools
     from sandbox_core.inside.agent.transport import GatewayTransport
     from sandbox_core.shared import GATEWAY_BASE_URL, PLACEHOLDER_API_KEY
 
@@ -226,6 +229,7 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
     client = AsyncAnthropic(api_key=PLACEHOLDER_API_KEY, base_url=GATEWAY_BASE_URL,
                             http_client=httpx2.AsyncClient(transport=transport, trust_env=False))
     shell = WorkspaceShell(ctx.workspace, shell_env(os.environ))
+    calls = BashCalls()
     extra = {"system": p.system} if p.system else {}
     runner: BetaAsyncStreamingToolRunner[None] | None = None
     usage = {"input_tokens": 0, "output_tokens": 0}
@@ -235,7 +239,8 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
             warnings.simplefilter("always")
             runner = client.beta.messages.tool_runner(
                 model=p.model, max_tokens=p.max_tokens, messages=history, stream=True, thread=False,
-                tools=workspace_tools(ctx.workspace, shell, p.tools), max_iterations=p.max_turns, **extra,
+                tools=workspace_tools(ctx.workspace, shell, p.tools, calls, ctx.emit), max_iterations=p.max_turns,
+                **extra,
             )
         if caught:  # reported once in the result; the SDK would repeat it on every request
             warnings.filterwarnings("ignore", message=rf"The model '{re.escape(p.model)}' is deprecated")
@@ -244,7 +249,10 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
                 if isinstance(event, ParsedBetaTextEvent):
                     await ctx.emit("text", {"text": event.text})
                 elif isinstance(event, ParsedBetaContentBlockStopEvent) and event.content_block.type == "tool_use":
-                    await ctx.emit("tool_use", _use_event(event.content_block))
+                    use = event.content_block
+                    if use.name == "bash":
+                        calls.expect(use.id, use.input)
+                    await ctx.emit("tool_use", _use_event(use))
             message = await stream.get_final_message()
             if message.stop_reason is None:
                 raise GatewayError("the model stream ended before message_stop", data={"reason": "stream_broken"})
@@ -255,6 +263,7 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
             history = [*history, message.to_param()]
             if message.stop_reason == "tool_use":
                 results = await runner.generate_tool_call_response()
+                calls.clear()
                 if results is not None:
                     for block in results["content"]:
                         await ctx.emit("tool_result", _result_event(block))

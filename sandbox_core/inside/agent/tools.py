@@ -13,6 +13,14 @@ outlived a timed-out ``exec`` here); and the Messages tool runner never calls th
 tool's close hook, so the shell would outlive the run. Here bash leads a process group of
 its own (still inside the worker's session), a timeout or a cancel kills that whole group,
 and :meth:`WorkspaceShell.close` is called by the runtime when the run ends.
+
+While a command runs, its output streams as ``stdout`` events tagged with the call's
+``tool_use_id``. The SDK's runner calls a tool with its input only, so the runtime tells
+:class:`BashCalls` about each ``bash`` call as its ``tool_use`` block finishes streaming
+(always before the runner runs it, eager runs included), and the tool claims the first
+pending call with its input. The runner runs a reply's calls one at a time in the model's
+order, so even identical calls get their own ids; the shell takes one command at a time
+whatever the runner does.
 """
 
 from __future__ import annotations
@@ -22,9 +30,9 @@ import contextlib
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from anthropic.lib.tools import BetaAsyncFunctionTool, ToolError, beta_async_tool
 from anthropic.lib.tools.agent_toolset import (
@@ -37,8 +45,12 @@ from anthropic.lib.tools.agent_toolset import (
 )
 from anthropic.types.beta import BetaManagedAgentsAgentToolset20260401BashInput
 
+from sandbox_core.events import OutputEncoder
 from sandbox_core.inside.runner import kill_group, kill_strays
 from sandbox_core.process_tree import boot_ticks
+
+if TYPE_CHECKING:
+    from sandbox_core.events import EventType
 
 TOOL_NAMES = ("bash", "read", "write", "edit", "glob", "grep")
 OUTPUT_LIMIT = 100 * 1024
@@ -46,6 +58,8 @@ OUTPUT_LIMIT = 100 * 1024
 DEFAULT_TIMEOUT = 120.0
 EXIT_TRAILER = re.compile(r"\n?\[exit code (-?\d+)\]$")
 _READ = 64 * 1024
+"""Bytes read from the shell at a time: also the most one live output event carries."""
+_DONE = "__SANDBOX_DONE_"
 SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 
 
@@ -55,6 +69,9 @@ def shell_env(environ: Mapping[str, str]) -> dict[str, str]:
     env.update(PS1="", PS2="", TERM="dumb")
     return env
 
+
+OutputSink = Callable[[bytes], Awaitable[None]]
+Emit = Callable[["EventType", dict[str, Any]], Awaitable[None]]
 
 _CLOSE_WAIT = 5.0
 """Seconds close() waits for the killed shell's pipes to close."""
@@ -69,6 +86,7 @@ class WorkspaceShell:
         self._proc: asyncio.subprocess.Process | None = None
         self.pgid: int | None = None
         self._since = boot_ticks()
+        self._lock = asyncio.Lock()
 
     async def _ensure(self) -> asyncio.subprocess.Process:
         if self._proc is None or self._proc.returncode is not None:
@@ -86,43 +104,74 @@ class WorkspaceShell:
             self.pgid = self._proc.pid
         return self._proc
 
-    async def run(self, command: str, timeout: float = DEFAULT_TIMEOUT) -> tuple[str, int]:
-        """Run ``command``; its combined output (tail-truncated) and exit status."""
+    async def run(self, command: str, timeout: float = DEFAULT_TIMEOUT, on_output: OutputSink | None = None
+                  ) -> tuple[str, int]:
+        """Run ``command``; its combined output (tail-truncated) and exit status.
+
+        ``on_output`` gets the output while it is read, in chunks of at most one read (64 KiB)
+        and never a byte of the end marker: a tail that could be the marker's start is held
+        back until the next read tells. One command runs at a time.
+        """
+        async with self._lock:
+            return await self._run(command, timeout, on_output)
+
+    async def _run(self, command: str, timeout: float, on_output: OutputSink | None) -> tuple[str, int]:
         proc = await self._ensure()
         assert proc.stdin is not None and proc.stdout is not None
         nonce = uuid.uuid4().hex
-        marker = f"__SANDBOX_DONE_{nonce}__".encode()
+        marker = f"{_DONE}{nonce}__".encode()
         # The marker is printed in two pieces, so it never appears whole in what bash reads.
-        script = f"{{ {command}\n}} </dev/null 2>&1; printf '\\n%s%s %d\\n' __SANDBOX_DONE_ {nonce}__ $?\n"
+        script = f"{{ {command}\n}} </dev/null 2>&1; printf '%s%s %d\\n' {_DONE} {nonce}__ $?\n"
         proc.stdin.write(script.encode())
-        buf = bytearray()
+        kept = bytearray()
         truncated = False
+        pending = b""  # read, not passed on (it may be the marker's start); emptied before each delivery
+        status: bytes | None = None
+
+        async def deliver(data: bytes) -> None:
+            nonlocal truncated
+            if not data:
+                return
+            kept.extend(data)
+            if len(kept) > OUTPUT_LIMIT:
+                del kept[: len(kept) - OUTPUT_LIMIT]
+                truncated = True
+            if on_output is not None:
+                await on_output(data)
+
         try:
             await proc.stdin.drain()
             async with asyncio.timeout(timeout):
-                while marker not in buf:
-                    chunk = await proc.stdout.read(_READ)
-                    if not chunk:
+                while chunk := await proc.stdout.read(_READ):
+                    pending += chunk
+                    at = pending.find(marker)
+                    if at >= 0:
+                        ready, status, pending = pending[:at], pending[at + len(marker):], b""
+                        await deliver(ready)
+                        while b"\n" not in status and (more := await proc.stdout.read(_READ)):
+                            status += more
                         break
-                    buf += chunk
-                    if len(buf) > OUTPUT_LIMIT + len(marker) + 32:
-                        del buf[: len(buf) - OUTPUT_LIMIT - len(marker) - 32]
-                        truncated = True
+                    cut = len(pending) - _marker_start(pending, marker)
+                    ready, pending = pending[:cut], pending[cut:]
+                    await deliver(ready)
+                else:  # the shell exited: what was held back is output
+                    ready, pending = pending, b""
+                    await deliver(ready)
         except TimeoutError:
             await self.close()
+            await deliver(pending)
             raise ToolError(f"bash: command timed out after {timeout:g}s; the shell was restarted") from None
         except BaseException:
             await self.close()
             raise
-        text = buf.decode(errors="replace")
-        head, found, tail = text.rpartition(marker.decode())
-        if not found:  # the shell itself exited (``exit``, killed)
+        text = kept.decode(errors="replace")
+        if status is None:  # the shell itself exited (``exit``, killed)
             await self.close()
             code = proc.returncode if proc.returncode is not None else -1
             return _clip(text, truncated), code
-        status = tail.strip().split()
-        code = int(status[0]) if status and status[0].lstrip("-").isdigit() else -1
-        return _clip(head.rstrip("\n"), truncated), code
+        fields = status.split()
+        code = int(fields[0]) if fields and fields[0].lstrip(b"-").isdigit() else -1
+        return _clip(text.rstrip("\n"), truncated), code
 
     async def close(self) -> None:
         """Kill the shell and everything in its process group."""
@@ -140,12 +189,78 @@ class WorkspaceShell:
                 await asyncio.shield(asyncio.wait_for(proc.wait(), _CLOSE_WAIT))
 
 
+def _marker_start(data: bytes, marker: bytes) -> int:
+    """How many bytes at the end of ``data`` could be the start of ``marker``."""
+    for size in range(min(len(marker) - 1, len(data)), 0, -1):
+        if data.endswith(marker[:size]):
+            return size
+    return 0
+
+
 def _clip(text: str, truncated: bool) -> str:
     return "[output truncated]\n" + text if truncated else text
 
 
-def bash_tool(shell: WorkspaceShell) -> BetaAsyncFunctionTool[Any]:
-    """The ``bash`` tool of the reference toolset, on ``shell``."""
+class BashCalls:
+    """The ``bash`` calls of the current reply that have not started, in the model's order.
+
+    The runtime notes each call when its ``tool_use`` block finishes streaming; the tool
+    claims one when the runner calls it. The runner runs the reply's calls in that order,
+    so the first pending call with the same input is the one running, identical calls
+    included; a call the runner could not start (its input did not validate) keeps its
+    place and is matched by nothing. The same command is the fallback, for an input the
+    SDK coerced (``"5000"`` for ``timeout_ms``).
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[str, dict[str, Any]]] = []
+
+    def expect(self, tool_use_id: str, tool_input: object) -> None:
+        self._pending.append((tool_use_id, _given(tool_input)))
+
+    def claim(self, tool_input: Mapping[str, Any]) -> str | None:
+        """The id of the call with ``tool_input`` (no longer pending), or None when none matches."""
+        wanted = _given(tool_input)
+        found = next((i for i, (_, seen) in enumerate(self._pending) if seen == wanted), None)
+        if found is None:
+            command = wanted.get("command")
+            found = next((i for i, (_, seen) in enumerate(self._pending) if seen.get("command") == command), None)
+        return None if found is None else self._pending.pop(found)[0]
+
+    def clear(self) -> None:
+        """Forget the calls of a reply whose results are in (those that never ran included)."""
+        self._pending.clear()
+
+
+def _given(tool_input: object) -> dict[str, Any]:
+    return {k: v for k, v in tool_input.items() if v is not None} if isinstance(tool_input, Mapping) else {}
+
+
+class _LiveOutput:
+    """A command's output as ``stdout`` events of one tool call, cut by :class:`OutputEncoder`."""
+
+    def __init__(self, emit: Emit, tool_use_id: str | None) -> None:
+        self._emit = emit
+        self._tool_use_id = tool_use_id
+        self._encoder = OutputEncoder()
+
+    async def write(self, chunk: bytes) -> None:
+        await self._send(self._encoder.encode(chunk))
+
+    async def flush(self) -> None:
+        await self._send(self._encoder.flush())
+
+    async def _send(self, data: dict[str, Any] | None) -> None:
+        if data is not None:
+            await self._emit("stdout", {"tool_use_id": self._tool_use_id, **data})
+
+
+def bash_tool(shell: WorkspaceShell, calls: BashCalls | None = None, emit: Emit | None = None
+              ) -> BetaAsyncFunctionTool[Any]:
+    """The ``bash`` tool of the reference toolset, on ``shell``; its output streams to ``emit``.
+
+    Each event carries the ``tool_use_id`` that ``calls`` gives the call (None when it knows none).
+    """
 
     @beta_async_tool(
         name="bash",
@@ -158,7 +273,19 @@ def bash_tool(shell: WorkspaceShell) -> BetaAsyncFunctionTool[Any]:
             return "bash session restarted"
         if not command:
             raise ToolError("bash: command is required")
-        output, code = await shell.run(command, timeout_ms / 1000 if timeout_ms else DEFAULT_TIMEOUT)
+        seconds = timeout_ms / 1000 if timeout_ms else DEFAULT_TIMEOUT
+        if emit is None:
+            output, code = await shell.run(command, seconds)
+        else:
+            tool_use_id = None if calls is None else calls.claim(
+                {"command": command, "restart": restart, "timeout_ms": timeout_ms})
+            live = _LiveOutput(emit, tool_use_id)
+            try:
+                output, code = await shell.run(command, seconds, live.write)
+            except ToolError:
+                await live.flush()
+                raise
+            await live.flush()
         if code != 0:
             raise ToolError(f"{output}\n[exit code {code}]")
         return output or "(no output)"
@@ -166,11 +293,14 @@ def bash_tool(shell: WorkspaceShell) -> BetaAsyncFunctionTool[Any]:
     return bash
 
 
-def workspace_tools(workspace: Path, shell: WorkspaceShell, names: tuple[str, ...]) -> list[BetaAsyncFunctionTool[Any]]:
-    """The tools called ``names``, confined to ``workspace``."""
+def workspace_tools(
+    workspace: Path, shell: WorkspaceShell, names: tuple[str, ...], calls: BashCalls | None = None,
+    emit: Emit | None = None,
+) -> list[BetaAsyncFunctionTool[Any]]:
+    """The tools called ``names``, confined to ``workspace``; ``bash`` streams its output to ``emit``."""
     ctx = AgentToolContext(workdir=str(workspace), env=shell_env(os.environ))
     makers = {
-        "bash": lambda: bash_tool(shell),
+        "bash": lambda: bash_tool(shell, calls, emit),
         "read": lambda: beta_read_tool(ctx),
         "write": lambda: beta_write_tool(ctx),
         "edit": lambda: beta_edit_tool(ctx),
