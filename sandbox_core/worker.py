@@ -3,8 +3,11 @@
 Life: ``start()`` spawns the process from a :class:`LaunchSpec` and completes the
 ``initialize`` handshake within ``startup_timeout`` (else the process is killed).
 Requests are multiplexed by id; events arrive as notifications and are routed to the
-request's stream. When the process dies, every pending call fails at once with
-:class:`WorkerCrashed` carrying the exit status or signal and the last stderr lines.
+request's stream. While a request's consumer has ``QUEUE_HIGH`` events it has not taken,
+the host stops reading the worker's stdout (the worker's writes wait, and so does its
+command): a slow consumer slows the worker and never grows the host. When the process
+dies, every pending call fails at once with :class:`WorkerCrashed` carrying the exit
+status or signal and the last stderr lines.
 
 Shutdown (``stop()``): close stdin (the worker exits at end of input), wait the grace
 period, SIGTERM the process group, wait again, SIGKILL; then kill whatever remains of the
@@ -60,6 +63,12 @@ Launcher = Callable[[ProcessSandboxConfig, str, "Path | None"], LaunchSpec]
 
 GARBAGE_LIMIT = 16
 """Malformed frames after which a worker is marked unhealthy (and recycled)."""
+QUEUE_HIGH = 32
+"""Events queued for one request and not yet taken by its consumer at which the host stops
+reading the worker's stdout: the worker's writes then wait, and so does its command, so a
+slow consumer slows the worker instead of growing the host."""
+QUEUE_LOW = 8
+"""Reading resumes once every request's queue is down to this many events."""
 
 
 class WorkerState(enum.Enum):
@@ -125,6 +134,7 @@ class SandboxWorker:
         self._writable = asyncio.Event()
         self._writable.set()
         self._exited = asyncio.Event()
+        self._reading_paused = False
 
     # ------------------------------------------------------------------ info
 
@@ -269,6 +279,27 @@ class SandboxWorker:
             self.garbage_frames += 1
             return
         pending.queue.put_nowait(event)
+        self._throttle(pending)
+
+    def _throttle(self, pending: _Pending) -> None:
+        """Stop reading the worker while ``pending`` holds too many events its consumer has not taken."""
+        if not self._reading_paused and pending.queue.qsize() >= QUEUE_HIGH:
+            pipe = self._stdout_pipe()
+            if pipe is not None:
+                pipe.pause_reading()
+                self._reading_paused = True
+
+    def _unthrottle(self) -> None:
+        """Read the worker again once every request's consumer has caught up."""
+        if self._reading_paused and all(p.queue.qsize() <= QUEUE_LOW for p in self._pending.values()):
+            self._reading_paused = False
+            pipe = self._stdout_pipe()
+            if pipe is not None:
+                pipe.resume_reading()
+
+    def _stdout_pipe(self) -> asyncio.ReadTransport | None:
+        pipe = self._transport.get_pipe_transport(1) if self._transport is not None else None
+        return pipe if isinstance(pipe, asyncio.ReadTransport) and not pipe.is_closing() else None
 
     async def _serve_host_call(self, request: Request) -> None:
         """Answer a call the worker made to the host, streaming chunks then a response."""
@@ -381,6 +412,7 @@ class SandboxWorker:
                 yield Event("started", self._started_data(method), 0)
             while True:
                 item = await pending.queue.get()
+                self._unthrottle()
                 if isinstance(item, _Deadline):
                     await self._abandon(request_id, pending)
                     finished = True
@@ -409,6 +441,7 @@ class SandboxWorker:
             if not finished:
                 await asyncio.shield(self._abandon(request_id, pending))
             self._pending.pop(request_id, None)
+            self._unthrottle()
 
     def _started_data(self, method: str) -> dict[str, Any]:
         return {
@@ -442,6 +475,7 @@ class SandboxWorker:
                 item = await asyncio.wait_for(pending.queue.get(), remaining)
             except TimeoutError:
                 break
+            self._unthrottle()
             if isinstance(item, Response | SandboxError):
                 return
             if isinstance(item, _Deadline):
