@@ -17,9 +17,10 @@ Routes (all JSON unless noted; ``/v1`` is the API version):
     GET  /metrics                      Prometheus text format           operator
 
 An SSE event per sandbox event: ``id`` is the run's event sequence number, ``event`` the
-event type, ``data`` its JSON; ``: keep-alive`` comments while nothing happens. Wrong or
-missing credentials get a bare 401, a role that may not act a bare 403, another user's run
-a 404 (it does not exist for them).
+event type, ``data`` its JSON; ``: keep-alive`` comments while nothing happens; a ``gap``
+event where a run's bounded buffer dropped events a stream had not read. Wrong or missing
+credentials get a bare 401, a role that may not act a bare 403, another user's run a 404
+(it does not exist for them).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class ServiceState:
     ) -> None:
         self.config = config
         self.orchestrator = orchestrator
-        self.runs = RunRegistry(orchestrator, config.service.max_buffered_events)
+        self.runs = RunRegistry(orchestrator, config.service)
         self.transport = transport
         self.tokens = tokens or TokenTable()
         self.draining = False
@@ -122,11 +123,15 @@ def sse(seq: int | None, event: dict[str, Any] | None) -> bytes:
 
 
 def _stream(state: ServiceState, run: Run, after: int, owns_run: bool) -> StreamingResponse:
+    cursor = state.runs.attach(run, after)
+
     async def body() -> AsyncIterator[bytes]:
         finished = False
+        items = state.runs.follow(run, cursor, state.config.service.keepalive_seconds)
         try:
-            async for item in state.runs.follow(run, after, state.config.service.keepalive_seconds):
-                yield sse(None, None) if item is None else sse(*item)
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    yield sse(None, None) if item is None else sse(*item)
             finished = True
         finally:
             if not finished and owns_run and state.config.service.cancel_on_disconnect:

@@ -1,0 +1,131 @@
+"""What the service keeps is bounded: run buffers in bytes. Every test runs a real server over
+real HTTP with real workers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import httpx2
+
+from sandbox_core.events import Event
+from sandbox_core.service.buffer import event_size
+from sandbox_core.service.client import ServiceClient, parse_sse
+from tests.helpers import wait_for_async
+from tests.service.conftest import Live, unix_service_with
+
+MIB = 1024 * 1024
+LINE = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\n"
+OUTPUT = 30 * MIB
+PRINT_30_MIB = f"yes {LINE.decode().strip()} | head -c {OUTPUT}"
+
+
+def expected_digest(size: int) -> str:
+    """sha256 of the first ``size`` bytes of ``yes LINE``."""
+    digest = hashlib.sha256()
+    block = LINE * (MIB // len(LINE) + 1)
+    left = size
+    while left:
+        piece = block[: min(left, len(block))]
+        digest.update(piece)
+        left -= len(piece)
+    return digest.hexdigest()
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    """This process's resident memory (the server runs in it) from /proc/self/status."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Start measuring peak memory from now (VmHWM := VmRSS); the current VmRSS in KiB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return rss_kib()
+
+
+def assert_grew_little(before_kib: int, output: int) -> None:
+    """The server's peak memory since ``before`` grew by well under the ``output`` it carried."""
+    growth = (rss_kib("VmHWM") - before_kib) * 1024
+    assert growth < output / 5, f"the server's peak memory grew by {growth >> 10} KiB for {output} bytes of output"
+
+
+async def test_run_buffer_is_bounded_in_bytes_and_marks_the_gap(tmp_path: Path) -> None:
+    async with unix_service_with(tmp_path, run_buffer_mb=1) as live, ServiceClient(live.target) as client:
+        await _warm_up(live)
+        before = reset_peak_rss()
+        digest, received = hashlib.sha256(), 0
+        live_sizes: dict[int, int] = {}
+        async for event in client.stream("exec", {"shell": PRINT_30_MIB}):
+            assert event.type != "gap", "a live client that keeps reading gets every event"
+            live_sizes[event.seq] = event_size({"type": event.type, "data": event.data})
+            if event.type == "stdout":
+                digest.update(event.chunk())
+                received += len(event.chunk())
+        assert_grew_little(before, OUTPUT)
+        assert received == OUTPUT and digest.hexdigest() == expected_digest(OUTPUT)
+
+        run_id = client.last_run_id
+        assert run_id is not None
+        replay = [e async for e in client.attach(run_id)]
+        gaps = [e for e in replay if e.type == "gap"]
+        assert len(gaps) == 1
+        kept = {e.seq: event_size({"type": e.type, "data": e.data}) for e in replay if e.type != "gap"}
+        assert sum(kept.values()) <= MIB  # stored events stay under the bound (+ the gap marker)
+        dropped = set(live_sizes) - set(kept)
+        assert gaps[0].data == {"dropped_events": len(dropped), "dropped_bytes": sum(live_sizes[s] for s in dropped)}
+        assert gaps[0].seq == max(dropped)
+        assert replay[0].type == "started" and replay[-1].type == "done"
+        assert [e.seq for e in replay] == sorted(e.seq for e in replay)
+
+        # re-attaching at a dropped id: the gap marker, then everything kept after it
+        middle = sorted(dropped)[len(dropped) // 2]
+        again = [e async for e in client.attach(run_id, after=middle)]
+        assert again[0].type == "gap" and again[0].seq == gaps[0].seq
+        assert [e.seq for e in again[1:]] == sorted(s for s in kept if s > gaps[0].seq)
+        # ... and at the gap's own id: only what follows
+        after_gap = [e async for e in client.attach(run_id, after=gaps[0].seq)]
+        assert after_gap and all(e.type != "gap" for e in after_gap)
+
+
+async def test_a_stalled_client_gets_a_gap_and_the_server_does_not_grow(tmp_path: Path) -> None:
+    settings = {"run_buffer_mb": 1, "slow_client_seconds": 1.0}
+    async with unix_service_with(tmp_path, **settings) as live, _http(live) as http:
+        await _warm_up(live)
+        before = reset_peak_rss()
+        async with http.stream("POST", "/v1/runs/exec", json={"shell": PRINT_30_MIB}) as response:
+            run_id = response.headers["x-run-id"]
+
+            async def finished() -> bool:  # while this client reads nothing at all
+                return bool((await http.get(f"/v1/runs/{run_id}")).json()["state"] == "ok")
+
+            await wait_for_async(finished, 30, "the run to finish without its stalled client")
+            assert_grew_little(before, OUTPUT)
+            events = [_event(*frame) async for frame in parse_sse(response.aiter_lines())]
+        gaps = [e for e in events if e.type == "gap"]
+        assert len(gaps) == 1 and gaps[0].data["dropped_events"] > 0
+        assert events[0].type == "started" and events[-1].type == "done"
+        seqs = [e.seq for e in events]
+        assert seqs == sorted(set(seqs))
+        missing = set(range(1, seqs[-1] + 1)) - set(seqs)
+        assert missing and max(missing) <= gaps[0].seq  # what it lost is what the gap stands for
+        assert sum(len(e.chunk()) for e in events) < OUTPUT
+
+
+async def _warm_up(live: Live) -> None:
+    """One small run first: the first run pays for imports and a worker, not the measurement."""
+    async with _http(live) as http:
+        assert "event: done" in (await http.post("/v1/runs/exec", json={"shell": "echo warm"})).text
+
+
+def _http(live: Live) -> httpx2.AsyncClient:
+    assert live.socket_path is not None
+    transport = httpx2.AsyncHTTPTransport(uds=str(live.socket_path))
+    return httpx2.AsyncClient(base_url="http://x", transport=transport, timeout=30)
+
+
+def _event(seq: int | None, kind: str, data: str) -> Event:
+    return Event.from_dict({"type": kind, "seq": seq or 0, "data": json.loads(data)})
