@@ -20,7 +20,8 @@ An SSE event per sandbox event: ``id`` is the run's event sequence number, ``eve
 event type, ``data`` its JSON; ``: keep-alive`` comments while nothing happens; a ``gap``
 event where a run's bounded buffer dropped events a stream had not read. Wrong or missing
 credentials get a bare 401, a role that may not act a bare 403, another user's run a 404
-(it does not exist for them).
+(it does not exist for them). A run beyond ``service.max_runs_per_user`` (all running) gets
+429 with a JSON error naming the setting.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from sandbox_core.config import ProcessSandboxConfig
-from sandbox_core.errors import ConfigError, SandboxError
+from sandbox_core.errors import ConfigError, LimitExceeded, SandboxError, TooManyRuns
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.requests import AgentRequest, ExecRequest
 from sandbox_core.service.auth import UNIX_PEER, Principal, TokenTable, bearer_token, principal_for_uid
@@ -114,6 +115,11 @@ def _bad_request(exc: Exception) -> Response:
     return JSONResponse({"error": str(exc)}, status_code=400)
 
 
+def _limited(exc: LimitExceeded, status: int) -> Response:
+    """A bound's refusal: the message, and the setting and value that refused it."""
+    return JSONResponse({"error": exc.message, "setting": exc.setting, "limit": exc.limit}, status_code=status)
+
+
 def sse(seq: int | None, event: dict[str, Any] | None) -> bytes:
     """One SSE frame (or a keep-alive comment)."""
     if event is None:
@@ -182,7 +188,10 @@ def _start(kind: str) -> Endpoint:
             req = _agent_request(body) if kind == "agent" else _exec_request(body)
         except ConfigError as exc:
             return _bad_request(exc)
-        run = state.runs.start(who, kind, req)
+        try:
+            run = state.runs.start(who, kind, req)
+        except TooManyRuns as exc:
+            return _limited(exc, 429)
         return _stream(state, run, 0, owns_run=True)
 
     return start

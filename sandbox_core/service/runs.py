@@ -11,6 +11,11 @@ it catches up again): it gets one ``gap`` event instead of what was dropped, the
 follows. So a stalled client costs a run at most that long per append, and memory stays
 bounded either way.
 
+What the registry keeps is bounded too: a finished run is released ``run_ttl`` seconds
+after it finished; a user keeps at most ``max_runs_per_user`` runs (a new run releases
+their oldest finished one, and is refused with :class:`TooManyRuns` when all are still
+running); and at most ``keep_finished`` finished runs are kept in all.
+
 Only the owner, or an operator, can see, stream or cancel a run; to anyone else it does
 not exist.
 """
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox_core.config import ServiceConfig
-from sandbox_core.errors import SandboxError
+from sandbox_core.errors import SandboxError, TooManyRuns
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.requests import Request
 from sandbox_core.service.auth import Principal
@@ -63,6 +68,10 @@ class Run:
     readers: set[Cursor] = field(default_factory=set)
     advanced: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a reader moves on or leaves."""
+    finished_at: float = 0.0
+    """``time.monotonic()`` when the run finished (0 while it runs)."""
+    expiry: asyncio.TimerHandle | None = None
+    """Releases the run ``run_ttl`` seconds after it finished."""
 
     @property
     def finished(self) -> bool:
@@ -92,7 +101,7 @@ class Run:
 
 
 class RunRegistry:
-    """Starts, finds, streams and cancels runs on one orchestrator."""
+    """Starts, finds, streams, cancels and releases runs on one orchestrator."""
 
     def __init__(
         self, orchestrator: SandboxOrchestrator, config: ServiceConfig | None = None, keep_finished: int = 1000
@@ -103,7 +112,8 @@ class RunRegistry:
         self._keep_finished = keep_finished
 
     def start(self, owner: Principal, kind: str, request: Request) -> Run:
-        """Start a run for ``owner``."""
+        """Start a run for ``owner``; TooManyRuns when they keep the most runs, all running."""
+        self._make_room_for(owner)
         buffer = EventBuffer(self._config.max_buffered_events, self._config.run_buffer_mb * MIB)
         run = Run(f"run_{secrets.token_hex(8)}", owner, kind, buffer)
         run.task = asyncio.create_task(self._drive(run, request), name=run.run_id)
@@ -154,6 +164,7 @@ class RunRegistry:
             self._store(run, {"type": "error", "data": {**exc.to_wire(), "error": type(exc).__name__}})
         finally:
             await stream.aclose()
+            self._schedule_release(run)
             run.changed.set()
 
     async def _append(self, run: Run, event: dict[str, Any]) -> None:
@@ -184,10 +195,40 @@ class RunRegistry:
         run.events.append(event, size)
         run.changed.set()
 
+    def _schedule_release(self, run: Run) -> None:
+        """Release ``run`` once ``run_ttl`` seconds have passed (it has just finished)."""
+        run.finished_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        run.expiry = loop.call_later(self._config.run_ttl, self._release, run)
+
+    def _release(self, run: Run) -> None:
+        """Forget ``run`` (a stream still reading it keeps it alive until that stream ends)."""
+        if run.expiry is not None:
+            run.expiry.cancel()
+        if self._runs.get(run.run_id) is run:
+            del self._runs[run.run_id]
+
+    def _make_room_for(self, owner: Principal) -> None:
+        """Release the owner's oldest finished runs so that one more fits under the cap.
+
+        TooManyRuns when the owner's runs are all still running: those are never dropped.
+        """
+        cap = self._config.max_runs_per_user
+        mine = [r for r in self._runs.values() if r.owner.user_id == owner.user_id]
+        finished = sorted((r for r in mine if r.finished), key=lambda r: r.finished_at)
+        if len(mine) - len(finished) >= cap:
+            raise TooManyRuns(
+                f"{owner.user_id!r} already has {cap} runs in flight (service.max_runs_per_user = {cap}); "
+                "wait for one to finish, or cancel one",
+                data={"setting": "service.max_runs_per_user", "limit": cap},
+            )
+        for run in finished[: max(0, len(mine) - cap + 1)]:
+            self._release(run)
+
     def _forget_old(self) -> None:
         finished = [r for r in self._runs.values() if r.finished]
         for run in finished[: max(0, len(finished) - self._keep_finished)]:
-            self._runs.pop(run.run_id, None)
+            self._release(run)
 
     def attach(self, run: Run, after: int = 0) -> Cursor:
         """A reader of ``run`` from after id ``after``; the run waits for it from now on.

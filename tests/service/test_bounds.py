@@ -1,19 +1,23 @@
-"""What the service keeps is bounded: run buffers in bytes. Every test runs a real server over
-real HTTP with real workers."""
+"""What the service keeps is bounded: run buffers in bytes, finished runs in time and per user.
+Every test runs a real server over real HTTP with real workers."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import httpx2
+import pytest
 
+from sandbox_core.errors import TooManyRuns
 from sandbox_core.events import Event
 from sandbox_core.service.buffer import event_size
 from sandbox_core.service.client import ServiceClient, parse_sse
 from tests.helpers import wait_for_async
-from tests.service.conftest import Live, unix_service_with
+from tests.service.conftest import Live, tcp_service_with, unix_service_with
 
 MIB = 1024 * 1024
 LINE = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\n"
@@ -113,6 +117,70 @@ async def test_a_stalled_client_gets_a_gap_and_the_server_does_not_grow(tmp_path
         missing = set(range(1, seqs[-1] + 1)) - set(seqs)
         assert missing and max(missing) <= gaps[0].seq  # what it lost is what the gap stands for
         assert sum(len(e.chunk()) for e in events) < OUTPUT
+
+
+async def test_finished_runs_are_released_after_their_ttl(tmp_path: Path) -> None:
+    ttl = 1.0
+    async with unix_service_with(tmp_path, run_ttl=ttl) as live, _http(live) as http:
+        client = ServiceClient(live.target)
+        # the run lasts longer than the TTL: the TTL counts from when it finished
+        events = [e async for e in client.stream("exec", {"shell": "sleep 1.2; echo late"})]
+        done_at = time.monotonic()
+        assert events[-1].type == "done"
+        run_id = client.last_run_id
+        assert (await http.get(f"/v1/runs/{run_id}")).status_code == 200
+
+        async def released() -> bool:
+            return (await http.get(f"/v1/runs/{run_id}")).status_code == 404
+
+        await wait_for_async(released, 10, "the finished run to be released")
+        assert time.monotonic() - done_at >= ttl / 2
+        assert (await http.get(f"/v1/runs/{run_id}/events")).status_code == 404
+        assert run_id not in [r["run_id"] for r in await client.runs()]
+        await client.aclose()
+
+
+async def test_runs_per_user_are_capped_oldest_finished_first(tmp_path: Path) -> None:
+    async with tcp_service_with(tmp_path, max_runs_per_user=2) as live, contextlib.AsyncExitStack() as stack:
+        http = await stack.enter_async_context(httpx2.AsyncClient(base_url=live.target, timeout=30))
+        me = {"Authorization": f"Bearer {live.tokens['user01']}"}
+        gates = live.config.workspace_for("user01")
+
+        async def finished_run(text: str) -> str:
+            response = await http.post("/v1/runs/exec", json={"shell": f"echo {text}"}, headers=me)
+            assert response.status_code == 200 and "event: done" in response.text
+            return response.headers["x-run-id"]
+
+        async def running_run(gate: str) -> str:
+            shell = f"while [ ! -e {gate} ]; do sleep 0.01; done"
+            response = await stack.enter_async_context(
+                http.stream("POST", "/v1/runs/exec", json={"shell": shell}, headers=me))
+            assert response.status_code == 200
+            return response.headers["x-run-id"]
+
+        async def kept() -> set[str]:
+            return {r["run_id"] for r in (await http.get("/v1/runs", headers=me)).json()["runs"]}
+
+        first, second = await finished_run("one"), await finished_run("two")
+        third = await finished_run("three")  # the oldest finished run makes room
+        assert await kept() == {second, third}
+        assert (await http.get(f"/v1/runs/{first}", headers=me)).status_code == 404
+        busy = [await running_run("go1"), await running_run("go2")]
+        assert await kept() == set(busy)  # finished ones went first, oldest first
+
+        refused = await http.post("/v1/runs/exec", json={"shell": "echo no"}, headers=me)
+        assert refused.status_code == 429
+        assert refused.json()["setting"] == "service.max_runs_per_user" and refused.json()["limit"] == 2
+        assert "max_runs_per_user" in refused.json()["error"]
+        async with ServiceClient(live.target, live.tokens["user01"]) as client:
+            with pytest.raises(TooManyRuns, match="max_runs_per_user"):
+                await anext(client.stream("exec", {"shell": "echo no"}))
+        assert await kept() == set(busy)  # running runs are never dropped to make room
+
+        other = {"Authorization": f"Bearer {live.tokens['user02']}"}  # the cap is per user
+        assert (await http.post("/v1/runs/exec", json={"shell": "echo yes"}, headers=other)).status_code == 200
+        for gate in ("go1", "go2"):
+            (gates / gate).touch()
 
 
 async def _warm_up(live: Live) -> None:
