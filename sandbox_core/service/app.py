@@ -20,8 +20,8 @@ An SSE event per sandbox event: ``id`` is the run's event sequence number, ``eve
 event type, ``data`` its JSON; ``: keep-alive`` comments while nothing happens; a ``gap``
 event where a run's bounded buffer dropped events a stream had not read. Wrong or missing
 credentials get a bare 401, a role that may not act a bare 403, another user's run a 404
-(it does not exist for them). A run beyond ``service.max_runs_per_user`` (all running) gets
-429 with a JSON error naming the setting.
+(it does not exist for them). A body over ``service.max_body_mb`` gets 413, a run beyond
+``service.max_runs_per_user`` (all running) 429, both with a JSON error naming the setting.
 """
 
 from __future__ import annotations
@@ -32,17 +32,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from sandbox_core.config import ProcessSandboxConfig
-from sandbox_core.errors import ConfigError, LimitExceeded, SandboxError, TooManyRuns
+from sandbox_core.errors import BodyTooLarge, ConfigError, LimitExceeded, SandboxError, TooManyRuns
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.requests import AgentRequest, ExecRequest
 from sandbox_core.service.auth import UNIX_PEER, Principal, TokenTable, bearer_token, principal_for_uid
+from sandbox_core.service.body_limit import BodyLimit, body_too_large
 from sandbox_core.service.openapi import openapi_schema
-from sandbox_core.service.runs import Run, RunRegistry
+from sandbox_core.service.runs import MIB, Run, RunRegistry
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -339,7 +341,11 @@ def create_app(state: ServiceState) -> Starlette:
         Route("/v1/workers/stop", stop_workers, methods=["POST"]),
         Route("/metrics", metrics),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(BodyLimit, max_bytes=state.config.service.max_body_mb * MIB)],
+        exception_handlers={BodyTooLarge: body_too_large},
+    )
     app.state.service = state
     return app
 

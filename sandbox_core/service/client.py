@@ -13,6 +13,7 @@ from typing import Any
 import httpx2
 
 from sandbox_core.errors import (
+    BodyTooLarge,
     ConfigError,
     LimitExceeded,
     PoolClosed,
@@ -64,11 +65,11 @@ async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[int | None
             data.append(value)
 
 
-_LIMITS: dict[int, type[LimitExceeded]] = {429: TooManyRuns}
+_LIMITS: dict[int, type[LimitExceeded]] = {413: BodyTooLarge, 429: TooManyRuns}
 
 
 def _limit_error(cls: type[LimitExceeded], text: str, status: int) -> LimitExceeded:
-    """The typed error of a bound's refusal (429) from its JSON body."""
+    """The typed error of a bound's refusal (413, 429) from its JSON body."""
     try:
         body = json.loads(text)
     except ValueError:

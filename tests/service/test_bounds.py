@@ -1,13 +1,17 @@
-"""What the service keeps is bounded: run buffers in bytes, finished runs in time and per user.
-Every test runs a real server over real HTTP with real workers."""
+"""What the service keeps is bounded: run buffers in bytes, finished runs in time and per user,
+request bodies in size. Every test runs a real server over real HTTP with real workers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
+import socket
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -183,6 +187,23 @@ async def test_runs_per_user_are_capped_oldest_finished_first(tmp_path: Path) ->
             (gates / gate).touch()
 
 
+async def test_request_bodies_over_the_limit_get_413_while_they_arrive(tmp_path: Path) -> None:
+    async with unix_service_with(tmp_path, max_body_mb=1) as live, ServiceClient(live.target) as client:
+        assert live.socket_path is not None
+        # a declared length over the limit is answered before any of the body is sent
+        status, body = await _raw_request(live.socket_path, [f"Content-Length: {MIB + 1}"], [])
+        assert status == 413 and body["setting"] == "service.max_body_mb" and body["limit"] == MIB
+        assert str(MIB) in body["error"]
+        # a chunked body is counted as it streams: the answer comes before the body ends
+        chunks = [b"x" * (64 * 1024)] * 18  # 1.125 MiB, and no final chunk is ever sent
+        status, body = await _raw_request(live.socket_path, ["Transfer-Encoding: chunked"], chunks)
+        assert status == 413 and body["setting"] == "service.max_body_mb"
+        # under the limit all is as before
+        stdin = "y" * (MIB - 4096)
+        events = [e async for e in client.stream("exec", {"argv": ["wc", "-c"], "stdin": stdin})]
+        assert "".join(e.data.get("data", "") for e in events if e.type == "stdout").strip() == str(len(stdin))
+
+
 async def _warm_up(live: Live) -> None:
     """One small run first: the first run pays for imports and a worker, not the measurement."""
     async with _http(live) as http:
@@ -197,3 +218,46 @@ def _http(live: Live) -> httpx2.AsyncClient:
 
 def _event(seq: int | None, kind: str, data: str) -> Event:
     return Event.from_dict({"type": kind, "seq": seq or 0, "data": json.loads(data)})
+
+
+async def _raw_request(sock: Path, headers: list[str], chunks: list[bytes]) -> tuple[int, Any]:
+    """POST /v1/runs/exec by hand (so the body can be cut short); the status and JSON answer."""
+    return await asyncio.to_thread(_raw_request_sync, sock, headers, chunks)
+
+
+def _raw_request_sync(path: Path, headers: list[str], chunks: list[bytes]) -> tuple[int, Any]:
+    """Send on one thread, read the answer on this one, as it arrives: the server answers 413
+    and closes with some of the body unread (a write then fails, the answer is still here)."""
+    conn = socket.socket(socket.AF_UNIX)
+    conn.settimeout(10)
+    conn.connect(str(path))
+
+    def send() -> None:
+        head = "\r\n".join(["POST /v1/runs/exec HTTP/1.1", "Host: x", "Content-Type: application/json", *headers])
+        with contextlib.suppress(OSError):
+            conn.sendall(head.encode() + b"\r\n\r\n")
+            for chunk in chunks:
+                conn.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+            data = conn.recv(65536)
+            assert data, f"the connection closed before a whole answer: {answer!r}"
+            answer += data
+    finally:
+        sender.join(10)
+        conn.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _length(answer: bytes) -> int:
+    """The Content-Length of an answer whose head has arrived (0 before)."""
+    for line in answer.partition(b"\r\n\r\n")[0].decode().split("\r\n"):
+        name, _, value = line.partition(": ")
+        if name.lower() == "content-length":
+            return int(value)
+    return 0
