@@ -20,6 +20,7 @@ from sandbox_core.errors import TooManyRuns
 from sandbox_core.events import Event
 from sandbox_core.service.buffer import event_size
 from sandbox_core.service.client import ServiceClient, parse_sse
+from sandbox_core.service.openapi import openapi_schema
 from tests.helpers import wait_for_async
 from tests.service.conftest import Live, tcp_service_with, unix_service_with
 
@@ -202,6 +203,15 @@ async def test_request_bodies_over_the_limit_get_413_while_they_arrive(tmp_path:
         stdin = "y" * (MIB - 4096)
         events = [e async for e in client.stream("exec", {"argv": ["wc", "-c"], "stdin": stdin})]
         assert "".join(e.data.get("data", "") for e in events if e.type == "stdout").strip() == str(len(stdin))
+
+
+def test_openapi_documents_the_bounds() -> None:
+    schema = openapi_schema()
+    for path in ("/v1/runs/agent", "/v1/runs/exec"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert {"413", "429"} <= set(responses) and "gap" in responses["200"]["description"]
+    gap = schema["components"]["schemas"]["GapEvent"]
+    assert gap["required"] == ["dropped_events", "dropped_bytes"]
 
 
 async def _warm_up(live: Live) -> None:
