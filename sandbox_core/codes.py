@@ -37,3 +37,5 @@ GATEWAY_ERROR = -32008
 """A model call from the sandbox was refused or failed on the host."""
 NOT_BOUND = -32009
 """The worker has not been bound to a user and workspace yet."""
+LIMIT_EXCEEDED = -32010
+"""A configured bound refused the request (too many runs kept, a request body too large)."""

@@ -150,6 +150,19 @@ class ServiceConfig:
     """Seconds in-flight runs get after SIGTERM before they are killed."""
     max_buffered_events: int = 10000
     """Events kept per run for re-attaching streams."""
+    run_buffer_mb: int = 8
+    """MiB of events (measured as their JSON) kept per run for re-attaching streams; beyond
+    it the oldest output is dropped and counted in one ``gap`` event."""
+    slow_client_seconds: float = 10.0
+    """Seconds a run waits for a live stream that has stopped reading before it drops events
+    that stream has not read (the stream then gets a ``gap`` event)."""
+    run_ttl: float = 600.0
+    """Seconds a finished run stays (for its summary and re-attaching), then it is released."""
+    max_runs_per_user: int = 50
+    """Runs kept per user: a new run releases the user's oldest finished one; when all are
+    still running, the new one is refused (HTTP 429)."""
+    max_body_mb: int = 16
+    """Largest request body in MiB; a larger one is refused while it is read (HTTP 413)."""
 
 
 @dataclass(frozen=True)
@@ -256,7 +269,8 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
         raise ConfigError("model.provider", f"must be auto, anthropic or offline, got {cfg.model.provider!r}")
     _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout"), "model.")
     _positive(cfg.model, ("request_token_budget", "user_token_budget"), "model.", zero_ok=True)
-    _positive(cfg.service, ("keepalive_seconds", "drain_grace", "max_buffered_events"), "service.")
+    _positive(cfg.service, ("keepalive_seconds", "drain_grace", "max_buffered_events", "run_buffer_mb",
+                            "slow_client_seconds", "run_ttl", "max_runs_per_user", "max_body_mb"), "service.")
     for uid in cfg.service.operator_uids:
         if not uid.isdigit():
             raise ConfigError("service.operator_uids", f"{uid!r} is not a numeric uid")

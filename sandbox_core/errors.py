@@ -12,6 +12,9 @@
     ├── PoolExhausted             no worker slot became free within the wait limit
     ├── PoolClosed                the orchestrator is shutting down or has shut down
     ├── GatewayError              a model call from the sandbox was refused or failed
+    ├── LimitExceeded             a configured bound refused the request
+    │   ├── TooManyRuns           the user already keeps as many runs as allowed, all running
+    │   └── BodyTooLarge          a request body is over the configured limit
     └── RemoteError               the worker answered a request with an error
 
 Errors that cross the pipe keep ``code``, ``message`` and ``data``.
@@ -113,6 +116,25 @@ class GatewayError(SandboxError):
     code = codes.GATEWAY_ERROR
 
 
+class LimitExceeded(SandboxError):
+    """A configured bound refused the request; ``data`` names the setting and its value."""
+
+    code = codes.LIMIT_EXCEEDED
+
+    def __init__(self, message: str, *, data: dict[str, Any] | None = None) -> None:
+        super().__init__(message, data=data)
+        self.setting = str(self.data.get("setting", ""))
+        self.limit = self.data.get("limit")
+
+
+class TooManyRuns(LimitExceeded):
+    """The user keeps ``service.max_runs_per_user`` runs and none has finished to make room."""
+
+
+class BodyTooLarge(LimitExceeded):
+    """A request body is larger than ``service.max_body_mb``."""
+
+
 class RemoteError(SandboxError):
     """The worker answered with a JSON-RPC error that maps to no more specific class."""
 
@@ -135,6 +157,7 @@ _BY_CODE: dict[int, type[SandboxError]] = {
     codes.POOL_EXHAUSTED: PoolExhausted,
     codes.POOL_CLOSED: PoolClosed,
     codes.GATEWAY_ERROR: GatewayError,
+    codes.LIMIT_EXCEEDED: LimitExceeded,
 }
 
 

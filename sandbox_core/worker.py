@@ -84,9 +84,15 @@ STDIN_CHUNK = 256 * 1024
 """Bytes of stdin per ``exec.stdin`` call."""
 STDIN_WINDOW = 4
 """``exec.stdin`` calls that may be unanswered at once (the worker answers once written)."""
-BUFFER_HIGH = 8 * 1024 * 1024
-"""Output bytes waiting for a slow caller at which reading the worker's pipe pauses..."""
-BUFFER_LOW = 2 * 1024 * 1024
+BUFFER_HIGH = 4 * 1024 * 1024
+"""Output bytes waiting for a slow caller at which reading the worker's pipes pauses (its
+writes then wait, and so does its command: a slow caller slows the worker, never grows
+the host)..."""
+BUFFER_LOW = 1024 * 1024
+"""...and below which reading resumes."""
+QUEUE_HIGH = 256
+"""Events of any kind waiting for callers at which reading pauses too (agent text, say)..."""
+QUEUE_LOW = 64
 """...and below which it resumes."""
 OUTPUT_SLACK = 1024 * 1024
 """Output past ``limits.output_mb`` the host tolerates before it stops trusting the worker."""
@@ -165,6 +171,8 @@ class SandboxWorker:
         self._exited = asyncio.Event()
         self._buffered = 0
         """Output bytes routed to streams and not yet taken by their callers."""
+        self._queued = 0
+        """Events routed to streams and not yet taken."""
         self._data: asyncio.ReadTransport | None = None
         self._data_split = datapipe.DataSplitter(self._on_output)
         self._data_pipe = False
@@ -375,8 +383,11 @@ class SandboxWorker:
         except ValueError as exc:
             self._garbage(str(exc))
             return
-        if event.type in ("stdout", "stderr") and not self._count_output(pending, output_size(event)):
-            return
+        if event.type in ("stdout", "stderr"):
+            if not self._count_output(pending, output_size(event)):
+                return
+        else:
+            self._hold(0)
         pending.queue.put_nowait(event)
 
     def _on_output(self, request_id: int, kind: int, payload: bytes) -> None:
@@ -406,14 +417,17 @@ class SandboxWorker:
         return True
 
     def _hold(self, size: int) -> None:
-        """Count output waiting for a caller; pause reading the worker past BUFFER_HIGH."""
+        """Count an event (``size`` output bytes) waiting for a caller; pause reading past the marks."""
         self._buffered += size
-        if self._buffered > BUFFER_HIGH and not self._reading_paused:
+        self._queued += 1
+        if (self._buffered > BUFFER_HIGH or self._queued > QUEUE_HIGH) and not self._reading_paused:
             self._set_reading(paused=True)
 
     def _taken(self, size: int) -> None:
+        """A caller took an event: resume reading once below both low marks."""
         self._buffered = max(0, self._buffered - size)
-        if self._buffered < BUFFER_LOW and self._reading_paused:
+        self._queued = max(0, self._queued - 1)
+        if self._buffered < BUFFER_LOW and self._queued < QUEUE_LOW and self._reading_paused:
             self._set_reading(paused=False)
 
     def _set_reading(self, *, paused: bool) -> None:
@@ -600,8 +614,7 @@ class SandboxWorker:
                         data={"worker_id": self.worker_id, "timeout": limit, "kill_reason": f"timeout {limit:g} s"},
                     )
                 if isinstance(item, Event):
-                    if item.type in ("stdout", "stderr"):
-                        self._taken(output_size(item))
+                    self._taken(output_size(item))
                     seq += 1
                     yield Event(item.type, item.data, seq)
                     continue
@@ -631,7 +644,7 @@ class SandboxWorker:
             self._pending.pop(request_id, None)
             while not pending.queue.empty():  # output nobody will take no longer holds the pipe
                 item = pending.queue.get_nowait()
-                if isinstance(item, Event) and item.type in ("stdout", "stderr"):
+                if isinstance(item, Event):
                     self._taken(output_size(item))
 
     def _name_kill(self, done: dict[str, Any]) -> None:
@@ -742,6 +755,8 @@ class SandboxWorker:
                 item = await asyncio.wait_for(pending.queue.get(), remaining)
             except TimeoutError:
                 break
+            if isinstance(item, Event):
+                self._taken(output_size(item))
             if isinstance(item, Response | SandboxError):
                 return
             if isinstance(item, _Deadline):
@@ -812,7 +827,9 @@ class SandboxWorker:
 
 
 def output_size(event: Event) -> int:
-    """About how many bytes an output event holds, without decoding it."""
+    """About how many bytes an output event holds, without decoding it (0 for other events)."""
+    if event.type not in ("stdout", "stderr"):
+        return 0
     raw = event.data.get("bytes")
     if isinstance(raw, bytes):
         return len(raw)

@@ -17,9 +17,11 @@ Routes (all JSON unless noted; ``/v1`` is the API version):
     GET  /metrics                      Prometheus text format           operator
 
 An SSE event per sandbox event: ``id`` is the run's event sequence number, ``event`` the
-event type, ``data`` its JSON; ``: keep-alive`` comments while nothing happens. Wrong or
-missing credentials get a bare 401, a role that may not act a bare 403, another user's run
-a 404 (it does not exist for them).
+event type, ``data`` its JSON; ``: keep-alive`` comments while nothing happens; a ``gap``
+event where a run's bounded buffer dropped events a stream had not read. Wrong or missing
+credentials get a bare 401, a role that may not act a bare 403, another user's run a 404
+(it does not exist for them). A body over ``service.max_body_mb`` gets 413, a run beyond
+``service.max_runs_per_user`` (all running) 429, both with a JSON error naming the setting.
 """
 
 from __future__ import annotations
@@ -32,17 +34,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from sandbox_core.config import ProcessSandboxConfig
-from sandbox_core.errors import ConfigError, SandboxError
+from sandbox_core.errors import BodyTooLarge, ConfigError, LimitExceeded, SandboxError, TooManyRuns
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.requests import AgentRequest, ExecRequest
 from sandbox_core.service.auth import UNIX_PEER, Principal, TokenTable, bearer_token, principal_for_uid
+from sandbox_core.service.body_limit import BodyLimit, body_too_large
 from sandbox_core.service.openapi import openapi_schema
-from sandbox_core.service.runs import Run, RunRegistry
+from sandbox_core.service.runs import MIB, Run, RunRegistry
 from sandbox_core.service.stdin import StdinRelay
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -61,7 +65,7 @@ class ServiceState:
     ) -> None:
         self.config = config
         self.orchestrator = orchestrator
-        self.runs = RunRegistry(orchestrator, config.service.max_buffered_events)
+        self.runs = RunRegistry(orchestrator, config.service)
         self.transport = transport
         self.tokens = tokens or TokenTable()
         self.draining = False
@@ -116,6 +120,11 @@ def _bad_request(exc: Exception) -> Response:
     return JSONResponse({"error": str(exc)}, status_code=400)
 
 
+def _limited(exc: LimitExceeded, status: int) -> Response:
+    """A bound's refusal: the message, and the setting and value that refused it."""
+    return JSONResponse({"error": exc.message, "setting": exc.setting, "limit": exc.limit}, status_code=status)
+
+
 def sse(seq: int | None, event: dict[str, Any] | None) -> bytes:
     """One SSE frame (or a keep-alive comment)."""
     if event is None:
@@ -125,11 +134,15 @@ def sse(seq: int | None, event: dict[str, Any] | None) -> bytes:
 
 
 def _stream(state: ServiceState, run: Run, after: int, owns_run: bool) -> StreamingResponse:
+    cursor = state.runs.attach(run, after)
+
     async def body() -> AsyncIterator[bytes]:
         finished = False
+        items = state.runs.follow(run, cursor, state.config.service.keepalive_seconds)
         try:
-            async for item in state.runs.follow(run, after, state.config.service.keepalive_seconds):
-                yield sse(None, None) if item is None else sse(*item)
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    yield sse(None, None) if item is None else sse(*item)
             finished = True
         finally:
             if not finished and owns_run and state.config.service.cancel_on_disconnect:
@@ -186,7 +199,10 @@ def _start(kind: str) -> Endpoint:
             req = _agent_request(body) if kind == "agent" else _exec_request(body)
         except ConfigError as exc:
             return _bad_request(exc)
-        run = state.runs.start(who, kind, req)
+        try:
+            run = state.runs.start(who, kind, req)
+        except TooManyRuns as exc:
+            return _limited(exc, 429)
         return _stream(state, run, 0, owns_run=True)
 
     return start
@@ -358,7 +374,11 @@ def create_app(state: ServiceState) -> Starlette:
         Route("/v1/workers/stop", stop_workers, methods=["POST"]),
         Route("/metrics", metrics),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(
+        routes=routes,
+        middleware=[Middleware(BodyLimit, max_bytes=state.config.service.max_body_mb * MIB)],
+        exception_handlers={BodyTooLarge: body_too_large},
+    )
     app.state.service = state
     return app
 

@@ -13,9 +13,12 @@ from typing import Any
 import httpx2
 
 from sandbox_core.errors import (
+    BodyTooLarge,
     ConfigError,
+    LimitExceeded,
     PoolClosed,
     SandboxError,
+    TooManyRuns,
     from_wire,
 )
 from sandbox_core.events import Event
@@ -62,6 +65,21 @@ async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[int | None
             data.append(value)
 
 
+_LIMITS: dict[int, type[LimitExceeded]] = {413: BodyTooLarge, 429: TooManyRuns}
+
+
+def _limit_error(cls: type[LimitExceeded], text: str, status: int) -> LimitExceeded:
+    """The typed error of a bound's refusal (413, 429) from its JSON body."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return cls(f"service error {status}: {text[:200]}", data={"status": status})
+    data = {"status": status, "setting": body.get("setting"), "limit": body.get("limit")}
+    return cls(str(body.get("error", f"service error {status}")), data=data)
+
+
 class ServiceClient:
     """Talks to a running ``sandbox serve``."""
 
@@ -100,6 +118,8 @@ class ServiceClient:
             raise ServiceError("this needs the operator role (403)", data=data)
         if status == 503:
             raise PoolClosed("the service is draining", data=data)
+        if status in _LIMITS:
+            raise _limit_error(_LIMITS[status], text, status)
         if status >= 400:
             raise ServiceError(f"service error {status}: {text[:200]}", data=data)
 

@@ -6,12 +6,21 @@ from typing import Any
 
 _SSE = {
     "description": "Server-sent events: one event per sandbox event (id = sequence number, "
-    "event = type, data = JSON); `: keep-alive` comments while idle.",
+    "event = type, data = JSON); `: keep-alive` comments while idle. A run keeps at most "
+    "service.max_buffered_events events and service.run_buffer_mb MiB of them for re-attaching; "
+    "the oldest output beyond is dropped and one `gap` event (data: GapEvent) stands for all of "
+    "it, at the id of the newest event dropped. A stream re-attaching at a dropped id, or one "
+    "that fell behind, gets the `gap` event, then what follows.",
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
 }
 _401 = {"description": "missing or wrong credentials"}
 _403 = {"description": "the caller's role may not do this"}
-_404 = {"description": "no such run (or not the caller's)"}
+_404 = {"description": "no such run (or not the caller's), or it was released (service.run_ttl "
+        "seconds after it finished, or to make room under service.max_runs_per_user)"}
+_413 = {"description": "the request body is over service.max_body_mb (refused while it is read)",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LimitError"}}}}
+_429 = {"description": "the caller keeps service.max_runs_per_user runs and all are still running",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LimitError"}}}}
 
 
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
@@ -20,6 +29,12 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 
 def _body(ref: str) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+def _run_responses() -> dict[str, Any]:
+    """What starting a run can answer."""
+    return {"200": _SSE, "400": {"description": "bad body"}, "401": _401, "413": _413, "429": _429,
+            "503": {"description": "draining"}}
 
 
 def openapi_schema() -> dict[str, Any]:
@@ -62,6 +77,25 @@ def openapi_schema() -> dict[str, Any]:
                         "all": {"type": "boolean"},
                     },
                 },
+                "GapEvent": {
+                    "description": "data of the `gap` SSE event: totals the run's buffer dropped so far",
+                    "type": "object",
+                    "required": ["dropped_events", "dropped_bytes"],
+                    "properties": {
+                        "dropped_events": {"type": "integer", "minimum": 1},
+                        "dropped_bytes": {"type": "integer", "minimum": 1,
+                                          "description": "sum of the dropped events' JSON sizes"},
+                    },
+                },
+                "LimitError": {
+                    "type": "object",
+                    "required": ["error", "setting", "limit"],
+                    "properties": {
+                        "error": {"type": "string"},
+                        "setting": {"type": "string", "description": "the setting that refused the request"},
+                        "limit": {"type": "integer", "description": "its value (bytes for service.max_body_mb)"},
+                    },
+                },
                 "Launch": {"type": "object", "properties": {"count": {"type": "integer", "minimum": 1},
                                                             "user_id": {"type": "string"}}},
             },
@@ -69,12 +103,8 @@ def openapi_schema() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "paths": {
             "/v1/health": {"get": {"security": [], "responses": {"200": _json(obj)}}},
-            "/v1/runs/agent": {"post": {"requestBody": _body("AgentRun"),
-                                        "responses": {"200": _SSE, "400": {"description": "bad body"},
-                                                      "401": _401, "503": {"description": "draining"}}}},
-            "/v1/runs/exec": {"post": {"requestBody": _body("ExecRun"),
-                                       "responses": {"200": _SSE, "400": {"description": "bad body"},
-                                                     "401": _401, "503": {"description": "draining"}}}},
+            "/v1/runs/agent": {"post": {"requestBody": _body("AgentRun"), "responses": _run_responses()}},
+            "/v1/runs/exec": {"post": {"requestBody": _body("ExecRun"), "responses": _run_responses()}},
             "/v1/runs": {"get": {"responses": {"200": _json(obj), "401": _401}}},
             "/v1/runs/{run_id}": {"get": {"parameters": run_id,
                                           "responses": {"200": _json(obj), "401": _401, "404": _404}}},
@@ -86,9 +116,11 @@ def openapi_schema() -> dict[str, Any]:
             "/v1/stats": {"get": {"responses": {"200": _json(obj), "401": _401, "403": _403}}},
             "/v1/workers": {"get": {"responses": {"200": _json(obj), "401": _401, "403": _403}}},
             "/v1/workers/launch": {"post": {"requestBody": _body("Launch"),
-                                            "responses": {"200": _json(obj), "401": _401, "403": _403}}},
+                                            "responses": {"200": _json(obj), "401": _401, "403": _403,
+                                                          "413": _413}}},
             "/v1/workers/stop": {"post": {"requestBody": _body("StopWorkers"),
-                                          "responses": {"200": _json(obj), "401": _401, "403": _403}}},
+                                          "responses": {"200": _json(obj), "401": _401, "403": _403,
+                                                        "413": _413}}},
             "/metrics": {"get": {"responses": {"200": {"description": "Prometheus text format",
                                                        "content": {"text/plain": {"schema": {"type": "string"}}}},
                                                "401": _401, "403": _403}}},

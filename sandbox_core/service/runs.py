@@ -1,8 +1,23 @@
 """The service's runs: each a task consuming one orchestrator stream, with an event buffer.
 
 A run belongs to the principal that started it. Its events are numbered from 1 (the SSE
-id) and buffered (bounded) so a stream can re-attach with ``Last-Event-ID``. Only the
-owner, or an operator, can see, stream or cancel a run; to anyone else it does not exist.
+id) and buffered so a stream can re-attach with ``Last-Event-ID``. The buffer is bounded
+in count and bytes (see :mod:`sandbox_core.service.buffer`), and a stream reads it through
+a :class:`Cursor` at its own pace. The live stream is not cut short by the bound: when an
+append would drop events a live stream has not read yet, the run waits for it (the wait
+slows the worker's pipe, and so the command, never grows the server), for up to
+``slow_client_seconds``. A stream that is still behind then is no longer waited for (until
+it catches up again): it gets one ``gap`` event instead of what was dropped, then what
+follows. So a stalled client costs a run at most that long per append, and memory stays
+bounded either way.
+
+What the registry keeps is bounded too: a finished run is released ``run_ttl`` seconds
+after it finished; a user keeps at most ``max_runs_per_user`` runs (a new run releases
+their oldest finished one, and is refused with :class:`TooManyRuns` when all are still
+running); and at most ``keep_finished`` finished runs are kept in all.
+
+Only the owner, or an operator, can see, stream or cancel a run; to anyone else it does
+not exist.
 """
 
 from __future__ import annotations
@@ -11,15 +26,29 @@ import asyncio
 import contextlib
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandbox_core.errors import SandboxError
+from sandbox_core.config import ServiceConfig
+from sandbox_core.errors import SandboxError, TooManyRuns
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.requests import ExecRequest, Request
 from sandbox_core.service.auth import Principal
+from sandbox_core.service.buffer import EventBuffer, Item, event_size
 from sandbox_core.service.stdin import StdinRelay
+
+MIB = 1024 * 1024
+
+
+@dataclass(eq=False)
+class Cursor:
+    """One stream's place in a run: the id of the last item it has been given."""
+
+    seq: int
+    awaited: bool = True
+    """The run waits for this stream before dropping what it has not read (False after it
+    stalled for ``slow_client_seconds``, until it catches up)."""
 
 
 @dataclass
@@ -29,15 +58,21 @@ class Run:
     run_id: str
     owner: Principal
     kind: str
+    events: EventBuffer
     created: float = field(default_factory=time.time)
-    events: list[dict[str, Any]] = field(default_factory=list)
-    first_seq: int = 1
-    """SSE id of ``events[0]`` (older events were dropped from the buffer)."""
     state: str = "running"
     """running, ok, failed, cancelled."""
     error: dict[str, Any] | None = None
     task: asyncio.Task[None] | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when an event is appended or the run finishes."""
+    readers: set[Cursor] = field(default_factory=set)
+    advanced: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a reader moves on or leaves."""
+    finished_at: float = 0.0
+    """``time.monotonic()`` when the run finished (0 while it runs)."""
+    expiry: asyncio.TimerHandle | None = None
+    """Releases the run ``run_ttl`` seconds after it finished."""
     stdin: StdinRelay | None = None
     """Where ``POST /v1/runs/{id}/stdin`` hands the command its input (exec with stdin_stream)."""
 
@@ -47,7 +82,11 @@ class Run:
 
     @property
     def last_seq(self) -> int:
-        return self.first_seq + len(self.events) - 1
+        return self.events.last_seq
+
+    def lagging(self, seq: int) -> list[Cursor]:
+        """Awaited readers that have not read up to ``seq`` yet."""
+        return [c for c in self.readers if c.awaited and c.seq < seq]
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -57,21 +96,29 @@ class Run:
             "state": self.state,
             "created": self.created,
             "events": self.last_seq,
+            "buffered_events": len(self.events),
+            "buffered_bytes": self.events.bytes,
+            "dropped_events": self.events.dropped_events,
             "error": self.error,
         }
 
 
 class RunRegistry:
-    """Starts, finds, streams and cancels runs on one orchestrator."""
+    """Starts, finds, streams, cancels and releases runs on one orchestrator."""
 
-    def __init__(self, orchestrator: SandboxOrchestrator, max_events: int = 10000, keep_finished: int = 1000):
+    def __init__(
+        self, orchestrator: SandboxOrchestrator, config: ServiceConfig | None = None, keep_finished: int = 1000
+    ) -> None:
         self._orchestrator = orchestrator
+        self._config = config or ServiceConfig()
         self._runs: dict[str, Run] = {}
-        self._max_events = max_events
         self._keep_finished = keep_finished
 
     def start(self, owner: Principal, kind: str, request: Request) -> Run:
-        run = Run(f"run_{secrets.token_hex(8)}", owner, kind)
+        """Start a run for ``owner``; TooManyRuns when they keep the most runs, all running."""
+        self._make_room_for(owner)
+        buffer = EventBuffer(self._config.max_buffered_events, self._config.run_buffer_mb * MIB)
+        run = Run(f"run_{secrets.token_hex(8)}", owner, kind, buffer)
         if isinstance(request, ExecRequest) and isinstance(request.stdin, StdinRelay):
             run.stdin = request.stdin
         run.task = asyncio.create_task(self._drive(run, request), name=run.run_id)
@@ -110,50 +157,118 @@ class RunRegistry:
                 data = dict(event.json_data())  # output bytes become text or base64
                 if event.type == "started":
                     data["run_id"] = run.run_id
-                self._append(run, {"type": event.type, "data": data})
+                await self._append(run, {"type": event.type, "data": data})
             run.state = "ok"
         except asyncio.CancelledError:
             run.state = "cancelled"
             run.error = {"code": "cancelled", "message": "run cancelled"}
-            self._append(run, {"type": "error", "data": {"code": -32000, "message": "run cancelled"}})
+            self._store(run, {"type": "error", "data": {"code": -32000, "message": "run cancelled"}})
         except SandboxError as exc:
             run.state = "failed"
             run.error = exc.to_wire()
-            self._append(run, {"type": "error", "data": {**exc.to_wire(), "error": type(exc).__name__}})
+            self._store(run, {"type": "error", "data": {**exc.to_wire(), "error": type(exc).__name__}})
         finally:
             await stream.aclose()
             if run.stdin is not None:
                 await run.stdin.close()
+            self._schedule_release(run)
             run.changed.set()
 
-    def _append(self, run: Run, event: dict[str, Any]) -> None:
-        run.events.append(event)
-        if len(run.events) > self._max_events:
-            drop = len(run.events) - self._max_events
-            del run.events[:drop]
-            run.first_seq += drop
+    async def _append(self, run: Run, event: dict[str, Any]) -> None:
+        """Store ``event``, first giving live readers time to read what it would drop."""
+        size = event_size(event)
+        victim = run.events.would_drop(size)
+        if victim:
+            await self._wait_for_readers(run, victim)
+        self._store(run, event, size)
+
+    async def _wait_for_readers(self, run: Run, seq: int) -> None:
+        """Wait until awaited readers have read up to ``seq``, or stop awaiting them.
+
+        While this waits the run reads nothing from its worker, whose pipe then fills.
+        """
+        deadline = time.monotonic() + self._config.slow_client_seconds
+        while lagging := run.lagging(seq):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                for cursor in lagging:
+                    cursor.awaited = False
+                return
+            run.advanced.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(run.advanced.wait(), remaining)
+
+    def _store(self, run: Run, event: dict[str, Any], size: int | None = None) -> None:
+        run.events.append(event, size)
         run.changed.set()
+
+    def _schedule_release(self, run: Run) -> None:
+        """Release ``run`` once ``run_ttl`` seconds have passed (it has just finished)."""
+        run.finished_at = time.monotonic()
+        loop = asyncio.get_running_loop()
+        run.expiry = loop.call_later(self._config.run_ttl, self._release, run)
+
+    def _release(self, run: Run) -> None:
+        """Forget ``run`` (a stream still reading it keeps it alive until that stream ends)."""
+        if run.expiry is not None:
+            run.expiry.cancel()
+        if self._runs.get(run.run_id) is run:
+            del self._runs[run.run_id]
+
+    def _make_room_for(self, owner: Principal) -> None:
+        """Release the owner's oldest finished runs so that one more fits under the cap.
+
+        TooManyRuns when the owner's runs are all still running: those are never dropped.
+        """
+        cap = self._config.max_runs_per_user
+        mine = [r for r in self._runs.values() if r.owner.user_id == owner.user_id]
+        finished = sorted((r for r in mine if r.finished), key=lambda r: r.finished_at)
+        if len(mine) - len(finished) >= cap:
+            raise TooManyRuns(
+                f"{owner.user_id!r} already has {cap} runs in flight (service.max_runs_per_user = {cap}); "
+                "wait for one to finish, or cancel one",
+                data={"setting": "service.max_runs_per_user", "limit": cap},
+            )
+        for run in finished[: max(0, len(mine) - cap + 1)]:
+            self._release(run)
 
     def _forget_old(self) -> None:
         finished = [r for r in self._runs.values() if r.finished]
         for run in finished[: max(0, len(finished) - self._keep_finished)]:
-            self._runs.pop(run.run_id, None)
+            self._release(run)
 
-    async def follow(
-        self, run: Run, after: int = 0, keepalive: float = 15.0
-    ) -> AsyncIterator[tuple[int, dict[str, Any]] | None]:
-        """Yield ``(seq, event)`` after ``after`` until the run ends; ``None`` = keep-alive."""
-        next_seq = max(after + 1, run.first_seq)
-        while True:
-            while next_seq <= run.last_seq:
-                yield next_seq, run.events[next_seq - run.first_seq]
-                next_seq += 1
-            if run.finished:
-                return
-            run.changed.clear()
-            if next_seq <= run.last_seq or run.finished:
-                continue
-            try:
-                await asyncio.wait_for(run.changed.wait(), keepalive)
-            except TimeoutError:
-                yield None
+    def attach(self, run: Run, after: int = 0) -> Cursor:
+        """A reader of ``run`` from after id ``after``; the run waits for it from now on.
+
+        Attach before the run can produce (the starting stream does so at once), so that
+        nothing it should read is dropped before it reads.
+        """
+        cursor = Cursor(after)
+        run.readers.add(cursor)
+        return cursor
+
+    async def follow(self, run: Run, cursor: Cursor, keepalive: float = 15.0) -> AsyncGenerator[Item | None, None]:
+        """Yield ``(seq, event)`` after the cursor until the run ends; ``None`` = keep-alive.
+
+        When the stream has fallen behind what the buffer kept, the next item is the
+        ``gap`` event, then what follows. Closing the generator detaches the cursor.
+        """
+        try:
+            while True:
+                while (item := run.events.next_after(cursor.seq)) is not None:
+                    yield item
+                    cursor.seq = item[0]
+                    run.advanced.set()
+                cursor.awaited = True  # caught up: wait for this stream again
+                if run.finished:
+                    return
+                run.changed.clear()
+                if run.events.next_after(cursor.seq) is not None or run.finished:
+                    continue
+                try:
+                    await asyncio.wait_for(run.changed.wait(), keepalive)
+                except TimeoutError:
+                    yield None
+        finally:
+            run.readers.discard(cursor)
+            run.advanced.set()

@@ -206,3 +206,28 @@ async def test_processes_that_leave_the_group_are_killed_too(workspace_root: Pat
         await wait_for(lambda: not pid_alive(stray), 5, "the setsid escapee to die")
     finally:
         await worker.stop()
+
+
+async def test_a_slow_consumer_slows_the_worker_instead_of_growing_the_host(workspace_root: Path) -> None:
+    worker = await _bound(workspace_root)
+    size = 30 * 1024 * 1024
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: measure the peak from here
+        before = _status_kib("VmRSS")
+        received = 0
+        request = ExecRequest(shell=f"yes 0123456789abcdefghijklmnopqrstuvwxyz | head -c {size}")
+        async for event in worker.execute_stream("exec", request.params()):
+            received += len(event.chunk())
+            await asyncio.sleep(0.002)  # a consumer slower than the command (a slow client, say)
+        growth = (_status_kib("VmHWM") - before) * 1024
+        assert received == size
+        assert growth < size / 5, f"the host's peak memory grew by {growth >> 10} KiB for {size} bytes"
+    finally:
+        await worker.stop()
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/self/status")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator
@@ -59,13 +60,30 @@ async def _run(config: ProcessSandboxConfig, listen: str | None) -> AsyncIterato
         await asyncio.gather(task, return_exceptions=True)
 
 
-@pytest.fixture
-async def unix_service(tmp_path: Path) -> AsyncIterator[Live]:
+@contextlib.asynccontextmanager
+async def unix_service_with(tmp_path: Path, **service: object) -> AsyncIterator[Live]:
+    """A service on a private Unix socket, with ``service`` settings over the test defaults."""
     sock = Path(f"/tmp/sbx-test-{os.getpid()}-{secrets.token_hex(3)}") / "s.sock"
-    config = service_config(tmp_path, socket_path=sock)
+    config = service_config(tmp_path, socket_path=sock, **service)
     async for where in _run(config, None):
         await wait_for(sock.exists, 5, "socket")
         yield Live(where, config, {}, sock)
+
+
+@contextlib.asynccontextmanager
+async def tcp_service_with(tmp_path: Path, **service: object) -> AsyncIterator[Live]:
+    """A service on a loopback TCP port with a token per user in ``USERS`` (and ``ops``)."""
+    tokens_file = tmp_path / "tokens.toml"
+    tokens = write_tokens(tokens_file, USERS, ["ops"])
+    config = service_config(tmp_path, tokens_file=tokens_file, **service)
+    async for where in _run(config, "127.0.0.1:0"):
+        yield Live(where, config, tokens)
+
+
+@pytest.fixture
+async def unix_service(tmp_path: Path) -> AsyncIterator[Live]:
+    async with unix_service_with(tmp_path) as live:
+        yield live
 
 
 USERS = [f"user{i:02d}" for i in range(20)]
@@ -73,8 +91,5 @@ USERS = [f"user{i:02d}" for i in range(20)]
 
 @pytest.fixture
 async def tcp_service(tmp_path: Path) -> AsyncIterator[Live]:
-    tokens_file = tmp_path / "tokens.toml"
-    tokens = write_tokens(tokens_file, USERS, ["ops"])
-    config = service_config(tmp_path, tokens_file=tokens_file)
-    async for where in _run(config, "127.0.0.1:0"):
-        yield Live(where, config, tokens)
+    async with tcp_service_with(tmp_path) as live:
+        yield live

@@ -52,6 +52,11 @@ def test_default_path_is_optional_but_explicit_path_must_exist(tmp_path: Path) -
         ({"SANDBOX_MIN_IDLE": "50"}, "min_idle"),
         ({"SANDBOX_ENV__ALLOW": "PATH,bad name"}, "env.allow"),
         ({"SANDBOX_MODEL__BASE_URL": "ftp://x"}, "model.base_url"),
+        ({"SANDBOX_SERVICE__RUN_BUFFER_MB": "0"}, "service.run_buffer_mb"),
+        ({"SANDBOX_SERVICE__RUN_TTL": "0"}, "service.run_ttl"),
+        ({"SANDBOX_SERVICE__MAX_RUNS_PER_USER": "-1"}, "service.max_runs_per_user"),
+        ({"SANDBOX_SERVICE__MAX_BODY_MB": "lots"}, "service.max_body_mb"),
+        ({"SANDBOX_SERVICE__SLOW_CLIENT_SECONDS": "0"}, "service.slow_client_seconds"),
     ],
 )
 def test_invalid_value_names_the_field(env: dict[str, str], field: str, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from sandbox_core import errors
         errors.GatewayError,
         errors.PoolClosed,
         errors.WorkerStartError,
+        errors.LimitExceeded,
     ],
 )
 def test_errors_cross_the_wire_with_code_message_data(cls: type[errors.SandboxError]) -> None:
