@@ -7,6 +7,7 @@ milliseconds on this machine; the ratios are what to compare across machines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -333,7 +334,66 @@ async def gateway_overhead(config: ProcessSandboxConfig, deltas: int = 1000) -> 
                   detail={"events": count, "direct_events": seen, "overhead_us_per_event": round(per_event_us, 2)})
 
 
-Step = tuple[str, Callable[[], Awaitable[Figure]]]
+def _peak_reset() -> None:
+    """Make VmHWM (peak RSS) start from the current RSS, where the kernel allows it."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def _plain_pipe_seconds(size: int, consumer: str) -> float:
+    """``head -c SIZE /dev/zero | CONSUMER`` through a plain pipe: the baseline."""
+    began = time.perf_counter()
+    proc = await asyncio.create_subprocess_shell(f"head -c {size} /dev/zero | {consumer}")
+    await proc.wait()
+    return time.perf_counter() - began
+
+
+async def exec_throughput(config: ProcessSandboxConfig, size: int) -> list[Figure]:
+    """Bytes per second through ``exec``, out (``head -c`` to the caller) and in (stdin to
+    ``cat > /dev/null``), against the same bytes through a plain pipe, and the host's peak RSS."""
+    block = bytes(1024 * 1024)
+    figures = []
+    async with SandboxOrchestrator(config.replace(min_idle=0, request_timeout=600)) as pool:
+        await pool.execute("bench", ExecRequest(argv=("true",)))  # the worker is up
+        _peak_reset()
+        rss = _status_mb("VmRSS")
+        began = time.perf_counter()
+        got = 0
+        async for event in pool.execute_stream("bench", ExecRequest(argv=("head", "-c", str(size), "/dev/zero"))):
+            got += len(event.chunk())
+        ours = time.perf_counter() - began
+        out_peak = _status_mb("VmHWM") - rss
+        assert got == size, f"exec delivered {got} of {size} bytes"
+
+        async def produce() -> Any:
+            for _ in range(size // len(block)):
+                yield block
+
+        _peak_reset()
+        rss = _status_mb("VmRSS")
+        began = time.perf_counter()
+        await pool.execute("bench", ExecRequest(shell="cat > /dev/null", stdin=produce()))
+        ours_in = time.perf_counter() - began
+        in_peak = _status_mb("VmHWM") - rss
+    plain = await _plain_pipe_seconds(size, "cat > /dev/null")
+    mb = size / 1e6
+    for name, seconds, peak in (("exec output", ours, out_peak), ("exec stdin", ours_in, in_peak)):
+        figures.append(Figure(
+            f"{name} throughput", round(mb / seconds, 1), "MB/s", ">= 0.5x plain pipe", plain / seconds >= 0.5,
+            baseline=round(mb / plain, 1), ratio=round(plain / seconds, 3),
+            detail={"bytes": size, "host_peak_rss_growth_mb": round(peak, 1), "rss_target_mb": 100},
+        ))
+    return figures
+
+
+Step = tuple[str, Callable[[], Awaitable[Figure | list[Figure]]]]
 
 
 def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
@@ -347,6 +407,7 @@ def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
         ("idle memory", lambda: idle_memory(config)),
         ("agent first text", lambda: agent_first_text(config, n)),
         ("gateway overhead", lambda: gateway_overhead(config)),
+        ("exec throughput", lambda: exec_throughput(config, (100 if quick else 1000) * 1024 * 1024)),
     ]
     if config.profile == "strict":
         steps.insert(1, ("strict vs bare bwrap", lambda: strict_vs_bare_bwrap(config, n)))
@@ -368,7 +429,8 @@ async def run_suite(
         for name, step in suite(config, quick):
             if progress is not None:
                 progress(name)
-            figures.append(await step())
+            result = await step()
+            figures.extend(result if isinstance(result, list) else [result])
         return figures
     finally:
         shutil.rmtree(root, ignore_errors=True)

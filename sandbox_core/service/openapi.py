@@ -65,7 +65,10 @@ def openapi_schema() -> dict[str, Any]:
                     "properties": {
                         "argv": {"type": "array", "items": {"type": "string"}},
                         "shell": {"type": "string"},
-                        "stdin": {"type": "string"},
+                        "stdin": {"type": "string", "description": "stdin as UTF-8 text"},
+                        "stdin_b64": {"type": "string", "format": "byte", "description": "stdin as base64 bytes"},
+                        "stdin_stream": {"type": "boolean",
+                                         "description": "stdin follows in POST /v1/runs/{run_id}/stdin"},
                         "timeout": {"type": "number"},
                     },
                 },
@@ -75,6 +78,17 @@ def openapi_schema() -> dict[str, Any]:
                         "worker_ids": {"type": "array", "items": {"type": "string"}},
                         "user_id": {"type": "string"},
                         "all": {"type": "boolean"},
+                    },
+                },
+                "OutputEvent": {
+                    "description": "data of the `stdout`/`stderr` SSE events: one chunk of the command's output "
+                                   "as exactly one of `data` (the chunk is UTF-8 text) or `b64` (its bytes, "
+                                   "base64); the chunks joined are the output byte for byte",
+                    "type": "object",
+                    "properties": {
+                        "data": {"type": "string"},
+                        "b64": {"type": "string", "format": "byte"},
+                        "tool_use_id": {"type": "string", "description": "the agent's bash call it came from"},
                     },
                 },
                 "GapEvent": {
@@ -111,6 +125,14 @@ def openapi_schema() -> dict[str, Any]:
             "/v1/runs/{run_id}/events": {"get": {"parameters": [*run_id, {
                 "name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "integer"}}],
                 "responses": {"200": _SSE, "401": _401, "404": _404}}},
+            "/v1/runs/{run_id}/stdin": {"post": {
+                "parameters": run_id,
+                "description": "The streamed stdin of an exec started with stdin_stream: true, read only as "
+                               "fast as the command takes it; exempt from service.max_body_mb.",
+                "requestBody": {"required": True, "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"200": _json(obj), "401": _401, "404": _404,
+                              "409": {"description": "the run takes no stdin stream, or already has one"}}}},
             "/v1/runs/{run_id}/cancel": {"post": {"parameters": run_id,
                                                   "responses": {"200": _json(obj), "401": _401, "404": _404}}},
             "/v1/stats": {"get": {"responses": {"200": _json(obj), "401": _401, "403": _403}}},

@@ -146,7 +146,7 @@ def test_tool_output_is_shown_as_it_arrives_and_not_again_at_the_end() -> None:
     renderer.close()
     lines = out.getvalue().splitlines()
     header = "╭─ bash · $ echo first; wait-for-go; echo second"
-    assert lines[:5] == [header, "│ first", "│ second", "│ ^A\ufffd", "╰─ ok"]
+    assert lines[:5] == [header, "│ first", "│ second", "│ ^A\\xf3", "╰─ ok"]
     assert out.getvalue().count("first") == 2 and "╭─ bash ─" not in out.getvalue()  # header + the line: no panel
 
 
