@@ -1,19 +1,21 @@
-"""The output crossing: command output as raw bytes on a pipe of its own, beside the control pipe.
+"""The byte crossings: command stdin and output as raw bytes on pipes of their own.
 
-JSON-RPC over NDJSON is the control channel; output that only has to arrive byte for byte
-does not belong in it (base64 in JSON costs ~4 copies and ~1.4× the bytes). The host gives
-each worker the write end of a second pipe; the worker sends every output chunk of an
-``exec`` on it as one binary frame:
+JSON-RPC over NDJSON is the control channel; bytes that only have to arrive as they were
+sent do not belong in it (base64 in JSON costs ~4 copies and ~1.4× the bytes). Beside the
+control pipe the host gives each worker two more: the **output pipe** (worker → host) and
+the **input pipe** (host → worker). Every chunk on them is one binary frame:
 
     request id   u64, big-endian (the id of the ``exec`` request)
-    kind         u8: 1 stdout, 2 stderr, 0 end (no more output for this request)
+    kind         u8: 1 stdout, 2 stderr (output pipe), 3 stdin (input pipe),
+                 0 end (no more output, or end of stdin, for this request)
     length       u32, big-endian, at most :data:`MAX_PAYLOAD`
     payload      ``length`` bytes
 
-The ``end`` frame comes before the request's final response on the control pipe; the host
-holds a successful response until it has read ``end``, so the caller sees all output before
-``done``. The host reads this pipe only as fast as callers take the output, so a slow caller
-blocks the worker's writes and, through them, the command.
+On the output pipe the ``end`` frame comes before the request's final response on the
+control pipe; the host holds a successful response until it has read ``end``, so the
+caller sees all output before ``done``. Each side reads a pipe only as fast as the bytes
+are taken (the caller takes output, the command reads stdin), so a slow reader blocks the
+writer instead of growing anyone's memory.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from typing import Literal
 HEADER = struct.Struct(">QBI")
 MAX_PAYLOAD = 1024 * 1024
 """Largest payload of one frame; a longer one means the worker is not speaking this format."""
-KIND_END, KIND_STDOUT, KIND_STDERR = 0, 1, 2
+KIND_END, KIND_STDOUT, KIND_STDERR, KIND_STDIN = 0, 1, 2, 3
 STREAMS: dict[int, Literal["stdout", "stderr"]] = {KIND_STDOUT: "stdout", KIND_STDERR: "stderr"}
-_KINDS = frozenset({KIND_END, KIND_STDOUT, KIND_STDERR})
+_KINDS = frozenset({KIND_END, KIND_STDOUT, KIND_STDERR, KIND_STDIN})
 PIPE_BYTES = 1024 * 1024
 """Capacity asked of the data pipe (F_SETPIPE_SZ): fewer, larger reads and writes."""
 F_SETPIPE_SZ = 1031

@@ -7,8 +7,9 @@ request's stream. When the process dies, every pending call fails at once with
 :class:`WorkerCrashed` carrying the exit status or signal and the last stderr lines.
 
 Every crossing is bounded. A frame the host would send over ``max_frame_bytes`` fails its
-call at once; stdin of any size streams in ``exec.stdin`` chunks, at most
-:data:`STDIN_WINDOW` unanswered, so a command that does not read slows the sender; output a
+call at once; stdin of any size streams as raw frames on the input pipe, which the worker
+reads only as fast as the command takes it, so a command that does not read slows the
+sender (and one that closes its stdin stops it: ``exec.stdin_closed``); output a
 caller has not consumed past :data:`BUFFER_HIGH` pauses reading the worker's pipe (the worker
 then blocks on its writes); at most :data:`MAX_HOST_CALLS` calls from the worker run at once.
 Garbage (malformed frames, answers to nothing, stray events) is counted: a worker that
@@ -24,7 +25,6 @@ worker's session. Cleanup is shielded from cancellation.
 from __future__ import annotations
 
 import asyncio
-import base64
 import collections
 import contextlib
 import enum
@@ -80,10 +80,6 @@ GARBAGE_KILL = 256
 """...and after which it is killed at once (a flood), failing its calls with ProtocolError."""
 MAX_HOST_CALLS = 4
 """Calls from one worker to the host that may run at once; more are refused at once."""
-STDIN_CHUNK = 256 * 1024
-"""Bytes of stdin per ``exec.stdin`` call."""
-STDIN_WINDOW = 4
-"""``exec.stdin`` calls that may be unanswered at once (the worker answers once written)."""
 BUFFER_HIGH = 4 * 1024 * 1024
 """Output bytes waiting for a slow caller at which reading the worker's pipes pauses (its
 writes then wait, and so does its command: a slow caller slows the worker, never grows
@@ -124,6 +120,8 @@ class _Pending:
         """Output may still come on the data pipe (until its end frame)."""
         self.held: Response | None = None
         """A successful answer that came before the end of the output, held until it."""
+        self.stdin_closed = False
+        """The command closed its stdin: stop sending it."""
 
 
 class SandboxWorker:
@@ -177,6 +175,8 @@ class SandboxWorker:
         self._data_split = datapipe.DataSplitter(self._on_output)
         self._data_pipe = False
         """Whether the worker sends command output on the data pipe (it said so at handshake)."""
+        self._stdin: asyncio.StreamWriter | None = None
+        """The host's end of the input pipe (streamed stdin)."""
         self._reading_paused = False
         self.broken: str | None = None
         """Why the host stopped trusting this worker's channel (it is then killed)."""
@@ -243,8 +243,10 @@ class SandboxWorker:
         self.workspace_in_sandbox = spec.workspace_in_sandbox
         loop = asyncio.get_running_loop()
         data_read, data_write = os.pipe2(os.O_CLOEXEC)
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(data_write, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
+        stdin_read, stdin_write = os.pipe2(os.O_CLOEXEC)
+        for fd in (data_write, stdin_write):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
         try:
             transport, _ = await loop.subprocess_exec(
                 lambda: _WorkerPipes(self),
@@ -256,21 +258,29 @@ class SandboxWorker:
                 cwd=spec.cwd,
                 start_new_session=True,
                 close_fds=True,
-                pass_fds=(*spec.pass_fds, data_write),
+                pass_fds=(*spec.pass_fds, data_write, stdin_read),
             )
         except BaseException:
             os.close(data_read)
+            os.close(stdin_write)
             raise
         finally:
             os.close(data_write)
+            os.close(stdin_read)
         self._transport = transport
         self._pid = transport.get_pid()
         self._data, _ = await loop.connect_read_pipe(
             lambda: _DataPipe(self), os.fdopen(data_read, "rb", buffering=0)
         )
+        stdin_transport, stdin_protocol = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(stdin_write, "wb", buffering=0)
+        )
+        self._stdin = asyncio.StreamWriter(stdin_transport, stdin_protocol, None, loop)
         if spec.after_spawn is not None:
             spec.after_spawn(self._pid)
-        params: dict[str, Any] = {"worker_id": self.worker_id, "plan": spec.plan, "data_fd": data_write}
+        params: dict[str, Any] = {
+            "worker_id": self.worker_id, "plan": spec.plan, "data_fd": data_write, "stdin_fd": stdin_read,
+        }
         if spec.bound_at_spawn and self.user_id is not None:
             params.update(user_id=self.user_id, workspace=spec.workspace_in_sandbox)
         reply = await self.call("initialize", params)
@@ -279,6 +289,9 @@ class SandboxWorker:
         self.report = dict(reply.get("layers") or {})
         self.report["pid_in_sandbox"] = reply.get("pid")
         self._data_pipe = reply.get("data_pipe") is True
+        if reply.get("stdin_pipe") is not True and self._stdin is not None:
+            self._stdin.close()
+            self._stdin = None
 
     # ------------------------------------------------------------------ I/O
 
@@ -345,6 +358,10 @@ class SandboxWorker:
         elif isinstance(msg, Notification):
             if msg.method == EVENT_METHOD:
                 self._route_event(msg.params)
+            elif msg.method == "exec.stdin_closed":
+                target = self._pending.get(msg.params.get("id"))  # type: ignore[arg-type]
+                if target is not None:
+                    target.stdin_closed = True
             elif msg.method == "cancel":  # the worker gave up on one of its calls to us
                 call = self._host_calls.get(msg.params.get("id"))  # type: ignore[arg-type]
                 if call is not None:
@@ -485,6 +502,8 @@ class SandboxWorker:
         self._writable.set()
         if self._data is not None:
             self._data.close()
+        if self._stdin is not None:
+            self._stdin.close()
         if self.state is not WorkerState.STOPPING:
             self.state = WorkerState.CRASHED
         error: SandboxError = self._crash_error("worker process exited")
@@ -659,69 +678,40 @@ class SandboxWorker:
                 done["kill_reason"] = reason
 
     async def _feed_stdin(self, request_id: int, pending: _Pending, source: StdinSource) -> None:
-        """Stream ``source`` to request ``request_id``'s command in ``exec.stdin`` calls.
+        """Stream ``source`` to request ``request_id``'s command as frames on the input pipe.
 
-        At most STDIN_WINDOW calls are unanswered; the worker answers a chunk once it is
-        written into the command's stdin pipe, so a command that does not read holds the
-        sender here. An answer ``closed`` (the command exited or closed its stdin) ends it.
+        Each frame waits for the pipe (the worker reads it only as fast as the command takes
+        its stdin), so a command that does not read holds the sender here. The worker's
+        ``exec.stdin_closed`` (the command closed its stdin) ends it; an error raised by
+        ``source`` fails the request rather than truncating its stdin.
         """
-        window = asyncio.Semaphore(STDIN_WINDOW)
-        closed = asyncio.Event()
-        flying: set[asyncio.Task[None]] = set()
-
-        async def push(data: bytes, eof: bool) -> None:
-            try:
-                params = {"id": request_id, "b64": base64.b64encode(data).decode(), "eof": eof}
-                reply = await self._oneshot("exec.stdin", params)
-                if not isinstance(reply, dict) or reply.get("closed"):
-                    closed.set()
-            except SandboxError as exc:
-                closed.set()
-                pending.queue.put_nowait(exc)
-            finally:
-                window.release()
-
-        def launch(data: bytes, eof: bool) -> None:
-            task = asyncio.create_task(push(data, eof))
-            flying.add(task)
-            task.add_done_callback(flying.discard)
-
-        size = min(STDIN_CHUNK, (self.config.max_frame_bytes - 512) * 3 // 4)  # base64 in one frame
+        writer = self._stdin
+        if writer is None:
+            pending.queue.put_nowait(ProtocolError(f"worker {self.worker_id} has no input pipe for streamed stdin"))
+            return
+        chunks = aiter(source)
         try:
-            async for chunk in source:
-                for at in range(0, len(chunk), size):
-                    await window.acquire()
-                    if closed.is_set():
+            async for chunk in chunks:
+                for at in range(0, len(chunk), datapipe.MAX_PAYLOAD):
+                    if pending.stdin_closed:
                         return
-                    launch(bytes(chunk[at : at + size]), False)
-            await window.acquire()
-            if not closed.is_set():
-                launch(b"", True)
-            await asyncio.gather(*flying, return_exceptions=True)
+                    piece = chunk[at : at + datapipe.MAX_PAYLOAD]
+                    writer.write(datapipe.frame(request_id, datapipe.KIND_STDIN, piece))
+                    writer.write(piece)
+                    await writer.drain()
+            if not pending.stdin_closed:
+                writer.write(datapipe.frame(request_id, datapipe.KIND_END))
+                await writer.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the worker is gone: its request fails with WorkerCrashed
         except Exception as exc:  # noqa: BLE001 - a failing source must fail the request, not truncate it
             error = exc if isinstance(exc, SandboxError) else SandboxError(f"reading stdin failed: {exc!r:.200}")
             pending.queue.put_nowait(error)
-        finally:
-            for task in flying:
-                task.cancel()
-
-    async def _oneshot(self, method: str, params: dict[str, Any]) -> Any:
-        """A request answered without events; a caller that gives up just forgets it."""
-        request_id = self._next_id()
-        pending = _Pending()
-        self._pending[request_id] = pending
-        try:
-            await self._send(Request(request_id, method, params))
-            while True:
-                item = await pending.queue.get()
-                if isinstance(item, SandboxError):
-                    raise item
-                if isinstance(item, Response):
-                    if item.error is not None:
-                        raise from_wire(item.error)
-                    return item.result
-        finally:
-            self._pending.pop(request_id, None)
+        finally:  # a producer stopped early is told so now (it may hold a thread or a connection)
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
 
     def _started_data(self, method: str) -> dict[str, Any]:
         return {

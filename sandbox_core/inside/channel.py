@@ -13,7 +13,7 @@ import fcntl
 import itertools
 import os
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -57,6 +57,50 @@ class OutputPipe:
         if payload:
             self._writer.write(payload)  # a second write, not a copy of the payload
         await self._writer.drain()
+
+
+class InputPipe(asyncio.Protocol):
+    """The worker's end of the input pipe: stdin frames go to ``route`` as they arrive.
+
+    Reading pauses while any sink asks (a command not reading, or not started yet), so the
+    host's writes wait: what is buffered here is bounded by the pipe and one read.
+    """
+
+    def __init__(self, route: Callable[[int, int, bytes], None]) -> None:
+        self._split = datapipe.DataSplitter(route)
+        self._transport: asyncio.ReadTransport | None = None
+        self._pausers: set[object] = set()
+
+    @classmethod
+    async def open(cls, fd: int, route: Callable[[int, int, bytes], None]) -> InputPipe:
+        """Take the input pipe's read end ``fd`` (kept from every command: close-on-exec)."""
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise ProtocolError(f"stdin_fd {fd} is not a pipe")
+        os.set_inheritable(fd, False)
+        pipe = cls(route)
+        await asyncio.get_running_loop().connect_read_pipe(lambda: pipe, os.fdopen(fd, "rb", 0))
+        return pipe
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.ReadTransport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._split.feed(data)
+        except datapipe.FrameError:  # the host never sends this; stop reading garbage
+            if self._transport is not None:
+                self._transport.close()
+
+    def pause(self, who: object) -> None:
+        self._pausers.add(who)
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume(self, who: object) -> None:
+        self._pausers.discard(who)
+        if not self._pausers and self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
 
 
 class _HostCall:

@@ -4,12 +4,13 @@ The command gets the worker's (already scrubbed) environment and the workspace a
 in a process group of its own. On cancel, and after it exits, the whole group is
 killed, so nothing it started in the background outlives the request.
 
-Output is read in chunks of up to :data:`_READ` bytes and sent as ``stdout``/``stderr``
-events exactly as the command wrote it (:class:`~sandbox_core.events.OutputEncoder`);
-each event waits for the pipe to the host, so a host that reads slowly slows the command.
-Stdin comes inline (``stdin_b64``, small) or streamed (``"stdin": "stream"``): the host sends
-``exec.stdin`` chunks, a :class:`StdinSink` writes them in order and answers each once the
-command's pipe took it. A command killed by one of its own limits says which
+Output is read in chunks of up to :data:`_READ` bytes and sent exactly as the command
+wrote it: raw frames on the output pipe (:mod:`sandbox_core.datapipe`), or ``stdout``/
+``stderr`` events where there is none; each write waits for the pipe to the host, so a host
+that reads slowly slows the command. Stdin comes inline (``stdin_b64``, small) or streamed
+(``"stdin": "stream"``): the host sends raw frames on the input pipe, and a
+:class:`StdinSink` writes them to the command's stdin as they come, pausing the input pipe
+while that is full. A command killed by one of its own limits says which
 (``kill_reason``); the host adds the cgroup limits it can see.
 """
 
@@ -25,16 +26,16 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from sandbox_core import codes, datapipe
+from sandbox_core import datapipe
 from sandbox_core.errors import ProtocolError
 from sandbox_core.events import OutputEncoder
 from sandbox_core.process_tree import boot_ticks, descendants
-from sandbox_core.protocol import Request, Response
 
 if TYPE_CHECKING:
-    from sandbox_core.inside.channel import Channel, OutputPipe, RequestContext
+    from sandbox_core.inside.channel import InputPipe, OutputPipe, RequestContext
 
 _READ = 256 * 1024
 _MB = 1024 * 1024
@@ -116,81 +117,82 @@ def kill_strays(since: int, exclude: frozenset[int] = frozenset()) -> None:
 
 
 class StdinSink:
-    """The inside end of one command's streamed stdin.
+    """The inside end of one command's streamed stdin, fed from the input pipe.
 
-    Chunks arrive as ``exec.stdin`` requests, possibly before the command has started;
-    they are written in arrival order and each is answered once the command's pipe has
-    taken it (``{"written": n}``), or ``{"closed": true}`` when the command exited or closed
-    its stdin. The host keeps only a few chunks unanswered, which bounds what waits here.
+    Chunks may arrive before the command has started; then the input pipe is paused until
+    it has. Each chunk is written to the command's stdin pipe as it arrives; while that
+    pipe is full the input pipe is paused too, so the host's writes wait and a command that
+    reads slowly slows the sender. When the command closes its stdin (or exits) the sink
+    drops what still comes and tells the host once (``on_closed``) to stop sending.
     """
 
-    def __init__(self, channel: Channel) -> None:
-        self._channel = channel
+    HIGH = 256 * 1024
+    """Bytes waiting in the command's stdin pipe buffer past which input is paused."""
+
+    def __init__(self, pipe: InputPipe, on_closed: Callable[[], None]) -> None:
+        self._pipe = pipe
+        self._on_closed = on_closed
         self._writer: asyncio.StreamWriter | None = None
-        self._queued: list[tuple[Request, bytes, bool]] = []
-        self._acks: dict[Any, asyncio.Task[None]] = {}
+        self._queued: list[tuple[int, bytes]] = []
+        self._draining: asyncio.Task[None] | None = None
         self.closed = False
 
-    def push(self, request: Request) -> None:
-        """Take one ``exec.stdin`` request (called by the reader, in arrival order)."""
-        raw, eof = request.params.get("b64", ""), bool(request.params.get("eof"))
-        try:
-            data = base64.b64decode(raw if isinstance(raw, str) else "", validate=True)
-        except (binascii.Error, ValueError):
-            error = {"code": codes.INVALID_PARAMS, "message": "exec.stdin: b64 is not base64"}
-            self._channel.send_nowait(Response(request.id, error=error))
-            return
+    def feed(self, kind: int, payload: bytes) -> None:
+        """One frame for this command (called by the input pipe, in order)."""
         if self.closed:
-            self._answer(request, {"closed": True})
-        elif self._writer is None:
-            self._queued.append((request, data, eof))
+            return
+        if self._writer is None:
+            self._queued.append((kind, payload))
+            self._pipe.pause(self)
         else:
-            self._write(request, data, eof)
+            self._write(kind, payload)
 
     def attach(self, writer: asyncio.StreamWriter) -> None:
         """The command started: write what arrived before it, then stream."""
         self._writer = writer
         queued, self._queued = self._queued, []
-        for request, data, eof in queued:
-            self._write(request, data, eof)
+        self._pipe.resume(self)
+        for kind, payload in queued:
+            self._write(kind, payload)
 
-    def close(self) -> None:
-        """The command is gone: every chunk not yet answered is answered ``closed``."""
+    def close(self, *, tell: bool = False) -> None:
+        """Take no more input (the command is gone, or closed its stdin)."""
+        if self.closed:
+            return
         self.closed = True
-        for request, _data, _eof in self._queued:
-            self._answer(request, {"closed": True})
         self._queued.clear()
-        for task in self._acks.values():
-            task.cancel()
+        self._pipe.resume(self)
+        if self._draining is not None:
+            self._draining.cancel()
+        if tell:
+            self._on_closed()
 
-    def _write(self, request: Request, data: bytes, eof: bool) -> None:
+    def _write(self, kind: int, payload: bytes) -> None:
         assert self._writer is not None
         if self._writer.is_closing():
-            self._answer(request, {"closed": True})
+            self.close(tell=True)
             return
-        self._writer.write(data)
-        if eof:
+        if payload:
+            self._writer.write(payload)
+        if kind == datapipe.KIND_END:
             self._writer.close()
-        task = asyncio.create_task(self._ack(request, len(data), eof))
-        self._acks[request.id] = task
-        task.add_done_callback(lambda _t: self._acks.pop(request.id, None))
+            return
+        if self._writer.is_closing():  # the write found the pipe broken
+            self.close(tell=True)
+        elif self._writer.transport.get_write_buffer_size() > self.HIGH and self._draining is None:
+            self._pipe.pause(self)
+            self._draining = asyncio.create_task(self._drain())
 
-    async def _ack(self, request: Request, size: int, eof: bool) -> None:
+    async def _drain(self) -> None:
         assert self._writer is not None
-        result: dict[str, Any] = {"written": size}
         try:
-            if eof:
-                await self._writer.wait_closed()
-            else:
-                await self._writer.drain()
+            await self._writer.drain()
         except (BrokenPipeError, ConnectionResetError):
-            result = {"closed": True}
-        except asyncio.CancelledError:
-            result = {"closed": True}
-        self._answer(request, result)
-
-    def _answer(self, request: Request, result: dict[str, Any]) -> None:
-        self._channel.send_nowait(Response(request.id, result=result))
+            self._draining = None
+            self.close(tell=True)
+            return
+        self._draining = None
+        self._pipe.resume(self)
 
 
 class _Output:
@@ -255,8 +257,8 @@ async def run_command(
 ) -> dict[str, Any]:
     """Run the command of an ``exec`` request; the result carries ``exit_code``.
 
-    ``sink`` is the request's streamed stdin (``"stdin": "stream"``); it is closed, and
-    every chunk still unanswered answered, however the command ends. ``pipe`` carries the
+    ``sink`` is the request's streamed stdin (``"stdin": "stream"``); it is closed however
+    the command ends (what still arrives for it is dropped). ``pipe`` carries the
     output (``"output": "data_pipe"``); its end frame is sent before the result, also when
     the command could not start.
     """
@@ -317,8 +319,8 @@ async def _run(ctx: RequestContext, params: dict[str, Any], sink: StdinSink | No
         return {"exit_code": NOT_EXECUTABLE, "duration_s": 0.0}
     proc = asyncio.subprocess.Process(transport, protocol, loop)
     assert proc.stdout is not None and proc.stderr is not None
-    _widen(transport.get_pipe_transport(1))
-    _widen(transport.get_pipe_transport(2))
+    for fd in (0, 1, 2):
+        _widen(transport.get_pipe_transport(fd))
     output.pgid = proc.pid
     tasks = [
         asyncio.create_task(output.pump(proc.stdout, "stdout")),

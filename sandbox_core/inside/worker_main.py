@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox_core import codes
 from sandbox_core.errors import ProtocolError, RequestCancelled, SandboxError
-from sandbox_core.inside.channel import Channel, OutputPipe, RequestContext
+from sandbox_core.inside.channel import Channel, InputPipe, OutputPipe, RequestContext
 from sandbox_core.protocol import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -67,7 +67,15 @@ class SandboxExecutor:
         self.stdin_sinks: dict[RequestId, StdinSink] = {}
         """Streamed stdin of running ``exec`` requests, by request id."""
         self.output: OutputPipe | None = None
-        """The data pipe to the host that command output travels on (given at ``initialize``)."""
+        """The pipe to the host that command output travels on (given at ``initialize``)."""
+        self.input: InputPipe | None = None
+        """The pipe from the host that streamed stdin travels on (given at ``initialize``)."""
+        self.running: set[RequestId] = set()
+        """Requests being served (kept by the IPCHandler)."""
+        self.last_request_id = 0
+        """The highest integer request id seen: a stdin frame for a higher one is early."""
+        self.channel: Channel | None = None
+        """The control pipe (set by the IPCHandler), to tell the host a command closed stdin."""
         self._methods: dict[str, Handler] = {
             "initialize": self.initialize,
             "bind": self.bind,
@@ -110,9 +118,11 @@ class SandboxExecutor:
         self.plan = dict(params.get("plan") or {})
         self.report = confine.apply(self.plan)
         self.initialized = True
-        data_fd = params.get("data_fd")
+        data_fd, stdin_fd = params.get("data_fd"), params.get("stdin_fd")
         if isinstance(data_fd, int) and not isinstance(data_fd, bool):
             self.output = await OutputPipe.open(data_fd)
+        if isinstance(stdin_fd, int) and not isinstance(stdin_fd, bool):
+            self.input = await InputPipe.open(stdin_fd, self.route_stdin)
         workspace = params.get("workspace")
         if isinstance(workspace, str):
             self._enter(str(params.get("user_id", "")), Path(workspace))
@@ -121,6 +131,7 @@ class SandboxExecutor:
             "pid": os.getpid(),
             "layers": self.report,
             "data_pipe": self.output is not None,
+            "stdin_pipe": self.input is not None,
         }
 
     def ping(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -147,18 +158,32 @@ class SandboxExecutor:
     async def exec(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         from sandbox_core.inside.runner import run_command
 
-        sink = self.stdin_sink(ctx.request.id, ctx.channel) if params.get("stdin") == "stream" else None
+        streamed = params.get("stdin") == "stream" and isinstance(ctx.request.id, int)
+        sink = self.stdin_sink(int(ctx.request.id)) if streamed else None
         pipe = self.output if params.get("output") == "data_pipe" else None
         return await run_command(ctx, params, sink, pipe)
 
-    def stdin_sink(self, request_id: RequestId, channel: Channel) -> StdinSink:
-        """The stdin sink of a running request (made by whichever needs it first)."""
+    def stdin_sink(self, request_id: int) -> StdinSink | None:
+        """The stdin sink of a request (made by whichever needs it first: frame or request)."""
         from sandbox_core.inside.runner import StdinSink
 
+        if self.input is None:
+            return None
         sink = self.stdin_sinks.get(request_id)
         if sink is None:
-            sink = self.stdin_sinks[request_id] = StdinSink(channel)
+            sink = self.stdin_sinks[request_id] = StdinSink(self.input, lambda: self._stdin_closed(request_id))
         return sink
+
+    def route_stdin(self, request_id: int, kind: int, payload: bytes) -> None:
+        """A frame from the input pipe: to its request's sink; dropped once the request is over."""
+        if request_id in self.stdin_sinks or request_id in self.running or request_id > self.last_request_id:
+            sink = self.stdin_sink(request_id)
+            if sink is not None:
+                sink.feed(kind, payload)
+
+    def _stdin_closed(self, request_id: int) -> None:
+        if self.channel is not None:
+            self.channel.send_nowait(Notification("exec.stdin_closed", {"id": request_id}))
 
     def drop_stdin(self, request_id: RequestId) -> None:
         sink = self.stdin_sinks.pop(request_id, None)
@@ -181,6 +206,7 @@ class IPCHandler:
         self._garbage = 0
         self.closed = asyncio.Event()
         """Set at end of input (the host went away or closed our stdin)."""
+        executor.channel = channel
 
     async def serve(self) -> None:
         """Run until ``shutdown`` or end of input; then cancel what is still running."""
@@ -196,8 +222,6 @@ class IPCHandler:
         if isinstance(msg, Malformed):
             self._garbage += 1
             self._channel.send_nowait(Response(msg.id, error=msg.error_object()))
-        elif isinstance(msg, Request) and msg.method == "exec.stdin":
-            self._stdin(msg)
         elif isinstance(msg, Request):
             quick = self._executor.quick.get(msg.method)
             if quick is not None and self._executor.initialized:
@@ -211,14 +235,6 @@ class IPCHandler:
         else:
             self._channel.route(msg)
 
-    def _stdin(self, request: Request) -> None:
-        """A chunk of a running request's stdin: to its sink, in order; else it is closed."""
-        target = request.params.get("id")
-        if isinstance(target, int | str) and target in self._tasks:
-            self._executor.stdin_sink(target, self._channel).push(request)
-        else:
-            self._channel.send_nowait(Response(request.id, result={"closed": True}))
-
     def _start(self, request: Request) -> None:
         if request.id in self._tasks:
             error = {"code": codes.INVALID_REQUEST, "message": "duplicate id"}
@@ -228,10 +244,14 @@ class IPCHandler:
             return
         task = asyncio.create_task(self._run(request))
         self._tasks[request.id] = task
+        self._executor.running.add(request.id)
+        if isinstance(request.id, int):
+            self._executor.last_request_id = max(self._executor.last_request_id, request.id)
         task.add_done_callback(lambda _t: self._finished(request.id))
 
     def _finished(self, request_id: RequestId) -> None:
         self._tasks.pop(request_id, None)
+        self._executor.running.discard(request_id)
         self._executor.drop_stdin(request_id)
 
     async def _run(self, request: Request) -> None:

@@ -121,6 +121,32 @@ async def test_a_command_that_never_reads_stdin_does_not_hang_the_sender(workspa
         assert follow.stdout_text == "next\n" and follow.worker_id == result.worker_id
 
 
+async def test_a_command_that_closes_stdin_stops_the_sender(workspace_root: Path) -> None:
+    """The worker tells the host the command closed its stdin; the host stops pulling the source."""
+    ws = workspace_root / "u"
+    ws.mkdir()
+    sent = 0
+    stopped = asyncio.Event()
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        try:
+            while True:
+                sent += 65536
+                yield b"x" * 65536
+        finally:
+            stopped.set()
+
+    script = "head -c 1000 >/dev/null; exec 0<&-; while [ ! -e go ]; do sleep 0.02; done; echo done"
+    async with SandboxOrchestrator(process_config(workspace_root)) as pool:
+        run = asyncio.create_task(pool.execute("u", _sh(script, stdin=endless())))
+        async with asyncio.timeout(10):
+            await stopped.wait()
+        assert sent < 64 * 1024 * 1024  # bounded by the pipes, not by the source
+        (ws / "go").touch()
+        assert (await run).stdout == b"done\n"
+
+
 # ----------------------------------------------------------------- every frame answered
 
 
