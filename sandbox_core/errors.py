@@ -161,6 +161,21 @@ _BY_CODE: dict[int, type[SandboxError]] = {
 }
 
 
+_FROM_A_WORKER = frozenset({codes.ISOLATION_UNAVAILABLE, codes.CANCELLED, codes.GATEWAY_ERROR})
+"""The codes a worker may legitimately answer with; the rest are the host's to say."""
+
+
+def from_worker(obj: Any) -> SandboxError:
+    """Like :func:`from_wire` for an answer from a worker, which is not trusted to speak for the
+    host: a code it has no business sending (``POOL_CLOSED``, ``WORKER_CRASHED``, ...) is a
+    :class:`RemoteError`, so a compromised worker cannot make a caller believe the pool closed."""
+    error = from_wire(obj)
+    if type(error) in (RemoteError, ProtocolError) or error.code in _FROM_A_WORKER:
+        return error
+    code = obj.get("code") if isinstance(obj, dict) else None
+    return RemoteError(code if isinstance(code, int) else codes.INTERNAL_ERROR, error.message, data=error.data)
+
+
 def from_wire(obj: Any) -> SandboxError:
     """Turn a JSON-RPC error object into the matching SandboxError (never raises)."""
     if not isinstance(obj, dict):

@@ -557,9 +557,9 @@ class SandboxOrchestrator:
         await asyncio.shield(asyncio.gather(*(w.stop(grace=0) for w in workers), return_exceptions=True))
         while self._stopping:  # retired workers finish stopping before we return
             await asyncio.gather(*list(self._stopping), return_exceptions=True)
-        for worker in workers:
-            if worker.pid is not None:
-                kill_session(worker.pid)
+        sessions = [w.pid for w in workers if w.pid is not None and w.sweeps_session]
+        if sessions:  # belt and braces after each stop's own sweep; a /proc scan, off the loop
+            await asyncio.to_thread(lambda: [kill_session(pid) for pid in sessions])
         for gateway in [*self._old_gateways, *([self._gateway] if self._gateway is not None else [])]:
             await gateway.aclose()
 

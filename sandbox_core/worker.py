@@ -47,7 +47,7 @@ from sandbox_core.errors import (
     SandboxError,
     WorkerCrashed,
     WorkerStartError,
-    from_wire,
+    from_worker,
 )
 from sandbox_core.events import EVENT_METHOD, Event
 from sandbox_core.isolation.launch import LaunchSpec, launch_spec
@@ -90,6 +90,9 @@ QUEUE_HIGH = 256
 """Events of any kind waiting for callers at which reading pauses too (agent text, say)..."""
 QUEUE_LOW = 64
 """...and below which it resumes."""
+WRITE_TIMEOUT = 10.0
+"""Seconds the control pipe may stay full (the worker not reading it) before the worker is
+killed: a stopped worker must not hang its caller, its cancel or the host's shutdown."""
 OUTPUT_SLACK = 1024 * 1024
 """Output past ``limits.output_mb`` the host tolerates before it stops trusting the worker."""
 
@@ -180,6 +183,9 @@ class SandboxWorker:
         self._reading_paused = False
         self.broken: str | None = None
         """Why the host stopped trusting this worker's channel (it is then killed)."""
+        self._broken_error: SandboxError | None = None
+        self._swept: asyncio.Future[None] | None = None
+        """The clean-up after exit (session sweep, cgroups), run in a thread; stop() awaits it."""
 
     # ------------------------------------------------------------------ info
 
@@ -194,6 +200,11 @@ class SandboxWorker:
     @property
     def healthy(self) -> bool:
         return self.alive and self.garbage_frames < GARBAGE_LIMIT and self.broken is None
+
+    @property
+    def sweeps_session(self) -> bool:
+        """Whether what the worker leaves behind is found by its session (not a pid namespace)."""
+        return self._spec is None or self._spec.sweep_session
 
     @property
     def profile(self) -> str:
@@ -276,8 +287,8 @@ class SandboxWorker:
             asyncio.streams.FlowControlMixin, os.fdopen(stdin_write, "wb", buffering=0)
         )
         self._stdin = asyncio.StreamWriter(stdin_transport, stdin_protocol, None, loop)
-        if spec.after_spawn is not None:
-            spec.after_spawn(self._pid)
+        if spec.after_spawn is not None:  # e.g. into its cgroups: file writes, off the loop
+            await asyncio.to_thread(spec.after_spawn, self._pid)
         params: dict[str, Any] = {
             "worker_id": self.worker_id, "plan": spec.plan, "data_fd": data_write, "stdin_fd": stdin_read,
         }
@@ -308,8 +319,13 @@ class SandboxWorker:
             )
         assert isinstance(stdin, asyncio.WriteTransport)
         stdin.write(frame)
-        if not self._writable.is_set():  # the worker is not reading: wait for the pipe
-            await self._writable.wait()
+        if not self._writable.is_set():  # the worker is not reading: wait for the pipe, not forever
+            try:
+                await asyncio.wait_for(self._writable.wait(), WRITE_TIMEOUT)
+            except TimeoutError:
+                why = f"stopped reading its control pipe for {WRITE_TIMEOUT:g} s (stopped or hung); killed"
+                self._break(why, WorkerCrashed)
+                raise WorkerCrashed(f"worker {self.worker_id} {why}", data={"worker_id": self.worker_id}) from None
 
     def _on_stdout(self, data: bytes) -> None:
         try:
@@ -324,12 +340,13 @@ class SandboxWorker:
         for line in lines:
             self._stderr.append(line.decode(errors="replace"))
 
-    def _break(self, why: str) -> None:
+    def _break(self, why: str, kind: type[SandboxError] = ProtocolError) -> None:
         """Stop trusting the channel: fail every pending call with ``why`` and kill the worker."""
         if self.broken is not None:
             return
         self.broken = why
-        error = ProtocolError(f"worker {self.worker_id}: {why}", data={"worker_id": self.worker_id})
+        error = kind(f"worker {self.worker_id}: {why}", data={"worker_id": self.worker_id})
+        self._broken_error = error
         for pending in self._pending.values():
             pending.queue.put_nowait(error)
         self._signal_group(signal.SIGKILL)
@@ -508,12 +525,23 @@ class SandboxWorker:
             self.state = WorkerState.CRASHED
         error: SandboxError = self._crash_error("worker process exited")
         if self.broken is not None:
-            error = ProtocolError(f"worker {self.worker_id}: {self.broken}", data={"worker_id": self.worker_id})
+            error = self._broken_error or ProtocolError(
+                f"worker {self.worker_id}: {self.broken}", data={"worker_id": self.worker_id}
+            )
         for pending in self._pending.values():
             pending.queue.put_nowait(error)
         for task in self._host_calls.values():
             task.cancel()
-        if self._pid is not None:
+        self._swept = asyncio.get_running_loop().run_in_executor(None, self._sweep)
+
+    def _sweep(self) -> None:
+        """Kill what is left of the worker's session and release what its spec prepared.
+
+        Runs in a thread: scanning /proc for the session and removing cgroups (which polls
+        until they are empty) take milliseconds to seconds, too long for the event loop.
+        The strict profile needs no session scan: its pid namespace dies with its init.
+        """
+        if self._pid is not None and (self._spec is None or self._spec.sweep_session):
             kill_session(self._pid)
         if self._spec is not None and self._spec.cleanup is not None:
             with contextlib.suppress(Exception):
@@ -641,7 +669,7 @@ class SandboxWorker:
                 if isinstance(item, SandboxError):
                     raise item
                 if item.error is not None:
-                    raise from_wire(item.error)
+                    raise from_worker(item.error)
                 if emit_started:  # control calls (bind, ping) are not requests
                     self.requests_served += 1
                 self.last_used = time.monotonic()
@@ -786,8 +814,15 @@ class SandboxWorker:
                     self._signal_group(signal.SIGKILL)
                     await self._wait_exit(None)
         self._transport.close()
+        await self._cleaned()
         if self.state is not WorkerState.CRASHED:
             self.state = WorkerState.STOPPED
+
+    async def _cleaned(self) -> None:
+        """Wait for the clean-up after exit, whatever it raised."""
+        if self._swept is not None:
+            with contextlib.suppress(Exception):
+                await self._swept
 
     async def _kill_now(self) -> None:
         if self._transport is None:  # never spawned: release what the launch spec prepared
@@ -799,6 +834,7 @@ class SandboxWorker:
             self._signal_group(signal.SIGKILL)
             await self._wait_exit(None)
         self._transport.close()
+        await self._cleaned()
 
     async def _wait_exit(self, timeout: float | None) -> bool:
         if timeout is not None and timeout <= 0:

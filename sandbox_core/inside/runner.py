@@ -86,34 +86,77 @@ def _in_worker() -> bool:
     return is_subreaper()
 
 
-def kill_strays(since: int, exclude: frozenset[int] = frozenset()) -> None:
+def kill_strays(since: int, exclude: frozenset[int] = frozenset(), *, alone: bool = False) -> None:
     """Kill what a request started that is still running, wherever it went (``setsid``,
-    double fork), and reap the orphans among them.
+    double fork, a fork-and-exit chain), and reap every child the worker has left.
 
-    The worker is a child subreaper, so orphans are re-parented to it and stay its
-    descendants; every descendant started since the request began dies. Those that end
-    up as our children are reaped here (asyncio reaps only what it spawned, ``exclude``).
+    With ``alone`` (no other request runs, and the worker is alone in a pid namespace made
+    for it: strict) and a pid namespace below the host's, this is ``kill(-1, SIGKILL)``: the
+    kernel signals every process of the namespace but us and its init under the task-list
+    lock, which fork also needs, so no process escapes by forking. Otherwise (another
+    request runs, or the ``process`` profile, where -1 would mean the host) every descendant
+    started since the request began is killed, in passes until none is left or
+    :data:`_REAP_WAIT` runs out. Orphans are ours (the worker is a child subreaper), so
+    afterwards every child not managed by asyncio (``exclude``) is reaped: an unreaped
+    zombie still counts against the pids limit.
     """
     if not _in_worker():  # only a worker owns all of its descendants (tests run tools in-process)
         return
-    strays = [pid for pid in descendants(os.getpid(), started_since=since) if pid not in exclude]
-    for pid in strays:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + _REAP_WAIT
-    pending = set(strays)
-    while pending and time.monotonic() < deadline:
-        for pid in list(pending):
-            try:
-                done, _status = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:  # not (yet) ours: gone, or its parent reaps it
-                if not os.path.exists(f"/proc/{pid}"):
-                    pending.discard(pid)
-                continue
-            if done:
-                pending.discard(pid)
-        if pending:
-            time.sleep(0.002)
+    if alone and _own_pid_namespace():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGKILL)
+    else:
+        while time.monotonic() < deadline:
+            strays = [p for p in descendants(os.getpid(), started_since=since) if p not in exclude and _alive(p)]
+            if not strays:
+                break
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+    reap_children(exclude, deadline)
+
+
+def reap_children(exclude: frozenset[int], deadline: float) -> None:
+    """Reap our children (but ``exclude``) until none is left running or dead, or ``deadline``."""
+    me = os.getpid()
+    while True:
+        children = [p for p in descendants(me) if p not in exclude and _parent(p) == me]
+        for pid in children:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        if not children or time.monotonic() > deadline:
+            return
+        time.sleep(0.002)
+
+
+@functools.cache
+def _own_pid_namespace() -> bool:
+    """Whether this process is in a pid namespace below the host's (``NSpid`` has two or more pids)."""
+    try:
+        with open("/proc/self/status") as fh:
+            nspid = next((line.split()[1:] for line in fh if line.startswith("NSpid:")), [])
+    except OSError:
+        return False
+    return len(nspid) >= 2
+
+
+def _stat(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def _alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return bool(fields) and fields[0] != "Z"
+
+
+def _parent(pid: int) -> int:
+    fields = _stat(pid)
+    return int(fields[1]) if len(fields) > 1 else 0
 
 
 class StdinSink:
@@ -253,18 +296,24 @@ def _own_limit_reason(returncode: int) -> str | None:
 
 
 async def run_command(
-    ctx: RequestContext, params: dict[str, Any], sink: StdinSink | None = None, pipe: OutputPipe | None = None
+    ctx: RequestContext,
+    params: dict[str, Any],
+    sink: StdinSink | None = None,
+    pipe: OutputPipe | None = None,
+    *,
+    alone: bool = False,
 ) -> dict[str, Any]:
     """Run the command of an ``exec`` request; the result carries ``exit_code``.
 
     ``sink`` is the request's streamed stdin (``"stdin": "stream"``); it is closed however
     the command ends (what still arrives for it is dropped). ``pipe`` carries the
     output (``"output": "data_pipe"``); its end frame is sent before the result, also when
-    the command could not start.
+    the command could not start. ``alone`` (no other request runs in this worker) lets the
+    clean-up kill every process of the sandbox, not only what this command started.
     """
     output = _Output(ctx, pipe, _output_limit(params), 0)
     try:
-        return await _run(ctx, params, sink, output)
+        return await _run(ctx, params, sink, output, alone)
     finally:
         if sink is not None:
             sink.close()
@@ -290,7 +339,9 @@ def _widen(pipe: asyncio.BaseTransport | None) -> None:
             fcntl.fcntl(handle.fileno(), datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
 
 
-async def _run(ctx: RequestContext, params: dict[str, Any], sink: StdinSink | None, output: _Output) -> dict[str, Any]:
+async def _run(
+    ctx: RequestContext, params: dict[str, Any], sink: StdinSink | None, output: _Output, alone: bool
+) -> dict[str, Any]:
     argv = command_argv(params)
     stdin_b64 = params.get("stdin_b64")
     try:
@@ -334,7 +385,7 @@ async def _run(ctx: RequestContext, params: dict[str, Any], sink: StdinSink | No
         await protocol.exited  # not proc.wait(): on 3.11 that also waits for every pipe to close
         returncode = transport.get_returncode()
         kill_group(proc.pid)  # background children must not outlive the request
-        kill_strays(since, frozenset({proc.pid}))
+        kill_strays(since, frozenset({proc.pid}), alone=alone)
         if sink is not None:
             sink.close()
         _done, pending = await asyncio.wait(tasks, timeout=_DRAIN_AFTER_EXIT)
@@ -342,7 +393,7 @@ async def _run(ctx: RequestContext, params: dict[str, Any], sink: StdinSink | No
             task.cancel()
     except BaseException:
         kill_group(proc.pid)
-        kill_strays(since, frozenset({proc.pid}))
+        kill_strays(since, frozenset({proc.pid}), alone=alone)
         for task in tasks:
             task.cancel()
         transport.close()

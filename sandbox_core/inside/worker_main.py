@@ -161,7 +161,14 @@ class SandboxExecutor:
         streamed = params.get("stdin") == "stream" and isinstance(ctx.request.id, int)
         sink = self.stdin_sink(int(ctx.request.id)) if streamed else None
         pipe = self.output if params.get("output") == "data_pipe" else None
-        return await run_command(ctx, params, sink, pipe)
+        alone = self.running <= {ctx.request.id} and self._pid_namespace_is_ours()
+        return await run_command(ctx, params, sink, pipe, alone=alone)
+
+    def _pid_namespace_is_ours(self) -> bool:
+        """Whether the sandbox made a pid namespace for this worker alone: the plan says it
+        unshared one, and we are the direct child of that namespace's init (bwrap)."""
+        namespaces = (self.plan.get("host_layers") or {}).get("namespaces") or []
+        return "pid" in namespaces and os.getppid() == 1
 
     def stdin_sink(self, request_id: int) -> StdinSink | None:
         """The stdin sink of a request (made by whichever needs it first: frame or request)."""

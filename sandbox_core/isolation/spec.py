@@ -38,6 +38,9 @@ class LaunchSpec:
     move it into a cgroup). Raising IsolationUnavailable kills the worker."""
     cleanup: Callable[[], None] | None = None
     """Called on the host after the worker has exited (remove cgroups, temp files)."""
+    sweep_session: bool = True
+    """Kill what is left in the worker's session after it exited (a scan of /proc); a
+    profile whose processes die with the worker (a pid namespace) turns it off."""
     limit_events: Callable[[], dict[str, int]] | None = None
     """Counters of limits that struck (``memory``: OOM kills, ``processes``: refused forks),
     read before and after a request to say which limit ended it."""

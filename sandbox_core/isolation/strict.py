@@ -359,6 +359,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         after_spawn=after_spawn,
         cleanup=cleanup,
         limit_events=cgroup.limit_events if cgroup is not None else None,
+        sweep_session=False,  # the sandbox's pid namespace dies with its init (bwrap)
     )
 
 

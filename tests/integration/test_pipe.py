@@ -271,3 +271,37 @@ async def test_a_retired_worker_is_replaced_for_the_next_request(workspace_root:
         with pytest.raises(ProtocolError):
             await pool.execute("u", RawRequest("ping"))
         await wait_for(lambda: not pool.list_workers(), 10, "the flooding worker to be removed")
+
+
+async def test_a_worker_that_stops_reading_is_killed_not_waited_for(
+    workspace_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stopped worker (a command can SIGSTOP its own worker) fails the call typed, at the write deadline."""
+    import signal
+
+    monkeypatch.setattr(worker_module, "WRITE_TIMEOUT", 0.5)
+    worker = SandboxWorker(process_config(workspace_root), "stopped")
+    await worker.start()
+    assert worker.pid is not None
+    os.kill(worker.pid, signal.SIGSTOP)
+    began = time.monotonic()
+    try:
+        with pytest.raises(WorkerCrashed, match="stopped reading"):
+            await worker.call("ping", {"pad": "x" * 2_000_000}, timeout=60)
+        assert time.monotonic() - began < 10
+        await wait_for(lambda: not worker.alive, 10, "the stopped worker to be killed")
+    finally:
+        await worker.stop(grace=0)
+
+
+async def test_a_worker_cannot_forge_host_side_errors(workspace_root: Path) -> None:
+    """POOL_CLOSED from a worker is a RemoteError: only the host says the pool closed."""
+    from sandbox_core.errors import PoolClosed, RemoteError
+
+    worker = await _hostile_worker(workspace_root, "forge")
+    try:
+        with pytest.raises(RemoteError) as info:
+            await worker.call("ping", {}, timeout=10)
+        assert not isinstance(info.value, PoolClosed) and info.value.remote_code == -32007
+    finally:
+        await worker.stop(grace=0)

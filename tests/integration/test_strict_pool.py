@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import shutil
 import signal
@@ -15,6 +16,7 @@ from sandbox_core.errors import ConfigError, RequestCancelled, RequestTimeout, W
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.process_tree import descendants
 from sandbox_core.requests import ExecRequest
+from sandbox_core.shared import WORKER_ENTRY
 from tests.helpers import pid_alive, process_config, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
@@ -98,3 +100,45 @@ async def test_strict_prewarms_per_user(workspace_root: Path) -> None:
         result = await pool.execute("frank", sh("pwd"))
         assert result.worker_id in ids and result.stdout_text == "/workspace\n"
         assert pool.get_pool_stats()["spawned"] == 2  # served warm, nothing new started
+
+
+CHAIN = "import os, sys\nif os.fork(): sys.exit(0)\nos.setsid()\nwhile True:\n    if os.fork(): os._exit(0)\n"
+"""A fork-and-exit chain: its live process changes pid faster than a snapshot can catch it."""
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
+def _zombies_and_live(root: int) -> tuple[list[int], list[int]]:
+    zombies: list[int] = []
+    live: list[int] = []
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        (zombies if state == "Z" else live).append(pid)
+    return zombies, live
+
+
+async def test_a_fork_and_exit_chain_dies_with_its_request_and_leaves_no_zombie(workspace_root: Path) -> None:
+    config = strict(workspace_root)
+    config = config.replace(limits=dataclasses.replace(config.limits, processes=32))
+    async with SandboxOrchestrator(config) as pool:
+        await pool.execute("gina", sh("true"))
+        bwrap_pid = pool.list_workers()[0]["pid"]
+        (worker_pid,) = [p for p in descendants(bwrap_pid)
+                         if WORKER_ENTRY.encode() in _cmdline(p) and not _cmdline(p).split(b"\0")[0].endswith(b"bwrap")]
+        for _ in range(3):
+            result = await pool.execute("gina", ExecRequest(argv=("python3", "-c", CHAIN)))
+            assert result.exit_code == 0
+            assert _zombies_and_live(worker_pid) == ([], []), "a chain member or a zombie is left"
+        for _ in range(5):  # the pids limit is not filled by leftovers
+            busy = await pool.execute("gina", sh("for i in 1 2 3 4 5 6 7 8 9 10; do true & done; wait; echo ok"))
+            assert busy.stdout == b"ok\n"
