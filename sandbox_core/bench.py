@@ -355,6 +355,33 @@ async def _plain_pipe_seconds(size: int, consumer: str) -> float:
     return time.perf_counter() - began
 
 
+class LoopLag:
+    """Measures how late the event loop runs a 5 ms timer while something else works."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> LoopLag:
+        self._task = asyncio.create_task(self._tick())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _tick(self) -> None:
+        while True:
+            began = time.perf_counter()
+            await asyncio.sleep(0.005)
+            self.samples.append(time.perf_counter() - began - 0.005)
+
+    def p99_ms(self) -> float:
+        return _ms(_pct(self.samples, 0.99)) if self.samples else 0.0
+
+
 async def exec_throughput(config: ProcessSandboxConfig, size: int) -> list[Figure]:
     """Bytes per second through ``exec``, out (``head -c`` to the caller) and in (stdin to
     ``cat > /dev/null``), against the same bytes through a plain pipe, and the host's peak RSS."""
@@ -366,8 +393,9 @@ async def exec_throughput(config: ProcessSandboxConfig, size: int) -> list[Figur
         rss = _status_mb("VmRSS")
         began = time.perf_counter()
         got = 0
-        async for event in pool.execute_stream("bench", ExecRequest(argv=("head", "-c", str(size), "/dev/zero"))):
-            got += len(event.chunk())
+        async with LoopLag() as out_lag:
+            async for event in pool.execute_stream("bench", ExecRequest(argv=("head", "-c", str(size), "/dev/zero"))):
+                got += len(event.chunk())
         ours = time.perf_counter() - began
         out_peak = _status_mb("VmHWM") - rss
         assert got == size, f"exec delivered {got} of {size} bytes"
@@ -379,16 +407,19 @@ async def exec_throughput(config: ProcessSandboxConfig, size: int) -> list[Figur
         _peak_reset()
         rss = _status_mb("VmRSS")
         began = time.perf_counter()
-        await pool.execute("bench", ExecRequest(shell="cat > /dev/null", stdin=produce()))
+        async with LoopLag() as in_lag:
+            await pool.execute("bench", ExecRequest(shell="cat > /dev/null", stdin=produce()))
         ours_in = time.perf_counter() - began
         in_peak = _status_mb("VmHWM") - rss
     plain = await _plain_pipe_seconds(size, "cat > /dev/null")
     mb = size / 1e6
-    for name, seconds, peak in (("exec output", ours, out_peak), ("exec stdin", ours_in, in_peak)):
+    runs = (("exec output", ours, out_peak, out_lag), ("exec stdin", ours_in, in_peak, in_lag))
+    for name, seconds, peak, lag in runs:
         figures.append(Figure(
             f"{name} throughput", round(mb / seconds, 1), "MB/s", ">= 0.5x plain pipe", plain / seconds >= 0.5,
             baseline=round(mb / plain, 1), ratio=round(plain / seconds, 3),
-            detail={"bytes": size, "host_peak_rss_growth_mb": round(peak, 1), "rss_target_mb": 100},
+            detail={"bytes": size, "host_peak_rss_growth_mb": round(peak, 1), "rss_target_mb": 100,
+                    "loop_lag_p99_ms": lag.p99_ms()},
         ))
     return figures
 

@@ -45,7 +45,6 @@ from sandbox_core.errors import (
     RequestCancelled,
     RequestTimeout,
     SandboxError,
-    WorkerCrashed,
 )
 from sandbox_core.events import Event
 from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace
@@ -147,7 +146,11 @@ class SandboxOrchestrator:
         if not self._started:
             await self.start()
         request = self._with_defaults(request)
-        worker = await self._acquire(user_id)
+        try:
+            worker = await self._acquire(user_id)
+        except SandboxError as exc:
+            self._counters["failed"] += 1  # a request that never got a worker failed too
+            raise self._closing_error(exc) from exc
         self._in_flight += 1
         self._user_requests[user_id] = self._user_requests.get(user_id, 0) + 1
         outcome = "cancelled"
@@ -163,19 +166,23 @@ class SandboxOrchestrator:
         except RequestTimeout:
             outcome = "timed_out"
             raise
-        except RequestCancelled:
-            outcome = "cancelled"
-            raise
-        except WorkerCrashed:
-            outcome = "failed"
-            raise
-        except SandboxError:
-            outcome = "failed"
-            raise
+        except SandboxError as exc:
+            outcome = "cancelled" if isinstance(exc, RequestCancelled) else "failed"
+            closing = self._closing_error(exc)
+            if closing is exc:
+                raise
+            raise closing from exc
         finally:
             self._counters[outcome] += 1
             self._in_flight -= 1
             await self._release(worker)
+
+    def _closing_error(self, exc: SandboxError) -> SandboxError:
+        """``exc``, or PoolClosed when the pool shut down under the request (its worker was
+        stopped, or stopped while starting): the cause is the shutdown, not the worker."""
+        if self._closed and not isinstance(exc, PoolClosed):
+            return PoolClosed(f"the pool shut down while the request ran ({exc.message})", data=exc.data)
+        return exc
 
     def _with_defaults(self, request: Request) -> Request:
         """An agent request with the config's model, max_tokens and max_turns filled in."""

@@ -184,6 +184,8 @@ class SandboxWorker:
         self.broken: str | None = None
         """Why the host stopped trusting this worker's channel (it is then killed)."""
         self._broken_error: SandboxError | None = None
+        self._starting: asyncio.Future[None] | None = None
+        self._stopped_while_starting = False
         self._swept: asyncio.Future[None] | None = None
         """The clean-up after exit (session sweep, cgroups), run in a thread; stop() awaits it."""
 
@@ -224,11 +226,15 @@ class SandboxWorker:
             raise WorkerStartError(f"worker {self.worker_id} was already started")
         self.state = WorkerState.STARTING
         began = time.monotonic()
+        self._starting = asyncio.ensure_future(self._start_or_kill())
         try:
-            await asyncio.wait_for(self._spawn_and_handshake(), self.config.startup_timeout)
+            await self._starting
         except BaseException as exc:
-            await asyncio.shield(self._kill_now())
             self.state = WorkerState.CRASHED
+            if self._stopped_while_starting:
+                raise WorkerStartError(
+                    f"worker {self.worker_id} was stopped while it started", data={"stopped": True}
+                ) from None
             if isinstance(exc, TimeoutError):
                 raise WorkerStartError(
                     f"worker {self.worker_id} did not finish its handshake within "
@@ -247,6 +253,14 @@ class SandboxWorker:
             raise
         self.spawn_seconds = time.monotonic() - began
         self.state = WorkerState.IDLE
+
+    async def _start_or_kill(self) -> None:
+        """Spawn and handshake within the time limit; on any failure the process is gone on return."""
+        try:
+            await asyncio.wait_for(self._spawn_and_handshake(), self.config.startup_timeout)
+        except BaseException:
+            await asyncio.shield(self._kill_now())
+            raise
 
     async def _spawn_and_handshake(self) -> None:
         spec = self._launcher(self.config, self.worker_id, self.workspace)
@@ -779,6 +793,9 @@ class SandboxWorker:
                 return
             if isinstance(item, _Deadline):
                 continue
+        if self.state is WorkerState.STARTING:  # the start's own clean-up kills it and waits
+            self._signal_group(signal.SIGKILL)
+            return
         await self.stop(grace=0)
 
     async def bind(self, user_id: str, workspace: Path) -> None:
@@ -799,6 +816,10 @@ class SandboxWorker:
         await asyncio.shield(self._stop(self.config.shutdown_grace if grace is None else grace))
 
     async def _stop(self, grace: float) -> None:
+        if self.state is WorkerState.STARTING and self._starting is not None and not self._starting.done():
+            self._stopped_while_starting = True  # a stop wins over a start: nothing may outlive it
+            self._starting.cancel()
+            await asyncio.wait([self._starting])
         if self._transport is None:
             self.state = WorkerState.STOPPED
             return

@@ -176,7 +176,7 @@ def _fds_command(ctx: Evidence) -> Verdict:
 
 def _fds_worker(ctx: Evidence) -> Verdict:
     fds: list[dict[str, Any]] = ctx.get("worker_fds")["fds"]
-    budget = {"pipe": 3, "eventpoll": 1, "socketpair": 2}  # control in and out, output data pipe
+    budget = {"pipe": 4, "eventpoll": 1, "socketpair": 2}  # control in and out, output and input pipes
     counts: dict[str, int] = {}
     unexpected: list[str] = []
     for entry in fds:

@@ -59,8 +59,11 @@ async def test_a_users_concurrent_requests_queue_then_spread(workspace_root: Pat
             return (await pool.execute("dave", sh("while [ ! -e go ]; do sleep 0.01; done"))).worker_id
 
         tasks = [asyncio.create_task(hold()) for _ in range(3)]
-        await wait_for(lambda: pool.get_pool_stats()["workers"]["busy"] == 2, 10, "two busy workers")
-        assert pool.get_pool_stats()["queue_depth"] == 1  # third request waits for dave's cap
+        def settled() -> bool:  # a worker counts as busy while its request still binds it
+            stats = pool.get_pool_stats()
+            return bool(stats["workers"]["busy"] == 2 and stats["queue_depth"] == 1)
+        await wait_for(settled, 10, "two busy workers and the third request queued for dave's cap")
+        assert pool.get_pool_stats()["workers"]["total"] == 2
         gate.touch()
         ids = await asyncio.gather(*tasks)
         assert len(set(ids)) == 2
@@ -199,7 +202,7 @@ async def test_shutdown_with_requests_in_flight_leaves_no_process(workspace_root
     pids = [w["pid"] for w in pool.list_workers()]
     await pool.shutdown(grace=0.2)
     for task in tasks:
-        with pytest.raises(SandboxError):
+        with pytest.raises(PoolClosed):  # the cause is the shutdown, not "killed by signal 15"
             await task
     for pid in pids:
         assert not live_session_members(pid)
@@ -207,6 +210,26 @@ async def test_shutdown_with_requests_in_flight_leaves_no_process(workspace_root
         assert not pid_alive(int((workspace_root / user / "bg").read_text()))
     with pytest.raises(PoolClosed):
         await pool.execute("lea", sh("true"))
+
+
+async def test_shutdown_while_a_worker_starts_leaves_no_process(workspace_root: Path) -> None:
+    """A stop wins over a start: the spawning request gets PoolClosed and nothing outlives shutdown()."""
+
+    def slow(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
+        spec = process_launch(cfg, ws)
+        return LaunchSpec(["sh", "-c", 'sleep 5; exec "$0" "$@"', *spec.argv], spec.env, spec.cwd, spec.plan)
+
+    pool = SandboxOrchestrator(process_config(workspace_root, startup_timeout=30), launcher=slow)
+    await pool.start()
+    task = asyncio.create_task(pool.execute("quinn", sh("true")))
+    await wait_for(lambda: any(w["pid"] for w in pool.list_workers()), 10, "the spawn")
+    pid = next(w["pid"] for w in pool.list_workers() if w["pid"])
+    await pool.shutdown(grace=0.2)
+    assert not pid_alive(pid) and not live_session_members(pid)
+    with pytest.raises(PoolClosed):
+        await task
+    stats = pool.get_pool_stats()
+    assert stats["requests"]["failed"] == 1  # counted, though it never got a worker
 
 
 async def test_shutdown_lets_short_requests_finish(workspace_root: Path) -> None:
