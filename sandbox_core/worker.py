@@ -40,6 +40,7 @@ from typing import Any
 from sandbox_core import datapipe
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import (
+    ConfigError,
     GatewayError,
     IsolationUnavailable,
     ProtocolError,
@@ -231,7 +232,7 @@ class SandboxWorker:
                     f"{self.config.startup_timeout}s",
                     data={"stderr": self.stderr_tail()},
                 ) from None
-            if isinstance(exc, IsolationUnavailable | WorkerStartError):
+            if isinstance(exc, IsolationUnavailable | WorkerStartError | ConfigError):  # says what to fix
                 raise
             if isinstance(exc, SandboxError):
                 raise WorkerStartError(
