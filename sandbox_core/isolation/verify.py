@@ -28,6 +28,7 @@ from sandbox_core.config import EnvPolicy, ProcessSandboxConfig
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.isolation import procfs
 from sandbox_core.isolation.spec import rlimit_plan
+from sandbox_core.isolation.strict import sandbox_identity
 from sandbox_core.kernel import landlock_abi
 
 Stage = Literal["start", "bind"]
@@ -102,8 +103,6 @@ def _strict_promise(config: ProcessSandboxConfig) -> Expected:
     RLIMIT_NPROC is left to the plan: where cgroups are writable the per-worker pids cgroup
     replaces it (and then the plan's cgroup paths are checked instead).
     """
-    from sandbox_core.isolation.strict import sandbox_identity
-
     base = _process_promise(config)
     identity = sandbox_identity(config)
     namespaces = STRICT_NAMESPACES | ({"user"} if identity is None else set())
@@ -192,8 +191,9 @@ class Check:
 
     layer: str
     reads: str
-    """What the host reads (for the docs and for errors)."""
+    """What the host reads..."""
     wants: str
+    """...and what it must show (both for readers of the table and for the error's data)."""
     asked: Callable[[Expected], bool]
     holds: Callable[[Facts, Expected], str | None]
     """None when the observation matches, else what was seen."""
@@ -373,12 +373,14 @@ class Verified:
 def run_checks(stage: Stage, expected: Expected, facts: Facts, verified: Verified) -> None:
     """Run the table's checks of ``stage`` that ``expected`` asks for; raise naming every mismatch."""
     failed: dict[str, str] = {}
+    wanted: dict[str, str] = {}
     for check in CHECKS:
         if check.stage != stage or not check.asked(expected):
             continue
         seen = check.holds(facts, expected)
         if seen is not None:
             failed[check.layer] = seen
+            wanted[check.layer] = f"{check.reads}: {check.wants}"
         elif check.by_host:
             verified.by_host.append(check.layer)
         else:
@@ -388,7 +390,7 @@ def run_checks(stage: Stage, expected: Expected, facts: Facts, verified: Verifie
         pid = facts.worker.pid if facts.worker is not None else verified.worker_pid
         raise IsolationUnavailable(
             f"the host's check of the worker failed, so it was killed: {detail}",
-            data={"failed_layers": failed, "worker_pid": pid},
+            data={"failed_layers": failed, "expected": wanted, "worker_pid": pid},
         )
 
 
@@ -398,7 +400,10 @@ def started(config: ProcessSandboxConfig, plan: Mapping[str, Any], spawned: int,
 
     ``spawned`` is the pid the host spawned, ``pid_inside`` the pid the handshake gave.
     """
-    expected = expectations(config, plan)
+    try:
+        expected = expectations(config, plan)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IsolationUnavailable(f"the launch plan cannot be verified ({type(exc).__name__}: {exc})") from None
     if not isinstance(pid_inside, int) or isinstance(pid_inside, bool):
         raise IsolationUnavailable(f"the worker's handshake gave no pid to verify ({pid_inside!r:.40})")
     verified = Verified(expected)
