@@ -250,8 +250,7 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
         raise ConfigError("max_frame_bytes", "must be at least 1024")
     if cfg.profile not in ("strict", "process"):
         raise ConfigError("profile", f"must be 'strict' or 'process', got {cfg.profile!r}")
-    if not cfg.workspace_root.is_absolute():
-        raise ConfigError("workspace_root", f"must be an absolute path, got {str(cfg.workspace_root)!r}")
+    _validate_paths(cfg)
     if cfg.default_user is not None:
         try:
             validate_user_id(cfg.default_user)
@@ -276,6 +275,49 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
             raise ConfigError("service.operator_uids", f"{uid!r} is not a numeric uid")
     if not re.match(r"^https?://", cfg.model.base_url):
         raise ConfigError("model.base_url", f"must be an http(s) URL, got {cfg.model.base_url!r}")
+
+
+def _path_problem(path: str) -> str | None:
+    """Why ``path`` cannot name one fixed place on the host, or None (absolute and plain)."""
+    if path == "":
+        return "is empty (it would mean whatever the current directory is)"
+    if "\0" in path:
+        return "holds a NUL byte"
+    if not path.startswith("/"):
+        return "is relative (it would depend on the current directory): write an absolute path"
+    if ".." in path.split("/"):
+        return "has a '..' component: write the path it means"
+    return None
+
+
+def _validate_paths(cfg: ProcessSandboxConfig) -> None:
+    """Every path setting names one absolute place, or ConfigError naming the setting and the entry.
+
+    What depends on the sandbox's mount view (does a deny path show inside?) is checked when a
+    strict worker is planned (:mod:`sandbox_core.isolation.strict`), not here.
+    """
+    root = str(cfg.workspace_root)
+    if (problem := _path_problem(root)) is not None:
+        raise ConfigError("workspace_root", f"{root!r} {problem}")
+    if cfg.workspace_root == Path("/"):
+        raise ConfigError("workspace_root", "'/' would make each user's workspace a top-level directory "
+                          "(user 'etc' would be given /etc)")  # fmt: skip
+    for setting in ("ro_binds", "rw_binds"):
+        for entry in getattr(cfg.strict, setting):
+            src, sep, dest = entry.partition(":")
+            for part, value in (("source", src), ("destination", dest)) if sep else (("source", src),):
+                if (problem := _path_problem(value)) is not None:
+                    raise ConfigError(f"strict.{setting}", f"{entry!r}: its {part} {value!r} {problem}")
+    for entry in cfg.strict.deny_paths:
+        if (problem := _path_problem(entry)) is not None:
+            raise ConfigError("strict.deny_paths", f"{entry!r} {problem}")
+    bwrap = cfg.strict.bwrap  # a bare name is looked up on PATH; anything with a slash is a path
+    if (problem := _path_problem(bwrap) if bwrap == "" or "/" in bwrap else None) is not None:
+        raise ConfigError("strict.bwrap", f"{bwrap!r} {problem} (or give a bare name looked up on PATH)")
+    for name in ("socket_path", "tokens_file"):
+        value = getattr(cfg.service, name)
+        if value is not None and (problem := _path_problem(str(value))) is not None:
+            raise ConfigError(f"service.{name}", f"{str(value)!r} {problem}")
 
 
 # ---------------------------------------------------------------- loading
@@ -347,6 +389,8 @@ def _coerce(key: str, tp: Any, value: Any, from_text: bool) -> Any:
     if tp is Path:
         if not isinstance(value, str | Path):
             _fail(key, "a path", value)
+        if str(value) == "":  # Path("") is ".", the current directory: never what was meant
+            raise ConfigError(key, "'' is empty (it would mean whatever the current directory is)")
         return Path(os.path.expanduser(str(value)))
     if tp is Secret:
         if not isinstance(value, str):

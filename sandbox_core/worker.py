@@ -40,6 +40,7 @@ from typing import Any
 from sandbox_core import datapipe
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import (
+    ConfigError,
     GatewayError,
     IsolationUnavailable,
     ProtocolError,
@@ -50,6 +51,7 @@ from sandbox_core.errors import (
     from_worker,
 )
 from sandbox_core.events import EVENT_METHOD, Event
+from sandbox_core.isolation import verify
 from sandbox_core.isolation.launch import LaunchSpec, launch_spec
 from sandbox_core.process_tree import kill_session
 from sandbox_core.protocol import (
@@ -157,6 +159,8 @@ class SandboxWorker:
         self._host_handler = host_handler
         self._launcher = launcher
         self._spec: LaunchSpec | None = None
+        self._verified: verify.Verified | None = None
+        """What the host checked of this worker itself (set once the handshake is verified)."""
         self._transport: asyncio.SubprocessTransport | None = None
         self._pid: int | None = None
         self._last_id = 0
@@ -221,7 +225,11 @@ class SandboxWorker:
     # ------------------------------------------------------------------ start
 
     async def start(self) -> None:
-        """Spawn the process and finish the handshake within ``startup_timeout``."""
+        """Spawn the process, finish the handshake, verify it from the host, all within ``startup_timeout``.
+
+        Only a worker whose layers the host has checked (:mod:`sandbox_core.isolation.verify`)
+        is bound and becomes IDLE; any mismatch kills it and raises IsolationUnavailable.
+        """
         if self.state is not WorkerState.NEW:
             raise WorkerStartError(f"worker {self.worker_id} was already started")
         self.state = WorkerState.STARTING
@@ -241,7 +249,7 @@ class SandboxWorker:
                     f"{self.config.startup_timeout}s",
                     data={"stderr": self.stderr_tail()},
                 ) from None
-            if isinstance(exc, IsolationUnavailable | WorkerStartError):
+            if isinstance(exc, IsolationUnavailable | WorkerStartError | ConfigError):  # says what to fix
                 raise
             if isinstance(exc, SandboxError):
                 raise WorkerStartError(
@@ -306,8 +314,6 @@ class SandboxWorker:
         params: dict[str, Any] = {
             "worker_id": self.worker_id, "plan": spec.plan, "data_fd": data_write, "stdin_fd": stdin_read,
         }
-        if spec.bound_at_spawn and self.user_id is not None:
-            params.update(user_id=self.user_id, workspace=spec.workspace_in_sandbox)
         reply = await self.call("initialize", params)
         if not isinstance(reply, dict) or reply.get("protocol") != PROTOCOL_VERSION:
             raise WorkerStartError(f"unexpected handshake reply: {reply!r:.200}")
@@ -317,6 +323,11 @@ class SandboxWorker:
         if reply.get("stdin_pipe") is not True and self._stdin is not None:
             self._stdin.close()
             self._stdin = None
+        self._verified = verify.started(self.config, spec.plan, self._pid, reply.get("pid"), self.report)
+        self.report["verified_by_host"] = self._verified.by_host
+        # Bound only now, after the check: the workspace's layers (landlock) are checked at bind.
+        if spec.bound_at_spawn and self.user_id is not None and spec.workspace_in_sandbox is not None:
+            await self._enter(self.user_id, spec.workspace_in_sandbox)
 
     # ------------------------------------------------------------------ I/O
 
@@ -800,8 +811,23 @@ class SandboxWorker:
 
     async def bind(self, user_id: str, workspace: Path) -> None:
         """Assign a pre-warmed worker to ``user_id``'s workspace."""
-        await self.call("bind", {"user_id": user_id, "workspace": str(workspace)})
+        await self._enter(user_id, str(workspace))
         self.user_id, self.workspace = user_id, workspace
+
+    async def _enter(self, user_id: str, workspace: str) -> None:
+        """Bind the worker inside and check the layers binding brings (a mismatch kills it)."""
+        if self._verified is None:
+            raise IsolationUnavailable(f"worker {self.worker_id} was never verified by the host; not binding it")
+        reply = await self.call("bind", {"user_id": user_id, "workspace": workspace})
+        answer: dict[str, Any] = reply if isinstance(reply, dict) else {}
+        if "landlock" in answer:
+            self.report["landlock"] = answer["landlock"]
+        try:
+            verify.bound(self._verified, answer)
+        except IsolationUnavailable as exc:
+            self._break(exc.message)
+            raise
+        self.report["verified_from_report"] = self._verified.from_report
 
     async def ping(self) -> float:
         """Round-trip time of a ``ping`` in seconds."""

@@ -145,7 +145,10 @@ class SandboxExecutor:
         if self.user_id is not None and self.user_id != user_id:
             raise SandboxError(f"worker is already bound to {self.user_id!r}")
         self._enter(user_id, Path(workspace))
-        return {"user_id": user_id, "workspace": workspace}
+        answer: dict[str, Any] = {"user_id": user_id, "workspace": workspace}
+        if "landlock" in self.report:  # the host checks it against the plan
+            answer["landlock"] = self.report["landlock"]
+        return answer
 
     def _enter(self, user_id: str, workspace: Path) -> None:
         from sandbox_core.inside import confine

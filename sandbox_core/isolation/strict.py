@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
-from sandbox_core.errors import IsolationUnavailable
+from sandbox_core.errors import ConfigError, IsolationUnavailable
 from sandbox_core.isolation import cgroups
 from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
@@ -490,11 +490,76 @@ def _deny(m: _Mounts, deny_paths: tuple[str, ...]) -> list[str]:
         if host is None and os.path.realpath(dest) != dest:  # under a mirrored symlink (/bin -> usr/bin)
             dest = os.path.realpath(dest)
             host = m.host_path(dest)
-        if host is None or not os.path.lexists(host):
+        kind = _deny_kind(m, path, dest, host)
+        if kind is None:
             continue
-        if os.path.isdir(host):
+        if kind == "generated":
+            _blank_generated(m, dest)
+        elif kind == "dir":
             m.args += ["--perms", "0000", "--size", "4096", "--tmpfs", dest, "--remount-ro", dest]
         else:
             m.data(b"", dest, mode="0000")
         denied.append(dest)
     return denied
+
+
+SANDBOX_FILESYSTEMS = ("/proc", "/dev", "/tmp", WORKSPACE)
+"""Trees the sandbox makes for itself (fresh proc and dev, private tmpfs): no host file is in them
+unless a bind puts it there."""
+
+
+def _deny_kind(m: _Mounts, path: str, dest: str, host: str | None) -> str | None:
+    """How to hide deny path ``dest`` in this view: ``"dir"``, ``"file"``, ``"generated"`` (a file the
+    view writes itself), or None (nothing to hide).
+
+    A deny rule that cannot do what it says is a ConfigError naming the entry, never a silent
+    skip: one that would hide what the worker needs, one inside the sandbox's own /proc, /dev,
+    /tmp or tmpfs workspace, and one that names a host path the view neither binds nor generates
+    (the operator meant something the rule does not reach). Only a path that exists nowhere, or
+    a bound one whose host source does not exist yet, is skipped: there is nothing to hide.
+    """
+    needed = _needed_by_worker()
+    if dest == "/" or dest in SANDBOX_FILESYSTEMS or any(_under(p, dest) for p in needed):
+        raise ConfigError("strict.deny_paths", f"{path!r} would hide what the worker needs to run")
+    if host is not None:  # shown through a bind: hide what is there now
+        if not os.path.lexists(host):
+            return None
+        return "dir" if os.path.isdir(host) else "file"
+    if dest in _generated(m):
+        return "generated"
+    if dest in m.made:
+        return "dir"
+    inside = next((root for root in SANDBOX_FILESYSTEMS if _under(dest, root)), None)
+    if inside is not None:
+        raise ConfigError(
+            "strict.deny_paths",
+            f"{path!r} is inside the sandbox's own {inside}, which holds no host files: there is nothing to deny",
+        )
+    if os.path.lexists(dest):
+        raise ConfigError(
+            "strict.deny_paths",
+            f"{path!r} is neither bound nor generated in the sandbox, so the rule hides nothing; deny paths "
+            "name paths as the sandbox sees them (for a bind SRC:DEST, the path below DEST)",
+        )
+    return None
+
+
+def _generated(m: _Mounts) -> set[str]:
+    """Files the view writes itself (``--ro-bind-data FD DEST``: passwd, group, hosts)."""
+    return {m.args[i + 2] for i, arg in enumerate(m.args[:-2]) if arg == "--ro-bind-data"}
+
+
+def _blank_generated(m: _Mounts, dest: str) -> None:
+    """Write generated file ``dest`` empty and mode 0000 instead (bwrap cannot mount over one)."""
+    for i, arg in enumerate(m.args[:-2]):
+        if arg == "--ro-bind-data" and m.args[i + 2] == dest:
+            m.args[i + 1] = str(m.fds.add(data_fd(PurePosixPath(dest).name, b"")))
+            if i >= 2 and m.args[i - 2] == "--perms":
+                m.args[i - 1] = "0000"
+
+
+@functools.cache
+def _needed_by_worker() -> tuple[str, ...]:
+    """Sandbox paths the worker cannot start without: its interpreter, libraries and package."""
+    chains, dirs = python_paths()
+    return tuple({*chains, *(os.path.realpath(c) for c in chains), *dirs})

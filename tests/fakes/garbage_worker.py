@@ -1,14 +1,25 @@
 """A broken worker for tests: completes the handshake, then mixes garbage into its answers.
 
 For ``ping`` it writes ``GARBAGE`` malformed lines (and one oversized line) before the
-real answer; every other method gets a proper answer too.
+real answer; every other method gets a proper answer too. ``GARBAGE`` is argv[1] (the
+environment is the allowlisted one: the host checks it).
 """
 
 import json
 import os
+import resource
 import sys
+from typing import Any
 
-GARBAGE = int(os.environ.get("GARBAGE_LINES", "3"))
+GARBAGE = int(sys.argv[1]) if len(sys.argv) > 1 else 3
+
+
+def comply(plan: dict[str, Any]) -> None:
+    """Apply the plan's umask and rlimits, as the real worker does: the host checks them."""
+    os.umask(int(plan.get("umask", 0o077)))
+    for name, value in (plan.get("rlimits") or {}).items():
+        soft, hard = (value, value) if isinstance(value, int) else value
+        resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (soft, hard))
 
 
 def send(obj: object) -> None:
@@ -21,6 +32,7 @@ for line in sys.stdin:
     if "id" not in msg or "method" not in msg:
         continue
     if msg["method"] == "initialize":
+        comply(msg["params"]["plan"])
         send({"jsonrpc": "2.0", "id": msg["id"], "result": {"protocol": "1", "pid": os.getpid(), "layers": {}}})
     elif msg["method"] == "ping":
         for i in range(GARBAGE):

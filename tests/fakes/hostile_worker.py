@@ -1,15 +1,25 @@
 """A compromised worker for tests: completes the handshake, then answers ``ping`` with abuse.
 
-``HOSTILE`` picks the abuse (see the branches below); every other method gets a proper answer.
+argv[1] picks the abuse (see the branches below); every other method gets a proper answer.
 Only the standard library: this runs as the worker process itself.
 """
 
 import json
 import os
+import resource
 import sys
+from typing import Any
 
-MODE = os.environ.get("HOSTILE", "")
+MODE = sys.argv[1] if len(sys.argv) > 1 else ""
 out = sys.stdout.buffer
+
+
+def comply(plan: dict[str, Any]) -> None:
+    """Apply the plan's umask and rlimits, as the real worker does: the host checks them."""
+    os.umask(int(plan.get("umask", 0o077)))
+    for name, value in (plan.get("rlimits") or {}).items():
+        soft, hard = (value, value) if isinstance(value, int) else value
+        resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (soft, hard))
 
 
 def send(obj: object) -> None:
@@ -67,6 +77,7 @@ for line in sys.stdin:
     if "id" not in msg or "method" not in msg:
         continue
     if msg["method"] == "initialize":
+        comply(msg["params"]["plan"])
         answer(msg["id"], {"protocol": "1", "pid": os.getpid(), "layers": {}})
     elif msg["method"] == "ping":
         abuse(msg["id"])

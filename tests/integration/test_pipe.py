@@ -193,8 +193,7 @@ async def test_the_worker_answers_an_oversized_frame_with_its_id(tmp_path: Path)
 def _hostile(mode: str) -> Any:
     def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
         spec = process_launch(cfg, ws)
-        env = dict(spec.env, HOSTILE=mode)
-        return LaunchSpec([sys.executable, str(FAKES / "hostile_worker.py")], env, spec.cwd, spec.plan)
+        return LaunchSpec([sys.executable, str(FAKES / "hostile_worker.py"), mode], spec.env, spec.cwd, spec.plan)
 
     return launcher
 
