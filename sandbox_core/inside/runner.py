@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 _READ = 256 * 1024
 _MB = 1024 * 1024
 _DRAIN_AFTER_EXIT = 2.0
-_REAP_WAIT = 1.0
-"""Seconds to wait for killed strays to be reaped (a SIGKILLed process dies at once)."""
+_REAP_WAIT = 3.0
+"""Seconds to wait for killed strays to die and be reaped (a SIGKILLed process dies at once,
+but a loaded machine can take a while to run its exit)."""
 NOT_EXECUTABLE = 126
 NOT_FOUND = 127
 
@@ -91,9 +92,9 @@ def kill_strays(since: int, exclude: frozenset[int] = frozenset(), *, alone: boo
     double fork, a fork-and-exit chain), and reap every child the worker has left.
 
     With ``alone`` (no other request runs, and the worker is alone in a pid namespace made
-    for it: strict) and a pid namespace below the host's, this is ``kill(-1, SIGKILL)``: the
-    kernel signals every process of the namespace but us and its init under the task-list
-    lock, which fork also needs, so no process escapes by forking. Otherwise (another
+    for it: strict; the caller checks both) this is ``kill(-1, SIGKILL)``: the kernel
+    signals every process of the namespace but us and its init under the task-list lock,
+    which fork also needs, so no process escapes by forking. Otherwise (another
     request runs, or the ``process`` profile, where -1 would mean the host) every descendant
     started since the request began is killed, in passes until none is left or
     :data:`_REAP_WAIT` runs out. Orphans are ours (the worker is a child subreaper), so
@@ -103,42 +104,40 @@ def kill_strays(since: int, exclude: frozenset[int] = frozenset(), *, alone: boo
     if not _in_worker():  # only a worker owns all of its descendants (tests run tools in-process)
         return
     deadline = time.monotonic() + _REAP_WAIT
-    if alone and _own_pid_namespace():
+    if alone:
         with contextlib.suppress(ProcessLookupError):
             os.kill(-1, signal.SIGKILL)
-    else:
-        while time.monotonic() < deadline:
-            strays = [p for p in descendants(os.getpid(), started_since=since) if p not in exclude and _alive(p)]
-            if not strays:
-                break
-            for pid in strays:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-    reap_children(exclude, deadline)
+        reap_children(exclude, deadline)
+        return
+    while time.monotonic() < deadline:
+        strays = [p for p in descendants(os.getpid(), started_since=since) if p not in exclude and _alive(p)]
+        if not strays:
+            break
+        for pid in strays:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    for pid in descendants(os.getpid()):  # the dead among our children (others may still run)
+        if pid not in exclude and _parent(pid) == os.getpid() and not _alive(pid):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
 
 
 def reap_children(exclude: frozenset[int], deadline: float) -> None:
-    """Reap our children (but ``exclude``) until none is left running or dead, or ``deadline``."""
+    """Reap until nothing is left below us (but ``exclude``), or ``deadline``.
+
+    Killed processes take a moment to die, and an orphan becomes our child only once its
+    parent has died, so one pass is not enough: keep reaping while anything remains.
+    """
     me = os.getpid()
     while True:
-        children = [p for p in descendants(me) if p not in exclude and _parent(p) == me]
-        for pid in children:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, os.WNOHANG)
-        if not children or time.monotonic() > deadline:
+        below = [p for p in descendants(me) if p not in exclude]
+        for pid in below:
+            if _parent(pid) == me:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, os.WNOHANG)
+        if not below or time.monotonic() > deadline:
             return
         time.sleep(0.002)
-
-
-@functools.cache
-def _own_pid_namespace() -> bool:
-    """Whether this process is in a pid namespace below the host's (``NSpid`` has two or more pids)."""
-    try:
-        with open("/proc/self/status") as fh:
-            nspid = next((line.split()[1:] for line in fh if line.startswith("NSpid:")), [])
-    except OSError:
-        return False
-    return len(nspid) >= 2
 
 
 def _stat(pid: int) -> list[str]:

@@ -169,9 +169,11 @@ class SandboxExecutor:
 
     def _pid_namespace_is_ours(self) -> bool:
         """Whether the sandbox made a pid namespace for this worker alone: the plan says it
-        unshared one, and we are the direct child of that namespace's init (bwrap)."""
+        unshared one (the host verified it after start), and we are the direct child of that
+        namespace's init (bwrap). Then ``kill(-1)`` reaches only the sandbox; on the host it
+        would reach every process of our uid, so both must hold."""
         namespaces = (self.plan.get("host_layers") or {}).get("namespaces") or []
-        return "pid" in namespaces and os.getppid() == 1
+        return "pid" in namespaces and os.getppid() == 1 and os.getpid() != 1
 
     def stdin_sink(self, request_id: int) -> StdinSink | None:
         """The stdin sink of a request (made by whichever needs it first: frame or request)."""
