@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pexpect
@@ -79,3 +80,33 @@ def test_colour_only_on_a_terminal_without_no_color(cli_env: dict[str, str], run
     assert not COLOUR.search(no_color) and "max_workers" in no_color
     piped = run_cli(*args, env={"SANDBOX_MAX_WORKERS": "3"})
     assert_plain(piped.stdout + piped.stderr)
+
+
+# ---------------------------------------------------------------- what reaches a terminal
+
+HOSTILE = r"\033]0;pwned\007\033[6n\033P$qm\033\\\033[31m hi\033[0m\n"
+"""printf(1) format: a title, a cursor-position query, DECRQSS, then " hi" in red."""
+HOSTILE_BYTES = b"\x1b]0;pwned\x07\x1b[6n\x1bP$qm\x1b\\\x1b[31m hi\x1b[0m\n"
+
+
+def _tty_bytes(args: list[str], env: dict[str, str]) -> bytes:
+    """Everything the CLI wrote to its terminal (a real pty), once it has exited 0."""
+    child = pexpect.spawn(SANDBOX, args, env=env, dimensions=(40, 140), timeout=30)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    return bytes(child.before)
+
+
+def test_exec_to_a_terminal_drops_strings_and_queries_unless_raw(cli_env: dict[str, str], run_cli: Run) -> None:
+    env = {**cli_env, "TERM": "xterm-256color"}
+    shown = _tty_bytes(["exec", "--", "printf", HOSTILE], env)
+    assert b"\x1b[31m hi\x1b[0m\r\n" in shown  # colours stay (the pty turns \n into \r\n)
+    assert b"pwned" not in shown and b"\x1b]" not in shown and b"\x1b[6n" not in shown and b"\x1bP" not in shown
+
+    raw = _tty_bytes(["exec", "--raw", "--", "printf", HOSTILE], env)
+    assert b"\x1b]0;pwned\x07\x1b[6n\x1bP$qm\x1b\\\x1b[31m hi" in raw
+
+    piped = subprocess.run([SANDBOX, "exec", "--", "printf", HOSTILE], capture_output=True, env=cli_env,
+                           timeout=60, check=False)
+    assert (piped.returncode, piped.stdout) == (0, HOSTILE_BYTES)  # a pipe gets the bytes unchanged
