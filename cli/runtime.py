@@ -105,17 +105,26 @@ def hint_for(exc: BaseException) -> str | None:
 
 
 def report(exc: BaseException, *, verbose: bool = False, err: Console | None = None) -> int:
-    """Print a SandboxError as one red line and a hint (plus details with -v); return its exit code."""
-    from sandbox_core.errors import SandboxError
+    """Print a SandboxError as one red line and a hint (plus details with -v); return its exit code.
 
+    Everything printed goes through :func:`~cli.output.visible`: the message, the traceback
+    and the worker's stderr can all carry text from the sandbox, the service or upstream.
+    """
     err = err if err is not None else output.console(stderr=True)
     if verbose:
-        err.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
-        stderr = exc.data.get("stderr") if isinstance(exc, SandboxError) else None
-        if isinstance(stderr, list) and stderr:
-            err.print("worker stderr:\n" + "\n".join(map(str, stderr)), markup=False, style="dim")
+        print_details(exc, err)
     output.error(str(exc), hint=hint_for(exc), err=err)
     return exit_code_for(exc)
+
+
+def print_details(exc: BaseException, err: Console) -> None:
+    """The traceback of ``exc`` and the worker's stderr lines it carries (for ``-v``), escaped."""
+    from sandbox_core.errors import SandboxError
+
+    err.print(output.visible("".join(traceback.format_exception(exc))), markup=False, highlight=False)
+    stderr = exc.data.get("stderr") if isinstance(exc, SandboxError) else None
+    if isinstance(stderr, list) and stderr:
+        err.print("worker stderr:\n" + output.visible("\n".join(map(str, stderr))), markup=False, style="dim")
 
 
 # ---------------------------------------------------------------- local or service

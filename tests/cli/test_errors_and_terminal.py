@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import re
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
@@ -110,3 +114,47 @@ def test_exec_to_a_terminal_drops_strings_and_queries_unless_raw(cli_env: dict[s
     piped = subprocess.run([SANDBOX, "exec", "--", "printf", HOSTILE], capture_output=True, env=cli_env,
                            timeout=60, check=False)
     assert (piped.returncode, piped.stdout) == (0, HOSTILE_BYTES)  # a pipe gets the bytes unchanged
+
+
+class _HostileService(http.server.BaseHTTPRequestHandler):
+    """A service on loopback whose runs fail with escape sequences in the message and worker stderr."""
+
+    def do_GET(self) -> None:
+        self._send("application/json", json.dumps({"status": "ok", "profile": "strict"}).encode())
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        error = {"code": -32603, "message": "boom \x1b]0;pwned\x07\x1b[2J",
+                 "data": {"stderr": ["worker says \x1b[6n\x1bP$q"]}}
+        self._send("text/event-stream", f"event: error\ndata: {json.dumps(error)}\n\n".encode())
+
+    def _send(self, kind: str, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("content-type", kind)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hostile_service() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HostileService)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_error_lines_from_upstream_reach_stderr_escaped(run_cli: Run, hostile_service: str) -> None:
+    result = run_cli("--connect", hostile_service, "exec", "--", "true", env={"SANDBOX_TOKEN": "t" * 16})
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0] == "error: boom ^[]0;pwned^G^[[2J"
+    verbose = run_cli("-v", "--connect", hostile_service, "exec", "--", "true", env={"SANDBOX_TOKEN": "t" * 16})
+    assert "worker says ^[[6n^[P$q" in verbose.stderr and "Traceback" in verbose.stderr
+    assert "\x1b" not in result.stderr + verbose.stderr
