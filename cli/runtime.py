@@ -84,10 +84,13 @@ def hint_for(exc: BaseException) -> str | None:
     if isinstance(exc, errors.PoolClosed) and status == 503:
         return "the service is shutting down; retry when it is back, or pass --local to run in-process"
     if isinstance(exc, errors.IsolationUnavailable):
-        return "install bubblewrap (apt-get install bubblewrap), or pass --profile process (weaker)"
+        return isolation_hint(exc.data)
     if isinstance(exc, errors.CircuitOpen):
         return "fix the start error above; spawning resumes after circuit_reset seconds"
     if isinstance(exc, errors.PoolExhausted):
+        setting, limit = exc.data.get("setting"), exc.data.get("limit")
+        if isinstance(setting, str) and limit is not None:
+            return f"raise {setting} (now {limit}) or acquire_timeout in the config, or retry later"
         return "raise max_workers / acquire_timeout in the config, or retry later"
     if isinstance(exc, errors.ConfigError):
         return "check the value in your config file, SANDBOX_* variables or flags"
@@ -101,6 +104,21 @@ def hint_for(exc: BaseException) -> str | None:
         return "set ANTHROPIC_API_KEY (or model.api_key in the config file), or use --provider offline"
     if isinstance(exc, errors.RemoteError) and "sandbox_core.inside.agent" in exc.message:
         return "this build has no agent runtime yet (sandbox_core.inside.agent.runtime)"
+    return None
+
+
+def isolation_hint(data: dict[str, Any]) -> str | None:
+    """What to fix when the strict profile cannot be applied: the setting at fault, if known.
+
+    Never a weaker profile: a typo in a bind path is fixed by fixing the path.
+    """
+    field, value = data.get("field"), data.get("value")
+    if data.get("reason") == "no_bwrap":
+        now = f" (now {value!r})" if value is not None else ""
+        return f"install bubblewrap (apt-get install bubblewrap), or set strict.bwrap to a working one{now}"
+    if isinstance(field, str):
+        what = f"{value!r} in {field}" if value is not None else field
+        return f"fix {what} (config file, SANDBOX_* variables or flags)"
     return None
 
 

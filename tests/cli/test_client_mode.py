@@ -546,3 +546,31 @@ def test_no_default_socket_under_tmp_without_a_runtime_dir(client_env: dict[str,
     finally:
         shutil.rmtree(tmp_default, ignore_errors=True)
     assert (record.connections, record.received) == (0, 0), record
+
+
+def test_a_per_user_queue_timeout_names_the_users_cap(tmp_path: Path) -> None:
+    """Over the service: the user's own cap is full (the pool has room), and the hint says so."""
+    run = Path(tempfile.mkdtemp(prefix="sbx-cap-", dir="/tmp"))
+    env = {**base_env(tmp_path), "XDG_RUNTIME_DIR": str(run), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "ws"),
+           "SANDBOX_MAX_WORKERS_PER_USER": "1", "SANDBOX_ACQUIRE_TIMEOUT": "0.5"}
+    proc, log = start_server(tmp_path, env)
+    server = Server(proc, f"unix:{run}/sandbox/sandbox.sock", tmp_path / "ws", log, {})
+    wait = ["sh", "-c", "while [ ! -e go ]; do sleep 0.01; done"]
+    holder = None
+    try:
+        poll(lambda: socket_answers(run / "sandbox" / "sandbox.sock") or proc.poll() is not None, 20, "the service")
+        holder = subprocess.Popen([SANDBOX, "exec", "--", *wait], env=env, stdout=subprocess.DEVNULL)
+        poll(lambda: find_process(wait, proc.pid), 20, "the first command running")
+        result = sandbox(env, "exec", "--", "true")
+        assert result.returncode == 1, result.stderr
+        error, hint = result.stderr.strip().splitlines()
+        assert error.endswith("(all 1 of the user's workers busy; max_workers_per_user = 1)"), error
+        assert hint == "hint: raise max_workers_per_user (now 1) or acquire_timeout in the config, or retry later"
+        (user_dir(server) / "go").touch()
+        assert holder.wait(30) == 0
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        stop_server(server)
+        shutil.rmtree(run, ignore_errors=True)

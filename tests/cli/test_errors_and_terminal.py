@@ -27,10 +27,17 @@ COLOUR = re.compile(r"\x1b\[[0-9;]*(3[0-7]|9[0-7]|38;[25];[0-9;]+)m")
     ("error", "code", "hint"),
     [
         (errors.RequestTimeout("exec timed out after 1s and was killed"), 124, "--timeout"),
-        (errors.IsolationUnavailable("bwrap not found"), 125, "install bubblewrap"),
+        (errors.IsolationUnavailable("bwrap not found", data={"reason": "no_bwrap", "value": "bwrap"}), 125,
+         "install bubblewrap"),
+        (errors.IsolationUnavailable("strict.rw_binds: /srv/dta does not exist",
+                                     data={"field": "strict.rw_binds", "value": "/srv/dta"}), 125,
+         "fix '/srv/dta' in strict.rw_binds"),
         (errors.CircuitOpen("workers failed to start 3 times in a row"), 125, "circuit_reset"),
         (errors.WorkerCrashed("worker w1 exited (killed by signal 9)"), 125, "-v"),
         (errors.PoolExhausted("no worker free for 'a' within 10s"), 1, "max_workers"),
+        (errors.PoolExhausted("no worker free for 'a' within 10s",
+                              data={"setting": "max_workers_per_user", "limit": 2}), 1,
+         "raise max_workers_per_user (now 2)"),
         (errors.ConfigError("max_workers", "must be > 0"), 2, "config"),
         (errors.GatewayError("the anthropic provider needs an API key", data={"reason": "no_api_key"}), 1,
          "ANTHROPIC_API_KEY"),
@@ -55,6 +62,15 @@ def test_each_error_becomes_one_line_a_hint_and_its_code(
     with pytest.raises(typer.Exit):
         run_job(config, job, verbose=True)
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_missing_bind_path_is_named_and_no_weaker_profile_suggested(run_cli: Run) -> None:
+    env = {"SANDBOX_STRICT__RO_BINDS": "/srv/nonexistent-h14"}
+    result = run_cli("--profile", "strict", "exec", "--", "true", env=env)
+    assert result.returncode == 125, result.stderr
+    error, hint = result.stderr.strip().splitlines()
+    assert error == "error: strict.ro_binds: /srv/nonexistent-h14 does not exist"
+    assert hint == "hint: fix '/srv/nonexistent-h14' in strict.ro_binds (config file, SANDBOX_* variables or flags)"
 
 
 def test_isolation_unavailable_fails_closed_with_a_hint(run_cli: Run) -> None:
