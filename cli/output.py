@@ -1,13 +1,16 @@
 """One way to print and one way to fail: consoles that respect NO_COLOR and pipes, exit codes.
 
 Colour needs a terminal and no ``NO_COLOR``; live redraws (spinners, progress bars) need
-a terminal that is not ``TERM=dumb``. Piped output gets neither: plain text only.
+a terminal that is not ``TERM=dumb``. Piped output gets neither: plain text only. Error,
+warning and hint lines go through :func:`visible`: their text often quotes the sandbox,
+the service or an upstream API, and must not be able to drive the operator's terminal.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import Any, NoReturn, TextIO
 
@@ -28,6 +31,24 @@ EXIT_CODES_HELP = (
     "(could not start or isolate), 126 command not executable, 127 command not found, "
     "130 interrupted (Ctrl-C); `exec` passes through the command's own code."
 )
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text: str) -> str:
+    """``text`` safe for a terminal: CR/LF normalised, other control characters as ``^X``."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+
+    def caret(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        if code == 0x7F:
+            return "^?"
+        if code < 0x20:
+            return "^" + chr(code + 64)
+        return f"\\x{code:02x}"
+
+    return _CONTROL.sub(caret, text)
 
 
 def is_tty(stream: object) -> bool:
@@ -78,17 +99,20 @@ def warn(message: str) -> None:
 def warn_to(err: Console, message: str) -> None:
     from rich.text import Text
 
-    err.print(Text.assemble(("warning: ", "bold yellow"), message))
+    err.print(Text.assemble(("warning: ", "bold yellow"), visible(message)))
 
 
 def error(message: str, *, hint: str | None = None, err: Console | None = None) -> None:
-    """Print one red line (and a dim hint) without exiting (the REPL keeps going)."""
+    """Print one red line (and a dim hint) without exiting (the REPL keeps going).
+
+    Both are shown through :func:`visible`: either may quote text from the sandbox or upstream.
+    """
     from rich.text import Text
 
     out = err if err is not None else console(stderr=True)
-    out.print(Text.assemble(("error: ", "bold red"), (message, "red")))
+    out.print(Text.assemble(("error: ", "bold red"), (visible(message), "red")))
     if hint:
-        out.print(Text.assemble(("hint: ", "dim"), hint))
+        out.print(Text.assemble(("hint: ", "dim"), visible(hint)))
 
 
 def fail(message: str, *, hint: str | None = None, code: int = EXIT_FAILURE) -> NoReturn:

@@ -4,7 +4,9 @@
 :class:`RemotePool` is the part of the orchestrator's API the commands use
 (``execute_stream``, stats, workers, launch, stop), over the service's HTTP API. The
 service decides who the caller is from the credentials (the peer uid on the Unix socket,
-the bearer token on TCP): a ``--user`` given here is not sent, only compared.
+the bearer token on TCP): a ``--user`` given here is not sent, only compared. A Unix socket
+is used only if it passes the checks of :mod:`sandbox_core.service.trust` (its path, its
+owner, and the uid of the process listening on it), default socket and ``--connect`` alike.
 
 This module stays light (no HTTP client at import) so in-process commands do not pay for it.
 """
@@ -16,8 +18,6 @@ import base64
 import contextlib
 import os
 import re
-import socket
-import stat
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +46,8 @@ class Target:
     address: str
     explicit: bool = True
     """Named by ``--connect`` or ``SANDBOX_URL`` (else: the default socket, found answering)."""
+    server_uids: tuple[str, ...] = ()
+    """``service.server_uids``: uids trusted as the server on a Unix socket besides root and ours."""
 
     @property
     def tcp(self) -> bool:
@@ -75,21 +77,19 @@ def normalize_address(text: str) -> str:
     return "unix:" + str(Path(path).expanduser().absolute())
 
 
-def socket_answers(path: Path, timeout: float = 1.0) -> bool:
-    """True if ``path`` is a Unix socket something accepts connections on."""
+def socket_answers(path: Path, server_uids: tuple[str, ...] = (), timeout: float = 1.0) -> bool:
+    """True if a trusted service accepts connections at ``path``; False if nothing does.
+
+    Raises :class:`~sandbox_core.errors.UntrustedService` when something is there that
+    cannot be trusted (the probe connects, checks the listener's uid and sends nothing).
+    """
+    from sandbox_core.service.trust import connect_checked, trusted_uids
+
     try:
-        if not stat.S_ISSOCK(path.stat().st_mode):
-            return False
+        probe = connect_checked(path, trusted_uids(server_uids), timeout)
     except OSError:
         return False
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(timeout)
-    try:
-        probe.connect(str(path))
-    except OSError:
-        return False
-    finally:
-        probe.close()
+    probe.close()
     return True
 
 
@@ -196,7 +196,7 @@ class RemotePool:
         """Connect and check the service answers (:class:`ServiceUnreachable` if not)."""
         from sandbox_core.service.client import ServiceClient, ServiceUnreachable
 
-        client = ServiceClient(target.address, token if target.tcp else None)
+        client = ServiceClient(target.address, token if target.tcp else None, server_uids=target.server_uids)
         try:
             health = await client.health()
         except ServiceUnreachable as exc:

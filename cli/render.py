@@ -16,7 +16,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import json
-import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from cli import output
+from cli.output import visible
 
 if TYPE_CHECKING:
     from rich.status import Status
@@ -47,24 +47,6 @@ LIVE_LINES = 50
 ``PANEL_TAIL_LINES`` are shown, when the call ends."""
 SUBJECT_CHARS = 100
 """Characters of a command shown on a live tool's header line."""
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def visible(text: str) -> str:
-    """``text`` safe for a terminal: CR/LF normalised, other control characters as ``^X``."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-
-    def caret(match: re.Match[str]) -> str:
-        code = ord(match.group())
-        if code == 0x7F:
-            return "^?"
-        if code < 0x20:
-            return "^" + chr(code + 64)
-        return f"\\x{code:02x}"
-
-    return _CONTROL.sub(caret, text)
-
 
 @dataclass
 class Outcome:

@@ -57,7 +57,7 @@ def _service_error(exc: BaseException) -> tuple[bool, int | None]:
 def exit_code_for(exc: BaseException) -> int:
     from sandbox_core import errors
 
-    if _service_error(exc)[0]:
+    if _service_error(exc)[0] or isinstance(exc, errors.UntrustedService):
         return output.EXIT_SANDBOX
     if isinstance(exc, errors.RequestTimeout):
         return output.EXIT_TIMEOUT
@@ -74,6 +74,8 @@ def hint_for(exc: BaseException) -> str | None:
     unreachable, status = _service_error(exc)
     if unreachable:
         return UNREACHABLE_HINT
+    if isinstance(exc, errors.UntrustedService):
+        return str(exc.data.get("fix") or "") or None
     if status == 401:
         return "set SANDBOX_TOKEN (or SANDBOX_TOKEN_FILE) to a token from the service's tokens file"
     if status == 403:
@@ -82,10 +84,13 @@ def hint_for(exc: BaseException) -> str | None:
     if isinstance(exc, errors.PoolClosed) and status == 503:
         return "the service is shutting down; retry when it is back, or pass --local to run in-process"
     if isinstance(exc, errors.IsolationUnavailable):
-        return "install bubblewrap (apt-get install bubblewrap), or pass --profile process (weaker)"
+        return isolation_hint(exc.data)
     if isinstance(exc, errors.CircuitOpen):
         return "fix the start error above; spawning resumes after circuit_reset seconds"
     if isinstance(exc, errors.PoolExhausted):
+        setting, limit = exc.data.get("setting"), exc.data.get("limit")
+        if isinstance(setting, str) and limit is not None:
+            return f"raise {setting} (now {limit}) or acquire_timeout in the config, or retry later"
         return "raise max_workers / acquire_timeout in the config, or retry later"
     if isinstance(exc, errors.ConfigError):
         return "check the value in your config file, SANDBOX_* variables or flags"
@@ -102,18 +107,42 @@ def hint_for(exc: BaseException) -> str | None:
     return None
 
 
-def report(exc: BaseException, *, verbose: bool = False, err: Console | None = None) -> int:
-    """Print a SandboxError as one red line and a hint (plus details with -v); return its exit code."""
-    from sandbox_core.errors import SandboxError
+def isolation_hint(data: dict[str, Any]) -> str | None:
+    """What to fix when the strict profile cannot be applied: the setting at fault, if known.
 
+    Never a weaker profile: a typo in a bind path is fixed by fixing the path.
+    """
+    field, value = data.get("field"), data.get("value")
+    if data.get("reason") == "no_bwrap":
+        now = f" (now {value!r})" if value is not None else ""
+        return f"install bubblewrap (apt-get install bubblewrap), or set strict.bwrap to a working one{now}"
+    if isinstance(field, str):
+        what = f"{value!r} in {field}" if value is not None else field
+        return f"fix {what} (config file, SANDBOX_* variables or flags)"
+    return None
+
+
+def report(exc: BaseException, *, verbose: bool = False, err: Console | None = None) -> int:
+    """Print a SandboxError as one red line and a hint (plus details with -v); return its exit code.
+
+    Everything printed goes through :func:`~cli.output.visible`: the message, the traceback
+    and the worker's stderr can all carry text from the sandbox, the service or upstream.
+    """
     err = err if err is not None else output.console(stderr=True)
     if verbose:
-        err.print("".join(traceback.format_exception(exc)), markup=False, highlight=False)
-        stderr = exc.data.get("stderr") if isinstance(exc, SandboxError) else None
-        if isinstance(stderr, list) and stderr:
-            err.print("worker stderr:\n" + "\n".join(map(str, stderr)), markup=False, style="dim")
+        print_details(exc, err)
     output.error(str(exc), hint=hint_for(exc), err=err)
     return exit_code_for(exc)
+
+
+def print_details(exc: BaseException, err: Console) -> None:
+    """The traceback of ``exc`` and the worker's stderr lines it carries (for ``-v``), escaped."""
+    from sandbox_core.errors import SandboxError
+
+    err.print(output.visible("".join(traceback.format_exception(exc))), markup=False, highlight=False)
+    stderr = exc.data.get("stderr") if isinstance(exc, SandboxError) else None
+    if isinstance(stderr, list) and stderr:
+        err.print("worker stderr:\n" + output.visible("\n".join(map(str, stderr))), markup=False, style="dim")
 
 
 # ---------------------------------------------------------------- local or service
@@ -124,35 +153,44 @@ def service_target(state: AppState) -> Target | None:
 
     ``--local`` wins; then ``--connect`` / ``SANDBOX_URL`` (explicit: if it cannot be reached
     the command fails with exit code 125); then the default socket of ``sandbox serve``
-    if a server answers on it. With ``-v`` the choice is said on stderr.
+    if a server answers on it. A socket that cannot be trusted (see
+    :mod:`sandbox_core.service.trust`) fails the command with exit code 125, explicit or
+    not: whoever listens there gets nothing. With ``-v`` the choice is said on stderr.
     """
-    from sandbox_core.errors import ConfigError
+    from sandbox_core.errors import ConfigError, UntrustedService
 
     if state.local:
         return None
     err = output.console(stderr=True)
+    try:
+        config = state.loaded().config
+    except ConfigError:
+        config = None  # the command reports it when it loads the config
+    server_uids = config.service.server_uids if config is not None else ()
     if state.connect:
         from cli.remote import normalize_address
 
         try:
-            target = Target(normalize_address(state.connect), explicit=True)
+            target = Target(normalize_address(state.connect), explicit=True, server_uids=server_uids)
         except ConfigError as exc:
             output.fail(str(exc), hint="e.g. --connect unix:/run/user/1000/sandbox/sandbox.sock or "
                                        "--connect http://127.0.0.1:8765", code=output.EXIT_USAGE)
     else:
-        try:
-            config = state.loaded().config
-        except ConfigError:
-            return None  # the command reports it when it loads the config
+        if config is None:
+            return None
         from cli.remote import socket_answers
         from sandbox_core.service.paths import default_socket_path
 
         path = default_socket_path(config)
-        if not socket_answers(path):
+        try:
+            answers = socket_answers(path, server_uids)
+        except UntrustedService as exc:
+            raise typer.Exit(report(exc, verbose=state.verbose, err=err)) from None
+        if not answers:
             if state.verbose and path.exists():
                 err.print(f"no service answers at unix:{path}; running in-process", style="dim", highlight=False)
             return None
-        target = Target(f"unix:{path}", explicit=False)
+        target = Target(f"unix:{path}", explicit=False, server_uids=server_uids)
     if state.verbose:
         how = "" if target.explicit else " (its default socket exists; --local runs in-process)"
         err.print(f"using the service at {target.address}{how}", style="dim", highlight=False)

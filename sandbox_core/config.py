@@ -136,12 +136,15 @@ class ServiceConfig:
     """``sandbox serve``: where it listens and who may do what."""
 
     socket_path: Path | None = None
-    """Unix socket (0600); None = ``$XDG_RUNTIME_DIR/sandbox/sandbox.sock``, else
-    ``/run/sandbox/sandbox.sock`` for root, else ``/tmp/sandbox-UID/sandbox.sock``."""
+    """Unix socket (0600); None = ``$XDG_RUNTIME_DIR/sandbox/sandbox.sock``, else the system
+    socket ``/run/sandbox/sandbox.sock`` (never a path under ``/tmp``)."""
     tokens_file: Path | None = None
     """TOML file of bearer tokens for TCP (``[[token]] sha256|token, user, role``)."""
     operator_uids: tuple[str, ...] = ()
     """Unix-socket peers (uids) that are operators besides root and the server's own uid."""
+    server_uids: tuple[str, ...] = ()
+    """uids a client accepts as the server on a Unix socket besides root and its own (a
+    dedicated service account): they may own the socket and its directory and listen on it."""
     cancel_on_disconnect: bool = True
     """A client that disconnects mid-stream cancels its run."""
     keepalive_seconds: float = 15.0
@@ -270,9 +273,10 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
     _positive(cfg.model, ("request_token_budget", "user_token_budget"), "model.", zero_ok=True)
     _positive(cfg.service, ("keepalive_seconds", "drain_grace", "max_buffered_events", "run_buffer_mb",
                             "slow_client_seconds", "run_ttl", "max_runs_per_user", "max_body_mb"), "service.")
-    for uid in cfg.service.operator_uids:
-        if not uid.isdigit():
-            raise ConfigError("service.operator_uids", f"{uid!r} is not a numeric uid")
+    for name in ("operator_uids", "server_uids"):
+        for uid in getattr(cfg.service, name):
+            if not uid.isdigit():
+                raise ConfigError(f"service.{name}", f"{uid!r} is not a numeric uid")
     if not re.match(r"^https?://", cfg.model.base_url):
         raise ConfigError("model.base_url", f"must be an http(s) URL, got {cfg.model.base_url!r}")
 

@@ -15,6 +15,7 @@
     ├── LimitExceeded             a configured bound refused the request
     │   ├── TooManyRuns           the user already keeps as many runs as allowed, all running
     │   └── BodyTooLarge          a request body is over the configured limit
+    ├── UntrustedService          a client refused a service socket it cannot trust (sent nothing)
     └── RemoteError               the worker answered a request with an error
 
 Errors that cross the pipe keep ``code``, ``message`` and ``data``.
@@ -133,6 +134,14 @@ class TooManyRuns(LimitExceeded):
 
 class BodyTooLarge(LimitExceeded):
     """A request body is larger than ``service.max_body_mb``."""
+
+
+class UntrustedService(SandboxError):
+    """The socket named as the service, or the process behind it, is not one the client trusts.
+
+    Raised before anything is sent; ``data["path"]`` is the socket, ``data["fix"]`` says how
+    to make it trusted (or what to use instead).
+    """
 
 
 class RemoteError(SandboxError):

@@ -212,16 +212,31 @@ class SandboxOrchestrator:
                     return worker
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise PoolExhausted(
-                        f"no worker free for {user_id!r} within {self.config.acquire_timeout:g}s "
-                        f"({len(self._workers)}/{self.config.max_workers} workers, all busy)",
-                        data={"max_workers": self.config.max_workers, "user_id": user_id},
-                    )
+                    raise self._exhausted(user_id)
                 async with self._changed:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._changed.wait(), remaining)
         finally:
             self._waiting -= 1
+
+    def _exhausted(self, user_id: str) -> PoolExhausted:
+        """The error of a request that waited ``acquire_timeout`` in vain, naming the cap that is full.
+
+        The user's own cap (``max_workers_per_user``) when they hold that many workers, else
+        the pool's (``max_workers``): the fix for one is not the fix for the other.
+        """
+        mine = sum(1 for w in self._workers.values() if w.user_id == user_id)
+        if mine >= self.config.max_workers_per_user:
+            setting, limit = "max_workers_per_user", self.config.max_workers_per_user
+            held = f"all {mine} of the user's workers busy"
+        else:
+            setting, limit = "max_workers", self.config.max_workers
+            held = f"all {len(self._workers)}/{limit} workers busy"
+        return PoolExhausted(
+            f"no worker free for {user_id!r} within {self.config.acquire_timeout:g}s ({held}; {setting} = {limit})",
+            data={"setting": setting, "limit": limit, "max_workers": self.config.max_workers,
+                  "max_workers_per_user": self.config.max_workers_per_user, "user_id": user_id},
+        )
 
     async def _try_acquire(self, user_id: str) -> SandboxWorker | None:
         mine = [w for w in self._workers.values() if w.user_id == user_id]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import traceback
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -82,7 +81,7 @@ async def run_audit_async(
     console: Console | None = None,
 ) -> int:
     """:func:`run_audit` for callers that already run an event loop (the REPL)."""
-    from cli.runtime import exit_code_for, hint_for
+    from cli.runtime import exit_code_for, hint_for, print_details
     from sandbox_core import audit
     from sandbox_core.errors import SandboxError
 
@@ -97,10 +96,7 @@ async def run_audit_async(
         )
     except SandboxError as exc:
         if verbose:
-            traceback.print_exc()
-            stderr = exc.data.get("stderr")
-            if isinstance(stderr, list) and stderr:
-                err.print("[dim]worker stderr:[/]\n" + "\n".join(map(str, stderr)), markup=True)
+            print_details(exc, err)
         output.error(f"the audit could not run: {exc}", hint=hint_for(exc), err=err)
         return exit_code_for(exc)
     finally:
@@ -130,7 +126,7 @@ def render_report(report: AuditReport, console: Console | None = None) -> None:
     table.add_column("result", no_wrap=True)
     for check in report.checks:
         verdict = Text("PASS", style="bold green") if check.passed else Text("FAIL", style="bold red")
-        table.add_row(Text(check.name), Text(check.expectation), Text(check.observed), verdict)
+        table.add_row(Text(check.name), Text(check.expectation), Text(output.visible(check.observed)), verdict)
     console.print(table)
 
     for label, names in (
@@ -141,11 +137,11 @@ def render_report(report: AuditReport, console: Console | None = None) -> None:
     ):
         if names or label.startswith(("withheld", "passed")):
             line = Text(f"{label} ({len(names)}): ", style="bold")
-            line.append(", ".join(names) if names else "none", style="")
+            line.append(output.visible(", ".join(names)) if names else "none", style="")
             console.print(line)
     layers = _layers_line(report.layers)
     if layers:
-        console.print(Text("layers: ", style="bold") + Text(layers))
+        console.print(Text("layers: ", style="bold") + Text(output.visible(layers)))
     failed = report.failed
     if failed:
         line = Text(f"{len(failed)} of {len(report.checks)} checks FAILED: ", style="bold red")

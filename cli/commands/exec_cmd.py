@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, BinaryIO
 
 import typer
 
@@ -27,10 +27,14 @@ def exec_command(
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds before the command is killed.")] = None,
     profile: Annotated[ProfileName | None, typer.Option("--profile", help="Isolation profile.")] = None,
     shell: Annotated[bool, typer.Option("--shell", help="Run COMMAND as one /bin/sh -c string.")] = False,
+    raw: Annotated[bool, typer.Option(
+        "--raw", help="Pass output to a terminal unfiltered (title, clipboard and query sequences too).")] = False,
 ) -> None:
     """Run COMMAND in the user's sandboxed workspace.
 
-    Output streams as it is produced, byte for byte; stdin, when it is not a terminal,
+    Output streams as it is produced, byte for byte to a pipe or file; to a terminal,
+    escape strings and queries (OSC, DCS, ESC[6n, ...) are removed unless --raw, colours
+    and cursor movement kept. Stdin, when it is not a terminal,
     streams to the command as it arrives (any size, binary too); the exit code is the
     command's own (124 on timeout), and a command killed by a limit says which. With a
     service (--connect, SANDBOX_URL or its default socket) the command runs there, as
@@ -53,21 +57,49 @@ def exec_command(
             else ExecRequest(argv=tuple(command), stdin=stdin, timeout=timeout)
         )
         code = output.EXIT_FAILURE
-        out, err = sys.stdout.buffer, sys.stderr.buffer
-        async for event in pool.execute_stream(user_id, request):
-            if event.type == "stdout":
-                out.write(event.chunk())
-                out.flush()
-            elif event.type == "stderr":
-                err.write(event.chunk())
-                err.flush()
-            elif event.type == "done":
-                code = int(event.data.get("exit_code", output.EXIT_FAILURE))
-                for line in limit_notes(event.data, config.limits.processes):
-                    output.error(line)
+        out, err = Sink(sys.stdout.buffer, raw), Sink(sys.stderr.buffer, raw)
+        try:
+            async for event in pool.execute_stream(user_id, request):
+                if event.type == "stdout":
+                    out.write(event.chunk())
+                elif event.type == "stderr":
+                    err.write(event.chunk())
+                elif event.type == "done":
+                    out.close()
+                    err.close()
+                    code = int(event.data.get("exit_code", output.EXIT_FAILURE))
+                    for line in limit_notes(event.data, config.limits.processes):
+                        output.error(line)
+        finally:
+            out.close()
+            err.close()
         return code
 
     raise typer.Exit(run_job(config, job, verbose=state.verbose, target=target, user=user or state.user))
+
+
+class Sink:
+    """One of our output streams: the command's bytes as they are, or filtered for a terminal.
+
+    A terminal acts on escape sequences (see :mod:`cli.termfilter`); a pipe or a file gets
+    the bytes unchanged, and so does a terminal with ``--raw``.
+    """
+
+    def __init__(self, stream: BinaryIO, raw: bool) -> None:
+        from cli.termfilter import TerminalFilter
+
+        self._stream = stream
+        self._filter = None if raw or not output.is_tty(stream) else TerminalFilter()
+
+    def write(self, chunk: bytes) -> None:
+        self._stream.write(chunk if self._filter is None else self._filter.feed(chunk))
+        self._stream.flush()
+
+    def close(self) -> None:
+        """Write what the filter still holds (an unfinished sequence is dropped); idempotent."""
+        if self._filter is not None:
+            self._stream.write(self._filter.flush())
+            self._stream.flush()
 
 
 def limit_notes(done: dict[str, object], processes: int) -> list[str]:

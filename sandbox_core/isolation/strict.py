@@ -75,10 +75,12 @@ def sandbox_identity(config: ProcessSandboxConfig) -> tuple[int, int] | None:
     except (KeyError, ValueError):
         raise IsolationUnavailable(
             f"strict.sandbox_user {name!r} does not exist on this host; create it "
-            "(`useradd --system --no-create-home sandbox`) or set strict.sandbox_user"
+            "(`useradd --system --no-create-home sandbox`) or set strict.sandbox_user",
+            data={"field": "strict.sandbox_user", "value": name},
         ) from None
     if entry.pw_uid == 0 or entry.pw_gid == 0:
-        raise IsolationUnavailable(f"strict.sandbox_user {name!r} is root; choose an unprivileged user")
+        raise IsolationUnavailable(f"strict.sandbox_user {name!r} is root; choose an unprivileged user",
+                                   data={"field": "strict.sandbox_user", "value": name})
     return entry.pw_uid, entry.pw_gid
 
 
@@ -92,7 +94,8 @@ def find_bwrap(config: ProcessSandboxConfig) -> str:
     found = shutil.which(config.strict.bwrap)
     if found is None:
         raise IsolationUnavailable(
-            f"bubblewrap ({config.strict.bwrap!r}) was not found on PATH; {INSTALL_HINT}, or point strict.bwrap at it"
+            f"bubblewrap ({config.strict.bwrap!r}) was not found on PATH; {INSTALL_HINT}, or point strict.bwrap at it",
+            data={"field": "strict.bwrap", "value": config.strict.bwrap, "reason": "no_bwrap"},
         )
     return found
 
@@ -103,7 +106,8 @@ def bwrap_version(bwrap: str) -> str:
     try:
         out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10, check=True)
     except (OSError, subprocess.SubprocessError) as exc:
-        raise IsolationUnavailable(f"{bwrap} does not run ({exc}); {INSTALL_HINT}") from None
+        raise IsolationUnavailable(f"{bwrap} does not run ({exc}); {INSTALL_HINT}",
+                                   data={"field": "strict.bwrap", "value": bwrap, "reason": "no_bwrap"}) from None
     return out.stdout.strip() or "bubblewrap (unknown version)"
 
 
@@ -256,12 +260,16 @@ def _split_bind(spec: str) -> tuple[str, str]:
 
 
 def _check_bind(src: str, dest: str, what: str) -> None:
+    """Refuse a bind of ``strict.{what}`` that names a missing path, a secret or a bad destination."""
+    field = f"strict.{what}"
     if not os.path.exists(src):
-        raise IsolationUnavailable(f"strict.{what}: {src} does not exist")
+        raise IsolationUnavailable(f"{field}: {src} does not exist", data={"field": field, "value": src})
     if src == "/" or any(_under(never, src) for never in NEVER):
-        raise IsolationUnavailable(f"strict.{what}: binding {src} would expose host secrets")
+        raise IsolationUnavailable(f"{field}: binding {src} would expose host secrets",
+                                   data={"field": field, "value": src})
     if not dest.startswith("/") or os.path.normpath(dest) in ("/", WORKSPACE, "/proc", "/dev"):
-        raise IsolationUnavailable(f"strict.{what}: {dest!r} is not a usable absolute destination")
+        raise IsolationUnavailable(f"{field}: {dest!r} is not a usable absolute destination",
+                                   data={"field": field, "value": dest})
 
 
 def _passwd(ident: tuple[int, int] | None, user: str) -> tuple[bytes, bytes]:
@@ -282,7 +290,8 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
     version = bwrap_version(bwrap)
     if _version_tuple(version) < MIN_BWRAP:
         need = ".".join(map(str, MIN_BWRAP))
-        raise IsolationUnavailable(f"{version} is too old for the strict profile (need {need}+); {INSTALL_HINT}")
+        raise IsolationUnavailable(f"{version} is too old for the strict profile (need {need}+); {INSTALL_HINT}",
+                                   data={"field": "strict.bwrap", "value": bwrap, "reason": "no_bwrap"})
     ident = sandbox_identity(config)
     fds = _Fds()
     try:

@@ -2,14 +2,20 @@
 
 ``target`` is ``unix:/path``, a filesystem path of a socket, or an ``http(s)://`` URL;
 the bearer token (TCP) comes from ``SANDBOX_TOKEN`` or a token file, never a flag.
+
+On a Unix socket every connection the client opens is checked before the first request
+byte is written on it (see :mod:`sandbox_core.service.trust`): the path and its directories
+as the connection is made, and the listener's uid (``SO_PEERCRED``) on that very socket.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from pathlib import Path
 from typing import Any
 
+import httpcore2
 import httpx2
 
 from sandbox_core.errors import (
@@ -22,6 +28,7 @@ from sandbox_core.errors import (
     from_wire,
 )
 from sandbox_core.events import Event
+from sandbox_core.service.trust import check_peer, open_checked, trusted_uids
 
 
 class ServiceError(SandboxError):
@@ -32,13 +39,57 @@ class ServiceUnreachable(ServiceError):
     """No service answered at the target (nothing listening, wrong address, refused)."""
 
 
-def _transport(target: str) -> tuple[str, httpx2.AsyncHTTPTransport]:
+class _CheckedUnixBackend(httpcore2.AnyIOBackend):
+    """Opens connections to one service socket, each only after the trust checks pass.
+
+    httpcore asks its network backend for every new connection (the first, and any after a
+    keep-alive one closed), and writes a request only on a stream the backend returned: a
+    stream whose listener is not trusted is closed here instead of returned.
+    """
+
+    def __init__(self, path: Path, trusted: frozenset[int]) -> None:
+        self._path = path
+        self._trusted = trusted
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore2.AsyncNetworkStream:
+        try:
+            with open_checked(self._path, self._trusted) as address:
+                stream = await super().connect_unix_socket(address, timeout, socket_options)
+        except OSError as exc:  # nothing there, or not ours to open
+            raise httpcore2.ConnectError(f"{self._path}: {exc.strerror or exc}") from exc
+        try:
+            check_peer(stream.get_extra_info("socket"), self._path, self._trusted)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
+
+
+class _CheckedUnixTransport(httpx2.AsyncHTTPTransport):
+    """httpx2's transport over a Unix socket whose connections come from :class:`_CheckedUnixBackend`.
+
+    httpx2 takes no network backend, so the connection pool it built is replaced by one
+    that has ours (same limits as httpx2's defaults); everything else, including the
+    mapping of httpcore's errors to httpx2's, is httpx2's own.
+    """
+
+    def __init__(self, path: Path, trusted: frozenset[int]) -> None:
+        super().__init__(uds=str(path))
+        self._pool = httpcore2.AsyncConnectionPool(
+            max_connections=100, max_keepalive_connections=20, keepalive_expiry=5.0,
+            uds=str(path), network_backend=_CheckedUnixBackend(path, trusted),
+        )
+
+
+def _transport(target: str, server_uids: Iterable[str | int]) -> tuple[str, httpx2.AsyncHTTPTransport]:
     if target.startswith(("http://", "https://")):
         return target.rstrip("/"), httpx2.AsyncHTTPTransport()
     path = target[len("unix:"):] if target.startswith("unix:") else target
     if not path.startswith("/"):
         raise ConfigError("connect", f"expected a socket path, unix:/path or http(s) URL, got {target!r}")
-    return "http://sandbox", httpx2.AsyncHTTPTransport(uds=path)
+    return "http://sandbox", _CheckedUnixTransport(Path(path), trusted_uids(server_uids))
 
 
 async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[int | None, str, str]]:
@@ -81,10 +132,18 @@ def _limit_error(cls: type[LimitExceeded], text: str, status: int) -> LimitExcee
 
 
 class ServiceClient:
-    """Talks to a running ``sandbox serve``."""
+    """Talks to a running ``sandbox serve``.
 
-    def __init__(self, target: str, token: str | None = None, timeout: float = 30.0) -> None:
-        base, transport = _transport(target)
+    On a Unix socket it talks only to a listener running as root, as this process's uid
+    or as one of ``server_uids`` (``service.server_uids``); any other raises
+    :class:`~sandbox_core.errors.UntrustedService` before a request is sent.
+    """
+
+    def __init__(
+        self, target: str, token: str | None = None, timeout: float = 30.0, *,
+        server_uids: Iterable[str | int] = (),
+    ) -> None:
+        base, transport = _transport(target, server_uids)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx2.AsyncClient(
             base_url=base, transport=transport, headers=headers,

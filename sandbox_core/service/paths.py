@@ -8,14 +8,19 @@ from pathlib import Path
 
 from sandbox_core.config import ProcessSandboxConfig
 
+SYSTEM_SOCKET = Path("/run/sandbox/sandbox.sock")
+"""The socket of a system-wide service (root's, or a service account's with ``/run/sandbox``)."""
+
 
 def default_socket_path(config: ProcessSandboxConfig, environ: Mapping[str, str] | None = None) -> Path:
-    """``service.socket_path``, else the user's runtime directory."""
+    """``service.socket_path``, else the user's runtime directory, else :data:`SYSTEM_SOCKET`.
+
+    Never a path under ``/tmp``: there another user can create the directory first and
+    listen where the service is expected. The server and the client agree on this path.
+    """
     if config.service.socket_path is not None:
         return config.service.socket_path
     env = os.environ if environ is None else environ
     if env.get("XDG_RUNTIME_DIR"):
         return Path(env["XDG_RUNTIME_DIR"]) / "sandbox" / "sandbox.sock"
-    if os.getuid() == 0:
-        return Path("/run/sandbox/sandbox.sock")
-    return Path(f"/tmp/sandbox-{os.getuid()}/sandbox.sock")
+    return SYSTEM_SOCKET

@@ -41,7 +41,11 @@ class PeerCredProtocol(H11Protocol):
 
 def bind_unix(path: Path) -> socket.socket:
     """A listening Unix socket at ``path``, mode 0600, in a 0700 directory we own."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError("service.socket_path", f"cannot create {path.parent}: {exc.strerror or exc}; "
+                          "set XDG_RUNTIME_DIR, or service.socket_path (--socket) to a path you own") from None
     parent = path.parent.stat()
     if parent.st_uid != os.getuid() or parent.st_mode & 0o022:
         raise ConfigError("service.socket_path", f"{path.parent} must be owned by us and not group/world-writable")

@@ -17,6 +17,7 @@ import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from tests.cli.conftest import (
     poll,
     worker_sessions,
 )
+from tests.cli.impostor import Impostor
 from tests.cli.test_repl import EXPECT_TIMEOUT, Terminal
 from tests.helpers import pid_alive
 
@@ -432,3 +434,143 @@ def test_exec_through_the_service_is_binary_safe_and_streams_stdin(unix_server: 
                             capture_output=True, timeout=120, env=client_env, check=False)
     assert result.returncode == 0, result.stderr
     assert hashlib.sha256(result.stdout).hexdigest() == hashlib.sha256(blob).hexdigest()
+
+
+# ---------------------------------------------------------------- trusting the socket
+
+IMPOSTOR_UID = 64102
+"""The uid of another local user, listening where the service is expected."""
+VICTIM_UID = 64101
+"""A non-root user without XDG_RUNTIME_DIR (whose default socket once fell back to /tmp)."""
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A short directory below /tmp that, like /tmp, every uid may create in (sticky: 1777)."""
+    path = Path(tempfile.mkdtemp(prefix="sbx-trust-", dir="/tmp"))
+    path.chmod(0o1777)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def refused(result: subprocess.CompletedProcess[str], why: str, fix: str) -> None:
+    """The CLI refused the socket: exit 125, one error line saying why, one hint saying how to fix it."""
+    assert result.returncode == 125, (result.stdout, result.stderr)
+    error, hint = result.stderr.strip().splitlines()[-2:]
+    assert error.startswith("error: refusing the service socket") and why in error, error
+    assert error.endswith("nothing was sent") and hint.startswith("hint: ") and fix in hint, hint
+    assert "forged" not in result.stdout
+
+
+def test_an_impostor_owning_the_default_socket_gets_nothing(
+    client_env: dict[str, str], shared_dir: Path
+) -> None:
+    run_dir = shared_dir  # a runtime dir like /tmp, where the impostor made sandbox/ first
+    with Impostor(run_dir / "sandbox" / "sandbox.sock", IMPOSTOR_UID) as impostor:
+        env = {**client_env, "XDG_RUNTIME_DIR": str(run_dir)}
+        result = sandbox(env, "exec", "--", "echo", "secret-argv", input="secret-stdin")
+        refused(result, f"{run_dir}/sandbox is owned by uid {IMPOSTOR_UID}", "service.server_uids")
+        record = impostor.record()
+    assert (record.connections, record.received) == (0, 0), record
+
+
+def test_an_impostor_whose_socket_looks_right_is_caught_by_its_peer_uid(
+    client_env: dict[str, str], shared_dir: Path
+) -> None:
+    """Socket and directories owned by root, but the process listening is another user's."""
+    with Impostor(shared_dir / "imp" / "s.sock", IMPOSTOR_UID) as impostor:
+        home = shared_dir / "run" / "sandbox"
+        home.mkdir(parents=True, mode=0o700)
+        impostor.move_to(home / "sandbox.sock", owner=0)
+        env = {**client_env, "XDG_RUNTIME_DIR": str(shared_dir / "run")}
+        result = sandbox(env, "exec", "--", "echo", "secret-argv")
+        refused(result, f"the process listening on it runs as uid {IMPOSTOR_UID}", "service.server_uids")
+        result = sandbox(client_env, "--connect", str(home / "sandbox.sock"), "exec", "--", "echo", "secret-argv")
+        refused(result, f"runs as uid {IMPOSTOR_UID}", f"add {IMPOSTOR_UID} to service.server_uids")
+        record = impostor.record()
+    assert record.received == 0 and record.connections >= 1, record  # connected, checked, sent nothing
+
+
+def test_an_explicit_connect_to_an_impostor_gets_nothing(client_env: dict[str, str], shared_dir: Path) -> None:
+    with Impostor(shared_dir / "imp" / "s.sock", IMPOSTOR_UID) as impostor:
+        for address in (f"unix:{impostor.path}", str(impostor.path)):
+            result = sandbox(client_env, "--connect", address, "exec", "--", "echo", "secret-argv")
+            refused(result, f"is owned by uid {IMPOSTOR_UID}", "service.server_uids")
+        record = impostor.record()
+    assert (record.connections, record.received) == (0, 0), record
+
+
+def test_a_configured_server_uid_is_trusted(client_env: dict[str, str], shared_dir: Path) -> None:
+    """The one opt-out: service.server_uids names a uid that may run the service."""
+    with Impostor(shared_dir / "svc" / "s.sock", IMPOSTOR_UID) as impostor:
+        env = {**client_env, "SANDBOX_SERVICE__SERVER_UIDS": str(IMPOSTOR_UID)}
+        result = sandbox(env, "--connect", str(impostor.path), "exec", "--", "echo", "secret-argv")
+        assert (result.returncode, result.stdout) == (0, "forged\n"), result.stderr
+        record = impostor.record()
+    assert record.received > 0 and any("secret-argv" in line for line in record.lines), record
+
+
+def test_symlinked_socket_paths_are_refused(unix_server: Server, client_env: dict[str, str], shared_dir: Path
+                                            ) -> None:
+    """Even to the real service: a link is a path someone else may point elsewhere."""
+    real = Path(unix_server.address.removeprefix("unix:"))
+    (shared_dir / "sandbox").mkdir(mode=0o700)
+    (shared_dir / "sandbox" / "sandbox.sock").symlink_to(real)
+    result = sandbox(client_env, "--connect", str(shared_dir / "sandbox" / "sandbox.sock"), "exec", "--", "true")
+    refused(result, "it is a symbolic link", f"real path ({real})")
+    result = sandbox({**client_env, "XDG_RUNTIME_DIR": str(shared_dir)}, "exec", "--", "true")
+    refused(result, "it is a symbolic link", f"real path ({real})")
+
+    (shared_dir / "run").symlink_to(real.parent.parent)  # a linked directory on the way
+    result = sandbox({**client_env, "XDG_RUNTIME_DIR": str(shared_dir / "run")}, "exec", "--", "true")
+    refused(result, f"{shared_dir}/run is a symbolic link", f"real path ({real})")
+    assert sandbox(client_env, "--connect", str(real), "exec", "--", "true").returncode == 0
+
+
+def test_no_default_socket_under_tmp_without_a_runtime_dir(client_env: dict[str, str]) -> None:
+    """A user without XDG_RUNTIME_DIR looks for the system socket, never /tmp/sandbox-UID.
+
+    The CLI runs as root but believes it is uid VICTIM_UID (only ``os.getuid`` is replaced):
+    this machine's interpreter lives under /root, which a real other uid cannot reach.
+    """
+    tmp_default = Path(f"/tmp/sandbox-{VICTIM_UID}")
+    shutil.rmtree(tmp_default, ignore_errors=True)
+    env = {k: v for k, v in client_env.items() if k != "XDG_RUNTIME_DIR"}
+    as_victim = f"import os; os.getuid = lambda: {VICTIM_UID}; from cli.app import main; main()"
+    try:
+        with Impostor(tmp_default / "sandbox.sock", IMPOSTOR_UID) as impostor:
+            result = subprocess.run([sys.executable, "-c", as_victim, "exec", "--", "echo", "secret-argv"], env=env,
+                                    capture_output=True, text=True, timeout=60, check=False)
+            assert (result.returncode, result.stdout) == (0, "secret-argv\n"), result.stderr
+            record = impostor.record()
+    finally:
+        shutil.rmtree(tmp_default, ignore_errors=True)
+    assert (record.connections, record.received) == (0, 0), record
+
+
+def test_a_per_user_queue_timeout_names_the_users_cap(tmp_path: Path) -> None:
+    """Over the service: the user's own cap is full (the pool has room), and the hint says so."""
+    run = Path(tempfile.mkdtemp(prefix="sbx-cap-", dir="/tmp"))
+    env = {**base_env(tmp_path), "XDG_RUNTIME_DIR": str(run), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "ws"),
+           "SANDBOX_MAX_WORKERS_PER_USER": "1", "SANDBOX_ACQUIRE_TIMEOUT": "0.5"}
+    proc, log = start_server(tmp_path, env)
+    server = Server(proc, f"unix:{run}/sandbox/sandbox.sock", tmp_path / "ws", log, {})
+    wait = ["sh", "-c", "while [ ! -e go ]; do sleep 0.01; done"]
+    holder = None
+    try:
+        poll(lambda: socket_answers(run / "sandbox" / "sandbox.sock") or proc.poll() is not None, 20, "the service")
+        holder = subprocess.Popen([SANDBOX, "exec", "--", *wait], env=env, stdout=subprocess.DEVNULL)
+        poll(lambda: find_process(wait, proc.pid), 20, "the first command running")
+        result = sandbox(env, "exec", "--", "true")
+        assert result.returncode == 1, result.stderr
+        error, hint = result.stderr.strip().splitlines()
+        assert error.endswith("(all 1 of the user's workers busy; max_workers_per_user = 1)"), error
+        assert hint == "hint: raise max_workers_per_user (now 1) or acquire_timeout in the config, or retry later"
+        (user_dir(server) / "go").touch()
+        assert holder.wait(30) == 0
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        stop_server(server)
+        shutil.rmtree(run, ignore_errors=True)

@@ -8,6 +8,7 @@ import json
 import pytest
 from rich.console import Console
 
+from cli.output import visible
 from cli.render import (
     LIVE_LINES,
     PANEL_TAIL_LINES,
@@ -15,7 +16,6 @@ from cli.render import (
     RichRenderer,
     render_events,
     tool_panel,
-    visible,
 )
 from sandbox_core.events import Event, EventType
 

@@ -77,6 +77,7 @@ async def test_cap_then_pool_exhausted(workspace_root: Path) -> None:
         with pytest.raises(PoolExhausted) as info:
             await pool.execute("bob", sh("true"))
         assert info.value.data["max_workers"] == 1
+        assert info.value.data["setting"] == "max_workers" and "max_workers = 1" in info.value.message
         (workspace_root / "alice" / "go").touch()
         await hold
         # once alice's worker is idle, bob evicts it instead of waiting
@@ -84,6 +85,20 @@ async def test_cap_then_pool_exhausted(workspace_root: Path) -> None:
         assert result.stdout_text == "ok\n"
         stats = pool.get_pool_stats()
         assert stats["evicted"] == 1 and stats["workers"]["total"] <= 1
+
+
+async def test_a_users_own_cap_is_named_when_their_request_times_out(workspace_root: Path) -> None:
+    """The pool has room; alice's own cap (max_workers_per_user) is what is full."""
+    config = process_config(workspace_root, max_workers=4, max_workers_per_user=1, acquire_timeout=0.5)
+    async with SandboxOrchestrator(config) as pool:
+        hold = asyncio.create_task(pool.execute("alice", sh("while [ ! -e go ]; do sleep 0.01; done")))
+        await wait_for(lambda: pool.get_pool_stats()["workers"]["busy"] == 1, 10, "alice busy")
+        with pytest.raises(PoolExhausted) as info:
+            await pool.execute("alice", sh("true"))
+        assert info.value.data["setting"] == "max_workers_per_user" and info.value.data["limit"] == 1
+        assert info.value.message.endswith("(all 1 of the user's workers busy; max_workers_per_user = 1)")
+        (workspace_root / "alice" / "go").touch()
+        await hold
 
 
 async def test_prewarm_claim_and_background_refill(workspace_root: Path) -> None:

@@ -200,3 +200,17 @@ def test_sse_error_event_becomes_typed_error() -> None:
     payload = json.loads(json.dumps(RequestTimeout("too slow").to_wire()))
     assert isinstance(from_wire(payload), RequestTimeout)
     assert issubclass(ServiceError, SandboxError)
+
+
+def test_the_default_socket_is_never_under_tmp(tmp_path: Path) -> None:
+    """Without XDG_RUNTIME_DIR both ends use the system socket; a server that cannot make it says what to set."""
+    from sandbox_core.config import ProcessSandboxConfig
+    from sandbox_core.service.paths import SYSTEM_SOCKET, default_socket_path
+    from sandbox_core.service.server import bind_unix
+
+    assert default_socket_path(ProcessSandboxConfig(), environ={}) == SYSTEM_SOCKET == Path("/run/sandbox/sandbox.sock")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"set XDG_RUNTIME_DIR, or service.socket_path \(--socket\)") as info:
+        bind_unix(tmp_path / "file" / "sandbox" / "sandbox.sock")
+    assert info.value.field == "service.socket_path"
+
