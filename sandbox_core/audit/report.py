@@ -37,6 +37,8 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("host.responsive", "while the bomb and the hog run, the host's event loop and its own process "
                         "spawns stay fast"),
     ("canary.exfiltration", "no canary value appears anywhere in what the sandbox sent back"),
+    ("audit.planting", "the audit planted in a fresh throwaway user's workspace, as root, before any sandbox "
+                       "could touch it, and the worker ran there"),
 )  # fmt: skip
 """Every check, in report order, with its expectation. Names are stable (tests use them)."""
 CHECK_NAMES: tuple[str, ...] = tuple(name for name, _ in CHECKS)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import json
 import os
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from sandbox_core.audit import CANARY_VAR, CHECK_NAMES, AuditReport, run_audit
+from sandbox_core.audit import CANARY_VAR, CHECK_NAMES, AuditReport, run_audit, tree
 from sandbox_core.config import ProcessSandboxConfig, StrictIsolation
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.shared import CANARY_PREFIX, CANARY_RE, LIMIT_PROBES, STATIC_PROBES
@@ -425,9 +426,9 @@ def test_cli_interrupt_exits_130_and_removes_everything(tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:  # wait until the canaries are planted
             peers = [p.name for p in root.iterdir() if p.name.startswith("audit-peer-")] if root.exists() else []
-            scratch = root / USER / f".sba-{peers[0].removeprefix('audit-peer-')}" if peers else None
-            if scratch is not None and scratch.exists():
-                nonce = peers[0].removeprefix("audit-peer-")
+            planted_nonce = peers[0].removeprefix("audit-peer-") if peers else ""
+            if planted_nonce and (root / f"audit-{planted_nonce}" / f".sba-{planted_nonce}").exists():
+                nonce = planted_nonce
                 break
             time.sleep(0.01)
         assert nonce, "the audit never planted its canaries"
@@ -439,8 +440,7 @@ def test_cli_interrupt_exits_130_and_removes_everything(tmp_path: Path) -> None:
             proc.communicate()
     assert proc.returncode == 130, err
     assert not [n for n in os.listdir("/var/tmp") if n.startswith(f"sandbox-audit-{nonce}-")]
-    assert {p.name for p in root.iterdir()} == {USER}
-    assert [p.name for p in (root / USER).iterdir()] == []
+    assert [p.name for p in root.iterdir()] == []  # both throwaway workspaces are gone; USER's was never made
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
@@ -448,3 +448,194 @@ def test_cli_interrupt_exits_130_and_removes_everything(tmp_path: Path) -> None:
                     assert f"--audit-nonce={nonce}".encode() not in fh.read(), f"decoy {name} left running"
             except OSError:
                 continue
+
+
+# ---------------------------------------------------------------- planting under attack
+
+ATTACKER = r"""
+import os, stat, sys, time
+host_ws, victim, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+# A symlink maze: one deep chain of directories, at its bottom links that each point back
+# through the whole chain (absolute host paths: root resolves them on the host). A path
+# lookup through it takes milliseconds, long enough to swap the last component meanwhile.
+depth = min(1800, (4000 - len(host_ws)) // 2 - 20)
+chain = "m/" + "d/" * depth
+top = os.open(".", os.O_DIRECTORY)
+for part in chain.split("/")[:-1]:
+    os.mkdir(part)
+    os.chdir(part)
+os.fchdir(top)
+hops = 36
+for i in range(hops):
+    target = f"{host_ws}/{chain}n{i + 1}" if i + 1 < hops else f"{host_ws}/e"
+    os.symlink(target, f"{chain}n{i}")
+os.mkdir("e")
+entry = f"{host_ws}/{chain}n0"
+open("attacker-ready", "w").close()
+seen, swaps, deadline = set(), 0, time.monotonic() + seconds
+while time.monotonic() < deadline:
+    fresh = [n for n in os.listdir(".") if n.startswith(".sba-") and n not in seen]
+    if not fresh:
+        continue
+    name = fresh[0]
+    seen.add(name)
+    if os.path.lexists("e/u.sock"):
+        os.unlink("e/u.sock")
+    os.rename(name, ".old" + name)        # the planted scratch dir goes away...
+    os.symlink(entry, name)               # ...and the maze, ending in e/, takes its name
+    until = time.monotonic() + 5
+    while time.monotonic() < until:       # the host binds its socket in e/: swap it for the victim
+        try:
+            if stat.S_ISSOCK(os.lstat("e/u.sock").st_mode):
+                os.unlink("e/u.sock")
+                os.symlink(victim, "e/u.sock")
+                swaps += 1
+                break
+        except FileNotFoundError:
+            pass
+    with open("attacker-swaps", "w") as fh:
+        fh.write(str(swaps))
+"""
+"""Runs in the audited user's own sandbox, as a process already there when the audit starts would."""
+
+
+def _mode_and_owner(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_mode & 0o7777, st.st_uid, st.st_gid
+
+
+async def _audits_under_attack(config: ProcessSandboxConfig, victim: Path, rounds: int) -> list[AuditReport]:
+    """Run ``rounds`` audits of USER while a process in USER's sandbox races path swaps."""
+    from sandbox_core.orchestrator import SandboxOrchestrator
+    from sandbox_core.requests import ExecRequest
+    from tests.helpers import wait_for
+
+    host_ws = config.workspace_for(USER)
+    before = _mode_and_owner(victim)
+    reports: list[AuditReport] = []
+    async with SandboxOrchestrator(config) as pool:
+        argv = (sys.executable, "-I", "-S", "-c", ATTACKER, str(host_ws), str(victim), "600")
+        attack = asyncio.create_task(pool.execute(USER, ExecRequest(argv=argv, timeout=900)))
+        try:
+            await wait_for(lambda: (host_ws / "attacker-ready").exists() or attack.done(), 60, "the attacker")
+            assert not attack.done(), attack.result().stderr_text
+            for _ in range(rounds):
+                reports.append(await run_audit(config, USER))
+                if _mode_and_owner(victim) != before:
+                    break
+        finally:
+            attack.cancel()
+            with contextlib.suppress(BaseException):
+                await attack
+    root_fd = tree.open_dir(config.workspace_root)
+    try:
+        assert tree.remove_tree(root_fd, USER), "the attacker's maze outlived the test"  # too deep for shutil
+    finally:
+        os.close(root_fd)
+    return reports
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim" / "host-secret.conf"
+    victim.parent.mkdir(mode=0o700)
+    victim.write_text("not for the sandbox\n")
+    victim.chmod(0o600)
+    return victim
+
+
+@needs_strict
+@pytest.mark.timeout(300)
+def test_strict_planting_survives_path_swaps_from_the_users_sandbox(tmp_path: Path) -> None:
+    """A process in the audited user's sandbox swaps the planted paths: root chmods nothing of the host."""
+    victim = _victim(tmp_path)
+    before = _mode_and_owner(victim)
+    reports = asyncio.run(_audits_under_attack(_strict_config(tmp_path / "ws"), victim, rounds=3))
+    assert _mode_and_owner(victim) == before, f"the audit changed {victim}: {oct(victim.stat().st_mode)}"
+    assert len(reports) == 3
+    for report in reports:
+        assert report.passed, {c.name: c.observed for c in report.failed}
+
+
+@needs_linux
+@pytest.mark.timeout(300)
+def test_process_planting_survives_path_swaps_from_the_users_sandbox(tmp_path: Path) -> None:
+    """The same race under ``process``: the audit's own chmod never reaches the victim."""
+    victim = _victim(tmp_path)
+    before = _mode_and_owner(victim)
+    config = process_config(tmp_path / "ws", request_timeout=120.0)
+    reports = asyncio.run(_audits_under_attack(config, victim, rounds=3))
+    assert _mode_and_owner(victim) == before, f"the audit changed {victim}: {oct(victim.stat().st_mode)}"
+    assert len(reports) == 3
+    for report in reports:
+        failing = {c.name for c in report.failed}
+        assert set(PROCESS_MUST_PASS).isdisjoint(failing), {n: report.check(n).observed for n in failing}
+        assert set(PROCESS_MUST_FAIL) <= failing
+
+
+def _hostile_tree(ws: Path, victim_dir: Path) -> None:
+    """What a sandbox may leave in its workspace: links to host files, a deep tree, a locked dir."""
+    os.symlink(victim_dir, ws / "dir-link")
+    os.symlink(victim_dir / "keep", ws / "file-link")
+    os.link(victim_dir / "keep", ws / "hard-link")
+    os.mkfifo(ws / "fifo")
+    fd = os.open(ws, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(3000):  # deeper than any recursion or descriptor limit
+        os.mkdir("d", dir_fd=fd)
+        deeper = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    os.symlink(victim_dir, "bottom-link", dir_fd=fd)
+    os.close(fd)
+    (ws / "locked").mkdir()
+    (ws / "locked" / "f").write_text("x")
+    (ws / "locked").chmod(0)
+    (ws / "swapped").mkdir()
+    (ws / "swapped" / "f").write_text("x")
+
+
+def test_removal_follows_nothing_the_sandbox_planted(tmp_path: Path) -> None:
+    """The throwaway workspace is removed by descriptors: links lose their names, host files stay.
+
+    Meanwhile a racer keeps swapping a directory of the tree for a symlink to the victim
+    directory and back, as a sandbox still running could.
+    """
+    import threading
+
+    victim_dir = tmp_path / "victim"
+    victim_dir.mkdir(mode=0o700)
+    (victim_dir / "keep").write_text("host data\n")
+    (victim_dir / "keep").chmod(0o600)
+    (victim_dir / "sub").mkdir()
+    ws = tmp_path / "root" / "audit-x"
+    ws.mkdir(parents=True)
+    _hostile_tree(ws, victim_dir)
+    before = {p.name: _mode_and_owner(p) for p in victim_dir.iterdir()}
+    stop = threading.Event()
+
+    def race() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                os.rename(ws / "swapped", ws / "swapped.real")
+                os.symlink(victim_dir, ws / "swapped")
+                os.unlink(ws / "swapped")
+                os.rename(ws / "swapped.real", ws / "swapped")
+
+    racer = threading.Thread(target=race)
+    root_fd = tree.open_dir(tmp_path / "root")
+    top = tree.open_dir_at(root_fd, "audit-x")
+    expect = tree.identity(top)
+    os.close(top)
+    try:
+        racer.start()
+        try:
+            tree.remove_tree(root_fd, "audit-x", expect)
+        finally:
+            stop.set()
+            racer.join()
+        leftover = sorted(os.listdir(ws)) if ws.exists() else []
+    finally:
+        tree.remove_tree(root_fd, "audit-x", expect)  # what the racer put back after the walk
+        os.close(root_fd)
+    assert {p.name: _mode_and_owner(p) for p in victim_dir.iterdir()} == before
+    assert (victim_dir / "keep").read_text() == "host data\n" and (victim_dir / "keep").stat().st_nlink == 1
+    assert not ws.exists() and set(leftover) <= {"swapped", "swapped.real"}, leftover
