@@ -275,16 +275,23 @@ def _host_unix(ctx: Evidence) -> Verdict:
     return ok, f"{_attempts_text(attempts)}; listeners saw {seen}", details
 
 
+def _route_text(route: dict[str, Any]) -> str:
+    if route.get("route"):
+        return f"ROUTE to {route['target']} (from {route.get('source')})"
+    return f"no route to {route['target']} ({route.get('errno')})"
+
+
 def _outbound(ctx: Evidence) -> Verdict:
     obs = ctx.get("outbound")
     same_ns = obs.get("net_ns") is not None and obs.get("net_ns") == ctx.host_ns.get("net")
     interfaces = obs.get("interfaces")
     only_lo = isinstance(interfaces, list) and set(interfaces) <= {"lo"}
-    connected = any(a.get("connected") for a in obs["attempts"])
+    routed = any(r.get("route") for r in obs["routes"])
     ns = "host network namespace" if same_ns else "own network namespace"
     ifaces = ", ".join(interfaces) if isinstance(interfaces, list) else str(interfaces)
-    observed = f"{ns}; interfaces: {ifaces or 'none'}; {_attempts_text(obs['attempts'])}"
-    return (not connected and not same_ns and only_lo), observed, {**obs, "host_net_ns": ctx.host_ns.get("net")}
+    routes = "; ".join(_route_text(r) for r in obs["routes"])
+    observed = f"{ns}; interfaces: {ifaces or 'none'}; {routes} (looked up, nothing sent)"
+    return (not routed and not same_ns and only_lo), observed, {**obs, "host_net_ns": ctx.host_ns.get("net")}
 
 
 def _ptrace(ctx: Evidence) -> Verdict:

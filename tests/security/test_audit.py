@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -639,3 +641,103 @@ def test_removal_follows_nothing_the_sandbox_planted(tmp_path: Path) -> None:
     assert {p.name: _mode_and_owner(p) for p in victim_dir.iterdir()} == before
     assert (victim_dir / "keep").read_text() == "host data\n" and (victim_dir / "keep").stat().st_nlink == 1
     assert not ws.exists() and set(leftover) <= {"swapped", "swapped.real"}, leftover
+
+
+# ---------------------------------------------------------------- net.outbound sends nothing
+
+
+def _host_has_default_route() -> bool:
+    """An IPv4 default route in /proc/net/route (read, not probed)."""
+    with open("/proc/net/route") as fh:
+        return any(line.split()[1:2] == ["00000000"] for line in fh.readlines()[1:])
+
+
+def _loopback(address: Any) -> bool:
+    import ipaddress
+
+    if not isinstance(address, tuple):
+        return True  # an AF_UNIX path or abstract name: not the network
+    try:
+        return ipaddress.ip_address(str(address[0]).split("%")[0]).is_loopback
+    except ValueError:
+        return False  # a name to resolve: never
+
+
+class _Spy(socket.socket):
+    """A socket that refuses, and records, anything that would put a packet on the wire.
+
+    A TCP connect sends a SYN and a send sends data, so both are refused unless the peer is
+    loopback; a UDP connect only looks the route up, so it goes through.
+    """
+
+    violations: ClassVar[list[str]] = []
+    connects: ClassVar[list[tuple[str, Any]]] = []
+
+    def _refuse(self, what: str, address: Any) -> None:
+        self.violations.append(f"{what} on {self.type.name} to {address!r}")
+        raise OSError(errno.EPERM, "refused by the test: this would send a packet")
+
+    def connect(self, address: Any) -> None:
+        self.connects.append((self.type.name, address))
+        if self.type != socket.SOCK_DGRAM and not _loopback(address):
+            self._refuse("connect", address)
+        super().connect(address)
+
+    def connect_ex(self, address: Any) -> int:
+        self.connect(address)
+        return 0
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._refuse("send", self._peer())
+        return 0
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._refuse("sendall", self._peer())
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        self._refuse("sendto", args[-1])
+        return 0
+
+    def sendmsg(self, *args: Any) -> int:
+        self._refuse("sendmsg", self._peer())
+        return 0
+
+    def _peer(self) -> Any:
+        try:
+            return self.getpeername()
+        except OSError:
+            return None
+
+
+@needs_linux
+def test_outbound_probe_sends_nothing_and_sees_the_hosts_route(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Run on the host (the ``process`` profile's view): no TCP connect, no send, and a route found."""
+    from sandbox_core.inside import probes
+
+    monkeypatch.setattr(_Spy, "violations", [])
+    monkeypatch.setattr(_Spy, "connects", [])
+    monkeypatch.setattr(socket, "socket", _Spy)
+    obs = probes.probe_outbound({}, tmp_path)
+    assert _Spy.violations == []
+    assert _Spy.connects and all(kind == "SOCK_DGRAM" for kind, _ in _Spy.connects), _Spy.connects
+    assert {r["target"] for r in obs["routes"]} == {"198.51.100.1", "[2001:db8::1]"}
+    if not _host_has_default_route():
+        pytest.skip("this host has no IPv4 default route to find")
+    ipv4 = obs["routes"][0]
+    assert ipv4["route"] is True and ipv4["source"], obs
+
+
+@needs_linux
+def test_process_outbound_reports_the_route(process_report: AuditReport) -> None:
+    check = process_report.check("net.outbound")
+    if not _host_has_default_route():
+        pytest.skip("this host has no IPv4 default route to find")
+    assert not check.passed and "ROUTE to 198.51.100.1" in check.observed, check.observed
+    assert "host network namespace" in check.observed
+
+
+@needs_strict
+def test_strict_outbound_reports_no_route(strict_report: AuditReport) -> None:
+    check = strict_report.check("net.outbound")
+    assert [(r["route"], r["errno"]) for r in check.details["routes"]] == [(False, "ENETUNREACH")] * 2, check.details
+    assert "no route to 198.51.100.1" in check.observed and "ROUTE" not in check.observed, check.observed
