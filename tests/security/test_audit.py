@@ -455,8 +455,8 @@ def test_cli_interrupt_exits_130_and_removes_everything(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- planting under attack
 
 ATTACKER = r"""
-import os, stat, sys, time
-host_ws, victim, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+import ctypes, os, stat, struct, sys
+host_ws, victim = sys.argv[1], sys.argv[2]
 # A symlink maze: one deep chain of directories, at its bottom links that each point back
 # through the whole chain (absolute host paths: root resolves them on the host). A path
 # lookup through it takes milliseconds, long enough to swap the last component meanwhile.
@@ -472,33 +472,37 @@ for i in range(hops):
     target = f"{host_ws}/{chain}n{i + 1}" if i + 1 < hops else f"{host_ws}/e"
     os.symlink(target, f"{chain}n{i}")
 os.mkdir("e")
-entry = f"{host_ws}/{chain}n0"
+os.symlink(f"{host_ws}/{chain}n0", "maze")
+libc = ctypes.CDLL(None, use_errno=True)
+RENAME_EXCHANGE, AT_FDCWD = 2, -100
+events = libc.inotify_init1(0)
+IN_CREATE = 0x100
+here, trap = libc.inotify_add_watch(events, b".", IN_CREATE), libc.inotify_add_watch(events, b"e", IN_CREATE)
+assert here >= 0 and trap >= 0, ctypes.get_errno()
 open("attacker-ready", "w").close()
-seen, swaps, deadline = set(), 0, time.monotonic() + seconds
-while time.monotonic() < deadline:
-    fresh = [n for n in os.listdir(".") if n.startswith(".sba-") and n not in seen]
-    if not fresh:
-        continue
-    name = fresh[0]
-    seen.add(name)
-    if os.path.lexists("e/u.sock"):
-        os.unlink("e/u.sock")
-    os.rename(name, ".old" + name)        # the planted scratch dir goes away...
-    os.symlink(entry, name)               # ...and the maze, ending in e/, takes its name
-    until = time.monotonic() + 5
-    while time.monotonic() < until:       # the host binds its socket in e/: swap it for the victim
-        try:
-            if stat.S_ISSOCK(os.lstat("e/u.sock").st_mode):
+seen = set()
+while True:  # woken by each creation in the workspace or in e/; killed when the test ends
+    buf, at = os.read(events, 65536), 0
+    while at < len(buf):
+        wd, _mask, _cookie, size = struct.unpack_from("iIII", buf, at)
+        name = buf[at + 16 : at + 16 + size].rstrip(b"\0").decode()
+        at += 16 + size
+        if wd == here and name.startswith(".sba-") and name not in seen:
+            seen.add(name)
+            if os.path.lexists("e/u.sock"):
                 os.unlink("e/u.sock")
-                os.symlink(victim, "e/u.sock")
-                swaps += 1
-                break
-        except FileNotFoundError:
-            pass
-    with open("attacker-swaps", "w") as fh:
-        fh.write(str(swaps))
+            # one atomic step: the maze (ending in e/) takes the scratch dir's name, and back
+            assert libc.renameat2(AT_FDCWD, b"maze", AT_FDCWD, name.encode(), RENAME_EXCHANGE) == 0
+            os.rename("maze", ".old" + name)
+            os.symlink(os.readlink(name), "maze")
+        elif wd == trap and name == "u.sock" and stat.S_ISSOCK(os.lstat("e/u.sock").st_mode):
+            os.symlink(victim, "e/bait")  # the host bound its socket in e/: the victim takes its place
+            assert libc.renameat2(AT_FDCWD, b"e/bait", AT_FDCWD, b"e/u.sock", RENAME_EXCHANGE) == 0
+            os.unlink("e/bait")
 """
 """Runs in the audited user's own sandbox, as a process already there when the audit starts would."""
+ATTACKER_OWN = ["attacker-ready", "e", "m", "maze"]
+"""What the attacker itself leaves in its workspace."""
 
 
 def _mode_and_owner(path: Path) -> tuple[int, int, int]:
@@ -506,8 +510,13 @@ def _mode_and_owner(path: Path) -> tuple[int, int, int]:
     return st.st_mode & 0o7777, st.st_uid, st.st_gid
 
 
-async def _audits_under_attack(config: ProcessSandboxConfig, victim: Path, rounds: int) -> list[AuditReport]:
-    """Run ``rounds`` audits of USER while a process in USER's sandbox races path swaps."""
+async def _audits_under_attack(
+    config: ProcessSandboxConfig, victim: Path, rounds: int
+) -> tuple[list[AuditReport], list[str]]:
+    """Run ``rounds`` audits of USER while a process in USER's sandbox races path swaps.
+
+    Returns the reports and what USER's workspace held at the end.
+    """
     from sandbox_core.orchestrator import SandboxOrchestrator
     from sandbox_core.requests import ExecRequest
     from tests.helpers import wait_for
@@ -515,26 +524,29 @@ async def _audits_under_attack(config: ProcessSandboxConfig, victim: Path, round
     host_ws = config.workspace_for(USER)
     before = _mode_and_owner(victim)
     reports: list[AuditReport] = []
-    async with SandboxOrchestrator(config) as pool:
-        argv = (sys.executable, "-I", "-S", "-c", ATTACKER, str(host_ws), str(victim), "600")
-        attack = asyncio.create_task(pool.execute(USER, ExecRequest(argv=argv, timeout=900)))
-        try:
-            await wait_for(lambda: (host_ws / "attacker-ready").exists() or attack.done(), 60, "the attacker")
-            assert not attack.done(), attack.result().stderr_text
-            for _ in range(rounds):
-                reports.append(await run_audit(config, USER))
-                if _mode_and_owner(victim) != before:
-                    break
-        finally:
-            attack.cancel()
-            with contextlib.suppress(BaseException):
-                await attack
-    root_fd = tree.open_dir(config.workspace_root)
     try:
-        assert tree.remove_tree(root_fd, USER), "the attacker's maze outlived the test"  # too deep for shutil
+        async with SandboxOrchestrator(config) as pool:
+            argv = (sys.executable, "-I", "-S", "-c", ATTACKER, str(host_ws), str(victim))
+            attack = asyncio.create_task(pool.execute(USER, ExecRequest(argv=argv, timeout=900)))
+            try:
+                await wait_for(lambda: (host_ws / "attacker-ready").exists() or attack.done(), 60, "the attacker")
+                assert not attack.done(), attack.result().stderr_text
+                for _ in range(rounds):
+                    reports.append(await run_audit(config, USER))
+                    if _mode_and_owner(victim) != before:
+                        break
+            finally:
+                attack.cancel()
+                with contextlib.suppress(BaseException):
+                    await attack
+        held = sorted(os.listdir(host_ws))
     finally:
-        os.close(root_fd)
-    return reports
+        root_fd = tree.open_dir(config.workspace_root)
+        try:
+            assert tree.remove_tree(root_fd, USER), "the attacker's maze outlived the test"  # too deep for shutil
+        finally:
+            os.close(root_fd)
+    return reports, held
 
 
 def _victim(tmp_path: Path) -> Path:
@@ -551,9 +563,10 @@ def test_strict_planting_survives_path_swaps_from_the_users_sandbox(tmp_path: Pa
     """A process in the audited user's sandbox swaps the planted paths: root chmods nothing of the host."""
     victim = _victim(tmp_path)
     before = _mode_and_owner(victim)
-    reports = asyncio.run(_audits_under_attack(_strict_config(tmp_path / "ws"), victim, rounds=3))
+    reports, held = asyncio.run(_audits_under_attack(_strict_config(tmp_path / "ws"), victim, rounds=4))
     assert _mode_and_owner(victim) == before, f"the audit changed {victim}: {oct(victim.stat().st_mode)}"
-    assert len(reports) == 3
+    assert len(reports) == 4
+    assert held == ATTACKER_OWN, "the audit planted in the user's live workspace"
     for report in reports:
         assert report.passed, {c.name: c.observed for c in report.failed}
 
@@ -565,9 +578,10 @@ def test_process_planting_survives_path_swaps_from_the_users_sandbox(tmp_path: P
     victim = _victim(tmp_path)
     before = _mode_and_owner(victim)
     config = process_config(tmp_path / "ws", request_timeout=120.0)
-    reports = asyncio.run(_audits_under_attack(config, victim, rounds=3))
+    reports, held = asyncio.run(_audits_under_attack(config, victim, rounds=4))
     assert _mode_and_owner(victim) == before, f"the audit changed {victim}: {oct(victim.stat().st_mode)}"
-    assert len(reports) == 3
+    assert len(reports) == 4
+    assert held == ATTACKER_OWN, "the audit planted in the user's live workspace"
     for report in reports:
         failing = {c.name for c in report.failed}
         assert set(PROCESS_MUST_PASS).isdisjoint(failing), {n: report.check(n).observed for n in failing}
