@@ -158,22 +158,13 @@ async def planted(config: ProcessSandboxConfig) -> AsyncIterator[Plants]:
         canary_dir, host_sock = _plant_canary_dir(stack, nonce, canaries)
         await _serve_unix(stack, rec, "unix:host-path", host_sock)
 
-        config.workspace_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        root_fd = tree.open_dir(config.workspace_root)
-        stack.callback(os.close, root_fd)
-        audited = _fresh_tree(stack, root_fd, f"audit-{nonce}")
-        peer = _fresh_tree(stack, root_fd, f"audit-peer-{nonce}")
-        stack.callback(_remove_strays, root_fd, nonce)
-        peer.write(peer.fd, "notes.txt", f"peer_secret={canaries['peer_workspace']}\n", 0o600)
         scratch = f".sba-{nonce}"
-        scratch_fd = audited.mkdir(audited.fd, scratch)
-        await _serve_unix(stack, rec, "unix:in-workspace", audited.bind(scratch_fd, "u.sock"))
-        planting = _hand_over(config, root_fd, (audited, peer))
-
-        workspace, peer_dir = config.workspace_root / audited.name, config.workspace_root / peer.name
-        plants = Plants(canaries, canary_dir, canary_dir / "secret.txt", canary_dir / "world.txt", peer.name,
+        planting = await _plant_workspaces(stack, rec, config, nonce, canaries["peer_workspace"])
+        audited, peer = planting["audited_user"], planting["peer_user"]
+        workspace, peer_dir = config.workspace_root / audited, config.workspace_root / peer
+        plants = Plants(canaries, canary_dir, canary_dir / "secret.txt", canary_dir / "world.txt", peer,
                         peer_dir, peer_dir / "notes.txt", workspace, scratch, nonce, recorder=rec,
-                        audited_user=audited.name, planting=planting)  # fmt: skip
+                        audited_user=audited, planting=planting)  # fmt: skip
         plants.unix_path = str(canary_dir / "host.sock")
         plants.unix_in_workspace = f"{scratch}/u.sock"
 
@@ -210,7 +201,29 @@ def _plant_canary_dir(
     canary = _fresh_tree(stack, parent_fd, f"sandbox-audit-{nonce}-{secrets.token_hex(4)}", 0o755)
     canary.write(canary.fd, "secret.txt", f"db_password={canaries['secret_file']}\n", 0o600)
     canary.write(canary.fd, "world.txt", f"api_token={canaries['world_file']}\n", 0o644)
-    return Path(parent) / canary.name, canary.bind(canary.fd, "host.sock")
+    sock = canary.bind(canary.fd, "host.sock")
+    canary.close()
+    return Path(parent) / canary.name, sock
+
+
+async def _plant_workspaces(
+    stack: contextlib.AsyncExitStack, rec: _Recorder, config: ProcessSandboxConfig, nonce: str, peer_secret: str
+) -> dict[str, Any]:
+    """The audited and the peer workspace, planted while root's and then handed over.
+
+    Plants the peer's secret file and, in the audited workspace, the scratch dir with a
+    listening socket. Returns the evidence of :func:`_hand_over`.
+    """
+    config.workspace_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root_fd = tree.open_dir(config.workspace_root)
+    stack.callback(os.close, root_fd)
+    audited = _fresh_tree(stack, root_fd, f"audit-{nonce}")
+    peer = _fresh_tree(stack, root_fd, f"audit-peer-{nonce}")
+    stack.callback(_remove_strays, root_fd, nonce)
+    peer.write(peer.fd, "notes.txt", f"peer_secret={peer_secret}\n", 0o600)
+    scratch_fd = audited.mkdir(audited.fd, f".sba-{nonce}")
+    await _serve_unix(stack, rec, "unix:in-workspace", audited.bind(scratch_fd, "u.sock"))
+    return _hand_over(config, root_fd, (audited, peer))
 
 
 def _fresh_tree(stack: contextlib.AsyncExitStack, parent_fd: int, name: str, mode: int = 0o700) -> Tree:
