@@ -428,6 +428,7 @@ def _exfiltration(ctx: Evidence) -> Verdict:
 
 
 def _planting(ctx: Evidence) -> Verdict:
+    """The audit's own footing: its planting record, and proof the worker ran in the planted tree."""
     links = ctx.get("symlink_escape")  # it makes its links in the planted scratch dir
     record = ctx.plants.planting
     made = [e for e in links["reads"] + links["writes"] if "symlink_errno" not in e]
