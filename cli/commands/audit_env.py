@@ -27,7 +27,10 @@ if TYPE_CHECKING:
 def audit_env_command(
     ctx: typer.Context,
     profile: Annotated[ProfileName | None, typer.Option("--profile", help="Profile to audit.")] = None,
-    user: Annotated[str | None, typer.Option("--user", help="User id whose sandbox to audit.")] = None,
+    user: Annotated[
+        str | None,
+        typer.Option("--user", help="User id the report stands for (the worker runs as a fresh throwaway user)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Prove the isolation of a real worker: plant canaries on the host, probe from inside.

@@ -1,6 +1,7 @@
 """``sandbox audit-env``: prove what the sandbox hides, in four steps with a file each.
 
-:mod:`plant` puts canaries and listeners on the host; :mod:`run` starts a real worker and
+:mod:`plant` puts canaries and listeners on the host, in trees it makes and removes through
+descriptors only (:mod:`tree`); :mod:`run` starts a real worker and
 runs the probes (:mod:`sandbox_core.inside.probes`, by name) inside it; :mod:`judge` turns
 the observations into one verdict per check; :mod:`report` holds the checks and the report.
 """

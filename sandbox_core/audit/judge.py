@@ -275,16 +275,23 @@ def _host_unix(ctx: Evidence) -> Verdict:
     return ok, f"{_attempts_text(attempts)}; listeners saw {seen}", details
 
 
+def _route_text(route: dict[str, Any]) -> str:
+    if route.get("route"):
+        return f"ROUTE to {route['target']} (from {route.get('source')})"
+    return f"no route to {route['target']} ({route.get('errno')})"
+
+
 def _outbound(ctx: Evidence) -> Verdict:
     obs = ctx.get("outbound")
     same_ns = obs.get("net_ns") is not None and obs.get("net_ns") == ctx.host_ns.get("net")
     interfaces = obs.get("interfaces")
     only_lo = isinstance(interfaces, list) and set(interfaces) <= {"lo"}
-    connected = any(a.get("connected") for a in obs["attempts"])
+    routed = any(r.get("route") for r in obs["routes"])
     ns = "host network namespace" if same_ns else "own network namespace"
     ifaces = ", ".join(interfaces) if isinstance(interfaces, list) else str(interfaces)
-    observed = f"{ns}; interfaces: {ifaces or 'none'}; {_attempts_text(obs['attempts'])}"
-    return (not connected and not same_ns and only_lo), observed, {**obs, "host_net_ns": ctx.host_ns.get("net")}
+    routes = "; ".join(_route_text(r) for r in obs["routes"])
+    observed = f"{ns}; interfaces: {ifaces or 'none'}; {routes} (looked up, nothing sent)"
+    return (not routed and not same_ns and only_lo), observed, {**obs, "host_net_ns": ctx.host_ns.get("net")}
 
 
 def _ptrace(ctx: Evidence) -> Verdict:
@@ -420,6 +427,27 @@ def _exfiltration(ctx: Evidence) -> Verdict:
     return True, f"none in {len(ctx.sent_back)} bytes of probe output", {}
 
 
+def _planting(ctx: Evidence) -> Verdict:
+    """The audit's own footing: its planting record, and proof the worker ran in the planted tree."""
+    links = ctx.get("symlink_escape")  # it makes its links in the planted scratch dir
+    record = ctx.plants.planting
+    made = [e for e in links["reads"] + links["writes"] if "symlink_errno" not in e]
+    problems = [f"tampered before hand-over: {', '.join(record['tampered'])}"] if record["tampered"] else []
+    if not record["workspace_root_private"]:
+        problems.append(f"workspace_root is writable by others (mode {record['workspace_root_mode']}, "
+                        f"owner {record['workspace_root_owner']})")  # fmt: skip
+    if record["handed_over_at"] > record["first_request_at"]:
+        problems.append("handed over after the first worker was asked for")
+    if not made:
+        problems.append("the worker did not find the planted scratch directory in its workspace")
+    owner, uid = record["handed_to"], record["planted_as_uid"]
+    handed = f"then given to uid {owner[0]}" if owner else f"kept by uid {uid} (the worker's own)"
+    observed = (f"fresh user {record['audited_user']} (and peer {record['peer_user']}): planted as uid {uid} "
+                f"in 0700 workspaces, untouched, {handed}, all before the first worker; the worker found "
+                "the scratch dir")  # fmt: skip
+    return not problems, "; ".join(problems) or observed, record
+
+
 _EVALUATORS: dict[str, Callable[[Evidence], Verdict]] = {
     "env.allowlist": _env_allowlist,
     "env.canary": _env_canary,
@@ -449,5 +477,6 @@ _EVALUATORS: dict[str, Callable[[Evidence], Verdict]] = {
     "limits.memory": _memory,
     "host.responsive": _responsive,
     "canary.exfiltration": _exfiltration,
+    "audit.planting": _planting,
 }
 assert set(_EVALUATORS) == set(CHECK_NAMES)

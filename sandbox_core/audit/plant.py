@@ -2,6 +2,37 @@
 
 Canary values never leave the host: the sandbox gets their SHA-256 digests
 (:meth:`Plants.digests`) and the host searches what comes back for the raw values.
+
+Where the audit plants, and why root can do it safely. The host is root and a sandbox can
+write its workspace, so the host must never open, chmod, chown or unlink *by path* inside a
+workspace: a process in the sandbox can swap any directory on that path for a symlink (a
+slow maze of them, to widen the window) between any two system calls. So the audit plants
+into no live workspace. It audits a fresh throwaway user, ``audit-<nonce>`` (a sandbox
+depends on its user id only through the workspace, so this is the sandbox any user gets),
+beside a fresh peer user ``audit-peer-<nonce>``:
+
+1. Both workspaces are made with ``mkdirat`` under a descriptor of ``workspace_root``, which
+   is root's and never mounted into a sandbox; ``mkdirat`` fails on an existing name, so no
+   worker for either user exists or has ever existed. They are root's 0700: until they are
+   handed over, no other uid can create, rename or remove anything in them.
+2. Everything is planted then, through descriptors (:class:`~sandbox_core.audit.tree.Tree`):
+   ``mkdirat``/``openat(O_EXCL|O_NOFOLLOW)`` relative to held directories, ``bind`` through
+   ``/proc/self/fd/N/``, modes set on held inodes.
+3. The trees are checked to hold exactly the inodes planted, then given to the sandbox
+   identity with ``fchown`` on the held descriptors (children first); only after that does
+   the audit start a worker. From then on the host does nothing by path inside them.
+4. Afterwards both are removed by :func:`~sandbox_core.audit.tree.remove_tree`, which resolves
+   no path of more than one component below the held ``workspace_root`` descriptor: each entry
+   is ``fstatat(AT_SYMLINK_NOFOLLOW)``-ed, entered only by ``openat(O_DIRECTORY|O_NOFOLLOW)``
+   from its open parent, removed by ``unlinkat``/``rmdir`` of its one name. ``unlink`` never
+   follows a symlink, so a link (soft or hard) to a host file loses only its name; a
+   directory swapped for a symlink fails the ``O_NOFOLLOW`` open and is unlinked as the link
+   it is; a directory moved meanwhile is still the one held; other filesystems are not walked.
+
+The canary directory is a fresh root-owned 0755 directory in ``/var/tmp`` (sticky: only root
+may rename or remove root's entry there), handled the same way; stray files a probe may
+have made in ``/etc``, ``/usr``, ``/``, ``/var/tmp`` and ``workspace_root`` are unlinked by name
+in those root-owned directories, regular files only.
 """
 
 from __future__ import annotations
@@ -10,7 +41,6 @@ import asyncio
 import contextlib
 import os
 import secrets
-import shutil
 import socket
 import stat
 import sys
@@ -21,9 +51,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandbox_core.audit import tree
+from sandbox_core.audit.tree import Tree
 from sandbox_core.config import ProcessSandboxConfig
-from sandbox_core.isolation.launch import prepare_workspace
-from sandbox_core.shared import CANARY_PREFIX, sha256_hex, unix_address
+from sandbox_core.isolation.launch import workspace_owner
+from sandbox_core.shared import CANARY_PREFIX, sha256_hex
 
 CANARY_VAR = "SANDBOX_AUDIT_CANARY"
 """The host environment variable that holds the environment canary during an audit."""
@@ -73,11 +105,17 @@ class Plants:
     host_env: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     decoy_pid: int | None = None
+    audited_user: str = ""
+    """The throwaway user whose fresh workspace the audit planted in and ran its worker for."""
+    planting: dict[str, Any] = field(default_factory=dict)
+    """How the planting went (fresh, owners, modes, tampering seen at hand-over): evidence."""
 
     def describe(self) -> dict[str, Any]:
         """Where each canary and listener was (paths, port, pid; never the values)."""
         return {
             "env_var": CANARY_VAR,
+            "audited_user": self.audited_user,
+            "audited_workspace": str(self.workspace),
             "canary_dir": str(self.canary_dir),
             "secret_file": str(self.secret_file),
             "world_file": str(self.world_file),
@@ -110,66 +148,31 @@ def _canary_parent() -> str:
     return tempfile.gettempdir()
 
 
-def _write_new(path: Path, text: str, mode: int, owner: tuple[int, int] | None = None) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)
-        if owner is not None:
-            os.fchown(fd, *owner)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
-def _owner(path: Path) -> tuple[int, int]:
-    st = os.lstat(path)
-    return st.st_uid, st.st_gid
-
-
 @contextlib.asynccontextmanager
-async def planted(config: ProcessSandboxConfig, user_id: str) -> AsyncIterator[Plants]:
-    """Plant every canary and listener; remove all of it on the way out."""
+async def planted(config: ProcessSandboxConfig) -> AsyncIterator[Plants]:
+    """Plant every canary and listener for a fresh throwaway user; remove all of it on the way out."""
     async with contextlib.AsyncExitStack() as stack:
         canaries = {label: _canary() for label in ("env", "cmdline", "secret_file", "world_file", "peer_workspace")}
         nonce = secrets.token_hex(6)
-
-        canary_dir = Path(tempfile.mkdtemp(prefix=f"sandbox-audit-{nonce}-", dir=_canary_parent()))
-        stack.callback(shutil.rmtree, canary_dir, True)
-        os.chmod(canary_dir, 0o755)
-        secret_file, world_file = canary_dir / "secret.txt", canary_dir / "world.txt"
-        _write_new(secret_file, f"db_password={canaries['secret_file']}\n", 0o600)
-        _write_new(world_file, f"api_token={canaries['world_file']}\n", 0o644)
-
-        workspace = await asyncio.to_thread(prepare_workspace, config, user_id)
-        peer_user = f"audit-peer-{nonce}"
-        peer_dir = await asyncio.to_thread(prepare_workspace, config, peer_user)
-        stack.callback(shutil.rmtree, peer_dir, True)
-        peer_file = peer_dir / "notes.txt"
-        _write_new(peer_file, f"peer_secret={canaries['peer_workspace']}\n", 0o600, _owner(peer_dir))
+        rec = _Recorder()
+        canary_dir, host_sock = _plant_canary_dir(stack, nonce, canaries)
+        await _serve_unix(stack, rec, "unix:host-path", host_sock)
 
         scratch = f".sba-{nonce}"
-        scratch_dir = workspace / scratch
-        os.mkdir(scratch_dir, 0o700)
-        stack.callback(shutil.rmtree, scratch_dir, True)
-        os.chown(scratch_dir, *_owner(workspace), follow_symlinks=False)
+        planting = await _plant_workspaces(stack, rec, config, nonce, canaries["peer_workspace"])
+        audited, peer = planting["audited_user"], planting["peer_user"]
+        workspace, peer_dir = config.workspace_root / audited, config.workspace_root / peer
+        plants = Plants(canaries, canary_dir, canary_dir / "secret.txt", canary_dir / "world.txt", peer,
+                        peer_dir, peer_dir / "notes.txt", workspace, scratch, nonce, recorder=rec,
+                        audited_user=audited, planting=planting)  # fmt: skip
+        plants.unix_path = str(canary_dir / "host.sock")
+        plants.unix_in_workspace = f"{scratch}/u.sock"
 
-        plants = Plants(canaries, canary_dir, secret_file, world_file, peer_user, peer_dir, peer_file,
-                         workspace, scratch, nonce)  # fmt: skip
-        stack.callback(remove_strays, config, plants)
-
-        rec = plants.recorder
         tcp = await asyncio.start_server(rec.handler("tcp"), host="127.0.0.1", port=0)
         stack.push_async_callback(_close_server, tcp)
         plants.tcp_port = int(tcp.sockets[0].getsockname()[1])
-
-        plants.unix_path = str(canary_dir / "host.sock")
-        await _unix_listener(stack, rec, "unix:host-path", plants.unix_path)
-        in_ws = scratch_dir / "u.sock"
-        await _unix_listener(stack, rec, "unix:in-workspace", str(in_ws))
-        os.chown(in_ws, *_owner(workspace), follow_symlinks=False)
-        plants.unix_in_workspace = f"{scratch}/u.sock"
         plants.abstract = f"sandbox-audit-{nonce}"
-        await _unix_listener(stack, rec, "unix:abstract", "\0" + plants.abstract)
+        await _serve_unix(stack, rec, "unix:abstract", _abstract_socket(plants.abstract))
 
         decoy = await asyncio.create_subprocess_exec(
             sys.executable, "-I", "-S", "-c", "import sys; sys.stdin.buffer.read()",
@@ -188,16 +191,85 @@ async def planted(config: ProcessSandboxConfig, user_id: str) -> AsyncIterator[P
         yield plants
 
 
-async def _unix_listener(stack: contextlib.AsyncExitStack, rec: _Recorder, kind: str, path: str) -> None:
+def _plant_canary_dir(
+    stack: contextlib.AsyncExitStack, nonce: str, canaries: dict[str, str]
+) -> tuple[Path, socket.socket]:
+    """The canary files and the host-path socket, in a fresh root-owned 0755 directory."""
+    parent = _canary_parent()
+    parent_fd = tree.open_dir(parent)
+    stack.callback(os.close, parent_fd)
+    canary = _fresh_tree(stack, parent_fd, f"sandbox-audit-{nonce}-{secrets.token_hex(4)}", 0o755)
+    canary.write(canary.fd, "secret.txt", f"db_password={canaries['secret_file']}\n", 0o600)
+    canary.write(canary.fd, "world.txt", f"api_token={canaries['world_file']}\n", 0o644)
+    sock = canary.bind(canary.fd, "host.sock")
+    canary.close()
+    return Path(parent) / canary.name, sock
+
+
+async def _plant_workspaces(
+    stack: contextlib.AsyncExitStack, rec: _Recorder, config: ProcessSandboxConfig, nonce: str, peer_secret: str
+) -> dict[str, Any]:
+    """The audited and the peer workspace, planted while root's and then handed over.
+
+    Plants the peer's secret file and, in the audited workspace, the scratch dir with a
+    listening socket. Returns the evidence of :func:`_hand_over`.
+    """
+    config.workspace_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    root_fd = tree.open_dir(config.workspace_root)
+    stack.callback(os.close, root_fd)
+    audited = _fresh_tree(stack, root_fd, f"audit-{nonce}")
+    peer = _fresh_tree(stack, root_fd, f"audit-peer-{nonce}")
+    stack.callback(_remove_strays, root_fd, nonce)
+    peer.write(peer.fd, "notes.txt", f"peer_secret={peer_secret}\n", 0o600)
+    scratch_fd = audited.mkdir(audited.fd, f".sba-{nonce}")
+    await _serve_unix(stack, rec, "unix:in-workspace", audited.bind(scratch_fd, "u.sock"))
+    return _hand_over(config, root_fd, (audited, peer))
+
+
+def _fresh_tree(stack: contextlib.AsyncExitStack, parent_fd: int, name: str, mode: int = 0o700) -> Tree:
+    """A new directory the exit stack removes (by descriptors) however the audit ends."""
+    made = Tree(parent_fd, name, mode)
+    stack.callback(tree.remove_tree, parent_fd, name, made.identity)
+    stack.callback(made.close)
+    return made
+
+
+def _hand_over(config: ProcessSandboxConfig, root_fd: int, trees: tuple[Tree, ...]) -> dict[str, Any]:
+    """Check the trees hold exactly what was planted, give them to the sandbox identity.
+
+    Returns the evidence for the ``audit.planting`` check.
+    """
+    root = os.fstat(root_fd)
+    tampered = [problem for made in trees for problem in made.tampered()]
+    owner = workspace_owner(config)
+    for made in trees:
+        made.hand_over(owner)
+        made.close()
+    return {
+        "audited_user": trees[0].name,
+        "peer_user": trees[1].name,
+        "planted_as_uid": os.geteuid(),
+        "workspace_root_owner": root.st_uid,
+        "workspace_root_mode": oct(stat.S_IMODE(root.st_mode)),
+        "workspace_root_private": root.st_uid == os.geteuid() and not root.st_mode & 0o022,
+        "tampered": tampered,
+        "handed_to": list(owner) if owner is not None else None,
+        "handed_over_at": time.monotonic(),
+    }
+
+
+def _abstract_socket(name: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        with unix_address(path) as address:
-            sock.bind(address)
-        if not path.startswith("\0"):
-            os.chmod(path, 0o777)  # only the sandbox should stop a connect, not the file mode
+        sock.bind("\0" + name)
     except BaseException:
         sock.close()
         raise
+    return sock
+
+
+async def _serve_unix(stack: contextlib.AsyncExitStack, rec: _Recorder, kind: str, sock: socket.socket) -> None:
+    """Accept (and record) connections on ``sock``; the server closes with the exit stack."""
     server = await asyncio.start_unix_server(rec.handler(kind), sock=sock)
     stack.push_async_callback(_close_server, server)
 
@@ -226,12 +298,16 @@ def _restore_env(previous: str | None) -> None:
         os.environ[CANARY_VAR] = previous
 
 
-def remove_strays(config: ProcessSandboxConfig, plants: Plants) -> None:
-    """Remove files a probe managed to create outside the workspace (it removes them itself too)."""
-    names = (f".sandbox-audit-{plants.nonce}-w", f".sandbox-audit-{plants.nonce}-s")
-    for directory in (str(config.workspace_root), str(plants.peer_dir), "/etc", "/var/tmp", "/usr", "/"):
-        for name in names:
-            path = os.path.join(directory, name)
-            with contextlib.suppress(OSError):
-                if stat.S_ISREG(os.lstat(path).st_mode):
-                    os.unlink(path)
+def _remove_strays(root_fd: int, nonce: str) -> None:
+    """Unlink files a probe managed to create outside the workspace (it removes them itself too)."""
+    names = (f".sandbox-audit-{nonce}-w", f".sandbox-audit-{nonce}-s")
+    tree.unlink_files(root_fd, names)
+    for directory in ("/etc", "/var/tmp", "/usr", "/"):
+        try:
+            fd = tree.open_dir(directory)
+        except OSError:
+            continue
+        try:
+            tree.unlink_files(fd, names)
+        finally:
+            os.close(fd)

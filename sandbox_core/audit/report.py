@@ -24,7 +24,8 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("net.host_tcp", "TCP connect to the host's 127.0.0.1 listener fails; the listener saw nothing"),
     ("net.host_unix", "connect to the host's Unix sockets (host path, planted in the workspace, abstract) "
                       "fails; the listeners saw nothing"),
-    ("net.outbound", "no way out: own network namespace, loopback only, connects fail"),
+    ("net.outbound", "no way out: own network namespace, loopback only, no route off the machine "
+                     "(route lookups only: nothing is sent)"),
     ("proc.ptrace", "PTRACE_SEIZE on another process is refused"),
     ("proc.vm_readv", "process_vm_readv on another process (a child, the parent) is refused"),
     ("ns.user", "unshare(CLONE_NEWUSER) fails"),
@@ -37,6 +38,8 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("host.responsive", "while the bomb and the hog run, the host's event loop and its own process "
                         "spawns stay fast"),
     ("canary.exfiltration", "no canary value appears anywhere in what the sandbox sent back"),
+    ("audit.planting", "the audit planted in a fresh throwaway user's workspace, as root, before any sandbox "
+                       "could touch it, and the worker ran there"),
 )  # fmt: skip
 """Every check, in report order, with its expectation. Names are stable (tests use them)."""
 CHECK_NAMES: tuple[str, ...] = tuple(name for name, _ in CHECKS)

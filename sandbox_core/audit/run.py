@@ -8,14 +8,17 @@
   world-readable file in a fresh directory under ``/var/tmp`` (a path no profile
   allows), and in a second user's workspace;
 * a TCP listener on ``127.0.0.1`` (random port) and Unix socket listeners (a socket file
-  outside the allowed paths, one planted inside the audited user's workspace, and an
-  abstract name) that record every connection.
+  outside the allowed paths, one planted inside the audited workspace, and an abstract
+  name) that record every connection.
 
-Then it starts a worker of the configured profile for the user and asks it what it can
-reach: a command run through ``exec`` reports what commands inherit, and ``audit.probe``
-requests (:mod:`sandbox_core.inside.probes`) try each path. The canary values never enter
-the sandbox: probes get their SHA-256 digests and report matches by label, and the host
-also searches everything the sandbox sent back for the raw values.
+The audited user is a fresh throwaway one (``audit-<nonce>``), never the named user's live
+workspace, where a process already in that user's sandbox could race the host's file
+operations (see :mod:`sandbox_core.audit.plant`). Then it starts a worker of the configured
+profile for that user and asks it what it can reach: a command run through ``exec``
+reports what commands inherit, and ``audit.probe`` requests
+(:mod:`sandbox_core.inside.probes`) try each path. The canary values never enter the
+sandbox: probes get their SHA-256 digests and report matches by label, and the host also
+searches everything the sandbox sent back for the raw values.
 
 A fork bomb and a memory hog run last, each as a helper process with its own deadline,
 while the host measures its own event-loop latency and how long it takes to spawn a
@@ -37,7 +40,7 @@ from typing import Any
 from sandbox_core.audit.judge import MAX_SPAWN, Evidence, classify_variables, judge
 from sandbox_core.audit.plant import planted
 from sandbox_core.audit.report import CHECK_NAMES, AuditReport
-from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.config import ProcessSandboxConfig, validate_user_id
 from sandbox_core.errors import SandboxError
 from sandbox_core.isolation.spec import PACKAGE_ROOT
 from sandbox_core.shared import LIMIT_PROBES, PROBE_COMMAND_ENTRY, STATIC_PROBES
@@ -143,6 +146,9 @@ async def run_audit(
 ) -> AuditReport:
     """Plant canaries, run every probe in a fresh worker of ``config.profile``, evaluate.
 
+    ``user_id`` names whom the audit stands in for (it is validated and reported); the
+    worker runs for a fresh throwaway user with the same configuration.
+
     Raises :class:`~sandbox_core.errors.SandboxError` when no worker can be started (for
     example IsolationUnavailable in the strict profile: fail closed); a probe that fails
     later turns the checks that depend on it into failures instead.
@@ -158,7 +164,9 @@ async def run_audit(
     config = config.replace(min_idle=0)
     limits = limit_plan(config)
     say("planting canaries")
-    async with planted(config, user_id) as plants:
+    validate_user_id(user_id)
+    async with planted(config) as plants:
+        audited = plants.audited_user
         spec: dict[str, Any] = {
             "digests": plants.digests(),
             "nonce": plants.nonce,
@@ -179,6 +187,7 @@ async def run_audit(
         sent_back: list[str] = []
         worker_id, layers = "", {}
         monitor = HostMonitor()
+        plants.planting["first_request_at"] = time.monotonic()
         async with SandboxOrchestrator(config) as orchestrator:
             say("starting a worker and reading what a command inherits")
             boot = (f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); "
@@ -186,7 +195,7 @@ async def run_audit(
             snapshot = ExecRequest(argv=(sys.executable, "-I", "-c", boot, json.dumps({"digests": spec["digests"]})),
                                    timeout=30)  # fmt: skip
             try:
-                res = await orchestrator.execute(user_id, snapshot)
+                res = await orchestrator.execute(audited, snapshot)
                 worker_id = res.worker_id
                 layers = orchestrator.worker_report(worker_id) or {}
                 sent_back += [res.stdout_text, res.stderr_text]
@@ -207,9 +216,9 @@ async def run_audit(
                 try:
                     if phase in LIMIT_PROBES:
                         async with monitor:
-                            res = await orchestrator.execute(user_id, request)
+                            res = await orchestrator.execute(audited, request)
                     else:
-                        res = await orchestrator.execute(user_id, request)
+                        res = await orchestrator.execute(audited, request)
                 except SandboxError as exc:
                     if _cancelling() or (not worker_id and not isinstance(exc, _RECOVERABLE)):
                         raise

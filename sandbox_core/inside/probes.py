@@ -42,7 +42,6 @@ _READ_CAP = 1 << 20
 _PROC_SCAN_SECONDS = 8.0
 _CHILD_SECONDS = 5.0
 _CONNECT_SECONDS = 1.0
-_OUTBOUND_SECONDS = 0.5
 _PTRACE_SEIZE = 0x4206
 
 Observation = dict[str, Any]
@@ -465,17 +464,50 @@ def probe_host_unix(spec: Spec, workspace: Path) -> Observation:
     return {"attempts": attempts}
 
 
+ROUTE_TARGETS: tuple[tuple[socket.AddressFamily, str], ...] = (
+    (socket.AF_INET, "198.51.100.1"),
+    (socket.AF_INET6, "2001:db8::1"),
+)
+"""Off-machine addresses (documentation ranges) whose route the outbound probe looks up.
+
+Nothing is ever sent to them: on these machines a "documentation" range is the real
+network (the default gateway is 192.0.2.1), so no probe may assume one is unrouted."""
+
+
+def _route(family: socket.AddressFamily, address: str) -> Observation:
+    """Whether the kernel would route to ``address``, learnt without sending a packet.
+
+    ``connect()`` on a UDP socket only looks the route up and fixes the peer: ENETUNREACH
+    means no route, success means one exists (and names the source address it would use).
+    """
+    obs: Observation = {"target": f"[{address}]" if family == socket.AF_INET6 else address}
+    try:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+    except OSError as exc:
+        obs.update(route=False, stage="socket", errno=_errname(exc))
+        return obs
+    with sock:
+        try:
+            sock.connect((address, 9))
+        except OSError as exc:
+            obs.update(route=False, stage="connect", errno=_errname(exc))
+        else:
+            obs.update(route=True, source=str(sock.getsockname()[0]))
+    return obs
+
+
 def probe_outbound(spec: Spec, workspace: Path) -> Observation:
-    """Connect to documentation-only addresses (never routed) and list the interfaces."""
-    attempts = [
-        _connect(socket.AF_INET, ("192.0.2.1", 9), _OUTBOUND_SECONDS),
-        _connect(socket.AF_INET6, ("2001:db8::1", 9), _OUTBOUND_SECONDS),
-    ]
+    """Is there a way off the machine? Route lookups, the interfaces, the network namespace.
+
+    Decided without sending anything (see :func:`_route`): a probe that connected out would
+    itself be traffic off the machine wherever the sandbox has a network.
+    """
     try:
         interfaces: list[str] | str = sorted(name for _i, name in socket.if_nameindex())
     except OSError as exc:
         interfaces = _errname(exc)
-    return {"attempts": attempts, "interfaces": interfaces, "net_ns": _ns("net")}
+    routes = [_route(family, address) for family, address in ROUTE_TARGETS]
+    return {"routes": routes, "interfaces": interfaces, "net_ns": _ns("net")}
 
 
 class _IoVec(ctypes.Structure):

@@ -15,7 +15,7 @@ from sandbox_core.errors import ConfigError
 from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, process_launch
 from sandbox_core.isolation.strict import sandbox_identity, strict_launch
 
-__all__ = ["PACKAGE_ROOT", "LaunchSpec", "can_prewarm", "launch_spec", "prepare_workspace"]
+__all__ = ["PACKAGE_ROOT", "LaunchSpec", "can_prewarm", "launch_spec", "prepare_workspace", "workspace_owner"]
 
 
 def launch_spec(config: ProcessSandboxConfig, worker_id: str, workspace: Path | None) -> LaunchSpec:
@@ -32,14 +32,21 @@ def prepare_workspace(config: ProcessSandboxConfig, user_id: str) -> Path:
     path.mkdir(mode=0o700, exist_ok=True)
     if path.is_symlink() or not path.is_dir():
         raise ConfigError("workspace_root", f"{path} is not a directory")
-    if config.profile == "strict":
-        ident = sandbox_identity(config)
-        if ident is not None:
-            uid, gid = ident
-            st = path.stat()
-            if (st.st_uid, st.st_gid) != (uid, gid):
-                os.chown(path, uid, gid)
+    ident = workspace_owner(config)
+    if ident is not None:
+        uid, gid = ident
+        st = path.stat()
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.chown(path, uid, gid)
     return path
+
+
+def workspace_owner(config: ProcessSandboxConfig) -> tuple[int, int] | None:
+    """The (uid, gid) a workspace is given to: the sandbox identity (strict, host root), else None.
+
+    None means the workspace stays the host user's: the sandbox then runs as that same uid.
+    """
+    return sandbox_identity(config) if config.profile == "strict" else None
 
 
 def can_prewarm(config: ProcessSandboxConfig) -> bool:

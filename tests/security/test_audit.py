@@ -11,19 +11,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
-from sandbox_core.audit import CANARY_VAR, CHECK_NAMES, AuditReport, run_audit
+from sandbox_core.audit import CANARY_VAR, CHECK_NAMES, AuditReport, run_audit, tree
 from sandbox_core.config import ProcessSandboxConfig, StrictIsolation
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.shared import CANARY_PREFIX, CANARY_RE, LIMIT_PROBES, STATIC_PROBES
@@ -425,9 +428,9 @@ def test_cli_interrupt_exits_130_and_removes_everything(tmp_path: Path) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:  # wait until the canaries are planted
             peers = [p.name for p in root.iterdir() if p.name.startswith("audit-peer-")] if root.exists() else []
-            scratch = root / USER / f".sba-{peers[0].removeprefix('audit-peer-')}" if peers else None
-            if scratch is not None and scratch.exists():
-                nonce = peers[0].removeprefix("audit-peer-")
+            planted_nonce = peers[0].removeprefix("audit-peer-") if peers else ""
+            if planted_nonce and (root / f"audit-{planted_nonce}" / f".sba-{planted_nonce}").exists():
+                nonce = planted_nonce
                 break
             time.sleep(0.01)
         assert nonce, "the audit never planted its canaries"
@@ -439,8 +442,7 @@ def test_cli_interrupt_exits_130_and_removes_everything(tmp_path: Path) -> None:
             proc.communicate()
     assert proc.returncode == 130, err
     assert not [n for n in os.listdir("/var/tmp") if n.startswith(f"sandbox-audit-{nonce}-")]
-    assert {p.name for p in root.iterdir()} == {USER}
-    assert [p.name for p in (root / USER).iterdir()] == []
+    assert [p.name for p in root.iterdir()] == []  # both throwaway workspaces are gone; USER's was never made
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
@@ -448,3 +450,308 @@ def test_cli_interrupt_exits_130_and_removes_everything(tmp_path: Path) -> None:
                     assert f"--audit-nonce={nonce}".encode() not in fh.read(), f"decoy {name} left running"
             except OSError:
                 continue
+
+
+# ---------------------------------------------------------------- planting under attack
+
+ATTACKER = r"""
+import ctypes, os, stat, struct, sys
+host_ws, victim = sys.argv[1], sys.argv[2]
+# A symlink maze: one deep chain of directories, at its bottom links that each point back
+# through the whole chain (absolute host paths: root resolves them on the host). A path
+# lookup through it takes milliseconds, long enough to swap the last component meanwhile.
+depth = min(1800, (4000 - len(host_ws)) // 2 - 20)
+chain = "m/" + "d/" * depth
+top = os.open(".", os.O_DIRECTORY)
+for part in chain.split("/")[:-1]:
+    os.mkdir(part)
+    os.chdir(part)
+os.fchdir(top)
+hops = 36
+for i in range(hops):
+    target = f"{host_ws}/{chain}n{i + 1}" if i + 1 < hops else f"{host_ws}/e"
+    os.symlink(target, f"{chain}n{i}")
+os.mkdir("e")
+os.symlink(f"{host_ws}/{chain}n0", "maze")
+libc = ctypes.CDLL(None, use_errno=True)
+RENAME_EXCHANGE, AT_FDCWD = 2, -100
+events = libc.inotify_init1(0)
+IN_CREATE = 0x100
+here, trap = libc.inotify_add_watch(events, b".", IN_CREATE), libc.inotify_add_watch(events, b"e", IN_CREATE)
+assert here >= 0 and trap >= 0, ctypes.get_errno()
+open("attacker-ready", "w").close()
+seen = set()
+while True:  # woken by each creation in the workspace or in e/; killed when the test ends
+    buf, at = os.read(events, 65536), 0
+    while at < len(buf):
+        wd, _mask, _cookie, size = struct.unpack_from("iIII", buf, at)
+        name = buf[at + 16 : at + 16 + size].rstrip(b"\0").decode()
+        at += 16 + size
+        if wd == here and name.startswith(".sba-") and name not in seen:
+            seen.add(name)
+            if os.path.lexists("e/u.sock"):
+                os.unlink("e/u.sock")
+            # one atomic step: the maze (ending in e/) takes the scratch dir's name, and back
+            assert libc.renameat2(AT_FDCWD, b"maze", AT_FDCWD, name.encode(), RENAME_EXCHANGE) == 0
+            os.rename("maze", ".old" + name)
+            os.symlink(os.readlink(name), "maze")
+        elif wd == trap and name == "u.sock" and stat.S_ISSOCK(os.lstat("e/u.sock").st_mode):
+            os.symlink(victim, "e/bait")  # the host bound its socket in e/: the victim takes its place
+            assert libc.renameat2(AT_FDCWD, b"e/bait", AT_FDCWD, b"e/u.sock", RENAME_EXCHANGE) == 0
+            os.unlink("e/bait")
+"""
+"""Runs in the audited user's own sandbox, as a process already there when the audit starts would."""
+ATTACKER_OWN = ["attacker-ready", "e", "m", "maze"]
+"""What the attacker itself leaves in its workspace."""
+
+
+def _mode_and_owner(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_mode & 0o7777, st.st_uid, st.st_gid
+
+
+async def _audits_under_attack(
+    config: ProcessSandboxConfig, victim: Path, rounds: int
+) -> tuple[list[AuditReport], list[str]]:
+    """Run ``rounds`` audits of USER while a process in USER's sandbox races path swaps.
+
+    Returns the reports and what USER's workspace held at the end.
+    """
+    from sandbox_core.orchestrator import SandboxOrchestrator
+    from sandbox_core.requests import ExecRequest
+    from tests.helpers import wait_for
+
+    host_ws = config.workspace_for(USER)
+    before = _mode_and_owner(victim)
+    reports: list[AuditReport] = []
+    try:
+        async with SandboxOrchestrator(config) as pool:
+            argv = (sys.executable, "-I", "-S", "-c", ATTACKER, str(host_ws), str(victim))
+            attack = asyncio.create_task(pool.execute(USER, ExecRequest(argv=argv, timeout=900)))
+            try:
+                await wait_for(lambda: (host_ws / "attacker-ready").exists() or attack.done(), 60, "the attacker")
+                assert not attack.done(), attack.result().stderr_text
+                for _ in range(rounds):
+                    reports.append(await run_audit(config, USER))
+                    if _mode_and_owner(victim) != before:
+                        break
+            finally:
+                attack.cancel()
+                with contextlib.suppress(BaseException):
+                    await attack
+        held = sorted(os.listdir(host_ws))
+    finally:
+        root_fd = tree.open_dir(config.workspace_root)
+        try:
+            assert tree.remove_tree(root_fd, USER), "the attacker's maze outlived the test"  # too deep for shutil
+        finally:
+            os.close(root_fd)
+    return reports, held
+
+
+def _victim(tmp_path: Path) -> Path:
+    victim = tmp_path / "victim" / "host-secret.conf"
+    victim.parent.mkdir(mode=0o700)
+    victim.write_text("not for the sandbox\n")
+    victim.chmod(0o600)
+    return victim
+
+
+@needs_strict
+@pytest.mark.timeout(300)
+def test_strict_planting_survives_path_swaps_from_the_users_sandbox(tmp_path: Path) -> None:
+    """A process in the audited user's sandbox swaps the planted paths: root chmods nothing of the host."""
+    victim = _victim(tmp_path)
+    before = _mode_and_owner(victim)
+    reports, held = asyncio.run(_audits_under_attack(_strict_config(tmp_path / "ws"), victim, rounds=4))
+    assert _mode_and_owner(victim) == before, f"the audit changed {victim}: {oct(victim.stat().st_mode)}"
+    assert len(reports) == 4
+    assert held == ATTACKER_OWN, "the audit planted in the user's live workspace"
+    for report in reports:
+        assert report.passed, {c.name: c.observed for c in report.failed}
+
+
+@needs_linux
+@pytest.mark.timeout(300)
+def test_process_planting_survives_path_swaps_from_the_users_sandbox(tmp_path: Path) -> None:
+    """The same race under ``process``: the audit's own chmod never reaches the victim."""
+    victim = _victim(tmp_path)
+    before = _mode_and_owner(victim)
+    config = process_config(tmp_path / "ws", request_timeout=120.0)
+    reports, held = asyncio.run(_audits_under_attack(config, victim, rounds=4))
+    assert _mode_and_owner(victim) == before, f"the audit changed {victim}: {oct(victim.stat().st_mode)}"
+    assert len(reports) == 4
+    assert held == ATTACKER_OWN, "the audit planted in the user's live workspace"
+    for report in reports:
+        failing = {c.name for c in report.failed}
+        assert set(PROCESS_MUST_PASS).isdisjoint(failing), {n: report.check(n).observed for n in failing}
+        assert set(PROCESS_MUST_FAIL) <= failing
+
+
+def _hostile_tree(ws: Path, victim_dir: Path) -> None:
+    """What a sandbox may leave in its workspace: links to host files, a deep tree, a locked dir."""
+    os.symlink(victim_dir, ws / "dir-link")
+    os.symlink(victim_dir / "keep", ws / "file-link")
+    os.link(victim_dir / "keep", ws / "hard-link")
+    os.mkfifo(ws / "fifo")
+    fd = os.open(ws, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(3000):  # deeper than any recursion or descriptor limit
+        os.mkdir("d", dir_fd=fd)
+        deeper = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    os.symlink(victim_dir, "bottom-link", dir_fd=fd)
+    os.close(fd)
+    (ws / "locked").mkdir()
+    (ws / "locked" / "f").write_text("x")
+    (ws / "locked").chmod(0)
+    (ws / "swapped").mkdir()
+    (ws / "swapped" / "f").write_text("x")
+
+
+def test_removal_follows_nothing_the_sandbox_planted(tmp_path: Path) -> None:
+    """The throwaway workspace is removed by descriptors: links lose their names, host files stay.
+
+    Meanwhile a racer keeps swapping a directory of the tree for a symlink to the victim
+    directory and back, as a sandbox still running could.
+    """
+    import threading
+
+    victim_dir = tmp_path / "victim"
+    victim_dir.mkdir(mode=0o700)
+    (victim_dir / "keep").write_text("host data\n")
+    (victim_dir / "keep").chmod(0o600)
+    (victim_dir / "sub").mkdir()
+    ws = tmp_path / "root" / "audit-x"
+    ws.mkdir(parents=True)
+    _hostile_tree(ws, victim_dir)
+    before = {p.name: _mode_and_owner(p) for p in victim_dir.iterdir()}
+    stop = threading.Event()
+
+    def race() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                os.rename(ws / "swapped", ws / "swapped.real")
+                os.symlink(victim_dir, ws / "swapped")
+                os.unlink(ws / "swapped")
+                os.rename(ws / "swapped.real", ws / "swapped")
+
+    racer = threading.Thread(target=race)
+    root_fd = tree.open_dir(tmp_path / "root")
+    top = tree.open_dir_at(root_fd, "audit-x")
+    expect = tree.identity(top)
+    os.close(top)
+    try:
+        racer.start()
+        try:
+            tree.remove_tree(root_fd, "audit-x", expect)
+        finally:
+            stop.set()
+            racer.join()
+        leftover = sorted(os.listdir(ws)) if ws.exists() else []
+    finally:
+        tree.remove_tree(root_fd, "audit-x", expect)  # what the racer put back after the walk
+        os.close(root_fd)
+    assert {p.name: _mode_and_owner(p) for p in victim_dir.iterdir()} == before
+    assert (victim_dir / "keep").read_text() == "host data\n" and (victim_dir / "keep").stat().st_nlink == 1
+    assert not ws.exists() and set(leftover) <= {"swapped", "swapped.real"}, leftover
+
+
+# ---------------------------------------------------------------- net.outbound sends nothing
+
+
+def _host_has_default_route() -> bool:
+    """An IPv4 default route in /proc/net/route (read, not probed)."""
+    with open("/proc/net/route") as fh:
+        return any(line.split()[1:2] == ["00000000"] for line in fh.readlines()[1:])
+
+
+def _loopback(address: Any) -> bool:
+    import ipaddress
+
+    if not isinstance(address, tuple):
+        return True  # an AF_UNIX path or abstract name: not the network
+    try:
+        return ipaddress.ip_address(str(address[0]).split("%")[0]).is_loopback
+    except ValueError:
+        return False  # a name to resolve: never
+
+
+class _Spy(socket.socket):
+    """A socket that refuses, and records, anything that would put a packet on the wire.
+
+    A TCP connect sends a SYN and a send sends data, so both are refused unless the peer is
+    loopback; a UDP connect only looks the route up, so it goes through.
+    """
+
+    violations: ClassVar[list[str]] = []
+    connects: ClassVar[list[tuple[str, Any]]] = []
+
+    def _refuse(self, what: str, address: Any) -> None:
+        self.violations.append(f"{what} on {self.type.name} to {address!r}")
+        raise OSError(errno.EPERM, "refused by the test: this would send a packet")
+
+    def connect(self, address: Any) -> None:
+        self.connects.append((self.type.name, address))
+        if self.type != socket.SOCK_DGRAM and not _loopback(address):
+            self._refuse("connect", address)
+        super().connect(address)
+
+    def connect_ex(self, address: Any) -> int:
+        self.connect(address)
+        return 0
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        self._refuse("send", self._peer())
+        return 0
+
+    def sendall(self, data: Any, flags: int = 0) -> None:
+        self._refuse("sendall", self._peer())
+
+    def sendto(self, data: Any, *args: Any) -> int:
+        self._refuse("sendto", args[-1])
+        return 0
+
+    def sendmsg(self, *args: Any) -> int:
+        self._refuse("sendmsg", self._peer())
+        return 0
+
+    def _peer(self) -> Any:
+        try:
+            return self.getpeername()
+        except OSError:
+            return None
+
+
+@needs_linux
+def test_outbound_probe_sends_nothing_and_sees_the_hosts_route(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Run on the host (the ``process`` profile's view): no TCP connect, no send, and a route found."""
+    from sandbox_core.inside import probes
+
+    monkeypatch.setattr(_Spy, "violations", [])
+    monkeypatch.setattr(_Spy, "connects", [])
+    monkeypatch.setattr(socket, "socket", _Spy)
+    obs = probes.probe_outbound({}, tmp_path)
+    assert _Spy.violations == []
+    assert _Spy.connects and all(kind == "SOCK_DGRAM" for kind, _ in _Spy.connects), _Spy.connects
+    assert {r["target"] for r in obs["routes"]} == {"198.51.100.1", "[2001:db8::1]"}
+    if not _host_has_default_route():
+        pytest.skip("this host has no IPv4 default route to find")
+    ipv4 = obs["routes"][0]
+    assert ipv4["route"] is True and ipv4["source"], obs
+
+
+@needs_linux
+def test_process_outbound_reports_the_route(process_report: AuditReport) -> None:
+    check = process_report.check("net.outbound")
+    if not _host_has_default_route():
+        pytest.skip("this host has no IPv4 default route to find")
+    assert not check.passed and "ROUTE to 198.51.100.1" in check.observed, check.observed
+    assert "host network namespace" in check.observed
+
+
+@needs_strict
+def test_strict_outbound_reports_no_route(strict_report: AuditReport) -> None:
+    check = strict_report.check("net.outbound")
+    assert [(r["route"], r["errno"]) for r in check.details["routes"]] == [(False, "ENETUNREACH")] * 2, check.details
+    assert "no route to 198.51.100.1" in check.observed and "ROUTE" not in check.observed, check.observed
