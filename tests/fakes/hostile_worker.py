@@ -1,6 +1,8 @@
 """A compromised worker for tests: completes the handshake, then answers ``ping`` with abuse.
 
 argv[1] picks the abuse (see the branches below); every other method gets a proper answer.
+``garbage N`` (argv[1], argv[2]) is a merely broken worker: N malformed lines and one
+oversized line before each real answer to ``ping``.
 Only the standard library: this runs as the worker process itself.
 """
 
@@ -32,7 +34,12 @@ def answer(msg_id: object, result: object) -> None:
 
 
 def abuse(msg_id: int) -> None:
-    if MODE == "deep":  # an answer nested past any parser's patience
+    if MODE == "garbage":
+        for i in range(int(sys.argv[2]) if len(sys.argv) > 2 else 3):
+            out.write(b"garbage %d {not json\n" % i)
+        out.write(b"x" * 5000 + b"\n")
+        answer(msg_id, {"pong": True})
+    elif MODE == "deep":  # an answer nested past any parser's patience
         out.write(b'{"jsonrpc":"2.0","id":%d,"result":' % msg_id + b"[" * 1500 + b"]" * 1500 + b"}\n")
         out.flush()
     elif MODE == "badtype":  # an event whose type is a list, then the real answer in the same write
