@@ -1,8 +1,8 @@
 """The ``strict`` profile: a bubblewrap sandbox around the worker, built on the host.
 
 The sandbox sees a minimal read-only system (/usr and the /lib, /bin symlinks, a few
-/etc files, a generated passwd/group/hosts), the Python interpreter and the packages it
-needs at their host paths, private tmpfs /tmp and /dev/shm, a fresh /dev and /proc, and
+/etc files, a generated passwd/group/hosts), the worker's Python staged at the neutral
+``/opt/sandbox`` (:mod:`runtime`), private tmpfs /tmp and /dev/shm, a fresh /dev and /proc, and
 the user's workspace read-write at ``/workspace``. It has new pid, net, ipc, uts, mount
 and cgroup namespaces, a seccomp filter loaded by bwrap before exec, and no capabilities
 except CAP_SETUID/CAP_SETGID when the host is root, which the worker uses once to become
@@ -23,15 +23,14 @@ import pwd
 import shutil
 import subprocess
 import sys
-import sysconfig
 import weakref
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import IsolationUnavailable
-from sandbox_core.isolation import cgroups
-from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, python_argv, rlimit_plan, worker_env
+from sandbox_core.isolation import cgroups, runtime
+from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
 
 WORKSPACE = "/workspace"
@@ -183,16 +182,6 @@ class _Mounts:
         self.args += ["--symlink", target, dest]
         self.made.add(dest)
 
-    def chain(self, path: str) -> None:
-        """Make ``path`` work inside: each symlink hop recreated, the final file bound."""
-        seen: set[str] = set()
-        while os.path.islink(path) and path not in seen:
-            seen.add(path)
-            target = os.readlink(path)
-            self.symlink(target, path)
-            path = os.path.normpath(os.path.join(os.path.dirname(path), target))
-        self.bind(os.path.realpath(path))
-
     def data(self, content: bytes, dest: str, mode: str = "0644") -> None:
         self.parents(dest)
         fd = self.fds.add(data_fd(PurePosixPath(dest).name, content))
@@ -230,24 +219,6 @@ _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_S
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def python_paths() -> tuple[list[str], list[str]]:
-    """(files or symlink chains, directories) the running interpreter needs, host paths."""
-    chains = [sys.executable]
-    if sys.prefix != sys.base_prefix:
-        chains.append(os.path.join(sys.prefix, "pyvenv.cfg"))
-    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
-    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname:
-        chains.append(os.path.join(libdir, soname))
-    dirs: list[str] = []
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        path = sysconfig.get_path(key)
-        if path and os.path.isdir(path) and path not in dirs:
-            dirs.append(path)
-    package = os.path.join(PACKAGE_ROOT, "sandbox_core")
-    dirs.append(package)
-    return [c for c in chains if os.path.lexists(c)], sorted(dirs, key=len)
 
 
 def _split_bind(spec: str) -> tuple[str, str]:
@@ -308,13 +279,15 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
     # no CAP_DAC_OVERRIDE, cannot enter it; the worker changes into it after the uid switch.
     # (bwrap exports PWD=/ after its chdir; the rest of the environment is the allowlist.)
     argv = [bwrap, *m.args, "--chdir", "/", *ns_args, "--new-session", "--die-with-parent", *seccomp_args]
-    argv += ["--", *python_argv(config)]
+    rt = runtime.runtime()
+    argv += ["--", *python_argv(config, executable=rt.executable, root=rt.app_dir)]
     plan: dict[str, Any] = {
         "profile": "strict",
         "rlimits": rlimits,
         "umask": 0o077,
         "env_allowlist": True,
         "no_new_privs": True,
+        "site_packages": rt.site_dir,
         "host_layers": {
             "engine": version,
             "namespaces": namespaces,
@@ -385,16 +358,12 @@ def _system_view(m: _Mounts) -> None:
 
 
 def _python_view(m: _Mounts) -> None:
-    """The interpreter, its stdlib and site-packages, and the sandbox_core package, read-only."""
-    chains, dirs = python_paths()
-    for chain in chains:
-        m.chain(chain)
-    m.dir(PACKAGE_ROOT, "0755")  # first on the worker's sys.path: must be listable for imports
-    for path in dirs:
-        m.bind(path)
-    base_site = os.path.join(sysconfig.get_path("stdlib"), "site-packages")
-    if os.path.isdir(base_site) and base_site not in sys.path:
-        m.args += ["--perms", "0755", "--tmpfs", base_site]  # a venv's base packages stay hidden
+    """The worker's staged runtime (interpreter, stdlib, its packages, sandbox_core), read-only.
+
+    One bind of a neutral host directory: nothing of the interpreter's, the venv's or the
+    checkout's host paths appears in the sandbox, not even in /proc/self/mountinfo.
+    """
+    m.bind(runtime.runtime().host_dir, runtime.SANDBOX_ROOT, mode="0755")
 
 
 def _tmpfs_size(config: ProcessSandboxConfig) -> list[str]:

@@ -27,7 +27,8 @@ import pytest
 from sandbox_core.config import ProcessSandboxConfig, ResourceLimits, StrictIsolation
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.isolation import cgroups
-from sandbox_core.isolation.launch import PACKAGE_ROOT, LaunchSpec, prepare_workspace
+from sandbox_core.isolation.launch import LaunchSpec, prepare_workspace
+from sandbox_core.isolation.runtime import app_dir, runtime
 from sandbox_core.isolation.strict import strict_launch
 from sandbox_core.kernel import landlock_abi
 
@@ -88,7 +89,7 @@ def probe_argv(spec: LaunchSpec, code: str, *, apply: bool = True) -> list[str]:
     """The spec's argv with the worker program replaced by ``code`` (plan in argv[1])."""
     at = spec.argv.index("--")
     interpreter = spec.argv[at + 1]
-    program = PRELUDE.format(root=PACKAGE_ROOT) + (APPLY if apply else "") + textwrap.dedent(code)
+    program = PRELUDE.format(root=app_dir()) + (APPLY if apply else "") + textwrap.dedent(code)
     program += "\nprint(json.dumps(out, default=str))\n"
     return [*spec.argv[: at + 1], interpreter, "-I", "-c", program, json.dumps(spec.plan)]
 
@@ -193,7 +194,7 @@ def test_minimal_read_only_view_and_only_workspace_writable(tmp_path: Path) -> N
     out["root_listing"] = attempt(os.listdir, "/root")
     out["writable"] = {}
     for d in ["/", "/workspace", "/tmp", "/dev/shm", "/usr", "/etc", "/root", "/work/main/sandbox_core",
-              "/proc", "/dev"]:
+              "/proc", "/dev", "/opt/sandbox", "/opt/sandbox/app/sandbox_core"]:
         out["writable"][d] = attempt(lambda d: open(os.path.join(d, "probe-file"), "w").close(), d)
     out["me"] = pwd.getpwuid(os.getuid()).pw_name
     out["passwd"] = open("/etc/passwd").read()
@@ -441,6 +442,7 @@ def test_uid_switch_drops_every_capability(tmp_path: Path) -> None:
 
 
 def test_unprivileged_host_uses_a_user_namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime()  # staged as the real uid (the stage must belong to the uid that builds it)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with launched(tmp_path) as spec:
         assert "--unshare-user" in spec.argv and "--disable-userns" in spec.argv
