@@ -36,6 +36,7 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
         identity.switch_user(int(switch["uid"]), int(switch["gid"]))
     _apply_rlimits(plan.get("rlimits") or {})
     os.umask(int(plan.get("umask", 0o077)))
+    make_home(plan.get("home"))
     identity.become_subreaper()
     if plan.get("no_new_privs"):
         identity.set_no_new_privs()
@@ -60,6 +61,16 @@ def after_bind(plan: dict[str, Any], workspace: Path, report: dict[str, Any]) ->
         if abi == 0 and landlock_rules.get("required"):
             raise IsolationUnavailable("landlock was required but the kernel does not support it")
         report["landlock"] = {"abi": abi} if abi else False
+
+
+def make_home(home: object) -> None:
+    """Create the sandbox user's ``HOME`` (0700, after the uid switch so that it owns it)."""
+    if isinstance(home, str):
+        try:
+            os.makedirs(home, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise IsolationUnavailable(f"cannot create HOME {home}: {exc}") from None
+        os.environ["HOME"] = home
 
 
 def _apply_rlimits(limits: dict[str, Any]) -> None:

@@ -148,7 +148,8 @@ class SandboxExecutor:
 
         os.chdir(workspace)
         self.user_id, self.workspace = user_id, workspace
-        os.environ["HOME"] = str(workspace)
+        home = self.plan.get("home")
+        os.environ["HOME"] = home if isinstance(home, str) else str(workspace)
         confine.after_bind(self.plan, workspace, self.report)
 
     async def exec(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:

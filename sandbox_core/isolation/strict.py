@@ -1,16 +1,18 @@
 """The ``strict`` profile: a bubblewrap sandbox around the worker, built on the host.
 
-The sandbox sees a minimal read-only system (/usr and the /lib, /bin symlinks, a few
-/etc files, a generated passwd/group/hosts), the worker's Python staged at the neutral
-``/opt/sandbox`` (:mod:`runtime`), private tmpfs /tmp and /dev/shm, a fresh /dev and /proc, and
-the user's workspace read-write at ``/workspace``. It has new pid, net, ipc, uts, mount
+The sandbox sees a minimal read-only system (/usr without /usr/local/etc, the /lib, /bin
+symlinks, a few /etc files, a generated passwd/group/hosts), the worker's Python staged at
+the neutral ``/opt/sandbox`` (:mod:`runtime`), private tmpfs /tmp, /dev/shm and ``HOME``, a
+fresh /dev and /proc, and the user's workspace read-write at ``/workspace``. It has new pid, net, ipc, uts, mount
 and cgroup namespaces, a seccomp filter loaded by bwrap before exec, and no capabilities
 except CAP_SETUID/CAP_SETGID when the host is root, which the worker uses once to become
 the unprivileged sandbox user (then they are gone: ``no_new_privs`` is set).
 
 The environment is the allowlisted one from :func:`worker_env` and is the environment of
 bwrap itself, so PID 1 inside holds nothing else (never ``--clearenv``, never
-``--setenv``, and nothing secret on the command line).
+``--setenv``). bwrap reads all its options from a sealed memfd (``--args FD``): PID 1's
+``/proc/1/cmdline``, which every process inside can read, is ``bwrap --args N`` and names
+no host path.
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, wo
 from sandbox_core.kernel import landlock_abi
 
 WORKSPACE = "/workspace"
+HOME = "/home/sandbox"
+"""The sandbox user's home: on a per-worker tmpfs (``/home``), not in the workspace, so that
+dotfiles written to ``~`` neither land in the project nor outlive the worker."""
+HIDDEN = ("/usr/local/etc",)
+"""System directories covered by an empty read-only tmpfs (npm's global config and tokens live
+in /usr/local/etc)."""
+BWRAP_OPTIONS = ("--args", "--bind-fd", "--ro-bind-fd")
+"""bwrap options the strict profile cannot do without."""
 _MB = 1024 * 1024
 SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 ETC_ENTRIES = (
@@ -239,7 +249,7 @@ def _passwd(ident: tuple[int, int] | None, user: str) -> tuple[bytes, bytes]:
     """A passwd and group that name only root and the sandbox user (no host accounts)."""
     uid, gid = ident if ident is not None else (os.getuid(), os.getgid())
     name = user if ident is not None and not user.isdigit() else "sandbox"
-    passwd = f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n{name}:x:{uid}:{gid}:sandbox:{WORKSPACE}:/bin/sh\n"
+    passwd = f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n{name}:x:{uid}:{gid}:sandbox:{HOME}:/bin/sh\n"
     group = f"root:x:0:\n{name}:x:{gid}:\n"
     return passwd.encode(), group.encode()
 
@@ -254,6 +264,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
     if _version_tuple(version) < MIN_BWRAP:
         need = ".".join(map(str, MIN_BWRAP))
         raise IsolationUnavailable(f"{version} is too old for the strict profile (need {need}+); {INSTALL_HINT}")
+    _require_options(bwrap, version)
     ident = sandbox_identity(config)
     fds = _Fds()
     try:
@@ -278,8 +289,15 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
     # No --chdir into the workspace: it belongs to the sandbox uid (0700) and bwrap, holding
     # no CAP_DAC_OVERRIDE, cannot enter it; the worker changes into it after the uid switch.
     # (bwrap exports PWD=/ after its chdir; the rest of the environment is the allowlist.)
-    argv = [bwrap, *m.args, "--chdir", "/", *ns_args, "--new-session", "--die-with-parent", *seccomp_args]
     rt = runtime.runtime()
+    # The options go through a memfd (they name host paths); the command stays on the
+    # command line (bwrap takes it from there only) and names none.
+    args = [*m.args, "--chdir", "/", *ns_args, "--new-session", "--die-with-parent", *seccomp_args]
+    try:
+        argv = [bwrap, "--args", str(fds.add(data_fd("sandbox-bwrap-args", _nul_separated(args))))]
+    except BaseException:
+        fds.close()
+        raise
     argv += ["--", *python_argv(config, executable=rt.executable, root=rt.app_dir)]
     plan: dict[str, Any] = {
         "profile": "strict",
@@ -287,6 +305,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         "umask": 0o077,
         "env_allowlist": True,
         "no_new_privs": True,
+        "home": HOME,
         "site_packages": rt.site_dir,
         "host_layers": {
             "engine": version,
@@ -294,7 +313,8 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
             "identity": "switch to sandbox user" if ident else "user namespace (caller's uid)",
             "filesystem": {
                 "workspace": WORKSPACE,
-                "read_write": [WORKSPACE, "/tmp", "/dev/shm", *rw_dests],
+                "home": HOME,
+                "read_write": [WORKSPACE, "/tmp", "/dev/shm", "/home", *rw_dests],
                 "denied": denied,
             },
             "seccomp_filter": seccomp_info,
@@ -307,7 +327,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
     if config.strict.landlock:
         plan["landlock"] = {
             "read_only": _roots({"/etc", "/proc", *m.covered} - {WORKSPACE, *rw_dests}),
-            "read_write": ["/tmp", "/dev", *rw_dests],
+            "read_write": ["/tmp", "/dev", "/home", *rw_dests],
             "required": landlock_abi() > 0,
         }
 
@@ -321,9 +341,11 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         if cgroup is not None:
             cgroup.cleanup()
 
+    env = worker_env(config, home=HOME)
+    env["PATH"] = _inside_path(m, env.get("PATH", ""), config.env.default_path)
     return LaunchSpec(
         argv=argv,
-        env=worker_env(config, home=WORKSPACE),
+        env=env,
         cwd="/",
         plan=plan,
         workspace_in_sandbox=WORKSPACE if workspace is not None else None,
@@ -333,6 +355,60 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         cleanup=cleanup,
         limit_events=cgroup.limit_events if cgroup is not None else None,
     )
+
+
+def _nul_separated(args: list[str]) -> bytes:
+    """bwrap's ``--args`` format: each argument followed by a NUL."""
+    if any("\0" in a for a in args):
+        raise IsolationUnavailable("a bwrap argument holds a NUL byte")
+    return b"".join(a.encode() + b"\0" for a in args)
+
+
+def launch_args(spec: LaunchSpec) -> list[str]:
+    """The bwrap options behind ``spec.argv`` (``bwrap --args FD -- COMMAND``), read back from
+    their memfd: for tests and diagnostics, before the spec is spawned (the fd is closed then)."""
+    fd = int(spec.argv[spec.argv.index("--args") + 1])
+    data = os.pread(fd, os.fstat(fd).st_size, 0)
+    return data.decode().split("\0")[:-1]
+
+
+@functools.cache
+def _bwrap_help(bwrap: str) -> str:
+    try:
+        out = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise IsolationUnavailable(f"{bwrap} does not run ({exc}); {INSTALL_HINT}") from None
+    return out.stdout + out.stderr
+
+
+def _require_options(bwrap: str, version: str) -> None:
+    """Fail closed unless bwrap has the options the profile is built on (``--args`` hides
+    the argv from the sandbox, ``--bind-fd`` holds workspace entries in place)."""
+    text = _bwrap_help(bwrap)
+    missing = [o for o in BWRAP_OPTIONS if o not in text]
+    if missing:
+        raise IsolationUnavailable(
+            f"{version} lacks {', '.join(missing)}, which the strict profile needs; "
+            f"install bubblewrap 0.6 or newer ({INSTALL_HINT})"
+        )
+
+
+def _inside_path(m: _Mounts, path: str, default: str) -> str:
+    """``PATH`` with only the absolute entries that exist inside the sandbox, in order.
+
+    Host entries such as a pyenv shim directory or a checkout's venv would name paths the
+    sandbox does not have (and tell it where they are on the host).
+    """
+    def exists_inside(entry: str) -> bool:
+        real = os.path.realpath(entry)  # /bin -> usr/bin is mirrored inside
+        host = m.host_path(real)
+        return entry.startswith("/") and host is not None and os.path.isdir(host) and host == real
+
+    for candidate in (path, default, "/usr/bin:/bin"):
+        kept = list(dict.fromkeys(e for e in candidate.split(":") if e and exists_inside(e)))
+        if kept:
+            return ":".join(kept)
+    return "/usr/bin"
 
 
 @functools.cache
@@ -345,12 +421,15 @@ def _static_view() -> _Mounts:
 
 
 def _system_view(m: _Mounts) -> None:
-    """/usr, the /bin and /lib* links, and selected /etc entries (passwd and group come later)."""
+    """/usr (minus :data:`HIDDEN`), the /bin and /lib* links, and selected /etc entries."""
     for tree in SYSTEM_TREES:
         if os.path.islink(tree):
             m.symlink(os.readlink(tree), tree)
         elif os.path.isdir(tree):
             m.bind(tree)
+    for path in HIDDEN:
+        if os.path.isdir(path) and m.host_path(path) == path:
+            m.args += ["--perms", "0755", "--size", "4096", "--tmpfs", path, "--remount-ro", path]
     m.dir("/etc", "0755")
     for path in [f"/etc/{entry}" for entry in ETC_ENTRIES] + sorted(glob.glob("/etc/python3*")):
         if os.path.exists(path):
@@ -371,11 +450,12 @@ def _tmpfs_size(config: ProcessSandboxConfig) -> list[str]:
 
 
 def _sandbox_view(m: _Mounts, config: ProcessSandboxConfig, workspace: Path | None) -> list[str]:
-    """Fresh /dev and /proc, private /tmp and /dev/shm, the workspace, extra binds (rw dests)."""
+    """Fresh /dev and /proc, private /tmp, /dev/shm and /home, the workspace, extra binds (rw dests)."""
     size = _tmpfs_size(config)
     m.args += ["--dev", "/dev", "--proc", "/proc"]
     m.args += ["--perms", "1777", *size, "--tmpfs", "/dev/shm"]
-    m.made.update({"/dev", "/proc", "/tmp", "/dev/shm"})
+    m.args += ["--perms", "1777", *size, "--tmpfs", os.path.dirname(HOME)]  # the worker makes HOME in it
+    m.made.update({"/dev", "/proc", "/tmp", "/dev/shm", os.path.dirname(HOME)})
     if workspace is not None:
         m.bind(str(workspace.resolve()), WORKSPACE, rw=True)
     else:
