@@ -3,10 +3,11 @@
 The sandbox sees a minimal read-only system (/usr without /usr/local/etc, the /lib, /bin
 symlinks, a few /etc files, a generated passwd/group/hosts), the worker's Python staged at
 the neutral ``/opt/sandbox`` (:mod:`runtime`), private tmpfs /tmp, /dev/shm and ``HOME``, a
-fresh /dev and /proc, and the user's workspace read-write at ``/workspace``. It has new pid, net, ipc, uts, mount
-and cgroup namespaces, a seccomp filter loaded by bwrap before exec, and no capabilities
-except CAP_SETUID/CAP_SETGID when the host is root, which the worker uses once to become
-the unprivileged sandbox user (then they are gone: ``no_new_privs`` is set).
+fresh /dev and /proc, and the user's workspace read-write at ``/workspace`` with its
+protected and denied entries held in place (:mod:`protect`). It has new pid, net, ipc, uts,
+mount and cgroup namespaces, a seccomp filter loaded by bwrap before exec, and no
+capabilities except CAP_SETUID/CAP_SETGID when the host is root, which the worker uses once
+to become the unprivileged sandbox user (then they are gone: ``no_new_privs`` is set).
 
 The environment is the allowlisted one from :func:`worker_env` and is the environment of
 bwrap itself, so PID 1 inside holds nothing else (never ``--clearenv``, never
@@ -32,6 +33,7 @@ from typing import Any
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.isolation import cgroups, runtime
+from sandbox_core.isolation.protect import DENY, FREEZE, TreeGuard
 from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
 
@@ -267,6 +269,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
     _require_options(bwrap, version)
     ident = sandbox_identity(config)
     fds = _Fds()
+    guards: dict[str, TreeGuard] = {}
     try:
         m = _static_view().copy(fds)
         # The private /tmp comes first: an interpreter or checkout that lives under /tmp on
@@ -276,29 +279,32 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         m.data(passwd, "/etc/passwd")
         m.data(group, "/etc/group")
         m.data(HOSTS, "/etc/hosts")
-        rw_dests = _sandbox_view(m, config, workspace)
-        denied = _deny(m, config.strict.deny_paths)
+        trees = _sandbox_view(m, config, workspace)
+        guards.update((dest, TreeGuard(src)) for dest, src in trees.items() if os.path.isdir(src))
+        protected = _protect(guards.get(WORKSPACE) if workspace is not None else None, config.strict.protected_paths)
+        denied, deny_missing = _deny(m, config.strict.deny_paths, guards)
+        held = _hold_in_place(m, guards, fds)
         m.args += ["--remount-ro", "/"]
         seccomp_args, seccomp_info = _seccomp(config, fds)
-    except BaseException:
-        fds.close()
-        raise
-    ns_args, namespaces = _namespaces(ident, version)
-    cgroup = cgroups.plan(worker_id, config.limits) if config.strict.cgroups else None
-    rlimits, limits_layer = _limits(config, cgroup)
-    # No --chdir into the workspace: it belongs to the sandbox uid (0700) and bwrap, holding
-    # no CAP_DAC_OVERRIDE, cannot enter it; the worker changes into it after the uid switch.
-    # (bwrap exports PWD=/ after its chdir; the rest of the environment is the allowlist.)
-    rt = runtime.runtime()
-    # The options go through a memfd (they name host paths); the command stays on the
-    # command line (bwrap takes it from there only) and names none.
-    args = [*m.args, "--chdir", "/", *ns_args, "--new-session", "--die-with-parent", *seccomp_args]
-    try:
+        ns_args, namespaces = _namespaces(ident, version)
+        cgroup = cgroups.plan(worker_id, config.limits) if config.strict.cgroups else None
+        rlimits, limits_layer = _limits(config, cgroup)
+        rt = runtime.runtime()
+        # No --chdir into the workspace: it belongs to the sandbox uid (0700) and bwrap, holding
+        # no CAP_DAC_OVERRIDE, cannot enter it; the worker changes into it after the uid switch.
+        # (bwrap exports PWD=/ after its chdir; the rest of the environment is the allowlist.)
+        # The options go through a memfd (they name host paths); the command stays on the
+        # command line (bwrap takes it from there only) and names none.
+        args = [*m.args, "--chdir", "/", *ns_args, "--new-session", "--die-with-parent", *seccomp_args]
         argv = [bwrap, "--args", str(fds.add(data_fd("sandbox-bwrap-args", _nul_separated(args))))]
+        argv += ["--", *python_argv(config, executable=rt.executable, root=rt.app_dir)]
     except BaseException:
         fds.close()
         raise
-    argv += ["--", *python_argv(config, executable=rt.executable, root=rt.app_dir)]
+    finally:
+        for guard in guards.values():
+            guard.close()
+    rw_dests = [d for d in trees if d != WORKSPACE]
     plan: dict[str, Any] = {
         "profile": "strict",
         "rlimits": rlimits,
@@ -307,6 +313,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         "no_new_privs": True,
         "home": HOME,
         "site_packages": rt.site_dir,
+        "expect_mounts": held,
         "host_layers": {
             "engine": version,
             "namespaces": namespaces,
@@ -315,7 +322,9 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
                 "workspace": WORKSPACE,
                 "home": HOME,
                 "read_write": [WORKSPACE, "/tmp", "/dev/shm", "/home", *rw_dests],
+                "protected": protected,
                 "denied": denied,
+                "deny_missing": deny_missing,
             },
             "seccomp_filter": seccomp_info,
             "limits": limits_layer["mode"],
@@ -325,8 +334,9 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
     if ident is not None:
         plan["switch_user"] = {"uid": ident[0], "gid": ident[1]}
     if config.strict.landlock:
+        writable = [WORKSPACE, *rw_dests]
         plan["landlock"] = {
-            "read_only": _roots({"/etc", "/proc", *m.covered} - {WORKSPACE, *rw_dests}),
+            "read_only": _roots({p for p in {"/etc", "/proc", *m.covered} if not any(_under(p, w) for w in writable)}),
             "read_write": ["/tmp", "/dev", "/home", *rw_dests],
             "required": landlock_abi() > 0,
         }
@@ -449,18 +459,22 @@ def _tmpfs_size(config: ProcessSandboxConfig) -> list[str]:
     return ["--size", str(config.limits.memory_mb * _MB)] if config.limits.memory_mb else []
 
 
-def _sandbox_view(m: _Mounts, config: ProcessSandboxConfig, workspace: Path | None) -> list[str]:
-    """Fresh /dev and /proc, private /tmp, /dev/shm and /home, the workspace, extra binds (rw dests)."""
+def _sandbox_view(m: _Mounts, config: ProcessSandboxConfig, workspace: Path | None) -> dict[str, str]:
+    """Fresh /dev and /proc, private /tmp, /dev/shm and /home, the workspace, extra binds.
+
+    Returns the writable trees that come from the host: sandbox path -> host path.
+    """
     size = _tmpfs_size(config)
     m.args += ["--dev", "/dev", "--proc", "/proc"]
     m.args += ["--perms", "1777", *size, "--tmpfs", "/dev/shm"]
     m.args += ["--perms", "1777", *size, "--tmpfs", os.path.dirname(HOME)]  # the worker makes HOME in it
     m.made.update({"/dev", "/proc", "/tmp", "/dev/shm", os.path.dirname(HOME)})
+    trees: dict[str, str] = {}
     if workspace is not None:
-        m.bind(str(workspace.resolve()), WORKSPACE, rw=True)
+        trees[WORKSPACE] = str(workspace.resolve())
+        m.bind(trees[WORKSPACE], WORKSPACE, rw=True)
     else:
         m.args += ["--perms", "1777", *size, "--tmpfs", WORKSPACE]
-    rw_dests: list[str] = []
     binds = [(b, False) for b in config.strict.ro_binds] + [(b, True) for b in config.strict.rw_binds]
     for spec, rw in binds:
         what = "rw_binds" if rw else "ro_binds"
@@ -468,8 +482,33 @@ def _sandbox_view(m: _Mounts, config: ProcessSandboxConfig, workspace: Path | No
         _check_bind(src, dest, what)
         m.bind(src, dest, rw=rw, force=True)
         if rw:
-            rw_dests.append(dest)
-    return rw_dests
+            trees[dest] = src
+    return trees
+
+
+def _protect(guard: TreeGuard | None, patterns: tuple[str, ...]) -> list[str]:
+    """Freeze the workspace's protected paths (see :mod:`protect`); their sandbox paths."""
+    if guard is None:
+        return []
+    for pattern in patterns:
+        guard.protect(pattern)
+    return sorted(f"{WORKSPACE}/{m.rel}" for m in guard.mounts.values() if m.kind == FREEZE)
+
+
+def _hold_in_place(m: _Mounts, guards: dict[str, TreeGuard], fds: _Fds) -> list[list[str]]:
+    """Emit the guards' mounts (parents first) and return them as [sandbox path, ro|rw] for the
+    worker to check before it serves anything."""
+    expect: list[list[str]] = []
+    for tree, guard in guards.items():
+        for mount in guard.ordered():
+            dest = f"{tree}/{mount.rel}"
+            if mount.kind == DENY:
+                _cover(m, dest, mount.is_dir)
+            else:
+                option = "--ro-bind-fd" if mount.kind == FREEZE else "--bind-fd"
+                m.args += [option, str(fds.add(guard.hand_over(mount))), dest]
+            expect.append([dest, "rw" if mount.kind not in (FREEZE, DENY) else "ro"])
+    return expect
 
 
 def _seccomp(config: ProcessSandboxConfig, fds: _Fds) -> tuple[list[str], dict[str, Any] | bool]:
@@ -529,20 +568,39 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return (0,)
 
 
-def _deny(m: _Mounts, deny_paths: tuple[str, ...]) -> list[str]:
-    """Hide each deny path that the sandbox would show: an empty 000 tmpfs or an empty file."""
+def _deny(m: _Mounts, deny_paths: tuple[str, ...], guards: dict[str, TreeGuard]) -> tuple[list[str], list[str]]:
+    """Hide each deny path the sandbox would show; (denied, missing) sandbox paths.
+
+    A path below a writable tree is handed to that tree's guard, which pins every directory
+    between the tree's root and the path so that no rename of a parent can carry it out of
+    reach (in this run or, as every worker pins them again, a later one); it is covered
+    after the pins. A missing one is reported, never silently skipped. Elsewhere the view is
+    read-only and the path is covered where it is.
+    """
     denied: list[str] = []
+    missing: list[str] = []
     for path in deny_paths:
         dest = os.path.normpath(path)
+        tree = next((t for t in sorted(guards, key=len, reverse=True) if _under(dest, t) and dest != t), None)
+        if tree is not None:
+            found = guards[tree].deny(os.path.relpath(dest, tree))
+            (missing if found is None else denied).append(dest)
+            continue
         host = m.host_path(dest)
         if host is None and os.path.realpath(dest) != dest:  # under a mirrored symlink (/bin -> usr/bin)
             dest = os.path.realpath(dest)
             host = m.host_path(dest)
         if host is None or not os.path.lexists(host):
+            missing.append(dest)
             continue
-        if os.path.isdir(host):
-            m.args += ["--perms", "0000", "--size", "4096", "--tmpfs", dest, "--remount-ro", dest]
-        else:
-            m.data(b"", dest, mode="0000")
+        _cover(m, dest, os.path.isdir(host))
         denied.append(dest)
-    return denied
+    return denied, missing
+
+
+def _cover(m: _Mounts, dest: str, is_dir: bool) -> None:
+    """Hide ``dest``: an empty read-only 000 tmpfs over a directory, an empty 000 file over a file."""
+    if is_dir:
+        m.args += ["--perms", "0000", "--size", "4096", "--tmpfs", dest, "--remount-ro", dest]
+    else:
+        m.data(b"", dest, mode="0000")
