@@ -113,9 +113,10 @@ class TreeGuard:
 
     def _protect(self, dir_fd: int, rel: str, parts: list[str], want_dir: bool) -> None:
         name, rest = parts[0], parts[1:]
-        if _MAGIC & set(name):
+        if _MAGIC & set(name):  # a glob: what matches now (a symlink that matches is not the path)
             for entry in self._names(dir_fd):
-                if fnmatch.fnmatchcase(entry, name):
+                st = _lstat(dir_fd, entry)
+                if fnmatch.fnmatchcase(entry, name) and st is not None and not stat.S_ISLNK(st.st_mode):
                     self._protect_entry(dir_fd, rel, entry, rest, want_dir, create=False)
         else:
             self._protect_entry(dir_fd, rel, name, rest, want_dir, create=True)

@@ -168,6 +168,7 @@ def test_globs_protect_what_matches(tmp_path: Path) -> None:
     workspace = _workspace(tmp_path)
     (workspace / "sub" / ".git").mkdir(parents=True)
     (workspace / "sub" / ".git" / "config").write_text("[core]\n")
+    (workspace / "link").symlink_to("sub")  # matches the glob too: skipped, not a reason to refuse
     _own(workspace / "sub")
     code = """
     out["sub"] = attempt(lambda: open("/workspace/sub/.git/config", "a").write("x"))
