@@ -247,18 +247,27 @@ class _Linkable:
 
 
 def _stage_root() -> Path:
-    """The directory stages live in: owned by this uid and writable by it alone."""
+    """The directory stages live in, which no other uid can write or swap (checked up to ``/``).
+
+    The worker's own code runs from it, before it confines itself: whoever could replace a
+    stage could run code in every sandbox ahead of its uid switch.
+    """
     root = Path("/var/cache/sandbox/runtime") if os.geteuid() == 0 else Path.home() / ".cache/sandbox/runtime"
     try:
-        root.mkdir(mode=0o755, parents=True, exist_ok=True)
-        st = root.lstat()
+        for path in [*reversed(root.parents), root]:
+            if not path.exists():
+                path.mkdir(mode=0o755)
+                path.chmod(0o755)
     except OSError as exc:
         raise IsolationUnavailable(f"cannot create the runtime stage {root}: {exc}") from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise IsolationUnavailable(
-            f"the runtime stage {root} must be a directory owned by uid {os.geteuid()} and writable by it "
-            "alone; remove it or fix its owner and mode"
-        )
+    for path in [*root.parents, root]:
+        st = path.lstat()
+        writable = st.st_mode & 0o022 and not (st.st_mode & stat.S_ISVTX and path != root)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (0, os.geteuid()) or writable:
+            raise IsolationUnavailable(
+                f"the runtime stage {root} must be reachable only through directories owned by root or "
+                f"uid {os.geteuid()} that no one else can write; {path} is not (fix its owner or mode)"
+            )
     return root
 
 

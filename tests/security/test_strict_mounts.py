@@ -19,7 +19,7 @@ import pytest
 from sandbox_core.config import DEFAULT_PROTECTED_PATHS
 from sandbox_core.errors import ConfigError, IsolationUnavailable
 from sandbox_core.inside import confine
-from sandbox_core.isolation import strict
+from sandbox_core.isolation import runtime, strict
 from sandbox_core.isolation.launch import PACKAGE_ROOT, prepare_workspace
 from sandbox_core.isolation.runtime import SANDBOX_ROOT
 from sandbox_core.isolation.strict import launch_args, strict_launch
@@ -363,3 +363,16 @@ def test_launch_args_reads_back_the_options(tmp_path: Path) -> None:
     assert "--unshare-net" in options and options[options.index("/workspace") - 2] == "--bind"
     assert json.dumps(spec.argv).count("/workspace") == 0  # not on the command line
     assert set(DEFAULT_PROTECTED_PATHS) >= {".bashrc", ".git/config", ".git/hooks/", ".claude/"}
+
+
+def test_a_stage_that_others_could_swap_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's code runs from the stage before it confines itself: no one else may write its path."""
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o777)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
+    with pytest.raises(IsolationUnavailable, match=f"no one else can write; {home} is not"):
+        runtime._stage_root()
+    home.chmod(0o755)
+    assert runtime._stage_root() == home / ".cache" / "sandbox" / "runtime"
