@@ -83,7 +83,6 @@ class TreeGuard:
     def __init__(self, root: str) -> None:
         self.root = root
         self.mounts: dict[str, Mount] = {}
-        self.placeholders: list[str] = []
         self._inodes: dict[tuple[int, int], list[int]] = {}
         """(dev, ino) of guarded files: [links, times seen below frozen or denied entries]."""
         self._checked = 0
@@ -151,7 +150,6 @@ class TreeGuard:
                 os.fchmod(made, 0o555 if is_dir else 0o444)
             finally:
                 os.close(made)
-            self.placeholders.append(path)
         except FileExistsError:
             pass  # created meanwhile: whatever it is, it is checked like any entry
         except OSError as exc:
