@@ -32,6 +32,13 @@ Source = Literal["default", "file", "env", "flag"]
 DEFAULT_ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_MODEL = "claude-sonnet-5-5"
+DEFAULT_PROTECTED_PATHS = (
+    ".bashrc", ".bash_profile", ".bash_login", ".bash_logout", ".profile",
+    ".zshrc", ".zshenv", ".zprofile", ".zlogin",
+    ".gitconfig", ".gitmodules", ".git/config", ".git/hooks/",
+    ".mcp.json", ".claude/", ".vscode/", ".idea/", ".ripgreprc",
+)  # fmt: skip
+"""Workspace paths that run code when a shell, git, an IDE or an agent tool opens the workspace."""
 _USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
 
@@ -97,6 +104,10 @@ class StrictIsolation:
     """Extra host paths visible read-write (``SRC`` or ``SRC:DEST``)."""
     deny_paths: tuple[str, ...] = ()
     """Paths hidden inside the sandbox; they win over any allow."""
+    protected_paths: tuple[str, ...] = DEFAULT_PROTECTED_PATHS
+    """Workspace-relative paths (``*?[]`` globs per component; a trailing ``/`` names a
+    directory) the sandbox can read but never write, create, rename, delete or replace.
+    ``[]`` lifts the protection."""
     seccomp: bool = True
     landlock: bool = True
     """Use landlock as a second layer when the kernel has it."""

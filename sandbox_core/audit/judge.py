@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import Any
 from sandbox_core.audit.plant import CANARY_VAR, SANDBOX_SET_VARS, Plants
 from sandbox_core.audit.report import CHECK_NAMES, CHECKS, Check
 from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.isolation.spec import PACKAGE_ROOT
 from sandbox_core.shared import LIMIT_PROBES, sha256_hex
 
 _EXPECTATION = dict(CHECKS)
@@ -372,6 +375,38 @@ def _other_workspace(ctx: Evidence) -> Verdict:
     return True, f"{reads}; not listed", obs
 
 
+def _protected(ctx: Evidence) -> Verdict:
+    obs = ctx.get("protected")
+    done = [f"{a['attempt']} {a['path']} ({'worked' if a.get('done') else a.get('errno')})"
+            for a in obs["attempts"] if not a.get("refused")]  # fmt: skip
+    if done:
+        return False, "not refused: " + "; ".join(done), obs
+    return True, ", ".join(f"{a['attempt']} {a['errno']}" for a in obs["attempts"]), obs
+
+
+def _host_paths(ctx: Evidence) -> Verdict:
+    """Host paths that would help aim an attack, looked for in what /proc shows the sandbox.
+
+    A bind mount's root field (the 4th of a mountinfo line) is its source path within the source
+    filesystem: the kernel shows the workspace's host path there, and that alone is allowed.
+    """
+    obs = ctx.get("host_paths")
+    paths = {"checkout": PACKAGE_ROOT, "venv": sys.prefix, "interpreter": os.path.realpath(sys.base_prefix),
+             "workspace root": str(ctx.config.workspace_root)}  # fmt: skip
+    telling = {what: p for what, p in paths.items() if p != "/" and not p.startswith("/usr")}
+    found = [f"{what} in {key}" for key in ("pid1_cmdline", "own_cmdline") for what, p in telling.items()
+             if p in obs[key]]  # fmt: skip
+    for line in obs["mountinfo"].splitlines():
+        fields = line.split(" ")
+        for what, p in telling.items():
+            where = " ".join(fields[4:]) if what == "workspace root" else line
+            if p in where:
+                found.append(f"{what} in mountinfo: {line[:160]}")
+    if found:
+        return False, "; ".join(sorted(set(found))[:6]), {"found": found}
+    return True, "none of " + ", ".join(telling), {}
+
+
 def _fork_bomb(ctx: Evidence) -> Verdict:
     obs = ctx.get("fork_bomb")
     out = obs.get("output")
@@ -473,6 +508,8 @@ _EVALUATORS: dict[str, Callable[[Evidence], Verdict]] = {
     "priv.capabilities": _capabilities,
     "priv.no_new_privs": _no_new_privs,
     "workspace.other_user": _other_workspace,
+    "workspace.protected": _protected,
+    "proc.host_paths": _host_paths,
     "limits.fork_bomb": _fork_bomb,
     "limits.memory": _memory,
     "host.responsive": _responsive,

@@ -33,6 +33,10 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("priv.capabilities", "effective, permitted and ambient capabilities are empty (worker and commands)"),
     ("priv.no_new_privs", "no_new_privs is set (worker and commands)"),
     ("workspace.other_user", "another user's workspace is neither readable nor listed"),
+    ("workspace.protected", "the workspace's protected paths (.bashrc, .mcp.json, .claude, .ripgreprc) "
+                            "cannot be written, created, renamed or replaced by a symlink"),
+    ("proc.host_paths", "/proc/1/cmdline, the worker's cmdline and /proc/self/mountinfo name no host path of "
+                        "the checkout, venv or interpreter; the workspace root only as a bind mount's root"),
     ("limits.fork_bomb", "a fork bomb is refused at the process limit (limits.processes)"),
     ("limits.memory", "a memory hog is stopped at the memory limit (limits.memory_mb)"),
     ("host.responsive", "while the bomb and the hog run, the host's event loop and its own process "

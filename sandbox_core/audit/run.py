@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,7 +41,7 @@ from sandbox_core.audit.plant import planted
 from sandbox_core.audit.report import CHECK_NAMES, AuditReport
 from sandbox_core.config import ProcessSandboxConfig, validate_user_id
 from sandbox_core.errors import SandboxError
-from sandbox_core.isolation.spec import PACKAGE_ROOT
+from sandbox_core.isolation.launch import worker_python
 from sandbox_core.shared import LIMIT_PROBES, PROBE_COMMAND_ENTRY, STATIC_PROBES
 
 
@@ -190,9 +189,10 @@ async def run_audit(
         plants.planting["first_request_at"] = time.monotonic()
         async with SandboxOrchestrator(config) as orchestrator:
             say("starting a worker and reading what a command inherits")
-            boot = (f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); "
+            python, package_root = worker_python(config)
+            boot = (f"import sys; sys.path.insert(0, {package_root!r}); "
                     f"from {PROBE_COMMAND_ENTRY} import command_main; command_main()")  # fmt: skip
-            snapshot = ExecRequest(argv=(sys.executable, "-I", "-c", boot, json.dumps({"digests": spec["digests"]})),
+            snapshot = ExecRequest(argv=(python, "-I", "-c", boot, json.dumps({"digests": spec["digests"]})),
                                    timeout=30)  # fmt: skip
             try:
                 res = await orchestrator.execute(audited, snapshot)

@@ -36,6 +36,8 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
         identity.switch_user(int(switch["uid"]), int(switch["gid"]))
     _apply_rlimits(plan.get("rlimits") or {})
     os.umask(int(plan.get("umask", 0o077)))
+    check_mounts(plan.get("expect_mounts") or [])
+    make_home(plan.get("home"))
     identity.become_subreaper()
     if plan.get("no_new_privs"):
         identity.set_no_new_privs()
@@ -60,6 +62,52 @@ def after_bind(plan: dict[str, Any], workspace: Path, report: dict[str, Any]) ->
         if abi == 0 and landlock_rules.get("required"):
             raise IsolationUnavailable("landlock was required but the kernel does not support it")
         report["landlock"] = {"abi": abi} if abi else False
+
+
+def check_mounts(expected: list[list[str]], mountinfo: str | None = None) -> None:
+    """Fail closed unless each ``[path, "ro"|"rw"]`` is a mount point here, with that access.
+
+    The host made these mounts to hold protected and denied entries in place; one that is
+    missing or landed elsewhere (a path swapped while the sandbox was built) is caught here,
+    before anything untrusted runs.
+    """
+    if not expected:
+        return
+    if mountinfo is None:
+        with open("/proc/self/mountinfo") as fh:
+            mountinfo = fh.read()
+    access: dict[str, str] = {}
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 5:
+            access[_unescape(fields[4])] = "ro" if "ro" in fields[5].split(",") else "rw"
+    for path, mode in expected:
+        if access.get(path) != mode:
+            got = access.get(path, "not a mount point")
+            raise IsolationUnavailable(f"{path} should be a {mode} mount point but is {got}")
+
+
+def _unescape(field: str) -> str:
+    r"""A mountinfo path: the kernel writes space, tab, newline and backslash as ``\ooo``."""
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def make_home(home: object) -> None:
+    """Create the sandbox user's ``HOME`` (0700, after the uid switch so that it owns it)."""
+    if isinstance(home, str):
+        try:
+            os.makedirs(home, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise IsolationUnavailable(f"cannot create HOME {home}: {exc}") from None
+        os.environ["HOME"] = home
 
 
 def _apply_rlimits(limits: dict[str, Any]) -> None:

@@ -666,6 +666,61 @@ def probe_other_workspace(spec: Spec, workspace: Path) -> Observation:
     return {"reads": reads, "listings": listings}
 
 
+_REFUSALS = frozenset({"EROFS", "EBUSY", "EEXIST", "EXDEV", "EACCES", "EPERM"})
+
+
+def _undoable(what: str, path: Path, act: Callable[[], None], undo: Callable[[], None]) -> Observation:
+    """Try ``act`` on a protected path; undo it at once if it worked."""
+    obs: Observation = {"attempt": what, "path": str(path)}
+    try:
+        act()
+    except OSError as exc:
+        obs.update(done=False, errno=_errname(exc), refused=_errname(exc) in _REFUSALS)
+        return obs
+    obs.update(done=True, refused=False)
+    try:
+        undo()
+    except OSError as exc:
+        obs["undo_errno"] = _errname(exc)
+    return obs
+
+
+def probe_protected(spec: Spec, workspace: Path) -> Observation:
+    """Write, create, rename and symlink attempts on the workspace's default protected paths."""
+    moved = workspace / f".sandbox-audit-{spec.get('nonce', 'x')}-moved"
+    bashrc, mcp, claude, ripgreprc = (workspace / n for n in (".bashrc", ".mcp.json", ".claude", ".ripgreprc"))
+    fresh = {p: not os.path.lexists(p) for p in (bashrc, mcp, ripgreprc)}
+
+    def remove_if_new(path: Path) -> Callable[[], None]:
+        return lambda: path.unlink() if fresh[path] else None
+
+    def append() -> None:
+        os.close(os.open(bashrc, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+
+    def create() -> None:
+        os.close(os.open(mcp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644))
+
+    return {"attempts": [
+        _undoable("write", bashrc, append, remove_if_new(bashrc)),
+        _undoable("create", mcp, create, remove_if_new(mcp)),
+        _undoable("rename", claude, lambda: os.rename(claude, moved), lambda: os.rename(moved, claude)),
+        _undoable("symlink", ripgreprc, lambda: os.symlink("/nonexistent", ripgreprc), remove_if_new(ripgreprc)),
+    ]}  # fmt: skip
+
+
+def probe_host_paths(spec: Spec, workspace: Path) -> Observation:
+    """What /proc tells the sandbox about the host: PID 1's and the worker's command lines, the mount table."""
+    out: Observation = {}
+    for key, path in (("pid1_cmdline", "/proc/1/cmdline"), ("own_cmdline", "/proc/self/cmdline"),
+                      ("mountinfo", "/proc/self/mountinfo")):  # fmt: skip
+        try:
+            out[key] = _read_capped(path, 256 * 1024).replace(b"\0", b" ").decode(errors="replace")
+        except OSError as exc:
+            out[key] = ""
+            out[f"{key}_errno"] = _errname(exc)
+    return out
+
+
 _BOMB_CODE = """
 import json, os, signal, sys, time
 cap, seconds = int(sys.argv[1]), float(sys.argv[2])
@@ -768,6 +823,8 @@ PROBES: dict[str, Callable[[Spec, Path], Observation]] = {
     "userns": probe_userns,
     "setuid": probe_setuid,
     "other_workspace": probe_other_workspace,
+    "protected": probe_protected,
+    "host_paths": probe_host_paths,
     "fork_bomb": probe_fork_bomb,
     "memory_hog": probe_memory_hog,
 }

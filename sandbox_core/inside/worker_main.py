@@ -42,13 +42,20 @@ if TYPE_CHECKING:
 Handler = Callable[["RequestContext", dict[str, Any]], Awaitable[Any]]
 
 
-def _enable_site_packages() -> None:
-    """Add the interpreter's site-packages (the worker starts with ``-S`` to boot faster)."""
+def _enable_site_packages(site_dir: str | None) -> None:
+    """Add the third-party packages (the worker starts with ``-S`` to boot faster).
+
+    ``site_dir`` is where the plan put them (the strict profile's staged packages); without
+    one, what start-up would have done: venv prefix, site-packages, .pth files.
+    """
     if not sys.flags.no_site or "site" in sys.modules:
         return
     import site
 
-    site.main()  # what start-up would have done: venv prefix, site-packages, .pth files
+    if site_dir:
+        site.addsitedir(site_dir)
+    else:
+        site.main()
 
 
 class SandboxExecutor:
@@ -92,12 +99,12 @@ class SandboxExecutor:
     def lookup(self, method: str) -> Handler | None:
         return self._methods.get(method)
 
-    @staticmethod
-    def _lazy(module: str, name: str) -> Handler:
+    def _lazy(self, module: str, name: str) -> Handler:
         async def handler(ctx: RequestContext, params: dict[str, Any]) -> Any:
             import importlib
 
-            _enable_site_packages()
+            site_dir = self.plan.get("site_packages")
+            _enable_site_packages(site_dir if isinstance(site_dir, str) else None)
             fn: Handler = getattr(importlib.import_module(module), name)
             return await fn(ctx, params)
 
@@ -155,7 +162,8 @@ class SandboxExecutor:
 
         os.chdir(workspace)
         self.user_id, self.workspace = user_id, workspace
-        os.environ["HOME"] = str(workspace)
+        home = self.plan.get("home")
+        os.environ["HOME"] = home if isinstance(home, str) else str(workspace)
         confine.after_bind(self.plan, workspace, self.report)
 
     async def exec(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:

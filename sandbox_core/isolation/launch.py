@@ -8,14 +8,18 @@ a user's workspace; it is the only one that imports both.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError
+from sandbox_core.isolation import runtime
 from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, process_launch
 from sandbox_core.isolation.strict import sandbox_identity, strict_launch
 
-__all__ = ["PACKAGE_ROOT", "LaunchSpec", "can_prewarm", "launch_spec", "prepare_workspace", "workspace_owner"]
+__all__ = [
+    "PACKAGE_ROOT", "LaunchSpec", "can_prewarm", "launch_spec", "prepare_workspace", "worker_python", "workspace_owner",
+]
 
 
 def launch_spec(config: ProcessSandboxConfig, worker_id: str, workspace: Path | None) -> LaunchSpec:
@@ -23,6 +27,17 @@ def launch_spec(config: ProcessSandboxConfig, worker_id: str, workspace: Path | 
     if config.profile == "strict":
         return strict_launch(config, worker_id, workspace)
     return process_launch(config, workspace)
+
+
+def worker_python(config: ProcessSandboxConfig) -> tuple[str, str]:
+    """(interpreter, directory holding ``sandbox_core``) as a command inside a worker sees them.
+
+    A command that runs the worker's own code (the audit's probe command) needs these: in the
+    strict profile they are the staged runtime's neutral paths, not the host's.
+    """
+    if config.profile == "strict":
+        return runtime.inside_executable(), runtime.app_dir()
+    return sys.executable, PACKAGE_ROOT
 
 
 def prepare_workspace(config: ProcessSandboxConfig, user_id: str) -> Path:

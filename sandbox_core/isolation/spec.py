@@ -93,14 +93,18 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _BOOT = "import sys; sys.path.insert(0, {root!r}); from {entry} import main; main()"
 
 
-def python_argv(config: ProcessSandboxConfig) -> list[str]:
+def python_argv(
+    config: ProcessSandboxConfig, *, executable: str = sys.executable, root: str = PACKAGE_ROOT
+) -> list[str]:
     """The worker's command: isolated mode (-I ignores PYTHON* variables and the cwd).
 
     ``-S`` skips ``site`` at start-up (~25 ms of .pth processing); the worker adds
     site-packages itself only when a method needs a third-party package (the agent).
+    ``executable`` and ``root`` (the directory holding ``sandbox_core``) are as the worker
+    sees them: the host's own for the ``process`` profile.
     """
-    boot = _BOOT.format(root=PACKAGE_ROOT, entry=WORKER_ENTRY)
-    return [sys.executable, "-I", "-S", "-c", boot, str(config.max_frame_bytes)]
+    boot = _BOOT.format(root=root, entry=WORKER_ENTRY)
+    return [executable, "-I", "-S", "-c", boot, str(config.max_frame_bytes)]
 
 
 def process_launch(config: ProcessSandboxConfig, workspace: Path | None) -> LaunchSpec:

@@ -1,16 +1,19 @@
 """The ``strict`` profile: a bubblewrap sandbox around the worker, built on the host.
 
-The sandbox sees a minimal read-only system (/usr and the /lib, /bin symlinks, a few
-/etc files, a generated passwd/group/hosts), the Python interpreter and the packages it
-needs at their host paths, private tmpfs /tmp and /dev/shm, a fresh /dev and /proc, and
-the user's workspace read-write at ``/workspace``. It has new pid, net, ipc, uts, mount
-and cgroup namespaces, a seccomp filter loaded by bwrap before exec, and no capabilities
-except CAP_SETUID/CAP_SETGID when the host is root, which the worker uses once to become
-the unprivileged sandbox user (then they are gone: ``no_new_privs`` is set).
+The sandbox sees a minimal read-only system (/usr without /usr/local/etc, the /lib, /bin
+symlinks, a few /etc files, a generated passwd/group/hosts), the worker's Python staged at
+the neutral ``/opt/sandbox`` (:mod:`runtime`), private tmpfs /tmp, /dev/shm and ``HOME``, a
+fresh /dev and /proc, and the user's workspace read-write at ``/workspace`` with its
+protected and denied entries held in place (:mod:`protect`). It has new pid, net, ipc, uts,
+mount and cgroup namespaces, a seccomp filter loaded by bwrap before exec, and no
+capabilities except CAP_SETUID/CAP_SETGID when the host is root, which the worker uses once
+to become the unprivileged sandbox user (then they are gone: ``no_new_privs`` is set).
 
 The environment is the allowlisted one from :func:`worker_env` and is the environment of
 bwrap itself, so PID 1 inside holds nothing else (never ``--clearenv``, never
-``--setenv``, and nothing secret on the command line).
+``--setenv``). bwrap reads all its options from a sealed memfd (``--args FD``): PID 1's
+``/proc/1/cmdline``, which every process inside can read, is ``bwrap --args N`` and names
+no host path.
 """
 
 from __future__ import annotations
@@ -23,18 +26,26 @@ import pwd
 import shutil
 import subprocess
 import sys
-import sysconfig
 import weakref
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError, IsolationUnavailable
-from sandbox_core.isolation import cgroups
-from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, python_argv, rlimit_plan, worker_env
+from sandbox_core.isolation import cgroups, runtime
+from sandbox_core.isolation.protect import DENY, FREEZE, TreeGuard
+from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
 
 WORKSPACE = "/workspace"
+HOME = "/home/sandbox"
+"""The sandbox user's home: on a per-worker tmpfs (``/home``), not in the workspace, so that
+dotfiles written to ``~`` neither land in the project nor outlive the worker."""
+HIDDEN = ("/usr/local/etc",)
+"""System directories covered by an empty read-only tmpfs (npm's global config and tokens live
+in /usr/local/etc)."""
+BWRAP_OPTIONS = ("--args", "--bind-fd", "--ro-bind-fd")
+"""bwrap options the strict profile cannot do without."""
 _MB = 1024 * 1024
 SYSTEM_TREES = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 ETC_ENTRIES = (
@@ -187,16 +198,6 @@ class _Mounts:
         self.args += ["--symlink", target, dest]
         self.made.add(dest)
 
-    def chain(self, path: str) -> None:
-        """Make ``path`` work inside: each symlink hop recreated, the final file bound."""
-        seen: set[str] = set()
-        while os.path.islink(path) and path not in seen:
-            seen.add(path)
-            target = os.readlink(path)
-            self.symlink(target, path)
-            path = os.path.normpath(os.path.join(os.path.dirname(path), target))
-        self.bind(os.path.realpath(path))
-
     def data(self, content: bytes, dest: str, mode: str = "0644") -> None:
         self.parents(dest)
         fd = self.fds.add(data_fd(PurePosixPath(dest).name, content))
@@ -236,24 +237,6 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def python_paths() -> tuple[list[str], list[str]]:
-    """(files or symlink chains, directories) the running interpreter needs, host paths."""
-    chains = [sys.executable]
-    if sys.prefix != sys.base_prefix:
-        chains.append(os.path.join(sys.prefix, "pyvenv.cfg"))
-    libdir, soname = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("INSTSONAME")
-    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and soname:
-        chains.append(os.path.join(libdir, soname))
-    dirs: list[str] = []
-    for key in ("stdlib", "platstdlib", "purelib", "platlib"):
-        path = sysconfig.get_path(key)
-        if path and os.path.isdir(path) and path not in dirs:
-            dirs.append(path)
-    package = os.path.join(PACKAGE_ROOT, "sandbox_core")
-    dirs.append(package)
-    return [c for c in chains if os.path.lexists(c)], sorted(dirs, key=len)
-
-
 def _split_bind(spec: str) -> tuple[str, str]:
     src, sep, dest = spec.partition(":")
     return os.path.realpath(src), os.path.normpath(dest) if sep else os.path.realpath(src)
@@ -276,7 +259,7 @@ def _passwd(ident: tuple[int, int] | None, user: str) -> tuple[bytes, bytes]:
     """A passwd and group that name only root and the sandbox user (no host accounts)."""
     uid, gid = ident if ident is not None else (os.getuid(), os.getgid())
     name = user if ident is not None and not user.isdigit() else "sandbox"
-    passwd = f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n{name}:x:{uid}:{gid}:sandbox:{WORKSPACE}:/bin/sh\n"
+    passwd = f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n{name}:x:{uid}:{gid}:sandbox:{HOME}:/bin/sh\n"
     group = f"root:x:0:\n{name}:x:{gid}:\n"
     return passwd.encode(), group.encode()
 
@@ -292,8 +275,10 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         need = ".".join(map(str, MIN_BWRAP))
         raise IsolationUnavailable(f"{version} is too old for the strict profile (need {need}+); {INSTALL_HINT}",
                                    data={"field": "strict.bwrap", "value": bwrap, "reason": "no_bwrap"})
+    _require_options(bwrap, version)
     ident = sandbox_identity(config)
     fds = _Fds()
+    guards: dict[str, TreeGuard] = {}
     try:
         m = _static_view().copy(fds)
         # The private /tmp comes first: an interpreter or checkout that lives under /tmp on
@@ -303,35 +288,52 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         m.data(passwd, "/etc/passwd")
         m.data(group, "/etc/group")
         m.data(HOSTS, "/etc/hosts")
-        rw_dests = _sandbox_view(m, config, workspace)
-        denied = _deny(m, config.strict.deny_paths)
+        trees = _sandbox_view(m, config, workspace)
+        guards.update((dest, TreeGuard(src)) for dest, src in trees.items() if os.path.isdir(src))
+        protected = _protect(guards.get(WORKSPACE) if workspace is not None else None, config.strict.protected_paths)
+        denied, deny_missing = _deny(m, config.strict.deny_paths, guards)
+        held = _hold_in_place(m, guards, fds)
         m.args += ["--remount-ro", "/"]
         seccomp_args, seccomp_info = _seccomp(config, fds)
+        ns_args, namespaces = _namespaces(ident, version)
+        cgroup = cgroups.plan(worker_id, config.limits) if config.strict.cgroups else None
+        rlimits, limits_layer = _limits(config, cgroup)
+        rt = runtime.runtime()
+        # No --chdir into the workspace: it belongs to the sandbox uid (0700) and bwrap, holding
+        # no CAP_DAC_OVERRIDE, cannot enter it; the worker changes into it after the uid switch.
+        # (bwrap exports PWD=/ after its chdir; the rest of the environment is the allowlist.)
+        # The options go through a memfd (they name host paths); the command stays on the
+        # command line (bwrap takes it from there only) and names none.
+        args = [*m.args, "--chdir", "/", *ns_args, "--new-session", "--die-with-parent", *seccomp_args]
+        argv = [bwrap, "--args", str(fds.add(data_fd("sandbox-bwrap-args", _nul_separated(args))))]
+        argv += ["--", *python_argv(config, executable=rt.executable, root=rt.app_dir)]
     except BaseException:
         fds.close()
         raise
-    ns_args, namespaces = _namespaces(ident, version)
-    cgroup = cgroups.plan(worker_id, config.limits) if config.strict.cgroups else None
-    rlimits, limits_layer = _limits(config, cgroup)
-    # No --chdir into the workspace: it belongs to the sandbox uid (0700) and bwrap, holding
-    # no CAP_DAC_OVERRIDE, cannot enter it; the worker changes into it after the uid switch.
-    # (bwrap exports PWD=/ after its chdir; the rest of the environment is the allowlist.)
-    argv = [bwrap, *m.args, "--chdir", "/", *ns_args, "--new-session", "--die-with-parent", *seccomp_args]
-    argv += ["--", *python_argv(config)]
+    finally:
+        for guard in guards.values():
+            guard.close()
+    rw_dests = [d for d in trees if d != WORKSPACE]
     plan: dict[str, Any] = {
         "profile": "strict",
         "rlimits": rlimits,
         "umask": 0o077,
         "env_allowlist": True,
         "no_new_privs": True,
+        "home": HOME,
+        "site_packages": rt.site_dir,
+        "expect_mounts": held,
         "host_layers": {
             "engine": version,
             "namespaces": namespaces,
             "identity": "switch to sandbox user" if ident else "user namespace (caller's uid)",
             "filesystem": {
                 "workspace": WORKSPACE,
-                "read_write": [WORKSPACE, "/tmp", "/dev/shm", *rw_dests],
+                "home": HOME,
+                "read_write": [WORKSPACE, "/tmp", "/dev/shm", "/home", *rw_dests],
+                "protected": protected,
                 "denied": denied,
+                "deny_missing": deny_missing,
             },
             "seccomp_filter": seccomp_info,
             "limits": limits_layer["mode"],
@@ -341,9 +343,10 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
     if ident is not None:
         plan["switch_user"] = {"uid": ident[0], "gid": ident[1]}
     if config.strict.landlock:
+        writable = [WORKSPACE, *rw_dests]
         plan["landlock"] = {
-            "read_only": _roots({"/etc", "/proc", *m.covered} - {WORKSPACE, *rw_dests}),
-            "read_write": ["/tmp", "/dev", *rw_dests],
+            "read_only": _roots({p for p in {"/etc", "/proc", *m.covered} if not any(_under(p, w) for w in writable)}),
+            "read_write": ["/tmp", "/dev", "/home", *rw_dests],
             "required": landlock_abi() > 0,
         }
 
@@ -357,9 +360,11 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         if cgroup is not None:
             cgroup.cleanup()
 
+    env = worker_env(config, home=HOME)
+    env["PATH"] = _inside_path(m, env.get("PATH", ""), config.env.default_path)
     return LaunchSpec(
         argv=argv,
-        env=worker_env(config, home=WORKSPACE),
+        env=env,
         cwd="/",
         plan=plan,
         workspace_in_sandbox=WORKSPACE if workspace is not None else None,
@@ -372,6 +377,60 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
     )
 
 
+def _nul_separated(args: list[str]) -> bytes:
+    """bwrap's ``--args`` format: each argument followed by a NUL."""
+    if any("\0" in a for a in args):
+        raise IsolationUnavailable("a bwrap argument holds a NUL byte")
+    return b"".join(a.encode() + b"\0" for a in args)
+
+
+def launch_args(spec: LaunchSpec) -> list[str]:
+    """The bwrap options behind ``spec.argv`` (``bwrap --args FD -- COMMAND``), read back from
+    their memfd: for tests and diagnostics, before the spec is spawned (the fd is closed then)."""
+    fd = int(spec.argv[spec.argv.index("--args") + 1])
+    data = os.pread(fd, os.fstat(fd).st_size, 0)
+    return data.decode().split("\0")[:-1]
+
+
+@functools.cache
+def _bwrap_help(bwrap: str) -> str:
+    try:
+        out = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise IsolationUnavailable(f"{bwrap} does not run ({exc}); {INSTALL_HINT}") from None
+    return out.stdout + out.stderr
+
+
+def _require_options(bwrap: str, version: str) -> None:
+    """Fail closed unless bwrap has the options the profile is built on (``--args`` hides
+    the argv from the sandbox, ``--bind-fd`` holds workspace entries in place)."""
+    text = _bwrap_help(bwrap)
+    missing = [o for o in BWRAP_OPTIONS if o not in text]
+    if missing:
+        raise IsolationUnavailable(
+            f"{version} lacks {', '.join(missing)}, which the strict profile needs; "
+            f"install bubblewrap 0.6 or newer ({INSTALL_HINT})"
+        )
+
+
+def _inside_path(m: _Mounts, path: str, default: str) -> str:
+    """``PATH`` with only the absolute entries that exist inside the sandbox, in order.
+
+    Host entries such as a pyenv shim directory or a checkout's venv would name paths the
+    sandbox does not have (and tell it where they are on the host).
+    """
+    def exists_inside(entry: str) -> bool:
+        real = os.path.realpath(entry)  # /bin -> usr/bin is mirrored inside
+        host = m.host_path(real)
+        return entry.startswith("/") and host is not None and os.path.isdir(host) and host == real
+
+    for candidate in (path, default, "/usr/bin:/bin"):
+        kept = list(dict.fromkeys(e for e in candidate.split(":") if e and exists_inside(e)))
+        if kept:
+            return ":".join(kept)
+    return "/usr/bin"
+
+
 @functools.cache
 def _static_view() -> _Mounts:
     """The system and Python part of the view, computed once per process (it does not vary)."""
@@ -382,12 +441,15 @@ def _static_view() -> _Mounts:
 
 
 def _system_view(m: _Mounts) -> None:
-    """/usr, the /bin and /lib* links, and selected /etc entries (passwd and group come later)."""
+    """/usr (minus :data:`HIDDEN`), the /bin and /lib* links, and selected /etc entries."""
     for tree in SYSTEM_TREES:
         if os.path.islink(tree):
             m.symlink(os.readlink(tree), tree)
         elif os.path.isdir(tree):
             m.bind(tree)
+    for path in HIDDEN:
+        if os.path.isdir(path) and m.host_path(path) == path:
+            m.args += ["--perms", "0755", "--size", "4096", "--tmpfs", path, "--remount-ro", path]
     m.dir("/etc", "0755")
     for path in [f"/etc/{entry}" for entry in ETC_ENTRIES] + sorted(glob.glob("/etc/python3*")):
         if os.path.exists(path):
@@ -395,33 +457,34 @@ def _system_view(m: _Mounts) -> None:
 
 
 def _python_view(m: _Mounts) -> None:
-    """The interpreter, its stdlib and site-packages, and the sandbox_core package, read-only."""
-    chains, dirs = python_paths()
-    for chain in chains:
-        m.chain(chain)
-    m.dir(PACKAGE_ROOT, "0755")  # first on the worker's sys.path: must be listable for imports
-    for path in dirs:
-        m.bind(path)
-    base_site = os.path.join(sysconfig.get_path("stdlib"), "site-packages")
-    if os.path.isdir(base_site) and base_site not in sys.path:
-        m.args += ["--perms", "0755", "--tmpfs", base_site]  # a venv's base packages stay hidden
+    """The worker's staged runtime (interpreter, stdlib, its packages, sandbox_core), read-only.
+
+    One bind of a neutral host directory: nothing of the interpreter's, the venv's or the
+    checkout's host paths appears in the sandbox, not even in /proc/self/mountinfo.
+    """
+    m.bind(runtime.runtime().host_dir, runtime.SANDBOX_ROOT, mode="0755")
 
 
 def _tmpfs_size(config: ProcessSandboxConfig) -> list[str]:
     return ["--size", str(config.limits.memory_mb * _MB)] if config.limits.memory_mb else []
 
 
-def _sandbox_view(m: _Mounts, config: ProcessSandboxConfig, workspace: Path | None) -> list[str]:
-    """Fresh /dev and /proc, private /tmp and /dev/shm, the workspace, extra binds (rw dests)."""
+def _sandbox_view(m: _Mounts, config: ProcessSandboxConfig, workspace: Path | None) -> dict[str, str]:
+    """Fresh /dev and /proc, private /tmp, /dev/shm and /home, the workspace, extra binds.
+
+    Returns the writable trees that come from the host: sandbox path -> host path.
+    """
     size = _tmpfs_size(config)
     m.args += ["--dev", "/dev", "--proc", "/proc"]
     m.args += ["--perms", "1777", *size, "--tmpfs", "/dev/shm"]
-    m.made.update({"/dev", "/proc", "/tmp", "/dev/shm"})
+    m.args += ["--perms", "1777", *size, "--tmpfs", os.path.dirname(HOME)]  # the worker makes HOME in it
+    m.made.update({"/dev", "/proc", "/tmp", "/dev/shm", os.path.dirname(HOME)})
+    trees: dict[str, str] = {}
     if workspace is not None:
-        m.bind(str(workspace.resolve()), WORKSPACE, rw=True)
+        trees[WORKSPACE] = str(workspace.resolve())
+        m.bind(trees[WORKSPACE], WORKSPACE, rw=True)
     else:
         m.args += ["--perms", "1777", *size, "--tmpfs", WORKSPACE]
-    rw_dests: list[str] = []
     binds = [(b, False) for b in config.strict.ro_binds] + [(b, True) for b in config.strict.rw_binds]
     for spec, rw in binds:
         what = "rw_binds" if rw else "ro_binds"
@@ -429,8 +492,33 @@ def _sandbox_view(m: _Mounts, config: ProcessSandboxConfig, workspace: Path | No
         _check_bind(src, dest, what)
         m.bind(src, dest, rw=rw, force=True)
         if rw:
-            rw_dests.append(dest)
-    return rw_dests
+            trees[dest] = src
+    return trees
+
+
+def _protect(guard: TreeGuard | None, patterns: tuple[str, ...]) -> list[str]:
+    """Freeze the workspace's protected paths (see :mod:`protect`); their sandbox paths."""
+    if guard is None:
+        return []
+    for pattern in patterns:
+        guard.protect(pattern)
+    return sorted(f"{WORKSPACE}/{m.rel}" for m in guard.mounts.values() if m.kind == FREEZE)
+
+
+def _hold_in_place(m: _Mounts, guards: dict[str, TreeGuard], fds: _Fds) -> list[list[str]]:
+    """Emit the guards' mounts (parents first) and return them as [sandbox path, ro|rw] for the
+    worker to check before it serves anything."""
+    expect: list[list[str]] = []
+    for tree, guard in guards.items():
+        for mount in guard.ordered():
+            dest = f"{tree}/{mount.rel}"
+            if mount.kind == DENY:
+                _cover(m, dest, mount.is_dir)
+            else:
+                option = "--ro-bind-fd" if mount.kind == FREEZE else "--bind-fd"
+                m.args += [option, str(fds.add(guard.hand_over(mount))), dest]
+            expect.append([dest, "rw" if mount.kind not in (FREEZE, DENY) else "ro"])
+    return expect
 
 
 def _seccomp(config: ProcessSandboxConfig, fds: _Fds) -> tuple[list[str], dict[str, Any] | bool]:
@@ -490,26 +578,46 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return (0,)
 
 
-def _deny(m: _Mounts, deny_paths: tuple[str, ...]) -> list[str]:
-    """Hide each deny path that the sandbox would show: an empty 000 tmpfs or an empty file."""
+def _deny(m: _Mounts, deny_paths: tuple[str, ...], guards: dict[str, TreeGuard]) -> tuple[list[str], list[str]]:
+    """Hide each deny path the sandbox would show; (denied, missing) sandbox paths.
+
+    A path below a writable tree is handed to that tree's guard, which pins every directory
+    between the tree's root and the path so that no rename of a parent can carry it out of
+    reach (in this run or, as every worker pins them again, a later one); it is covered
+    after the pins. A missing one is reported, never silently skipped. Elsewhere the view is
+    read-only and the path is covered where it is.
+    """
     denied: list[str] = []
+    missing: list[str] = []
     for path in deny_paths:
         dest = os.path.normpath(path)
+        tree = next((t for t in sorted(guards, key=len, reverse=True) if _under(dest, t) and dest != t), None)
+        if tree is not None:
+            found = guards[tree].deny(os.path.relpath(dest, tree))
+            (missing if found is None else denied).append(dest)
+            continue
         host = m.host_path(dest)
         if host is None and os.path.realpath(dest) != dest:  # under a mirrored symlink (/bin -> usr/bin)
             dest = os.path.realpath(dest)
             host = m.host_path(dest)
         kind = _deny_kind(m, path, dest, host)
         if kind is None:
+            missing.append(dest)
             continue
         if kind == "generated":
             _blank_generated(m, dest)
-        elif kind == "dir":
-            m.args += ["--perms", "0000", "--size", "4096", "--tmpfs", dest, "--remount-ro", dest]
         else:
-            m.data(b"", dest, mode="0000")
+            _cover(m, dest, kind == "dir")
         denied.append(dest)
-    return denied
+    return denied, missing
+
+
+def _cover(m: _Mounts, dest: str, is_dir: bool) -> None:
+    """Hide ``dest``: an empty read-only 000 tmpfs over a directory, an empty 000 file over a file."""
+    if is_dir:
+        m.args += ["--perms", "0000", "--size", "4096", "--tmpfs", dest, "--remount-ro", dest]
+    else:
+        m.data(b"", dest, mode="0000")
 
 
 SANDBOX_FILESYSTEMS = ("/proc", "/dev", "/tmp", WORKSPACE)
@@ -569,6 +677,5 @@ def _blank_generated(m: _Mounts, dest: str) -> None:
 
 @functools.cache
 def _needed_by_worker() -> tuple[str, ...]:
-    """Sandbox paths the worker cannot start without: its interpreter, libraries and package."""
-    chains, dirs = python_paths()
-    return tuple({*chains, *(os.path.realpath(c) for c in chains), *dirs})
+    """Sandbox paths the worker cannot start without: its staged interpreter, libraries and package."""
+    return (runtime.SANDBOX_ROOT,)

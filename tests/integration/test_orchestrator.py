@@ -179,7 +179,8 @@ async def test_garbage_worker_is_recycled(workspace_root: Path) -> None:
 
     def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
         spec = process_launch(cfg, ws)
-        return LaunchSpec([sys.executable, str(fakes / "hostile_worker.py"), "garbage", "20"], spec.env, spec.cwd, spec.plan)
+        argv = [sys.executable, str(fakes / "hostile_worker.py"), "garbage", "20"]
+        return LaunchSpec(argv, spec.env, spec.cwd, spec.plan)
 
     config = process_config(workspace_root)
     async with SandboxOrchestrator(config, launcher=launcher) as pool:

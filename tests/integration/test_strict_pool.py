@@ -7,11 +7,12 @@ import dataclasses
 import os
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.config import ProcessSandboxConfig, StrictIsolation
 from sandbox_core.errors import ConfigError, PoolClosed, RequestTimeout, WorkerCrashed
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.process_tree import descendants
@@ -141,3 +142,67 @@ async def test_a_fork_and_exit_chain_dies_with_its_request_and_leaves_no_zombie(
         for _ in range(5):  # the pids limit is not filled by leftovers
             busy = await pool.execute("gina", sh("for i in 1 2 3 4 5 6 7 8 9 10; do true & done; wait; echo ok"))
             assert busy.stdout == b"ok\n"
+
+
+PLANT = r"""
+cd /workspace
+echo 'touch /workspace/pwned-profile' >> ~/.profile
+git config --global alias.st '!touch /workspace/pwned-alias'
+echo 'touch /workspace/pwned-profile' >> .profile
+echo 'touch /workspace/pwned-bashrc' >> .bashrc
+printf '[core]\n\tfsmonitor = touch /workspace/pwned-fsmonitor\n' >> .git/config
+printf '[alias]\n\tst = !touch /workspace/pwned-alias\n' >> .gitconfig
+printf '#!/bin/sh\ntouch /workspace/pwned-hook\n' > .git/hooks/post-checkout
+mv .git .git-old && mkdir .git && echo moved-git
+echo "home=$HOME"
+ls -A /workspace
+"""
+RUN_PLANTED = "cd /workspace && bash -lc 'git status --short; git st; true' && bash -ic true; ls -A /workspace"
+
+
+async def test_strict_dotfile_plants_neither_land_nor_run_later(workspace_root: Path) -> None:
+    """One run tries to plant ~/.profile, core.fsmonitor, a git alias and a hook; a later run runs git and shells."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    workspace = workspace_root / "mallory"
+    workspace.mkdir(mode=0o700)
+    await asyncio.to_thread(subprocess.run, ["git", "init", "-q", str(workspace)], check=True)
+    (workspace / ".bashrc").write_text("# mine\n")
+    async with SandboxOrchestrator(strict(workspace_root)) as pool:
+        if os.getuid() == 0:
+            for p in [workspace, *workspace.rglob("*")]:
+                os.lchown(p, 65534, 65534)
+        planted = await pool.execute("mallory", sh(PLANT))
+    assert "home=/home/sandbox\n" in planted.stdout_text and "moved-git" not in planted.stdout_text
+    refused = [line for line in planted.stderr_text.splitlines()
+               if line.endswith(("Read-only file system", "Permission denied", "Device or resource busy"))]
+    assert len(refused) == 6, planted.stderr_text  # .profile .bashrc .git/config .gitconfig the hook, mv .git
+    async with SandboxOrchestrator(strict(workspace_root)) as pool:  # a fresh worker: HOME is new
+        later = await pool.execute("mallory", sh(RUN_PLANTED))
+    assert "pwned" not in later.stdout_text, later.stdout_text + later.stderr_text
+    assert not list(workspace.glob("pwned-*")) and not (workspace / ".git-old").exists()
+    assert (workspace / ".bashrc").read_text() == "# mine\n" and (workspace / ".profile").read_text() == ""
+    assert "fsmonitor" not in (workspace / ".git" / "config").read_text()
+    assert not (workspace / ".git" / "hooks" / "post-checkout").exists()
+    # what an operator's git would run on the host: nothing planted
+    listing = ["git", "config", "--file", str(workspace / ".git" / "config"), "--list"]
+    config = (await asyncio.to_thread(subprocess.run, listing, capture_output=True, text=True, check=True)).stdout
+    assert "fsmonitor" not in config and "alias" not in config
+
+
+async def test_strict_rename_of_a_parent_does_not_expose_a_denied_path(workspace_root: Path) -> None:
+    denied = "/workspace/base/denied-dir/secret.txt"
+    config = strict(workspace_root).replace(strict=StrictIsolation(deny_paths=(denied,)))
+    secret = workspace_root / "trudy" / "base" / "denied-dir" / "secret.txt"
+    async with SandboxOrchestrator(config) as pool:
+        await pool.execute("trudy", sh("mkdir -p base/denied-dir"))
+        secret.write_text("top-secret")
+        os.chmod(secret, 0o644)
+    for _ in range(2):  # this run and a later one
+        async with SandboxOrchestrator(config) as pool:
+            moved = await pool.execute("trudy", sh("mv /workspace/base /workspace/moved; echo rc=$?"))
+            read = await pool.execute("trudy", sh("cat /workspace/moved/denied-dir/secret.txt "
+                                                  "/workspace/base/denied-dir/secret.txt; grep -r top-secret ."))
+        assert "rc=0" not in moved.stdout_text and "Device or resource busy" in moved.stderr_text
+        assert "top-secret" not in read.stdout_text + read.stderr_text
+    assert secret.read_text() == "top-secret" and not (workspace_root / "trudy" / "moved").exists()

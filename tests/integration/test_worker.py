@@ -163,7 +163,8 @@ async def test_garbage_on_the_channel_is_survived_and_counted(workspace_root: Pa
 
     def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
         spec = process_launch(cfg, ws)
-        return LaunchSpec([sys.executable, str(FAKES / "hostile_worker.py"), "garbage", "20"], spec.env, spec.cwd, spec.plan)
+        argv = [sys.executable, str(FAKES / "hostile_worker.py"), "garbage", "20"]
+        return LaunchSpec(argv, spec.env, spec.cwd, spec.plan)
 
     worker = SandboxWorker(config.replace(max_frame_bytes=4096), "wg", launcher=launcher)
     await worker.start()

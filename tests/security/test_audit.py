@@ -141,8 +141,9 @@ def test_strict_report_shape(strict_report: AuditReport) -> None:
     ("layer", "expect_failing"),
     [
         ({"seccomp": False}, {"net.host_unix", "proc.ptrace", "proc.vm_readv", "ns.user"}),
+        ({"protected_paths": ()}, {"workspace.protected"}),
     ],
-    ids=["seccomp-off"],
+    ids=["seccomp-off", "protected-paths-lifted"],
 )
 def test_strict_layer_regression_is_named(tmp_path: Path, layer: dict[str, Any], expect_failing: set[str]) -> None:
     """Switching one layer off fails exactly the checks that layer is responsible for."""
@@ -182,7 +183,8 @@ def test_strict_without_bwrap_fails_closed_and_cleans_up(tmp_path: Path, monkeyp
 PROCESS_MUST_FAIL = (
     "proc.environ", "proc.cmdline", "proc.pids", "files.secret", "files.world", "files.write_outside",
     "escape.symlink", "escape.hardlink", "net.host_tcp", "net.host_unix", "net.outbound", "proc.ptrace",
-    "proc.vm_readv", "priv.no_new_privs", "workspace.other_user", "limits.memory",
+    "proc.vm_readv", "priv.no_new_privs", "workspace.other_user", "workspace.protected", "proc.host_paths",
+    "limits.memory",
 )  # fmt: skip
 """Weaknesses of the ``process`` profile, whoever runs it."""
 PROCESS_MUST_FAIL_AS_ROOT = ("files.shadow", "priv.capabilities", "priv.setuid", "ns.user", "limits.fork_bomb")

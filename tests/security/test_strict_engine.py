@@ -27,8 +27,9 @@ import pytest
 from sandbox_core.config import ProcessSandboxConfig, ResourceLimits, StrictIsolation
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.isolation import cgroups
-from sandbox_core.isolation.launch import PACKAGE_ROOT, LaunchSpec, prepare_workspace
-from sandbox_core.isolation.strict import strict_launch
+from sandbox_core.isolation.launch import LaunchSpec, prepare_workspace
+from sandbox_core.isolation.runtime import app_dir, runtime
+from sandbox_core.isolation.strict import launch_args, strict_launch
 from sandbox_core.kernel import landlock_abi
 
 pytestmark = [
@@ -88,7 +89,7 @@ def probe_argv(spec: LaunchSpec, code: str, *, apply: bool = True) -> list[str]:
     """The spec's argv with the worker program replaced by ``code`` (plan in argv[1])."""
     at = spec.argv.index("--")
     interpreter = spec.argv[at + 1]
-    program = PRELUDE.format(root=PACKAGE_ROOT) + (APPLY if apply else "") + textwrap.dedent(code)
+    program = PRELUDE.format(root=app_dir()) + (APPLY if apply else "") + textwrap.dedent(code)
     program += "\nprint(json.dumps(out, default=str))\n"
     return [*spec.argv[: at + 1], interpreter, "-I", "-c", program, json.dumps(spec.plan)]
 
@@ -151,14 +152,14 @@ def test_no_secret_in_env_pid1_or_command_lines(tmp_path: Path, host_canary: str
         out["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
         """
         before = run(spec, code, apply=False)  # still uid 0 inside: can read PID 1 (bwrap)
-    assert before["environ"]["1"].startswith("PATH=") or "HOME=/workspace" in before["environ"]["1"]
+    assert before["environ"]["1"].startswith("PATH=") or "HOME=/home/sandbox" in before["environ"]["1"]
     for kind in ("environ", "cmdline"):
         for pid, text in before[kind].items():
             assert host_canary not in text, f"canary in /proc/{pid}/{kind}"
     # bwrap itself exports PWD after its chdir (to "/"); everything else is the allowlist
     assert set(before["self_env"]) <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "HOME", "PWD"}
     assert before["self_env"].get("PWD", "/") == "/"
-    assert before["self_env"]["HOME"] == "/workspace"
+    assert before["self_env"]["HOME"] == "/home/sandbox"
     assert before["pids"][0] == 1 and len(before["pids"]) <= 3  # only the sandbox's own pids
 
 
@@ -191,9 +192,10 @@ def test_minimal_read_only_view_and_only_workspace_writable(tmp_path: Path) -> N
         ["/etc/shadow", "/etc/gshadow", "/home", "/var", "/run", "/srv", "/root/.bashrc", "/root/.ssh",
          "/etc/ssl/private", "/etc/environment", "/sys", "/usr/bin/env", "/etc/ssl/certs", "/etc/passwd"]}
     out["root_listing"] = attempt(os.listdir, "/root")
+    out["home"] = [os.environ["HOME"], os.listdir("/home"), oct(os.stat(os.environ["HOME"]).st_mode & 0o777)]
     out["writable"] = {}
     for d in ["/", "/workspace", "/tmp", "/dev/shm", "/usr", "/etc", "/root", "/work/main/sandbox_core",
-              "/proc", "/dev"]:
+              "/proc", "/dev", "/home/sandbox", "/opt/sandbox", "/opt/sandbox/app/sandbox_core"]:
         out["writable"][d] = attempt(lambda d: open(os.path.join(d, "probe-file"), "w").close(), d)
     out["me"] = pwd.getpwuid(os.getuid()).pw_name
     out["passwd"] = open("/etc/passwd").read()
@@ -203,14 +205,14 @@ def test_minimal_read_only_view_and_only_workspace_writable(tmp_path: Path) -> N
     (bob / "bob-secret").write_text("bob")
     code = textwrap.dedent(code) + f"out['bob'] = [os.path.exists({str(bob)!r}), os.path.exists({str(bob.parent)!r})]\n"
     with launched(tmp_path) as spec:
+        options = launch_args(spec)
+        host_ws = Path(options[options.index("/workspace") - 1])
         out = run(spec, code)
-        host_ws = Path(spec.argv[spec.argv.index("/workspace") - 1])
     assert not any(
         out["exists"][p]
         for p in [
             "/etc/shadow",
             "/etc/gshadow",
-            "/home",
             "/var",
             "/run",
             "/srv",
@@ -225,7 +227,8 @@ def test_minimal_read_only_view_and_only_workspace_writable(tmp_path: Path) -> N
     if AS_ROOT:
         assert out["root_listing"] != "ok"  # only a traversable path to the interpreter
     writable = {d for d, res in out["writable"].items() if res == "ok"}
-    assert writable == {"/workspace", "/tmp", "/dev/shm"}  # /tmp and /dev/shm are private tmpfs
+    assert writable == {"/workspace", "/tmp", "/dev/shm", "/home/sandbox"}  # private tmpfs but the workspace
+    assert out["home"] == ["/home/sandbox", ["sandbox"], "0o700"]  # the host's /home is not there
     assert (host_ws / "probe-file").exists()
     assert out["cwd"] == "/workspace"
     assert out["bob"] == [False, False]  # other users' workspaces (and their root) are not mounted
@@ -415,8 +418,9 @@ def test_uid_switch_drops_every_capability(tmp_path: Path) -> None:
     out["su"] = subprocess.run(["/usr/bin/su", "-c", "id"], capture_output=True, text=True, input="").returncode
     """
     with launched(tmp_path) as spec:
-        assert "--unshare-user" not in spec.argv
-        assert spec.argv[spec.argv.index("--cap-drop") : spec.argv.index("--cap-drop") + 8] == [
+        options = launch_args(spec)
+        assert "--unshare-user" not in options
+        assert options[options.index("--cap-drop") : options.index("--cap-drop") + 8] == [
             "--cap-drop",
             "ALL",
             "--cap-add",
@@ -442,10 +446,12 @@ def test_uid_switch_drops_every_capability(tmp_path: Path) -> None:
 
 
 def test_unprivileged_host_uses_a_user_namespace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime()  # staged as the real uid (the stage must belong to the uid that builds it)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with launched(tmp_path) as spec:
-        assert "--unshare-user" in spec.argv and "--disable-userns" in spec.argv
-        assert "--cap-add" not in spec.argv and "switch_user" not in spec.plan
+        options = launch_args(spec)
+        assert "--unshare-user" in options and "--disable-userns" in options
+        assert "--cap-add" not in options and "switch_user" not in spec.plan
         assert spec.plan["host_layers"]["namespaces"][0] == "user"
 
 

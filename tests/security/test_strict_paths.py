@@ -18,7 +18,8 @@ import pytest
 from sandbox_core.config import ProcessSandboxConfig, StrictIsolation
 from sandbox_core.errors import ConfigError
 from sandbox_core.isolation.launch import prepare_workspace
-from sandbox_core.isolation.strict import python_paths, strict_launch
+from sandbox_core.isolation.runtime import SANDBOX_ROOT
+from sandbox_core.isolation.strict import strict_launch
 from sandbox_core.requests import ExecRequest
 from sandbox_core.worker import SandboxWorker
 
@@ -99,8 +100,7 @@ def test_a_path_inside_the_sandboxes_own_filesystems_is_an_error(tmp_path: Path,
 
 
 def test_denying_what_the_worker_needs_is_an_error(tmp_path: Path) -> None:
-    _, dirs = python_paths()
-    for entry in ("/", "/proc", "/tmp", "/workspace", dirs[0], os.path.dirname(os.path.realpath(sys.executable))):
+    for entry in ("/", "/proc", "/tmp", "/workspace", SANDBOX_ROOT, os.path.dirname(SANDBOX_ROOT), f"{SANDBOX_ROOT}/app"):
         with pytest.raises(ConfigError, match="would hide what the worker needs") as info:
             _plan(tmp_path, deny_paths=(entry,))
         assert repr(entry) in info.value.message
