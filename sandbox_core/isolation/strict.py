@@ -636,7 +636,7 @@ def _deny_kind(m: _Mounts, path: str, dest: str, host: str | None) -> str | None
     a bound one whose host source does not exist yet, is skipped: there is nothing to hide.
     """
     needed = _needed_by_worker()
-    if dest == "/" or dest in SANDBOX_FILESYSTEMS or any(_under(p, dest) for p in needed):
+    if dest == "/" or dest in SANDBOX_FILESYSTEMS or any(_under(p, dest) or _under(dest, p) for p in needed):
         raise ConfigError("strict.deny_paths", f"{path!r} would hide what the worker needs to run")
     if host is not None:  # shown through a bind: hide what is there now
         if not os.path.lexists(host):

@@ -72,8 +72,8 @@ async def test_a_directory_the_sandbox_makes_can_be_denied(tmp_path: Path) -> No
     data.mkdir()
     (data / "tool.txt").write_text("tool-content-4711")
     data.chmod(0o755)
-    config = _config(tmp_path, ro_binds=(f"{data}:/opt/data",), deny_paths=("/opt",))
-    out = await _sh(config, "cat /opt/data/tool.txt 2>&1 || echo hidden")
+    config = _config(tmp_path, ro_binds=(f"{data}:/mnt/data",), deny_paths=("/mnt",))  # /opt holds the runtime
+    out = await _sh(config, "cat /mnt/data/tool.txt 2>&1 || echo hidden")
     assert "tool-content-4711" not in out and "hidden" in out
 
 
@@ -100,7 +100,8 @@ def test_a_path_inside_the_sandboxes_own_filesystems_is_an_error(tmp_path: Path,
 
 
 def test_denying_what_the_worker_needs_is_an_error(tmp_path: Path) -> None:
-    for entry in ("/", "/proc", "/tmp", "/workspace", SANDBOX_ROOT, os.path.dirname(SANDBOX_ROOT), f"{SANDBOX_ROOT}/app"):
+    needed = (SANDBOX_ROOT, os.path.dirname(SANDBOX_ROOT), f"{SANDBOX_ROOT}/app")  # the staged runtime
+    for entry in ("/", "/proc", "/tmp", "/workspace", *needed):
         with pytest.raises(ConfigError, match="would hide what the worker needs") as info:
             _plan(tmp_path, deny_paths=(entry,))
         assert repr(entry) in info.value.message
