@@ -42,6 +42,7 @@ from starlette.routing import Route
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import BodyTooLarge, ConfigError, LimitExceeded, SandboxError, TooManyRuns
 from sandbox_core.orchestrator import SandboxOrchestrator
+from sandbox_core.protocol import MAX_NESTING, too_deep
 from sandbox_core.requests import AgentRequest, ExecRequest
 from sandbox_core.service.auth import UNIX_PEER, Principal, TokenTable, bearer_token, principal_for_uid
 from sandbox_core.service.body_limit import BodyLimit, body_too_large
@@ -107,9 +108,14 @@ def guarded(role: str) -> Callable[[Callable[[Request, Principal], Awaitable[Res
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object; ConfigError (400) for anything else, deep nesting included
+    (refused before parsing: the parser recurses, and a RecursionError would be a 500)."""
+    raw = await request.body()
+    if too_deep(raw):
+        raise ConfigError("body", f"request body nests deeper than {MAX_NESTING}")
     try:
-        body = await request.json()
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise ConfigError("body", "request body must be a JSON object") from None
     if not isinstance(body, dict):
         raise ConfigError("body", "request body must be a JSON object")

@@ -176,6 +176,8 @@ async def test_bad_bodies_are_400(unix_service: Live) -> None:
         assert (await http.post("/v1/runs/exec", content=b"not json")).status_code == 400
         assert (await http.post("/v1/runs/exec", json={"argv": []})).status_code == 400
         assert (await http.post("/v1/runs/agent", json={"prompt": ""})).status_code == 400
+        deep = await http.post("/v1/runs/exec", content=b"[" * 100_000 + b"]" * 100_000)
+        assert deep.status_code == 400 and "nests deeper" in deep.json()["error"]  # not a 500
 
 
 def test_token_file_rules(tmp_path: Path) -> None:
