@@ -27,13 +27,33 @@ def session_members(sid: int) -> list[int]:
     return members
 
 
-def _stat_fields(pid: str) -> list[bytes] | None:
+def parse_stat(raw: bytes) -> list[str]:
+    """The fields of a /proc/PID/stat after ``(comm)``: state, ppid, pgrp, session, ...
+
+    The name may hold spaces and parentheses, so the split is at the last ``)``.
+    """
+    text = raw.decode(errors="replace")
+    return text[text.rfind(")") + 2 :].split()
+
+
+def _stat_fields(pid: str | int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
-            stat = fh.read()
+            return parse_stat(fh.read())
     except OSError:
         return None
-    return stat[stat.rfind(b")") + 2 :].split()
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    fields = _stat_fields(pid)
+    return fields is not None and bool(fields) and fields[0] != "Z"
+
+
+def parent(pid: int) -> int:
+    """The parent pid of ``pid`` (0 when it is gone)."""
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields is not None and len(fields) > 1 else 0
 
 
 def boot_ticks() -> int:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sandbox_core import datapipe
 from sandbox_core.errors import ProtocolError
 from sandbox_core.events import OutputEncoder
-from sandbox_core.process_tree import boot_ticks, descendants
+from sandbox_core.process_tree import alive, boot_ticks, descendants, parent
 
 if TYPE_CHECKING:
     from sandbox_core.inside.channel import InputPipe, OutputPipe, RequestContext
@@ -110,14 +110,14 @@ def kill_strays(since: int, exclude: frozenset[int] = frozenset(), *, alone: boo
         reap_children(exclude, deadline)
         return
     while time.monotonic() < deadline:
-        strays = [p for p in descendants(os.getpid(), started_since=since) if p not in exclude and _alive(p)]
+        strays = [p for p in descendants(os.getpid(), started_since=since) if p not in exclude and alive(p)]
         if not strays:
             break
         for pid in strays:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
     for pid in descendants(os.getpid()):  # the dead among our children (others may still run)
-        if pid not in exclude and _parent(pid) == os.getpid() and not _alive(pid):
+        if pid not in exclude and parent(pid) == os.getpid() and not alive(pid):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
 
@@ -132,30 +132,12 @@ def reap_children(exclude: frozenset[int], deadline: float) -> None:
     while True:
         below = [p for p in descendants(me) if p not in exclude]
         for pid in below:
-            if _parent(pid) == me:
+            if parent(pid) == me:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)
         if not below or time.monotonic() > deadline:
             return
         time.sleep(0.002)
-
-
-def _stat(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return []
-
-
-def _alive(pid: int) -> bool:
-    fields = _stat(pid)
-    return bool(fields) and fields[0] != "Z"
-
-
-def _parent(pid: int) -> int:
-    fields = _stat(pid)
-    return int(fields[1]) if len(fields) > 1 else 0
 
 
 class StdinSink:

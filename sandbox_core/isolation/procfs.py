@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from sandbox_core.errors import IsolationUnavailable
-from sandbox_core.process_tree import descendants
+from sandbox_core.process_tree import descendants, parse_stat
 
 NAMESPACES = ("mnt", "pid", "net", "ipc", "uts", "user", "cgroup")
 """The namespace kinds a plan can unshare, as named under /proc/PID/ns."""
@@ -214,12 +214,6 @@ def parse_status(raw: bytes) -> dict[str, str]:
         key, _, value = line.partition(":")
         out[key] = value.strip()
     return out
-
-
-def parse_stat(raw: bytes) -> list[str]:
-    """The fields after ``(comm)`` (the name may hold spaces and parentheses: split at the last)."""
-    text = raw.decode(errors="replace")
-    return text[text.rfind(")") + 2 :].split()
 
 
 def parse_limits(raw: bytes) -> dict[str, tuple[int | None, int | None]]:
