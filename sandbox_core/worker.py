@@ -129,6 +129,15 @@ class _Pending:
         """The command closed its stdin: stop sending it."""
 
 
+def _release_spec(built: asyncio.Future[LaunchSpec]) -> None:
+    """Clean up a launch spec nobody will spawn (its start was cancelled while it was built)."""
+    if built.cancelled() or built.exception() is not None:
+        return
+    cleanup = built.result().cleanup
+    if cleanup is not None:
+        cleanup()
+
+
 class SandboxWorker:
     """One sandboxed process and the JSON-RPC conversation with it."""
 
@@ -270,8 +279,18 @@ class SandboxWorker:
             await asyncio.shield(self._kill_now())
             raise
 
+    async def _build_spec(self) -> LaunchSpec:
+        """The launch spec, built in a thread (it reads the host's trees: a launch check walks
+        the workspace); a start cancelled meanwhile still releases what the spec holds."""
+        built = asyncio.ensure_future(asyncio.to_thread(self._launcher, self.config, self.worker_id, self.workspace))
+        try:
+            return await asyncio.shield(built)
+        except asyncio.CancelledError:
+            built.add_done_callback(_release_spec)
+            raise
+
     async def _spawn_and_handshake(self) -> None:
-        spec = self._launcher(self.config, self.worker_id, self.workspace)
+        spec = await self._build_spec()
         self._spec = spec
         self.workspace_in_sandbox = spec.workspace_in_sandbox
         loop = asyncio.get_running_loop()
