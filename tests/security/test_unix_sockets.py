@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_core.config import ProcessSandboxConfig, StrictIsolation
+from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.isolation import sockets
 from sandbox_core.isolation.strict import LANDLOCK_RESOLVE_UNIX_ABI, strict_launch
@@ -27,9 +27,8 @@ RESOLVE_UNIX = landlock_abi() >= LANDLOCK_RESOLVE_UNIX_ABI
 """This kernel's Landlock refuses host path sockets itself (else: the launch check does)."""
 
 
-def strict(root: Path, **strict_changes: object) -> ProcessSandboxConfig:
-    config = process_config(root).replace(profile="strict")
-    return config.replace(strict=StrictIsolation(**strict_changes)) if strict_changes else config
+def strict(root: Path) -> ProcessSandboxConfig:
+    return process_config(root).replace(profile="strict")
 
 
 def listener(path: Path, mode: int = 0o777) -> socket.socket:
