@@ -67,7 +67,7 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-class _ExitWatch(asyncio.subprocess.SubprocessStreamProtocol):
+class ExitWatch(asyncio.subprocess.SubprocessStreamProtocol):
     """The stream protocol, plus a future that resolves when the process exits."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -335,7 +335,7 @@ async def _run(
     piped = data is not None or sink is not None
     try:
         transport, protocol = await loop.subprocess_exec(
-            lambda: _ExitWatch(loop),
+            lambda: ExitWatch(loop),
             *argv,
             stdin=asyncio.subprocess.PIPE if piped else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
