@@ -17,6 +17,7 @@ import pexpect
 import pytest
 
 from tests.cli.conftest import SANDBOX, find_process, poll, process_tree
+from tests.cli.test_client_mode import Server
 from tests.helpers import pid_alive
 
 EXPECT_TIMEOUT = 20
@@ -172,3 +173,66 @@ def test_the_terminal_is_restored_however_the_session_ends(session: Callable[...
     else:
         os.kill(cli, getattr(signal, ending))
         assert s.finish() == 128 + getattr(signal, ending)
+
+
+# ---------------------------------------------------------------- through `sandbox serve`
+
+
+@pytest.fixture
+def served(tmp_path: Path, profile: str) -> Iterator[Server]:
+    """A ``sandbox serve`` on a private socket."""
+    import tempfile
+
+    from cli.remote import socket_answers
+    from tests.cli.test_client_mode import base_env, start_server, stop_server
+
+    runtime = Path(tempfile.mkdtemp(prefix="sbx-tty-", dir="/tmp"))
+    root = tmp_path / "service"
+    root.mkdir()
+    env = {**base_env(root), "XDG_RUNTIME_DIR": str(runtime), "SANDBOX_WORKSPACE_ROOT": str(root / "ws"),
+           "SANDBOX_PROFILE": profile}
+    proc, log = start_server(root, env)
+    sock = runtime / "sandbox" / "sandbox.sock"
+    server = Server(proc, f"unix:{sock}", root / "ws", log, {})
+    try:
+        poll(lambda: socket_answers(sock) or proc.poll() is not None, 20, "the service's socket")
+        assert proc.poll() is None, log.read_text()
+        yield server
+    finally:
+        stop_server(server)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_shell_through_the_service_over_its_websocket(session: Callable[..., Session], served: Server) -> None:
+    s = session("--connect", served.address, "shell")
+    s.ready()
+    s.line("tty")
+    s.expect(r"/dev/pts/\d+")
+    s.line("stty size")
+    s.expect(f"{ROWS} {COLS}")
+    s.child.setwinsize(45, 100)
+    s.line("stty size")
+    s.expect("45 100")
+    s.expect(re.escape(READY))
+    s.line("touch started; sleep 100; echo not-interrupted")
+    s.expect("touch started; sleep 100; echo not-interrupted\r\n")
+    poll(lambda: list(served.workspace.glob("*/started")), 15, "sleep to start")
+    s.child.send("\x03")
+    s.expect(re.escape(READY))
+    s.line("python3 -q")
+    s.expect(">>> ")
+    s.line("6*7")
+    s.expect("42")
+    s.child.send("\x04")
+    s.expect(re.escape(READY))
+    s.line("exit 3")
+    assert s.finish() == 3
+
+
+def test_the_terminal_is_restored_when_the_service_goes_away(session: Callable[..., Session], served: Server
+                                                              ) -> None:
+    s = session("--connect", served.address, "shell")
+    s.ready()
+    served.proc.kill()
+    s.expect("error: ")
+    assert s.finish() == 125
