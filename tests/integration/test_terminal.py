@@ -172,3 +172,11 @@ def test_bad_window_sizes_are_refused() -> None:
             ExecRequest(argv=("sh",), tty=(rows, cols))
     with pytest.raises(ValueError):
         ExecRequest(argv=("sh",), term="xterm")
+
+
+async def test_the_keystroke_echo_benchmark_measures_both_sides(workspace_root: Path) -> None:
+    from sandbox_core.bench import keystroke_echo
+
+    figure = await keystroke_echo(strict(workspace_root), 5)
+    assert figure.value > 0 and figure.baseline is not None and figure.baseline > 0
+    assert figure.ratio is not None and figure.detail["n"] == 5
