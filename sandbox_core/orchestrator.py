@@ -196,9 +196,11 @@ class SandboxOrchestrator:
         sandbox: ``async with pool.terminal(...) as t`` (see :mod:`sandbox_core.terminal`).
 
         It holds one of the user's workers busy while open and ends at ``timeout`` (default
-        ``request_timeout``) like any request.
+        ``terminal_timeout``, else ``request_timeout``) like any request.
         """
         validate_user_id(user_id)
+        if timeout is None and self.config.terminal_timeout > 0:
+            timeout = self.config.terminal_timeout
         return terminal_session(
             lambda request: self.execute_stream(user_id, request),
             argv, rows=rows, cols=cols, term=term, timeout=timeout, stdin=stdin,

@@ -16,7 +16,7 @@ def shell_command(
     ctx: typer.Context,
     user: Annotated[str | None, typer.Option("--user", help="User id whose sandbox to enter.")] = None,
     timeout: Annotated[float | None, typer.Option(
-        "--timeout", help="Seconds before the session is ended (default: request_timeout).")] = None,
+        "--timeout", help="Seconds before the session ends (default: terminal_timeout, else request_timeout).")] = None,
     profile: Annotated[ProfileName | None, typer.Option("--profile", help="Isolation profile.")] = None,
 ) -> None:
     """Open a login shell (bash if the sandbox has it, else sh) in the user's /workspace.

@@ -143,14 +143,23 @@ async def test_leaving_early_and_timeouts_leave_no_process(workspace_root: Path)
                            10, "the shell and its sleeps")
         await wait_for(lambda: {p for p in descendants(bwrap_pid) if pid_alive(p)} <= before, 10,
                        "the session's processes gone")
-        with pytest.raises(RequestTimeout):
+        with pytest.raises(RequestTimeout) as ended:
             async with pool.terminal("erin", SHELL, timeout=1.0) as term:
                 await term.wait()
+        assert ended.value.data["timeout"] == 1.0
         await wait_for(lambda: {p for p in descendants(bwrap_pid) if pid_alive(p)} <= before, 10,
                        "the timed-out session's processes gone")
         assert (await pool.execute("erin", ExecRequest(shell="echo alive"))).stdout == b"alive\n"
         stats = pool.get_pool_stats()
         assert stats["requests"]["timed_out"] == 1
+
+
+async def test_terminal_timeout_is_the_default_deadline_of_a_session(workspace_root: Path) -> None:
+    async with SandboxOrchestrator(strict(workspace_root, terminal_timeout=0.5, request_timeout=60.0)) as pool:
+        with pytest.raises(RequestTimeout) as ended:
+            async with pool.terminal("gil", SHELL) as term:
+                await term.wait()
+        assert ended.value.data["timeout"] == 0.5
 
 
 async def test_a_terminal_counts_as_a_busy_worker(workspace_root: Path) -> None:
