@@ -52,7 +52,7 @@ def main_options(
         str | None,
         typer.Option("--connect", envvar="SANDBOX_URL", metavar="URL|SOCKET",
                      help="Use the `sandbox serve` at unix:PATH, a socket path or http://HOST:PORT "
-                          "(run, exec, stats, workers, repl). Default: its socket in the runtime "
+                          "(run, exec, shell, stats, workers, repl). Default: its socket in the runtime "
                           "directory if a server answers there, else an in-process pool."),
     ] = None,
     local: Annotated[
