@@ -28,6 +28,7 @@ from typing import Any, Protocol
 SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "fish", "csh", "tcsh", "busybox"})
 """Commands that get a terminal by default when the CLI runs on one (``exec`` without -t)."""
 DEFAULT_WINDOW = (24, 80)
+EOF_KEY = b"\x04"
 _ENDING = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 MODES_OFF = b"\x1b[?2004l\x1b[?1l\x1b>\x1b[?1000l\x1b[?1002l\x1b[?1003l\x1b[?1006l\x1b[?25h\r\n"
 """Written when a session ends before its program did: bracketed paste, application cursor
@@ -95,8 +96,13 @@ async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
 
 
 async def _keys(term: TerminalLike, fd: int) -> None:
-    """This terminal's (or pipe's) bytes to the session until end of input."""
+    """This terminal's (or pipe's) bytes to the session until end of input.
+
+    The end of a piped stdin is sent as the terminal's end-of-file key (Ctrl-D), which a
+    program on a terminal reads as the end of its input: ``echo ls | sandbox shell`` ends.
+    """
     loop = asyncio.get_running_loop()
+    piped = not os.isatty(fd)
     selectable = True
     while True:
         if selectable:
@@ -106,6 +112,8 @@ async def _keys(term: TerminalLike, fd: int) -> None:
                 selectable = False
         data = await asyncio.to_thread(os.read, fd, 65536) if not selectable else os.read(fd, 65536)
         if not data:
+            if piped:
+                await term.write(EOF_KEY)
             await term.close_stdin()
             return
         await term.write(data)

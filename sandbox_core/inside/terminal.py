@@ -41,6 +41,8 @@ from sandbox_core.inside.runner import (
     command_argv,
     kill_group,
     kill_strays,
+    output_limit,
+    own_limit_reason,
 )
 from sandbox_core.process_tree import boot_ticks
 
@@ -117,21 +119,38 @@ async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         loop.remove_reader(fd)
 
 
-async def _pump(loop: asyncio.AbstractEventLoop, master: int, pipe: OutputPipe, request_id: int) -> None:
-    """The master's bytes to the host until the pty hangs up (EIO once no slave is open)."""
-    while True:
-        try:
-            chunk = os.read(master, _READ)
-        except BlockingIOError:
-            await _readable(loop, master)
-            continue
-        except OSError as exc:
-            if exc.errno == errno.EIO:
+class _Pump:
+    """The master's bytes to the host until the pty hangs up (EIO once no slave is open), and
+    ``limits.output_mb``: past it the program's group is killed and the output stops there."""
+
+    def __init__(self, master: int, pipe: OutputPipe, request_id: int, limit: int) -> None:
+        self._master, self._pipe, self._request_id, self.limit = master, pipe, request_id, limit
+        self.pgid = 0
+        self.total = 0
+        self.limited = False
+
+    async def run(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                chunk = os.read(self._master, _READ)
+            except BlockingIOError:
+                await _readable(loop, self._master)
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EIO:
+                    return
+                raise
+            if not chunk:
                 return
-            raise
-        if not chunk:
-            return
-        await pipe.send(request_id, datapipe.KIND_STDOUT, chunk)
+            if self.limited:
+                continue  # drain what is left without sending it
+            if self.limit and self.total + len(chunk) > self.limit:
+                chunk = chunk[: self.limit - self.total]
+                self.limited = True
+                kill_group(self.pgid)
+            self.total += len(chunk)
+            if chunk:
+                await self._pipe.send(self._request_id, datapipe.KIND_STDOUT, chunk)
 
 
 def _environment(params: dict[str, Any]) -> dict[str, str]:
@@ -216,7 +235,9 @@ async def _run(
             )
             writer = asyncio.StreamWriter(wtransport, wprotocol, None, loop)
             sink.attach(writer)
-        reader = asyncio.create_task(_pump(loop, master, pipe, request_id))
+        pump = _Pump(master, pipe, request_id, output_limit(params))
+        pump.pgid = pid
+        reader = asyncio.create_task(pump.run(loop))
         try:
             await protocol.exited
             returncode = transport.get_returncode()
@@ -254,4 +275,7 @@ async def _run(
         result["exit_code"] = 128 - returncode
     else:
         result["exit_code"] = returncode
+    reason = f"output limit {pump.limit / (1024 * 1024):g} MB" if pump.limited else own_limit_reason(returncode)
+    if reason is not None:
+        result["kill_reason"] = reason
     return result

@@ -16,7 +16,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from tests.cli.conftest import SANDBOX, find_process, poll, process_tree
+from tests.cli.conftest import SANDBOX, Run, find_process, poll, process_tree
 from tests.cli.test_client_mode import Server
 from tests.helpers import pid_alive
 
@@ -236,3 +236,10 @@ def test_the_terminal_is_restored_when_the_service_goes_away(session: Callable[.
     served.proc.kill()
     s.expect("error: ")
     assert s.finish() == 125
+
+
+def test_piped_keys_end_with_an_end_of_file_key(run_cli: Run) -> None:
+    result = run_cli("exec", "-t", "-i", "--user", "alice", "--", "sh", "-c", "cat; echo cat-ended; exit 6",
+                     input="typed-through-a-pipe\n")
+    assert result.returncode == 6, result.stderr
+    assert "typed-through-a-pipe" in result.stdout and "cat-ended" in result.stdout

@@ -162,6 +162,21 @@ async def test_terminal_timeout_is_the_default_deadline_of_a_session(workspace_r
         assert ended.value.data["timeout"] == 0.5
 
 
+async def test_the_output_limit_ends_a_flooding_session_exactly_there(workspace_root: Path) -> None:
+    from dataclasses import replace
+
+    config = strict(workspace_root)
+    config = config.replace(limits=replace(config.limits, output_mb=1))
+    async with SandboxOrchestrator(config) as pool, pool.terminal("hal", SHELL) as term:
+        seen = bytearray()
+        await expect(term, PROMPT, seen)
+        await term.write(b"yes flood\r")  # a job of its own (job control): the limit ends it too
+        while await term.read():
+            pass
+        assert term.result is not None and term.result["kill_reason"] == "output limit 1 MB"
+        assert pool.get_pool_stats()["workers"]["busy"] == 0
+
+
 async def test_a_terminal_counts_as_a_busy_worker(workspace_root: Path) -> None:
     config = strict(workspace_root, max_workers_per_user=1, acquire_timeout=0.5)
     async with SandboxOrchestrator(config) as pool, pool.terminal("fay", SHELL) as term:
