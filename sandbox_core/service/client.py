@@ -281,6 +281,8 @@ class ServiceClient:
             raise ServiceError(f"lost the service connection: {exc}") from exc
 
 
+SERVICE_RESTART = 1012
+"""The close code of a service that shuts down (uvicorn's)."""
 WS_MAX_MESSAGE = 4 * 1024 * 1024
 """Largest message the client takes from the service (terminal output comes in far smaller ones)."""
 
@@ -323,6 +325,8 @@ class RemoteTerminal:
                 message = await self._ws.recv()
             except ConnectionClosed as exc:
                 self._ended = True
+                if exc.rcvd is not None and exc.rcvd.code == SERVICE_RESTART:
+                    raise ServiceUnreachable("the service shut down and ended the session") from None
                 raise ServiceUnreachable(f"lost the service connection: {exc}") from None
             if isinstance(message, bytes):
                 if message:
