@@ -126,6 +126,7 @@ def test_shell_prompt_tty_window_keys_python_and_exit_code(session: Callable[...
     s.note_processes()
     s.child.send("\x03")  # a byte on the terminal: the sandbox's line discipline makes it SIGINT
     s.expect(re.escape(READY))
+    assert "not-interrupted" not in str(s.child.before).partition("^C")[2]
     s.line("echo after-$((40+2))")
     s.expect("after-42")
     s.line("sleep 101")
@@ -219,6 +220,7 @@ def test_shell_through_the_service_over_its_websocket(session: Callable[..., Ses
     poll(lambda: list(served.workspace.glob("*/started")), 15, "sleep to start")
     s.child.send("\x03")
     s.expect(re.escape(READY))
+    assert "not-interrupted" not in str(s.child.before)
     s.line("python3 -q")
     s.expect(">>> ")
     s.line("6*7")
@@ -227,6 +229,16 @@ def test_shell_through_the_service_over_its_websocket(session: Callable[..., Ses
     s.expect(re.escape(READY))
     s.line("exit 3")
     assert s.finish() == 3
+    poll(lambda: not [p for p in process_tree(served.proc.pid) if pid_alive(p) and _comm(p) in ("bash", "sleep")],
+         15, "the session's processes in the service's sandbox gone")
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
 
 
 def test_the_terminal_is_restored_when_the_service_goes_away(session: Callable[..., Session], served: Server
