@@ -57,6 +57,14 @@ def is_shell(argv: list[str]) -> bool:
     return bool(argv) and os.path.basename(argv[0]) in SHELLS and not any(a in ("-c",) for a in argv[1:])
 
 
+def _term_name() -> str | None:
+    """This terminal's ``TERM`` when it is a plain name (else the sandbox's default, xterm)."""
+    from sandbox_core.requests import TERM_NAME
+
+    name = os.environ.get("TERM")
+    return name if name and TERM_NAME.match(name) else None
+
+
 def window_of(fd: int) -> tuple[int, int]:
     """``(rows, cols)`` of the terminal behind ``fd`` (24×80 when it is none or says 0)."""
     try:
@@ -149,7 +157,7 @@ async def attach(open_session: SessionOpener, *, interactive: bool) -> int:
     finished = False
     with raw_mode(in_fd if local_tty else None), _signals(loop, end), _tidy(out_fd, lambda: finished):
         try:
-            async with open_session(rows=rows, cols=cols, term=os.environ.get("TERM"), stdin=interactive) as term:
+            async with open_session(rows=rows, cols=cols, term=_term_name(), stdin=interactive) as term:
 
                 sizes: list[tuple[int, int]] = []
                 sender: list[asyncio.Task[None]] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,8 @@ class ExecRequest:
             raise ValueError("argv must not be empty")
         if self.tty is not None:
             check_window(*self.tty)
+            if self.term is not None and not TERM_NAME.match(self.term):
+                raise ValueError(f"term must be 1-64 letters, digits or ._+- characters, not {self.term!r}")
         elif self.resize is not None or self.term is not None:
             raise ValueError("resize and term are for a tty request")
 
@@ -76,6 +79,8 @@ class ExecRequest:
         return self.stdin if isinstance(self.stdin, bytes) else None
 
 
+TERM_NAME = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
+"""What a terminal's ``TERM`` may be (the worker falls back to ``xterm`` for anything else)."""
 MAX_WINDOW_SIDE = 10_000
 """Largest number of rows or columns of a terminal (the worker refuses more)."""
 

@@ -26,7 +26,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import re
 import struct
 import termios
 import time
@@ -45,6 +44,8 @@ from sandbox_core.inside.runner import (
     own_limit_reason,
 )
 from sandbox_core.process_tree import boot_ticks
+from sandbox_core.requests import MAX_WINDOW_SIDE as MAX_SIDE
+from sandbox_core.requests import TERM_NAME
 
 if TYPE_CHECKING:
     from sandbox_core.inside.channel import OutputPipe, RequestContext
@@ -52,9 +53,6 @@ if TYPE_CHECKING:
 
 _READ = 64 * 1024
 _DRAIN_AFTER_EXIT = 2.0
-MAX_SIDE = 10_000
-"""Largest number of rows or columns a window may have."""
-_TERM = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
 DEFAULT_TERM = "xterm"
 _IUTF8 = getattr(termios, "IUTF8", 0o40000)
 
@@ -75,7 +73,12 @@ def set_window(fd: int, rows: int, cols: int) -> None:
 
 
 def _take_terminal() -> None:
-    """In the child, after ``setsid``: make stdin (the pty slave) the controlling terminal."""
+    """In the child, after ``setsid``: make stdin (the pty slave) the controlling terminal.
+
+    Python 3.11's subprocess has no option for this, so it is a ``preexec_fn``: one ioctl
+    between fork and exec (what ``pty.fork`` does too), taking no lock another thread of the
+    worker could hold.
+    """
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
@@ -156,7 +159,7 @@ class _Pump:
 def _environment(params: dict[str, Any]) -> dict[str, str]:
     env = dict(os.environ)
     term = params.get("term")
-    env["TERM"] = term if isinstance(term, str) and _TERM.match(term) else env.get("TERM") or DEFAULT_TERM
+    env["TERM"] = term if isinstance(term, str) and TERM_NAME.match(term) else env.get("TERM") or DEFAULT_TERM
     return env
 
 

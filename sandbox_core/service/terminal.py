@@ -32,7 +32,7 @@ from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sandbox_core.errors import ConfigError, SandboxError
-from sandbox_core.requests import check_window
+from sandbox_core.requests import TERM_NAME, check_window
 from sandbox_core.terminal import LOGIN_SHELL, Terminal
 
 OPEN_TIMEOUT = 10.0
@@ -70,8 +70,8 @@ class _Opening:
             raise ConfigError("rows/cols", str(exc)) from None
         self.rows, self.cols = int(rows), int(cols)
         term = body.get("term")
-        if term is not None and not isinstance(term, str):
-            raise ConfigError("term", "must be a string")
+        if term is not None and not (isinstance(term, str) and TERM_NAME.match(term)):
+            raise ConfigError("term", "must be 1-64 letters, digits or ._+- characters")
         self.term = term
         timeout = body.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):

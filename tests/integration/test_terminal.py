@@ -196,6 +196,8 @@ def test_bad_window_sizes_are_refused() -> None:
             ExecRequest(argv=("sh",), tty=(rows, cols))
     with pytest.raises(ValueError):
         ExecRequest(argv=("sh",), term="xterm")
+    with pytest.raises(ValueError):
+        ExecRequest(argv=("sh",), tty=(24, 80), term="xterm; rm -rf /")
 
 
 async def test_the_keystroke_echo_benchmark_measures_both_sides(workspace_root: Path) -> None:

@@ -126,3 +126,16 @@ def test_openapi_documents_the_terminal_route() -> None:
     assert "101" in route["responses"] and "401" in route["responses"]
     for name in ("TerminalOpen", "TerminalControl", "TerminalEnd"):
         assert name in schema["components"]["schemas"]
+
+
+async def test_bad_opening_messages_are_refused_with_4400(tmp_path: Path) -> None:
+    async with tcp_service_with(tmp_path, profile=PROFILE) as live:
+        uri = "ws" + live.target[len("http"):] + "/v1/terminal"
+        headers = {"Authorization": f"Bearer {live.tokens['user04']}"}
+        for opening in ('{"term": "x; rm -rf /"}', '{"rows": 0}', '{"argv": []}', "[1]", "not json"):
+            async with connect(uri, additional_headers=headers) as ws:
+                await ws.send(opening)
+                refusal = json.loads(await ws.recv())
+                assert refusal["type"] == "error", opening
+                await ws.wait_closed()
+                assert ws.close_code == 4400, opening
