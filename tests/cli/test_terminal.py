@@ -135,6 +135,11 @@ def test_shell_prompt_tty_window_keys_python_and_exit_code(session: Callable[...
     s.expect("Stopped")
     s.line("kill -9 %1")
     s.expect(re.escape(READY))
+    s.line("sleep 102")
+    poll(lambda: find_process(["sleep", "102"], s.child.pid), 15, "sleep 102 to start")
+    s.child.send("\x1c")  # Ctrl-\: SIGQUIT to the foreground job
+    s.expect("Quit")
+    s.expect(re.escape(READY))
     s.line("python3 -q")
     s.expect(">>> ")
     s.line("import os; os.isatty(0), 6*7")
@@ -160,7 +165,7 @@ def test_exec_of_a_shell_at_a_terminal_is_interactive_by_default(session: Callab
     assert s.finish() == 7
 
 
-@pytest.mark.parametrize("ending", ["SIGTERM", "SIGHUP", "crash"])
+@pytest.mark.parametrize("ending", ["SIGTERM", "SIGHUP", "SIGINT", "crash"])
 def test_the_terminal_is_restored_however_the_session_ends(session: Callable[..., Session], ending: str) -> None:
     s = session("shell", "--user", "alice")
     s.ready()
