@@ -44,7 +44,9 @@ def exec_command(
     escape strings and queries (OSC, DCS, ESC[6n, ...) are removed unless --raw, colours
     and cursor movement kept. Stdin, when it is not a terminal,
     streams to the command as it arrives (any size, binary too); the exit code is the
-    command's own (124 on timeout), and a command killed by a limit says which. With a
+    command's own (124 on timeout), and a command killed by a limit says which. With -t,
+    COMMAND runs on a pseudo-terminal inside the sandbox, shown here unfiltered with this
+    terminal in raw mode (restored however it ends), and -i sends it your keys. With a
     service (--connect, SANDBOX_URL or its default socket) the command runs there, as
     the user of your credentials.
     """
