@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from cli import output
-from cli.commands import audit_env, bench, completions, config_cmd, exec_cmd, repl, run, serve, stats, workers
+from cli.commands import audit_env, bench, completions, config_cmd, exec_cmd, repl, run, serve, shell, stats, workers
 from cli.commands.common import ProfileName
 from cli.state import AppState
 
@@ -52,7 +52,7 @@ def main_options(
         str | None,
         typer.Option("--connect", envvar="SANDBOX_URL", metavar="URL|SOCKET",
                      help="Use the `sandbox serve` at unix:PATH, a socket path or http://HOST:PORT "
-                          "(run, exec, stats, workers, repl). Default: its socket in the runtime "
+                          "(run, exec, shell, stats, workers, repl). Default: its socket in the runtime "
                           "directory if a server answers there, else an in-process pool."),
     ] = None,
     local: Annotated[
@@ -76,7 +76,7 @@ def main_options(
     )
 
 
-for command in (run, exec_cmd, repl, audit_env, workers, stats, config_cmd, bench, serve, completions):
+for command in (run, exec_cmd, shell, repl, audit_env, workers, stats, config_cmd, bench, serve, completions):
     command.register(app)
 
 

@@ -29,7 +29,7 @@ EXIT_INTERRUPTED = 130
 EXIT_CODES_HELP = (
     "Exit codes: 0 success, 1 failure, 2 usage error, 124 timeout, 125 sandbox failure "
     "(could not start or isolate), 126 command not executable, 127 command not found, "
-    "130 interrupted (Ctrl-C); `exec` passes through the command's own code."
+    "130 interrupted (Ctrl-C); `exec` and `shell` pass through the command's own code."
 )
 
 

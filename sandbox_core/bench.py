@@ -424,6 +424,105 @@ async def exec_throughput(config: ProcessSandboxConfig, size: int) -> list[Figur
     return figures
 
 
+def _echo_shell() -> list[str]:
+    """An interactive shell with no start-up files that echoes what is typed (bash, else sh)."""
+    bash = shutil.which("bash")
+    return [bash, "--norc", "--noprofile", "-i"] if bash else ["/bin/sh", "-i"]
+
+
+_PROMPT = b"BENCH> "
+
+
+async def _until(read: Callable[[], Awaitable[bytes]], pattern: bytes, limit: float = 30.0) -> None:
+    """Read until ``pattern`` has arrived (a split pattern included), or TimeoutError."""
+    seen = b""
+    deadline = time.monotonic() + limit
+    while pattern not in seen:
+        chunk = await asyncio.wait_for(read(), max(0.001, deadline - time.monotonic()))
+        if not chunk:
+            raise EOFError(f"the terminal ended before {pattern!r}")
+        seen = seen[-len(pattern):] + chunk
+
+
+async def _keystrokes(write: Callable[[bytes], Awaitable[None]], read: Callable[[], Awaitable[bytes]],
+                      n: int) -> list[float]:
+    """Round trips of one key through a shell's line editor: sent, echoed back."""
+    await _until(read, _PROMPT)
+    samples = []
+    for i in range(n):
+        key = b"abcdefghijklmnopqrstuvwxyz"[i % 26 : i % 26 + 1]
+        began = time.perf_counter()
+        await write(key)
+        await _until(read, key)
+        samples.append(time.perf_counter() - began)
+    await write(b"\x15exit\r")  # Ctrl-U: drop the typed line, then leave
+    return samples
+
+
+def _take_terminal() -> None:
+    """In the shell's child, after setsid: the pty slave (stdin) becomes its controlling terminal."""
+    import fcntl
+    import termios
+
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+async def _local_pty_keystrokes(argv: list[str], n: int) -> list[float]:
+    """The same keystroke round trip on a local pty running the same shell (the baseline)."""
+    master, slave = os.openpty()
+    home = tempfile.mkdtemp(prefix="sandbox-bench-pty-")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TERM": "xterm", "HOME": home, "PS1": _PROMPT.decode()}
+    proc = await asyncio.create_subprocess_exec(*argv, stdin=slave, stdout=slave, stderr=slave, env=env, cwd=home,
+                                                start_new_session=True, preexec_fn=_take_terminal)
+    os.close(slave)
+    os.set_blocking(master, False)
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            chunks.put_nowait(os.read(master, 65536))
+        except BlockingIOError:
+            pass
+        except OSError:  # the shell has gone (EIO)
+            loop.remove_reader(master)
+            chunks.put_nowait(b"")
+
+    loop.add_reader(master, readable)
+
+    async def write(data: bytes) -> None:
+        os.write(master, data)
+
+    try:
+        return await _keystrokes(write, chunks.get, n)
+    finally:
+        loop.remove_reader(master)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        os.close(master)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+async def keystroke_echo(config: ProcessSandboxConfig, n: int) -> Figure:
+    """A key typed into a warm shell on a sandbox pty until its echo is back (pool.terminal),
+    against the same shell on a local pty in the same run."""
+    argv = _echo_shell()
+    base = statistics.median(await _local_pty_keystrokes(argv, n))
+    inside = " ".join([os.path.basename(argv[0]), *argv[1:]])
+    shell = ("/bin/sh", "-c", f"PS1='{_PROMPT.decode()}' exec {inside}")
+    async with SandboxOrchestrator(config.replace(worker_timeout=3600)) as pool:
+        await pool.execute("bench", ExecRequest(argv=("true",)))  # the user's worker is warm
+        async with pool.terminal("bench", shell) as term:
+            ours_samples = await _keystrokes(term.write, term.read, n)
+            await term.wait()
+    ours = statistics.median(ours_samples)
+    ratio = ours / base
+    return Figure("keystroke echo (terminal)", _ms(ours), "ms p50", "", None, baseline=_ms(base),
+                  ratio=round(ratio, 2), detail={"p95_ms": _ms(_pct(ours_samples, 0.95)), "n": n,
+                                                  "baseline": "the same shell on a local pty"})
+
+
 Step = tuple[str, Callable[[], Awaitable[Figure | list[Figure]]]]
 
 
@@ -435,6 +534,7 @@ def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
         ("warm claim", lambda: warm_claim(config, n)),
         ("ping vs pipe", lambda: ping_vs_pipe(config, n * 10)),
         ("exec true", lambda: exec_true(config, n * 2)),
+        ("keystroke echo", lambda: keystroke_echo(config, n * 5)),
         ("idle memory", lambda: idle_memory(config)),
         ("agent first text", lambda: agent_first_text(config, n)),
         ("gateway overhead", lambda: gateway_overhead(config)),

@@ -198,6 +198,9 @@ class ProcessSandboxConfig:
     """Seconds a new worker has to finish its handshake."""
     request_timeout: float = 300.0
     """Default deadline of one request."""
+    terminal_timeout: float = 0.0
+    """Default deadline of a terminal session (``pool.terminal``, ``sandbox shell``, ``exec -t``,
+    the service's ``/v1/terminal``); 0 = ``request_timeout``. Shells usually want longer."""
     worker_timeout: float = 300.0
     """Idle seconds after which a bound worker is reaped."""
     max_workers: int = 8
@@ -262,7 +265,7 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
                     "max_workers_per_user", "acquire_timeout", "cleanup_interval",
                     "max_frame_bytes", "stderr_lines", "start_failure_threshold"))
     _positive(cfg, ("min_idle", "max_requests_per_worker", "shutdown_grace", "cancel_grace",
-                    "circuit_reset"), zero_ok=True)
+                    "circuit_reset", "terminal_timeout"), zero_ok=True)
     if cfg.min_idle > cfg.max_workers:
         raise ConfigError("min_idle", f"must not exceed max_workers ({cfg.max_workers})")
     if cfg.max_frame_bytes < 1024:

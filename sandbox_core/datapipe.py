@@ -11,6 +11,9 @@ the **input pipe** (host → worker). Every chunk on them is one binary frame:
     length       u32, big-endian, at most :data:`MAX_PAYLOAD`
     payload      ``length`` bytes
 
+A terminal request (an ``exec`` with ``tty``) uses the same frames: its keys are ``stdin``
+frames, and everything its pseudo-terminal writes comes back as ``stdout`` frames.
+
 On the output pipe the ``end`` frame comes before the request's final response on the
 control pipe; the host holds a successful response until it has read ``end``, so the
 caller sees all output before ``done``. Each side reads a pipe only as fast as the bytes

@@ -50,6 +50,7 @@ from sandbox_core.events import Event
 from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace
 from sandbox_core.process_tree import kill_session
 from sandbox_core.requests import AgentRequest, ExecRequest, Request, RequestResult
+from sandbox_core.terminal import LOGIN_SHELL, TerminalSession, terminal_session
 from sandbox_core.worker import Launcher, SandboxWorker, WorkerState
 
 if TYPE_CHECKING:
@@ -156,7 +157,10 @@ class SandboxOrchestrator:
         outcome = "cancelled"
         try:
             stdin = request.stdin_stream() if isinstance(request, ExecRequest) else None
-            stream = worker.execute_stream(request.method, request.params(), request.timeout, stdin=stdin)
+            resize = request.resize if isinstance(request, ExecRequest) else None
+            stream = worker.execute_stream(
+                request.method, request.params(), request.timeout, stdin=stdin, resize=resize
+            )
             try:
                 async for event in stream:
                     yield event
@@ -176,6 +180,31 @@ class SandboxOrchestrator:
             self._counters[outcome] += 1
             self._in_flight -= 1
             await self._release(worker)
+
+    def terminal(
+        self,
+        user_id: str,
+        argv: tuple[str, ...] | list[str] = LOGIN_SHELL,
+        *,
+        rows: int = 24,
+        cols: int = 80,
+        term: str | None = None,
+        timeout: float | None = None,
+        stdin: bool = True,
+    ) -> TerminalSession:
+        """An interactive session of ``argv`` (default: the login shell) on a pty in ``user_id``'s
+        sandbox: ``async with pool.terminal(...) as t`` (see :mod:`sandbox_core.terminal`).
+
+        It holds one of the user's workers busy while open and ends at ``timeout`` (default
+        ``terminal_timeout``, else ``request_timeout``) like any request.
+        """
+        validate_user_id(user_id)
+        if timeout is None and self.config.terminal_timeout > 0:
+            timeout = self.config.terminal_timeout
+        return terminal_session(
+            lambda request: self.execute_stream(user_id, request),
+            argv, rows=rows, cols=cols, term=term, timeout=timeout, stdin=stdin,
+        )
 
     def _closing_error(self, exc: SandboxError) -> SandboxError:
         """``exc``, or PoolClosed when the pool shut down under the request (its worker was

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,8 @@ INLINE_STDIN = 64 * 1024
 """Stdin up to this size travels inside the ``exec`` request; more is streamed in chunks."""
 
 Stdin = bytes | str | AsyncIterable[bytes]
+Window = tuple[int, int]
+"""A terminal's size: ``(rows, cols)``."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,13 @@ class ExecRequest:
     them (the command starts at once; EOF when the iterable ends)."""
     timeout: float | None = None
     """Deadline in seconds; None = the config's request_timeout."""
+    tty: Window | None = None
+    """Run the command on a pseudo-terminal made inside the sandbox, of this ``(rows, cols)``
+    size: stdout and stderr are the terminal's bytes (all as ``stdout``), stdin its keys."""
+    term: str | None = None
+    """``TERM`` for a ``tty`` command (letters, digits, ``._+-``; default ``xterm``)."""
+    resize: AsyncIterable[Window] | None = None
+    """New window sizes of a ``tty`` command, sent to it as they come."""
 
     method = "exec"
 
@@ -34,6 +44,12 @@ class ExecRequest:
             raise ValueError("ExecRequest needs exactly one of argv and shell")
         if self.argv is not None and not self.argv:
             raise ValueError("argv must not be empty")
+        if self.tty is not None:
+            check_window(*self.tty)
+            if self.term is not None and not TERM_NAME.match(self.term):
+                raise ValueError(f"term must be 1-64 letters, digits or ._+- characters, not {self.term!r}")
+        elif self.resize is not None or self.term is not None:
+            raise ValueError("resize and term are for a tty request")
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {}
@@ -44,6 +60,10 @@ class ExecRequest:
         raw = self._stdin_bytes()
         if raw is not None and len(raw) <= INLINE_STDIN:
             params["stdin_b64"] = base64.b64encode(raw).decode()
+        if self.tty is not None:
+            params["tty"] = {"rows": self.tty[0], "cols": self.tty[1]}
+            if self.term is not None:
+                params["tty"]["term"] = self.term
         return params
 
     def stdin_stream(self) -> AsyncIterable[bytes] | None:
@@ -57,6 +77,19 @@ class ExecRequest:
         if isinstance(self.stdin, str):
             return self.stdin.encode()
         return self.stdin if isinstance(self.stdin, bytes) else None
+
+
+TERM_NAME = re.compile(r"^[A-Za-z0-9._+-]{1,64}$")
+"""What a terminal's ``TERM`` may be (the worker falls back to ``xterm`` for anything else)."""
+MAX_WINDOW_SIDE = 10_000
+"""Largest number of rows or columns of a terminal (the worker refuses more)."""
+
+
+def check_window(rows: int, cols: int) -> None:
+    """ValueError unless ``rows`` and ``cols`` are whole numbers from 1 to MAX_WINDOW_SIDE."""
+    for name, value in (("rows", rows), ("cols", cols)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_WINDOW_SIDE:
+            raise ValueError(f"terminal {name} must be an integer from 1 to {MAX_WINDOW_SIDE}, not {value!r}")
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

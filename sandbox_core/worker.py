@@ -648,16 +648,23 @@ class SandboxWorker:
         return RequestResult(events, dict(done), self.worker_id)
 
     def execute_stream(
-        self, method: str, params: dict[str, Any], timeout: float | None = None, *, stdin: StdinSource | None = None
+        self,
+        method: str,
+        params: dict[str, Any],
+        timeout: float | None = None,
+        *,
+        stdin: StdinSource | None = None,
+        resize: AsyncIterable[tuple[int, int]] | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Send a request and yield ``started``, its events, then ``done`` (or raise).
 
         ``stdin`` (``exec`` only) streams to the command as it is produced; the request's
         params then say ``"stdin": "stream"``. An ``exec`` gets ``limits.output_mb``.
+        ``resize`` (a ``tty`` exec) gives the terminal's new ``(rows, cols)`` as they come.
         """
         if method == "exec" and self.config.limits.output_mb:
             params = {**params, "output_limit": self.config.limits.output_mb * 1024 * 1024}
-        return self._stream(method, params, timeout, emit_started=True, stdin=stdin)
+        return self._stream(method, params, timeout, emit_started=True, stdin=stdin, resize=resize)
 
     def _next_id(self) -> int:
         self._last_id += 1
@@ -672,6 +679,7 @@ class SandboxWorker:
         emit_started: bool,
         raw: list[Any] | None = None,
         stdin: StdinSource | None = None,
+        resize: AsyncIterable[tuple[int, int]] | None = None,
     ) -> AsyncGenerator[Event, None]:
         request_id = self._next_id()
         on_data_pipe = self._data_pipe and method == "exec"
@@ -685,6 +693,7 @@ class SandboxWorker:
         finished = False
         seq = 0
         feeder: asyncio.Task[None] | None = None
+        resizer: asyncio.Task[None] | None = None
         if emit_started:
             self._limits_at_start = self.limit_counts()
         try:
@@ -693,6 +702,8 @@ class SandboxWorker:
             await self._send(Request(request_id, method, params))
             if stdin is not None:
                 feeder = asyncio.create_task(self._feed_stdin(request_id, pending, stdin))
+            if resize is not None:
+                resizer = asyncio.create_task(self._feed_resize(request_id, resize))
             if emit_started:
                 yield Event("started", self._started_data(method), 0)
             while True:
@@ -726,10 +737,11 @@ class SandboxWorker:
                 return
         finally:
             timer.cancel()
-            if feeder is not None:
-                feeder.cancel()
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(feeder)
+            for task in (feeder, resizer):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await asyncio.shield(task)
             if not finished:
                 await asyncio.shield(self._abandon(request_id, pending))
             self._pending.pop(request_id, None)
@@ -780,6 +792,20 @@ class SandboxWorker:
             error = exc if isinstance(exc, SandboxError) else SandboxError(f"reading stdin failed: {exc!r:.200}")
             pending.queue.put_nowait(error)
         finally:  # a producer stopped early is told so now (it may hold a thread or a connection)
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                with contextlib.suppress(Exception):
+                    await close()
+
+    async def _feed_resize(self, request_id: int, sizes: AsyncIterable[tuple[int, int]]) -> None:
+        """Send each new window size of a terminal request as an ``exec.resize`` notification."""
+        chunks = aiter(sizes)
+        try:
+            async for rows, cols in chunks:
+                await self._send(Notification("exec.resize", {"id": request_id, "rows": rows, "cols": cols}))
+        except SandboxError:
+            return  # the worker is gone: its request fails on its own
+        finally:
             close = getattr(chunks, "aclose", None)
             if close is not None:
                 with contextlib.suppress(Exception):

@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Annotated, BinaryIO
+from typing import TYPE_CHECKING, Annotated, Any, BinaryIO
 
 import typer
 
@@ -17,7 +17,10 @@ from cli.commands.common import ProfileName, effective_config, state_of
 from cli.runtime import run_job, service_target, warn_ignored
 
 if TYPE_CHECKING:
+    from cli.remote import Target
     from cli.runtime import Pool
+    from cli.state import AppState
+    from sandbox_core.config import ProcessSandboxConfig
 
 
 def exec_command(
@@ -29,6 +32,11 @@ def exec_command(
     shell: Annotated[bool, typer.Option("--shell", help="Run COMMAND as one /bin/sh -c string.")] = False,
     raw: Annotated[bool, typer.Option(
         "--raw", help="Pass output to a terminal unfiltered (title, clipboard and query sequences too).")] = False,
+    tty: Annotated[bool | None, typer.Option(
+        "-t", "--tty/--no-tty", help="Run COMMAND on a pseudo-terminal in the sandbox (default: for a shell, "
+                                     "when stdin and stdout are terminals).")] = None,
+    interactive: Annotated[bool, typer.Option(
+        "-i", "--interactive", help="With -t: send this terminal's keys (stdin) to COMMAND.")] = False,
 ) -> None:
     """Run COMMAND in the user's sandboxed workspace.
 
@@ -36,15 +44,28 @@ def exec_command(
     escape strings and queries (OSC, DCS, ESC[6n, ...) are removed unless --raw, colours
     and cursor movement kept. Stdin, when it is not a terminal,
     streams to the command as it arrives (any size, binary too); the exit code is the
-    command's own (124 on timeout), and a command killed by a limit says which. With a
+    command's own (124 on timeout), and a command killed by a limit says which. With -t,
+    COMMAND runs on a pseudo-terminal inside the sandbox, shown here unfiltered with this
+    terminal in raw mode (restored however it ends), and -i sends it your keys. With a
     service (--connect, SANDBOX_URL or its default socket) the command runs there, as
     the user of your credentials.
     """
+    from cli.terminal import is_shell
+
     state = state_of(ctx)
     target = service_target(state)
     warn_ignored(target, profile=profile)
     config = effective_config(state, profile, min_idle=0, warn=target is None)
     user_id = state.user_id(user)
+    if tty is None and is_shell(command) and not shell and output.is_tty(sys.stdin) and output.is_tty(sys.stdout):
+        tty = interactive = True  # `sandbox exec -- bash` at a terminal: an interactive shell, as expected
+    if tty:
+        argv = ["/bin/sh", "-c", " ".join(command)] if shell else list(command)
+        code = run_terminal_job(state, config, target, user_id, argv, timeout=timeout, interactive=interactive,
+                                user=user)
+        raise typer.Exit(code)
+    if interactive:
+        output.warn("-i only matters with -t (without it, piped stdin streams to the command anyway)")
     piped = sys.stdin is not None and not sys.stdin.isatty()
 
     async def job(pool: Pool) -> int:
@@ -76,6 +97,29 @@ def exec_command(
         return code
 
     raise typer.Exit(run_job(config, job, verbose=state.verbose, target=target, user=user or state.user))
+
+
+def run_terminal_job(
+    state: AppState,
+    config: ProcessSandboxConfig,
+    target: Target | None,
+    user_id: str,
+    argv: list[str],
+    *,
+    timeout: float | None,
+    interactive: bool,
+    user: str | None,
+) -> int:
+    """Run ``argv`` on a sandbox pty attached to this terminal (``exec -t``, ``shell``); its exit code."""
+    from cli.terminal import attach
+
+    async def job(pool: Pool) -> int:
+        def open_session(**window: Any) -> Any:
+            return pool.terminal(user_id, argv, timeout=timeout, **window)
+
+        return await attach(open_session, interactive=interactive)
+
+    return run_job(config, job, verbose=state.verbose, target=target, user=user or state.user)
 
 
 class Sink:

@@ -286,3 +286,19 @@ class Repl:
             await drive(self.live_pool(), self.user_id, request, RichRenderer(self.console, err=self.console))
         finally:
             self.sync_identity()
+
+    async def shell(self) -> None:
+        """The current user's login shell on this terminal, until it exits; then back to the prompt."""
+        from cli.terminal import attach
+        from sandbox_core.terminal import LOGIN_SHELL
+
+        if not (self.interactive and output.is_tty(sys.stdin) and output.is_tty(sys.stdout)):
+            raise UsageError("/shell needs a terminal (stdin and stdout)")
+        pool = self.live_pool()
+        self.console.print(f"shell in {self.user_id}'s sandbox; exit (or Ctrl-D) returns here", style="dim")
+        try:
+            code = await attach(lambda **window: pool.terminal(self.user_id, list(LOGIN_SHELL), **window),
+                                interactive=True)
+        finally:
+            self.sync_identity()
+        self.console.print(f"back in the REPL (shell exit {code})", style="dim")

@@ -72,6 +72,12 @@ async def _exec(repl: Repl, args: list[str], raw: str) -> None:
     await repl.exec(raw.strip())
 
 
+async def _shell(repl: Repl, args: list[str], raw: str) -> None:
+    if args:
+        raise UsageError("usage: /shell")
+    await repl.shell()
+
+
 async def _stats(repl: Repl, args: list[str], raw: str) -> None:
     from cli.commands.stats import render_stats
     from cli.runtime import pool_stats
@@ -297,6 +303,7 @@ COMMANDS: dict[str, Slash] = {
     for cmd in (
         Slash("/help", "/help", "this help", _help),
         Slash("/exec", "/exec CMD", "run CMD (a shell line) in the current user's sandbox", _exec),
+        Slash("/shell", "/shell", "the current user's login shell in their sandbox (exit returns here)", _shell),
         Slash("/stats", "/stats", "pool statistics", _stats),
         Slash("/workers", "/workers [list|launch N|stop ID...|stop --user U|stop --all]",
               "list, pre-warm or stop the pool's workers", _workers, _complete_workers),

@@ -67,7 +67,7 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-class _ExitWatch(asyncio.subprocess.SubprocessStreamProtocol):
+class ExitWatch(asyncio.subprocess.SubprocessStreamProtocol):
     """The stream protocol, plus a future that resolves when the process exits."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -265,7 +265,7 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
     proc.stdin.close()
 
 
-def _own_limit_reason(returncode: int) -> str | None:
+def own_limit_reason(returncode: int) -> str | None:
     """The rlimit that killed a command, from the signal it died of."""
     if returncode == -signal.SIGXCPU:
         soft, _hard = resource.getrlimit(resource.RLIMIT_CPU)
@@ -292,7 +292,7 @@ async def run_command(
     the command could not start. ``alone`` (no other request runs in this worker) lets the
     clean-up kill every process of the sandbox, not only what this command started.
     """
-    output = _Output(ctx, pipe, _output_limit(params), 0)
+    output = _Output(ctx, pipe, output_limit(params), 0)
     try:
         return await _run(ctx, params, sink, output, alone)
     finally:
@@ -307,7 +307,7 @@ def _cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def _output_limit(params: dict[str, Any]) -> int:
+def output_limit(params: dict[str, Any]) -> int:
     limit = params.get("output_limit")
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0
 
@@ -335,7 +335,7 @@ async def _run(
     piped = data is not None or sink is not None
     try:
         transport, protocol = await loop.subprocess_exec(
-            lambda: _ExitWatch(loop),
+            lambda: ExitWatch(loop),
             *argv,
             stdin=asyncio.subprocess.PIPE if piped else asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
@@ -389,7 +389,7 @@ async def _run(
         result["exit_code"] = 128 - returncode
     else:
         result["exit_code"] = returncode
-    reason = f"output limit {output.limit / _MB:g} MB" if output.limited else _own_limit_reason(returncode)
+    reason = f"output limit {output.limit / _MB:g} MB" if output.limited else own_limit_reason(returncode)
     if reason is not None:
         result["kill_reason"] = reason
     return result

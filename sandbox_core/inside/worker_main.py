@@ -38,6 +38,7 @@ from sandbox_core.protocol import (
 
 if TYPE_CHECKING:
     from sandbox_core.inside.runner import StdinSink
+    from sandbox_core.inside.terminal import Terminals
 
 Handler = Callable[["RequestContext", dict[str, Any]], Awaitable[Any]]
 
@@ -81,6 +82,8 @@ class SandboxExecutor:
         """Requests being served (kept by the IPCHandler)."""
         self.last_request_id = 0
         """The highest integer request id seen: a stdin frame for a higher one is early."""
+        self.terminals: Terminals | None = None
+        """The ptys of running terminal requests (made on the first one)."""
         self.channel: Channel | None = None
         """The control pipe (set by the IPCHandler), to tell the host a command closed stdin."""
         self._methods: dict[str, Handler] = {
@@ -173,7 +176,18 @@ class SandboxExecutor:
         sink = self.stdin_sink(int(ctx.request.id)) if streamed else None
         pipe = self.output if params.get("output") == "data_pipe" else None
         alone = self.running <= {ctx.request.id} and self._pid_namespace_is_ours()
+        if params.get("tty") is not None:
+            from sandbox_core.inside.terminal import Terminals, run_terminal
+
+            if self.terminals is None:
+                self.terminals = Terminals()
+            return await run_terminal(ctx, params, sink, pipe, self.terminals, alone=alone)
         return await run_command(ctx, params, sink, pipe, alone=alone)
+
+    def resize(self, params: dict[str, Any]) -> None:
+        """``exec.resize {id, rows, cols}``: a running terminal's new window size."""
+        if self.terminals is not None:
+            self.terminals.resize(params)
 
     def _pid_namespace_is_ours(self) -> bool:
         """Whether the sandbox made a pid namespace for this worker alone: the plan says it
@@ -248,6 +262,8 @@ class IPCHandler:
                 self._channel.send_nowait(Response(msg.id, result=quick(msg.params)))
             else:
                 self._start(msg)
+        elif isinstance(msg, Notification) and msg.method == "exec.resize":
+            self._executor.resize(msg.params)
         elif isinstance(msg, Notification) and msg.method == "cancel":
             task = self._tasks.get(msg.params.get("id"))  # type: ignore[arg-type]
             if task is not None:

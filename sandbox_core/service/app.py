@@ -10,6 +10,7 @@ Routes (all JSON unless noted; ``/v1`` is the API version):
     GET  /v1/runs/{id}                 one run's summary                owner
     GET  /v1/runs/{id}/events          (re)attach to a run's stream     owner
     POST /v1/runs/{id}/cancel          cancel a run                     owner
+    WS   /v1/terminal                  a pty session in your sandbox    user
     GET  /v1/stats                     pool stats                       operator
     GET  /v1/workers                   list workers                     operator
     POST /v1/workers/launch            {"count": N, "user_id"?: U}      operator
@@ -35,9 +36,10 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import BodyTooLarge, ConfigError, LimitExceeded, SandboxError, TooManyRuns
@@ -49,6 +51,7 @@ from sandbox_core.service.body_limit import BodyLimit, body_too_large
 from sandbox_core.service.openapi import openapi_schema
 from sandbox_core.service.runs import MIB, Run, RunRegistry
 from sandbox_core.service.stdin import StdinRelay
+from sandbox_core.service.terminal import denial, serve_terminal
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -71,7 +74,7 @@ class ServiceState:
         self.tokens = tokens or TokenTable()
         self.draining = False
 
-    def authenticate(self, request: Request) -> Principal | None:
+    def authenticate(self, request: HTTPConnection) -> Principal | None:
         if self.transport == "unix":
             client = request.scope.get("client")
             if client and client[0] == UNIX_PEER:
@@ -319,6 +322,20 @@ async def stop_workers(request: Request, who: Principal) -> Response:
     return JSONResponse({"stopped": stopped})
 
 
+async def terminal(websocket: WebSocket) -> None:
+    """``WS /v1/terminal``: a pty session in the caller's own sandbox (see :mod:`.terminal`)."""
+    state: ServiceState = websocket.app.state.service
+    who = state.authenticate(websocket)
+    if who is None:
+        await websocket.send_denial_response(denial(401))
+        return
+    if state.draining or state.orchestrator.closed:
+        await websocket.send_denial_response(denial(503))
+        return
+    await websocket.accept()
+    await serve_terminal(websocket, who.user_id, state.orchestrator)
+
+
 async def health(request: Request) -> Response:
     state = _state(request)
     return JSONResponse({"status": "draining" if state.draining else "ok", "profile": state.config.profile})
@@ -374,6 +391,7 @@ def create_app(state: ServiceState) -> Starlette:
         Route("/v1/runs/{run_id}/events", run_events),
         Route("/v1/runs/{run_id}/stdin", run_stdin, methods=["POST"]),
         Route("/v1/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
+        WebSocketRoute("/v1/terminal", terminal),
         Route("/v1/stats", stats),
         Route("/v1/workers", workers),
         Route("/v1/workers/launch", launch_workers, methods=["POST"]),

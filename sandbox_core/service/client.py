@@ -10,10 +10,11 @@ as the connection is made, and the listener's uid (``SO_PEERCRED``) on that very
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpcore2
 import httpx2
@@ -28,7 +29,10 @@ from sandbox_core.errors import (
     from_wire,
 )
 from sandbox_core.events import Event
-from sandbox_core.service.trust import check_peer, open_checked, trusted_uids
+from sandbox_core.service.trust import check_peer, connect_checked, open_checked, trusted_uids
+
+if TYPE_CHECKING:
+    from websockets.asyncio.client import ClientConnection
 
 
 class ServiceError(SandboxError):
@@ -145,6 +149,8 @@ class ServiceClient:
     ) -> None:
         base, transport = _transport(target, server_uids)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._target, self._headers = target, headers
+        self._trusted = trusted_uids(server_uids)
         self._http = httpx2.AsyncClient(
             base_url=base, transport=transport, headers=headers,
             timeout=httpx2.Timeout(timeout, read=None),
@@ -228,6 +234,21 @@ class ServiceClient:
         result: dict[str, Any] = response.json()
         return result
 
+    def terminal(
+        self, argv: Sequence[str] | None = None, *, rows: int = 24, cols: int = 80, term: str | None = None,
+        timeout: float | None = None, stdin: bool = True,
+    ) -> RemoteTerminalSession:
+        """A terminal session over ``WS /v1/terminal`` (``argv`` None: the login shell), in the
+        sandbox of the user the credentials name; ``async with`` it for a :class:`RemoteTerminal`."""
+        opening: dict[str, Any] = {"rows": rows, "cols": cols, "stdin": stdin}
+        if argv is not None:
+            opening["argv"] = list(argv)
+        if term is not None:
+            opening["term"] = term
+        if timeout is not None:
+            opening["timeout"] = timeout
+        return RemoteTerminalSession(self._target, self._headers, self._trusted, opening)
+
     async def runs(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = (await self._json("GET", "/v1/runs"))["runs"]
         return result
@@ -258,3 +279,119 @@ class ServiceClient:
                     yield Event.from_dict({"type": kind, "seq": seq or 0, "data": payload})
         except httpx2.TransportError as exc:
             raise ServiceError(f"lost the service connection: {exc}") from exc
+
+
+SERVICE_RESTART = 1012
+"""The close code of a service that shuts down (uvicorn's)."""
+WS_MAX_MESSAGE = 4 * 1024 * 1024
+"""Largest message the client takes from the service (terminal output comes in far smaller ones)."""
+
+
+class RemoteTerminal:
+    """A terminal session on the service: the same calls as :class:`sandbox_core.terminal.Terminal`."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._ended = False
+        self.result: dict[str, Any] | None = None
+
+    @property
+    def exit_code(self) -> int | None:
+        code = self.result.get("exit_code") if self.result is not None else None
+        return code if isinstance(code, int) else None
+
+    async def write(self, data: bytes) -> None:
+        if data:
+            await self._send(bytes(data))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self._send(json.dumps({"type": "resize", "rows": rows, "cols": cols}))
+
+    async def close_stdin(self) -> None:
+        await self._send(json.dumps({"type": "eof"}))
+
+    async def _send(self, message: bytes | str) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        with contextlib.suppress(ConnectionClosed):  # the end (or the loss) shows in read()
+            await self._ws.send(message)
+
+    async def read(self) -> bytes:
+        """The next bytes of the terminal; ``b""`` at its end; the session's error raised typed."""
+        from websockets.exceptions import ConnectionClosed
+
+        while not self._ended:
+            try:
+                message = await self._ws.recv()
+            except ConnectionClosed as exc:
+                self._ended = True
+                if exc.rcvd is not None and exc.rcvd.code == SERVICE_RESTART:
+                    raise ServiceUnreachable("the service shut down and ended the session") from None
+                raise ServiceUnreachable(f"lost the service connection: {exc}") from None
+            if isinstance(message, bytes):
+                if message:
+                    return message
+                continue
+            try:
+                body = json.loads(message)
+            except ValueError:
+                continue
+            if not isinstance(body, dict):
+                continue
+            if body.get("type") == "exit":
+                self._ended = True
+                self.result = {k: v for k, v in body.items() if k != "type"}
+            elif body.get("type") == "error":
+                self._ended = True
+                error = body.get("error")
+                raise from_wire(error if isinstance(error, dict) else {"message": str(error)})
+        return b""
+
+    async def wait(self) -> int | None:
+        while await self.read():
+            pass
+        return self.exit_code
+
+
+class RemoteTerminalSession:
+    """Connects (checking a Unix socket like every connection), opens the session, closes it on exit."""
+
+    def __init__(self, target: str, headers: dict[str, str], trusted: frozenset[int], opening: dict[str, Any]) -> None:
+        self._target, self._headers, self._trusted, self._opening = target, headers, trusted, opening
+        self._ws: ClientConnection | None = None
+
+    async def __aenter__(self) -> RemoteTerminal:
+        import asyncio
+
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+        sock = None
+        if self._target.startswith(("http://", "https://")):
+            uri = "ws" + self._target.rstrip("/")[len("http"):] + "/v1/terminal"
+        else:
+            path = Path(self._target.removeprefix("unix:"))
+            try:
+                sock = await asyncio.to_thread(connect_checked, path, self._trusted)
+            except OSError as exc:
+                raise ServiceUnreachable(f"cannot reach the service: {path}: {exc.strerror or exc}") from exc
+            sock.settimeout(None)
+            uri = "ws://sandbox/v1/terminal"
+        try:
+            self._ws = await connect(uri, sock=sock, additional_headers=self._headers, max_size=WS_MAX_MESSAGE,
+                                     open_timeout=30)
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            ServiceClient._check(status, exc.response.body.decode(errors="replace") if exc.response.body else "")
+            raise ServiceError(f"the service refused the terminal ({status})", data={"status": status}) from None
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            if sock is not None:
+                sock.close()
+            raise ServiceUnreachable(f"cannot reach the service: {exc}") from exc
+        await self._ws.send(json.dumps(self._opening))
+        return RemoteTerminal(self._ws)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._ws is not None:
+            with contextlib.suppress(Exception):
+                await self._ws.close()

@@ -112,6 +112,48 @@ def openapi_schema() -> dict[str, Any]:
                 },
                 "Launch": {"type": "object", "properties": {"count": {"type": "integer", "minimum": 1},
                                                             "user_id": {"type": "string"}}},
+                "TerminalOpen": {
+                    "description": "the first (text) message on WS /v1/terminal; without argv or shell the "
+                                   "program is the login shell (bash if present, else sh) in /workspace",
+                    "type": "object",
+                    "properties": {
+                        "argv": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                        "shell": {"type": "string", "description": "run as /bin/sh -c SHELL"},
+                        "rows": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 24},
+                        "cols": {"type": "integer", "minimum": 1, "maximum": 10000, "default": 80},
+                        "term": {"type": "string", "pattern": "^[A-Za-z0-9._+-]{1,64}$",
+                                 "description": "TERM for the program (default xterm)"},
+                        "timeout": {"type": "number", "exclusiveMinimum": 0,
+                                    "description": "seconds before the session is ended (default request_timeout)"},
+                        "stdin": {"type": "boolean", "default": True, "description": "false: keys are not sent"},
+                        "user_id": {"type": "string", "description": "refused (close 4403) unless it is the "
+                                                                     "caller's own: the user comes from the "
+                                                                     "credentials"},
+                    },
+                },
+                "TerminalControl": {
+                    "description": "later text messages from the client (binary messages are keys)",
+                    "oneOf": [
+                        {"type": "object", "required": ["type", "rows", "cols"],
+                         "properties": {"type": {"const": "resize"}, "rows": {"type": "integer"},
+                                        "cols": {"type": "integer"}}},
+                        {"type": "object", "required": ["type"], "properties": {"type": {"const": "eof"}}},
+                    ],
+                },
+                "TerminalEnd": {
+                    "description": "the service's last (text) message before it closes the socket (1000); "
+                                   "binary messages before it are the terminal's output",
+                    "oneOf": [
+                        {"type": "object", "required": ["type", "exit_code"],
+                         "properties": {"type": {"const": "exit"}, "exit_code": {"type": "integer"},
+                                        "signal": {"type": "integer"}, "duration_s": {"type": "number"},
+                                        "worker_id": {"type": "string"}}},
+                        {"type": "object", "required": ["type", "error"],
+                         "properties": {"type": {"const": "error"},
+                                        "error": {"type": "object", "description": "JSON-RPC error object "
+                                                  "(code, message, data): timeout, worker crash, ..."}}},
+                    ],
+                },
             },
         },
         "security": [{"bearer": []}],
@@ -135,6 +177,24 @@ def openapi_schema() -> dict[str, Any]:
                               "409": {"description": "the run takes no stdin stream, or already has one"}}}},
             "/v1/runs/{run_id}/cancel": {"post": {"parameters": run_id,
                                                   "responses": {"200": _json(obj), "401": _401, "404": _404}}},
+            "/v1/terminal": {"get": {
+                "summary": "WebSocket: an interactive terminal (a pty inside the caller's own sandbox)",
+                "description": "Upgrade to a WebSocket. The client sends TerminalOpen (text), then keys as "
+                               "binary messages and TerminalControl (text); the service sends the terminal's "
+                               "bytes as binary messages and, at the end, TerminalEnd (text), then closes "
+                               "(1000). The session lives as long as the socket (a client that goes away ends "
+                               "it, the program is killed); there is nothing another user can attach to. "
+                               "Close codes: 4400 a bad message, 4403 another user's sandbox named, 1012 the "
+                               "service shutting down. It holds one of the user's workers busy and ends at "
+                               "its timeout (request_timeout by default). Messages are at most 1 MiB.",
+                "parameters": [{"name": "Upgrade", "in": "header", "required": True,
+                                "schema": {"const": "websocket"}}],
+                "responses": {"101": {"description": "switching protocols: the terminal session",
+                                      "content": {"application/json": {"schema": {"oneOf": [
+                                          {"$ref": "#/components/schemas/TerminalOpen"},
+                                          {"$ref": "#/components/schemas/TerminalControl"},
+                                          {"$ref": "#/components/schemas/TerminalEnd"}]}}}},
+                              "401": _401, "503": {"description": "draining"}}}},
             "/v1/stats": {"get": {"responses": {"200": _json(obj), "401": _401, "403": _403}}},
             "/v1/workers": {"get": {"responses": {"200": _json(obj), "401": _401, "403": _403}}},
             "/v1/workers/launch": {"post": {"requestBody": _body("Launch"),

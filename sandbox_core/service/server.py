@@ -19,6 +19,7 @@ from types import FrameType
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError
@@ -27,11 +28,25 @@ from sandbox_core.service.app import ServiceState, create_app
 from sandbox_core.service.auth import UNIX_PEER, TokenTable, peer_uid
 from sandbox_core.service.paths import default_socket_path
 
+WS_MAX_MESSAGE = 1024 * 1024
+"""Largest WebSocket message a client may send (terminal keys come in far smaller ones)."""
+
 
 class PeerCredProtocol(H11Protocol):
     """uvicorn's h11 protocol, recording a Unix-socket peer's uid as the ASGI client."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        uid = peer_uid(sock) if sock is not None else None
+        if uid is not None:
+            self.client = (UNIX_PEER, uid)
+
+
+class PeerCredWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's WebSocket protocol (after an upgrade), recording a Unix-socket peer's uid too."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
         uid = peer_uid(sock) if sock is not None else None
@@ -124,6 +139,8 @@ async def serve(
     uconfig = uvicorn.Config(
         create_app(state),
         http=PeerCredProtocol,
+        ws=PeerCredWebSocketProtocol,
+        ws_max_size=WS_MAX_MESSAGE,
         lifespan="off",
         log_level="warning",
         access_log=False,

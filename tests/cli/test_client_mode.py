@@ -574,3 +574,18 @@ def test_a_per_user_queue_timeout_names_the_users_cap(tmp_path: Path) -> None:
             holder.wait()
         stop_server(server)
         shutil.rmtree(run, ignore_errors=True)
+
+
+def test_repl_shell_against_the_service(remote_terminal: Terminal) -> None:
+    term = remote_terminal
+    term.line("/shell")
+    term.expect(r"[$#] ")
+    term.child.send("PS1='RE''MOTE> '\r")
+    term.expect("REMOTE> ")
+    term.line("tty; echo remote-$((6*7))")
+    term.expect(r"/dev/pts/\d+")
+    term.expect("remote-42")
+    term.expect("REMOTE> ")
+    term.line("exit 5")
+    term.expect(r"back in the REPL \(shell exit 5\)")
+    term.prompt()

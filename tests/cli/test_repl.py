@@ -204,3 +204,20 @@ def test_piped_repl_in_process(invoke: Invoke, monkeypatch: pytest.MonkeyPatch, 
     assert "fake audit of bob" in out and "audit finished with exit code 1" in out
     assert "Esc Enter / Alt+Enter" in out
     assert_plain(out)
+
+
+def test_shell_drops_into_the_sandbox_and_returns_to_the_repl(terminal: Terminal) -> None:
+    terminal.line("/shell")
+    terminal.expect(r"[$#] ")
+    terminal.child.send("PS1='IN''SIDE> '\r")
+    terminal.expect("INSIDE> ")
+    terminal.line("tty; echo inside-$((6*7))")
+    terminal.expect(r"/dev/pts/\d+")
+    terminal.expect("inside-42")
+    terminal.expect("INSIDE> ")
+    terminal.line("exit 4")
+    terminal.expect(r"back in the REPL \(shell exit 4\)")
+    terminal.prompt()
+    terminal.line("/exec echo repl-again")
+    terminal.expect("repl-again")
+    terminal.prompt()

@@ -38,10 +38,10 @@ def write_tokens(path: Path, users: list[str], operators: list[str]) -> dict[str
     return tokens
 
 
-def service_config(tmp_path: Path, **service: object) -> ProcessSandboxConfig:
+def service_config(tmp_path: Path, profile: str = "process", **service: object) -> ProcessSandboxConfig:
     root = tmp_path / "ws"
     root.mkdir(exist_ok=True)
-    config = process_config(root, max_workers=8, max_workers_per_user=1, acquire_timeout=60.0)
+    config = process_config(root, max_workers=8, max_workers_per_user=1, acquire_timeout=60.0, profile=profile)
     return config.replace(service=ServiceConfig(keepalive_seconds=0.5, drain_grace=5.0, **service))  # type: ignore[arg-type]
 
 
@@ -62,9 +62,11 @@ async def _run(config: ProcessSandboxConfig, listen: str | None) -> AsyncIterato
 
 @contextlib.asynccontextmanager
 async def unix_service_with(tmp_path: Path, **service: object) -> AsyncIterator[Live]:
-    """A service on a private Unix socket, with ``service`` settings over the test defaults."""
+    """A service on a private Unix socket, with ``service`` settings over the test defaults
+    (and ``profile``, default process)."""
+    profile = str(service.pop("profile", "process"))
     sock = Path(f"/tmp/sbx-test-{os.getpid()}-{secrets.token_hex(3)}") / "s.sock"
-    config = service_config(tmp_path, socket_path=sock, **service)
+    config = service_config(tmp_path, profile, socket_path=sock, **service)
     async for where in _run(config, None):
         await wait_for(sock.exists, 5, "socket")
         yield Live(where, config, {}, sock)
@@ -73,9 +75,10 @@ async def unix_service_with(tmp_path: Path, **service: object) -> AsyncIterator[
 @contextlib.asynccontextmanager
 async def tcp_service_with(tmp_path: Path, **service: object) -> AsyncIterator[Live]:
     """A service on a loopback TCP port with a token per user in ``USERS`` (and ``ops``)."""
+    profile = str(service.pop("profile", "process"))
     tokens_file = tmp_path / "tokens.toml"
     tokens = write_tokens(tokens_file, USERS, ["ops"])
-    config = service_config(tmp_path, tokens_file=tokens_file, **service)
+    config = service_config(tmp_path, profile, tokens_file=tokens_file, **service)
     async for where in _run(config, "127.0.0.1:0"):
         yield Live(where, config, tokens)
 
