@@ -183,6 +183,22 @@ class ServiceConfig:
     still running, the new one is refused (HTTP 429)."""
     max_body_mb: int = 16
     """Largest request body in MiB; a larger one is refused while it is read (HTTP 413)."""
+    state_dir: Path | None = None
+    """Where durable state lives (the record); None = ``/var/lib/sandbox`` as root, else
+    ``$XDG_STATE_HOME/sandbox`` (``~/.local/state/sandbox``)."""
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """The durable record of runs and security-relevant events (``record.sqlite3`` in the state dir)."""
+
+    enabled: bool = True
+    retention_days: float = 30.0
+    """Rows older than this are deleted."""
+    max_mb: int = 256
+    """Beyond this size the oldest journal rows (then runs) are deleted."""
+    preview_bytes: int = 512
+    """Every string recorded (argv, prompt, tool input, output preview) is cut to this."""
 
 
 @dataclass(frozen=True)
@@ -227,12 +243,22 @@ class ProcessSandboxConfig:
     strict: StrictIsolation = field(default_factory=StrictIsolation)
     model: ModelConfig = field(default_factory=ModelConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
 
     def replace(self, **changes: Any) -> ProcessSandboxConfig:
         return dataclasses.replace(self, **changes)
+
+    def state_dir(self) -> Path:
+        """The directory of durable state (``service.state_dir`` or its default)."""
+        if self.service.state_dir is not None:
+            return self.service.state_dir
+        if os.geteuid() == 0:
+            return Path("/var/lib/sandbox")
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "sandbox"
 
     def workspace_for(self, user_id: str) -> Path:
         """The workspace path of ``user_id`` (validated; not created)."""
@@ -335,7 +361,8 @@ def _validate_paths(cfg: ProcessSandboxConfig) -> None:
     bwrap = cfg.strict.bwrap  # a bare name is looked up on PATH; anything with a slash is a path
     if (problem := _path_problem(bwrap) if bwrap == "" or "/" in bwrap else None) is not None:
         raise ConfigError("strict.bwrap", f"{bwrap!r} {problem} (or give a bare name looked up on PATH)")
-    for name in ("socket_path", "tokens_file"):
+    _positive(cfg.record, ("retention_days", "max_mb", "preview_bytes"), "record.")
+    for name in ("socket_path", "tokens_file", "state_dir"):
         value = getattr(cfg.service, name)
         if value is not None and (problem := _path_problem(str(value))) is not None:
             raise ConfigError(f"service.{name}", f"{str(value)!r} {problem}")
@@ -349,6 +376,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "strict": StrictIsolation,
     "model": ModelConfig,
     "service": ServiceConfig,
+    "record": RecordConfig,
 }
 _ENV_ALIASES = {"ANTHROPIC_API_KEY": "model.api_key", "ANTHROPIC_BASE_URL": "model.base_url"}
 

@@ -49,6 +49,7 @@ from sandbox_core.errors import (
 from sandbox_core.events import Event
 from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace
 from sandbox_core.process_tree import kill_session
+from sandbox_core.record import Record, RunLog, new_run_id
 from sandbox_core.requests import AgentRequest, ExecRequest, Request, RequestResult
 from sandbox_core.worker import Launcher, SandboxWorker, WorkerState
 
@@ -73,8 +74,15 @@ class SandboxOrchestrator:
         *,
         launcher: Launcher = launch_spec,
         gateway: ModelGateway | None = None,
+        record: Record | None = None,
+        origin: str = "library",
     ) -> None:
         self.config = config
+        self.record = record
+        """Where each request's run row and journal entries go (None: nothing is recorded).
+        The caller opens and closes it (:func:`sandbox_core.record.open_record`)."""
+        self.origin = origin
+        """Where requests come from, for the record (``library``, ``cli``, ``service``)."""
         self._launcher = launcher
         self._gateway = gateway
         self._old_gateways: list[ModelGateway] = []
@@ -140,12 +148,38 @@ class SandboxOrchestrator:
         worker_id = str(done.get("worker_id", ""))
         return RequestResult(events, dict(done), worker_id)
 
-    async def execute_stream(self, user_id: str, request: Request) -> AsyncGenerator[Event, None]:
-        """Run ``request`` for ``user_id`` on their worker, yielding events as they happen."""
+    async def execute_stream(
+        self, user_id: str, request: Request, *, run_id: str | None = None, origin: str | None = None
+    ) -> AsyncGenerator[Event, None]:
+        """Run ``request`` for ``user_id`` on their worker, yielding events as they happen.
+
+        With a :attr:`record`, the request is recorded as run ``run_id`` (default: a new id)
+        started from ``origin`` (default: :attr:`origin`).
+        """
         validate_user_id(user_id)
         if not self._started:
             await self.start()
         request = self._with_defaults(request)
+        log = None
+        if self.record is not None:
+            log = RunLog(self.record, run_id or new_run_id(), user_id, request, origin or self.origin)
+        stream = self._execute(user_id, request)
+        try:
+            async for event in stream:
+                if log is not None:
+                    log.event(event)
+                yield event
+        except BaseException as exc:  # GeneratorExit too: the caller stopped reading
+            if log is not None:
+                log.finished(exc if isinstance(exc, Exception | asyncio.CancelledError) else asyncio.CancelledError())
+            raise
+        else:
+            if log is not None:
+                log.finished(None)
+        finally:
+            await stream.aclose()
+
+    async def _execute(self, user_id: str, request: Request) -> AsyncGenerator[Event, None]:
         try:
             worker = await self._acquire(user_id)
         except SandboxError as exc:

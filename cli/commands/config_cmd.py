@@ -55,7 +55,8 @@ _SOURCE_STYLE = {"default": "dim", "file": "cyan", "env": "yellow", "flag": "mag
 @config_app.command("show")
 def show_command(
     ctx: typer.Context,
-    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON: {path, values: {key: {value, source, origin?}}}.")
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print as JSON: {path, values: {key: {value, source, origin?}}}.")
                        ] = False,
 ) -> None:
     """Show the effective configuration: each value and its source (default, file, env, flag),

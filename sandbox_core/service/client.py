@@ -190,6 +190,20 @@ class ServiceClient:
         result: dict[str, Any] = await self._json("GET", "/v1/stats")
         return result
 
+    async def runs(self, *, user_id: str | None = None, since: str | None = None, limit: int = 100
+                   ) -> list[dict[str, Any]]:  # fmt: skip
+        """``GET /v1/runs``: live and recorded runs (a user's own; an operator's choice of user)."""
+        query = _query(user=user_id, since=since, limit=limit)
+        result: list[dict[str, Any]] = (await self._json("GET", f"/v1/runs{query}"))["runs"]
+        return result
+
+    async def journal(self, *, user_id: str | None = None, kind: str | None = None, since: str | None = None,
+                      after: int = 0, limit: int = 200) -> list[dict[str, Any]]:  # fmt: skip
+        """``GET /v1/journal``: the record's entries after id ``after``."""
+        query = _query(user=user_id, kind=kind, since=since, after=after or None, limit=limit)
+        result: list[dict[str, Any]] = (await self._json("GET", f"/v1/journal{query}"))["entries"]
+        return result
+
     async def workers(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = (await self._json("GET", "/v1/workers"))["workers"]
         return result
@@ -228,10 +242,6 @@ class ServiceClient:
         result: dict[str, Any] = response.json()
         return result
 
-    async def runs(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = (await self._json("GET", "/v1/runs"))["runs"]
-        return result
-
     async def stream(self, kind: str, body: dict[str, Any]) -> AsyncGenerator[Event, None]:
         """Start a run (``agent`` or ``exec``) and yield its events; errors raise typed."""
         async for event in self._events("POST", f"/v1/runs/{kind}", body):
@@ -258,3 +268,11 @@ class ServiceClient:
                     yield Event.from_dict({"type": kind, "seq": seq or 0, "data": payload})
         except httpx2.TransportError as exc:
             raise ServiceError(f"lost the service connection: {exc}") from exc
+
+
+def _query(**params: object) -> str:
+    """``?a=1&b=2`` of the parameters that are not None (empty when none are)."""
+    from urllib.parse import urlencode
+
+    given = {k: str(v) for k, v in params.items() if v is not None}
+    return "?" + urlencode(given) if given else ""

@@ -151,7 +151,7 @@ class RunRegistry:
         await asyncio.gather(*(self.cancel(r) for r in list(self._runs.values())))
 
     async def _drive(self, run: Run, request: Request) -> None:
-        stream = self._orchestrator.execute_stream(run.owner.user_id, request)
+        stream = self._orchestrator.execute_stream(run.owner.user_id, request, run_id=run.run_id, origin="service")
         try:
             async for event in stream:
                 data = dict(event.json_data())  # output bytes become text or base64

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import sqlite3
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError
 from sandbox_core.orchestrator import SandboxOrchestrator
+from sandbox_core.record import open_record
 from sandbox_core.service.app import ServiceState, create_app
 from sandbox_core.service.auth import UNIX_PEER, TokenTable, peer_uid
 from sandbox_core.service.paths import default_socket_path
@@ -119,7 +121,14 @@ async def serve(
         sock = bind_unix(path)
         where = f"unix:{path}"
         transport = "unix"
-    orchestrator = SandboxOrchestrator(config)
+    try:
+        record = open_record(config)
+    except (OSError, sqlite3.Error) as exc:
+        sock.close()
+        raise ConfigError("service.state_dir", f"cannot open the record in {config.state_dir()}: {exc}; "
+                          "set service.state_dir to a directory the service can write, or "
+                          "record.enabled = false") from None  # fmt: skip
+    orchestrator = SandboxOrchestrator(config, record=record, origin="service")
     state = ServiceState(config, orchestrator, transport=transport, tokens=tokens)
     uconfig = uvicorn.Config(
         create_app(state),
@@ -140,6 +149,8 @@ async def serve(
         state.draining = True
         await state.runs.cancel_all()
         await orchestrator.shutdown(grace=0 if server.force_exit else config.shutdown_grace)
+        if record is not None:
+            await asyncio.to_thread(record.close)
         sock.close()
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
