@@ -183,6 +183,9 @@ class ServiceConfig:
     still running, the new one is refused (HTTP 429)."""
     max_body_mb: int = 16
     """Largest request body in MiB; a larger one is refused while it is read (HTTP 413)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """The service's log (stderr; JSON lines when it is not a terminal): uvicorn's access log
+    and ours (runs, auth failures) at ``info``."""
     state_dir: Path | None = None
     """Where durable state lives (the record); None = ``/var/lib/sandbox`` as root, else
     ``$XDG_STATE_HOME/sandbox`` (``~/.local/state/sandbox``)."""

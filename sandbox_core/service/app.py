@@ -48,6 +48,7 @@ from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.protocol import MAX_NESTING, too_deep
 from sandbox_core.record import Record, parse_duration
 from sandbox_core.requests import AgentRequest, ExecRequest
+from sandbox_core.service import logs
 from sandbox_core.service.auth import UNIX_PEER, Principal, TokenTable, bearer_token, principal_for_uid
 from sandbox_core.service.body_limit import BodyLimit, body_too_large
 from sandbox_core.service.openapi import openapi_schema
@@ -89,15 +90,16 @@ class ServiceState:
         return self.tokens.lookup(token) if token else None
 
     def refused(self, request: Request, status: int, who: Principal | None) -> None:
-        """Journal an auth failure (never the credential: only that one was sent, and its shape)."""
-        if self.record is None:
-            return
+        """Log and journal an auth failure (never the credential: only whether one was sent)."""
         client = request.scope.get("client") or ("", "")
         header = request.headers.get("authorization")
         detail = {"status": status, "method": request.method, "path": request.url.path,
                   "transport": self.transport, "credential": "bearer" if header else "none",
                   "peer": f"uid {client[1]}" if client[0] == UNIX_PEER else str(client[0])}  # fmt: skip
-        self.record.journal("auth", detail, user_id=who.user_id if who else None)
+        logs.log().warning("refused %s %s: %d (%s)", request.method, request.url.path, status, detail["peer"],
+                           extra=detail)  # fmt: skip
+        if self.record is not None:
+            self.record.journal("auth", detail, user_id=who.user_id if who else None)
 
 
 def _state(request: Request) -> ServiceState:

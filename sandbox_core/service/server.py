@@ -25,6 +25,7 @@ from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.record import open_record
+from sandbox_core.service import logs
 from sandbox_core.service.app import ServiceState, create_app
 from sandbox_core.service.auth import UNIX_PEER, TokenTable, peer_uid
 from sandbox_core.service.paths import default_socket_path
@@ -130,12 +131,15 @@ async def serve(
                           "record.enabled = false") from None  # fmt: skip
     orchestrator = SandboxOrchestrator(config, record=record, origin="service")
     state = ServiceState(config, orchestrator, transport=transport, tokens=tokens)
+    key = config.model.api_key
+    log_config = logs.configure(config.service.log_level, [str(key)] if key else [])
     uconfig = uvicorn.Config(
         create_app(state),
         http=PeerCredProtocol,
         lifespan="off",
-        log_level="warning",
-        access_log=False,
+        log_config=log_config,
+        log_level=config.service.log_level,
+        access_log=True,
         timeout_graceful_shutdown=int(max(1, config.service.drain_grace)),
     )
     server = _Server(uconfig, state)

@@ -28,7 +28,8 @@ def test_exec_is_recorded_and_read_back_as_ndjson(run_cli: Run) -> None:
     log = run_cli("log", "--kind", "exec")
     entries = [json.loads(line) for line in log.stdout.splitlines()]
     assert [e["user_id"] for e in entries] == ["rita", "sam"]  # oldest first
-    assert entries[0]["detail"]["argv"] == ["sh", "-c", "printf %s%s OUT PUT; exit 2"] and entries[0]["detail"]["origin"] == "cli"
+    assert entries[0]["detail"]["argv"] == ["sh", "-c", "printf %s%s OUT PUT; exit 2"]
+    assert entries[0]["detail"]["origin"] == "cli"
     assert run_cli("log", "--since", "1h").stdout.count("\n") >= 2
     assert run_cli("log", "--since", "soon").returncode == 2
 

@@ -48,3 +48,19 @@ async def test_runs_and_journal_survive_a_restart_and_are_scoped(tmp_path) -> No
     raw = b"".join(p.read_bytes() for p in record_path(config).parent.glob("record.sqlite3*"))
     for token in live.tokens.values():
         assert token.encode() not in raw
+
+
+def test_log_lines_are_json_and_redact_tokens_and_the_key(capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import logging
+
+    from sandbox_core.service import logs
+
+    logs.configure("info", ["sk-ant-api03-SECRETKEY-abcdef"], json_lines=True)
+    logs.log().info("auth %s with %s", "Authorization: Bearer tok-123456789abcdef", "sk-ant-api03-SECRETKEY-abcdef",
+                    extra={"user": "u1", "header": "Bearer tok-123456789abcdef"})
+    logging.getLogger("uvicorn.access").info('%s - "%s" %d', "127.0.0.1:5", "GET /v1/runs HTTP/1.1", 200)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert lines[0]["msg"] == "auth Authorization: Bearer [redacted] with [redacted]"
+    assert lines[0]["user"] == "u1" and lines[0]["header"] == "Bearer [redacted]" and lines[0]["level"] == "info"
+    assert lines[1]["logger"] == "uvicorn.access" and "GET /v1/runs" in lines[1]["msg"]
