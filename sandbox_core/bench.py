@@ -454,7 +454,9 @@ async def run_suite(
     try:
         from sandbox_core.isolation.launch import prepare_workspace
 
-        config = config.replace(workspace_root=root / "ws")
+        # only the suite's own fixed commands run here (no agent, no untrusted input), so the
+        # process profile may be measured as root too
+        config = config.replace(workspace_root=root / "ws", allow_root_process=True)
         prepare_workspace(config, "bench")
         figures = []
         for name, step in suite(config, quick):

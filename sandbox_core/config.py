@@ -152,9 +152,12 @@ class ModelConfig:
 class ServiceConfig:
     """``sandbox serve``: where it listens and who may do what."""
 
+    socket_group: str | None = None
+    """A group (name or gid) whose members may connect to the Unix socket: it is then 0660 in a
+    0750 directory of that group. None: 0600 in a 0700 directory (only our uid and root)."""
     socket_path: Path | None = None
-    """Unix socket (0600); None = ``$XDG_RUNTIME_DIR/sandbox/sandbox.sock``, else the system
-    socket ``/run/sandbox/sandbox.sock`` (never a path under ``/tmp``)."""
+    """Unix socket (0600, or 0660 with ``socket_group``); None = ``$XDG_RUNTIME_DIR/sandbox/sandbox.sock``,
+    else the system socket ``/run/sandbox/sandbox.sock`` (never a path under ``/tmp``)."""
     tokens_file: Path | None = None
     """TOML file of bearer tokens for TCP (``[[token]] sha256|token, user, role``)."""
     operator_uids: tuple[str, ...] = ()
@@ -241,6 +244,9 @@ class ProcessSandboxConfig:
     """Seconds the circuit stays open."""
     stderr_lines: int = 200
     """Lines of worker stderr kept for diagnostics."""
+    allow_root_process: bool = False
+    """Let the ``process`` profile run when the host is root. It has no uid switch: its
+    commands would run as root with the host's full access, so without this it refuses."""
     env: EnvPolicy = field(default_factory=EnvPolicy)
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     strict: StrictIsolation = field(default_factory=StrictIsolation)

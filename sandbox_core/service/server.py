@@ -1,4 +1,5 @@
-"""Running the service: uvicorn on a 0600 Unix socket (default) or a loopback TCP port.
+"""Running the service: uvicorn on a Unix socket (0600, or 0660 for ``service.socket_group``)
+or a loopback TCP port.
 
 Signals: the first SIGTERM or SIGINT drains — listeners close (no new runs), in-flight
 runs get ``service.drain_grace`` seconds to finish, then are cancelled; a second SIGINT
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import os
 import socket
 import sqlite3
@@ -42,16 +44,38 @@ class PeerCredProtocol(H11Protocol):
             self.client = (UNIX_PEER, uid)
 
 
-def bind_unix(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path``, mode 0600, in a 0700 directory we own."""
+def socket_gid(group: str | None) -> int | None:
+    """The gid of ``service.socket_group`` (a name or a number), None when unset."""
+    if group is None:
+        return None
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError("service.socket_group", f"no group {group!r} on this host (groupadd it, or give a gid)"
+                          ) from None  # fmt: skip
+
+
+def bind_unix(path: Path, group: int | None = None) -> socket.socket:
+    """A listening Unix socket at ``path``: 0600 in a 0700 directory we own, or with ``group``
+    0660 in a 0750 directory of that group. The directory is checked (and its mode and group
+    set) through a descriptor on every start."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError("service.socket_path", f"cannot create {path.parent}: {exc.strerror or exc}; "
                           "set XDG_RUNTIME_DIR, or service.socket_path (--socket) to a path you own") from None
-    parent = path.parent.stat()
-    if parent.st_uid != os.getuid() or parent.st_mode & 0o022:
-        raise ConfigError("service.socket_path", f"{path.parent} must be owned by us and not group/world-writable")
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        parent = os.fstat(dir_fd)
+        if parent.st_uid != os.getuid() or parent.st_mode & 0o022:
+            raise ConfigError("service.socket_path", f"{path.parent} must be owned by us and not group/world-writable")
+        if group is not None:
+            os.fchown(dir_fd, -1, group)
+            os.fchmod(dir_fd, 0o750)
+        elif stat.S_IMODE(parent.st_mode) & 0o077:
+            os.fchmod(dir_fd, 0o700)  # no group asked for: nobody else may even look in
+    finally:
+        os.close(dir_fd)
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
             probe = socket.socket(socket.AF_UNIX)
@@ -72,7 +96,11 @@ def bind_unix(path: Path) -> socket.socket:
         sock.bind(str(path))
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
+    if group is not None:
+        os.chown(path, -1, group)  # in our own 0750 directory: nobody else can swap it
+        os.chmod(path, 0o660)
+    else:
+        os.chmod(path, 0o600)
     sock.listen(128)
     return sock
 
@@ -119,7 +147,7 @@ async def serve(
     else:
         tokens = TokenTable()
         path = default_socket_path(config)
-        sock = bind_unix(path)
+        sock = bind_unix(path, socket_gid(config.service.socket_group))
         where = f"unix:{path}"
         transport = "unix"
     try:

@@ -60,6 +60,7 @@ def cli_env(tmp_path: Path, profile: str) -> dict[str, str]:
         SANDBOX_WORKSPACE_ROOT=str(tmp_path / "ws"),
         SANDBOX_SERVICE__STATE_DIR=str(tmp_path / "state"),
         SANDBOX_PROFILE=profile,
+        SANDBOX_ALLOW_ROOT_PROCESS="1",
         SANDBOX_MIN_IDLE="0",
         SANDBOX_SHUTDOWN_GRACE="2",
         SANDBOX_CANCEL_GRACE="1",
