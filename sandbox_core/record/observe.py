@@ -44,13 +44,15 @@ class RunLog:
         self.run_id = run_id
         self.user_id = user_id
         self.kind, summary = request_summary(request)
-        conversation = request.conversation_id if isinstance(request, AgentRequest) else None
-        record.run_started(run_id, user_id, self.kind, origin, summary, conversation)
+        self.conversation = request.conversation_id if isinstance(request, AgentRequest) else None
+        record.run_started(run_id, user_id, self.kind, origin, summary, self.conversation)
         record.journal(self.kind if self.kind in ("exec", "agent") else "exec", {"origin": origin, **summary},
                        user_id=user_id, run_id=run_id)  # fmt: skip
         self._done: dict[str, Any] = {}
 
-    def event(self, event: Event) -> None:
+    def event(self, event: Event) -> Event:
+        """Record what ``event`` says; the event to pass on (a ``done`` without the history it
+        carried for the record)."""
         kind, data = event.type, event.data
         if kind == "started":
             self.record.run_updated(self.run_id, worker_id=str(data.get("worker_id", "")))
@@ -65,6 +67,12 @@ class RunLog:
             self.record.run_tokens(self.run_id, tokens_in, tokens_out)
         elif kind == "done":
             self._done = dict(data)
+            history = data.get("history")
+            if isinstance(history, list) and self.conversation is not None:
+                self.record.save_conversation(self.user_id, self.conversation, history)
+            if "history" in data:
+                return Event("done", {k: v for k, v in data.items() if k != "history"}, event.seq)
+        return event
 
     def finished(self, error: BaseException | None) -> None:
         """Close the run row: ``error`` None is a normal end (the ``done`` event says how)."""

@@ -196,6 +196,7 @@ def _agent_request(body: dict[str, Any]) -> AgentRequest:
         tools=tuple(tools) if isinstance(tools, list) else None,
         conversation_id=str(body.get("conversation_id", "default")),
         timeout=body.get("timeout"),
+        resume=body.get("resume") is True,  # the history itself never comes from a client: the record has it
     )
 
 
