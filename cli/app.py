@@ -13,7 +13,20 @@ from typing import Annotated
 import typer
 
 from cli import output
-from cli.commands import audit_env, bench, completions, config_cmd, exec_cmd, repl, run, serve, shell, stats, workers
+from cli.commands import (
+    audit_env,
+    bench,
+    completions,
+    config_cmd,
+    exec_cmd,
+    records,
+    repl,
+    run,
+    serve,
+    shell,
+    stats,
+    workers,
+)
 from cli.commands.common import ProfileName
 from cli.state import AppState
 
@@ -45,6 +58,10 @@ def main_options(
         ProfileName | None, typer.Option("--profile", help="Isolation profile: strict (default) or process.")
     ] = None,
     user: Annotated[str | None, typer.Option("--user", help="User id (default: config, else login name).")] = None,
+    allow_root_process: Annotated[
+        bool, typer.Option("--allow-root-process", help="Let the process profile run as root (its commands run as "
+                           "root: allow_root_process).")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output where the output is data.")
                        ] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Tracebacks and worker stderr.")] = False,
@@ -74,9 +91,11 @@ def main_options(
         connect=connect or None,
         local=local,
     )
+    if allow_root_process:
+        ctx.obj.overrides["allow_root_process"] = True
 
 
-for command in (run, exec_cmd, shell, repl, audit_env, workers, stats, config_cmd, bench, serve, completions):
+for command in (run, exec_cmd, shell, repl, audit_env, workers, stats, records, config_cmd, bench, serve, completions):
     command.register(app)
 
 

@@ -154,6 +154,8 @@ def request_body(request: Request) -> tuple[str, dict[str, Any]]:
                 body[key] = value
         if request.tools is not None:
             body["tools"] = list(request.tools)
+        if request.resume:
+            body["resume"] = True
         return "agent", body
     raise SandboxError(f"the service does not run {request.method!r} requests (use --local)")
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from cli.state import AppState
     from sandbox_core.config import ProcessSandboxConfig
     from sandbox_core.orchestrator import SandboxOrchestrator
+    from sandbox_core.record import Record
 
     Pool: TypeAlias = SandboxOrchestrator | RemotePool
     """What a command's job runs on: an in-process orchestrator or the service."""
@@ -248,6 +250,18 @@ def sigint_calls(callback: Callable[[], None]) -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
+def open_record_or_warn(config: ProcessSandboxConfig) -> Record | None:
+    """The durable record for an in-process pool; a warning (and no record) when it cannot open."""
+    from sandbox_core.record import open_record
+
+    try:
+        return open_record(config)
+    except (OSError, sqlite3.Error) as exc:
+        output.warn(f"the record cannot be opened ({exc}): this run is not recorded; "
+                    "set service.state_dir to a writable directory")
+        return None
+
+
 @overload
 def run_job(
     config: ProcessSandboxConfig,
@@ -291,8 +305,13 @@ def run_job(
                 return await job(pool)
         from sandbox_core.orchestrator import SandboxOrchestrator
 
-        async with SandboxOrchestrator(config) as orchestrator:
-            return await job(orchestrator)
+        record = open_record_or_warn(config)
+        try:
+            async with SandboxOrchestrator(config, record=record, origin="cli") as orchestrator:
+                return await job(orchestrator)
+        finally:
+            if record is not None:
+                await asyncio.to_thread(record.close)
 
     try:
         return asyncio.run(main())

@@ -13,6 +13,7 @@ in the environment the dot becomes a double underscore (``SANDBOX_LIMITS__CPU_SE
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -151,9 +152,12 @@ class ModelConfig:
 class ServiceConfig:
     """``sandbox serve``: where it listens and who may do what."""
 
+    socket_group: str | None = None
+    """A group (name or gid) whose members may connect to the Unix socket: it is then 0660 in a
+    0750 directory of that group. None: 0600 in a 0700 directory (only our uid and root)."""
     socket_path: Path | None = None
-    """Unix socket (0600); None = ``$XDG_RUNTIME_DIR/sandbox/sandbox.sock``, else the system
-    socket ``/run/sandbox/sandbox.sock`` (never a path under ``/tmp``)."""
+    """Unix socket (0600, or 0660 with ``socket_group``); None = ``$XDG_RUNTIME_DIR/sandbox/sandbox.sock``,
+    else the system socket ``/run/sandbox/sandbox.sock`` (never a path under ``/tmp``)."""
     tokens_file: Path | None = None
     """TOML file of bearer tokens for TCP (``[[token]] sha256|token, user, role``)."""
     operator_uids: tuple[str, ...] = ()
@@ -182,6 +186,25 @@ class ServiceConfig:
     still running, the new one is refused (HTTP 429)."""
     max_body_mb: int = 16
     """Largest request body in MiB; a larger one is refused while it is read (HTTP 413)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """The service's log (stderr; JSON lines when it is not a terminal): uvicorn's access log
+    and ours (runs, auth failures) at ``info``."""
+    state_dir: Path | None = None
+    """Where durable state lives (the record); None = ``/var/lib/sandbox`` as root, else
+    ``$XDG_STATE_HOME/sandbox`` (``~/.local/state/sandbox``)."""
+
+
+@dataclass(frozen=True)
+class RecordConfig:
+    """The durable record of runs and security-relevant events (``record.sqlite3`` in the state dir)."""
+
+    enabled: bool = True
+    retention_days: float = 30.0
+    """Rows older than this are deleted."""
+    max_mb: int = 256
+    """Beyond this size the oldest journal rows (then runs) are deleted."""
+    preview_bytes: int = 512
+    """Every string recorded (argv, prompt, tool input, output preview) is cut to this."""
 
 
 @dataclass(frozen=True)
@@ -224,17 +247,30 @@ class ProcessSandboxConfig:
     """Seconds the circuit stays open."""
     stderr_lines: int = 200
     """Lines of worker stderr kept for diagnostics."""
+    allow_root_process: bool = False
+    """Let the ``process`` profile run when the host is root. It has no uid switch: its
+    commands would run as root with the host's full access, so without this it refuses."""
     env: EnvPolicy = field(default_factory=EnvPolicy)
     limits: ResourceLimits = field(default_factory=ResourceLimits)
     strict: StrictIsolation = field(default_factory=StrictIsolation)
     model: ModelConfig = field(default_factory=ModelConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    record: RecordConfig = field(default_factory=RecordConfig)
 
     def __post_init__(self) -> None:
         _validate(self)
 
     def replace(self, **changes: Any) -> ProcessSandboxConfig:
         return dataclasses.replace(self, **changes)
+
+    def state_dir(self) -> Path:
+        """The directory of durable state (``service.state_dir`` or its default)."""
+        if self.service.state_dir is not None:
+            return self.service.state_dir
+        if os.geteuid() == 0:
+            return Path("/var/lib/sandbox")
+        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+        return Path(base) / "sandbox"
 
     def workspace_for(self, user_id: str) -> Path:
         """The workspace path of ``user_id`` (validated; not created)."""
@@ -337,7 +373,8 @@ def _validate_paths(cfg: ProcessSandboxConfig) -> None:
     bwrap = cfg.strict.bwrap  # a bare name is looked up on PATH; anything with a slash is a path
     if (problem := _path_problem(bwrap) if bwrap == "" or "/" in bwrap else None) is not None:
         raise ConfigError("strict.bwrap", f"{bwrap!r} {problem} (or give a bare name looked up on PATH)")
-    for name in ("socket_path", "tokens_file"):
+    _positive(cfg.record, ("retention_days", "max_mb", "preview_bytes"), "record.")
+    for name in ("socket_path", "tokens_file", "state_dir"):
         value = getattr(cfg.service, name)
         if value is not None and (problem := _path_problem(str(value))) is not None:
             raise ConfigError(f"service.{name}", f"{str(value)!r} {problem}")
@@ -351,6 +388,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "strict": StrictIsolation,
     "model": ModelConfig,
     "service": ServiceConfig,
+    "record": RecordConfig,
 }
 _ENV_ALIASES = {"ANTHROPIC_API_KEY": "model.api_key", "ANTHROPIC_BASE_URL": "model.base_url"}
 
@@ -457,18 +495,51 @@ def _flatten_toml(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _from_environ(environ: Mapping[str, str], known: Mapping[str, Any]) -> dict[str, str]:
+CLIENT_VARIABLES = frozenset({"SANDBOX_CONFIG", "SANDBOX_URL", "SANDBOX_TOKEN", "SANDBOX_TOKEN_FILE",
+                              "SANDBOX_AUDIT_CANARY"})  # fmt: skip
+"""``SANDBOX_*`` names that are not settings: the config file, the CLI's service client, and
+the canary ``sandbox audit-env`` plants in its own environment while it runs."""
+
+
+def env_variable(key: str) -> str:
+    """The ``SANDBOX_*`` variable of dotted ``key`` (``limits.cpu_seconds`` → ``SANDBOX_LIMITS__CPU_SECONDS``)."""
+    return "SANDBOX_" + key.upper().replace(".", "__")
+
+
+def _from_environ(environ: Mapping[str, str], known: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+    """The settings ``SANDBOX_*`` (and the two ``ANTHROPIC_*`` aliases) give, and each one's variable.
+
+    A ``SANDBOX_*`` name that is no setting is a ConfigError (a typo must not pass silently).
+    """
     out: dict[str, str] = {}
+    origin: dict[str, str] = {}
     for var, key in _ENV_ALIASES.items():
         if environ.get(var):
-            out[key] = environ[var]
-    for var, value in environ.items():
-        if not var.startswith("SANDBOX_") or var == "SANDBOX_CONFIG":
+            out[key], origin[key] = environ[var], var
+    for var, value in sorted(environ.items()):
+        if not var.startswith("SANDBOX_") or var in CLIENT_VARIABLES:
             continue
         key = var[len("SANDBOX_"):].lower().replace("__", ".")
-        if key in known:
-            out[key] = value
-    return out
+        if key not in known:
+            close = difflib.get_close_matches(var, [env_variable(k) for k in known], n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(var, f"no such setting{hint} (a setting is SANDBOX_ and its dotted key, "
+                              "'.' written '__': SANDBOX_LIMITS__CPU_SECONDS)")  # fmt: skip
+        out[key], origin[key] = value, var
+    return out, origin
+
+
+def _toml_lines(text: str) -> dict[str, int]:
+    """The line of each ``key = `` (dotted with its ``[section]``) in a TOML text, for messages."""
+    lines: dict[str, int] = {}
+    section = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if header := re.match(r"^\[\s*([A-Za-z0-9_.-]+)\s*\]", stripped):
+            section = header.group(1) + "."
+        elif assign := re.match(r"^([A-Za-z0-9_-]+)\s*=", stripped):
+            lines.setdefault(section + assign.group(1), number)
+    return lines
 
 
 @dataclass(frozen=True)
@@ -478,6 +549,8 @@ class LoadedConfig:
     config: ProcessSandboxConfig
     sources: Mapping[str, Source]
     path: Path | None
+    origins: Mapping[str, str] = field(default_factory=dict)
+    """Where each value that is not a default was set: ``FILE line N``, ``SANDBOX_X``, ``flag``."""
 
 
 def load_config(
@@ -493,29 +566,54 @@ def load_config(
     env = os.environ if environ is None else environ
     known = field_types()
     layers: list[tuple[Source, dict[str, Any], bool]] = []
+    origins: dict[str, str] = {}
+    where: dict[str, str] = {}
+    """dotted key -> how a message names its origin (``in FILE line N``, ``by SANDBOX_X``)."""
     used_path: Path | None = None
     file_path = path if path is not None else default_config_path(env)
     if path is not None or file_path.is_file():
         try:
-            data = tomllib.loads(file_path.read_text())
+            text = file_path.read_text()
+            data = tomllib.loads(text)
         except FileNotFoundError:
             raise ConfigError("config", f"config file not found: {file_path}") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError("config", f"cannot read {file_path}: {exc}") from None
-        layers.append(("file", _flatten_toml(data), False))
+        flat = _flatten_toml(data)
+        lines = _toml_lines(text)
+        for key in flat:
+            line = lines.get(key)
+            origins[key] = f"{file_path} line {line}" if line else str(file_path)
+            where[key] = f"in {origins[key]}"
+        layers.append(("file", flat, False))
         used_path = file_path
-    layers.append(("env", _from_environ(env, known), True))
-    layers.append(("flag", {k: v for k, v in (overrides or {}).items() if v is not None}, False))
+    from_env, env_origin = _from_environ(env, known)
+    layers.append(("env", from_env, True))
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    layers.append(("flag", flags, False))
 
     values: dict[str, Any] = {}
     sources: dict[str, Source] = dict.fromkeys(known, "default")
     for source, layer, from_text in layers:
         for key, raw in layer.items():
+            if source == "env":
+                origins[key], where[key] = env_origin[key], f"by {env_origin[key]}"
+            elif source == "flag":
+                origins[key], where[key] = "flag", "by a command-line flag"
             if key not in known:
-                raise ConfigError(key, "unknown setting")
-            values[key] = _coerce(key, known[key], raw, from_text)
+                raise ConfigError(key, "unknown setting", source=where.get(key))
+            try:
+                values[key] = _coerce(key, known[key], raw, from_text)
+            except ConfigError as exc:
+                raise ConfigError(exc.field, exc.detail, source=where.get(key)) from None
             sources[key] = source
-    return LoadedConfig(build_config(values), sources, used_path)
+    try:
+        config = build_config(values)
+    except ConfigError as exc:
+        if exc.source is None and exc.field in where:
+            raise ConfigError(exc.field, exc.detail, source=where[exc.field]) from None
+        raise
+    return LoadedConfig(config, sources, used_path, {k: v for k, v in origins.items() if k in known})
 
 
 def build_config(values: Mapping[str, Any]) -> ProcessSandboxConfig:

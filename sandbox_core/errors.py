@@ -54,9 +54,14 @@ class ConfigError(SandboxError):
 
     code = codes.INVALID_PARAMS
 
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}", data={"field": field})
+    def __init__(self, field: str, message: str, *, source: str | None = None) -> None:
+        where = f" (set {source})" if source else ""
+        super().__init__(f"{field}: {message}{where}", data={"field": field, **({"source": source} if source else {})})
         self.field = field
+        self.detail = message
+        """The message without the field name and source."""
+        self.source = source
+        """Where the value came from: ``in FILE line N``, ``by SANDBOX_X``, ``by a flag``."""
 
 
 class ProtocolError(SandboxError):

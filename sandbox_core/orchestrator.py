@@ -49,7 +49,8 @@ from sandbox_core.errors import (
 from sandbox_core.events import Event
 from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace
 from sandbox_core.process_tree import kill_session
-from sandbox_core.requests import AgentRequest, ExecRequest, Request, RequestResult
+from sandbox_core.record import Record, RunLog, new_run_id
+from sandbox_core.requests import LAST_CONVERSATION, AgentRequest, ExecRequest, Request, RequestResult
 from sandbox_core.terminal import LOGIN_SHELL, TerminalSession, terminal_session
 from sandbox_core.worker import Launcher, SandboxWorker, WorkerState
 
@@ -74,8 +75,15 @@ class SandboxOrchestrator:
         *,
         launcher: Launcher = launch_spec,
         gateway: ModelGateway | None = None,
+        record: Record | None = None,
+        origin: str = "library",
     ) -> None:
         self.config = config
+        self.record = record
+        """Where each request's run row and journal entries go (None: nothing is recorded).
+        The caller opens and closes it (:func:`sandbox_core.record.open_record`)."""
+        self.origin = origin
+        """Where requests come from, for the record (``library``, ``cli``, ``service``)."""
         self._launcher = launcher
         self._gateway = gateway
         self._old_gateways: list[ModelGateway] = []
@@ -141,12 +149,38 @@ class SandboxOrchestrator:
         worker_id = str(done.get("worker_id", ""))
         return RequestResult(events, dict(done), worker_id)
 
-    async def execute_stream(self, user_id: str, request: Request) -> AsyncGenerator[Event, None]:
-        """Run ``request`` for ``user_id`` on their worker, yielding events as they happen."""
+    async def execute_stream(
+        self, user_id: str, request: Request, *, run_id: str | None = None, origin: str | None = None
+    ) -> AsyncGenerator[Event, None]:
+        """Run ``request`` for ``user_id`` on their worker, yielding events as they happen.
+
+        With a :attr:`record`, the request is recorded as run ``run_id`` (default: a new id)
+        started from ``origin`` (default: :attr:`origin`).
+        """
         validate_user_id(user_id)
         if not self._started:
             await self.start()
         request = self._with_defaults(request)
+        if self.record is not None and isinstance(request, AgentRequest):
+            request = await self._with_history(user_id, request)
+        log = None
+        if self.record is not None:
+            log = RunLog(self.record, run_id or new_run_id(), user_id, request, origin or self.origin)
+        stream = self._execute(user_id, request)
+        try:
+            async for raw in stream:
+                yield raw if log is None else log.event(raw)
+        except BaseException as exc:  # GeneratorExit too: the caller stopped reading
+            if log is not None:
+                log.finished(exc if isinstance(exc, Exception | asyncio.CancelledError) else asyncio.CancelledError())
+            raise
+        else:
+            if log is not None:
+                log.finished(None)
+        finally:
+            await stream.aclose()
+
+    async def _execute(self, user_id: str, request: Request) -> AsyncGenerator[Event, None]:
         try:
             worker = await self._acquire(user_id)
         except SandboxError as exc:
@@ -212,6 +246,26 @@ class SandboxOrchestrator:
         if self._closed and not isinstance(exc, PoolClosed):
             return PoolClosed(f"the pool shut down while the request ran ({exc.message})", data=exc.data)
         return exc
+
+    async def _with_history(self, user_id: str, request: AgentRequest) -> AgentRequest:
+        """Ask the worker for the conversation (the record keeps it); with ``resume``, send the
+        kept one along (``@last``: the user's most recent), for a worker that does not hold it."""
+        record = self.record
+        assert record is not None
+        conversation, history = request.conversation_id, request.history
+        if request.resume:
+            await asyncio.to_thread(record.flush)  # what an earlier run of this pool saved is read back
+            if conversation == LAST_CONVERSATION:
+                last = await asyncio.to_thread(record.last_conversation, user_id)
+                if last is None:
+                    raise ConfigError("conversation_id", f"{user_id!r} has no conversation to continue yet")
+                conversation = last
+            if history is None:
+                kept = await asyncio.to_thread(record.conversation, user_id, conversation)
+                if kept is None and request.conversation_id != LAST_CONVERSATION:
+                    raise ConfigError("conversation_id", f"no conversation {conversation!r} of {user_id!r} is kept")
+                history = tuple(kept or ())
+        return dataclasses.replace(request, conversation_id=conversation, history=history, return_history=True)
 
     def _with_defaults(self, request: Request) -> Request:
         """An agent request with the config's model, max_tokens and max_turns filled in."""

@@ -96,6 +96,11 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
+LAST_CONVERSATION = "@last"
+"""The ``conversation_id`` of an :class:`AgentRequest` with ``resume`` that means "the user's most
+recent conversation" (``sandbox run --continue``)."""
+
+
 @dataclass(frozen=True)
 class AgentRequest:
     """Run the Claude agent on ``prompt`` (continuing ``conversation_id`` if given)."""
@@ -108,11 +113,25 @@ class AgentRequest:
     tools: tuple[str, ...] | None = None
     conversation_id: str = "default"
     timeout: float | None = None
+    resume: bool = False
+    """Continue ``conversation_id`` from the durable record when the worker does not hold it
+    (a new process, a reaped worker). ``conversation_id`` :data:`LAST_CONVERSATION` names the
+    user's most recent one. Needs an orchestrator with a record."""
+    history: tuple[Any, ...] | None = None
+    """The conversation's messages so far, for a worker that does not hold them (filled in by
+    the orchestrator from its record when ``resume``)."""
+    return_history: bool = False
+    """Ask the worker for the conversation's messages in ``done`` (the orchestrator asks when it
+    keeps a record, stores them, and strips them from the event)."""
 
     method = "agent.run"
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"prompt": self.prompt, "conversation_id": self.conversation_id}
+        if self.history is not None:
+            params["history"] = list(self.history)
+        if self.return_history:
+            params["return_history"] = True
         for key in ("system", "model", "max_turns", "max_tokens"):
             value = getattr(self, key)
             if value is not None:

@@ -20,5 +20,5 @@ def workspace_root(tmp_path: Path) -> Path:
 def host_canary(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A secret in the host environment that must never reach a worker."""
     value = "canary-" + os.urandom(8).hex()
-    monkeypatch.setenv("SANDBOX_TEST_HOST_SECRET", value)
+    monkeypatch.setenv("TEST_HOST_SECRET_OF_SANDBOX", value)
     yield value

@@ -24,6 +24,7 @@ def process_config(root: Path, **changes: object) -> ProcessSandboxConfig:
         cleanup_interval=0.1,
         shutdown_grace=2.0,
         cancel_grace=1.0,
+        allow_root_process=True,  # the suite runs as root in CI
     )
     return base.replace(**changes)
 

@@ -43,7 +43,8 @@ def describe(loaded: LoadedConfig) -> dict[str, Any]:
     return {
         "path": str(loaded.path) if loaded.path is not None else None,
         "effective_provider": effective_provider(loaded.config),
-        "values": {key: {"value": plain(values[key]), "source": loaded.sources.get(key, "default")}
+        "values": {key: {"value": plain(values[key]), "source": loaded.sources.get(key, "default"),
+                         **({"origin": loaded.origins[key]} if key in loaded.origins else {})}
                    for key in sorted(values)},
     }
 
@@ -54,10 +55,12 @@ _SOURCE_STYLE = {"default": "dim", "file": "cyan", "env": "yellow", "flag": "mag
 @config_app.command("show")
 def show_command(
     ctx: typer.Context,
-    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON: {path, values: {key: {value, source}}}.")
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print as JSON: {path, values: {key: {value, source, origin?}}}.")
                        ] = False,
 ) -> None:
-    """Show the effective configuration: each value and its source (default, file, env, flag).
+    """Show the effective configuration: each value and its source (default, file, env, flag),
+    with the file line or variable that set it.
 
     Secrets (the API key) are redacted. Precedence: default < file < env < flag.
     """
@@ -83,7 +86,8 @@ def show_command(
         shown = "–" if value is None else value if isinstance(value, str) else json.dumps(value)
         if key == "model.provider" and value == "auto":
             shown += f" (→ {info['effective_provider']})"
-        table.add_row(key, Text(shown), Text(row["source"], style=_SOURCE_STYLE.get(row["source"], "")))
+        source = row["source"] + (f" ({row['origin']})" if row.get("origin") and row["origin"] != "flag" else "")
+        table.add_row(key, Text(shown), Text(source, style=_SOURCE_STYLE.get(row["source"], "")))
     console.print(table)
 
 

@@ -48,6 +48,10 @@ def run_command(
                        ] = None,
     profile: Annotated[ProfileName | None, typer.Option("--profile", help="Isolation profile.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one event per line (NDJSON).")] = False,
+    conversation: Annotated[str | None, typer.Option(
+        "--conversation", metavar="ID", help="Continue conversation ID (its id is printed after each run).")] = None,
+    resume_last: Annotated[bool, typer.Option(
+        "--continue", help="Continue your most recent conversation.")] = False,
 ) -> None:
     """Run the Claude agent on PROMPT inside the sandbox and stream what it does.
 
@@ -58,7 +62,12 @@ def run_command(
 
     With a service (--connect, SANDBOX_URL or its default socket) the run happens there:
     the service's config decides provider and profile, your credentials decide the user.
+
+    Each run is a conversation of its own, kept in the durable record; --conversation ID
+    (or --continue for your latest) sends the next prompt in it, with everything before.
     """
+    if conversation is not None and resume_last:
+        output.fail("--conversation and --continue contradict each other", code=output.EXIT_USAGE)
     state = state_of(ctx)
     target = service_target(state)
     apply_model_flags(state, target, provider, model, profile)
@@ -76,7 +85,7 @@ def run_command(
         from cli.render import JsonRenderer, RichRenderer, drive
         from cli.runtime import exit_code_for
         from sandbox_core.errors import SandboxError
-        from sandbox_core.requests import AgentRequest
+        from sandbox_core.requests import LAST_CONVERSATION, AgentRequest
 
         request = AgentRequest(
             prompt=text,
@@ -85,7 +94,8 @@ def run_command(
             model=config.model.model if local else model,
             max_turns=max_turns if max_turns is not None else config.model.max_turns if local else None,
             max_tokens=config.model.max_tokens if local else None,
-            conversation_id=f"run-{secrets.token_hex(4)}",
+            conversation_id=(LAST_CONVERSATION if resume_last else conversation or f"run-{secrets.token_hex(4)}"),
+            resume=resume_last or conversation is not None,
             timeout=timeout,
         )
         renderer = JsonRenderer() if json_mode else RichRenderer(output.console())
@@ -97,6 +107,11 @@ def run_command(
             raise
         if outcome.exit_code != output.EXIT_OK and outcome.error and json_mode:
             output.error(outcome.error)  # the rich renderer has shown it already
+        said = outcome.done.get("conversation_id") if outcome.done else None
+        if isinstance(said, str) and not json_mode:
+            output.console(stderr=True).print(
+                f"conversation {output.visible(said)}: continue it with `sandbox run --conversation {said} ...` "
+                "or `--continue`", style="dim", markup=False, highlight=False)  # fmt: skip
         return outcome.exit_code
 
     raise typer.Exit(run_job(config, job, verbose=state.verbose, target=target, user=user or state.user))

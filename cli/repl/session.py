@@ -118,9 +118,10 @@ class Repl:
             if self.interactive:
                 remote.start_polling(POLL_INTERVAL_S)
             return
+        from cli.runtime import open_record_or_warn
         from sandbox_core.orchestrator import SandboxOrchestrator
 
-        orchestrator = SandboxOrchestrator(self.config)
+        orchestrator = SandboxOrchestrator(self.config, record=open_record_or_warn(self.config), origin="cli")
         self.pool = orchestrator
         await orchestrator.start()
 
@@ -130,6 +131,8 @@ class Repl:
             await pool.aclose()
         elif pool is not None:
             await pool.shutdown()
+            if pool.record is not None:
+                await asyncio.to_thread(pool.record.close)
 
     def sync_identity(self) -> None:
         """In client mode, take the user the service says we are (it decides, not --user)."""

@@ -84,7 +84,7 @@ def respond(path: str, body: Any) -> OfflineReply:
         "id": f"msg_offline_{digest[:20]}",
         "type": "message",
         "role": "assistant",
-        "model": str(body.get("model") or MODEL_NAME),
+        "model": MODEL_NAME,  # who answered: never the model that was asked for
         "content": content,
         "stop_reason": stop,
         "stop_sequence": None,

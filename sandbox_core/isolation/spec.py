@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig, ResourceLimits
+from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.shared import WORKER_ENTRY
 
 _MB = 1024 * 1024
@@ -108,7 +109,18 @@ def python_argv(
 
 
 def process_launch(config: ProcessSandboxConfig, workspace: Path | None) -> LaunchSpec:
-    """The portable ``process`` profile: env allowlist, new session, closed fds, rlimits."""
+    """The portable ``process`` profile: env allowlist, new session, closed fds, rlimits.
+
+    As root it refuses unless ``allow_root_process`` says otherwise: it switches no uid, so
+    every command would run as root.
+    """
+    if os.geteuid() == 0 and not config.allow_root_process:
+        raise IsolationUnavailable(
+            "profile 'process' would run every command as root with full access to this host: use the strict "
+            "profile (the default, which drops to an unprivileged uid), run as an unprivileged user, or accept it "
+            "explicitly with --allow-root-process (allow_root_process = true)",
+            data={"field": "allow_root_process", "reason": "process_as_root"},
+        )
     home = str(workspace) if workspace is not None else "/"  # unbound: chdir at bind
     env = worker_env(config, home)
     plan: dict[str, Any] = {

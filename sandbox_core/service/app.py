@@ -6,7 +6,8 @@ Routes (all JSON unless noted; ``/v1`` is the API version):
     GET  /openapi.json                 the OpenAPI 3.1 schema           anyone
     POST /v1/runs/agent                start an agent run, SSE stream   user
     POST /v1/runs/exec                 start an exec, SSE stream        user
-    GET  /v1/runs                      the caller's runs                user
+    GET  /v1/runs                      the caller's runs (and recorded) user; operator: all
+    GET  /v1/journal                   the record's journal entries     user (own); operator: all
     GET  /v1/runs/{id}                 one run's summary                owner
     GET  /v1/runs/{id}/events          (re)attach to a run's stream     owner
     POST /v1/runs/{id}/cancel          cancel a run                     owner
@@ -27,10 +28,12 @@ credentials get a bare 401, a role that may not act a bare 403, another user's r
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -45,7 +48,9 @@ from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import BodyTooLarge, ConfigError, LimitExceeded, SandboxError, TooManyRuns
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.protocol import MAX_NESTING, too_deep
+from sandbox_core.record import Record, parse_duration
 from sandbox_core.requests import AgentRequest, ExecRequest
+from sandbox_core.service import logs
 from sandbox_core.service.auth import UNIX_PEER, Principal, TokenTable, bearer_token, principal_for_uid
 from sandbox_core.service.body_limit import BodyLimit, body_too_large
 from sandbox_core.service.openapi import openapi_schema
@@ -74,6 +79,10 @@ class ServiceState:
         self.tokens = tokens or TokenTable()
         self.draining = False
 
+    @property
+    def record(self) -> Record | None:
+        return self.orchestrator.record
+
     def authenticate(self, request: HTTPConnection) -> Principal | None:
         if self.transport == "unix":
             client = request.scope.get("client")
@@ -82,6 +91,18 @@ class ServiceState:
             return None
         token = bearer_token(request.headers.get("authorization"))
         return self.tokens.lookup(token) if token else None
+
+    def refused(self, request: Request, status: int, who: Principal | None) -> None:
+        """Log and journal an auth failure (never the credential: only whether one was sent)."""
+        client = request.scope.get("client") or ("", "")
+        header = request.headers.get("authorization")
+        detail = {"status": status, "method": request.method, "path": request.url.path,
+                  "transport": self.transport, "credential": "bearer" if header else "none",
+                  "peer": f"uid {client[1]}" if client[0] == UNIX_PEER else str(client[0])}  # fmt: skip
+        logs.log().warning("refused %s %s: %d (%s)", request.method, request.url.path, status, detail["peer"],
+                           extra=detail)  # fmt: skip
+        if self.record is not None:
+            self.record.journal("auth", detail, user_id=who.user_id if who else None)
 
 
 def _state(request: Request) -> ServiceState:
@@ -98,10 +119,13 @@ def guarded(role: str) -> Callable[[Callable[[Request, Principal], Awaitable[Res
 
     def wrap(fn: Callable[[Request, Principal], Awaitable[Response]]) -> Endpoint:
         async def endpoint(request: Request) -> Response:
-            who = _state(request).authenticate(request)
+            state = _state(request)
+            who = state.authenticate(request)
             if who is None:
+                state.refused(request, 401, None)
                 return _denied(401)
             if role == "operator" and not who.is_operator:
+                state.refused(request, 403, who)
                 return _denied(403)
             return await fn(request, who)
 
@@ -175,6 +199,7 @@ def _agent_request(body: dict[str, Any]) -> AgentRequest:
         tools=tuple(tools) if isinstance(tools, list) else None,
         conversation_id=str(body.get("conversation_id", "default")),
         timeout=body.get("timeout"),
+        resume=body.get("resume") is True,  # the history itself never comes from a client: the record has it
     )
 
 
@@ -217,9 +242,54 @@ def _start(kind: str) -> Endpoint:
     return start
 
 
+def _since(request: Request) -> float | None:
+    """``?since=`` as seconds ago (``3600``) or a duration (``90s``, ``15m``, ``1h``, ``2d``)."""
+    text = request.query_params.get("since")
+    return None if not text else time.time() - parse_duration(text)
+
+
+def _mine(request: Request, who: Principal) -> str | None:
+    """The user whose rows a caller sees: their own, or (operators) ``?user=`` or everyone."""
+    return request.query_params.get("user") if who.is_operator else who.user_id
+
+
 @guarded("user")
 async def list_runs(request: Request, who: Principal) -> Response:
-    return JSONResponse({"runs": [r.summary() for r in _state(request).runs.visible(who)]})
+    """Runs in memory (live, with buffer figures) and, from the record, every finished one kept there."""
+    state = _state(request)
+    try:
+        since, user = _since(request), _mine(request, who)
+        limit = min(int(request.query_params.get("limit", "100")), 1000)
+    except ValueError as exc:
+        return _bad_request(exc)
+    live = [r.summary() for r in state.runs.visible(who) if user is None or r.owner.user_id == user]
+    live = [r for r in live if since is None or r["created"] >= since]
+    rows: list[dict[str, Any]] = []
+    if state.record is not None:
+        recorded = await asyncio.to_thread(state.record.runs, user_id=user, since=since, limit=limit)
+        seen = {r["run_id"] for r in live}
+        rows = [{**r, "state": r["outcome"], "created": r["started"], "recorded": True}
+                for r in recorded if r["run_id"] not in seen]  # fmt: skip
+    runs = sorted(live + rows, key=lambda r: float(r.get("created") or 0), reverse=True)[:limit]
+    return JSONResponse({"runs": runs})
+
+
+@guarded("user")
+async def journal(request: Request, who: Principal) -> Response:
+    """Journal entries after ``?after=ID``: operators see everyone's (or ``?user=``), users their own."""
+    state = _state(request)
+    if state.record is None:
+        return JSONResponse({"error": "the record is off (record.enabled = false)"}, status_code=404)
+    try:
+        since, user = _since(request), _mine(request, who)
+        after = int(request.query_params.get("after", "0"))
+        limit = min(int(request.query_params.get("limit", "200")), 1000)
+    except ValueError as exc:
+        return _bad_request(exc)
+    kind = request.query_params.get("kind")
+    entries = await asyncio.to_thread(state.record.entries, user_id=user, kind=kind, since=since, after=after,
+                                      limit=limit)  # fmt: skip
+    return JSONResponse({"entries": entries})
 
 
 def _find(request: Request, who: Principal) -> Run | None:
@@ -229,7 +299,15 @@ def _find(request: Request, who: Principal) -> Run | None:
 @guarded("user")
 async def get_run(request: Request, who: Principal) -> Response:
     run = _find(request, who)
-    return JSONResponse(run.summary()) if run else JSONResponse({"error": "no such run"}, status_code=404)
+    if run is not None:
+        return JSONResponse(run.summary())
+    state = _state(request)
+    if state.record is not None:  # finished and released: what the record kept of it
+        rows = await asyncio.to_thread(state.record.runs, run_id=request.path_params["run_id"], limit=1)
+        if rows and (who.is_operator or rows[0]["user_id"] == who.user_id):
+            return JSONResponse({**rows[0], "state": rows[0]["outcome"], "created": rows[0]["started"],
+                                 "recorded": True})  # fmt: skip
+    return JSONResponse({"error": "no such run"}, status_code=404)
 
 
 @guarded("user")
@@ -392,6 +470,7 @@ def create_app(state: ServiceState) -> Starlette:
         Route("/v1/runs/{run_id}/stdin", run_stdin, methods=["POST"]),
         Route("/v1/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         WebSocketRoute("/v1/terminal", terminal),
+        Route("/v1/journal", journal),
         Route("/v1/stats", stats),
         Route("/v1/workers", workers),
         Route("/v1/workers/launch", launch_workers, methods=["POST"]),

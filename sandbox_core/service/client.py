@@ -196,6 +196,20 @@ class ServiceClient:
         result: dict[str, Any] = await self._json("GET", "/v1/stats")
         return result
 
+    async def runs(self, *, user_id: str | None = None, since: str | None = None, limit: int = 100
+                   ) -> list[dict[str, Any]]:  # fmt: skip
+        """``GET /v1/runs``: live and recorded runs (a user's own; an operator's choice of user)."""
+        query = _query(user=user_id, since=since, limit=limit)
+        result: list[dict[str, Any]] = (await self._json("GET", f"/v1/runs{query}"))["runs"]
+        return result
+
+    async def journal(self, *, user_id: str | None = None, kind: str | None = None, since: str | None = None,
+                      after: int = 0, limit: int = 200) -> list[dict[str, Any]]:  # fmt: skip
+        """``GET /v1/journal``: the record's entries after id ``after``."""
+        query = _query(user=user_id, kind=kind, since=since, after=after or None, limit=limit)
+        result: list[dict[str, Any]] = (await self._json("GET", f"/v1/journal{query}"))["entries"]
+        return result
+
     async def workers(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = (await self._json("GET", "/v1/workers"))["workers"]
         return result
@@ -248,10 +262,6 @@ class ServiceClient:
         if timeout is not None:
             opening["timeout"] = timeout
         return RemoteTerminalSession(self._target, self._headers, self._trusted, opening)
-
-    async def runs(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = (await self._json("GET", "/v1/runs"))["runs"]
-        return result
 
     async def stream(self, kind: str, body: dict[str, Any]) -> AsyncGenerator[Event, None]:
         """Start a run (``agent`` or ``exec``) and yield its events; errors raise typed."""
@@ -395,3 +405,11 @@ class RemoteTerminalSession:
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close()
+
+
+def _query(**params: object) -> str:
+    """``?a=1&b=2`` of the parameters that are not None (empty when none are)."""
+    from urllib.parse import urlencode
+
+    given = {k: str(v) for k, v in params.items() if v is not None}
+    return "?" + urlencode(given) if given else ""

@@ -23,6 +23,21 @@ _429 = {"description": "the caller keeps service.max_runs_per_user runs and all 
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LimitError"}}}}
 
 
+_400 = {"description": "a bad query parameter (a duration, a number)"}
+_QUERY = {
+    "user": ({"type": "string"}, "only this user's rows (operators; a user always sees their own)"),
+    "kind": ({"type": "string"}, "only entries of this kind"),
+    "since": ({"type": "string"}, "only rows newer than this age: 90, 90s, 15m, 1h, 2d"),
+    "after": ({"type": "integer"}, "only entries after this id (for following the journal)"),
+    "limit": ({"type": "integer", "maximum": 1000}, "at most this many rows"),
+}
+
+
+def _record_query(*names: str) -> list[dict[str, Any]]:
+    return [{"name": n, "in": "query", "required": False, "schema": _QUERY[n][0], "description": _QUERY[n][1]}
+            for n in names]  # fmt: skip
+
+
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -57,6 +72,8 @@ def openapi_schema() -> dict[str, Any]:
                         "max_tokens": {"type": "integer"},
                         "tools": {"type": "array", "items": {"type": "string"}},
                         "conversation_id": {"type": "string"},
+                        "resume": {"type": "boolean", "description": "continue conversation_id from the record "
+                                   "(`@last`: the caller's latest) when the worker does not hold it"},
                         "timeout": {"type": "number"},
                     },
                 },
@@ -161,7 +178,17 @@ def openapi_schema() -> dict[str, Any]:
             "/v1/health": {"get": {"security": [], "responses": {"200": _json(obj)}}},
             "/v1/runs/agent": {"post": {"requestBody": _body("AgentRun"), "responses": _run_responses()}},
             "/v1/runs/exec": {"post": {"requestBody": _body("ExecRun"), "responses": _run_responses()}},
-            "/v1/runs": {"get": {"responses": {"200": _json(obj), "401": _401}}},
+            "/v1/runs": {"get": {
+                "description": "Runs in memory and, from the durable record, finished ones (`recorded: true`, "
+                               "after a restart too): a user's own; an operator's, all or `?user=`.",
+                "parameters": _record_query("user", "since", "limit"),
+                "responses": {"200": _json(obj), "400": _400, "401": _401}}},
+            "/v1/journal": {"get": {
+                "description": "The record's journal (exec, agent, tool, model, egress, crash, limit, auth, "
+                               "terminal, files), oldest first after `?after=ID`: a user's own entries; an "
+                               "operator's, all or `?user=`. 404 when record.enabled is off.",
+                "parameters": _record_query("user", "kind", "since", "after", "limit"),
+                "responses": {"200": _json(obj), "400": _400, "401": _401, "404": _404}}},
             "/v1/runs/{run_id}": {"get": {"parameters": run_id,
                                           "responses": {"200": _json(obj), "401": _401, "404": _404}}},
             "/v1/runs/{run_id}/events": {"get": {"parameters": [*run_id, {

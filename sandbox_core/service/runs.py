@@ -34,6 +34,7 @@ from sandbox_core.config import ServiceConfig
 from sandbox_core.errors import SandboxError, TooManyRuns
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.requests import ExecRequest, Request
+from sandbox_core.service import logs
 from sandbox_core.service.auth import Principal
 from sandbox_core.service.buffer import EventBuffer, Item, event_size
 from sandbox_core.service.stdin import StdinRelay
@@ -73,6 +74,8 @@ class Run:
     """``time.monotonic()`` when the run finished (0 while it runs)."""
     expiry: asyncio.TimerHandle | None = None
     """Releases the run ``run_ttl`` seconds after it finished."""
+    exit_code: Any = None
+    """The command's exit code from its ``done`` event (None until then, or for agent runs)."""
     stdin: StdinRelay | None = None
     """Where ``POST /v1/runs/{id}/stdin`` hands the command its input (exec with stdin_stream)."""
 
@@ -151,12 +154,16 @@ class RunRegistry:
         await asyncio.gather(*(self.cancel(r) for r in list(self._runs.values())))
 
     async def _drive(self, run: Run, request: Request) -> None:
-        stream = self._orchestrator.execute_stream(run.owner.user_id, request)
+        who = {"run_id": run.run_id, "user": run.owner.user_id, "kind": run.kind}
+        logs.log().info("run %s started: %s by %s", run.run_id, run.kind, run.owner.user_id, extra=who)
+        stream = self._orchestrator.execute_stream(run.owner.user_id, request, run_id=run.run_id, origin="service")
         try:
             async for event in stream:
                 data = dict(event.json_data())  # output bytes become text or base64
                 if event.type == "started":
                     data["run_id"] = run.run_id
+                elif event.type == "done":
+                    run.exit_code = data.get("exit_code")
                 await self._append(run, {"type": event.type, "data": data})
             run.state = "ok"
         except asyncio.CancelledError:
@@ -173,6 +180,9 @@ class RunRegistry:
                 await run.stdin.close()
             self._schedule_release(run)
             run.changed.set()
+            logs.log().info("run %s %s (exit %s)", run.run_id, run.state, run.exit_code,
+                            extra={**who, "state": run.state, "exit_code": run.exit_code,
+                                   "error": (run.error or {}).get("message")})  # fmt: skip
 
     async def _append(self, run: Run, event: dict[str, Any]) -> None:
         """Store ``event``, first giving live readers time to read what it would drop."""

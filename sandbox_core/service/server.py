@@ -1,4 +1,5 @@
-"""Running the service: uvicorn on a 0600 Unix socket (default) or a loopback TCP port.
+"""Running the service: uvicorn on a Unix socket (0600, or 0660 for ``service.socket_group``)
+or a loopback TCP port.
 
 Signals: the first SIGTERM or SIGINT drains — listeners close (no new runs), in-flight
 runs get ``service.drain_grace`` seconds to finish, then are cancelled; a second SIGINT
@@ -10,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import os
 import socket
+import sqlite3
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +27,8 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError
 from sandbox_core.orchestrator import SandboxOrchestrator
+from sandbox_core.record import open_record
+from sandbox_core.service import logs
 from sandbox_core.service.app import ServiceState, create_app
 from sandbox_core.service.auth import UNIX_PEER, TokenTable, peer_uid
 from sandbox_core.service.paths import default_socket_path
@@ -54,16 +59,38 @@ class PeerCredWebSocketProtocol(WebSocketsSansIOProtocol):
             self.client = (UNIX_PEER, uid)
 
 
-def bind_unix(path: Path) -> socket.socket:
-    """A listening Unix socket at ``path``, mode 0600, in a 0700 directory we own."""
+def socket_gid(group: str | None) -> int | None:
+    """The gid of ``service.socket_group`` (a name or a number), None when unset."""
+    if group is None:
+        return None
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError("service.socket_group", f"no group {group!r} on this host (groupadd it, or give a gid)"
+                          ) from None  # fmt: skip
+
+
+def bind_unix(path: Path, group: int | None = None) -> socket.socket:
+    """A listening Unix socket at ``path``: 0600 in a 0700 directory we own, or with ``group``
+    0660 in a 0750 directory of that group. The directory is checked (and its mode and group
+    set) through a descriptor on every start."""
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError("service.socket_path", f"cannot create {path.parent}: {exc.strerror or exc}; "
                           "set XDG_RUNTIME_DIR, or service.socket_path (--socket) to a path you own") from None
-    parent = path.parent.stat()
-    if parent.st_uid != os.getuid() or parent.st_mode & 0o022:
-        raise ConfigError("service.socket_path", f"{path.parent} must be owned by us and not group/world-writable")
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        parent = os.fstat(dir_fd)
+        if parent.st_uid != os.getuid() or parent.st_mode & 0o022:
+            raise ConfigError("service.socket_path", f"{path.parent} must be owned by us and not group/world-writable")
+        if group is not None:
+            os.fchown(dir_fd, -1, group)
+            os.fchmod(dir_fd, 0o750)
+        elif stat.S_IMODE(parent.st_mode) & 0o077:
+            os.fchmod(dir_fd, 0o700)  # no group asked for: nobody else may even look in
+    finally:
+        os.close(dir_fd)
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(path.lstat().st_mode):
             probe = socket.socket(socket.AF_UNIX)
@@ -84,7 +111,11 @@ def bind_unix(path: Path) -> socket.socket:
         sock.bind(str(path))
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
+    if group is not None:
+        os.chown(path, -1, group)  # in our own 0750 directory: nobody else can swap it
+        os.chmod(path, 0o660)
+    else:
+        os.chmod(path, 0o600)
     sock.listen(128)
     return sock
 
@@ -131,19 +162,29 @@ async def serve(
     else:
         tokens = TokenTable()
         path = default_socket_path(config)
-        sock = bind_unix(path)
+        sock = bind_unix(path, socket_gid(config.service.socket_group))
         where = f"unix:{path}"
         transport = "unix"
-    orchestrator = SandboxOrchestrator(config)
+    try:
+        record = open_record(config)
+    except (OSError, sqlite3.Error) as exc:
+        sock.close()
+        raise ConfigError("service.state_dir", f"cannot open the record in {config.state_dir()}: {exc}; "
+                          "set service.state_dir to a directory the service can write, or "
+                          "record.enabled = false") from None  # fmt: skip
+    orchestrator = SandboxOrchestrator(config, record=record, origin="service")
     state = ServiceState(config, orchestrator, transport=transport, tokens=tokens)
+    key = config.model.api_key
+    log_config = logs.configure(config.service.log_level, [str(key)] if key else [])
     uconfig = uvicorn.Config(
         create_app(state),
         http=PeerCredProtocol,
         ws=PeerCredWebSocketProtocol,
         ws_max_size=WS_MAX_MESSAGE,
         lifespan="off",
-        log_level="warning",
-        access_log=False,
+        log_config=log_config,
+        log_level=config.service.log_level,
+        access_log=True,
         timeout_graceful_shutdown=int(max(1, config.service.drain_grace)),
     )
     server = _Server(uconfig, state)
@@ -157,6 +198,8 @@ async def serve(
         state.draining = True
         await state.runs.cancel_all()
         await orchestrator.shutdown(grace=0 if server.force_exit else config.shutdown_grace)
+        if record is not None:
+            await asyncio.to_thread(record.close)
         sock.close()
         if path is not None:
             with contextlib.suppress(FileNotFoundError):

@@ -63,6 +63,7 @@ def base_env(root: Path) -> dict[str, str]:
         XDG_CONFIG_HOME=str(root / "config"),
         XDG_STATE_HOME=str(root / "state"),
         SANDBOX_PROFILE="process",
+        SANDBOX_ALLOW_ROOT_PROCESS="1",
         SANDBOX_MIN_IDLE="0",
         SANDBOX_SHUTDOWN_GRACE="2",
         SANDBOX_CANCEL_GRACE="1",

@@ -58,11 +58,12 @@ def test_config_show_json_sources_and_redaction(invoke: Invoke, tmp_path: Path) 
     info = json.loads(result.stdout)
     values = info["values"]
     assert info["path"] == str(path)
-    assert values["max_workers_per_user"] == {"value": 3, "source": "file"}
-    assert values["max_workers"] == {"value": 5, "source": "env"}
-    assert values["profile"] == {"value": "process", "source": "flag"}
-    assert values["startup_timeout"]["source"] == "default"
-    assert values["model.api_key"] == {"value": "***", "source": "env"}
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("max_workers_per_user"))
+    assert values["max_workers_per_user"] == {"value": 3, "source": "file", "origin": f"{path} line {line}"}
+    assert values["max_workers"] == {"value": 5, "source": "env", "origin": "SANDBOX_MAX_WORKERS"}
+    assert values["profile"] == {"value": "process", "source": "flag", "origin": "flag"}
+    assert values["startup_timeout"] == {"value": 10.0, "source": "default"}
+    assert values["model.api_key"] == {"value": "***", "source": "env", "origin": "ANTHROPIC_API_KEY"}
     assert info["effective_provider"] == "anthropic"
     assert "sk-from" not in result.output
 

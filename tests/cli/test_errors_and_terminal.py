@@ -52,7 +52,7 @@ def test_each_error_becomes_one_line_a_hint_and_its_code(
     async def job(pool: SandboxOrchestrator) -> None:
         raise error
 
-    config = ProcessSandboxConfig(profile="process", workspace_root=tmp_path, min_idle=0)
+    config = ProcessSandboxConfig(profile="process", workspace_root=tmp_path, min_idle=0, allow_root_process=True)
     with pytest.raises(typer.Exit) as exit_info:
         run_job(config, job)
     assert exit_info.value.exit_code == code

@@ -86,7 +86,7 @@ async def test_env_is_built_from_allowlist(workspace_root: Path, host_canary: st
         result = await worker.execute("exec", ExecRequest(argv=("env",)).params())
         names = {line.split("=", 1)[0] for line in result.stdout_text.splitlines()}
         assert host_canary not in result.stdout_text
-        assert "SANDBOX_TEST_HOST_SECRET" not in names
+        assert "TEST_HOST_SECRET_OF_SANDBOX" not in names
         assert names <= {"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ", "HOME", "PWD", "SHLVL", "_"}
         environ = Path(f"/proc/{worker.pid}/environ").read_bytes()
         assert host_canary.encode() not in environ
@@ -231,3 +231,17 @@ def _status_kib(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise AssertionError(f"no {field} in /proc/self/status")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the refusal is for a host running as root")
+async def test_process_profile_as_root_refuses_without_the_explicit_opt_in(workspace_root: Path) -> None:
+    from sandbox_core.errors import IsolationUnavailable
+    from sandbox_core.orchestrator import SandboxOrchestrator
+
+    config = process_config(workspace_root, allow_root_process=False)
+    async with SandboxOrchestrator(config) as pool:
+        with pytest.raises(IsolationUnavailable, match="would run every command as root") as info:
+            await pool.execute("rooty", ExecRequest(argv=("id", "-u")))
+        assert info.value.data["reason"] == "process_as_root"
+    async with SandboxOrchestrator(config.replace(allow_root_process=True)) as pool:
+        assert (await pool.execute("rooty", ExecRequest(argv=("id", "-u")))).stdout == b"0\n"  # what it lets in

@@ -209,7 +209,7 @@ PROCESS_MUST_FAIL = (
 """Weaknesses of the ``process`` profile, whoever runs it."""
 PROCESS_MUST_FAIL_AS_ROOT = ("files.shadow", "priv.capabilities", "priv.setuid", "ns.user", "limits.fork_bomb")
 """Further weaknesses when the host (and so the worker) is root."""
-HOST_SECRET = "SANDBOX_TEST_AUDIT_HOST_SECRET"
+HOST_SECRET = "TEST_AUDIT_HOST_SECRET_OF_SANDBOX"
 PROCESS_MUST_PASS = ("env.allowlist", "env.canary", "fds.command", "host.responsive", "canary.exfiltration")
 
 
@@ -319,6 +319,7 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
     env.update(
         XDG_CONFIG_HOME=str(tmp_path / "config"), XDG_STATE_HOME=str(tmp_path / "state"),
         SANDBOX_WORKSPACE_ROOT=str(tmp_path / "ws"), SANDBOX_MIN_IDLE="0", COLUMNS="200",
+        SANDBOX_ALLOW_ROOT_PROCESS="1",
     )  # fmt: skip
     return env
 
@@ -383,7 +384,7 @@ def test_cli_run_audit_refuses_a_running_loop() -> None:
 
     async def inside() -> None:
         with pytest.raises(RuntimeError, match="run_audit_async"):
-            cli_run_audit(ProcessSandboxConfig(profile="process"), USER)
+            cli_run_audit(ProcessSandboxConfig(profile="process", allow_root_process=True), USER)
 
     asyncio.run(inside())
 

@@ -42,6 +42,7 @@ def service_config(tmp_path: Path, profile: str = "process", **service: object) 
     root = tmp_path / "ws"
     root.mkdir(exist_ok=True)
     config = process_config(root, max_workers=8, max_workers_per_user=1, acquire_timeout=60.0, profile=profile)
+    service = {"state_dir": tmp_path / "state", **service}
     return config.replace(service=ServiceConfig(keepalive_seconds=0.5, drain_grace=5.0, **service))  # type: ignore[arg-type]
 
 

@@ -141,15 +141,17 @@ async def test_finished_runs_are_released_after_their_ttl(tmp_path: Path) -> Non
         done_at = time.monotonic()
         assert events[-1].type == "done"
         run_id = client.last_run_id
-        assert (await http.get(f"/v1/runs/{run_id}")).status_code == 200
+        live_summary = (await http.get(f"/v1/runs/{run_id}")).json()
+        assert "buffered_events" in live_summary and "recorded" not in live_summary
 
-        async def released() -> bool:
-            return (await http.get(f"/v1/runs/{run_id}")).status_code == 404
+        async def released() -> bool:  # what is left is the durable record's row, not the buffer
+            return bool((await http.get(f"/v1/runs/{run_id}")).json().get("recorded"))
 
         await wait_for_async(released, 10, "the finished run to be released")
         assert time.monotonic() - done_at >= ttl / 2
         assert (await http.get(f"/v1/runs/{run_id}/events")).status_code == 404
-        assert run_id not in [r["run_id"] for r in await client.runs()]
+        (listed,) = [r for r in await client.runs() if r["run_id"] == run_id]
+        assert listed["recorded"] and listed["outcome"] == "ok" and listed["exit_code"] == 0
         await client.aclose()
 
 
@@ -171,13 +173,14 @@ async def test_runs_per_user_are_capped_oldest_finished_first(tmp_path: Path) ->
             assert response.status_code == 200
             return response.headers["x-run-id"]
 
-        async def kept() -> set[str]:
-            return {r["run_id"] for r in (await http.get("/v1/runs", headers=me)).json()["runs"]}
+        async def kept() -> set[str]:  # in the registry (released ones stay listed from the record)
+            runs = (await http.get("/v1/runs", headers=me)).json()["runs"]
+            return {r["run_id"] for r in runs if not r.get("recorded")}
 
         first, second = await finished_run("one"), await finished_run("two")
         third = await finished_run("three")  # the oldest finished run makes room
         assert await kept() == {second, third}
-        assert (await http.get(f"/v1/runs/{first}", headers=me)).status_code == 404
+        assert (await http.get(f"/v1/runs/{first}", headers=me)).json()["recorded"]  # released
         busy = [await running_run("go1"), await running_run("go2")]
         assert await kept() == set(busy)  # finished ones went first, oldest first
 

@@ -216,3 +216,55 @@ def test_the_default_socket_is_never_under_tmp(tmp_path: Path) -> None:
         bind_unix(tmp_path / "file" / "sandbox" / "sandbox.sock")
     assert info.value.field == "service.socket_path"
 
+
+
+PEER = r"""
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as exc:
+    print(json.dumps({"connect": exc.errno})); sys.exit(0)
+body = b'{"shell": "true"}'
+s.sendall(b"POST /v1/runs/exec HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+data = b""
+while chunk := s.recv(65536):
+    data += chunk
+print(json.dumps({"status": data.split(b" ", 2)[1].decode(), "body": data.decode(errors="replace")}))
+"""
+
+
+def _as(uid: int, groups: list[int]):  # type: ignore[no-untyped-def]
+    def switch() -> None:
+        os.setgroups(groups)
+        os.setgid(groups[0] if groups else uid)
+        os.setuid(uid)
+
+    return switch
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="switching to other uids needs root")
+async def test_socket_group_lets_its_members_connect_as_themselves(tmp_path: Path) -> None:
+    from tests.service.conftest import unix_service_with
+
+    async with unix_service_with(tmp_path, socket_group="4242") as live:
+        sock = live.socket_path
+        assert sock is not None
+        st, parent = sock.stat(), sock.parent.stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, 4242)
+        assert (stat.S_IMODE(parent.st_mode), parent.st_gid) == (0o750, 4242)
+
+        async def peer(uid: int, groups: list[int]) -> dict[str, object]:
+            proc = await asyncio.create_subprocess_exec(
+                "/usr/bin/python3", "-I", "-c", PEER, str(sock), stdout=asyncio.subprocess.PIPE,
+                preexec_fn=_as(uid, groups))  # fmt: skip
+            out, _ = await proc.communicate()
+            result: dict[str, object] = json.loads(out)
+            return result
+
+        member = await peer(4343, [4242])
+        assert member["status"] == "200", member
+        assert '"user_id":"uid4343"' in str(member["body"])  # mapped to its own user, not the server's
+        outsider = await peer(4344, [4344])
+        assert outsider == {"connect": 13}  # EACCES: not in the group

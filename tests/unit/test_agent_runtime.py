@@ -115,7 +115,8 @@ async def test_offline_run_streams_text_tool_use_and_real_output(offline_ctx: Fa
     assert "hello-from-bash" in offline_ctx.text.split("succeeded")[1]
     usage = offline_ctx.of("usage")
     assert result["usage"] == {k: sum(u[k] for u in usage) for k in ("input_tokens", "output_tokens")}
-    assert result["stop_reason"] == "end_turn" and result["turns"] == 2 and result["model"] == MODEL
+    assert result["stop_reason"] == "end_turn" and result["turns"] == 2
+    assert result["model"] == "offline" and result["requested_model"] == MODEL  # who answered, and what was asked
     assert result["conversation_id"] == "default" and "warnings" not in result
     stats = offline_ctx.channel.gateway.stats()["alice"]
     assert stats["calls"] == 2 and stats["input_tokens"] == result["usage"]["input_tokens"]

@@ -74,6 +74,52 @@ def test_unknown_key_in_file_is_an_error(tmp_path: Path) -> None:
     assert info.value.field == "max_wrokers"
 
 
+def test_unknown_sandbox_variable_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path), "SANDBOX_LIMITS__CPU_SECOND": "3"}
+    with pytest.raises(ConfigError) as info:
+        load_config(environ=env)
+    assert info.value.field == "SANDBOX_LIMITS__CPU_SECOND"
+    assert "did you mean SANDBOX_LIMITS__CPU_SECONDS?" in info.value.message
+
+
+def test_client_variables_are_not_settings(tmp_path: Path) -> None:
+    env = {"XDG_CONFIG_HOME": str(tmp_path), "SANDBOX_URL": "unix:/x", "SANDBOX_TOKEN": "t",
+           "SANDBOX_TOKEN_FILE": "/t", "SANDBOX_AUDIT_CANARY": "c"}  # fmt: skip
+    assert load_config(environ=env).config.max_workers == 8
+
+
+def test_errors_name_the_file_line_or_variable_they_came_from(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("# pool\nmax_workers = 4\n\n[limits]\nopen_files = -1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert info.value.field == "limits.open_files" and info.value.source == f"in {path} line 5"
+    assert f"(set in {path} line 5)" in info.value.message
+    path.write_text("max_workers = 'many'\n")
+    with pytest.raises(ConfigError, match="line 1"):
+        load_config(path, environ={})
+    path.write_text("min_idle = 9\n")  # a check across settings (min_idle > max_workers) names it too
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={})
+    assert info.value.field == "min_idle" and info.value.source == f"in {path} line 1"
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ={"SANDBOX_MIN_IDLE": "50"})
+    assert info.value.source == "by SANDBOX_MIN_IDLE"
+    path.write_text("[strict]\nro_bindz = []\n")
+    with pytest.raises(ConfigError, match=r"unknown setting \(set in .* line 2\)"):
+        load_config(path, environ={})
+
+
+def test_origins_say_where_each_value_was_set(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[limits]\nprocesses = 50\n")
+    loaded = load_config(path, environ={"SANDBOX_MAX_WORKERS": "3"}, overrides={"profile": "process"})
+    assert loaded.origins["limits.processes"] == f"{path} line 2"
+    assert loaded.origins["max_workers"] == "SANDBOX_MAX_WORKERS"
+    assert loaded.origins["profile"] == "flag"
+    assert "min_idle" not in loaded.origins
+
+
 def test_api_key_from_anthropic_variable_is_secret(tmp_path: Path) -> None:
     cfg = load_config(environ={"XDG_CONFIG_HOME": str(tmp_path), "ANTHROPIC_API_KEY": "sk-real"}).config
     assert isinstance(cfg.model.api_key, Secret) and cfg.model.api_key == "sk-real"

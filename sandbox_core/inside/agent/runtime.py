@@ -29,6 +29,7 @@ What this module adds, and why the runner does not do it:
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import time
@@ -49,6 +50,8 @@ EVENT_OUTPUT_LIMIT = 4096
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_MAX_TURNS = 20
 CONVERSATIONS = "agent.conversations"
+HISTORY_MAX_BYTES = 4 * 1024 * 1024
+"""The largest conversation returned for the host to keep (the frame limit is 8 MiB)."""
 _LOCKS = "agent.locks"
 
 
@@ -85,6 +88,11 @@ class _Params:
         self.max_turns = _get(params, "max_turns", int, DEFAULT_MAX_TURNS)
         self.max_tokens = _get(params, "max_tokens", int, DEFAULT_MAX_TOKENS)
         self.conversation_id = _get(params, "conversation_id", str, None) or "default"
+        history = params.get("history")
+        if history is not None and not isinstance(history, list):
+            raise ConfigError("history", "must be a list of messages")
+        self.history: list[Any] | None = history
+        self.return_history = params.get("return_history") is True
         tools = params.get("tools")
         self.tools: tuple[str, ...]
         if tools is None:
@@ -222,6 +230,8 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
 
     started = time.monotonic()
     store: dict[str, list[Any]] = ctx.executor.state.setdefault(CONVERSATIONS, {})
+    if p.history is not None and p.conversation_id not in store:  # a conversation this worker never had
+        store[p.conversation_id] = p.history
     history = _with_prompt(store.get(p.conversation_id, []), p.prompt)
     send = getattr(ctx.channel, "send", None)
     cancel = None if send is None else _cancel_sender(send)
@@ -234,6 +244,7 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
     runner: BetaAsyncStreamingToolRunner[None] | None = None
     usage = {"input_tokens": 0, "output_tokens": 0}
     turns, stop_reason = 0, ""
+    answered_by = p.model
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -257,6 +268,7 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
             if message.stop_reason is None:
                 raise GatewayError("the model stream ended before message_stop", data={"reason": "stream_broken"})
             turns, stop_reason = turns + 1, str(message.stop_reason)
+            answered_by = str(message.model or p.model)
             turn = {"input_tokens": message.usage.input_tokens, "output_tokens": message.usage.output_tokens}
             usage = {k: usage[k] + turn[k] for k in usage}
             await ctx.emit("usage", turn)
@@ -282,10 +294,19 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
         stop_reason = "max_turns"
     result: dict[str, Any] = {
         "stop_reason": stop_reason, "turns": turns, "usage": usage,
-        "duration_s": round(time.monotonic() - started, 6), "conversation_id": p.conversation_id, "model": p.model,
+        "duration_s": round(time.monotonic() - started, 6), "conversation_id": p.conversation_id,
+        "model": answered_by,  # the model that answered (the offline one says "offline")
     }
+    if answered_by != p.model:
+        result["requested_model"] = p.model
     if caught:
         result["warnings"] = sorted({str(w.message) for w in caught})
+    if p.return_history:
+        kept = json.loads(json.dumps(store[p.conversation_id], default=str))  # plain JSON, whatever the SDK built
+        if len(json.dumps(kept)) <= HISTORY_MAX_BYTES:
+            result["history"] = kept
+        else:
+            result["history_dropped"] = "the conversation is larger than HISTORY_MAX_BYTES"
     return result
 
 
