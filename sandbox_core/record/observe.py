@@ -48,8 +48,8 @@ class RunLog:
         self.kind, summary = request_summary(request)
         self.conversation = request.conversation_id if isinstance(request, AgentRequest) else None
         record.run_started(run_id, user_id, self.kind, origin, summary, self.conversation)
-        record.journal(self.kind if self.kind in ("exec", "agent", "terminal") else "exec", {"origin": origin, **summary},
-                       user_id=user_id, run_id=run_id)  # fmt: skip
+        kind = self.kind if self.kind in ("exec", "agent", "terminal") else "exec"
+        record.journal(kind, {"origin": origin, **summary}, user_id=user_id, run_id=run_id)
         self._done: dict[str, Any] = {}
 
     def event(self, event: Event) -> Event:
