@@ -59,3 +59,9 @@ def unix_address(path: str) -> Iterator[str]:
         yield f"/proc/self/fd/{dirfd}/{os.path.basename(path)}"
     finally:
         os.close(dirfd)
+
+MODEL_ENDPOINT_HOST = "127.0.0.1"
+MODEL_ENDPOINT_PORT = 8765
+"""The loopback port of the model endpoint inside a strict sandbox (its own network namespace,
+so no other tenant shares it): commands get ``ANTHROPIC_BASE_URL`` pointing here."""
+MODEL_ENDPOINT_URL = f"http://{MODEL_ENDPOINT_HOST}:{MODEL_ENDPOINT_PORT}"
