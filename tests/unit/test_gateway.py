@@ -206,7 +206,7 @@ async def test_user_and_run_budgets(make: Make, server: MessagesServer) -> None:
     await _collect(gateway, _params(body=body), user="u2")  # budgets are per user
     assert gateway.stats()["u1"]["refused"] == 2 and len(server.requests) == 4
     assert gateway.ledger.used("u1") == (45, 0)
-    assert [r.body["max_tokens"] for r in server.requests] == [15, 15, 15, 20]
+    assert [r.body["max_tokens"] for r in server.requests] == [15, 15, 15, 15]
 
 
 async def test_missing_key_says_how_to_set_it() -> None:
