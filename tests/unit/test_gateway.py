@@ -118,7 +118,8 @@ async def test_real_key_replaces_worker_credentials(make: Make, server: Messages
     assert seen.path == "/v1/messages" and seen.method == "POST" and seen.body == BODY
     assert seen.headers["x-api-key"] == KEY and seen.headers["authorization"] == f"Bearer {KEY}"
     assert "cookie" not in seen.headers and "proxy-authorization" not in seen.headers
-    assert seen.headers["anthropic-version"] == "2023-06-01" and seen.headers["anthropic-beta"] == "prompt-caching-2024-07-31"
+    assert seen.headers["anthropic-version"] == "2023-06-01"
+    assert seen.headers["anthropic-beta"] == "prompt-caching-2024-07-31"
     assert "sandbox-gateway" not in json.dumps(seen.headers) and "stolen" not in json.dumps(seen.headers)
 
 
