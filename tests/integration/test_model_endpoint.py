@@ -115,7 +115,8 @@ async def test_anthropic_sdk_inside_reaches_the_api_with_the_real_key_it_never_s
 
 
 async def test_upstream_failures_reach_the_client_without_their_text(workspace_root: Path) -> None:
-    with MessagesServer([error(529, "overloaded_error", "Overloaded"), stream([b"data: x\n\n"] * 3, cut_after=1)]) as srv:
+    replies = [error(529, "overloaded_error", "Overloaded"), stream([b"data: x\n\n"] * 3, cut_after=1)]
+    with MessagesServer(replies) as srv:
         config = strict(workspace_root, provider="anthropic", api_key=Secret(KEY), base_url=srv.url)
         async with SandboxOrchestrator(config) as pool:
             answer = _answer((await pool.execute("alice", urllib_post(BODY))).stdout_text)
