@@ -135,3 +135,30 @@ async def test_agent_runtime_and_endpoint_share_the_run_budget(workspace_root: P
     async with SandboxOrchestrator(strict(workspace_root, provider="offline")) as pool:
         result = await pool.execute("alice", AgentRequest(prompt="run: echo $ANTHROPIC_BASE_URL"))
         assert MODEL_ENDPOINT_URL in result.text
+
+
+LOOP = """
+import json, os, sys, urllib.request, urllib.error
+statuses = []
+for _ in range(8):
+    req = urllib.request.Request(os.environ["ANTHROPIC_BASE_URL"] + "/v1/messages", sys.argv[1].encode(),
+                                 {"content-type": "application/json", "x-api-key": "anything"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            statuses.append(resp.status)
+    except urllib.error.HTTPError as exc:
+        statuses.append(f"{exc.code} {exc.headers.get('x-sandbox-gateway-reason')}")
+        break
+print(json.dumps(statuses))
+"""
+
+
+async def test_each_command_is_a_run_of_its_own_for_the_budget(workspace_root: Path) -> None:
+    """The host binds every call a command makes to that command: request_token_budget holds per command."""
+    async with SandboxOrchestrator(strict(workspace_root, provider="offline", request_token_budget=300)) as pool:
+        first = json.loads((await pool.execute("alice", python("-c", LOOP, json.dumps(BODY)))).stdout_text)
+        second = json.loads((await pool.execute("alice", python("-c", LOOP, json.dumps(BODY)))).stdout_text)
+        assert first[-1] == second[-1] == "429 request_budget"
+        assert 1 <= len(first) - 1 < 8 and first == second  # the same budget again: a fresh run
+        stats = pool.get_pool_stats()["gateway"]["alice"]
+        assert stats["refused"] == 2 and stats["input_tokens"] + stats["output_tokens"] <= 2 * 300
