@@ -64,6 +64,8 @@ HEADERS = frozenset({"content-type", "accept", "anthropic-version", "anthropic-b
 """Request headers passed on (``anthropic-beta`` filtered value by value)."""
 HEADER_PREFIXES = ("x-stainless-",)
 """Header name prefixes passed on: the SDK's own telemetry (language, version, retry count...)."""
+DEFAULT_VERSION = "2023-06-01"
+"""``anthropic-version`` added when a client (``curl``, say) sends none."""
 MAX_HEADERS = 64
 MAX_HEADER_VALUE = 1024
 _HEADER_VALUE = re.compile(r"^[\x20-\x7e]*$")
@@ -137,6 +139,7 @@ class GatewayPolicy:
         """Apply every rule to one call; GatewayError (``data["reason"]``) names the first it breaks."""
         route = self.route(method, path, query)
         headers, notes = self.headers(raw_headers)
+        self._defaults(headers)
         if route.body == "none":
             if body:
                 raise refused(f"{method} {path} takes no body")
@@ -152,6 +155,12 @@ class GatewayPolicy:
         if not any(name == "content-type" for name, _ in headers):
             headers.append(("content-type", "application/json"))
         return checked
+
+    @staticmethod
+    def _defaults(headers: list[tuple[str, str]]) -> None:
+        """What a plain client (curl) may leave out and the API requires."""
+        if not any(name == "anthropic-version" for name, _ in headers):
+            headers.append(("anthropic-version", DEFAULT_VERSION))
 
     def route(self, method: str, path: str, query: str) -> Route:
         method = method.upper()

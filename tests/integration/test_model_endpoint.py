@@ -112,6 +112,7 @@ async def test_anthropic_sdk_inside_reaches_the_api_with_the_real_key_it_never_s
                     f"-H \"x-api-key: $ANTHROPIC_API_KEY\" -d '{json.dumps({**BODY, 'stream': True})}'"), timeout=30))
                 assert "event: message_stop" in res.stdout_text and KEY not in res.stdout_text
                 assert server.requests[1].headers["x-api-key"] == KEY
+                assert server.requests[1].headers["anthropic-version"] == "2023-06-01"  # curl sent none
 
 
 async def test_upstream_failures_reach_the_client_without_their_text(workspace_root: Path) -> None:
