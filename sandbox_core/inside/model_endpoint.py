@@ -15,7 +15,8 @@ then each ``body`` chunk as one HTTP chunk (server-sent events reach the client 
 A refusal becomes an API-shaped error (``{"type": "error", "error": {"type", "message"}}``)
 with the status a client understands and ``x-sandbox-gateway-reason`` naming the reason
 code; an upstream stream that breaks mid-way drops the connection, as the API's would. A
-client that goes away cancels its host call.
+client that goes away (noticed at once, also while the host has nothing to send) cancels its
+host call.
 
 Bounded: at most :data:`MAX_CONNECTIONS` connections (more get 503) and
 :data:`MAX_CALLS` calls to the host at once (more wait), request heads of
@@ -104,7 +105,8 @@ class ModelEndpoint:
         self.served = 0
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._accept, host, port, limit=MAX_HEAD, backlog=MAX_CONNECTIONS)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self._accept), host, port, backlog=MAX_CONNECTIONS)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -113,7 +115,7 @@ class ModelEndpoint:
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ended: asyncio.Event) -> None:
         task = asyncio.current_task()
         assert task is not None
         if len(self._connections) >= MAX_CONNECTIONS:
@@ -131,7 +133,7 @@ class ModelEndpoint:
                     break
                 if request is None:
                     break
-                if not await self._relay(request, writer):
+                if not await self._relay(request, writer, ended):
                     break
         except (ConnectionError, TimeoutError, asyncio.IncompleteReadError):
             pass
@@ -197,7 +199,7 @@ class ModelEndpoint:
             body += await reader.readexactly(size)
             await reader.readexactly(2)
 
-    async def _relay(self, request: _Request, writer: asyncio.StreamWriter) -> bool:
+    async def _relay(self, request: _Request, writer: asyncio.StreamWriter, ended: asyncio.Event) -> bool:
         """Answer one request through the host; whether the connection may carry another."""
         target = urlsplit(request.target)
         path = target.path or "/"
@@ -214,9 +216,10 @@ class ModelEndpoint:
         chunked = request.version == "HTTP/1.1"
         async with self._calls:
             chunks = self._call_host(GATEWAY_METHOD, params)
+            gone = asyncio.ensure_future(ended.wait())
             try:
                 try:
-                    first = await anext(chunks)
+                    first = await _next(chunks, gone)
                 except StopAsyncIteration:
                     await _error(writer, 502, "api_error", "the model gateway sent no answer", close=not keep)
                     return keep
@@ -241,7 +244,11 @@ class ModelEndpoint:
                     head.append("connection: close")
                 writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1", "replace"))
                 await writer.drain()
-                async for chunk in chunks:
+                while True:
+                    try:
+                        chunk = await _next(chunks, gone)
+                    except StopAsyncIteration:
+                        break
                     if chunk.get("kind") != "body":
                         continue
                     try:
@@ -255,6 +262,7 @@ class ModelEndpoint:
                 writer.transport.abort()
                 return False
             finally:
+                gone.cancel()
                 closer = getattr(chunks, "aclose", None)
                 if closer is not None:
                     await closer()
@@ -262,6 +270,39 @@ class ModelEndpoint:
             writer.write(b"0\r\n\r\n")
             await writer.drain()
         return keep and chunked
+
+
+class _Connection(asyncio.StreamReaderProtocol):
+    """A client connection whose end (close, reset, or its side shut) is an event to wait on."""
+
+    def __init__(self, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Event], Any]) -> None:
+        self.ended = asyncio.Event()
+        super().__init__(asyncio.StreamReader(limit=MAX_HEAD), lambda r, w: serve(r, w, self.ended))
+
+    def eof_received(self) -> bool:
+        self.ended.set()
+        return bool(super().eof_received())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended.set()
+        super().connection_lost(exc)
+
+
+async def _next(chunks: AsyncIterator[dict[str, Any]], gone: asyncio.Future[Any]) -> dict[str, Any]:
+    """The host call's next chunk, or ConnectionResetError as soon as the client goes away (the
+    call is then stopped: its generator is cancelled, which tells the host to stop)."""
+    step = asyncio.ensure_future(anext(chunks))
+    waiting: set[asyncio.Future[Any]] = {step, gone}
+    try:
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not step.done():  # gone, or we are cancelled: stop the call before anyone closes it
+            step.cancel()
+            with contextlib.suppress(BaseException):
+                await step
+    if step.cancelled():
+        raise ConnectionResetError("the client went away")
+    return step.result()
 
 
 def _field(value: Any) -> str:
