@@ -131,8 +131,8 @@ async def test_upstream_failures_reach_the_client_without_their_text(workspace_r
             assert KEY not in cut.stdout_text + cut.stderr_text
 
 
-async def test_agent_runtime_and_endpoint_share_the_run_budget(workspace_root: Path) -> None:
-    """A command run by the agent's bash tool calls the endpoint: same run, same budget."""
+async def test_the_agents_bash_tool_gets_the_endpoint(workspace_root: Path) -> None:
+    """A command the agent runs (its bash tool) gets the endpoint too, and its calls are the agent run's."""
     async with SandboxOrchestrator(strict(workspace_root, provider="offline")) as pool:
         result = await pool.execute("alice", AgentRequest(prompt="run: echo $ANTHROPIC_BASE_URL"))
         assert MODEL_ENDPOINT_URL in result.text
