@@ -32,9 +32,7 @@ import binascii
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from sandbox_core.errors import SandboxError
 from sandbox_core.shared import GATEWAY_BASE_URL, GATEWAY_METHOD
@@ -79,13 +77,21 @@ class BadRequest(Exception):
         self.status = status
 
 
-@dataclass
 class _Request:
-    method: str
-    target: str
-    version: str
-    headers: list[tuple[str, str]]
-    body: bytes
+    __slots__ = ("body", "headers", "method", "target", "version")
+
+    def __init__(self, method: str, target: str, version: str, headers: list[tuple[str, str]], body: bytes) -> None:
+        self.method, self.target, self.version, self.headers, self.body = method, target, version, headers, body
+
+    @property
+    def path_and_query(self) -> str:
+        """The target as ``/path?query`` (an absolute-form target loses its scheme and authority)."""
+        target = self.target.partition("#")[0]
+        if "://" in target:
+            rest = target.split("://", 1)[1]
+            slash = rest.find("/")
+            target = rest[slash:] if slash >= 0 else "/"
+        return target
 
     @property
     def keep_alive(self) -> bool:
@@ -204,14 +210,13 @@ class ModelEndpoint:
 
     async def _relay(self, request: _Request, writer: asyncio.StreamWriter, conn: _Connection) -> bool:
         """Answer one request through the host; whether the connection may carry another."""
-        target = urlsplit(request.target)
-        path = target.path or "/"
+        path = request.path_and_query
         if not path.startswith("/"):
             await _error(writer, 400, "invalid_request_error", "request target must be a path", close=True)
             return False
         params: dict[str, Any] = {
             "method": request.method,
-            "url": GATEWAY_BASE_URL + path + (f"?{target.query}" if target.query else ""),
+            "url": GATEWAY_BASE_URL + path,
             "headers": [[k, v] for k, v in request.headers if k not in _HOP],
             "body_b64": base64.b64encode(request.body).decode("ascii"),
         }

@@ -74,12 +74,15 @@ async def test_streams_sse_in_http_chunks(endpoint: tuple[Host, int]) -> None:
 
 
 async def test_http10_chunked_uploads_and_expect_continue(endpoint: tuple[Host, int]) -> None:
-    _, port = endpoint
+    host, port = endpoint
     answer = await _exchange(port, _post(version="HTTP/1.0"))
     assert answer.startswith(b"HTTP/1.0 200") and b"connection: close" in answer and b"message_stop" in answer
     chunked = (b"POST /v1/messages HTTP/1.1\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
                + b"%x\r\n%b\r\n" % (10, BODY[:10]) + b"%x\r\n%b\r\n" % (len(BODY) - 10, BODY[10:]) + b"0\r\n\r\n")
     assert (await _exchange(port, chunked)).startswith(b"HTTP/1.1 200")
+    absolute = _post().replace(b"POST /v1/messages", b"POST http://127.0.0.1:8765/v1/messages?beta=true")
+    assert (await _exchange(port, absolute)).startswith(b"HTTP/1.1 200")
+    assert host.calls[-1]["url"] == "http://gateway.sandbox/v1/messages?beta=true"
     answer = await _exchange(port, _post(extra="expect: 100-continue\r\n"))
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200")
 
