@@ -365,6 +365,59 @@ async def gateway_overhead(config: ProcessSandboxConfig, deltas: int = 1000) -> 
                   detail={"events": count, "direct_events": seen, "overhead_us_per_event": round(per_event_us, 2)})
 
 
+_ENDPOINT_CLIENT = r"""
+import http.client, json, os, sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+n, stream = int(sys.argv[1]), sys.argv[2] == "1"
+body = json.dumps({"model": sys.argv[3], "max_tokens": 256, "stream": stream,
+                   "messages": [{"role": "user", "content": "hello there"}]}).encode()
+def calls(host, port):
+    conn, times, data = http.client.HTTPConnection(host, port, timeout=30), [], b""
+    for _ in range(n):
+        began = time.perf_counter()
+        conn.request("POST", "/v1/messages", body, {"content-type": "application/json"})
+        data = conn.getresponse().read()
+        times.append(time.perf_counter() - began)
+    return sorted(times)[n // 2], data
+base = os.environ["ANTHROPIC_BASE_URL"].rsplit(":", 1)
+ours, reply = calls(base[0].split("//")[1], int(base[1]))
+class Same(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(reply)
+        self.connection.sendall(head + reply)
+    def log_message(self, *args):
+        pass
+server = ThreadingHTTPServer(("127.0.0.1", 0), Same)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+plain, _ = calls("127.0.0.1", server.server_address[1])
+print(json.dumps({"endpoint": ours, "plain": plain, "bytes": len(reply)}))
+"""
+
+
+async def model_endpoint_call(config: ProcessSandboxConfig, n: int) -> list[Figure]:
+    """A Messages API call through the in-sandbox model endpoint (offline model, keep-alive), against
+    the same client and bytes from a plain HTTP server on the same loopback (strict only)."""
+    from sandbox_core.isolation import runtime
+
+    config = config.replace(min_idle=0, model=dataclasses.replace(config.model, provider="offline"))
+    figures = []
+    async with SandboxOrchestrator(config) as pool:
+        for stream in ("0", "1"):
+            argv = (runtime.inside_executable(), "-I", "-c", _ENDPOINT_CLIENT, str(n), stream, config.model.model)
+            result = await pool.execute("bench", ExecRequest(argv=argv, timeout=300))
+            lines = result.stdout_text.strip().splitlines()
+            if not lines:
+                raise RuntimeError(f"the endpoint client failed: {result.stderr_text[-500:]}")
+            got = json.loads(lines[-1])
+            figures.append(Figure(f"model endpoint call ({'SSE' if stream == '1' else 'JSON'}, offline)",
+                                  _ms(got["endpoint"]), "ms p50", "", None, baseline=_ms(got["plain"]),
+                                  ratio=round(got["endpoint"] / got["plain"], 1),
+                                  detail={"n": n, "reply_bytes": got["bytes"]}))  # fmt: skip
+    return figures
+
+
 def _peak_reset() -> None:
     """Make VmHWM (peak RSS) start from the current RSS, where the kernel allows it."""
     with contextlib.suppress(OSError):
@@ -574,6 +627,7 @@ def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
     ]
     if config.profile == "strict":
         steps.insert(1, ("strict vs bare bwrap", lambda: strict_vs_bare_bwrap(config, n)))
+        steps.insert(-1, ("model endpoint", lambda: model_endpoint_call(config, n * 5)))
     return steps
 
 

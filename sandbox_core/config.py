@@ -40,6 +40,13 @@ DEFAULT_PROTECTED_PATHS = (
     ".mcp.json", ".claude/", ".vscode/", ".idea/", ".ripgreprc",
 )  # fmt: skip
 """Workspace paths that run code when a shell, git, an IDE or an agent tool opens the workspace."""
+DEFAULT_ALLOWED_BETAS = (
+    "prompt-caching-2024-07-31", "token-efficient-tools-2025-02-19", "interleaved-thinking-2025-05-14",
+    "fine-grained-tool-streaming-2025-05-14", "output-128k-2025-02-19", "context-1m-2025-08-07",
+    "context-management-2025-06-27", "structured-outputs-2025-11-13", "effort-2025-11-24",
+)  # fmt: skip
+"""``anthropic-beta`` values a call from the sandbox may carry by default: none of them lets
+the provider reach anything (no MCP connector, code execution, files or skills)."""
 _USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
 
@@ -139,6 +146,26 @@ class ModelConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     """Largest request body the gateway forwards."""
     request_timeout: float = 600.0
+    allowed_models: tuple[str, ...] = ("claude-*",)
+    """Models a call from the sandbox may name (``*`` globs); any other is refused."""
+    max_tokens_limit: int = 32000
+    """``max_tokens`` of a call from the sandbox is clamped to this."""
+    allowed_betas: tuple[str, ...] = DEFAULT_ALLOWED_BETAS
+    """``anthropic-beta`` values passed on; any other value is dropped from the header."""
+    allow_mcp_servers: bool = False
+    """Pass ``mcp_servers`` (the provider then connects to the URLs the sandbox names)."""
+    allow_server_tools: bool = False
+    """Pass server-side tool types (``web_search_*``, ``web_fetch_*``, ``code_execution_*``, ...)."""
+    allow_container: bool = False
+    """Pass ``container`` (a provider-side container, reusable across requests)."""
+    allow_remote_sources: bool = False
+    """Pass content blocks whose ``source`` is a ``url`` (the provider fetches it) or a ``file``
+    (an uploaded file of the key's organisation)."""
+    extra_body_fields: tuple[str, ...] = ()
+    """Top-level request fields passed on besides the built-in list."""
+
+    def __post_init__(self) -> None:
+        _validate_key(self.api_key)
 
     @property
     def effective_provider(self) -> Literal["anthropic", "offline"]:
@@ -278,6 +305,20 @@ class ProcessSandboxConfig:
         return self.workspace_root / user_id
 
 
+def _validate_key(key: str | None) -> None:
+    """An API key goes into an HTTP header: printable ASCII with no whitespace, or ConfigError.
+
+    A key read from a file or a variable with a trailing newline would otherwise fail in the
+    HTTP layer, whose error message quotes the whole header value. The message never holds the key.
+    """
+    bad = next((i for i, ch in enumerate(key or "") if not "!" <= ch <= "~"), None)
+    if key and bad is not None:
+        where = f"has whitespace or a control character at position {bad} of {len(key)}" + (
+            " (a trailing newline?)" if bad == len(key) - 1 else "")
+        raise ConfigError("model.api_key", f"the API key {where}: it must be printable ASCII without "
+                          "whitespace (check ANTHROPIC_API_KEY or model.api_key)")
+
+
 def validate_user_id(user_id: str) -> str:
     """A user id names exactly one directory below the workspace root, or ConfigError."""
     if not isinstance(user_id, str) or not _USER_ID.match(user_id) or user_id in {".", ".."}:
@@ -324,7 +365,8 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
                            "processes", "file_size_mb", "output_mb"), "limits.", zero_ok=True)
     if cfg.model.provider not in ("auto", "anthropic", "offline"):
         raise ConfigError("model.provider", f"must be auto, anthropic or offline, got {cfg.model.provider!r}")
-    _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout"), "model.")
+    _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout", "max_tokens_limit"),
+              "model.")
     _positive(cfg.model, ("request_token_budget", "user_token_budget"), "model.", zero_ok=True)
     _positive(cfg.service, ("keepalive_seconds", "drain_grace", "max_buffered_events", "run_buffer_mb",
                             "slow_client_seconds", "run_ttl", "max_runs_per_user", "max_body_mb"), "service.")

@@ -548,8 +548,12 @@ class SandboxOrchestrator:
             raise GatewayError(f"the host serves no {method!r} calls")
         if worker.user_id is None:
             raise GatewayError("worker is not bound to a user")
+        run = worker.current_run
+        if run is None:
+            raise GatewayError("refused: the worker is serving no request, so the call belongs to no run",
+                               data={"reason": "no_run"})
         gateway = self.gateway
-        async for chunk in gateway.handle(worker.user_id, params):
+        async for chunk in gateway.handle(worker.user_id, params, run=run):
             yield chunk
 
     async def set_model_config(self, model: ModelConfig) -> None:

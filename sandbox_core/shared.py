@@ -36,7 +36,7 @@ CANARY_RE = re.compile(rb"sbx-canary-[0-9a-f]{32}")
 STATIC_PROBES = (
     "worker_fds", "worker_env", "caps", "proc_scan", "files", "write_outside", "symlink_escape",
     "hardlink_escape", "host_tcp", "host_unix", "outbound", "ptrace", "userns", "setuid",
-    "other_workspace", "protected", "host_paths",
+    "other_workspace", "protected", "host_paths", "model_endpoint",
 )  # fmt: skip
 """Probes of the first ``audit.probe`` request, in order (fds first: nothing else is open yet)."""
 LIMIT_PROBES = ("fork_bomb", "memory_hog")
@@ -59,3 +59,9 @@ def unix_address(path: str) -> Iterator[str]:
         yield f"/proc/self/fd/{dirfd}/{os.path.basename(path)}"
     finally:
         os.close(dirfd)
+
+MODEL_ENDPOINT_HOST = "127.0.0.1"
+MODEL_ENDPOINT_PORT = 8765
+"""The loopback port of the model endpoint inside a strict sandbox (its own network namespace,
+so no other tenant shares it): commands get ``ANTHROPIC_BASE_URL`` pointing here."""
+MODEL_ENDPOINT_URL = f"http://{MODEL_ENDPOINT_HOST}:{MODEL_ENDPOINT_PORT}"

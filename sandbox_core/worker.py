@@ -30,6 +30,7 @@ import contextlib
 import enum
 import fcntl
 import functools
+import logging
 import os
 import signal
 import time
@@ -67,6 +68,7 @@ from sandbox_core.protocol import (
 from sandbox_core.requests import RequestResult
 from sandbox_core.shared import HOST_CHUNK
 
+_log = logging.getLogger("sandbox_core.worker")
 HostHandler = Callable[["SandboxWorker", str, dict[str, Any]], AsyncIterator[dict[str, Any]]]
 """Serves a call the worker makes to the host (e.g. ``gateway.request``), yielding chunks."""
 Launcher = Callable[[ProcessSandboxConfig, str, "Path | None"], LaunchSpec]
@@ -177,6 +179,9 @@ class SandboxWorker:
         """Struck-limit counters when the current request began (to name a kill's reason)."""
         self._pending: dict[RequestId, _Pending] = {}
         self._host_calls: dict[RequestId, asyncio.Task[None]] = {}
+        self._serving: dict[RequestId, str] = {}
+        """The requests (``agent.run``, ``exec``...) running now, by id, with the run name each
+        model call they make is bound to (see :attr:`current_run`)."""
         self._stderr: collections.deque[str] = collections.deque(maxlen=config.stderr_lines)
         self._stderr_partial = b""
         self._splitter = FrameSplitter(config.max_frame_bytes)
@@ -224,6 +229,16 @@ class SandboxWorker:
     @property
     def profile(self) -> str:
         return str(self.report.get("profile", self.config.profile))
+
+    @property
+    def current_run(self) -> str | None:
+        """The run a model call from this worker is bound to: the request it is serving.
+
+        Decided by the host, never by the worker: a worker serves one request at a time, so
+        this is that request (``WORKER-ID/REQUEST-ID``; with several, the oldest). None when
+        it serves none; a call then (a process left over from an earlier command) is refused.
+        """
+        return next(iter(self._serving.values()), None)
 
     def stderr_tail(self, lines: int = 20) -> list[str]:
         return list(self._stderr)[-lines:]
@@ -537,8 +552,12 @@ class SandboxWorker:
             response = Response(request.id, result={})
         except SandboxError as exc:
             response = Response(request.id, error=exc.to_wire())
-        except Exception as exc:  # noqa: BLE001 - the worker must get an answer, not a hang
-            response = Response(request.id, error=GatewayError(f"host call failed: {exc}").to_wire())
+        except Exception as exc:  # noqa: BLE001 - the worker must get an answer, not a hang (nor the text)
+            _log.error("host call %s of worker %s failed: %s: %s", request.method, self.worker_id,
+                       type(exc).__name__, exc)
+            failed = GatewayError("host call failed (reason: internal; details are in the host's log)",
+                                  data={"reason": "internal"})
+            response = Response(request.id, error=failed.to_wire())
         with contextlib.suppress(SandboxError):
             await self._send(response)
 
@@ -696,6 +715,7 @@ class SandboxWorker:
         resizer: asyncio.Task[None] | None = None
         if emit_started:
             self._limits_at_start = self.limit_counts()
+            self._serving[request_id] = f"{self.worker_id}/{request_id}"
         try:
             if stdin is not None:
                 params = {**params, "stdin": "stream"}
@@ -745,6 +765,7 @@ class SandboxWorker:
             if not finished:
                 await asyncio.shield(self._abandon(request_id, pending))
             self._pending.pop(request_id, None)
+            self._serving.pop(request_id, None)
             while not pending.queue.empty():  # output nobody will take no longer holds the pipe
                 item = pending.queue.get_nowait()
                 if isinstance(item, Event):

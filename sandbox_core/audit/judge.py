@@ -13,9 +13,18 @@ from sandbox_core.audit.plant import CANARY_VAR, SANDBOX_SET_VARS, Plants
 from sandbox_core.audit.report import CHECK_NAMES, CHECKS, Check
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.isolation.spec import PACKAGE_ROOT
-from sandbox_core.shared import LIMIT_PROBES, sha256_hex
+from sandbox_core.shared import (
+    LIMIT_PROBES,
+    MODEL_ENDPOINT_HOST,
+    MODEL_ENDPOINT_PORT,
+    MODEL_ENDPOINT_URL,
+    PLACEHOLDER_API_KEY,
+    sha256_hex,
+)
 
 _EXPECTATION = dict(CHECKS)
+ENDPOINT_VARS = {"ANTHROPIC_BASE_URL": MODEL_ENDPOINT_URL, "ANTHROPIC_API_KEY": PLACEHOLDER_API_KEY}
+"""What the worker sets for its model endpoint: accepted outside the allowlist with exactly these values."""
 _MAX_LOOP_LAG = 0.5
 MAX_SPAWN = 2.0
 _MEMORY_SLACK_MB = 64
@@ -91,6 +100,9 @@ def _env_allowlist(ctx: Evidence) -> Verdict:
     unexpected, own = [], []
     for name, digests in sorted(inside.items()):
         if _allowlisted(ctx.config, name):
+            continue
+        if name in ENDPOINT_VARS and digests <= {sha256_hex(ENDPOINT_VARS[name])}:
+            own.append(name)
             continue
         inherited = name in host and sha256_hex(host[name]) in digests
         if name in SANDBOX_SET_VARS and (not inherited or digests <= ctx.sandbox_paths()):
@@ -179,7 +191,8 @@ def _fds_command(ctx: Evidence) -> Verdict:
 
 def _fds_worker(ctx: Evidence) -> Verdict:
     fds: list[dict[str, Any]] = ctx.get("worker_fds")["fds"]
-    budget = {"pipe": 4, "eventpoll": 1, "socketpair": 2}  # control in and out, output and input pipes
+    # control in and out, output and input pipes; the model endpoint's loopback listener (strict)
+    budget = {"pipe": 4, "eventpoll": 1, "socketpair": 2, "model endpoint": 1}
     counts: dict[str, int] = {}
     unexpected: list[str] = []
     for entry in fds:
@@ -188,13 +201,15 @@ def _fds_worker(ctx: Evidence) -> Verdict:
             if kind not in ("devnull", "pipe", "tty"):
                 unexpected.append(f"{entry['fd']}: {kind} {entry.get('target', '')}".strip())
             continue
+        if kind == "listener" and entry.get("local") == f"{MODEL_ENDPOINT_HOST}:{MODEL_ENDPOINT_PORT}":
+            kind = "model endpoint"
         counts[kind] = counts.get(kind, 0) + 1
         if counts[kind] > budget.get(kind, 0):
             unexpected.append(f"{entry['fd']}: {kind} {entry.get('target', entry.get('peer', ''))}".strip())
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     if unexpected:
         return False, f"unexpected: {'; '.join(unexpected)} (others: {summary})", {"fds": fds}
-    return True, f"stdio + {summary} (protocol pipes, event loop)", {"fds": fds}
+    return True, f"stdio + {summary} (protocol pipes, event loop, model endpoint)", {"fds": fds}
 
 
 def _read_outcome(obs: dict[str, Any]) -> str:
@@ -291,6 +306,21 @@ def _route_text(route: dict[str, Any]) -> str:
     if route.get("route"):
         return f"ROUTE to {route['target']} (from {route.get('source')})"
     return f"no route to {route['target']} ({route.get('errno')})"
+
+
+def _model_endpoint(ctx: Evidence) -> Verdict:
+    obs = ctx.get("model_endpoint")
+    if obs.get("canaries"):
+        return False, f"a canary came back through the model endpoint: {', '.join(obs['canaries'])}", obs
+    if not obs.get("base_url"):
+        why = " (the process profile has none: a host loopback port would be open to every local user)" \
+            if ctx.config.profile == "process" else ""
+        return False, f"no model endpoint: ANTHROPIC_BASE_URL is not set{why}", obs
+    ok = (obs.get("base_url_is_endpoint") and obs.get("key_is_placeholder") and obs.get("status") == 200
+          and obs.get("reply_type") == "message")  # fmt: skip
+    key = "the placeholder" if obs.get("key_is_placeholder") else "NOT the placeholder"
+    answer = f"HTTP {obs.get('status')} {obs.get('reply_type')}" if obs.get("status") else obs.get("client_error")
+    return bool(ok), f"{obs.get('base_url')} with {key} key: {answer}; no canary (the key) in what came back", obs
 
 
 def _outbound(ctx: Evidence) -> Verdict:
@@ -510,6 +540,7 @@ _EVALUATORS: dict[str, Callable[[Evidence], Verdict]] = {
     "net.host_tcp": _host_tcp,
     "net.host_unix": _host_unix,
     "net.outbound": _outbound,
+    "model.endpoint": _model_endpoint,
     "proc.ptrace": _ptrace,
     "proc.vm_readv": _vm_readv,
     "ns.user": _userns,

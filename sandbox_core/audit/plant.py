@@ -158,7 +158,8 @@ def _canary_parent() -> str:
 async def planted(config: ProcessSandboxConfig) -> AsyncIterator[Plants]:
     """Plant every canary and listener for a fresh throwaway user; remove all of it on the way out."""
     async with contextlib.AsyncExitStack() as stack:
-        canaries = {label: _canary() for label in ("env", "cmdline", "secret_file", "world_file", "peer_workspace")}
+        canaries = {label: _canary() for label in ("env", "cmdline", "secret_file", "world_file", "peer_workspace",
+                                                   "api_key")}
         nonce = secrets.token_hex(6)
         rec = _Recorder()
         canary_dir, host_sock = _plant_canary_dir(stack, nonce, canaries)

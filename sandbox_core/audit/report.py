@@ -27,6 +27,8 @@ CHECKS: tuple[tuple[str, str], ...] = (
                       "host socket is refused at launch"),
     ("net.outbound", "no way out: own network namespace, loopback only, no route off the machine "
                      "(route lookups only: nothing is sent)"),
+    ("model.endpoint", "a command reaches the model through the loopback model endpoint with the placeholder "
+                       "key (offline provider); the real key (a canary here) is never visible inside"),
     ("proc.ptrace", "PTRACE_SEIZE on another process is refused"),
     ("proc.vm_readv", "process_vm_readv on another process (a child, the parent) is refused"),
     ("ns.user", "unshare(CLONE_NEWUSER) fails"),

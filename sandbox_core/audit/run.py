@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ from typing import Any
 from sandbox_core.audit.judge import MAX_SPAWN, Evidence, classify_variables, judge
 from sandbox_core.audit.plant import planted
 from sandbox_core.audit.report import CHECK_NAMES, AuditReport
-from sandbox_core.config import ProcessSandboxConfig, validate_user_id
+from sandbox_core.config import ProcessSandboxConfig, Secret, validate_user_id
 from sandbox_core.errors import SandboxError
 from sandbox_core.isolation.launch import launch_spec, worker_python
 from sandbox_core.shared import LIMIT_PROBES, PROBE_COMMAND_ENTRY, STATIC_PROBES
@@ -179,6 +180,10 @@ async def run_audit(
     validate_user_id(user_id)
     async with planted(config) as plants:
         audited = plants.audited_user
+        # The model endpoint is checked with the offline provider (no call leaves the host) and a
+        # canary as the API key: every canary check then also looks for the key.
+        model = dataclasses.replace(config.model, provider="offline", api_key=Secret(plants.canaries["api_key"]))
+        config = config.replace(model=model)
         spec: dict[str, Any] = {
             "digests": plants.digests(),
             "nonce": plants.nonce,
@@ -193,6 +198,7 @@ async def run_audit(
             "unix": {"path": plants.unix_path, "in_workspace": plants.unix_in_workspace,
                      "abstract": plants.abstract},
             "limits": limits,
+            "model": config.model.model,
         }  # fmt: skip
         results: dict[str, Any] = {}
         errors: dict[str, str] = {}

@@ -1,19 +1,25 @@
 """The host side of model calls made from inside the sandbox.
 
-A worker's SDK sends each HTTP request as a ``gateway.request`` call (see
-``sandbox_core.inside.agent.transport``). :meth:`ModelGateway.handle` checks it, then answers with
-chunks: ``{"kind": "start", "status", "headers"}`` once, then ``{"kind": "body",
-"data_b64"}`` as the response body arrives (server-sent events are passed on one read at a
-time, never buffered to the end).
+A worker sends each HTTP request as a ``gateway.request`` call: the agent runtime's SDK
+transport (``sandbox_core.inside.agent.transport``) and the loopback model endpoint that any
+command can use (``sandbox_core.inside.model_endpoint``) send the same call, so one policy
+governs both. :meth:`ModelGateway.handle` checks it, then answers with chunks:
+``{"kind": "start", "status", "headers"}`` once, then ``{"kind": "body", "data_b64"}`` as
+the response body arrives (server-sent events are passed on one read at a time, never
+buffered to the end).
 
-What is accepted: ``POST`` to ``/v1/messages`` or ``/v1/messages/count_tokens`` (an
-optional ``?beta=true`` query, which older SDKs add to beta calls, is kept), addressed to
-the placeholder host ``gateway.sandbox`` or to the configured base URL's own origin and
-path prefix, with a JSON object body of at most ``max_body_bytes``. Anything else raises
-:class:`~sandbox_core.errors.GatewayError` saying why. Credentials the worker sent
-(``authorization``, ``x-api-key``, ``cookie``, ``proxy-*``) are dropped, and the real key
-is added as the documented ``x-api-key`` and as ``Authorization: Bearer`` (what the
-installed SDK sends), so either kind of endpoint or proxy accepts it.
+What is accepted: the routes, headers and bodies of :mod:`sandbox_core.gateway.policy`,
+addressed to the placeholder host ``gateway.sandbox`` or to the configured base URL's own
+origin and path prefix, with a body of at most ``max_body_bytes``. Anything else raises
+:class:`~sandbox_core.errors.GatewayError` saying why, with a reason code in
+``data["reason"]``. The real key is added as the documented ``x-api-key`` and as
+``Authorization: Bearer`` (what the installed SDK sends), so either kind of endpoint or
+proxy accepts it.
+
+What goes back to the worker never holds the key: failures of the HTTP layer go back as a
+reason code (``unreachable``, ``timeout``, ``stream_broken``...), their details only to the
+host's log (logger ``sandbox_core.gateway``, the key redacted), and every string and body
+byte sent to the worker is scrubbed of the key as a last step.
 
 Providers: ``anthropic`` forwards to ``base_url`` with httpx2; ``offline`` answers with
 :mod:`sandbox_core.gateway.offline`, in process; ``auto`` is ``anthropic`` when an API key is
@@ -21,10 +27,11 @@ configured, else ``offline``.
 
 Metering, per user: calls, refused calls, errors (status >= 400 or a broken stream), and
 input/output tokens read from the ``message_start`` / ``message_delta`` usage of a stream
-or the ``usage`` of a JSON reply. Budgets: ``request_token_budget`` caps the tokens of one
-agent run (calls carrying the same ``run_id``; a call without one is a run of its own) and
-``user_token_budget`` the tokens of a user; a call made once a budget is used up is
-refused. A budget can be exceeded by the one call that crosses it, never by a second.
+or the ``usage`` of a JSON reply. Budgets (:mod:`sandbox_core.gateway.budget`) are
+reservations: ``request_token_budget`` caps the tokens of one run, the ``agent.run`` or
+command the **host** bound the call to (``run``; whatever run id the worker claims is
+ignored), and ``user_token_budget`` those of a user; each call books its estimated input
+plus ``max_tokens`` before it is forwarded, so concurrent calls cannot overshoot.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections import OrderedDict
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -42,22 +49,16 @@ import httpx2
 
 from sandbox_core.config import ModelConfig
 from sandbox_core.errors import GatewayError
+from sandbox_core.gateway.budget import Ledger, Reservation, estimate_input
+from sandbox_core.gateway.policy import Checked, GatewayPolicy, refused
 from sandbox_core.shared import GATEWAY_HOST
 
-ALLOWED_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
-ALLOWED_QUERIES = frozenset({"", "beta=true"})
-CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "cookie", "cookie2"})
-HOP_HEADERS = frozenset({"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te",
-                         "upgrade", "trailer", "accept-encoding", "expect"})
 RESPONSE_DROP = frozenset({"content-encoding", "content-length", "transfer-encoding", "connection",
                            "keep-alive", "set-cookie"})
 MAX_CHUNK = 256 * 1024
 MAX_JSON_METERED = 16 * 1024 * 1024
-_RUNS_KEPT = 1024
-
-
-def _refused(why: str) -> GatewayError:
-    return GatewayError(f"refused: {why}", data={"reason": "refused"})
+REDACTED = "[redacted]"
+log = logging.getLogger("sandbox_core.gateway")
 
 
 def resolve_provider(config: ModelConfig) -> Literal["anthropic", "offline"]:
@@ -74,14 +75,43 @@ class UserStats:
     output_tokens: int = 0
 
 
-@dataclass(frozen=True)
-class _Call:
-    path: str
-    query: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    json: dict[str, Any]
-    run_id: str | None
+class Scrubber:
+    """Removes a secret from text and from a byte stream (also one split across chunks)."""
+
+    def __init__(self, secret: str | None) -> None:
+        self.secret = secret or ""
+        self._raw = self.secret.encode()
+        self._tail = b""
+
+    def text(self, value: str) -> str:
+        return value.replace(self.secret, REDACTED) if self.secret else value
+
+    def value(self, value: Any) -> Any:
+        """A JSON-like value with the secret removed from every string in it."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {self.text(str(k)): self.value(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.value(v) for v in value]
+        return value
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes that are safe to pass on now; a tail that may begin the secret waits."""
+        if not self._raw:
+            return data
+        buf = (self._tail + data).replace(self._raw, REDACTED.encode())
+        keep = 0
+        for n in range(min(len(self._raw) - 1, len(buf)), 0, -1):
+            if buf.endswith(self._raw[:n]):
+                keep = n
+                break
+        self._tail = buf[len(buf) - keep :] if keep else b""
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> bytes:
+        tail, self._tail = self._tail, b""
+        return tail
 
 
 class UsageMeter:
@@ -141,10 +171,11 @@ class ModelGateway:
     def __init__(self, config: ModelConfig, *, transport: httpx2.AsyncBaseTransport | None = None) -> None:
         self.config = config
         self.provider = resolve_provider(config)
+        self.policy = GatewayPolicy(config)
+        self.ledger = Ledger(config.user_token_budget, config.request_token_budget)
         self._transport = transport
         self._client: httpx2.AsyncClient | None = None
         self._users: dict[str, UserStats] = {}
-        self._runs: OrderedDict[tuple[str, str], int] = OrderedDict()
         base = urlsplit(config.base_url)
         self._base_origin = (base.scheme, base.netloc.lower())
         self._base_prefix = base.path.rstrip("/")
@@ -158,20 +189,54 @@ class ModelGateway:
             await self._client.aclose()
             self._client = None
 
-    async def handle(self, user_id: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Serve one ``gateway.request`` of ``user_id``: chunks, or GatewayError."""
+    async def handle(
+        self, user_id: str, params: dict[str, Any], *, run: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Serve one ``gateway.request`` of ``user_id`` bound by the host to ``run``: chunks, or GatewayError.
+
+        ``run`` is the host's name for the request the worker is serving (an ``agent.run``
+        or a command); None makes the call a run of its own. Every string and body byte
+        yielded, and every error raised, is scrubbed of the API key.
+        """
+        scrub = Scrubber(str(self.config.api_key or ""))
+        try:
+            async for status, headers, data in self._serve(user_id, params, run):
+                if status is not None:
+                    yield {"kind": "start", "status": status, "headers": scrub.value([list(h) for h in headers])}
+                piece = scrub.feed(data) if data is not None else scrub.flush()
+                for start in range(0, len(piece), MAX_CHUNK):
+                    chunk = piece[start : start + MAX_CHUNK]
+                    yield {"kind": "body", "data_b64": base64.b64encode(chunk).decode("ascii")}
+        except GatewayError as exc:
+            raise GatewayError(scrub.text(exc.message), data=scrub.value(exc.data)) from None
+        except Exception as exc:  # noqa: BLE001 - a gateway bug must not reach the worker as text
+            log.error("model gateway failed for user %s: %s", user_id, scrub.text(f"{type(exc).__name__}: {exc}"))
+            raise GatewayError("the model gateway failed (reason: internal; details are in the host's log)",
+                               data={"reason": "internal"}) from None
+
+    async def _serve(
+        self, user_id: str, params: dict[str, Any], run: str | None
+    ) -> AsyncIterator[tuple[int | None, list[tuple[str, str]], bytes | None]]:
+        """(status, headers, b"") once, then (None, [], data) per piece, then (None, [], None) at the end."""
         stats = self._users.setdefault(user_id, UserStats())
         try:
             call = self._parse(params)
-            self._check_budget(user_id, call.run_id, stats)
             if self.provider == "anthropic" and not self.config.api_key:
                 raise GatewayError(
                     "the anthropic provider needs an API key: set ANTHROPIC_API_KEY on the host, or "
                     "model.api_key in the config file (or use --provider offline)", data={"reason": "no_api_key"}
                 )
-        except GatewayError:
+            estimate = estimate_input(call.body) if call.json is not None and call.path == "/v1/messages" else 0
+            reservation = self.ledger.reserve(user_id, run, estimate, call.max_tokens)
+        except GatewayError as exc:
             stats.refused += 1
+            log.info("model call of %s refused: %s", user_id, exc.data.get("reason"))
             raise
+        if reservation.max_tokens < call.max_tokens:
+            call.notes.append(f"max_tokens {call.max_tokens} lowered to {reservation.max_tokens} (budget)")
+            call.set_max_tokens(reservation.max_tokens)
+        if call.notes:
+            log.info("model call of %s: %s", user_id, "; ".join(call.notes))
         stats.calls += 1
         meter: UsageMeter | None = None
         try:
@@ -181,51 +246,42 @@ class ModelGateway:
                     meter = UsageMeter(dict(headers).get("content-type", ""))
                     if status >= 400:
                         stats.errors += 1
-                    yield {"kind": "start", "status": status, "headers": [list(h) for h in headers]}
-                for start in range(0, len(data), MAX_CHUNK):
-                    piece = data[start : start + MAX_CHUNK]
-                    meter.feed(piece)
-                    yield {"kind": "body", "data_b64": base64.b64encode(piece).decode("ascii")}
+                    yield status, headers, b""
+                meter.feed(data)
+                yield None, [], data
             if meter is not None:
                 meter.finish()
+            yield None, [], None
         except GatewayError:
             stats.errors += 1
             raise
         finally:
-            if meter is not None:
-                self._record(user_id, call.run_id, meter.input_tokens + meter.output_tokens)
-                stats.input_tokens += meter.input_tokens
-                stats.output_tokens += meter.output_tokens
+            self._settle(reservation, stats, meter)
+
+    def _settle(self, reservation: Reservation, stats: UserStats, meter: UsageMeter | None) -> None:
+        used_in, used_out = (meter.input_tokens, meter.output_tokens) if meter is not None else (0, 0)
+        self.ledger.settle(reservation, used_in + used_out)
+        stats.input_tokens += used_in
+        stats.output_tokens += used_out
 
     # ------------------------------------------------------------------ checks
 
-    def _parse(self, params: dict[str, Any]) -> _Call:
-        method, url, raw_headers = params.get("method"), params.get("url"), params.get("headers")
-        body_b64, run_id = params.get("body_b64", ""), params.get("run_id")
+    def _parse(self, params: dict[str, Any]) -> Checked:
+        """The call in ``params`` checked against the policy (the worker's ``run_id``, if any, is ignored)."""
+        method, url, body_b64 = params.get("method"), params.get("url"), params.get("body_b64", "")
         if not isinstance(method, str) or not isinstance(url, str) or not isinstance(body_b64, str):
-            raise _refused("gateway.request needs method, url and body_b64 strings")
-        if method.upper() != "POST":
-            raise _refused(f"only POST to the Messages API is allowed, not {method.upper()}")
+            raise refused("gateway.request needs method, url and body_b64 strings")
         path, query = self._route(url)
         if len(body_b64) > (self.config.max_body_bytes + 2) // 3 * 4:
-            raise _refused(f"request body larger than model.max_body_bytes ({self.config.max_body_bytes})")
+            raise refused(f"request body larger than model.max_body_bytes ({self.config.max_body_bytes})", "body")
         try:
             body = base64.b64decode(body_b64, validate=True)
-            obj = json.loads(body)
         except (binascii.Error, ValueError):
-            raise _refused("the request body is not base64 of a JSON object") from None
-        if not isinstance(obj, dict):
-            raise _refused("the request body is not a JSON object")
-        headers: list[tuple[str, str]] = []
-        for pair in raw_headers if isinstance(raw_headers, list) else []:
-            if isinstance(pair, list | tuple) and len(pair) == 2:
-                name = str(pair[0]).lower()
-                if name not in CREDENTIAL_HEADERS and name not in HOP_HEADERS and not name.startswith("proxy-"):
-                    headers.append((name, str(pair[1])))
-        return _Call(path, query, headers, body, obj, run_id if isinstance(run_id, str) and run_id else None)
+            raise refused("the request body is not base64 of a JSON object", "body") from None
+        return self.policy.check(method, path, query, params.get("headers"), body)
 
     def _route(self, url: str) -> tuple[str, str]:
-        """The API path of ``url`` (prefix removed), or GatewayError naming what is wrong."""
+        """The API path of ``url`` (prefix removed) and its query, or GatewayError naming what is wrong."""
         parts = urlsplit(url)
         origin = (parts.scheme, parts.netloc.lower())
         path = parts.path
@@ -234,42 +290,19 @@ class ModelGateway:
         elif origin == self._base_origin and path.startswith(self._base_prefix + "/"):
             path = path[len(self._base_prefix):]
         else:
-            raise _refused(f"{parts.netloc or url!r} is not the model API; requests may only go to "
-                           f"{GATEWAY_HOST} (the configured base URL)")
-        if path not in ALLOWED_PATHS:
-            allowed = ", ".join(sorted(ALLOWED_PATHS))
-            raise _refused(f"path {path!r} is not a Messages API endpoint (allowed: {allowed})")
-        if parts.query not in ALLOWED_QUERIES:
-            raise _refused(f"query {parts.query!r} is not allowed")
+            raise refused(f"{parts.netloc or url!r} is not the model API; requests may only go to "
+                          f"{GATEWAY_HOST} (the configured base URL)", "host")
         return path, parts.query
-
-    def _check_budget(self, user_id: str, run_id: str | None, stats: UserStats) -> None:
-        used_by_user = stats.input_tokens + stats.output_tokens
-        budget = self.config.user_token_budget
-        if budget and used_by_user >= budget:
-            raise GatewayError(f"refused: user {user_id!r} has used {used_by_user} of {budget} tokens "
-                               "(model.user_token_budget)", data={"reason": "user_budget", "used": used_by_user})
-        budget = self.config.request_token_budget
-        used_by_run = self._runs.get((user_id, run_id), 0) if run_id else 0
-        if budget and used_by_run >= budget:
-            raise GatewayError(f"refused: this run has used {used_by_run} of {budget} tokens "
-                               "(model.request_token_budget)", data={"reason": "request_budget", "used": used_by_run})
-
-    def _record(self, user_id: str, run_id: str | None, tokens: int) -> None:
-        if run_id is None:
-            return
-        key = (user_id, run_id)
-        self._runs[key] = self._runs.get(key, 0) + tokens
-        self._runs.move_to_end(key)
-        while len(self._runs) > _RUNS_KEPT:
-            self._runs.popitem(last=False)
 
     # ------------------------------------------------------------------ backends
 
-    async def _offline(self, call: _Call) -> AsyncIterator[tuple[int, list[tuple[str, str]], bytes]]:
+    async def _offline(self, call: Checked) -> AsyncIterator[tuple[int, list[tuple[str, str]], bytes]]:
         from sandbox_core.gateway import offline
 
-        reply = offline.respond(call.path, call.json)
+        if call.method == "POST":
+            reply = offline.respond(call.path, call.json)
+        else:
+            reply = offline.models(call.path, self.config.model)
         if not reply.chunks:
             yield reply.status, reply.headers, b""
         for chunk in reply.chunks:
@@ -281,27 +314,32 @@ class ModelGateway:
             self._client = httpx2.AsyncClient(timeout=timeout, transport=self._transport, follow_redirects=False)
         return self._client
 
-    async def _forward(self, call: _Call) -> AsyncIterator[tuple[int, list[tuple[str, str]], bytes]]:
+    def _http_failed(self, exc: Exception, what: str, reason: str, **data: Any) -> GatewayError:
+        """A reason code for the worker; the exception's text (which can quote a header) to the host's log."""
+        detail = Scrubber(str(self.config.api_key or "")).text(f"{type(exc).__name__}: {exc}")
+        log.warning("model API call failed (%s): %s", reason, detail)
+        return GatewayError(f"{what} (reason: {reason}; details are in the host's log)",
+                            data={"reason": reason, **data})
+
+    async def _forward(self, call: Checked) -> AsyncIterator[tuple[int, list[tuple[str, str]], bytes]]:
         key = str(self.config.api_key or "")
         url = self.config.base_url.rstrip("/") + call.path + (f"?{call.query}" if call.query else "")
         headers = [*call.headers, ("x-api-key", key), ("authorization", f"Bearer {key}")]
         client = self._http()
-        request = client.build_request("POST", url, headers=headers, content=call.body)
         try:
+            request = client.build_request(call.method, url, headers=headers,
+                                           content=call.final_body() if call.method == "POST" else None)
             response = await client.send(request, stream=True)
         except httpx2.TimeoutException as exc:
-            raise GatewayError(f"model API timed out: {type(exc).__name__}",
-                               data={"reason": "timeout", "retryable": True}) from None
-        except httpx2.HTTPError as exc:
-            raise GatewayError(f"cannot reach the model API: {type(exc).__name__}: {exc}",
-                               data={"reason": "unreachable", "retryable": True}) from None
+            raise self._http_failed(exc, "the model API timed out", "timeout", retryable=True) from None
+        except (httpx2.HTTPError, httpx2.InvalidURL, ValueError) as exc:
+            raise self._http_failed(exc, "cannot reach the model API", "unreachable", retryable=True) from None
         try:
             out_headers = [(k.lower(), v) for k, v in response.headers.multi_items() if k.lower() not in RESPONSE_DROP]
             yield response.status_code, out_headers, b""
             async for data in response.aiter_bytes():
                 yield response.status_code, out_headers, data
         except httpx2.HTTPError as exc:
-            raise GatewayError(f"the model API stream broke: {type(exc).__name__}: {exc}",
-                               data={"reason": "stream_broken"}) from None
+            raise self._http_failed(exc, "the model API stream broke", "stream_broken") from None
         finally:
             await response.aclose()

@@ -26,7 +26,8 @@ whether it failed, and ``stop_reason: end_turn``.
 
 Token counts are estimates (4 characters a token); ids are derived from the request, so
 the same request always gets the same bytes. ``/v1/messages/count_tokens`` is answered
-too. A reply that would exceed ``max_tokens`` is cut there (``stop_reason: max_tokens``).
+too, and so are ``GET /v1/models`` and ``/v1/models/{id}`` (the configured model). A reply
+that would exceed ``max_tokens`` is cut there (``stop_reason: max_tokens``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,18 @@ class _Call:
     name: str
     input: dict[str, Any]
     summary: str
+
+
+def models(path: str, model: str) -> OfflineReply:
+    """``GET /v1/models`` (a list of the configured model) or ``/v1/models/{id}``."""
+    info = {"type": "model", "id": model, "display_name": model, "created_at": "2026-01-01T00:00:00Z"}
+    digest = hashlib.sha256(path.encode()).hexdigest()
+    if path == "/v1/models":
+        return _json(200, {"data": [info], "has_more": False, "first_id": model, "last_id": model}, digest)
+    wanted = path.rsplit("/", 1)[-1]
+    if wanted != model:
+        return _error(404, "not_found_error", f"model: {wanted}")
+    return _json(200, info, digest)
 
 
 def respond(path: str, body: Any) -> OfflineReply:

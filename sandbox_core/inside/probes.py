@@ -185,6 +185,9 @@ def _classify_socket(fd: int) -> Observation:
             peer = None
         if sock.family == socket.AF_UNIX and kind == "SOCK_STREAM" and peer in ("", b""):
             return {"kind": "socketpair"}
+        if sock.family == socket.AF_INET and kind == "SOCK_STREAM" and peer is None:
+            host, port = sock.getsockname()[:2]
+            return {"kind": "listener", "local": f"{host}:{port}"}
         return {"kind": "socket", "family": family, "type": kind, "peer": str(peer)[:120]}
     finally:
         sock.close()
@@ -807,6 +810,47 @@ def probe_memory_hog(spec: Spec, workspace: Path) -> Observation:
     return obs
 
 
+_ENDPOINT_CLIENT = r"""
+import json, os, sys, urllib.error, urllib.request
+base, key = os.environ.get("ANTHROPIC_BASE_URL"), os.environ.get("ANTHROPIC_API_KEY")
+out = {"base_url": base, "key": key}
+if base:
+    body = {"model": sys.argv[1], "max_tokens": 32, "messages": [{"role": "user", "content": "audit"}]}
+    req = urllib.request.Request(base + "/v1/messages", json.dumps(body).encode(),
+                                 {"content-type": "application/json", "x-api-key": key or ""})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            out.update(status=resp.status, body=resp.read(1 << 20).decode(errors="replace"))
+    except urllib.error.HTTPError as exc:
+        out.update(status=exc.code, body=exc.read(1 << 20).decode(errors="replace"))
+    except OSError as exc:
+        out.update(error=type(exc).__name__ + ": " + str(exc))
+print(json.dumps(out))
+"""
+
+
+def probe_model_endpoint(spec: Spec, workspace: Path) -> Observation:
+    """A command-like child calls the model endpoint with what its environment gives it (placeholder key)."""
+    from sandbox_core.shared import MODEL_ENDPOINT_URL, PLACEHOLDER_API_KEY
+
+    run = _run_child(_ENDPOINT_CLIENT, [str(spec.get("model", "claude-sonnet-5-5"))], timeout=15.0)
+    raw = run.get("output")
+    out: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    body = str(out.get("body", ""))
+    kind = None
+    try:
+        kind = json.loads(body).get("type") if body else None
+    except (ValueError, AttributeError):
+        kind = None
+    found = find_canaries((body + json.dumps(out.get("key")) + str(out.get("error", ""))).encode(), spec["digests"])
+    return {
+        "returncode": run.get("returncode"), "base_url": out.get("base_url"),
+        "base_url_is_endpoint": out.get("base_url") == MODEL_ENDPOINT_URL,
+        "key_is_placeholder": out.get("key") == PLACEHOLDER_API_KEY, "key_set": out.get("key") is not None,
+        "status": out.get("status"), "reply_type": kind, "client_error": out.get("error"), "canaries": found,
+    }  # fmt: skip
+
+
 PROBES: dict[str, Callable[[Spec, Path], Observation]] = {
     "worker_fds": probe_worker_fds,
     "worker_env": probe_worker_env,
@@ -825,6 +869,7 @@ PROBES: dict[str, Callable[[Spec, Path], Observation]] = {
     "other_workspace": probe_other_workspace,
     "protected": probe_protected,
     "host_paths": probe_host_paths,
+    "model_endpoint": probe_model_endpoint,
     "fork_bomb": probe_fork_bomb,
     "memory_hog": probe_memory_hog,
 }

@@ -37,6 +37,7 @@ from sandbox_core.protocol import (
 )
 
 if TYPE_CHECKING:
+    from sandbox_core.inside.model_endpoint import ModelEndpoint
     from sandbox_core.inside.runner import StdinSink
     from sandbox_core.inside.terminal import Terminals
 
@@ -86,6 +87,8 @@ class SandboxExecutor:
         """The ptys of running terminal requests (made on the first one)."""
         self.channel: Channel | None = None
         """The control pipe (set by the IPCHandler), to tell the host a command closed stdin."""
+        self.model_endpoint: ModelEndpoint | None = None
+        """The loopback model endpoint, where the plan asks for one (strict)."""
         self._methods: dict[str, Handler] = {
             "initialize": self.initialize,
             "bind": self.bind,
@@ -133,6 +136,9 @@ class SandboxExecutor:
             self.output = await OutputPipe.open(data_fd)
         if isinstance(stdin_fd, int) and not isinstance(stdin_fd, bool):
             self.input = await InputPipe.open(stdin_fd, self.route_stdin)
+        endpoint = self.plan.get("model_endpoint")
+        if isinstance(endpoint, dict):
+            await self._start_model_endpoint(endpoint)
         workspace = params.get("workspace")
         if isinstance(workspace, str):
             self._enter(str(params.get("user_id", "")), Path(workspace))
@@ -143,6 +149,25 @@ class SandboxExecutor:
             "data_pipe": self.output is not None,
             "stdin_pipe": self.input is not None,
         }
+
+    async def _start_model_endpoint(self, spec: dict[str, Any]) -> None:
+        """Listen on the sandbox's own loopback for model calls of any client, and point commands at it.
+
+        Only where the plan asks (strict: the port is in the sandbox's own network namespace).
+        """
+        from sandbox_core.inside.model_endpoint import ModelEndpoint
+        from sandbox_core.shared import MODEL_ENDPOINT_HOST, PLACEHOLDER_API_KEY
+
+        if self.channel is None:
+            raise ProtocolError("no channel to the host for the model endpoint")
+        port, max_body = spec.get("port"), spec.get("max_body")
+        if not isinstance(port, int) or not isinstance(max_body, int):
+            raise ProtocolError("model_endpoint needs an int port and max_body")
+        self.model_endpoint = ModelEndpoint(self.channel.call_host, max_body=max_body)
+        await self.model_endpoint.start(MODEL_ENDPOINT_HOST, port)
+        os.environ["ANTHROPIC_BASE_URL"] = f"http://{MODEL_ENDPOINT_HOST}:{port}"
+        os.environ["ANTHROPIC_API_KEY"] = PLACEHOLDER_API_KEY
+        self.report["model_endpoint"] = f"{MODEL_ENDPOINT_HOST}:{port}"
 
     def ping(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "time": time.time(), "echo": params.get("echo")}

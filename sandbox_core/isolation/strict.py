@@ -36,6 +36,7 @@ from sandbox_core.isolation import cgroups, runtime
 from sandbox_core.isolation.protect import DENY, FREEZE, TreeGuard
 from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
+from sandbox_core.shared import MODEL_ENDPOINT_PORT
 
 WORKSPACE = "/workspace"
 HOME = "/home/sandbox"
@@ -342,6 +343,8 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
             "limits_detail": limits_layer,
         },
     }
+    if "net" in namespaces:  # a loopback port of the sandbox's own: no other tenant can reach it
+        plan["model_endpoint"] = {"port": MODEL_ENDPOINT_PORT, "max_body": config.model.max_body_bytes}
     if ident is not None:
         plan["switch_user"] = {"uid": ident[0], "gid": ident[1]}
     if config.strict.landlock:

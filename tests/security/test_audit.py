@@ -204,7 +204,7 @@ PROCESS_MUST_FAIL = (
     "proc.environ", "proc.cmdline", "proc.pids", "files.secret", "files.world", "files.write_outside",
     "escape.symlink", "escape.hardlink", "net.host_tcp", "net.host_unix", "net.outbound", "proc.ptrace",
     "proc.vm_readv", "priv.no_new_privs", "workspace.other_user", "workspace.protected", "proc.host_paths",
-    "limits.memory",
+    "limits.memory", "model.endpoint",
 )  # fmt: skip
 """Weaknesses of the ``process`` profile, whoever runs it."""
 PROCESS_MUST_FAIL_AS_ROOT = ("files.shadow", "priv.capabilities", "priv.setuid", "ns.user", "limits.fork_bomb")

@@ -13,6 +13,7 @@ import pytest
 from sandbox_core.config import ModelConfig, Secret
 from sandbox_core.errors import GatewayError
 from sandbox_core.gateway import ModelGateway, resolve_provider
+from sandbox_core.gateway.budget import estimate_input
 from tests.messages_server import MessagesServer, error, json_reply, text_reply
 
 KEY = "sk-ant-real-" + "0123456789abcdef"
@@ -20,19 +21,17 @@ BODY = {"model": "claude-sonnet-5-5", "max_tokens": 64, "stream": True, "message
 
 
 def _params(url: str = "http://gateway.sandbox/v1/messages", *, body: Any = None, method: str = "POST",
-            headers: list[list[str]] | None = None, run_id: str | None = None) -> dict[str, Any]:
+            headers: list[list[str]] | None = None) -> dict[str, Any]:
     raw = body if isinstance(body, bytes) else json.dumps(BODY if body is None else body).encode()
-    params: dict[str, Any] = {"method": method, "url": url, "headers": headers or [],
-                              "body_b64": base64.b64encode(raw).decode()}
-    if run_id is not None:
-        params["run_id"] = run_id
-    return params
+    return {"method": method, "url": url, "headers": headers or [], "body_b64": base64.b64encode(raw).decode()}
 
 
-async def _collect(gateway: ModelGateway, params: dict[str, Any], user: str = "u1") -> tuple[dict[str, Any], bytes]:
+async def _collect(
+    gateway: ModelGateway, params: dict[str, Any], user: str = "u1", run: str | None = None
+) -> tuple[dict[str, Any], bytes]:
     start: dict[str, Any] = {}
     body = b""
-    async for chunk in gateway.handle(user, params):
+    async for chunk in gateway.handle(user, params, run=run):
         if chunk["kind"] == "start":
             start = chunk
         else:
@@ -82,7 +81,7 @@ async def test_refuses_other_hosts(url: str) -> None:
 
 
 @pytest.mark.parametrize(("url", "method", "why"), [
-    ("http://gateway.sandbox/v1/models", "POST", "not a Messages API endpoint"),
+    ("http://gateway.sandbox/v1/models", "POST", "only GET"),
     ("http://gateway.sandbox/v1/files", "POST", "not a Messages API endpoint"),
     ("http://gateway.sandbox/v1/messages/batches", "POST", "not a Messages API endpoint"),
     ("http://gateway.sandbox/v1/messages/../files", "POST", "not a Messages API endpoint"),
@@ -109,7 +108,8 @@ async def test_real_key_replaces_worker_credentials(make: Make, server: Messages
     server.push(text_reply("hello"))
     worker_headers = [
         ["authorization", "Bearer sandbox-gateway"], ["x-api-key", "stolen"], ["cookie", "a=b"],
-        ["proxy-authorization", "Basic eA=="], ["anthropic-version", "2023-06-01"], ["anthropic-beta", "b1"],
+        ["proxy-authorization", "Basic eA=="], ["anthropic-version", "2023-06-01"],
+        ["anthropic-beta", "b1, prompt-caching-2024-07-31"],
         ["host", "gateway.sandbox"], ["content-length", "999999"],
     ]
     start, body = await _collect(_real(make, server), _params(headers=worker_headers))
@@ -118,7 +118,8 @@ async def test_real_key_replaces_worker_credentials(make: Make, server: Messages
     assert seen.path == "/v1/messages" and seen.method == "POST" and seen.body == BODY
     assert seen.headers["x-api-key"] == KEY and seen.headers["authorization"] == f"Bearer {KEY}"
     assert "cookie" not in seen.headers and "proxy-authorization" not in seen.headers
-    assert seen.headers["anthropic-version"] == "2023-06-01" and seen.headers["anthropic-beta"] == "b1"
+    assert seen.headers["anthropic-version"] == "2023-06-01"
+    assert seen.headers["anthropic-beta"] == "prompt-caching-2024-07-31"
     assert "sandbox-gateway" not in json.dumps(seen.headers) and "stolen" not in json.dumps(seen.headers)
 
 
@@ -189,18 +190,24 @@ async def test_unreachable_api_is_retryable(make: Make) -> None:
 
 
 async def test_user_and_run_budgets(make: Make, server: MessagesServer) -> None:
+    """Each call books its input estimate + max_tokens; what it really used is settled after."""
+    body = {**BODY, "max_tokens": 20}
+    estimate = estimate_input(json.dumps(body).encode())
     server.push(*(text_reply("x", input_tokens=10, output_tokens=5) for _ in range(4)))
-    gateway = _real(make, server, user_token_budget=40, request_token_budget=12)
-    await _collect(gateway, _params(run_id="r1"))
+    gateway = _real(make, server, user_token_budget=45 + estimate, request_token_budget=15 + estimate)
+    await _collect(gateway, _params(body=body), run="r1")  # only 15 output tokens fit: max_tokens lowered
+    assert server.requests[0].body["max_tokens"] == 15
     with pytest.raises(GatewayError, match="request_token_budget") as caught:
-        await _collect(gateway, _params(run_id="r1"))
-    assert caught.value.data == {"reason": "request_budget", "used": 15}
-    await _collect(gateway, _params(run_id="r2"))
-    await _collect(gateway, _params())
+        await _collect(gateway, _params(body=body), run="r1")
+    assert caught.value.data == {"reason": "request_budget", "used": 15, "reserved": 0}
+    await _collect(gateway, _params(body=body), run="r2")
+    await _collect(gateway, _params(body=body))
     with pytest.raises(GatewayError, match="user_token_budget"):
-        await _collect(gateway, _params(run_id="r3"))
-    await _collect(gateway, _params(), user="u2")  # budgets are per user
+        await _collect(gateway, _params(body=body), run="r3")
+    await _collect(gateway, _params(body=body), user="u2")  # budgets are per user
     assert gateway.stats()["u1"]["refused"] == 2 and len(server.requests) == 4
+    assert gateway.ledger.used("u1") == (45, 0)
+    assert [r.body["max_tokens"] for r in server.requests] == [15, 15, 15, 15]
 
 
 async def test_missing_key_says_how_to_set_it() -> None:

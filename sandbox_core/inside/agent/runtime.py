@@ -33,7 +33,6 @@ import json
 import os
 import re
 import time
-import uuid
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -235,7 +234,7 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
     history = _with_prompt(store.get(p.conversation_id, []), p.prompt)
     send = getattr(ctx.channel, "send", None)
     cancel = None if send is None else _cancel_sender(send)
-    transport = GatewayTransport(ctx.channel.call_host, cancel=cancel, run_id=uuid.uuid4().hex)
+    transport = GatewayTransport(ctx.channel.call_host, cancel=cancel)
     client = AsyncAnthropic(api_key=PLACEHOLDER_API_KEY, base_url=GATEWAY_BASE_URL,
                             http_client=httpx2.AsyncClient(transport=transport, trust_env=False))
     shell = WorkspaceShell(ctx.workspace, shell_env(os.environ))

@@ -48,6 +48,7 @@ from anthropic.types.beta import BetaManagedAgentsAgentToolset20260401BashInput
 from sandbox_core.events import OutputEncoder
 from sandbox_core.inside.runner import kill_group, kill_strays
 from sandbox_core.process_tree import boot_ticks
+from sandbox_core.shared import MODEL_ENDPOINT_HOST, PLACEHOLDER_API_KEY
 
 if TYPE_CHECKING:
     from sandbox_core.events import EventType
@@ -64,10 +65,17 @@ SHELL = "/bin/bash" if os.path.exists("/bin/bash") else "/bin/sh"
 
 
 def shell_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The worker's (already scrubbed) environment minus any ``ANTHROPIC_*``, as the SDK does."""
-    env = {k: v for k, v in environ.items() if not k.startswith("ANTHROPIC_")}
+    """The worker's (already scrubbed) environment minus any ``ANTHROPIC_*``, as the SDK does,
+    except what the worker set for its model endpoint (a loopback address, the placeholder key)."""
+    env = {k: v for k, v in environ.items() if not k.startswith("ANTHROPIC_") or _endpoint_setting(k, v)}
     env.update(PS1="", PS2="", TERM="dumb")
     return env
+
+
+def _endpoint_setting(name: str, value: str) -> bool:
+    if name == "ANTHROPIC_API_KEY":
+        return value == PLACEHOLDER_API_KEY
+    return name == "ANTHROPIC_BASE_URL" and value.startswith(f"http://{MODEL_ENDPOINT_HOST}:")
 
 
 OutputSink = Callable[[bytes], Awaitable[None]]

@@ -23,6 +23,8 @@ as the host sends it. How failures look to the SDK:
 If the SDK closes a response before its end (cancellation, an abandoned stream), the host
 call is abandoned too and, when a ``cancel`` callback is given, the host is told so that
 it stops the upstream request.
+
+No run id is sent: the host binds each call to the request the worker is serving.
 """
 
 from __future__ import annotations
@@ -54,10 +56,9 @@ class GatewayRefused(anthropic.AnthropicError):
 class GatewayTransport(httpx2.AsyncBaseTransport):
     """Send each request through ``call_host("gateway.request", ...)``; stream the answer."""
 
-    def __init__(self, call_host: CallHost, *, cancel: CancelHostCall | None = None, run_id: str | None = None) -> None:
+    def __init__(self, call_host: CallHost, *, cancel: CancelHostCall | None = None) -> None:
         self._call_host = call_host
         self._cancel = cancel
-        self._run_id = run_id
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         body = await request.aread()
@@ -67,8 +68,6 @@ class GatewayTransport(httpx2.AsyncBaseTransport):
             "headers": [[k, v] for k, v in request.headers.multi_items()],
             "body_b64": base64.b64encode(body).decode("ascii"),
         }
-        if self._run_id is not None:
-            params["run_id"] = self._run_id
         chunks = self._call_host(GATEWAY_METHOD, params)
         stream = _HostBody(chunks, request, self._cancel)
         try:

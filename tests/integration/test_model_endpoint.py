@@ -1,0 +1,165 @@
+"""The model endpoint inside a strict sandbox: any client reaches the model, never the key."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sandbox_core.config import ModelConfig, ProcessSandboxConfig, Secret
+from sandbox_core.isolation import runtime
+from sandbox_core.orchestrator import SandboxOrchestrator
+from sandbox_core.requests import AgentRequest, ExecRequest
+from sandbox_core.shared import MODEL_ENDPOINT_URL, PLACEHOLDER_API_KEY
+from tests.helpers import process_config
+from tests.messages_server import MessagesServer, Recorded, Reply, error, stream, text_reply
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
+
+KEY = "sk-ant-endpoint-" + "5f3c9a0d7e1b2468"
+BODY = {"model": "claude-sonnet-5-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hello"}]}
+URLLIB = """
+import json, os, sys, urllib.request, urllib.error
+body = json.loads(sys.argv[1])
+headers = {"content-type": "application/json", "x-api-key": os.environ["ANTHROPIC_API_KEY"],
+           "anthropic-version": "2023-06-01", "x-http-method-override": "DELETE", "x-original-url": "/v1/files"}
+headers.update(json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
+req = urllib.request.Request(os.environ["ANTHROPIC_BASE_URL"] + "/v1/messages", json.dumps(body).encode(), headers)
+try:
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        print(json.dumps({"status": resp.status, "type": resp.headers.get("content-type"),
+                          "body": resp.read().decode()}))
+except urllib.error.HTTPError as exc:
+    print(json.dumps({"status": exc.code, "reason": exc.headers.get("x-sandbox-gateway-reason"),
+                      "body": exc.read().decode()}))
+"""
+
+
+def strict(root: Path, **model: object) -> ProcessSandboxConfig:
+    return process_config(root).replace(profile="strict", model=ModelConfig(**model))  # type: ignore[arg-type]
+
+
+def python(*args: str) -> ExecRequest:
+    """The sandbox's own interpreter, with the staged packages (the ``anthropic`` SDK) importable."""
+    return ExecRequest(argv=("/usr/bin/env", f"PYTHONPATH={runtime.SANDBOX_ROOT}/lib", runtime.inside_executable(),
+                             *args), timeout=90)  # fmt: skip
+
+
+def urllib_post(body: dict[str, object], headers: dict[str, str] | None = None) -> ExecRequest:
+    return python("-c", URLLIB, json.dumps(body), json.dumps(headers or {}))
+
+
+def _answer(stdout: str) -> dict[str, object]:
+    result: dict[str, object] = json.loads(stdout.strip().splitlines()[-1])
+    return result
+
+
+async def test_urllib_post_inside_gets_a_message_from_the_offline_model(workspace_root: Path) -> None:
+    async with SandboxOrchestrator(strict(workspace_root, provider="offline")) as pool:
+        env = await pool.execute("alice", ExecRequest(shell="echo $ANTHROPIC_BASE_URL $ANTHROPIC_API_KEY"))
+        assert env.stdout_text.split() == [MODEL_ENDPOINT_URL, PLACEHOLDER_API_KEY]
+        result = await pool.execute("alice", urllib_post(BODY))
+        answer = _answer(result.stdout_text)
+        assert answer["status"] == 200, answer
+        message = json.loads(str(answer["body"]))
+        assert message["type"] == "message" and message["role"] == "assistant"
+        assert message["content"][0]["type"] == "text" and message["usage"]["output_tokens"] > 0
+        stats = pool.get_pool_stats()["gateway"]["alice"]
+        assert stats["calls"] == 1 and stats["refused"] == 0
+
+
+async def test_refusals_reach_the_client_as_api_errors(workspace_root: Path) -> None:
+    async with SandboxOrchestrator(strict(workspace_root, provider="offline")) as pool:
+        mcp = {**BODY, "mcp_servers": [{"type": "url", "url": "https://evil.example/mcp", "name": "x"}]}
+        answer = _answer((await pool.execute("alice", urllib_post(mcp))).stdout_text)
+        assert answer["status"] == 403 and answer["reason"] == "mcp_servers"
+        assert json.loads(str(answer["body"]))["error"]["type"] == "permission_error"
+        answer = _answer((await pool.execute("alice", urllib_post({**BODY, "model": "gpt-5"}))).stdout_text)
+        assert answer["status"] == 403 and answer["reason"] == "model"
+
+
+def _streamed(recorded: Recorded) -> Reply:
+    return text_reply("streamed through the endpoint")
+
+
+async def test_anthropic_sdk_inside_reaches_the_api_with_the_real_key_it_never_sees(workspace_root: Path) -> None:
+    with MessagesServer([_streamed, text_reply("second")]) as server:
+        config = strict(workspace_root, provider="anthropic", api_key=Secret(KEY), base_url=server.url)
+        script = (
+            "import anthropic, json, os\n"
+            "client = anthropic.Anthropic()\n"
+            "with client.messages.stream(model='claude-sonnet-5-5', max_tokens=99999,"
+            " messages=[{'role': 'user', 'content': 'hi'}]) as s:\n"
+            "    text = ''.join(s.text_stream)\n"
+            "print(json.dumps({'text': text, 'env': dict(os.environ)}))\n"
+        )
+        async with SandboxOrchestrator(config) as pool:
+            result = await pool.execute("alice", python("-c", script))
+            assert result.exit_code == 0, result.stderr_text[-2000:]
+            answer = json.loads(result.stdout_text.strip().splitlines()[-1])
+            assert answer["text"] == "streamed through the endpoint"
+            assert answer["env"]["ANTHROPIC_API_KEY"] == PLACEHOLDER_API_KEY
+            seen = server.requests[0]
+            assert seen.headers["x-api-key"] == KEY and seen.body["max_tokens"] == 32000  # clamped
+            leaked = await pool.execute("alice", ExecRequest(shell="env; cat /proc/self/environ; ls -la /", timeout=30))
+            assert KEY not in result.stdout_text + result.stderr_text + leaked.stdout_text + leaked.stderr_text
+            curl = shutil.which("curl")
+            if curl is not None:  # a client that is not the SDK at all
+                res = await pool.execute("alice", ExecRequest(shell=(
+                    "curl -sS -N $ANTHROPIC_BASE_URL/v1/messages -H 'content-type: application/json' "
+                    f"-H \"x-api-key: $ANTHROPIC_API_KEY\" -d '{json.dumps({**BODY, 'stream': True})}'"), timeout=30))
+                assert "event: message_stop" in res.stdout_text and KEY not in res.stdout_text
+                assert server.requests[1].headers["x-api-key"] == KEY
+                assert server.requests[1].headers["anthropic-version"] == "2023-06-01"  # curl sent none
+
+
+async def test_upstream_failures_reach_the_client_without_their_text(workspace_root: Path) -> None:
+    replies = [error(529, "overloaded_error", "Overloaded"), stream([b"data: x\n\n"] * 3, cut_after=1)]
+    with MessagesServer(replies) as srv:
+        config = strict(workspace_root, provider="anthropic", api_key=Secret(KEY), base_url=srv.url)
+        async with SandboxOrchestrator(config) as pool:
+            answer = _answer((await pool.execute("alice", urllib_post(BODY))).stdout_text)
+            assert answer["status"] == 529 and "overloaded_error" in str(answer["body"])
+            assert KEY not in json.dumps(answer)
+            seen = srv.requests[0].headers  # what the client sent beyond the allowlist never left the host
+            assert "x-http-method-override" not in seen and "x-original-url" not in seen
+            assert seen["x-api-key"] == KEY and PLACEHOLDER_API_KEY not in json.dumps(seen)
+            cut = await pool.execute("alice", urllib_post({**BODY, "stream": True}))
+            assert "IncompleteRead" in cut.stderr_text or "Incomplete" in cut.stderr_text, cut.stderr_text[-500:]
+            assert KEY not in cut.stdout_text + cut.stderr_text
+
+
+async def test_the_agents_bash_tool_gets_the_endpoint(workspace_root: Path) -> None:
+    """A command the agent runs (its bash tool) gets the endpoint too, and its calls are the agent run's."""
+    async with SandboxOrchestrator(strict(workspace_root, provider="offline")) as pool:
+        result = await pool.execute("alice", AgentRequest(prompt="run: echo $ANTHROPIC_BASE_URL"))
+        assert MODEL_ENDPOINT_URL in result.text
+
+
+LOOP = """
+import json, os, sys, urllib.request, urllib.error
+statuses = []
+for _ in range(8):
+    req = urllib.request.Request(os.environ["ANTHROPIC_BASE_URL"] + "/v1/messages", sys.argv[1].encode(),
+                                 {"content-type": "application/json", "x-api-key": "anything"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            statuses.append(resp.status)
+    except urllib.error.HTTPError as exc:
+        statuses.append(f"{exc.code} {exc.headers.get('x-sandbox-gateway-reason')}")
+        break
+print(json.dumps(statuses))
+"""
+
+
+async def test_each_command_is_a_run_of_its_own_for_the_budget(workspace_root: Path) -> None:
+    """The host binds every call a command makes to that command: request_token_budget holds per command."""
+    async with SandboxOrchestrator(strict(workspace_root, provider="offline", request_token_budget=300)) as pool:
+        first = json.loads((await pool.execute("alice", python("-c", LOOP, json.dumps(BODY)))).stdout_text)
+        second = json.loads((await pool.execute("alice", python("-c", LOOP, json.dumps(BODY)))).stdout_text)
+        assert first[-1] == second[-1] == "429 request_budget"
+        assert 1 <= len(first) - 1 < 8 and first == second  # the same budget again: a fresh run
+        stats = pool.get_pool_stats()["gateway"]["alice"]
+        assert stats["refused"] == 2 and stats["input_tokens"] + stats["output_tokens"] <= 2 * 300
