@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import sys
@@ -87,6 +88,9 @@ async def test_a_burst_from_one_user_does_not_starve_another_users_first_request
         def started() -> list[int]:
             return sorted(i for i in range(burst) if (alice / f"started-{i}").exists())
 
+        def moved(before: int) -> bool:
+            return len(started()) > before or (bob / "started").exists()
+
         released: list[int] = []
         while not (bob / "started").exists():
             assert len(released) < burst, "bob was served only after the whole burst"
@@ -95,10 +99,9 @@ async def test_a_burst_from_one_user_does_not_starve_another_users_first_request
             running = [i for i in started() if i not in released]
             if (bob / "started").exists():
                 break
-            before = len(started())
             (alice / f"go-{running[0]}").touch()  # one of alice's requests ends: one slot frees
             released.append(running[0])
-            await wait_for(lambda n=before: len(started()) > n or (bob / "started").exists(), 30, "the next turn")
+            await wait_for(functools.partial(moved, len(started())), 30, "the next turn")
         ahead = started()
         assert len(ahead) <= 3, f"{len(ahead)} of alice's requests ran before bob's"
         assert pool.get_pool_stats()["queue_depth"] >= burst - 4  # the burst is still waiting
