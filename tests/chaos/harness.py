@@ -12,12 +12,16 @@ two users), untyped (a failure that is not a :class:`SandboxError`).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import os
 import random
+import re
+import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -32,6 +36,7 @@ from sandbox_core.isolation.spec import LaunchSpec, process_launch
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.process_tree import descendants
 from sandbox_core.requests import ExecRequest, RawRequest
+from sandbox_core.service.client import ServiceClient
 
 FAKES = Path(__file__).resolve().parents[1] / "fakes"
 HOSTILE_MODES = ("garbage", "deep", "badtype", "unknown", "binary", "flood", "nonewline", "hostcalls", "forge")
@@ -83,6 +88,8 @@ class Ledger:
     worker_owner: dict[str, str] = field(default_factory=dict)
     in_flight: dict[str, str] = field(default_factory=dict)
     """Request id -> worker id, from its ``started`` event until its outcome."""
+    worker_pids: set[int] = field(default_factory=set)
+    """Host pids of every worker that served a request (to check none is left)."""
     started_count: int = 0
     started_event: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -142,6 +149,8 @@ async def run_one(
                     ledger.misrouted.append(f"{rid}: started on a worker of {started.get('user_id')!r}")
                 ledger.note_worker(rid, user, wid)
                 ledger.in_flight[rid] = wid
+                if isinstance(started.get("pid"), int):
+                    ledger.worker_pids.add(started["pid"])
                 ledger.started_count += 1
                 ledger.started_event.set()
             elif event.type == "stdout":
@@ -308,3 +317,116 @@ async def pool_of(config: ProcessSandboxConfig, **kw: Any) -> AsyncIterator[Sand
         yield pool
     finally:
         await pool.shutdown()
+
+
+# ----------------------------------------------------------------- the service as a process
+
+SANDBOX = str(Path(sys.executable).with_name("sandbox"))
+
+
+@dataclass
+class Served:
+    """A ``sandbox serve --listen 127.0.0.1:0`` subprocess (process profile) and its users' tokens."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    tokens: dict[str, str]
+    workspaces: Path
+
+    def client(self, user: str, timeout: float = 120.0) -> ServiceClient:
+        return ServiceClient(self.url, self.tokens[user], timeout)
+
+    def stop(self) -> str:
+        """Kill it if still running; its log (stderr)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        log = self.proc.stderr.read() if self.proc.stderr else ""
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+        return log
+
+
+def _popen(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+
+
+async def start_served(tmp: Path, users: list[str], **settings: str) -> Served:
+    """Start the service on a loopback port with a token per user; ``settings`` are SANDBOX_* variables."""
+    tokens = {u: secrets.token_hex(16) for u in users}
+    tokens_file = tmp / "tokens.toml"
+    entries = (f'[[token]]\ntoken = "{t}"\nuser = "{u}"\nrole = "user"\n' for u, t in tokens.items())
+    tokens_file.write_text("\n".join(entries))
+    tokens_file.chmod(0o600)
+    ws = tmp / "ws"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}
+    env.update(SANDBOX_WORKSPACE_ROOT=str(ws), SANDBOX_MIN_IDLE="0", SANDBOX_SERVICE__TOKENS_FILE=str(tokens_file),
+               XDG_CONFIG_HOME=str(tmp / "cfg"), NO_COLOR="1", COLUMNS="200")
+    env.update({f"SANDBOX_{k.upper()}": v for k, v in settings.items()})
+    proc = _popen([SANDBOX, "--profile", "process", "serve", "--listen", "127.0.0.1:0"], env)
+    assert proc.stderr is not None
+    seen = ""
+    for _ in range(20):  # warnings first, then the line that says where it serves
+        line = await asyncio.wait_for(asyncio.to_thread(proc.stderr.readline), 60)
+        seen += line
+        if match := re.search(r"(http://127\.0\.0\.1:\d+)", line):
+            return Served(proc, match.group(1), tokens, ws)
+        if not line:
+            break
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"sandbox serve did not start: {seen}{proc.stderr.read()}")
+
+
+async def stream_one(
+    served: Served, ledger: Ledger, user: str, rid: str, body: dict[str, Any], want: bytes | None,
+    *, per_event: float = 0.0, first_event: list[float] | None = None,
+) -> Outcome:
+    """One SSE run through the service, checked like :func:`run_one`; ``per_event`` makes a
+    slow reader (it takes that long over each event)."""
+    ledger.submitted.add(rid)
+    began = time.perf_counter()
+    out = bytearray()
+    kind: str = "ok"
+    error: BaseException | None = None
+    worker_id = None
+    done = None
+    async with served.client(user) as client:
+        try:
+            async for event in client.stream("exec", body):
+                if event.type == "started":
+                    if first_event is not None:
+                        first_event.append(time.perf_counter() - began)
+                    worker_id = str(event.data.get("worker_id"))
+                    if isinstance(event.data.get("pid"), int):
+                        ledger.worker_pids.add(event.data["pid"])
+                    if event.data.get("user_id") != user:
+                        ledger.misrouted.append(f"{rid}: started on a worker of {event.data.get('user_id')!r}")
+                    ledger.note_worker(rid, user, worker_id)
+                    ledger.in_flight[rid] = worker_id
+                elif event.type == "stdout":
+                    out += event.chunk()
+                elif event.type == "done":
+                    if done is not None:
+                        ledger.duplicated.append(f"{rid}: a second done event")
+                    done = dict(event.data)
+                if per_event:
+                    await asyncio.sleep(per_event)  # the workload: a reader that is slow on purpose
+        except SandboxError as exc:
+            kind, error = type(exc).__name__, exc
+        except Exception as exc:
+            kind, error = type(exc).__name__, exc
+            ledger.untyped.append(f"{rid}: {type(exc).__name__}: {exc!r:.200}")
+    if want is not None and kind == "ok" and (bytes(out) != want or done is None or done.get("exit_code") != 0):
+        ledger.misrouted.append(f"{rid}: {len(out)} bytes, not its own {len(want)}")
+    outcome = Outcome(rid, user, kind, error, worker_id, time.perf_counter() - began)
+    ledger.record(outcome)
+    return outcome
+
+
+def exec_body(rid: str, size: int, *, stdin: bool = False) -> tuple[dict[str, Any], bytes]:
+    """The JSON body of an exec run whose output is derived from ``rid``, and that output."""
+    want = expected_output(rid, size)
+    if stdin:
+        return {"argv": ["cat"], "stdin_b64": base64.b64encode(want).decode()}, want
+    return {"shell": f"yes {rid} | head -c {size}"}, want
