@@ -326,7 +326,7 @@ SANDBOX = str(Path(sys.executable).with_name("sandbox"))
 
 @dataclass
 class Served:
-    """A ``sandbox serve --listen 127.0.0.1:0`` subprocess (process profile) and its users' tokens."""
+    """A ``sandbox serve --listen 127.0.0.1:0`` subprocess and its users' tokens."""
 
     proc: subprocess.Popen[str]
     url: str
@@ -351,7 +351,7 @@ def _popen(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
 
 
-async def start_served(tmp: Path, users: list[str], **settings: str) -> Served:
+async def start_served(tmp: Path, users: list[str], profile: str = "process", **settings: str) -> Served:
     """Start the service on a loopback port with a token per user; ``settings`` are SANDBOX_* variables."""
     tokens = {u: secrets.token_hex(16) for u in users}
     tokens_file = tmp / "tokens.toml"
@@ -363,7 +363,7 @@ async def start_served(tmp: Path, users: list[str], **settings: str) -> Served:
     env.update(SANDBOX_WORKSPACE_ROOT=str(ws), SANDBOX_MIN_IDLE="0", SANDBOX_SERVICE__TOKENS_FILE=str(tokens_file),
                XDG_CONFIG_HOME=str(tmp / "cfg"), NO_COLOR="1", COLUMNS="200")
     env.update({f"SANDBOX_{k.upper()}": v for k, v in settings.items()})
-    proc = _popen([SANDBOX, "--profile", "process", "serve", "--listen", "127.0.0.1:0"], env)
+    proc = _popen([SANDBOX, "--profile", profile, "serve", "--listen", "127.0.0.1:0"], env)
     assert proc.stderr is not None
     seen = ""
     for _ in range(20):  # warnings first, then the line that says where it serves
