@@ -91,6 +91,7 @@ async def test_a_burst_from_one_user_does_not_starve_another_users_first_request
         def moved(before: int) -> bool:
             return len(started()) > before or (bob / "started").exists()
 
+        await wait_for(lambda: len(started()) == 2, 30, "the first two of the burst to run")
         released: list[int] = []
         while not (bob / "started").exists():
             assert len(released) < burst, "bob was served only after the whole burst"
