@@ -32,6 +32,7 @@ import fcntl
 import functools
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
@@ -99,6 +100,10 @@ OUTPUT_SLACK = 1024 * 1024
 """Output past ``limits.output_mb`` the host tolerates before it stops trusting the worker."""
 
 
+_LAUNCHING = threading.Lock()
+"""Serializes building launch plans (their threads share the strict runtime's staging)."""
+
+
 class WorkerState(enum.Enum):
     NEW = "new"
     STARTING = "starting"
@@ -159,6 +164,8 @@ class SandboxWorker:
         self._host_handler = host_handler
         self._launcher = launcher
         self._spec: LaunchSpec | None = None
+        self._spec_future: asyncio.Future[LaunchSpec] | None = None
+        """The launch plan being built in a thread (a start cancelled meanwhile still releases it)."""
         self._verified: verify.Verified | None = None
         """What the host checked of this worker itself (set once the handshake is verified)."""
         self._transport: asyncio.SubprocessTransport | None = None
@@ -270,8 +277,15 @@ class SandboxWorker:
             await asyncio.shield(self._kill_now())
             raise
 
+    def _launch(self) -> LaunchSpec:
+        with _LAUNCHING:  # one at a time: the first one stages the strict runtime
+            return self._launcher(self.config, self.worker_id, self.workspace)
+
     async def _spawn_and_handshake(self) -> None:
-        spec = self._launcher(self.config, self.worker_id, self.workspace)
+        # Building a launch plan (strict: the staged runtime, the seccomp program, cgroup
+        # directories) takes milliseconds to seconds: in a thread, never on the loop.
+        self._spec_future = asyncio.get_running_loop().run_in_executor(None, self._launch)
+        spec = await asyncio.shield(self._spec_future)
         self._spec = spec
         self.workspace_in_sandbox = spec.workspace_in_sandbox
         loop = asyncio.get_running_loop()
@@ -323,7 +337,8 @@ class SandboxWorker:
         if reply.get("stdin_pipe") is not True and self._stdin is not None:
             self._stdin.close()
             self._stdin = None
-        self._verified = verify.started(self.config, spec.plan, self._pid, reply.get("pid"), self.report)
+        self._verified = await asyncio.to_thread(  # reads /proc of the worker: off the loop
+            verify.started, self.config, spec.plan, self._pid, reply.get("pid"), self.report)
         self.report["verified_by_host"] = self._verified.by_host
         # Bound only now, after the check: the workspace's layers (landlock) are checked at bind.
         if spec.bound_at_spawn and self.user_id is not None and spec.workspace_in_sandbox is not None:
@@ -354,8 +369,10 @@ class SandboxWorker:
 
     def _on_stdout(self, data: bytes) -> None:
         try:
-            for msg in self._splitter.feed(data):
-                self._dispatch(msg)
+            for frame in self._splitter.frames(data):
+                if self.broken is not None:  # killed for what it sent: the rest is not worth decoding
+                    return
+                self._dispatch(self._splitter.decode(frame))
         except Exception as exc:  # noqa: BLE001 - a bad frame must not break the reader
             self._break(f"a frame from the worker broke the host's reader ({type(exc).__name__}: {exc})")
 
@@ -873,9 +890,12 @@ class SandboxWorker:
 
     async def _kill_now(self) -> None:
         if self._transport is None:  # never spawned: release what the launch spec prepared
+            if self._spec is None and self._spec_future is not None:
+                with contextlib.suppress(Exception):
+                    self._spec = await self._spec_future  # the thread finishes whatever happened
             if self._spec is not None and self._spec.cleanup is not None:
                 with contextlib.suppress(Exception):
-                    self._spec.cleanup()
+                    await asyncio.to_thread(self._spec.cleanup)
             return
         if not self._exited.is_set():
             self._signal_group(signal.SIGKILL)
