@@ -390,6 +390,9 @@ class SandboxOrchestrator:
         except SandboxError:
             self._retire(worker)
             return None
+        except BaseException:  # the request went away mid-claim: the worker is no one's now
+            self._retire(worker)
+            raise
         self._counters["claimed"] += 1
         self._refill()
         return worker
@@ -414,7 +417,7 @@ class SandboxOrchestrator:
         if can_prewarm(self.config):
             try:
                 await worker.bind(user_id, workspace)
-            except SandboxError:
+            except BaseException:  # failed, or the request went away: nobody would release it
                 self._retire(worker)
                 raise
         return worker

@@ -378,9 +378,20 @@ async def start_served(tmp: Path, users: list[str], profile: str = "process", **
     raise AssertionError(f"sandbox serve did not start: {seen}{proc.stderr.read()}")
 
 
+def _note_started(ledger: Ledger, rid: str, user: str, data: dict[str, Any]) -> str:
+    worker_id = str(data.get("worker_id"))
+    if isinstance(data.get("pid"), int):
+        ledger.worker_pids.add(data["pid"])
+    if data.get("user_id") != user:
+        ledger.misrouted.append(f"{rid}: started on a worker of {data.get('user_id')!r}")
+    ledger.note_worker(rid, user, worker_id)
+    ledger.in_flight[rid] = worker_id
+    return worker_id
+
+
 async def stream_one(
     served: Served, ledger: Ledger, user: str, rid: str, body: dict[str, Any], want: bytes | None,
-    *, per_event: float = 0.0, first_event: list[float] | None = None,
+    *, per_event: float = 0.0, first_event: list[float] | None = None, deadline: float = 600.0,
 ) -> Outcome:
     """One SSE run through the service, checked like :func:`run_one`; ``per_event`` makes a
     slow reader (it takes that long over each event)."""
@@ -389,29 +400,26 @@ async def stream_one(
     out = bytearray()
     kind: str = "ok"
     error: BaseException | None = None
-    worker_id = None
-    done = None
+    worker_id: str | None = None
+    done: dict[str, Any] | None = None
     async with served.client(user) as client:
         try:
-            async for event in client.stream("exec", body):
-                if event.type == "started":
-                    if first_event is not None:
-                        first_event.append(time.perf_counter() - began)
-                    worker_id = str(event.data.get("worker_id"))
-                    if isinstance(event.data.get("pid"), int):
-                        ledger.worker_pids.add(event.data["pid"])
-                    if event.data.get("user_id") != user:
-                        ledger.misrouted.append(f"{rid}: started on a worker of {event.data.get('user_id')!r}")
-                    ledger.note_worker(rid, user, worker_id)
-                    ledger.in_flight[rid] = worker_id
-                elif event.type == "stdout":
-                    out += event.chunk()
-                elif event.type == "done":
-                    if done is not None:
-                        ledger.duplicated.append(f"{rid}: a second done event")
-                    done = dict(event.data)
-                if per_event:
-                    await asyncio.sleep(per_event)  # the workload: a reader that is slow on purpose
+            async with asyncio.timeout(deadline):
+                async for event in client.stream("exec", body):
+                    if event.type == "started":
+                        if first_event is not None:
+                            first_event.append(time.perf_counter() - began)
+                        worker_id = _note_started(ledger, rid, user, event.data)
+                    elif event.type == "stdout":
+                        out += event.chunk()
+                    elif event.type == "done":
+                        if done is not None:
+                            ledger.duplicated.append(f"{rid}: a second done event")
+                        done = dict(event.data)
+                    if per_event:
+                        await asyncio.sleep(per_event)  # the workload: a reader that is slow on purpose
+        except TimeoutError:  # no end within the deadline: recorded as lost, not waited for
+            return Outcome(rid, user, "lost", None, worker_id, time.perf_counter() - began)
         except SandboxError as exc:
             kind, error = type(exc).__name__, exc
         except Exception as exc:

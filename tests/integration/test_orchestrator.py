@@ -114,6 +114,23 @@ async def test_a_burst_from_one_user_does_not_starve_another_users_first_request
         assert {w["user_id"] for w in pool.list_workers()} <= {"alice", "bob"}
 
 
+async def test_a_request_cancelled_while_its_worker_binds_leaves_no_busy_worker(workspace_root: Path) -> None:
+    """A caller that goes away while its new worker binds: the worker is retired, not left
+    busy with no request (it would hold a slot, and the user's cap, for ever)."""
+    fakes = Path(__file__).resolve().parents[1] / "fakes"
+
+    def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
+        spec = process_launch(cfg, ws)
+        return LaunchSpec([sys.executable, str(fakes / "hostile_worker.py"), "nobind"], spec.env, spec.cwd, spec.plan)
+
+    async with SandboxOrchestrator(process_config(workspace_root), launcher=launcher) as pool:
+        task = asyncio.create_task(pool.execute("erin", RawRequest("ping")))
+        await wait_for(lambda: [w["state"] for w in pool.list_workers()] == ["busy"], 20, "the worker to bind")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await wait_for(lambda: not pool.list_workers(), 10, "the unbound worker to be retired")
+
+
 async def test_cap_then_pool_exhausted(workspace_root: Path) -> None:
     config = process_config(workspace_root, max_workers=1, acquire_timeout=0.5)
     async with SandboxOrchestrator(config) as pool:
