@@ -115,8 +115,8 @@ async def test_a_burst_from_one_user_does_not_starve_another_users_first_request
 
 
 async def test_a_request_cancelled_while_its_worker_binds_leaves_no_busy_worker(workspace_root: Path) -> None:
-    """A caller that goes away while its new worker binds: the worker is retired, not left
-    busy with no request (it would hold a slot, and the user's cap, for ever)."""
+    """A caller that goes away while its new worker binds: the worker is retired at once, not
+    left busy with no request until its own cancel kills it and the reaper counts a crash."""
     fakes = Path(__file__).resolve().parents[1] / "fakes"
 
     def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
@@ -129,6 +129,7 @@ async def test_a_request_cancelled_while_its_worker_binds_leaves_no_busy_worker(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await wait_for(lambda: not pool.list_workers(), 10, "the unbound worker to be retired")
+        assert pool.get_pool_stats()["crashes"] == 0  # retired at once, not found dead by the reaper later
 
 
 async def test_cap_then_pool_exhausted(workspace_root: Path) -> None:
