@@ -200,14 +200,22 @@ def mixed_jobs(
     pool: SandboxOrchestrator, ledger: Ledger, rng: random.Random, count: int, users: list[str],
     *, pause: float = 0.0, prefix: str = "r",
 ) -> list[Callable[[], Awaitable[object]]]:
-    """``count`` requests from ``users`` at random, of random sizes, a third of them through stdin."""
+    """``count`` requests from ``users`` at random, of random sizes, a third of them through stdin
+    (each made when it runs: the load itself holds only what is in flight)."""
     jobs: list[Callable[[], Awaitable[object]]] = []
     for n in range(count):
         user = rng.choice(users)
         rid = f"{prefix}{n}-{user}"
-        request, want = request_for(rid, rng.choice(SIZES), stdin=rng.random() < 0.33, pause=pause)
-        jobs.append(functools.partial(run_one, pool, ledger, user, rid, request, want))
+        size, stdin = rng.choice(SIZES), rng.random() < 0.33
+        jobs.append(functools.partial(_mixed_one, pool, ledger, user, rid, size, stdin, pause))
     return jobs
+
+
+async def _mixed_one(
+    pool: SandboxOrchestrator, ledger: Ledger, user: str, rid: str, size: int, stdin: bool, pause: float
+) -> Outcome:
+    request, want = request_for(rid, size, stdin=stdin, pause=pause)
+    return await run_one(pool, ledger, user, rid, request, want)
 
 
 @dataclass
