@@ -109,6 +109,11 @@ class StrictIsolation:
     directory) the sandbox can read but never write, create, rename, delete or replace.
     ``[]`` lifts the protection."""
     seccomp: bool = True
+    unix_sockets: bool = True
+    """AF_UNIX sockets between the sandbox's own processes (``multiprocessing``, ``forkserver``,
+    git's fsmonitor). Host sockets stay unreachable either way (a bound tree that exposes
+    one is refused at launch on kernels without Landlock ABI 9); ``false`` denies AF_UNIX in
+    seccomp as before."""
     landlock: bool = True
     """Use landlock as a second layer when the kernel has it."""
     cgroups: bool = True

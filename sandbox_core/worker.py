@@ -134,6 +134,15 @@ class _Pending:
         """The command closed its stdin: stop sending it."""
 
 
+def _release_spec(built: asyncio.Future[LaunchSpec]) -> None:
+    """Clean up a launch spec nobody will spawn (its start was cancelled while it was built)."""
+    if built.cancelled() or built.exception() is not None:
+        return
+    cleanup = built.result().cleanup
+    if cleanup is not None:
+        cleanup()
+
+
 class SandboxWorker:
     """One sandboxed process and the JSON-RPC conversation with it."""
 
@@ -164,8 +173,6 @@ class SandboxWorker:
         self._host_handler = host_handler
         self._launcher = launcher
         self._spec: LaunchSpec | None = None
-        self._spec_future: asyncio.Future[LaunchSpec] | None = None
-        """The launch plan being built in a thread (a start cancelled meanwhile still releases it)."""
         self._verified: verify.Verified | None = None
         """What the host checked of this worker itself (set once the handshake is verified)."""
         self._transport: asyncio.SubprocessTransport | None = None
@@ -278,14 +285,21 @@ class SandboxWorker:
             raise
 
     def _launch(self) -> LaunchSpec:
-        with _LAUNCHING:  # one at a time: the first one stages the strict runtime
+        with _LAUNCHING:  # one at a time: the first one stages the strict runtime (functools.cache)
             return self._launcher(self.config, self.worker_id, self.workspace)
 
+    async def _build_spec(self) -> LaunchSpec:
+        """The launch spec, built in a thread (it reads the host's trees: a launch check walks
+        the workspace); a start cancelled meanwhile still releases what the spec holds."""
+        built = asyncio.ensure_future(asyncio.to_thread(self._launch))
+        try:
+            return await asyncio.shield(built)
+        except asyncio.CancelledError:
+            built.add_done_callback(_release_spec)
+            raise
+
     async def _spawn_and_handshake(self) -> None:
-        # Building a launch plan (strict: the staged runtime, the seccomp program, cgroup
-        # directories) takes milliseconds to seconds: in a thread, never on the loop.
-        self._spec_future = asyncio.get_running_loop().run_in_executor(None, self._launch)
-        spec = await asyncio.shield(self._spec_future)
+        spec = await self._build_spec()
         self._spec = spec
         self.workspace_in_sandbox = spec.workspace_in_sandbox
         loop = asyncio.get_running_loop()
@@ -890,9 +904,6 @@ class SandboxWorker:
 
     async def _kill_now(self) -> None:
         if self._transport is None:  # never spawned: release what the launch spec prepared
-            if self._spec is None and self._spec_future is not None:
-                with contextlib.suppress(Exception):
-                    self._spec = await self._spec_future  # the thread finishes whatever happened
             if self._spec is not None and self._spec.cleanup is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self._spec.cleanup)

@@ -275,7 +275,16 @@ def _host_unix(ctx: Evidence) -> Verdict:
     seen = ctx.plants.recorder.count("unix")
     details = {"attempts": attempts, "listener_connections": seen, "notes": ctx.plants.notes}
     ok = not any(a.get("connected") for a in attempts) and seen == 0
-    return ok, f"{_attempts_text(attempts)}; listeners saw {seen}", details
+    observed = f"{_attempts_text(attempts)}; listeners saw {seen}"
+    check = ctx.plants.launch_check
+    if check is not None:  # no Landlock ABI 9: the launcher must refuse a tree exposing a host socket
+        details["launch_check"] = check
+        refused = check.get("refused") and check.get("reason") == "host_socket"
+        ok = ok and bool(refused)
+        observed += "; a workspace holding a host socket: " + (
+            "launch refused" if refused else f"LAUNCHED ({check.get('message', 'no error')})"
+        )
+    return ok, observed, details
 
 
 def _route_text(route: dict[str, Any]) -> str:

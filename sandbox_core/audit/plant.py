@@ -54,7 +54,7 @@ from typing import Any
 from sandbox_core.audit import tree
 from sandbox_core.audit.tree import Tree
 from sandbox_core.config import ProcessSandboxConfig
-from sandbox_core.isolation.launch import workspace_owner
+from sandbox_core.isolation.launch import host_sockets_checked_at_launch, workspace_owner
 from sandbox_core.shared import CANARY_PREFIX, sha256_hex
 
 CANARY_VAR = "SANDBOX_AUDIT_CANARY"
@@ -109,6 +109,11 @@ class Plants:
     """The throwaway user whose fresh workspace the audit planted in and ran its worker for."""
     planting: dict[str, Any] = field(default_factory=dict)
     """How the planting went (fresh, owners, modes, tampering seen at hand-over): evidence."""
+    socket_tree: Path | None = None
+    """A workspace holding a listening host socket that the launcher must refuse to mount
+    (where the launch check, not Landlock, keeps path sockets out: see isolation.sockets)."""
+    launch_check: dict[str, Any] | None = None
+    """What launching a sandbox on :attr:`socket_tree` did (filled in by the run)."""
 
     def describe(self) -> dict[str, Any]:
         """Where each canary and listener was (paths, port, pid; never the values)."""
@@ -124,7 +129,8 @@ class Plants:
             "scratch_dir": str(self.workspace / self.scratch),
             "tcp_listener": f"127.0.0.1:{self.tcp_port}",
             "unix_listeners": [p for p in (self.unix_path, self.unix_in_workspace and str(self.workspace /
-                               self.unix_in_workspace), "@" + self.abstract) if p],
+                               self.unix_in_workspace), "@" + self.abstract,
+                               self.socket_tree and str(self.socket_tree / "agent.sock")) if p],
             "decoy_pid": self.decoy_pid,
             "nonce": self.nonce,
             "notes": self.notes,
@@ -159,14 +165,18 @@ async def planted(config: ProcessSandboxConfig) -> AsyncIterator[Plants]:
         await _serve_unix(stack, rec, "unix:host-path", host_sock)
 
         scratch = f".sba-{nonce}"
-        planting = await _plant_workspaces(stack, rec, config, nonce, canaries["peer_workspace"])
+        launch_checked = host_sockets_checked_at_launch(config)
+        planting = await _plant_workspaces(stack, rec, config, nonce, canaries["peer_workspace"], launch_checked)
         audited, peer = planting["audited_user"], planting["peer_user"]
         workspace, peer_dir = config.workspace_root / audited, config.workspace_root / peer
         plants = Plants(canaries, canary_dir, canary_dir / "secret.txt", canary_dir / "world.txt", peer,
                         peer_dir, peer_dir / "notes.txt", workspace, scratch, nonce, recorder=rec,
                         audited_user=audited, planting=planting)  # fmt: skip
         plants.unix_path = str(canary_dir / "host.sock")
-        plants.unix_in_workspace = f"{scratch}/u.sock"
+        if launch_checked:  # the audited workspace would not launch: the check gets a tree of its own
+            plants.socket_tree = config.workspace_root / planting["socket_tree"]
+        else:
+            plants.unix_in_workspace = f"{scratch}/u.sock"
 
         tcp = await asyncio.start_server(rec.handler("tcp"), host="127.0.0.1", port=0)
         stack.push_async_callback(_close_server, tcp)
@@ -207,12 +217,18 @@ def _plant_canary_dir(
 
 
 async def _plant_workspaces(
-    stack: contextlib.AsyncExitStack, rec: _Recorder, config: ProcessSandboxConfig, nonce: str, peer_secret: str
+    stack: contextlib.AsyncExitStack,
+    rec: _Recorder,
+    config: ProcessSandboxConfig,
+    nonce: str,
+    peer_secret: str,
+    launch_checked: bool,
 ) -> dict[str, Any]:
     """The audited and the peer workspace, planted while root's and then handed over.
 
     Plants the peer's secret file and, in the audited workspace, the scratch dir with a
-    listening socket. Returns the evidence of :func:`_hand_over`.
+    listening socket (``launch_checked``: in a third workspace of its own, which the launcher
+    must refuse). Returns the evidence of :func:`_hand_over`.
     """
     config.workspace_root.mkdir(mode=0o700, parents=True, exist_ok=True)
     root_fd = tree.open_dir(config.workspace_root)
@@ -222,8 +238,12 @@ async def _plant_workspaces(
     stack.callback(_remove_strays, root_fd, nonce)
     peer.write(peer.fd, "notes.txt", f"peer_secret={peer_secret}\n", 0o600)
     scratch_fd = audited.mkdir(audited.fd, f".sba-{nonce}")
-    await _serve_unix(stack, rec, "unix:in-workspace", audited.bind(scratch_fd, "u.sock"))
-    return _hand_over(config, root_fd, (audited, peer))
+    if not launch_checked:
+        await _serve_unix(stack, rec, "unix:in-workspace", audited.bind(scratch_fd, "u.sock"))
+        return _hand_over(config, root_fd, (audited, peer))
+    held = _fresh_tree(stack, root_fd, f"audit-sock-{nonce}")
+    await _serve_unix(stack, rec, "unix:launch-check", held.bind(held.fd, "agent.sock"))
+    return {**_hand_over(config, root_fd, (audited, peer, held)), "socket_tree": held.name}
 
 
 def _fresh_tree(stack: contextlib.AsyncExitStack, parent_fd: int, name: str, mode: int = 0o700) -> Tree:

@@ -23,7 +23,8 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("escape.hardlink", "hard links from the workspace to host files cannot be made"),
     ("net.host_tcp", "TCP connect to the host's 127.0.0.1 listener fails; the listener saw nothing"),
     ("net.host_unix", "connect to the host's Unix sockets (host path, planted in the workspace, abstract) "
-                      "fails; the listeners saw nothing"),
+                      "fails; the listeners saw nothing; without Landlock ABI 9, a workspace holding a "
+                      "host socket is refused at launch"),
     ("net.outbound", "no way out: own network namespace, loopback only, no route off the machine "
                      "(route lookups only: nothing is sent)"),
     ("proc.ptrace", "PTRACE_SEIZE on another process is refused"),

@@ -34,6 +34,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sandbox_core.audit.judge import MAX_SPAWN, Evidence, classify_variables, judge
@@ -41,7 +42,7 @@ from sandbox_core.audit.plant import planted
 from sandbox_core.audit.report import CHECK_NAMES, AuditReport
 from sandbox_core.config import ProcessSandboxConfig, validate_user_id
 from sandbox_core.errors import SandboxError
-from sandbox_core.isolation.launch import worker_python
+from sandbox_core.isolation.launch import launch_spec, worker_python
 from sandbox_core.shared import LIMIT_PROBES, PROBE_COMMAND_ENTRY, STATIC_PROBES
 
 
@@ -137,6 +138,18 @@ class HostMonitor:
 # ---------------------------------------------------------------- running
 
 
+def try_launch(config: ProcessSandboxConfig, workspace: Path) -> dict[str, Any]:
+    """Build (never start) a worker's launch on ``workspace``: was it refused, and why."""
+    try:
+        spec = launch_spec(config, "audit-launch-check", workspace)
+    except SandboxError as exc:
+        return {"refused": True, "reason": exc.data.get("reason"), "error": type(exc).__name__,
+                "message": str(exc)[:300]}  # fmt: skip
+    if spec.cleanup is not None:
+        spec.cleanup()
+    return {"refused": False}
+
+
 async def run_audit(
     config: ProcessSandboxConfig,
     user_id: str,
@@ -186,6 +199,9 @@ async def run_audit(
         sent_back: list[str] = []
         worker_id, layers = "", {}
         monitor = HostMonitor()
+        if plants.socket_tree is not None:
+            say("launching on a workspace that holds a host socket (the launcher must refuse)")
+            plants.launch_check = await asyncio.to_thread(try_launch, config, plants.socket_tree)
         plants.planting["first_request_at"] = time.monotonic()
         async with SandboxOrchestrator(config) as orchestrator:
             say("starting a worker and reading what a command inherits")

@@ -4,7 +4,8 @@ A second layer under bubblewrap's mount view: even if a path were visible and
 writable by permission bits, the process can only read below ``read_only`` paths and
 write below ``read_write`` paths. The ruleset is built for the kernel's ABI (refer,
 truncate and device-ioctl rights appear in ABI 2, 3 and 5; abstract-socket and signal
-scoping in ABI 6). TCP is left to the network namespace (the sandbox has only its own
+scoping in ABI 6; connecting to path sockets in ABI 9, granted on no path, so only sockets
+made inside the sandbox can be reached). TCP is left to the network namespace (the sandbox has only its own
 loopback), so a tool may still run and test a local server.
 
 The syscall numbers 444-446 are the same on every architecture (asm-generic table).
@@ -30,7 +31,7 @@ _RULE_PATH_BENEATH = 1
 EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
 REMOVE_DIR, REMOVE_FILE, MAKE_CHAR, MAKE_DIR = 1 << 4, 1 << 5, 1 << 6, 1 << 7
 MAKE_REG, MAKE_SOCK, MAKE_FIFO, MAKE_BLOCK, MAKE_SYM = 1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12
-REFER, TRUNCATE, IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15
+REFER, TRUNCATE, IOCTL_DEV, RESOLVE_UNIX = 1 << 13, 1 << 14, 1 << 15, 1 << 16
 SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
 
 FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
@@ -73,6 +74,8 @@ def handled_fs(abi: int) -> int:
         rights |= TRUNCATE
     if abi >= 5:
         rights |= IOCTL_DEV
+    if abi >= 9:
+        rights |= RESOLVE_UNIX
     return rights
 
 
@@ -100,8 +103,8 @@ def restrict(read_only: Iterable[Path], read_write: Iterable[Path]) -> int:
         _add(ruleset, Path("/"), READ_DIR)
         for path in read_only:
             _add(ruleset, path, READ_RIGHTS & handled)
-        for path in read_write:
-            _add(ruleset, path, handled)
+        for path in read_write:  # RESOLVE_UNIX on no path: host sockets stay out of reach
+            _add(ruleset, path, handled & ~RESOLVE_UNIX)
         from sandbox_core.inside.identity import set_no_new_privs
 
         set_no_new_privs()

@@ -15,10 +15,11 @@ from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError
 from sandbox_core.isolation import runtime
 from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, process_launch
-from sandbox_core.isolation.strict import sandbox_identity, strict_launch
+from sandbox_core.isolation.strict import host_sockets_checked_at_launch, sandbox_identity, strict_launch
 
 __all__ = [
-    "PACKAGE_ROOT", "LaunchSpec", "can_prewarm", "launch_spec", "prepare_workspace", "worker_python", "workspace_owner",
+    "PACKAGE_ROOT", "LaunchSpec", "can_prewarm", "host_sockets_checked_at_launch", "launch_spec",
+    "prepare_workspace", "worker_python", "workspace_owner",
 ]
 
 

@@ -5,13 +5,23 @@ falls back to ``clone``, whose flags we can inspect), never kill, so tools print
 error. ``bwrap --seccomp FD`` installs the program just before it execs the worker, so it
 is in force before the first line of worker code runs, in every descendant.
 
-Sockets: only AF_INET, AF_INET6 and AF_NETLINK may be created (all three are confined
-by the network namespace); AF_UNIX (host socket files), AF_VSOCK (the hypervisor, on a
-VM), AF_PACKET, AF_ALG and the rest fail with EPERM. ``socketpair(AF_UNIX,
-SOCK_STREAM)`` stays allowed because asyncio's event loop needs it for its self-pipe:
-such a pair is connected at birth, so ``connect``/``sendto`` on it fail with EISCONN
-and it can never reach a socket file. Datagram and seqpacket pairs are denied, since a
-datagram socket can ``sendto`` any path.
+Sockets: AF_INET and AF_INET6 (confined by the network namespace, which has only its own
+loopback), AF_UNIX (see below) and AF_NETLINK with the NETLINK_ROUTE protocol only, which
+``getifaddrs()`` needs (Node's ``os.networkInterfaces()``, ``ip addr``, glibc's
+``AI_ADDRCONFIG``) and which answers about the sandbox's own namespace. Every other netlink
+protocol (audit, uevents, sock_diag, netfilter, generic...), AF_VSOCK (the hypervisor, on
+a VM), AF_PACKET, AF_ALG and the rest fail with EPERM.
+
+AF_UNIX (``unix_sockets``, the default): sandbox-internal sockets work
+(``multiprocessing.Manager``, the ``forkserver`` start method, git's fsmonitor, an
+ssh-agent inside). Host sockets stay unreachable by other means: abstract names are per
+network namespace (and Landlock ABI 6 scopes them), a path socket is reachable only if it
+lies in a tree mounted into the sandbox, which Landlock ABI 9 refuses
+(``LANDLOCK_ACCESS_FS_RESOLVE_UNIX``) and the launcher checks on older kernels
+(:mod:`sandbox_core.isolation.sockets`). With ``unix_sockets`` off, the old rule holds:
+AF_UNIX fails with EPERM except ``socketpair(AF_UNIX, SOCK_STREAM)``, which asyncio's
+self-pipe needs (connected at birth, so it can never reach a socket file); datagram and
+seqpacket pairs are denied, since a datagram socket can ``sendto`` any path.
 """
 
 from __future__ import annotations
@@ -45,6 +55,10 @@ DENY: tuple[str, ...] = (
 # fmt: on
 
 ALLOWED_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6, socket.AF_NETLINK})
+"""Families always allowed (AF_NETLINK with :data:`NETLINK_PROTOCOLS` only); AF_UNIX per config."""
+NETLINK_PROTOCOLS = frozenset({0})
+"""NETLINK_ROUTE: interface and address lists of the sandbox's own network namespace."""
+_NETLINK_MAX_PROTOCOL = 32
 _MAX_FAMILY = 64
 _ALL_NS = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
 """CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET."""
@@ -63,6 +77,7 @@ class Program:
     denied: tuple[str, ...]
     unknown: tuple[str, ...] = ()
     rules: int = 0
+    sockets: str = ""
 
     def summary(self) -> dict[str, Any]:
         """What the isolation report says about this filter."""
@@ -72,15 +87,15 @@ class Program:
             "rules": self.rules,
             "bpf_bytes": len(self.bpf),
             "denied": list(self.denied),
-            "sockets": "AF_INET/AF_INET6/AF_NETLINK only; socketpair(AF_UNIX, SOCK_STREAM) allowed",
+            "sockets": self.sockets,
             "clone": "namespace flags EPERM; clone3 ENOSYS (glibc falls back to clone)",
             **({"unknown_to_libseccomp": list(self.unknown)} if self.unknown else {}),
         }
 
 
 @functools.cache
-def program() -> Program:
-    """Compile the filter once per process (about a millisecond) and cache its bytes."""
+def program(unix_sockets: bool = True) -> Program:
+    """Compile the filter once per process and setting (about a millisecond) and cache its bytes."""
     try:
         import pyseccomp as sc
     except (ImportError, OSError) as exc:
@@ -89,12 +104,12 @@ def program() -> Program:
             "install them with `pip install pyseccomp` and `apt-get install libseccomp2`"
         ) from None
     try:
-        return _compile(sc)
+        return _compile(sc, unix_sockets)
     except OSError as exc:
         raise IsolationUnavailable(f"cannot build the seccomp filter: {exc}") from None
 
 
-def _compile(sc: Any) -> Program:
+def _compile(sc: Any, unix_sockets: bool) -> Program:
     flt = sc.SyscallFilter(sc.ALLOW)
     flt.set_attr(sc.Attr.ACT_BADARCH, sc.ERRNO(errno.ENOSYS))
     with contextlib.suppress(OSError):  # libseccomp >= 2.5: a binary tree, O(log n) per syscall
@@ -122,16 +137,25 @@ def _compile(sc: Any) -> Program:
         add(eperm, "clone", sc.Arg(0, sc.MASKED_EQ, bit, bit))
     # The kernel reads these arguments as 32-bit ints: compare the low 32 bits only,
     # or a value with junk in the upper half would slip past an exact match.
+    families = ALLOWED_FAMILIES | ({socket.AF_UNIX} if unix_sockets else set())
     for family in range(_MAX_FAMILY):
-        if family not in ALLOWED_FAMILIES:
+        if family not in families:
             add(eperm, "socket", sc.Arg(0, sc.MASKED_EQ, _LOW32, family))
-    for sock_type in (socket.SOCK_DGRAM, socket.SOCK_SEQPACKET, socket.SOCK_RAW, socket.SOCK_RDM):
-        add(
-            eperm,
-            "socketpair",
-            sc.Arg(0, sc.MASKED_EQ, _LOW32, socket.AF_UNIX),
-            sc.Arg(1, sc.MASKED_EQ, _SOCK_TYPE_MASK, int(sock_type)),
-        )
+    for protocol in range(_NETLINK_MAX_PROTOCOL):
+        if protocol not in NETLINK_PROTOCOLS:
+            add(eperm, "socket", sc.Arg(0, sc.MASKED_EQ, _LOW32, socket.AF_NETLINK),
+                sc.Arg(2, sc.MASKED_EQ, _LOW32, protocol))  # fmt: skip
+    # a protocol number beyond the table: refused too (the kernel knows none there today)
+    add(eperm, "socket", sc.Arg(0, sc.MASKED_EQ, _LOW32, socket.AF_NETLINK),
+        sc.Arg(2, sc.GE, _NETLINK_MAX_PROTOCOL))  # fmt: skip
+    if not unix_sockets:
+        for sock_type in (socket.SOCK_DGRAM, socket.SOCK_SEQPACKET, socket.SOCK_RAW, socket.SOCK_RDM):
+            add(
+                eperm,
+                "socketpair",
+                sc.Arg(0, sc.MASKED_EQ, _LOW32, socket.AF_UNIX),
+                sc.Arg(1, sc.MASKED_EQ, _SOCK_TYPE_MASK, int(sock_type)),
+            )
     for request in (_TIOCSTI, _TIOCLINUX):
         add(eperm, "ioctl", sc.Arg(1, sc.MASKED_EQ, _LOW32, request))
     # personality(): refuse ASLR-off / exec-implies-read / page-zero, but keep the query
@@ -144,7 +168,12 @@ def _compile(sc: Any) -> Program:
         flt.export_bpf(fh)
         fh.seek(0)
         bpf = fh.read()
-    return Program(bpf=bpf, denied=tuple(denied), unknown=tuple(unknown), rules=rules)
+    sockets = "AF_INET/AF_INET6, AF_NETLINK (NETLINK_ROUTE only), " + (
+        "AF_UNIX (host sockets unreachable: own network namespace, Landlock, launch check)"
+        if unix_sockets
+        else "socketpair(AF_UNIX, SOCK_STREAM) only"
+    )
+    return Program(bpf=bpf, denied=tuple(denied), unknown=tuple(unknown), rules=rules, sockets=sockets)
 
 
 def _bits(mask: int) -> list[int]:

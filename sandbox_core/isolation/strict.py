@@ -289,6 +289,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         m.data(group, "/etc/group")
         m.data(HOSTS, "/etc/hosts")
         trees = _sandbox_view(m, config, workspace)
+        unix_layer = _unix_sockets(config, ident, trees)
         guards.update((dest, TreeGuard(src)) for dest, src in trees.items() if os.path.isdir(src))
         protected = _protect(guards.get(WORKSPACE) if workspace is not None else None, config.strict.protected_paths)
         denied, deny_missing = _deny(m, config.strict.deny_paths, guards)
@@ -336,6 +337,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
                 "deny_missing": deny_missing,
             },
             "seccomp_filter": seccomp_info,
+            "unix_sockets": unix_layer,
             "limits": limits_layer["mode"],
             "limits_detail": limits_layer,
         },
@@ -496,6 +498,45 @@ def _sandbox_view(m: _Mounts, config: ProcessSandboxConfig, workspace: Path | No
     return trees
 
 
+LANDLOCK_RESOLVE_UNIX_ABI = 9
+"""The Landlock ABI that refuses connecting to path sockets created outside the sandbox."""
+
+
+def host_sockets_checked_at_launch(config: ProcessSandboxConfig) -> bool:
+    """Whether the launch check (not Landlock, not seccomp) keeps host path sockets out of reach."""
+    if config.profile != "strict" or (config.strict.seccomp and not config.strict.unix_sockets):
+        return False
+    return not (config.strict.landlock and landlock_abi() >= LANDLOCK_RESOLVE_UNIX_ABI)
+
+
+def _unix_sockets(
+    config: ProcessSandboxConfig, ident: tuple[int, int] | None, trees: dict[str, str]
+) -> dict[str, Any] | bool:
+    """How host Unix sockets stay out of reach when the sandbox may use AF_UNIX (its report).
+
+    Landlock ABI 9 refuses them all; on older kernels (or with Landlock off) the mounted
+    host trees are checked now and the launch fails closed while one exposes a socket.
+    """
+    if config.strict.seccomp and not config.strict.unix_sockets:
+        return False  # seccomp denies AF_UNIX (socketpair(AF_UNIX, SOCK_STREAM) aside)
+    if not host_sockets_checked_at_launch(config):
+        return {"allowed": True, "host_path_sockets": "refused by Landlock (LANDLOCK_ACCESS_FS_RESOLVE_UNIX)"}
+    from sandbox_core.isolation import sockets
+
+    if ident is not None:
+        who = sockets.Identity(ident[0], frozenset({ident[1]}))
+    else:
+        who = sockets.Identity(os.getuid(), frozenset({os.getgid(), *os.getgroups()}))
+    bound = [(src, dest) for dest, src in trees.items()]
+    for spec in config.strict.ro_binds:
+        src, dest = _split_bind(spec)
+        bound.append((src, dest))
+    bound += [(os.path.realpath(f"/etc/{e}"), f"/etc/{e}") for e in ETC_ENTRIES]
+    sockets.refuse_exposed(bound, who)
+    return {"allowed": True, "host_path_sockets": "none in the mounted trees at launch (checked by the host; "
+            f"Landlock ABI {landlock_abi()} < {LANDLOCK_RESOLVE_UNIX_ABI} cannot refuse one created later)"}
+
+
 def _protect(guard: TreeGuard | None, patterns: tuple[str, ...]) -> list[str]:
     """Freeze the workspace's protected paths (see :mod:`protect`); their sandbox paths."""
     if guard is None:
@@ -527,7 +568,7 @@ def _seccomp(config: ProcessSandboxConfig, fds: _Fds) -> tuple[list[str], dict[s
         return [], False
     from sandbox_core.isolation import seccomp
 
-    program = seccomp.program()
+    program = seccomp.program(config.strict.unix_sockets)
     return ["--seccomp", str(fds.add(data_fd("sandbox-seccomp", program.bpf)))], program.summary()
 
 

@@ -140,7 +140,9 @@ def test_strict_report_shape(strict_report: AuditReport) -> None:
 @pytest.mark.parametrize(
     ("layer", "expect_failing"),
     [
-        ({"seccomp": False}, {"net.host_unix", "proc.ptrace", "proc.vm_readv", "ns.user"}),
+        # host Unix sockets are kept out by the network namespace, Landlock and the launch check,
+        # not by seccomp (which allows sandbox-internal AF_UNIX)
+        ({"seccomp": False}, {"proc.ptrace", "proc.vm_readv", "ns.user"}),
         ({"protected_paths": ()}, {"workspace.protected"}),
     ],
     ids=["seccomp-off", "protected-paths-lifted"],
@@ -150,6 +152,24 @@ def test_strict_layer_regression_is_named(tmp_path: Path, layer: dict[str, Any],
     report = _audit(_strict_config(tmp_path / "ws", **layer))
     failing = {c.name for c in report.failed}
     assert failing == expect_failing, {n: report.check(n).observed for n in failing ^ expect_failing}
+
+
+@needs_strict
+def test_strict_host_unix_row_covers_the_launch_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the launch check keeps host path sockets out (no Landlock ABI 9), the row tests it:
+    a launcher that mounts a workspace holding a host socket fails the row."""
+    from sandbox_core.isolation import sockets
+    from sandbox_core.isolation.strict import host_sockets_checked_at_launch
+
+    config = _strict_config(tmp_path / "ws")
+    if not host_sockets_checked_at_launch(config):
+        pytest.skip("this kernel's Landlock (ABI 9) refuses host path sockets: no launch check to audit")
+    row = _audit(config).check("net.host_unix")
+    assert row.passed and "launch refused" in row.observed
+    assert row.details["launch_check"]["reason"] == "host_socket"
+    monkeypatch.setattr(sockets, "refuse_exposed", lambda trees, who: None)
+    broken = _audit(_strict_config(tmp_path / "ws2")).check("net.host_unix")
+    assert not broken.passed and "LAUNCHED" in broken.observed
 
 
 @needs_strict

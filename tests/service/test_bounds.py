@@ -21,6 +21,7 @@ from sandbox_core.events import Event
 from sandbox_core.service.buffer import event_size
 from sandbox_core.service.client import ServiceClient, parse_sse
 from sandbox_core.service.openapi import openapi_schema
+from sandbox_core.worker import BUFFER_HIGH
 from tests.helpers import wait_for_async
 from tests.service.conftest import Live, tcp_service_with, unix_service_with
 
@@ -56,10 +57,17 @@ def reset_peak_rss() -> int:
     return rss_kib()
 
 
+HELD_AT_MOST = BUFFER_HIGH + MIB + 4 * MIB
+"""What the server may hold of a run in flight, whatever its size: the worker's read buffer
+(it stops reading at BUFFER_HIGH), the 1 MiB run buffer, and allocator and socket slack (a
+loaded machine's slower reader fills the buffers to their marks: 7.7 MiB measured)."""
+
+
 def assert_grew_little(before_kib: int, output: int) -> None:
-    """The server's peak memory since ``before`` grew by well under the ``output`` it carried."""
+    """The server's peak memory since ``before`` stayed within the bounds, far under ``output``."""
     growth = (rss_kib("VmHWM") - before_kib) * 1024
-    assert growth < output / 5, f"the server's peak memory grew by {growth >> 10} KiB for {output} bytes of output"
+    assert output / 3 > HELD_AT_MOST
+    assert growth < HELD_AT_MOST, f"the server's peak memory grew by {growth >> 10} KiB for {output} bytes of output"
 
 
 async def test_run_buffer_is_bounded_in_bytes_and_marks_the_gap(tmp_path: Path) -> None:
