@@ -39,3 +39,5 @@ NOT_BOUND = -32009
 """The worker has not been bound to a user and workspace yet."""
 LIMIT_EXCEEDED = -32010
 """A configured bound refused the request (too many runs kept, a request body too large)."""
+SERVER_SHUTTING_DOWN = -32011
+"""The service is shutting down: a run still going when its drain ended was stopped."""

@@ -11,6 +11,7 @@
     ├── RequestCancelled          the caller (or a client) cancelled the request
     ├── PoolExhausted             no worker slot became free within the wait limit
     ├── PoolClosed                the orchestrator is shutting down or has shut down
+    │   └── ServerShuttingDown    the service's drain ended before the run did; the run was stopped
     ├── GatewayError              a model call from the sandbox was refused or failed
     ├── LimitExceeded             a configured bound refused the request
     │   ├── TooManyRuns           the user already keeps as many runs as allowed, all running
@@ -116,6 +117,12 @@ class PoolClosed(SandboxError):
     code = codes.POOL_CLOSED
 
 
+class ServerShuttingDown(PoolClosed):
+    """``sandbox serve`` is shutting down and its drain ended before the run did: the run was stopped."""
+
+    code = codes.SERVER_SHUTTING_DOWN
+
+
 class GatewayError(SandboxError):
     """A model call made from inside the sandbox was refused or failed on the host."""
 
@@ -170,6 +177,7 @@ _BY_CODE: dict[int, type[SandboxError]] = {
     codes.CANCELLED: RequestCancelled,
     codes.POOL_EXHAUSTED: PoolExhausted,
     codes.POOL_CLOSED: PoolClosed,
+    codes.SERVER_SHUTTING_DOWN: ServerShuttingDown,
     codes.GATEWAY_ERROR: GatewayError,
     codes.LIMIT_EXCEEDED: LimitExceeded,
 }

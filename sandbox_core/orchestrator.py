@@ -27,6 +27,7 @@ Rules of the pool:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -64,6 +65,15 @@ def _percentile(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
     return ordered[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Grant:
+    """A worker (or a slot, as a registered worker not started yet) reserved for one request."""
+
+    worker: SandboxWorker
+    how: str
+    """``idle`` (the user's own), ``claim`` (a pre-warmed one to bind) or ``spawn`` (a slot)."""
 
 
 class SandboxOrchestrator:
@@ -105,6 +115,8 @@ class SandboxOrchestrator:
         self._crashed_users: set[str] = set()
         self._spawn_latency: list[float] = []
         self._waiting = 0
+        self._queue: dict[str, collections.deque[asyncio.Future[_Grant]]] = {}
+        """The fair queue: users in order of their turn, each with its waiting requests."""
         self._in_flight = 0
         self._counters: dict[str, int] = dict.fromkeys(
             ("ok", "failed", "timed_out", "cancelled", "crashes", "restarts", "recycled",
@@ -283,24 +295,132 @@ class SandboxOrchestrator:
     # ------------------------------------------------------------------ acquire
 
     async def _acquire(self, user_id: str) -> SandboxWorker:
+        """A worker for ``user_id``, waiting in the fair queue for up to ``acquire_timeout``."""
         deadline = time.monotonic() + self.config.acquire_timeout
         self._waiting += 1
         try:
+            front = False
             while True:
-                if self._closed:
-                    raise PoolClosed("the orchestrator is shutting down")
-                self._check_circuit()
-                worker = await self._try_acquire(user_id)
+                grant = await self._wait_turn(user_id, deadline, front=front)
+                worker = await self._take(grant, user_id)
                 if worker is not None:
                     return worker
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise self._exhausted(user_id)
-                async with self._changed:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), remaining)
+                front = True  # a pre-warmed worker that failed to bind: the turn is not lost
         finally:
             self._waiting -= 1
+
+    async def _wait_turn(self, user_id: str, deadline: float, *, front: bool) -> _Grant:
+        """Queue behind ``user_id``'s earlier requests until the dispatcher reserves a worker
+        or a slot for this one; PoolExhausted at ``deadline``."""
+        if self._closed:
+            raise PoolClosed("the orchestrator is shutting down")
+        self._check_circuit()
+        turn: asyncio.Future[_Grant] = asyncio.get_running_loop().create_future()
+        queue = self._queue.setdefault(user_id, collections.deque())
+        if front:
+            queue.appendleft(turn)
+        else:
+            queue.append(turn)
+        self._dispatch()
+        try:
+            if not turn.done():
+                await asyncio.wait([turn], timeout=max(0.0, deadline - time.monotonic()))
+        except BaseException:  # cancelled while waiting: give back what it was granted
+            if turn.done() and not turn.cancelled() and turn.exception() is None:
+                self._give_back(turn.result())
+            raise
+        finally:
+            if not turn.done():
+                turn.cancel()
+                self._leave_queue(user_id, turn)
+        if turn.cancelled():
+            raise self._exhausted(user_id)
+        return turn.result()
+
+    def _leave_queue(self, user_id: str, turn: asyncio.Future[_Grant]) -> None:
+        queue = self._queue.get(user_id)
+        if queue is None:
+            return
+        with contextlib.suppress(ValueError):
+            queue.remove(turn)
+        if not queue:
+            del self._queue[user_id]
+
+    def _dispatch(self) -> None:
+        """Hand what is free to the waiting requests, one user at a time in turn.
+
+        Users wait in a ring (``_queue``, in order of their turn); each has a FIFO of
+        requests. The first user in the ring whose head request can be served now gets a
+        reservation (an idle worker of theirs, a pre-warmed one, or a slot, evicting another
+        user's idle worker when the pool is full) and goes to the back of the ring. So one
+        user's burst takes one turn per round: it cannot starve another user's first request.
+        Runs whenever the pool changes (:meth:`_notify`); never awaits.
+        """
+        if self._closed:
+            for queue in self._queue.values():
+                for turn in queue:
+                    if not turn.done():
+                        turn.set_exception(PoolClosed("the orchestrator is shutting down"))
+            self._queue.clear()
+            return
+        served = True
+        while served:
+            served = False
+            for user_id in list(self._queue):
+                queue = self._queue[user_id]
+                while queue and queue[0].done():
+                    queue.popleft()
+                if not queue:
+                    del self._queue[user_id]
+                    continue
+                try:
+                    grant = self._reserve(user_id)
+                except SandboxError as exc:  # the circuit opened: fail the turn, not the ring
+                    queue.popleft().set_exception(exc)
+                    grant = None
+                    served = True
+                if grant is not None:
+                    queue.popleft().set_result(grant)
+                    served = True
+                if served:
+                    del self._queue[user_id]
+                    if queue:
+                        self._queue[user_id] = queue  # to the back of the ring
+                    break
+
+    def _reserve(self, user_id: str) -> _Grant | None:
+        """What ``user_id``'s next request can have right now, reserved for it (never awaits)."""
+        mine = [w for w in self._workers.values() if w.user_id == user_id]
+        for worker in mine:
+            if worker.state is WorkerState.IDLE and worker.healthy:
+                worker.state = WorkerState.BUSY
+                return _Grant(worker, "idle")
+        if len(mine) >= self.config.max_workers_per_user:
+            return None
+        prewarmed = self._idle_unbound()
+        if prewarmed:
+            prewarmed[0].state = WorkerState.BUSY
+            return _Grant(prewarmed[0], "claim")
+        self._check_circuit()  # a worker would be started: not while spawning is paused
+        if self._capacity() <= 0 and not self._evict_one(user_id):
+            return None
+        return _Grant(self._new_worker(user_id), "spawn")  # holds its slot (and the user's) from now on
+
+    def _give_back(self, grant: _Grant) -> None:
+        """Undo a reservation whose request went away before it took it."""
+        if grant.how == "spawn":
+            self._workers.pop(grant.worker.worker_id, None)
+        elif grant.worker.worker_id in self._workers:
+            grant.worker.state = WorkerState.IDLE
+        self._dispatch()
+
+    async def _take(self, grant: _Grant, user_id: str) -> SandboxWorker | None:
+        """Turn a reservation into a worker: bind a pre-warmed one, start a reserved slot."""
+        if grant.how == "idle":
+            return grant.worker
+        if grant.how == "claim":
+            return await self._claim(grant.worker, user_id)
+        return await self._start_for(grant.worker, user_id)
 
     def _exhausted(self, user_id: str) -> PoolExhausted:
         """The error of a request that waited ``acquire_timeout`` in vain, naming the cap that is full.
@@ -320,21 +440,6 @@ class SandboxOrchestrator:
             data={"setting": setting, "limit": limit, "max_workers": self.config.max_workers,
                   "max_workers_per_user": self.config.max_workers_per_user, "user_id": user_id},
         )
-
-    async def _try_acquire(self, user_id: str) -> SandboxWorker | None:
-        mine = [w for w in self._workers.values() if w.user_id == user_id]
-        for worker in mine:
-            if worker.state is WorkerState.IDLE and worker.healthy:
-                worker.state = WorkerState.BUSY
-                return worker
-        if len(mine) >= self.config.max_workers_per_user:
-            return None
-        prewarmed = self._idle_unbound()
-        if prewarmed:
-            return await self._claim(prewarmed[0], user_id)
-        if self._capacity() <= 0 and not self._evict_one(user_id):
-            return None
-        return await self._spawn_for(user_id)
 
     def _idle_unbound(self) -> list[SandboxWorker]:
         return [
@@ -368,12 +473,18 @@ class SandboxOrchestrator:
         except SandboxError:
             self._retire(worker)
             return None
+        except BaseException:  # the request went away mid-claim: the worker is no one's now
+            self._retire(worker)
+            raise
         self._counters["claimed"] += 1
         self._refill()
         return worker
 
     async def _spawn_for(self, user_id: str) -> SandboxWorker:
-        worker = self._new_worker(user_id)  # holds its slot (and the user's) from now on
+        return await self._start_for(self._new_worker(user_id), user_id)
+
+    async def _start_for(self, worker: SandboxWorker, user_id: str) -> SandboxWorker:
+        """Start ``worker``, registered for ``user_id`` (it holds its slot), and bind it."""
         try:
             workspace = await asyncio.to_thread(prepare_workspace, self.config, user_id)
         except BaseException:
@@ -389,7 +500,7 @@ class SandboxOrchestrator:
         if can_prewarm(self.config):
             try:
                 await worker.bind(user_id, workspace)
-            except SandboxError:
+            except BaseException:  # failed, or the request went away: nobody would release it
                 self._retire(worker)
                 raise
         return worker
@@ -485,6 +596,7 @@ class SandboxOrchestrator:
         await self._notify()
 
     async def _notify(self) -> None:
+        self._dispatch()
         async with self._changed:
             self._changed.notify_all()
 

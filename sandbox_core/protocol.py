@@ -195,7 +195,12 @@ class FrameSplitter:
 
     def feed(self, data: bytes) -> list[Message]:
         """Messages completed by ``data`` (malformed or oversized ones as :class:`Malformed`)."""
-        out: list[Message] = []
+        return [self.decode(frame) for frame in self.frames(data)]
+
+    def frames(self, data: bytes) -> list[bytes | Malformed]:
+        """The frames ``data`` completes, not decoded yet (an oversized one already as
+        :class:`Malformed`): a reader can stop decoding part way, a worker it stopped trusting."""
+        out: list[bytes | Malformed] = []
         if self._discarding is not None:
             nl = data.find(b"\n")
             if nl < 0:
@@ -220,8 +225,13 @@ class FrameSplitter:
             if len(line) > self._max:
                 out.append(self._oversized(line[:_HEAD]))
             elif line.strip():
-                out.append(decode(line))
+                out.append(line)
         return out
+
+    @staticmethod
+    def decode(frame: bytes | Malformed) -> Message:
+        """One frame from :meth:`frames` as a message."""
+        return frame if isinstance(frame, Malformed) else decode(frame)
 
     def close(self) -> list[Message]:
         """Whatever an unterminated last frame holds, at end of stream."""

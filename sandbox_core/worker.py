@@ -33,6 +33,7 @@ import functools
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
@@ -99,6 +100,10 @@ WRITE_TIMEOUT = 10.0
 killed: a stopped worker must not hang its caller, its cancel or the host's shutdown."""
 OUTPUT_SLACK = 1024 * 1024
 """Output past ``limits.output_mb`` the host tolerates before it stops trusting the worker."""
+
+
+_LAUNCHING = threading.Lock()
+"""Serializes building launch plans (their threads share the strict runtime's staging)."""
 
 
 class WorkerState(enum.Enum):
@@ -294,10 +299,14 @@ class SandboxWorker:
             await asyncio.shield(self._kill_now())
             raise
 
+    def _launch(self) -> LaunchSpec:
+        with _LAUNCHING:  # one at a time: the first one stages the strict runtime (functools.cache)
+            return self._launcher(self.config, self.worker_id, self.workspace)
+
     async def _build_spec(self) -> LaunchSpec:
         """The launch spec, built in a thread (it reads the host's trees: a launch check walks
         the workspace); a start cancelled meanwhile still releases what the spec holds."""
-        built = asyncio.ensure_future(asyncio.to_thread(self._launcher, self.config, self.worker_id, self.workspace))
+        built = asyncio.ensure_future(asyncio.to_thread(self._launch))
         try:
             return await asyncio.shield(built)
         except asyncio.CancelledError:
@@ -357,7 +366,8 @@ class SandboxWorker:
         if reply.get("stdin_pipe") is not True and self._stdin is not None:
             self._stdin.close()
             self._stdin = None
-        self._verified = verify.started(self.config, spec.plan, self._pid, reply.get("pid"), self.report)
+        self._verified = await asyncio.to_thread(  # reads /proc of the worker: off the loop
+            verify.started, self.config, spec.plan, self._pid, reply.get("pid"), self.report)
         self.report["verified_by_host"] = self._verified.by_host
         # Bound only now, after the check: the workspace's layers (landlock) are checked at bind.
         if spec.bound_at_spawn and self.user_id is not None and spec.workspace_in_sandbox is not None:
@@ -388,8 +398,10 @@ class SandboxWorker:
 
     def _on_stdout(self, data: bytes) -> None:
         try:
-            for msg in self._splitter.feed(data):
-                self._dispatch(msg)
+            for frame in self._splitter.frames(data):
+                if self.broken is not None:  # killed for what it sent: the rest is not worth decoding
+                    return
+                self._dispatch(self._splitter.decode(frame))
         except Exception as exc:  # noqa: BLE001 - a bad frame must not break the reader
             self._break(f"a frame from the worker broke the host's reader ({type(exc).__name__}: {exc})")
 
@@ -941,7 +953,7 @@ class SandboxWorker:
         if self._transport is None:  # never spawned: release what the launch spec prepared
             if self._spec is not None and self._spec.cleanup is not None:
                 with contextlib.suppress(Exception):
-                    self._spec.cleanup()
+                    await asyncio.to_thread(self._spec.cleanup)
             return
         if not self._exited.is_set():
             self._signal_group(signal.SIGKILL)

@@ -78,6 +78,8 @@ class Run:
     """The command's exit code from its ``done`` event (None until then, or for agent runs)."""
     stdin: StdinRelay | None = None
     """Where ``POST /v1/runs/{id}/stdin`` hands the command its input (exec with stdin_stream)."""
+    cut_by: SandboxError | None = None
+    """Why the service stopped the run (its shutdown), which its last event then says."""
 
     @property
     def finished(self) -> bool:
@@ -153,6 +155,17 @@ class RunRegistry:
     async def cancel_all(self) -> None:
         await asyncio.gather(*(self.cancel(r) for r in list(self._runs.values())))
 
+    def running(self) -> list[Run]:
+        return [r for r in self._runs.values() if not r.finished]
+
+    async def cut(self, run: Run, error: SandboxError) -> None:
+        """Stop a running run because of ``error`` (the service's shutdown): its streams get
+        ``error`` as the run's last event, then end; returns once its processes are gone."""
+        if run.finished or run.task is None or run.task.done():
+            return
+        run.cut_by = error
+        await self.cancel(run)
+
     async def _drive(self, run: Run, request: Request) -> None:
         who = {"run_id": run.run_id, "user": run.owner.user_id, "kind": run.kind}
         logs.log().info("run %s started: %s by %s", run.run_id, run.kind, run.owner.user_id, extra=who)
@@ -167,9 +180,14 @@ class RunRegistry:
                 await self._append(run, {"type": event.type, "data": data})
             run.state = "ok"
         except asyncio.CancelledError:
-            run.state = "cancelled"
-            run.error = {"code": "cancelled", "message": "run cancelled"}
-            self._store(run, {"type": "error", "data": {"code": -32000, "message": "run cancelled"}})
+            if run.cut_by is not None:
+                run.state = "failed"
+                run.error = run.cut_by.to_wire()
+                self._store(run, {"type": "error", "data": {**run.error, "error": type(run.cut_by).__name__}})
+            else:
+                run.state = "cancelled"
+                run.error = {"code": "cancelled", "message": "run cancelled"}
+                self._store(run, {"type": "error", "data": {"code": -32000, "message": "run cancelled"}})
         except SandboxError as exc:
             run.state = "failed"
             run.error = exc.to_wire()

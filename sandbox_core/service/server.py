@@ -2,9 +2,10 @@
 or a loopback TCP port.
 
 Signals: the first SIGTERM or SIGINT drains — listeners close (no new runs), in-flight
-runs get ``service.drain_grace`` seconds to finish, then are cancelled; a second SIGINT
-stops at once. Either way the pool is shut down before the process exits, leaving no
-worker behind.
+runs get ``service.drain_grace`` seconds to finish; a run still going then is stopped, and
+its streams end with a last ``error`` event, :class:`ServerShuttingDown`, instead of being
+cut mid-body (the log gets one line per run stopped). A second SIGINT stops the runs at
+once. Either way the pool is shut down before the process exits, leaving no worker behind.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import logging
 import os
 import socket
 import sqlite3
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -25,7 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from sandbox_core.config import ProcessSandboxConfig
-from sandbox_core.errors import ConfigError
+from sandbox_core.errors import ConfigError, ServerShuttingDown
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.record import open_record
 from sandbox_core.service import logs
@@ -35,6 +38,12 @@ from sandbox_core.service.paths import default_socket_path
 
 WS_MAX_MESSAGE = 1024 * 1024
 """Largest WebSocket message a client may send (terminal keys come in far smaller ones)."""
+
+log = logging.getLogger("sandbox.service")
+
+STREAM_END_GRACE = 10.0
+"""Seconds after the drain for the streams of stopped runs to deliver their last event and
+close, before uvicorn cancels what is left."""
 
 
 class PeerCredProtocol(H11Protocol):
@@ -131,10 +140,42 @@ def bind_tcp(listen: str) -> socket.socket:
     return sock
 
 
+async def drain(state: ServiceState, grace: float, forced: Callable[[], bool] = lambda: False) -> int:
+    """Refuse new runs, give the runs in flight ``grace`` seconds (until ``forced()``), then stop
+    the rest with :class:`ServerShuttingDown`, one log line each; returns how many were stopped."""
+    state.draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while (running := state.runs.running()) and not forced() and (left := deadline - loop.time()) > 0:
+        tasks = [r.task for r in running if r.task is not None]
+        await asyncio.wait(tasks, timeout=min(left, 0.1))  # ticks: a second signal ends the wait
+    cut = state.runs.running()
+    for run in cut:
+        age = time.time() - run.created
+        log.warning("sandbox: stopped run %s (%s of %s, %.1f s old): the server is shutting down",
+                    run.run_id, run.kind, run.owner.user_id, age)
+    error = ServerShuttingDown(
+        f"the server is shutting down: the run did not finish within the drain (service.drain_grace = {grace:g} s)",
+        data={"setting": "service.drain_grace", "limit": grace},
+    )
+    await asyncio.gather(*(state.runs.cut(run, error) for run in cut))
+    return len(cut)
+
+
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
+    def __init__(self, config: uvicorn.Config, state: ServiceState, drain_grace: float) -> None:
         super().__init__(config)
         self._service = state
+        self._drain_grace = drain_grace
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's shutdown (listeners close, connections finish) with our drain beside it:
+        the streams of the runs it stops end with their last event, so uvicorn has nothing to cut."""
+        drained = asyncio.create_task(drain(self._service, self._drain_grace, lambda: self.force_exit))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            await drained
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._service.draining = True
@@ -185,9 +226,9 @@ async def serve(
         log_config=log_config,
         log_level=config.service.log_level,
         access_log=True,
-        timeout_graceful_shutdown=int(max(1, config.service.drain_grace)),
+        timeout_graceful_shutdown=int(config.service.drain_grace + STREAM_END_GRACE + 1),
     )
-    server = _Server(uconfig, state)
+    server = _Server(uconfig, state, config.service.drain_grace)
     await orchestrator.start()
     try:
         if on_ready is not None:

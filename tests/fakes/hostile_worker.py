@@ -88,5 +88,7 @@ for line in sys.stdin:
         answer(msg["id"], {"protocol": "1", "pid": os.getpid(), "layers": {}})
     elif msg["method"] == "ping":
         abuse(msg["id"])
+    elif msg["method"] == "bind" and MODE == "nobind":  # never bound: its request waits until cancelled
+        continue
     else:
         answer(msg["id"], {})

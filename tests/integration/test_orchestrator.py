@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import sys
@@ -67,6 +68,68 @@ async def test_a_users_concurrent_requests_queue_then_spread(workspace_root: Pat
         gate.touch()
         ids = await asyncio.gather(*tasks)
         assert len(set(ids)) == 2
+
+
+async def test_a_burst_from_one_user_does_not_starve_another_users_first_request(workspace_root: Path) -> None:
+    """The fair queue: alice's burst fills the pool and queues; bob's one request, queued last,
+    is served within a round of the ring, not after the whole burst (asserted on order)."""
+    config = process_config(workspace_root, max_workers=2, max_workers_per_user=2, acquire_timeout=120.0)
+    burst = 8
+    alice, bob = workspace_root / "alice", workspace_root / "bob"
+    async with SandboxOrchestrator(config) as pool:
+        def gated(i: int) -> ExecRequest:  # starts, says so, then waits for its own gate
+            return sh(f"touch started-{i}; while [ ! -e go-{i} ]; do sleep 0.01; done")
+
+        tasks = [asyncio.create_task(pool.execute("alice", gated(i))) for i in range(burst)]
+        await wait_for(lambda: pool.get_pool_stats()["queue_depth"] == burst - 2, 30, "alice's burst to queue")
+        bob_task = asyncio.create_task(pool.execute("bob", sh("touch started")))
+        await wait_for(lambda: pool.get_pool_stats()["queue_depth"] == burst - 1, 30, "bob to queue")
+
+        def started() -> list[int]:
+            return sorted(i for i in range(burst) if (alice / f"started-{i}").exists())
+
+        def moved(before: int) -> bool:
+            return len(started()) > before or (bob / "started").exists()
+
+        await wait_for(lambda: len(started()) == 2, 30, "the first two of the burst to run")
+        released: list[int] = []
+        while not (bob / "started").exists():
+            assert len(released) < burst, "bob was served only after the whole burst"
+            await wait_for(lambda: bool(set(started()) - set(released)) or (bob / "started").exists(),
+                           30, "a request to run")
+            running = [i for i in started() if i not in released]
+            if (bob / "started").exists():
+                break
+            (alice / f"go-{running[0]}").touch()  # one of alice's requests ends: one slot frees
+            released.append(running[0])
+            await wait_for(functools.partial(moved, len(started())), 30, "the next turn")
+        ahead = started()
+        assert len(ahead) <= 3, f"{len(ahead)} of alice's requests ran before bob's"
+        assert pool.get_pool_stats()["queue_depth"] >= burst - 4  # the burst is still waiting
+        await bob_task
+        for i in range(burst):
+            (alice / f"go-{i}").touch()
+        results = await asyncio.gather(*tasks)
+        assert all(r.exit_code == 0 for r in results)
+        assert {w["user_id"] for w in pool.list_workers()} <= {"alice", "bob"}
+
+
+async def test_a_request_cancelled_while_its_worker_binds_leaves_no_busy_worker(workspace_root: Path) -> None:
+    """A caller that goes away while its new worker binds: the worker is retired at once, not
+    left busy with no request until its own cancel kills it and the reaper counts a crash."""
+    fakes = Path(__file__).resolve().parents[1] / "fakes"
+
+    def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
+        spec = process_launch(cfg, ws)
+        return LaunchSpec([sys.executable, str(fakes / "hostile_worker.py"), "nobind"], spec.env, spec.cwd, spec.plan)
+
+    async with SandboxOrchestrator(process_config(workspace_root), launcher=launcher) as pool:
+        task = asyncio.create_task(pool.execute("erin", RawRequest("ping")))
+        await wait_for(lambda: [w["state"] for w in pool.list_workers()] == ["busy"], 20, "the worker to bind")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await wait_for(lambda: not pool.list_workers(), 10, "the unbound worker to be retired")
+        assert pool.get_pool_stats()["crashes"] == 0  # retired at once, not found dead by the reaper later
 
 
 async def test_cap_then_pool_exhausted(workspace_root: Path) -> None:

@@ -19,24 +19,35 @@ from tests.helpers import live_session_members, wait_for
 SANDBOX = str(Path(sys.executable).with_name("sandbox"))
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, Path]]:
+def start_serve(tmp_path: Path, **settings: str) -> tuple[subprocess.Popen[str], Path, Path]:
+    """``sandbox serve`` (process profile) on a private socket; ``settings`` are SANDBOX_* variables."""
     sock = Path(f"/tmp/sbx-serve-{os.getpid()}-{secrets.token_hex(3)}") / "s.sock"
     ws = tmp_path / "ws"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}
     env.update(SANDBOX_WORKSPACE_ROOT=str(ws), SANDBOX_SERVICE__STATE_DIR=str(tmp_path / "state"), SANDBOX_MIN_IDLE="0",
                SANDBOX_ALLOW_ROOT_PROCESS="1", SANDBOX_SERVICE__DRAIN_GRACE="20", XDG_CONFIG_HOME=str(tmp_path / "cfg"),
                NO_COLOR="1")
+    env.update({f"SANDBOX_{k.upper()}": v for k, v in settings.items()})
     proc = subprocess.Popen([SANDBOX, "--profile", "process", "serve", "--socket", str(sock)],
                             env=env, stderr=subprocess.PIPE, text=True)
+    return proc, sock, ws
+
+
+def end_serve(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, Path]]:
+    proc, sock, ws = start_serve(tmp_path)
     try:
         yield proc, sock, ws
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        end_serve(proc)
 
 
 async def test_sigterm_drains_in_flight_runs(served: tuple[subprocess.Popen[str], Path, Path]) -> None:
@@ -66,6 +77,41 @@ async def test_sigterm_drains_in_flight_runs(served: tuple[subprocess.Popen[str]
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_runs_past_the_drain_end_with_a_shutting_down_event_and_one_log_line(tmp_path: Path) -> None:
+    """SIGTERM with runs that outlast ``drain_grace``: each stream's last event is the typed
+    ServerShuttingDown (not a cut body), and the log says one line per run, no traceback."""
+    from sandbox_core import codes
+    from sandbox_core.errors import ServerShuttingDown
+
+    proc, sock, _ws = start_serve(tmp_path, service__drain_grace="1", max_workers_per_user="3")
+    runs = 3
+    try:
+        await wait_for(sock.exists, 20, "the socket")
+        async with ServiceClient(f"unix:{sock}") as client:
+            streams = [client.stream("exec", {"shell": f"echo started {i}; sleep 300"}) for i in range(runs)]
+            pids = []
+            for i, stream in enumerate(streams):
+                pids.append((await anext(stream)).data["pid"])
+                assert (await anext(stream)).data["data"] == f"started {i}\n"
+            proc.send_signal(signal.SIGTERM)
+            for stream in streams:
+                with pytest.raises(ServerShuttingDown, match="shutting down") as info:
+                    async for event in stream:
+                        raise AssertionError(f"an event after the drain: {event}")
+                assert info.value.code == codes.SERVER_SHUTTING_DOWN
+                assert info.value.data["setting"] == "service.drain_grace"
+        code = await asyncio.to_thread(proc.wait, 30)
+        log = proc.stderr.read() if proc.stderr else ""
+        assert code == 0, log
+        assert "Traceback" not in log and "Exception in ASGI" not in log, log
+        stopped = [line for line in log.splitlines() if "stopped run" in line]
+        assert len(stopped) == runs and all("the server is shutting down" in line for line in stopped), log
+        for pid in pids:
+            assert not live_session_members(pid)
+    finally:
+        end_serve(proc)
 
 
 def _refused(sock: Path) -> bool:

@@ -15,6 +15,7 @@ from sandbox_core import errors
         errors.IsolationUnavailable,
         errors.GatewayError,
         errors.PoolClosed,
+        errors.ServerShuttingDown,
         errors.WorkerStartError,
         errors.LimitExceeded,
     ],
