@@ -237,6 +237,12 @@ async def serve(
         await server.serve(sockets=[sock])
     finally:
         state.draining = True
+        # uvicorn closes its listeners only on a normal exit: when serve() is cancelled (an
+        # embedding program stops it) they are still registered with the event loop, and
+        # closing the socket under them would leave a stale registration that a later
+        # listener on the same descriptor number inherits (and never gets a connection).
+        for listener in getattr(server, "servers", []):
+            listener.close()
         await state.runs.cancel_all()
         await orchestrator.shutdown(grace=0 if server.force_exit else config.shutdown_grace)
         if record is not None:

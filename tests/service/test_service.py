@@ -268,3 +268,16 @@ async def test_socket_group_lets_its_members_connect_as_themselves(tmp_path: Pat
         assert '"user_id":"uid4343"' in str(member["body"])  # mapped to its own user, not the server's
         outsider = await peer(4344, [4344])
         assert outsider == {"connect": 13}  # EACCES: not in the group
+
+
+async def test_a_service_stopped_by_cancellation_can_be_started_again_in_the_same_process(tmp_path: Path) -> None:
+    """serve() cancelled (as an embedding program stops it) must close uvicorn's listeners: a
+    stale loop registration would otherwise swallow the next listener on the same fd number."""
+    from tests.service.conftest import tcp_service_with
+
+    for round_ in range(3):
+        (tmp_path / str(round_)).mkdir()
+        async with (tcp_service_with(tmp_path / str(round_)) as live,
+                    ServiceClient(live.target, live.tokens["user01"]) as client):  # fmt: skip
+            assert (await asyncio.wait_for(client.health(), 10))["status"] == "ok"
+            assert await asyncio.wait_for(client.runs(), 10) == []
