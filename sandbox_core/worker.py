@@ -39,6 +39,7 @@ from typing import Any
 
 from sandbox_core import datapipe
 from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.egress import Relay
 from sandbox_core.errors import (
     ConfigError,
     GatewayError,
@@ -65,7 +66,7 @@ from sandbox_core.protocol import (
     encode,
 )
 from sandbox_core.requests import RequestResult
-from sandbox_core.shared import HOST_CHUNK
+from sandbox_core.shared import EGRESS_OPEN, HOST_CHUNK
 
 HostHandler = Callable[["SandboxWorker", str, dict[str, Any]], AsyncIterator[dict[str, Any]]]
 """Serves a call the worker makes to the host (e.g. ``gateway.request``), yielding chunks."""
@@ -190,6 +191,9 @@ class SandboxWorker:
         self._broken_error: SandboxError | None = None
         self._starting: asyncio.Future[None] | None = None
         self._stopped_while_starting = False
+        self.egress: Relay | None = None
+        """The host's half of this worker's network (strict workers), set at spawn."""
+        self._egress_calls: dict[RequestId, asyncio.Task[None]] = {}
         self._swept: asyncio.Future[None] | None = None
         """The clean-up after exit (session sweep, cgroups), run in a thread; stop() awaits it."""
 
@@ -277,7 +281,16 @@ class SandboxWorker:
         loop = asyncio.get_running_loop()
         data_read, data_write = os.pipe2(os.O_CLOEXEC)
         stdin_read, stdin_write = os.pipe2(os.O_CLOEXEC)
-        for fd in (data_write, stdin_write):
+        inside_ends, host_ends = [data_write, stdin_read], [data_read, stdin_write]
+        net = spec.plan.get("network")
+        if isinstance(net, dict):
+            self.egress = Relay(self.config.network, self.worker_id, lambda: self.user_id)
+        if isinstance(net, dict) and net.get("pipes"):  # worker -> host, host -> worker
+            (up_read, up_write), (down_read, down_write) = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
+            inside_ends += [up_write, down_read]
+            host_ends += [up_read, down_write]
+        writing_ends = [data_write, stdin_write, *([inside_ends[2], host_ends[3]] if len(inside_ends) == 4 else [])]
+        for fd in writing_ends:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
         try:
@@ -291,15 +304,15 @@ class SandboxWorker:
                 cwd=spec.cwd,
                 start_new_session=True,
                 close_fds=True,
-                pass_fds=(*spec.pass_fds, data_write, stdin_read),
+                pass_fds=(*spec.pass_fds, *inside_ends),
             )
         except BaseException:
-            os.close(data_read)
-            os.close(stdin_write)
+            for fd in host_ends:
+                os.close(fd)
             raise
         finally:
-            os.close(data_write)
-            os.close(stdin_read)
+            for fd in inside_ends:
+                os.close(fd)
         self._transport = transport
         self._pid = transport.get_pid()
         self._data, _ = await loop.connect_read_pipe(
@@ -309,11 +322,15 @@ class SandboxWorker:
             asyncio.streams.FlowControlMixin, os.fdopen(stdin_write, "wb", buffering=0)
         )
         self._stdin = asyncio.StreamWriter(stdin_transport, stdin_protocol, None, loop)
+        if len(host_ends) == 4 and self.egress is not None:
+            await self.egress.attach(host_ends[2], host_ends[3])
         if spec.after_spawn is not None:  # e.g. into its cgroups: file writes, off the loop
             await asyncio.to_thread(spec.after_spawn, self._pid)
         params: dict[str, Any] = {
             "worker_id": self.worker_id, "plan": spec.plan, "data_fd": data_write, "stdin_fd": stdin_read,
         }
+        if len(inside_ends) == 4:
+            params["net_fds"] = inside_ends[2:]
         reply = await self.call("initialize", params)
         if not isinstance(reply, dict) or reply.get("protocol") != PROTOCOL_VERSION:
             raise WorkerStartError(f"unexpected handshake reply: {reply!r:.200}")
@@ -410,6 +427,10 @@ class SandboxWorker:
                     call.cancel()
             else:
                 self._garbage(f"unknown notification {msg.method!r:.40}")
+        elif msg.method == EGRESS_OPEN and self.egress is not None and msg.id not in self._egress_calls:
+            task = asyncio.create_task(self._serve_egress(msg, self.egress))
+            self._egress_calls[msg.id] = task
+            task.add_done_callback(functools.partial(self._egress_done, msg.id))
         elif msg.id in self._host_calls or len(self._host_calls) >= MAX_HOST_CALLS:
             why = "duplicate call id" if msg.id in self._host_calls else f"over {MAX_HOST_CALLS} host calls at once"
             self._answer_nowait(Response(msg.id, error=GatewayError(f"refused: {why}").to_wire()))
@@ -426,6 +447,9 @@ class SandboxWorker:
         stdin = self._transport.get_pipe_transport(0) if self._transport is not None else None
         if isinstance(stdin, asyncio.WriteTransport) and not stdin.is_closing():
             stdin.write(encode(response))
+
+    def _egress_done(self, call_id: RequestId, _task: asyncio.Task[None]) -> None:
+        self._egress_calls.pop(call_id, None)
 
     def _host_call_done(self, call_id: RequestId, _task: asyncio.Task[None]) -> None:
         self._host_calls.pop(call_id, None)
@@ -505,6 +529,16 @@ class SandboxWorker:
         except Exception as exc:  # noqa: BLE001 - bad output frames must not break the reader
             self._break(f"its output pipe broke the host's reader ({type(exc).__name__}: {exc})")
 
+    async def _serve_egress(self, request: Request, relay: Relay) -> None:
+        """Answer one ``egress.open``: the host decides and connects (its own cap, not MAX_HOST_CALLS:
+        the relay refuses past ``network.max_connections``, connecting or open)."""
+        try:
+            result = await relay.open(request.params)
+        except Exception as exc:  # noqa: BLE001 - the worker must get an answer, not a hang
+            result = {"ok": False, "status": 502, "reason": "connect_failed", "message": f"host error: {exc!r:.200}"}
+        with contextlib.suppress(SandboxError):
+            await self._send(Response(request.id, result=result))
+
     async def _serve_host_call(self, request: Request) -> None:
         """Answer a call the worker made to the host, streaming chunks then a response."""
         if self._host_handler is None:
@@ -555,8 +589,10 @@ class SandboxWorker:
             )
         for pending in self._pending.values():
             pending.queue.put_nowait(error)
-        for task in self._host_calls.values():
+        for task in (*self._host_calls.values(), *self._egress_calls.values()):
             task.cancel()
+        if self.egress is not None:
+            self.egress.close()
         self._swept = asyncio.get_running_loop().run_in_executor(None, self._sweep)
 
     def _sweep(self) -> None:

@@ -35,8 +35,10 @@ from sandbox_core.protocol import (
     RequestId,
     Response,
 )
+from sandbox_core.shared import proxy_environment
 
 if TYPE_CHECKING:
+    from sandbox_core.inside.proxy import Proxy
     from sandbox_core.inside.runner import StdinSink
 
 Handler = Callable[["RequestContext", dict[str, Any]], Awaitable[Any]]
@@ -81,6 +83,8 @@ class SandboxExecutor:
         """Requests being served (kept by the IPCHandler)."""
         self.last_request_id = 0
         """The highest integer request id seen: a stdin frame for a higher one is early."""
+        self.proxy: Proxy | None = None
+        """The network proxy on the sandbox's loopback (strict profile), started at ``initialize``."""
         self.channel: Channel | None = None
         """The control pipe (set by the IPCHandler), to tell the host a command closed stdin."""
         self._methods: dict[str, Handler] = {
@@ -130,6 +134,13 @@ class SandboxExecutor:
             self.output = await OutputPipe.open(data_fd)
         if isinstance(stdin_fd, int) and not isinstance(stdin_fd, bool):
             self.input = await InputPipe.open(stdin_fd, self.route_stdin)
+        network = self.plan.get("network")
+        if isinstance(network, dict) and self.channel is not None:
+            from sandbox_core.inside import proxy
+
+            self.proxy = await proxy.start(self.channel, network, params.get("net_fds"))
+            os.environ.update(proxy_environment(self.proxy.port))
+            self.report["network"] = {"proxy": f"127.0.0.1:{self.proxy.port}", "mode": network.get("mode")}
         workspace = params.get("workspace")
         if isinstance(workspace, str):
             self._enter(str(params.get("user_id", "")), Path(workspace))
