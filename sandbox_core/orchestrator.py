@@ -49,7 +49,7 @@ from sandbox_core.errors import (
 from sandbox_core.events import Event
 from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace
 from sandbox_core.process_tree import kill_session
-from sandbox_core.requests import AgentRequest, ExecRequest, Request, RequestResult
+from sandbox_core.requests import AgentRequest, ExecRequest, Request, RequestResult, network_param
 from sandbox_core.worker import Launcher, SandboxWorker, WorkerState
 
 if TYPE_CHECKING:
@@ -156,7 +156,9 @@ class SandboxOrchestrator:
         outcome = "cancelled"
         try:
             stdin = request.stdin_stream() if isinstance(request, ExecRequest) else None
-            stream = worker.execute_stream(request.method, request.params(), request.timeout, stdin=stdin)
+            stream = worker.execute_stream(
+                request.method, request.params(), request.timeout, stdin=stdin, network=network_param(request)
+            )
             try:
                 async for event in stream:
                     yield event

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from sandbox_core.config import parse_host_entry
 from sandbox_core.events import Event
 
 INLINE_STDIN = 64 * 1024
@@ -26,10 +27,14 @@ class ExecRequest:
     them (the command starts at once; EOF when the iterable ends)."""
     timeout: float | None = None
     """Deadline in seconds; None = the config's request_timeout."""
+    network: tuple[str, ...] | None = None
+    """Narrow the network policy for this request (``network.allow`` entries; a connection must
+    pass these *and* the configured policy; ``()`` = none at all). It never widens the policy."""
 
     method = "exec"
 
     def __post_init__(self) -> None:
+        _check_network(self.network)
         if (self.argv is None) == (self.shell is None):
             raise ValueError("ExecRequest needs exactly one of argv and shell")
         if self.argv is not None and not self.argv:
@@ -59,6 +64,17 @@ class ExecRequest:
         return self.stdin if isinstance(self.stdin, bytes) else None
 
 
+def _check_network(entries: tuple[str, ...] | None) -> None:
+    for entry in entries or ():
+        parse_host_entry(entry)  # ValueError names the entry
+
+
+def network_param(request: object) -> tuple[str, ...] | None:
+    """The request's own narrowing of the network policy (kept on the host, never sent)."""
+    entries = getattr(request, "network", None)
+    return tuple(entries) if entries is not None else None
+
+
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -75,8 +91,13 @@ class AgentRequest:
     tools: tuple[str, ...] | None = None
     conversation_id: str = "default"
     timeout: float | None = None
+    network: tuple[str, ...] | None = None
+    """Narrow the network policy for this run, as :attr:`ExecRequest.network`."""
 
     method = "agent.run"
+
+    def __post_init__(self) -> None:
+        _check_network(self.network)
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"prompt": self.prompt, "conversation_id": self.conversation_id}

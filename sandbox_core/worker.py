@@ -665,16 +665,23 @@ class SandboxWorker:
         return RequestResult(events, dict(done), self.worker_id)
 
     def execute_stream(
-        self, method: str, params: dict[str, Any], timeout: float | None = None, *, stdin: StdinSource | None = None
+        self,
+        method: str,
+        params: dict[str, Any],
+        timeout: float | None = None,
+        *,
+        stdin: StdinSource | None = None,
+        network: tuple[str, ...] | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Send a request and yield ``started``, its events, then ``done`` (or raise).
 
         ``stdin`` (``exec`` only) streams to the command as it is produced; the request's
         params then say ``"stdin": "stream"``. An ``exec`` gets ``limits.output_mb``.
+        ``network`` narrows the egress policy while the request runs (kept here, on the host).
         """
         if method == "exec" and self.config.limits.output_mb:
             params = {**params, "output_limit": self.config.limits.output_mb * 1024 * 1024}
-        return self._stream(method, params, timeout, emit_started=True, stdin=stdin)
+        return self._stream(method, params, timeout, emit_started=True, stdin=stdin, network=network)
 
     def _next_id(self) -> int:
         self._last_id += 1
@@ -689,8 +696,11 @@ class SandboxWorker:
         emit_started: bool,
         raw: list[Any] | None = None,
         stdin: StdinSource | None = None,
+        network: tuple[str, ...] | None = None,
     ) -> AsyncGenerator[Event, None]:
         request_id = self._next_id()
+        if self.egress is not None and emit_started:
+            self.egress.request_network = network
         on_data_pipe = self._data_pipe and method == "exec"
         if on_data_pipe:
             params = {**params, "output": "data_pipe"}
@@ -743,6 +753,8 @@ class SandboxWorker:
                 return
         finally:
             timer.cancel()
+            if self.egress is not None and emit_started:
+                self.egress.request_network = None
             if feeder is not None:
                 feeder.cancel()
                 with contextlib.suppress(BaseException):

@@ -5,7 +5,8 @@ A destination passes two stages. By **name** (before any resolution): ``network.
 ``network.users`` (a narrowing: both must allow it). By **address** (after the host resolved
 the name, and for IP literals): an address in :data:`BLOCKED_NETWORKS`, or any other address
 that is not globally routable, is refused unless ``network.allow_private`` lists it. An IP
-literal is reached only when ``network.allow_private`` lists it (whatever ``allow`` says).
+literal is reached only when ``network.allow_private`` lists it (whatever ``allow`` says) and
+no user or request list narrows the policy (those lists name hosts only).
 
 Wildcards: ``*.github.com`` matches every name *below* ``github.com`` (``api.github.com``,
 ``a.b.github.com``), not ``github.com`` itself (write both when both are meant), and never
@@ -24,7 +25,8 @@ from sandbox_core.config import HOST_PATTERN, NetworkPolicy, is_ip_literal, pars
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Reason = Literal[
-    "allowed", "mode_none", "bad_name", "denied", "not_allowed", "not_allowed_for_user", "ip_literal",
+    "allowed", "mode_none", "bad_name", "denied", "not_allowed", "not_allowed_for_user",
+    "not_allowed_for_request", "ip_literal",
     "private_address", "unresolvable", "connect_failed", "max_connections", "max_bytes", "bad_request",
 ]  # fmt: skip
 
@@ -126,13 +128,16 @@ class Policy:
     deny: tuple[Rule, ...]
     narrow: tuple[Rule, ...] | None
     user: str | None
+    request: tuple[Rule, ...] | None
     hosts: dict[str, Address]
     private: tuple[Network, ...]
 
     @classmethod
-    def for_user(cls, net: NetworkPolicy, user: str | None) -> Policy:
+    def for_user(cls, net: NetworkPolicy, user: str | None, request: tuple[str, ...] | None = None) -> Policy:
+        """``user``'s policy; ``request`` is a request's own narrowing (both only ever narrow)."""
         narrow = net.users.get(user) if user is not None else None
         return cls(
+            request=tuple(map(Rule.parse, request)) if request is not None else None,
             mode=net.mode,
             allow=tuple(map(Rule.parse, net.allow)),
             deny=tuple(map(Rule.parse, net.deny)),
@@ -151,6 +156,8 @@ class Policy:
                 parts.append(f"network.deny = [{', '.join(r.entry for r in self.deny)}]")
             if self.narrow is not None:
                 parts.append(f"network.users.{self.user} = [{', '.join(r.entry for r in self.narrow)}]")
+            if self.request is not None:
+                parts.append(f"request network = [{', '.join(r.entry for r in self.request)}]")
             parts.append(f"network.allow_private = [{', '.join(map(str, self.private))}]")
         return "; ".join(parts)
 
@@ -161,6 +168,9 @@ class Policy:
         where = f"{host}:{port}"
         if is_ip_literal(host):
             address = normal_address(ipaddress.ip_address(host))
+            if self.narrow is not None or self.request is not None:  # their lists hold names only
+                return Decision.refuse("ip_literal", f"{where} is an IP address, and this user's or request's "
+                                       "network list names hosts only")  # fmt: skip
             if self.private_allowed(address):
                 return ALLOWED
             why = f"{where} is an IP address, and network.allow_private does not list it"
@@ -174,6 +184,8 @@ class Policy:
             return Decision.refuse("not_allowed", f"{where} is not in network.allow")
         if self.narrow is not None and not any(rule.matches(host, port) for rule in self.narrow):
             return Decision.refuse("not_allowed_for_user", f"{where} is not in network.users.{self.user}")
+        if self.request is not None and not any(rule.matches(host, port) for rule in self.request):
+            return Decision.refuse("not_allowed_for_request", f"{where} is not in this request's network list")
         return ALLOWED
 
     def private_allowed(self, address: Address) -> bool:

@@ -45,6 +45,8 @@ class Relay:
         self.relayed = 0
         """Bytes relayed by this worker, both directions."""
         self.stats = {"allowed": 0, "refused": 0}
+        self.request_network: tuple[str, ...] | None = None
+        """The running request's own narrowing (set by the host's worker handle, never by the worker)."""
         self._byte_cap = net.max_mb * _MiB
         self._transports: list[asyncio.BaseTransport] = []
 
@@ -85,7 +87,7 @@ class Relay:
             return self._answer(user, str(host)[:80], port if isinstance(port, int) else 0, None,
                                 Decision.refuse("bad_request", "egress.open needs conn, host and port"))
         name = normal_host(host)
-        policy = Policy.for_user(self.net, user)
+        policy = Policy.for_user(self.net, user, self.request_network)
         decision = policy.check_name(name, port)
         if not decision.allowed:
             return self._answer(user, name, port, None, decision, policy)
