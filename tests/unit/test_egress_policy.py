@@ -106,7 +106,8 @@ def test_deny_wins_then_allow_then_user_then_request() -> None:
         ("192.168.1.1", "private"), ("169.254.169.254", "the cloud metadata address"),
         ("169.254.1.1", "link-local"), ("100.64.0.1", "carrier-grade NAT"), ("224.0.0.1", "multicast"),
         ("0.0.0.0", "'this network'"), ("192.0.2.1", "documentation (TEST-NET-1)"), ("::1", "loopback"),
-        ("fe80::1", "link-local"), ("fd00:ec2::254", "the cloud metadata address"), ("fc00::1", "unique local (private)"),
+        ("fe80::1", "link-local"), ("fd00:ec2::254", "the cloud metadata address"),
+        ("fc00::1", "unique local (private)"),
         ("ff02::1", "multicast"), ("8.8.8.8", None), ("2606:4700::1111", None),
     ],
 )  # fmt: skip
