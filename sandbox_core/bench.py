@@ -424,6 +424,92 @@ async def exec_throughput(config: ProcessSandboxConfig, size: int) -> list[Figur
     return figures
 
 
+_BYTES_SERVER = r"""
+import socket, sys, threading
+block = bytes(1 << 20)
+def serve(conn):
+    with conn:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            part = conn.recv(65536)
+            if not part:
+                return
+            head += part
+        size = int(head.split(b" ")[1].rsplit(b"/", 1)[1])
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % size)
+        while size > 0:
+            n = conn.send(memoryview(block)[: min(size, len(block))])
+            size -= n
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+while True:
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
+def _curl_times(out: str) -> list[float]:
+    return [float(line) for line in out.split() if line.strip()]
+
+
+async def egress_throughput(config: ProcessSandboxConfig, size: int, n: int) -> list[Figure]:
+    """A download through the sandbox's proxy (plain HTTP and CONNECT) against the same download
+    by the same client (curl) straight from the host, in the same run; and the added latency of
+    one connection (a small request through the proxy against one straight from the host).
+
+    The server is a separate process on 127.0.0.1, reached inside by a ``network.hosts`` name."""
+    from sandbox_core.config import NetworkPolicy
+
+    curl = shutil.which("curl")
+    if curl is None:
+        return [Figure("egress download throughput", 0.0, "MB/s", "skipped: no curl on this host")]
+    server = await asyncio.create_subprocess_exec(sys.executable, "-c", _BYTES_SERVER, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        port = int((await server.stdout.readline()).decode())
+        net = NetworkPolicy(mode="allowlist", allow=("registry.bench",), hosts={"registry.bench": "127.0.0.1"},
+                            allow_private=("127.0.0.1/32",), max_connections=64)  # fmt: skip
+        fmt = "%{time_total}\n"
+
+        async def host_curl(url: str, times: int) -> list[float]:
+            script = f"for i in $(seq {times}); do curl -s -o /dev/null -w '{fmt}' {url}; done"
+            proc = await asyncio.create_subprocess_shell(script, stdout=asyncio.subprocess.PIPE)
+            out, _ = await proc.communicate()
+            return _curl_times(out.decode())
+
+        direct = min(await host_curl(f"http://127.0.0.1:{port}/bytes/{size}", 3))
+        direct_small = await host_curl(f"http://127.0.0.1:{port}/bytes/100", n)
+        async with SandboxOrchestrator(config.replace(min_idle=0, request_timeout=600, network=net)) as pool:
+            async def inside(flags: str, path: str, times: int) -> list[float]:
+                script = (f"for i in $(seq {times}); do curl -s -o /dev/null {flags} -w '{fmt}' "
+                          f"http://registry.bench:{port}{path}; done")  # fmt: skip
+                result = await pool.execute("bench", ExecRequest(shell=script))
+                return _curl_times(result.stdout_text)
+
+            await inside("", "/bytes/100", 1)  # the worker is up
+            plain = min(await inside("", f"/bytes/{size}", 3))
+            tunnel = min(await inside("-p", f"/bytes/{size}", 3))
+            small = await inside("-p", "/bytes/100", n)
+    finally:
+        server.kill()
+        await server.wait()
+    mb = size / 1e6
+    detail = {"bytes": size, "client": "curl", "baseline": "the same curl download straight from the host"}
+    figures = [
+        Figure(f"egress download ({how})", round(mb / seconds, 1), "MB/s", ">= 0.5x direct", direct / seconds >= 0.5,
+               baseline=round(mb / direct, 1), ratio=round(direct / seconds, 3), detail=detail)
+        for how, seconds in (("plain HTTP", plain), ("CONNECT", tunnel))
+    ]  # fmt: skip
+    added = statistics.median(small) - statistics.median(direct_small)
+    figures.append(Figure(
+        "egress added latency per connection (CONNECT + small GET)", _ms(added), "ms", "", None,
+        baseline=_ms(statistics.median(direct_small)), detail={"through_proxy_p50_ms": _ms(statistics.median(small)),
+                                                               "samples": n},
+    ))  # fmt: skip
+    return figures
+
+
 Step = tuple[str, Callable[[], Awaitable[Figure | list[Figure]]]]
 
 
@@ -442,6 +528,7 @@ def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
     ]
     if config.profile == "strict":
         steps.insert(1, ("strict vs bare bwrap", lambda: strict_vs_bare_bwrap(config, n)))
+        steps.append(("egress throughput", lambda: egress_throughput(config, (50 if quick else 200) * 1000 * 1000, n)))
     return steps
 
 

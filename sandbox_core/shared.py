@@ -53,7 +53,7 @@ CANARY_RE = re.compile(rb"sbx-canary-[0-9a-f]{32}")
 STATIC_PROBES = (
     "worker_fds", "worker_env", "caps", "proc_scan", "files", "write_outside", "symlink_escape",
     "hardlink_escape", "host_tcp", "host_unix", "outbound", "ptrace", "userns", "setuid",
-    "other_workspace", "protected", "host_paths",
+    "other_workspace", "protected", "host_paths", "egress",
 )  # fmt: skip
 """Probes of the first ``audit.probe`` request, in order (fds first: nothing else is open yet)."""
 LIMIT_PROBES = ("fork_bomb", "memory_hog")

@@ -26,6 +26,13 @@ CHECKS: tuple[tuple[str, str], ...] = (
                       "fails; the listeners saw nothing"),
     ("net.outbound", "no way out: own network namespace, loopback only, no route off the machine "
                      "(route lookups only: nothing is sent)"),
+    ("egress.allowed", "under network.mode = allowlist, the allowed name reaches the planted listener through "
+                       "the proxy (CONNECT), resolved and connected by the host"),
+    ("egress.denied_name", "a name on network.deny is refused with 403 and the listener sees nothing"),
+    ("egress.ip_literal", "an IP literal not in network.allow_private is refused with 403; the listener sees nothing"),
+    ("egress.private_name", "a name resolving to a loopback address not in network.allow_private is refused with "
+                            "403; the listener sees nothing"),
+    ("egress.direct", "a direct socket to the listener, bypassing the proxy, fails; the listener sees nothing"),
     ("proc.ptrace", "PTRACE_SEIZE on another process is refused"),
     ("proc.vm_readv", "process_vm_readv on another process (a child, the parent) is refused"),
     ("ns.user", "unshare(CLONE_NEWUSER) fails"),

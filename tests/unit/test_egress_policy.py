@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from sandbox_core.errors import ConfigError
 from sandbox_core.requests import ExecRequest
 
 
-def strict(**network: object) -> ProcessSandboxConfig:
+def strict(**network: Any) -> ProcessSandboxConfig:
     return ProcessSandboxConfig(profile="strict", workspace_root=Path("/tmp/ws"), network=NetworkPolicy(**network))
 
 
