@@ -10,8 +10,9 @@ as :mod:`sandbox_core.datapipe` frames of the net kinds:
     CREDIT   payload u32: the receiver has written that many more bytes to its socket
     CLOSE    the connection is gone (either side, at once)
 
-Flow control is credit per connection, like an SSH channel's window: a side keeps at most
-:data:`WINDOW` bytes sent and not yet credited, and past it stops reading its socket; the
+Flow control is credit per connection, like an SSH channel's window: a side stops reading its
+socket once :data:`WINDOW` bytes are sent and not yet credited (the read that crosses it is
+sent whole, so a receiver accepts a window plus one read, :data:`READ_BYTES`); the
 receiver credits bytes once its own socket has taken them. Neither side ever has to stop
 reading a pipe, so a connection whose far end is slow cannot stall another (no head-of-line
 blocking), and what a side buffers for one connection is bounded by the window plus one
@@ -29,11 +30,63 @@ from collections.abc import Callable
 from sandbox_core import datapipe
 from sandbox_core.datapipe import KIND_NET_CLOSE, KIND_NET_CREDIT, KIND_NET_DATA, KIND_NET_EOF
 
+READ_BYTES = 1024 * 1024
+"""How much one read of a net pipe or a relayed socket may take (asyncio's default is 256 KiB)."""
 WINDOW = 1024 * 1024
 """Bytes of one connection that may be in flight (sent, not yet credited) in one direction."""
 CREDIT_BATCH = 128 * 1024
 """Credit is returned in pieces of at least this many bytes (fewer frames); must be < WINDOW."""
 _CREDIT = struct.Struct(">I")
+
+
+class Splitter:
+    """Net-pipe bytes to frames without copying payloads that arrived whole in one read.
+
+    A payload inside one read is delivered as a ``memoryview`` of that read's (immutable)
+    bytes; one split across reads is joined once. Receivers only ``len()`` it, write it to a
+    transport (which copies what it must keep) or hold it until they do.
+    """
+
+    def __init__(self, deliver: Callable[[int, int, bytes | memoryview], None]) -> None:
+        self._deliver = deliver
+        self._head = b""
+        self._frame: tuple[int, int, int] | None = None
+        self._parts: list[memoryview] = []
+        self._have = 0
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        at, end = 0, len(view)
+        while at < end:
+            if self._frame is None:
+                need = datapipe.HEADER.size - len(self._head)
+                if not self._head and end - at >= datapipe.HEADER.size:
+                    conn, kind, length = datapipe.HEADER.unpack_from(view, at)
+                    at += datapipe.HEADER.size
+                else:
+                    self._head += bytes(view[at : at + need])
+                    at += min(need, end - at)
+                    if len(self._head) < datapipe.HEADER.size:
+                        return
+                    conn, kind, length = datapipe.HEADER.unpack(self._head)
+                    self._head = b""
+                if kind not in datapipe.NET_KINDS or length > datapipe.MAX_PAYLOAD:
+                    raise datapipe.FrameError(f"not a net frame (kind {kind}, length {length})")
+                self._frame, self._parts, self._have = (conn, kind, length), [], 0
+            conn, kind, length = self._frame
+            take = min(length - self._have, end - at)
+            if take == length:  # the whole payload in this read: no copy
+                payload: bytes | memoryview = view[at : at + take]
+            else:
+                self._parts.append(view[at : at + take])
+                self._have += take
+                if self._have < length:
+                    return
+                payload = b"".join(self._parts)
+                self._parts = []
+            at += take
+            self._frame = None
+            self._deliver(conn, kind, payload)
 
 
 class Mux:
@@ -42,7 +95,7 @@ class Mux:
     def __init__(self, on_violation: Callable[[str], None] | None = None) -> None:
         self.streams: dict[int, Stream] = {}
         self._out: asyncio.WriteTransport | None = None
-        self._split = datapipe.DataSplitter(self._deliver, datapipe.NET_KINDS)
+        self._split = Splitter(self._deliver)
         self._on_violation = on_violation
         self.closed = False
 
@@ -58,15 +111,15 @@ class Mux:
             if self._on_violation is not None:
                 self._on_violation(str(exc))
 
-    def send(self, conn_id: int, kind: int, payload: bytes = b"") -> None:
+    def send(self, conn_id: int, kind: int, payload: bytes | memoryview = b"") -> None:
         out = self._out
         if out is None or self.closed or out.is_closing():
             return
-        out.write(datapipe.frame(conn_id, kind, payload))
+        out.write(datapipe.HEADER.pack(conn_id, kind, len(payload)))
         if payload:
             out.write(payload)
 
-    def _deliver(self, conn_id: int, kind: int, payload: bytes) -> None:
+    def _deliver(self, conn_id: int, kind: int, payload: bytes | memoryview) -> None:
         stream = self.streams.get(conn_id)
         if stream is not None:  # else a late frame of a connection already gone
             stream.on_frame(kind, payload)
@@ -109,7 +162,7 @@ class Stream(asyncio.Protocol):
         """Bytes written to the socket (or its buffer) and not credited yet."""
         self._write_paused = False
         self._read_paused = False
-        self._held: list[bytes] | None = None if started else []
+        self._held: list[bytes | memoryview] | None = None if started else []
         self._held_eof = False
         self._eof_in = self._eof_out = False
         self.finished = False
@@ -121,6 +174,7 @@ class Stream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        _read_more(transport)
         transport.set_write_buffer_limits(high=0)  # pause_writing whenever the kernel did not take it all
 
     def data_received(self, data: bytes) -> None:
@@ -158,11 +212,11 @@ class Stream(asyncio.Protocol):
 
     # -------------------------------------------------------- frames from the peer
 
-    def on_frame(self, kind: int, payload: bytes) -> None:
+    def on_frame(self, kind: int, payload: bytes | memoryview) -> None:
         if kind == KIND_NET_DATA:
             self._inflight += len(payload)
-            if self._inflight > WINDOW or self._eof_in:
-                self.abort()  # past its window, or data after its EOF: the peer broke the rules
+            if self._inflight > WINDOW + READ_BYTES or self._eof_in:
+                self.abort()  # past its window (and the one read that may cross it), or data after its EOF
                 return
             if self._count is not None and not self._count(len(payload)):
                 self.abort()
@@ -200,7 +254,7 @@ class Stream(asyncio.Protocol):
         if self._held_eof:
             self._write_eof()
 
-    def _write(self, payload: bytes) -> None:
+    def _write(self, payload: bytes | memoryview) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         self.transport.write(payload)
@@ -249,11 +303,20 @@ class Stream(asyncio.Protocol):
             callback(self)
 
 
+def _read_more(transport: asyncio.BaseTransport) -> None:
+    """Let asyncio's selector transports read :data:`READ_BYTES` at a time (fewer, larger reads)."""
+    if isinstance(getattr(transport, "max_size", None), int):
+        transport.max_size = READ_BYTES  # type: ignore[attr-defined]
+
+
 class PipeReader(asyncio.Protocol):
     """The reading end of the incoming net pipe: its bytes go to the mux as they arrive."""
 
     def __init__(self, mux: Mux) -> None:
         self._mux = mux
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        _read_more(transport)
 
     def data_received(self, data: bytes) -> None:
         self._mux.feed(data)

@@ -150,7 +150,7 @@ async def test_a_peer_past_its_window_loses_only_its_connection() -> None:
     greedy, other = netpipe.Stream(mux, 1), netpipe.Stream(mux, 2)
     from sandbox_core import datapipe
 
-    for _ in range(netpipe.WINDOW // datapipe.MAX_PAYLOAD + 1):  # one frame past the window, never credited
+    for _ in range((netpipe.WINDOW + netpipe.READ_BYTES) // datapipe.MAX_PAYLOAD + 1):  # past window + one read
         payload = b"x" * datapipe.MAX_PAYLOAD
         mux.feed(datapipe.frame(1, datapipe.KIND_NET_DATA, payload) + payload)
     assert greedy.finished and 1 not in mux.streams
