@@ -18,13 +18,20 @@ reading a pipe, so a connection whose far end is slow cannot stall another (no h
 blocking), and what a side buffers for one connection is bounded by the window plus one
 read. A peer that sends past the window, or credits more than it was sent, loses that
 connection (CLOSE), never the worker.
+
+Each side reads its incoming pipe by hand (:class:`PipeIn`): a ``DATA`` payload for a socket
+with nothing buffered moves from the pipe into the socket with ``splice(2)``, never through
+the process (the relay's share of a download is then one copy, on the host).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import struct
+import termios
 from collections.abc import Callable
 
 from sandbox_core import datapipe
@@ -39,79 +46,19 @@ CREDIT_BATCH = 128 * 1024
 _CREDIT = struct.Struct(">I")
 
 
-class Splitter:
-    """Net-pipe bytes to frames without copying payloads that arrived whole in one read.
-
-    A payload inside one read is delivered as a ``memoryview`` of that read's (immutable)
-    bytes; one split across reads is joined once. Receivers only ``len()`` it, write it to a
-    transport (which copies what it must keep) or hold it until they do.
-    """
-
-    def __init__(self, deliver: Callable[[int, int, bytes | memoryview], None]) -> None:
-        self._deliver = deliver
-        self._head = b""
-        self._frame: tuple[int, int, int] | None = None
-        self._parts: list[memoryview] = []
-        self._have = 0
-
-    def feed(self, data: bytes) -> None:
-        view = memoryview(data)
-        at, end = 0, len(view)
-        while at < end:
-            if self._frame is None:
-                need = datapipe.HEADER.size - len(self._head)
-                if not self._head and end - at >= datapipe.HEADER.size:
-                    conn, kind, length = datapipe.HEADER.unpack_from(view, at)
-                    at += datapipe.HEADER.size
-                else:
-                    self._head += bytes(view[at : at + need])
-                    at += min(need, end - at)
-                    if len(self._head) < datapipe.HEADER.size:
-                        return
-                    conn, kind, length = datapipe.HEADER.unpack(self._head)
-                    self._head = b""
-                if kind not in datapipe.NET_KINDS or length > datapipe.MAX_PAYLOAD:
-                    raise datapipe.FrameError(f"not a net frame (kind {kind}, length {length})")
-                self._frame, self._parts, self._have = (conn, kind, length), [], 0
-            conn, kind, length = self._frame
-            take = min(length - self._have, end - at)
-            if take == length:  # the whole payload in this read: no copy
-                payload: bytes | memoryview = view[at : at + take]
-            else:
-                self._parts.append(view[at : at + take])
-                self._have += take
-                if self._have < length:
-                    return
-                payload = b"".join(self._parts)
-                self._parts = []
-            at += take
-            self._frame = None
-            self._deliver(conn, kind, payload)
-
-
 class Mux:
     """One end of the net pipes: frames out on a write transport, frames in routed by id."""
 
     def __init__(self, on_violation: Callable[[str], None] | None = None) -> None:
         self.streams: dict[int, Stream] = {}
         self._out: asyncio.WriteTransport | None = None
-        self._split = Splitter(self._deliver)
         self._on_violation = on_violation
         self.closed = False
 
     def attach(self, out: asyncio.WriteTransport) -> None:
         self._out = out
 
-    def feed(self, data: bytes) -> None:
-        """Bytes read from the incoming net pipe; a stream of non-frames closes the mux."""
-        try:
-            self._split.feed(data)
-        except datapipe.FrameError as exc:
-            self.close()
-            if self._on_violation is not None:
-                self._on_violation(str(exc))
-
-    def send(self, conn_id: int, kind: int, payload: bytes | memoryview = b"") -> None:
+    def send(self, conn_id: int, kind: int, payload: bytes = b"") -> None:
         out = self._out
         if out is None or self.closed or out.is_closing():
             return
@@ -119,7 +66,12 @@ class Mux:
         if payload:
             out.write(payload)
 
-    def _deliver(self, conn_id: int, kind: int, payload: bytes | memoryview) -> None:
+    def violation(self, why: str) -> None:
+        if self._on_violation is not None:
+            self._on_violation(why)
+
+    def deliver(self, conn_id: int, kind: int, payload: bytes) -> None:
+        """One whole frame (or a piece of a ``DATA`` payload) to its connection."""
         stream = self.streams.get(conn_id)
         if stream is not None:  # else a late frame of a connection already gone
             stream.on_frame(kind, payload)
@@ -162,7 +114,7 @@ class Stream(asyncio.Protocol):
         """Bytes written to the socket (or its buffer) and not credited yet."""
         self._write_paused = False
         self._read_paused = False
-        self._held: list[bytes | memoryview] | None = None if started else []
+        self._held: list[bytes] | None = None if started else []
         self._held_eof = False
         self._eof_in = self._eof_out = False
         self.finished = False
@@ -212,7 +164,7 @@ class Stream(asyncio.Protocol):
 
     # -------------------------------------------------------- frames from the peer
 
-    def on_frame(self, kind: int, payload: bytes | memoryview) -> None:
+    def on_frame(self, kind: int, payload: bytes) -> None:
         if kind == KIND_NET_DATA:
             self._inflight += len(payload)
             if self._inflight > WINDOW + READ_BYTES or self._eof_in:
@@ -246,6 +198,27 @@ class Stream(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.abort()
 
+    def splice_target(self) -> int | None:
+        """The socket's descriptor when peer data may go to it directly (nothing buffered), else None."""
+        transport = self.transport
+        if (
+            self.finished or self._held is not None or self._eof_in or transport is None
+            or transport.is_closing() or transport.get_write_buffer_size()
+        ):  # fmt: skip
+            return None
+        sock = transport.get_extra_info("socket")
+        return sock.fileno() if sock is not None else None
+
+    def spliced(self, n: int) -> None:
+        """``n`` bytes of a ``DATA`` payload went from the pipe straight into the socket."""
+        self._inflight += n
+        if self._inflight > WINDOW + READ_BYTES or (self._count is not None and not self._count(n)):
+            self.abort()
+            return
+        self.received += n
+        self._owed += n
+        self._credit(force=False)
+
     def start(self) -> None:
         """Write out what the peer sent before the local side was ready, and go on relaying."""
         held, self._held = self._held or [], None
@@ -254,7 +227,7 @@ class Stream(asyncio.Protocol):
         if self._held_eof:
             self._write_eof()
 
-    def _write(self, payload: bytes | memoryview) -> None:
+    def _write(self, payload: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
         self.transport.write(payload)
@@ -309,20 +282,137 @@ def _read_more(transport: asyncio.BaseTransport) -> None:
         transport.max_size = READ_BYTES  # type: ignore[attr-defined]
 
 
-class PipeReader(asyncio.Protocol):
-    """The reading end of the incoming net pipe: its bytes go to the mux as they arrive."""
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_STEPS = 64
+"""Frames (or pieces of one) a reader handles per wake-up before it lets the loop run others."""
 
-    def __init__(self, mux: Mux) -> None:
+
+class PipeIn:
+    """The reading end of the incoming net pipe, read by hand so data can skip user space.
+
+    Headers are read as they are; a ``DATA`` payload whose connection's socket has nothing
+    buffered is moved from the pipe to the socket with ``splice(2)`` (no copy through this
+    process); otherwise (the socket is full, or the platform has no splice) it is read and
+    written through the socket's transport like any bytes. Both keep the connection's byte
+    order: splicing happens only while the transport holds nothing. Other frames are small
+    and read whole. At end of file (the peer is gone) every connection is closed.
+    """
+
+    def __init__(self, fd: int, mux: Mux) -> None:
+        self._fd = fd
         self._mux = mux
+        self._head = b""
+        self._frame: list[int] | None = None
+        """[conn, kind, bytes still to come] of the frame being read."""
+        self._small = b""
+        self._splice = hasattr(os, "splice")
+        self._closed = False
+        os.set_blocking(fd, False)
+        asyncio.get_running_loop().add_reader(fd, self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        _read_more(transport)
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._mux.close()
 
-    def data_received(self, data: bytes) -> None:
-        self._mux.feed(data)
+    def _readable(self) -> None:
+        try:
+            for _ in range(_STEPS):
+                if self._closed or not self._step():
+                    return
+        except datapipe.FrameError as exc:
+            self.close()
+            self._mux.violation(str(exc))
+        except OSError:
+            self.close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._mux.close()
+    def _read(self, n: int) -> bytes | None:
+        """Up to ``n`` bytes; None when the pipe is empty for now; b"" closes at end of file."""
+        try:
+            data = os.read(self._fd, n)
+        except BlockingIOError:
+            return None
+        if not data:
+            self.close()
+        return data
+
+    def _step(self) -> bool:
+        """Handle what the pipe holds of one frame; False when there is nothing more for now."""
+        if self._frame is None:
+            data = self._read(datapipe.HEADER.size - len(self._head))
+            if not data:
+                return False
+            self._head += data
+            if len(self._head) < datapipe.HEADER.size:
+                return True
+            conn, kind, length = datapipe.HEADER.unpack(self._head)
+            self._head = b""
+            if kind not in datapipe.NET_KINDS or length > datapipe.MAX_PAYLOAD:
+                raise datapipe.FrameError(f"not a net frame (kind {kind}, length {length})")
+            if kind == KIND_NET_DATA and length == 0:
+                return True
+            self._frame = [conn, kind, length]
+            if length == 0:
+                self._done(b"")
+            return True
+        conn, kind, remaining = self._frame
+        if kind != KIND_NET_DATA:  # a few bytes: read the whole payload, then deliver it
+            data = self._read(remaining - len(self._small))
+            if not data:
+                return False
+            self._small += data
+            if len(self._small) == remaining:
+                payload, self._small = self._small, b""
+                self._done(payload)
+            return True
+        stream = self._mux.streams.get(conn)
+        target = stream.splice_target() if stream is not None and self._splice else None
+        if stream is not None and target is not None:
+            try:
+                moved = os.splice(self._fd, target, remaining, flags=_SPLICE_FLAGS)
+            except BlockingIOError:  # the pipe is empty for now, or the socket is full
+                moved = -1
+            except OSError:  # the socket is gone: the bytes are read and dropped below
+                moved = -1
+            if moved == 0:
+                self.close()
+                return False
+            if moved > 0:
+                stream.spliced(moved)
+                self._advance(moved)
+                return True
+            if _readable_bytes(self._fd) == 0:
+                return False
+        data = self._read(min(remaining, READ_BYTES))
+        if not data:
+            return False
+        self._advance(len(data))
+        if stream is not None:
+            stream.on_frame(KIND_NET_DATA, data)  # a piece of the payload: written in order
+        return True
+
+    def _advance(self, n: int) -> None:
+        assert self._frame is not None
+        self._frame[2] -= n
+        if self._frame[2] == 0:
+            self._frame = None
+
+    def _done(self, payload: bytes) -> None:
+        assert self._frame is not None
+        conn, kind, _ = self._frame
+        self._frame = None
+        self._mux.deliver(conn, kind, payload)
+
+
+def _readable_bytes(fd: int) -> int:
+    """Bytes waiting in a pipe (FIONREAD)."""
+    try:
+        raw = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return int(struct.unpack("i", raw)[0])
 
 
 class PipeWriter(asyncio.Protocol):

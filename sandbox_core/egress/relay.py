@@ -49,18 +49,21 @@ class Relay:
         """The running request's own narrowing (set by the host's worker handle, never by the worker)."""
         self._byte_cap = net.max_mb * _MiB
         self._transports: list[asyncio.BaseTransport] = []
+        self._reader: netpipe.PipeIn | None = None
 
     async def attach(self, read_fd: int, write_fd: int) -> None:
         """Take the host's ends of the net pipes (read worker → host, write host → worker)."""
         loop = asyncio.get_running_loop()
-        reader, _ = await loop.connect_read_pipe(lambda: netpipe.PipeReader(self.mux), os.fdopen(read_fd, "rb", 0))
+        self._reader = netpipe.PipeIn(read_fd, self.mux)
         writer, _ = await loop.connect_write_pipe(lambda: netpipe.PipeWriter(self.mux), os.fdopen(write_fd, "wb", 0))
-        self._transports += [reader, writer]
+        self._transports.append(writer)
         self.mux.attach(writer)
 
     def close(self) -> None:
         """The worker is gone: every connection is closed at once."""
         self.mux.close()
+        if self._reader is not None:
+            self._reader.close()
         for transport in self._transports:
             transport.close()
 

@@ -218,7 +218,7 @@ async def start(channel: Channel, network: dict[str, Any], net_fds: Any) -> Prox
         for fd in (up, down):
             os.set_inheritable(fd, False)  # commands never inherit them
         writer, _ = await loop.connect_write_pipe(lambda: netpipe.PipeWriter(net), os.fdopen(up, "wb", 0))
-        await loop.connect_read_pipe(lambda: netpipe.PipeReader(net), os.fdopen(down, "rb", 0))
+        netpipe.PipeIn(down, net)
         net.attach(writer)
     proxy = Proxy(channel, mux)
     port = network.get("proxy_port", EGRESS_PROXY_PORT)

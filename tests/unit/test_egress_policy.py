@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from sandbox_core.config import NetworkPolicy, ProcessSandboxConfig, load_config
 from sandbox_core.egress.policy import BLOCKED_NETWORKS, Policy, Rule, blocked_kind, normal_host
 from sandbox_core.errors import ConfigError
 from sandbox_core.requests import ExecRequest
+from tests.helpers import wait_for
 
 
 def strict(**network: Any) -> ProcessSandboxConfig:
@@ -144,15 +146,21 @@ class _Sink(asyncio.WriteTransport):
 
 
 async def test_a_peer_past_its_window_loses_only_its_connection() -> None:
+    from sandbox_core import datapipe
+
     mux = netpipe.Mux()
     out = _Sink()
     mux.attach(out)
     greedy, other = netpipe.Stream(mux, 1), netpipe.Stream(mux, 2)
-    from sandbox_core import datapipe
-
-    for _ in range((netpipe.WINDOW + netpipe.READ_BYTES) // datapipe.MAX_PAYLOAD + 1):  # past window + one read
-        payload = b"x" * datapipe.MAX_PAYLOAD
-        mux.feed(datapipe.frame(1, datapipe.KIND_NET_DATA, payload) + payload)
-    assert greedy.finished and 1 not in mux.streams
-    assert not other.finished and mux.streams[2] is other
+    read_end, write_end = os.pipe()
+    reader = netpipe.PipeIn(read_end, mux)
+    payload = b"x" * datapipe.MAX_PAYLOAD
+    frames = (netpipe.WINDOW + netpipe.READ_BYTES) // datapipe.MAX_PAYLOAD + 1  # past a window and one read
+    with os.fdopen(write_end, "wb") as pipe:
+        writer = asyncio.create_task(asyncio.to_thread(
+            pipe.write, (datapipe.frame(1, datapipe.KIND_NET_DATA, payload) + payload) * frames))  # fmt: skip
+        await wait_for(lambda: greedy.finished, 10, "the greedy connection aborted")
+        await writer
+    assert 1 not in mux.streams and not other.finished and mux.streams[2] is other
     assert out.data.endswith(datapipe.frame(1, datapipe.KIND_NET_CLOSE))
+    reader.close()
