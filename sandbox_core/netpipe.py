@@ -11,8 +11,9 @@ as :mod:`sandbox_core.datapipe` frames of the net kinds:
     CLOSE    the connection is gone (either side, at once)
 
 Flow control is credit per connection, like an SSH channel's window: a side stops reading its
-socket once :data:`WINDOW` bytes are sent and not yet credited (the read that crosses it is
-sent whole, so a receiver accepts a window plus one read, :data:`READ_BYTES`); the
+socket once a window of bytes is sent and not yet credited (:data:`DOWNLOAD_WINDOW` host →
+sandbox, :data:`UPLOAD_WINDOW` sandbox → host; the read that crosses it is sent whole, so a
+receiver accepts a window plus one read, :data:`READ_BYTES`); the
 receiver credits bytes once its own socket has taken them. Neither side ever has to stop
 reading a pipe, so a connection whose far end is slow cannot stall another (no head-of-line
 blocking), and what a side buffers for one connection is bounded by the window plus one
@@ -39,10 +40,20 @@ from sandbox_core.datapipe import KIND_NET_CLOSE, KIND_NET_CREDIT, KIND_NET_DATA
 
 READ_BYTES = 1024 * 1024
 """How much one read of a net pipe or a relayed socket may take (asyncio's default is 256 KiB)."""
-WINDOW = 1024 * 1024
+DOWNLOAD_WINDOW = 4 * 1024 * 1024
+"""Bytes of one connection in flight host → sandbox. A window is what one credit round trip
+carries: at ~3 ms per round trip on a busy 2-core host, 1 MiB capped a download at ~330 MB/s.
+What the host buffers of all downloads together is bounded apart from it (:data:`PIPE_HIGH`)."""
+UPLOAD_WINDOW = 1024 * 1024
+"""Bytes of one connection in flight sandbox → host: what the host may have to hold per
+connection for a server that reads slowly (the sandbox's own memory holds the rest)."""
+PIPE_HIGH = 256 * 1024
+"""Bytes a side may hold for its outgoing net pipe (beyond the pipe's own 1 MiB) before every
+connection stops reading its socket: the bytes then wait in the kernel's socket buffers, not
+in this process (asyncio's pipe buffer is a bytearray that every partial write shifts)."""
 """Bytes of one connection that may be in flight (sent, not yet credited) in one direction."""
 CREDIT_BATCH = 128 * 1024
-"""Credit is returned in pieces of at least this many bytes (fewer frames); must be < WINDOW."""
+"""Credit is returned in pieces of at least this many bytes (fewer frames); below any window."""
 _CREDIT = struct.Struct(">I")
 
 
@@ -54,11 +65,26 @@ class Mux:
         self._out: asyncio.WriteTransport | None = None
         self._on_violation = on_violation
         self.closed = False
+        self.pipe_full = False
+        """The outgoing pipe has :data:`PIPE_HIGH` buffered: no connection reads its socket."""
+        self._buffer: memoryview | None = None
+
+    def read_buffer(self) -> memoryview:
+        """The one buffer every connection's socket is read into (no allocation per read)."""
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(READ_BYTES))
+        return self._buffer
 
     def attach(self, out: asyncio.WriteTransport) -> None:
         self._out = out
+        out.set_write_buffer_limits(high=PIPE_HIGH, low=PIPE_HIGH // 4)
 
-    def send(self, conn_id: int, kind: int, payload: bytes = b"") -> None:
+    def set_pipe_full(self, full: bool) -> None:
+        self.pipe_full = full
+        for stream in list(self.streams.values()):
+            stream.update_reading()
+
+    def send(self, conn_id: int, kind: int, payload: bytes | memoryview = b"") -> None:
         out = self._out
         if out is None or self.closed or out.is_closing():
             return
@@ -83,7 +109,7 @@ class Mux:
             stream.abort(tell=False)
 
 
-class Stream(asyncio.Protocol):
+class Stream(asyncio.BufferedProtocol):
     """One relayed connection at one end: a local socket on one side, frames of one id on the other.
 
     It is the socket's protocol (the host's upstream socket; the proxy's client socket once
@@ -100,6 +126,8 @@ class Stream(asyncio.Protocol):
         count: Callable[[int], bool] | None = None,
         on_closed: Callable[[Stream], None] | None = None,
         started: bool = True,
+        send_window: int = UPLOAD_WINDOW,
+        receive_window: int = DOWNLOAD_WINDOW,
     ) -> None:
         self.mux, self.id = mux, conn_id
         self.transport: asyncio.Transport | None = None
@@ -114,6 +142,10 @@ class Stream(asyncio.Protocol):
         """Bytes written to the socket (or its buffer) and not credited yet."""
         self._write_paused = False
         self._read_paused = False
+        self._send_window = send_window
+        """What the peer lets this end have in flight."""
+        self._receive_window = receive_window
+        """What this end lets the peer have in flight (past it and one read: CLOSE)."""
         self._held: list[bytes] | None = None if started else []
         self._held_eof = False
         self._eof_in = self._eof_out = False
@@ -126,10 +158,17 @@ class Stream(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        _read_more(transport)
         transport.set_write_buffer_limits(high=0)  # pause_writing whenever the kernel did not take it all
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.mux.read_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        # The socket was read into the mux's one buffer; what the pipe cannot take at once its
+        # transport copies, so the buffer is free again when this returns.
+        self.data_received(self.mux.read_buffer()[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.finished:
             return
         if self._count is not None and not self._count(len(data)):
@@ -139,9 +178,23 @@ class Stream(asyncio.Protocol):
         for at in range(0, len(data), datapipe.MAX_PAYLOAD):
             self.mux.send(self.id, KIND_NET_DATA, data[at : at + datapipe.MAX_PAYLOAD])
         self._unacked += len(data)
-        if self._unacked >= WINDOW and not self._read_paused and self.transport is not None:
-            self._read_paused = True
-            self.transport.pause_reading()
+        self.update_reading()
+
+    def update_reading(self) -> None:
+        """Read the socket only while the window has room and the outgoing pipe is not full."""
+        if self.transport is None or self.finished:
+            return
+        pause = self._unacked >= self._send_window or self.mux.pipe_full
+        if pause != self._read_paused:
+            self._read_paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    def paused_by_caller(self) -> None:
+        """The transport was handed over paused (the proxy read a request head on it)."""
+        self._read_paused = True
 
     def eof_received(self) -> bool:
         if not self.finished and not self._eof_out:
@@ -167,7 +220,7 @@ class Stream(asyncio.Protocol):
     def on_frame(self, kind: int, payload: bytes) -> None:
         if kind == KIND_NET_DATA:
             self._inflight += len(payload)
-            if self._inflight > WINDOW + READ_BYTES or self._eof_in:
+            if self._inflight > self._receive_window + READ_BYTES or self._eof_in:
                 self.abort()  # past its window (and the one read that may cross it), or data after its EOF
                 return
             if self._count is not None and not self._count(len(payload)):
@@ -184,9 +237,7 @@ class Stream(asyncio.Protocol):
                 self.abort()
                 return
             self._unacked -= n
-            if self._read_paused and self._unacked < WINDOW and self.transport is not None:
-                self._read_paused = False
-                self.transport.resume_reading()
+            self.update_reading()
         elif kind == KIND_NET_EOF:
             self._eof_in = True
             if self._held is not None:
@@ -212,7 +263,7 @@ class Stream(asyncio.Protocol):
     def spliced(self, n: int) -> None:
         """``n`` bytes of a ``DATA`` payload went from the pipe straight into the socket."""
         self._inflight += n
-        if self._inflight > WINDOW + READ_BYTES or (self._count is not None and not self._count(n)):
+        if self._inflight > self._receive_window + READ_BYTES or (self._count is not None and not self._count(n)):
             self.abort()
             return
         self.received += n
@@ -274,12 +325,6 @@ class Stream(asyncio.Protocol):
         if self._on_closed is not None:
             callback, self._on_closed = self._on_closed, None
             callback(self)
-
-
-def _read_more(transport: asyncio.BaseTransport) -> None:
-    """Let asyncio's selector transports read :data:`READ_BYTES` at a time (fewer, larger reads)."""
-    if isinstance(getattr(transport, "max_size", None), int):
-        transport.max_size = READ_BYTES  # type: ignore[attr-defined]
 
 
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
@@ -416,10 +461,16 @@ def _readable_bytes(fd: int) -> int:
 
 
 class PipeWriter(asyncio.Protocol):
-    """The writing end of the outgoing net pipe (credit bounds what it buffers: no pausing)."""
+    """The writing end of the outgoing net pipe: past :data:`PIPE_HIGH` buffered, sockets stop."""
 
     def __init__(self, mux: Mux) -> None:
         self._mux = mux
+
+    def pause_writing(self) -> None:
+        self._mux.set_pipe_full(True)
+
+    def resume_writing(self) -> None:
+        self._mux.set_pipe_full(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._mux.close()

@@ -139,7 +139,9 @@ class Relay:
         for address in allowed:
             try:
                 await loop.create_connection(
-                    lambda: netpipe.Stream(self.mux, conn, count=self._count), str(address), port
+                    lambda: netpipe.Stream(self.mux, conn, count=self._count, send_window=netpipe.DOWNLOAD_WINDOW,
+                                           receive_window=netpipe.UPLOAD_WINDOW),
+                    str(address), port,
                 )
             except OSError as exc:
                 error = exc

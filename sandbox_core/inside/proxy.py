@@ -130,7 +130,10 @@ class Proxy:
             transport.close()
             return
         conn = next(self._ids)
-        stream = netpipe.Stream(self.mux, conn, started=False) if self.mux is not None else None
+        stream = None
+        if self.mux is not None:
+            stream = netpipe.Stream(self.mux, conn, started=False, send_window=netpipe.UPLOAD_WINDOW,
+                                    receive_window=netpipe.DOWNLOAD_WINDOW)  # fmt: skip
         try:
             answer: Any = await self.channel.ask_host(
                 EGRESS_OPEN, {"conn": conn, "host": request.host, "port": request.port}
@@ -152,6 +155,7 @@ class Proxy:
             return
         transport.set_protocol(stream)
         stream.connection_made(transport)
+        stream.paused_by_caller()
         if request.connect:
             transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         stream.start()
@@ -160,7 +164,7 @@ class Proxy:
             stream.data_received(first)
         if client.eof:
             stream.eof_received()
-        transport.resume_reading()
+        stream.update_reading()
 
     def close(self) -> None:
         if self.server is not None:

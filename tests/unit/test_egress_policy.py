@@ -144,6 +144,9 @@ class _Sink(asyncio.WriteTransport):
     def is_closing(self) -> bool:
         return False
 
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
 
 async def test_a_peer_past_its_window_loses_only_its_connection() -> None:
     from sandbox_core import datapipe
@@ -151,11 +154,11 @@ async def test_a_peer_past_its_window_loses_only_its_connection() -> None:
     mux = netpipe.Mux()
     out = _Sink()
     mux.attach(out)
-    greedy, other = netpipe.Stream(mux, 1), netpipe.Stream(mux, 2)
+    greedy, other = netpipe.Stream(mux, 1, receive_window=netpipe.UPLOAD_WINDOW), netpipe.Stream(mux, 2)
     read_end, write_end = os.pipe()
     reader = netpipe.PipeIn(read_end, mux)
     payload = b"x" * datapipe.MAX_PAYLOAD
-    frames = (netpipe.WINDOW + netpipe.READ_BYTES) // datapipe.MAX_PAYLOAD + 1  # past a window and one read
+    frames = (netpipe.UPLOAD_WINDOW + netpipe.READ_BYTES) // datapipe.MAX_PAYLOAD + 1  # past a window and one read
     with os.fdopen(write_end, "wb") as pipe:
         writer = asyncio.create_task(asyncio.to_thread(
             pipe.write, (datapipe.frame(1, datapipe.KIND_NET_DATA, payload) + payload) * frames))  # fmt: skip
