@@ -13,8 +13,9 @@ as :mod:`sandbox_core.datapipe` frames of the net kinds:
 Flow control is credit per connection, like an SSH channel's window: a side stops reading its
 socket once a window of bytes is sent and not yet credited (:data:`DOWNLOAD_WINDOW` host →
 sandbox, :data:`UPLOAD_WINDOW` sandbox → host; the read that crosses it is sent whole, so a
-receiver accepts a window plus one read, :data:`READ_BYTES`); the
-receiver credits bytes once its own socket has taken them. Neither side ever has to stop
+receiver accepts a window plus one read, :data:`READ_BYTES`); the receiver credits bytes once
+its own socket has taken them. Apart from the windows, a side whose outgoing pipe is backed
+up (:data:`PIPE_HIGH`) stops reading every socket until it drains. Neither side ever has to stop
 reading a pipe, so a connection whose far end is slow cannot stall another (no head-of-line
 blocking), and what a side buffers for one connection is bounded by the window plus one
 read. A peer that sends past the window, or credits more than it was sent, loses that
@@ -22,7 +23,8 @@ connection (CLOSE), never the worker.
 
 Each side reads its incoming pipe by hand (:class:`PipeIn`): a ``DATA`` payload for a socket
 with nothing buffered moves from the pipe into the socket with ``splice(2)``, never through
-the process (the relay's share of a download is then one copy, on the host).
+the process. Sockets are read into one buffer per side (no allocation per read). What the relay
+still copies is the host's: the upstream socket into its buffer, the buffer into the pipe.
 """
 
 from __future__ import annotations
@@ -51,7 +53,6 @@ PIPE_HIGH = 256 * 1024
 """Bytes a side may hold for its outgoing net pipe (beyond the pipe's own 1 MiB) before every
 connection stops reading its socket: the bytes then wait in the kernel's socket buffers, not
 in this process (asyncio's pipe buffer is a bytearray that every partial write shifts)."""
-"""Bytes of one connection that may be in flight (sent, not yet credited) in one direction."""
 CREDIT_BATCH = 128 * 1024
 """Credit is returned in pieces of at least this many bytes (fewer frames); below any window."""
 _CREDIT = struct.Struct(">I")
