@@ -31,6 +31,7 @@ from sandbox_core.shared import EGRESS_OPEN, EGRESS_PROXY_PORT
 MAX_HEAD = 64 * 1024
 """Largest request head (request line and headers) the proxy reads."""
 _HOP_HEADERS = frozenset({b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive"})
+"""Headers for this hop only: never sent on."""
 
 
 class BadRequest(ValueError):
@@ -72,18 +73,13 @@ def parse_head(head: bytes) -> ProxyRequest:
     if not url.hostname:
         raise BadRequest(f"no host in {target!r}")
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-    out = [f"{method} {path} {version}".encode("ascii")]
-    has_host = False
+    # Host is the URI's, whatever the client said: the host checked the URI's name, so the
+    # request must not name another site served at the same address.
+    out = [f"{method} {path} {version}".encode("ascii"), b"Host: " + url.netloc.rpartition("@")[2].encode("idna")]
     for line in lines[1:]:
-        if not line:
-            continue
         name = line.split(b":", 1)[0].strip().lower()
-        if name in _HOP_HEADERS:
-            continue
-        has_host = has_host or name == b"host"
-        out.append(line)
-    if not has_host:
-        out.append(b"Host: " + url.netloc.rpartition("@")[2].encode("idna"))
+        if line and name not in _HOP_HEADERS and name != b"host":
+            out.append(line)
     out.append(b"Connection: close")
     return ProxyRequest(False, url.hostname, port_number, b"\r\n".join(out) + b"\r\n\r\n")
 

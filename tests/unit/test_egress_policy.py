@@ -167,3 +167,20 @@ async def test_a_peer_past_its_window_loses_only_its_connection() -> None:
     assert 1 not in mux.streams and not other.finished and mux.streams[2] is other
     assert out.data.endswith(datapipe.frame(1, datapipe.KIND_NET_CLOSE))
     reader.close()
+
+
+def test_a_plain_request_is_sent_on_in_origin_form_naming_its_own_host() -> None:
+    from sandbox_core.inside.proxy import BadRequest, parse_head
+
+    head = (b"GET http://registry.test:8080/simple/six/?x=1 HTTP/1.1\r\nHost: evil.example\r\n"
+            b"Proxy-Authorization: Basic eA==\r\nProxy-Connection: keep-alive\r\nAccept: */*\r\n\r\n")  # fmt: skip
+    request = parse_head(head)
+    assert (request.connect, request.host, request.port) == (False, "registry.test", 8080)
+    assert request.head == (b"GET /simple/six/?x=1 HTTP/1.1\r\nHost: registry.test:8080\r\nAccept: */*\r\n"
+                            b"Connection: close\r\n\r\n")  # fmt: skip
+    connect = parse_head(b"CONNECT [::1]:443 HTTP/1.1\r\n\r\n")
+    assert (connect.connect, connect.host, connect.port) == (True, "::1", 443)
+    for bad in (b"GET /relative HTTP/1.1\r\n\r\n", b"GET https://x/ HTTP/1.1\r\n\r\n",
+                b"CONNECT host HTTP/1.1\r\n\r\n", b"GARBAGE\r\n\r\n"):  # fmt: skip
+        with pytest.raises(BadRequest):
+            parse_head(bad)
