@@ -607,6 +607,111 @@ async def keystroke_echo(config: ProcessSandboxConfig, n: int) -> Figure:
                                                   "baseline": "the same shell on a local pty"})
 
 
+_BYTES_SERVER = r"""
+import socket, sys, threading
+block = bytes(1 << 20)
+def serve(conn):
+    with conn:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            part = conn.recv(65536)
+            if not part:
+                return
+            head += part
+        size = int(head.split(b" ")[1].rsplit(b"/", 1)[1])
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % size)
+        while size > 0:
+            n = conn.send(memoryview(block)[: min(size, len(block))])
+            size -= n
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+while True:
+    conn, _ = listener.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
+def _curl_times(out: str) -> list[float]:
+    return [float(line) for line in out.split() if line.strip()]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def egress_throughput(config: ProcessSandboxConfig, size: int, n: int, rounds: int = 5) -> list[Figure]:
+    """A download through the sandbox's proxy (plain HTTP and CONNECT) against the same download
+    by the same client (curl) straight from the host; and the added latency of one connection
+    (a small request through the proxy against one straight from the host).
+
+    The server is a separate process on 127.0.0.1, reached inside by a ``network.hosts`` name.
+    The three downloads run in turn, ``rounds`` times; each ratio is the median of the rounds'
+    ratios, so a machine whose load changes during the run skews both sides alike."""
+    from sandbox_core.config import NetworkPolicy
+
+    if shutil.which("curl") is None:
+        return [Figure("egress download throughput", 0.0, "MB/s", "skipped: no curl on this host")]
+    server = await asyncio.create_subprocess_exec(sys.executable, "-c", _BYTES_SERVER, stdout=asyncio.subprocess.PIPE)
+    times: dict[str, list[float]] = {"direct": [], "plain HTTP": [], "CONNECT": []}
+    cpu: dict[str, list[float]] = {"plain HTTP": [], "CONNECT": []}
+    try:
+        assert server.stdout is not None
+        port = int((await server.stdout.readline()).decode())
+        net = NetworkPolicy(mode="allowlist", allow=("registry.bench",), hosts={"registry.bench": "127.0.0.1"},
+                            allow_private=("127.0.0.1/32",), max_connections=64)  # fmt: skip
+        fmt = "%{time_total}\\n"
+
+        async def host_curl(url: str, times: int) -> list[float]:
+            script = f"for i in $(seq {times}); do curl -s -o /dev/null -w '{fmt}' {url}; done"
+            proc = await asyncio.create_subprocess_shell(script, stdout=asyncio.subprocess.PIPE)
+            out, _ = await proc.communicate()
+            return _curl_times(out.decode())
+
+        async with SandboxOrchestrator(config.replace(min_idle=0, request_timeout=600, network=net)) as pool:
+            async def inside(flags: str, path: str, times: int) -> list[float]:
+                script = (f"for i in $(seq {times}); do curl -s -o /dev/null {flags} -w '{fmt}' "
+                          f"http://registry.bench:{port}{path}; done")  # fmt: skip
+                result = await pool.execute("bench", ExecRequest(shell=script))
+                return _curl_times(result.stdout_text)
+
+            await inside("", "/bytes/100", 1)  # the worker is up
+            worker = _worker_python_pid(pool.list_workers()[0]["pid"])
+            for _ in range(rounds):
+                times["direct"] += await host_curl(f"http://127.0.0.1:{port}/bytes/{size}", 1)
+                for how, flags in (("plain HTTP", ""), ("CONNECT", "-p")):
+                    before = time.process_time() + _cpu_seconds(worker)
+                    times[how] += await inside(flags, f"/bytes/{size}", 1)
+                    cpu[how].append(time.process_time() + _cpu_seconds(worker) - before)
+            direct_small = await host_curl(f"http://127.0.0.1:{port}/bytes/100", n)
+            small = await inside("-p", "/bytes/100", n)
+    finally:
+        server.kill()
+        await server.wait()
+    mb = size / 1e6
+    direct = statistics.median(times["direct"])
+    figures = []
+    for how in ("plain HTTP", "CONNECT"):
+        ratio = statistics.median(d / t for d, t in zip(times["direct"], times[how], strict=True))
+        seconds = statistics.median(times[how])
+        figures.append(Figure(
+            f"egress download ({how})", round(mb / seconds, 1), "MB/s", ">= 0.5x direct", ratio >= 0.5,
+            baseline=round(mb / direct, 1), ratio=round(ratio, 3),
+            detail={"bytes": size, "rounds": rounds, "client": "curl",
+                    "baseline": "the same curl download from the host",
+                    "relay_cpu_s": round(statistics.median(cpu[how]), 3)},
+        ))  # fmt: skip
+    added = statistics.median(small) - statistics.median(direct_small)
+    figures.append(Figure(
+        "egress added latency per connection (CONNECT + small GET)", _ms(added), "ms", "", None,
+        baseline=_ms(statistics.median(direct_small)), detail={"through_proxy_p50_ms": _ms(statistics.median(small)),
+                                                               "samples": n},
+    ))  # fmt: skip
+    return figures
+
+
 Step = tuple[str, Callable[[], Awaitable[Figure | list[Figure]]]]
 
 
@@ -628,6 +733,9 @@ def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
     if config.profile == "strict":
         steps.insert(1, ("strict vs bare bwrap", lambda: strict_vs_bare_bwrap(config, n)))
         steps.insert(-1, ("model endpoint", lambda: model_endpoint_call(config, n * 5)))
+
+
+        steps.append(("egress throughput", lambda: egress_throughput(config, (50 if quick else 200) * 1000 * 1000, n)))
     return steps
 
 

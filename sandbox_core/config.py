@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -27,6 +28,7 @@ from typing import Any, Literal
 from sandbox_core.errors import ConfigError
 
 Profile = Literal["strict", "process"]
+NetworkMode = Literal["none", "allowlist"]
 Provider = Literal["auto", "anthropic", "offline"]
 Source = Literal["default", "file", "env", "flag"]
 
@@ -235,6 +237,74 @@ class RecordConfig:
 
 
 @dataclass(frozen=True)
+class NetworkPolicy:
+    """What a strict sandbox may reach through its proxy (the host resolves and connects).
+
+    Entries of ``allow``, ``deny`` and ``users`` are ``NAME`` or ``NAME:PORT``; a name is a
+    host name, ``*.SUFFIX`` (any name below SUFFIX, not SUFFIX itself) or ``*`` (any name).
+    ``deny`` wins over ``allow``. An address a name resolves to (or an IP literal) that is not
+    public (loopback, private, link-local, multicast, metadata...) is refused unless
+    ``allow_private`` lists it.
+    """
+
+    mode: NetworkMode = "none"
+    """``none``: no network (the proxy answers 403 saying so); ``allowlist``: ``allow`` only."""
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+    hosts: Mapping[str, str] = field(default_factory=dict)
+    """Static name -> IP address overrides used by the host instead of DNS."""
+    allow_private: tuple[str, ...] = ()
+    """CIDRs of non-public addresses that may be reached after resolution (and as IP literals)."""
+    users: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Per-user narrowing: a listed user reaches only what both ``allow`` and their list allow."""
+    max_connections: int = 32
+    """Connections one worker may have open (or opening) at once."""
+    max_mb: int = 0
+    """MiB one worker may relay over its life, both directions together (0 = no limit)."""
+    connect_timeout: float = 10.0
+    """Seconds the host gives name resolution plus the TCP connect of one connection."""
+
+
+_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
+HOST_PATTERN = re.compile(rf"^(\*|(\*\.)?{_LABEL}(\.{_LABEL})*)$")
+"""A host name (lower case, labels of letters, digits, ``-``, ``_``), ``*.SUFFIX`` or ``*``."""
+
+
+def parse_host_entry(entry: str) -> tuple[str, int | None]:
+    """``NAME[:PORT]`` as (name, port or None), or ValueError saying what is wrong."""
+    if not isinstance(entry, str) or entry != entry.strip() or not entry:
+        raise ValueError(f"{entry!r} is not a host name")
+    name, sep, port_text = entry.lower().rpartition(":") if ":" in entry else (entry.lower(), "", "")
+    port: int | None = None
+    if sep:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{entry!r}: the port must be 1-65535")
+        port = int(port_text)
+    name = name.rstrip(".") if name != "." else name
+    if is_ip_literal(name.strip("[]")):
+        raise ValueError(f"{entry!r} is an IP address: addresses are allowed by network.allow_private")
+    if len(name) > 253 or not HOST_PATTERN.match(name):
+        raise ValueError(f"{entry!r} is not a host name, '*.SUFFIX' or '*' (with an optional ':PORT')")
+    return name, port
+
+
+def is_ip_literal(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_cidr(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR (or one address) of ``allow_private``, or ValueError."""
+    try:
+        return ipaddress.ip_network(entry, strict=True)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{entry!r} is not a CIDR ({exc})") from None
+
+
+@dataclass(frozen=True)
 class ProcessSandboxConfig:
     """Everything the orchestrator and its workers need, immutable once loaded."""
 
@@ -283,6 +353,7 @@ class ProcessSandboxConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     record: RecordConfig = field(default_factory=RecordConfig)
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -376,6 +447,46 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
                 raise ConfigError(f"service.{name}", f"{uid!r} is not a numeric uid")
     if not re.match(r"^https?://", cfg.model.base_url):
         raise ConfigError("model.base_url", f"must be an http(s) URL, got {cfg.model.base_url!r}")
+    _validate_network(cfg)
+
+
+def _validate_network(cfg: ProcessSandboxConfig) -> None:
+    """Every network entry parses, or ConfigError naming the setting and the entry."""
+    net = cfg.network
+    if net.mode not in ("none", "allowlist"):
+        raise ConfigError("network.mode", f"must be 'none' or 'allowlist', got {net.mode!r}")
+    if net.mode == "allowlist" and cfg.profile != "strict":
+        raise ConfigError("network.mode", f"'allowlist' needs the strict profile: the {cfg.profile} profile has no "
+                          "network namespace of its own, so nothing would stop a direct connection")  # fmt: skip
+    _positive(net, ("max_connections", "connect_timeout"), "network.")
+    _positive(net, ("max_mb",), "network.", zero_ok=True)
+    lists: list[tuple[str, tuple[str, ...]]] = [("network.allow", net.allow), ("network.deny", net.deny)]
+    for user, entries in net.users.items():
+        try:
+            validate_user_id(user)
+        except ConfigError as exc:
+            raise ConfigError("network.users", exc.message) from None
+        lists.append((f"network.users.{user}", entries))
+    for setting, entries in lists:
+        for entry in entries:
+            try:
+                parse_host_entry(entry)
+            except ValueError as exc:
+                raise ConfigError(setting, str(exc)) from None
+    for name, address in net.hosts.items():
+        try:
+            host, port = parse_host_entry(name)
+        except ValueError as exc:
+            raise ConfigError("network.hosts", str(exc)) from None
+        if port is not None or host.startswith("*"):
+            raise ConfigError("network.hosts", f"{name!r}: a key is one plain host name (no port, no wildcard)")
+        if not is_ip_literal(address):
+            raise ConfigError("network.hosts", f"{name!r} = {address!r}: the value must be an IP address")
+    for entry in net.allow_private:
+        try:
+            parse_cidr(entry)
+        except ValueError as exc:
+            raise ConfigError("network.allow_private", str(exc)) from None
 
 
 def _path_problem(path: str) -> str | None:
@@ -431,6 +542,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "model": ModelConfig,
     "service": ServiceConfig,
     "record": RecordConfig,
+    "network": NetworkPolicy,
 }
 _ENV_ALIASES = {"ANTHROPIC_API_KEY": "model.api_key", "ANTHROPIC_BASE_URL": "model.base_url"}
 
@@ -509,6 +621,12 @@ def _coerce(key: str, tp: Any, value: Any, from_text: bool) -> Any:
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
             _fail(key, "a list of strings", value)
         return tuple(value)
+    if (origin in (Mapping, dict) or tp is Mapping) and args and typing.get_origin(args[1]) is tuple:
+        if not isinstance(value, dict) or not all(
+            isinstance(v, list | tuple) and all(isinstance(e, str) for e in v) for v in value.values()
+        ):
+            _fail(key, "a table of lists of strings (set it in the config file)", value)
+        return {k: tuple(v) for k, v in value.items()}
     if origin in (Mapping, dict) or tp is Mapping:
         if from_text and isinstance(value, str):
             pairs = [p for p in value.split(",") if p.strip()]

@@ -33,6 +33,9 @@ MAX_PAYLOAD = 1024 * 1024
 KIND_END, KIND_STDOUT, KIND_STDERR, KIND_STDIN = 0, 1, 2, 3
 STREAMS: dict[int, Literal["stdout", "stderr"]] = {KIND_STDOUT: "stdout", KIND_STDERR: "stderr"}
 _KINDS = frozenset({KIND_END, KIND_STDOUT, KIND_STDERR, KIND_STDIN})
+KIND_NET_DATA, KIND_NET_EOF, KIND_NET_CREDIT, KIND_NET_CLOSE = 16, 17, 18, 19
+"""Kinds of the network pipes (:mod:`sandbox_core.netpipe`), keyed by a connection id."""
+NET_KINDS = frozenset({KIND_NET_DATA, KIND_NET_EOF, KIND_NET_CREDIT, KIND_NET_CLOSE})
 PIPE_BYTES = 1024 * 1024
 """Capacity asked of the data pipe (F_SETPIPE_SZ): fewer, larger reads and writes."""
 F_SETPIPE_SZ = 1031
@@ -50,8 +53,9 @@ class FrameError(ValueError):
 class DataSplitter:
     """Feed bytes from the data pipe; each complete frame goes to ``deliver`` as it is found."""
 
-    def __init__(self, deliver: Callable[[int, int, bytes], None]) -> None:
+    def __init__(self, deliver: Callable[[int, int, bytes], None], kinds: frozenset[int] = _KINDS) -> None:
         self._deliver = deliver
+        self._kinds = kinds
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> None:
@@ -71,7 +75,7 @@ class DataSplitter:
         at = 0
         while len(view) - at >= HEADER.size:
             request_id, kind, length = HEADER.unpack_from(view, at)
-            if kind not in _KINDS or length > MAX_PAYLOAD or (kind == KIND_END and length):
+            if kind not in self._kinds or length > MAX_PAYLOAD or (kind == KIND_END and length):
                 raise FrameError(f"not an output frame (kind {kind}, length {length})")
             end = at + HEADER.size + length
             if end > len(view):

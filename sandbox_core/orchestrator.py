@@ -51,7 +51,14 @@ from sandbox_core.events import Event
 from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace
 from sandbox_core.process_tree import kill_session
 from sandbox_core.record import Record, RunLog, new_run_id
-from sandbox_core.requests import LAST_CONVERSATION, AgentRequest, ExecRequest, Request, RequestResult
+from sandbox_core.requests import (
+    LAST_CONVERSATION,
+    AgentRequest,
+    ExecRequest,
+    Request,
+    RequestResult,
+    network_param,
+)
 from sandbox_core.terminal import LOGIN_SHELL, TerminalSession, terminal_session
 from sandbox_core.worker import Launcher, SandboxWorker, WorkerState
 
@@ -205,7 +212,8 @@ class SandboxOrchestrator:
             stdin = request.stdin_stream() if isinstance(request, ExecRequest) else None
             resize = request.resize if isinstance(request, ExecRequest) else None
             stream = worker.execute_stream(
-                request.method, request.params(), request.timeout, stdin=stdin, resize=resize
+                request.method, request.params(), request.timeout, stdin=stdin, resize=resize,
+                network=network_param(request),
             )
             try:
                 async for event in stream:

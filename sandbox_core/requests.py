@@ -8,6 +8,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from sandbox_core.config import parse_host_entry
 from sandbox_core.events import Event
 
 INLINE_STDIN = 64 * 1024
@@ -36,10 +37,14 @@ class ExecRequest:
     """``TERM`` for a ``tty`` command (letters, digits, ``._+-``; default ``xterm``)."""
     resize: AsyncIterable[Window] | None = None
     """New window sizes of a ``tty`` command, sent to it as they come."""
+    network: tuple[str, ...] | None = None
+    """Narrow the network policy for this request (``network.allow`` entries; a connection must
+    pass these *and* the configured policy; ``()`` = none at all). It never widens the policy."""
 
     method = "exec"
 
     def __post_init__(self) -> None:
+        _check_network(self.network)
         if (self.argv is None) == (self.shell is None):
             raise ValueError("ExecRequest needs exactly one of argv and shell")
         if self.argv is not None and not self.argv:
@@ -92,6 +97,17 @@ def check_window(rows: int, cols: int) -> None:
             raise ValueError(f"terminal {name} must be an integer from 1 to {MAX_WINDOW_SIDE}, not {value!r}")
 
 
+def _check_network(entries: tuple[str, ...] | None) -> None:
+    for entry in entries or ():
+        parse_host_entry(entry)  # ValueError names the entry
+
+
+def network_param(request: object) -> tuple[str, ...] | None:
+    """The request's own narrowing of the network policy (kept on the host, never sent)."""
+    entries = getattr(request, "network", None)
+    return tuple(entries) if entries is not None else None
+
+
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -123,8 +139,13 @@ class AgentRequest:
     return_history: bool = False
     """Ask the worker for the conversation's messages in ``done`` (the orchestrator asks when it
     keeps a record, stores them, and strips them from the event)."""
+    network: tuple[str, ...] | None = None
+    """Narrow the network policy for this run, as :attr:`ExecRequest.network`."""
 
     method = "agent.run"
+
+    def __post_init__(self) -> None:
+        _check_network(self.network)
 
     def params(self) -> dict[str, Any]:
         params: dict[str, Any] = {"prompt": self.prompt, "conversation_id": self.conversation_id}

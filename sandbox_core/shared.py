@@ -30,13 +30,30 @@ PLACEHOLDER_API_KEY = "sandbox-gateway"
 GATEWAY_METHOD = "gateway.request"
 """The worker → host JSON-RPC method that carries one HTTP request."""
 
+EGRESS_PROXY_PORT = 3128
+"""The port of the network proxy on the strict sandbox's own loopback (127.0.0.1)."""
+EGRESS_OPEN = "egress.open"
+"""The worker → host JSON-RPC method asking for one outbound connection (the host decides)."""
+NO_PROXY = "localhost,127.0.0.1,::1"
+"""Names commands reach directly, never through the proxy (the sandbox's own loopback)."""
+
+
+def proxy_environment(port: int = EGRESS_PROXY_PORT) -> dict[str, str]:
+    """The variables every command of a strict sandbox gets: its proxy, in both spellings."""
+    url = f"http://127.0.0.1:{port}"
+    env: dict[str, str] = {}
+    for name, value in (("HTTP_PROXY", url), ("HTTPS_PROXY", url), ("ALL_PROXY", url), ("NO_PROXY", NO_PROXY)):
+        env[name] = env[name.lower()] = value
+    return env
+
+
 CANARY_PREFIX = "sbx-canary-"
 CANARY_RE = re.compile(rb"sbx-canary-[0-9a-f]{32}")
 """The public shape of every audit canary: the prefix and 32 random hex digits."""
 STATIC_PROBES = (
     "worker_fds", "worker_env", "caps", "proc_scan", "files", "write_outside", "symlink_escape",
     "hardlink_escape", "host_tcp", "host_unix", "outbound", "ptrace", "userns", "setuid",
-    "other_workspace", "protected", "host_paths", "model_endpoint",
+    "other_workspace", "protected", "host_paths", "model_endpoint", "egress",
 )  # fmt: skip
 """Probes of the first ``audit.probe`` request, in order (fds first: nothing else is open yet)."""
 LIMIT_PROBES = ("fork_bomb", "memory_hog")

@@ -41,6 +41,7 @@ from typing import Any
 
 from sandbox_core import datapipe
 from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.egress import Relay
 from sandbox_core.errors import (
     ConfigError,
     GatewayError,
@@ -67,7 +68,7 @@ from sandbox_core.protocol import (
     encode,
 )
 from sandbox_core.requests import RequestResult
-from sandbox_core.shared import HOST_CHUNK
+from sandbox_core.shared import EGRESS_OPEN, HOST_CHUNK
 
 _log = logging.getLogger("sandbox_core.worker")
 HostHandler = Callable[["SandboxWorker", str, dict[str, Any]], AsyncIterator[dict[str, Any]]]
@@ -209,6 +210,9 @@ class SandboxWorker:
         self._broken_error: SandboxError | None = None
         self._starting: asyncio.Future[None] | None = None
         self._stopped_while_starting = False
+        self.egress: Relay | None = None
+        """The host's half of this worker's network (strict workers), set at spawn."""
+        self._egress_calls: dict[RequestId, asyncio.Task[None]] = {}
         self._swept: asyncio.Future[None] | None = None
         """The clean-up after exit (session sweep, cgroups), run in a thread; stop() awaits it."""
 
@@ -320,7 +324,16 @@ class SandboxWorker:
         loop = asyncio.get_running_loop()
         data_read, data_write = os.pipe2(os.O_CLOEXEC)
         stdin_read, stdin_write = os.pipe2(os.O_CLOEXEC)
-        for fd in (data_write, stdin_write):
+        inside_ends, host_ends = [data_write, stdin_read], [data_read, stdin_write]
+        net = spec.plan.get("network")
+        if isinstance(net, dict):
+            self.egress = Relay(self.config.network, self.worker_id, lambda: self.user_id)
+        if isinstance(net, dict) and net.get("pipes"):  # worker -> host, host -> worker
+            (up_read, up_write), (down_read, down_write) = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
+            inside_ends += [up_write, down_read]
+            host_ends += [up_read, down_write]
+        writing_ends = [data_write, stdin_write, *([inside_ends[2], host_ends[3]] if len(inside_ends) == 4 else [])]
+        for fd in writing_ends:
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
         try:
@@ -334,15 +347,15 @@ class SandboxWorker:
                 cwd=spec.cwd,
                 start_new_session=True,
                 close_fds=True,
-                pass_fds=(*spec.pass_fds, data_write, stdin_read),
+                pass_fds=(*spec.pass_fds, *inside_ends),
             )
         except BaseException:
-            os.close(data_read)
-            os.close(stdin_write)
+            for fd in host_ends:
+                os.close(fd)
             raise
         finally:
-            os.close(data_write)
-            os.close(stdin_read)
+            for fd in inside_ends:
+                os.close(fd)
         self._transport = transport
         self._pid = transport.get_pid()
         self._data, _ = await loop.connect_read_pipe(
@@ -352,11 +365,15 @@ class SandboxWorker:
             asyncio.streams.FlowControlMixin, os.fdopen(stdin_write, "wb", buffering=0)
         )
         self._stdin = asyncio.StreamWriter(stdin_transport, stdin_protocol, None, loop)
+        if len(host_ends) == 4 and self.egress is not None:
+            await self.egress.attach(host_ends[2], host_ends[3])
         if spec.after_spawn is not None:  # e.g. into its cgroups: file writes, off the loop
             await asyncio.to_thread(spec.after_spawn, self._pid)
         params: dict[str, Any] = {
             "worker_id": self.worker_id, "plan": spec.plan, "data_fd": data_write, "stdin_fd": stdin_read,
         }
+        if len(inside_ends) == 4:
+            params["net_fds"] = inside_ends[2:]
         reply = await self.call("initialize", params)
         if not isinstance(reply, dict) or reply.get("protocol") != PROTOCOL_VERSION:
             raise WorkerStartError(f"unexpected handshake reply: {reply!r:.200}")
@@ -456,6 +473,10 @@ class SandboxWorker:
                     call.cancel()
             else:
                 self._garbage(f"unknown notification {msg.method!r:.40}")
+        elif msg.method == EGRESS_OPEN and self.egress is not None and msg.id not in self._egress_calls:
+            task = asyncio.create_task(self._serve_egress(msg, self.egress))
+            self._egress_calls[msg.id] = task
+            task.add_done_callback(functools.partial(self._egress_done, msg.id))
         elif msg.id in self._host_calls or len(self._host_calls) >= MAX_HOST_CALLS:
             why = "duplicate call id" if msg.id in self._host_calls else f"over {MAX_HOST_CALLS} host calls at once"
             self._answer_nowait(Response(msg.id, error=GatewayError(f"refused: {why}").to_wire()))
@@ -472,6 +493,9 @@ class SandboxWorker:
         stdin = self._transport.get_pipe_transport(0) if self._transport is not None else None
         if isinstance(stdin, asyncio.WriteTransport) and not stdin.is_closing():
             stdin.write(encode(response))
+
+    def _egress_done(self, call_id: RequestId, _task: asyncio.Task[None]) -> None:
+        self._egress_calls.pop(call_id, None)
 
     def _host_call_done(self, call_id: RequestId, _task: asyncio.Task[None]) -> None:
         self._host_calls.pop(call_id, None)
@@ -551,6 +575,16 @@ class SandboxWorker:
         except Exception as exc:  # noqa: BLE001 - bad output frames must not break the reader
             self._break(f"its output pipe broke the host's reader ({type(exc).__name__}: {exc})")
 
+    async def _serve_egress(self, request: Request, relay: Relay) -> None:
+        """Answer one ``egress.open``: the host decides and connects (its own cap, not MAX_HOST_CALLS:
+        the relay refuses past ``network.max_connections``, connecting or open)."""
+        try:
+            result = await relay.open(request.params)
+        except Exception as exc:  # noqa: BLE001 - the worker must get an answer, not a hang
+            result = {"ok": False, "status": 502, "reason": "connect_failed", "message": f"host error: {exc!r:.200}"}
+        with contextlib.suppress(SandboxError):
+            await self._send(Response(request.id, result=result))
+
     async def _serve_host_call(self, request: Request) -> None:
         """Answer a call the worker made to the host, streaming chunks then a response."""
         if self._host_handler is None:
@@ -605,8 +639,10 @@ class SandboxWorker:
             )
         for pending in self._pending.values():
             pending.queue.put_nowait(error)
-        for task in self._host_calls.values():
+        for task in (*self._host_calls.values(), *self._egress_calls.values()):
             task.cancel()
+        if self.egress is not None:
+            self.egress.close()
         self._swept = asyncio.get_running_loop().run_in_executor(None, self._sweep)
 
     def _sweep(self) -> None:
@@ -686,16 +722,18 @@ class SandboxWorker:
         *,
         stdin: StdinSource | None = None,
         resize: AsyncIterable[tuple[int, int]] | None = None,
+        network: tuple[str, ...] | None = None,
     ) -> AsyncGenerator[Event, None]:
         """Send a request and yield ``started``, its events, then ``done`` (or raise).
 
         ``stdin`` (``exec`` only) streams to the command as it is produced; the request's
         params then say ``"stdin": "stream"``. An ``exec`` gets ``limits.output_mb``.
         ``resize`` (a ``tty`` exec) gives the terminal's new ``(rows, cols)`` as they come.
+        ``network`` narrows the egress policy while the request runs (kept here, on the host).
         """
         if method == "exec" and self.config.limits.output_mb:
             params = {**params, "output_limit": self.config.limits.output_mb * 1024 * 1024}
-        return self._stream(method, params, timeout, emit_started=True, stdin=stdin, resize=resize)
+        return self._stream(method, params, timeout, emit_started=True, stdin=stdin, resize=resize, network=network)
 
     def _next_id(self) -> int:
         self._last_id += 1
@@ -711,8 +749,11 @@ class SandboxWorker:
         raw: list[Any] | None = None,
         stdin: StdinSource | None = None,
         resize: AsyncIterable[tuple[int, int]] | None = None,
+        network: tuple[str, ...] | None = None,
     ) -> AsyncGenerator[Event, None]:
         request_id = self._next_id()
+        if self.egress is not None and emit_started:
+            self.egress.request_network = network
         on_data_pipe = self._data_pipe and method == "exec"
         if on_data_pipe:
             params = {**params, "output": "data_pipe"}
@@ -769,6 +810,8 @@ class SandboxWorker:
                 return
         finally:
             timer.cancel()
+            if self.egress is not None and emit_started:
+                self.egress.request_network = None
             for task in (feeder, resizer):
                 if task is not None:
                     task.cancel()

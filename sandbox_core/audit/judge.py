@@ -191,8 +191,13 @@ def _fds_command(ctx: Evidence) -> Verdict:
 
 def _fds_worker(ctx: Evidence) -> Verdict:
     fds: list[dict[str, Any]] = ctx.get("worker_fds")["fds"]
-    # control in and out, output and input pipes; the model endpoint's loopback listener (strict)
+    # control in and out, output and input pipes; the model endpoint's loopback listener (strict);
+    # the proxy's listening socket (strict) and the two net pipes when the policy allows network
     budget = {"pipe": 4, "eventpoll": 1, "socketpair": 2, "model endpoint": 1}
+    if ctx.config.profile == "strict":
+        budget["socket"] = 1
+        if ctx.config.network.mode == "allowlist":
+            budget["pipe"] += 2
     counts: dict[str, int] = {}
     unexpected: list[str] = []
     for entry in fds:
@@ -300,6 +305,39 @@ def _host_unix(ctx: Evidence) -> Verdict:
             "launch refused" if refused else f"LAUNCHED ({check.get('message', 'no error')})"
         )
     return ok, observed, details
+
+
+def _egress_tags(ctx: Evidence) -> list[str]:
+    return [str(s.get("tag")) for s in ctx.plants.recorder.seen if str(s["listener"]).startswith("egress")]
+
+
+def _egress_allowed(ctx: Evidence) -> Verdict:
+    obs = ctx.get("egress")["allowed"]
+    tags = _egress_tags(ctx)
+    ok = bool(obs.get("tunnel")) and "egress-allowed" in tags
+    status = obs.get("status") or obs.get("errno")
+    return ok, f"{obs.get('target')}: {status}; the listener saw {tags or 'nothing'}", obs
+
+
+def _egress_refused(label: str) -> Callable[[Evidence], Verdict]:
+    def evaluate(ctx: Evidence) -> Verdict:
+        obs = ctx.get("egress")[label]
+        tags = _egress_tags(ctx)
+        status = str(obs.get("status") or obs.get("errno"))
+        reached = f"egress-{label}" in tags or any(t != "egress-allowed" for t in tags)
+        ok = status.startswith("HTTP/1.1 403 ") and not obs.get("tunnel") and not reached
+        return ok, f"{obs.get('target')}: {status}; listener {'REACHED' if reached else 'saw nothing of it'}", obs
+
+    return evaluate
+
+
+def _egress_direct(ctx: Evidence) -> Verdict:
+    obs = ctx.get("egress")["direct"]
+    other = [s for s in ctx.plants.recorder.seen if str(s["listener"]).startswith("egress")
+             and s.get("tag") != "egress-allowed"]  # fmt: skip
+    ok = not obs.get("connected") and not other
+    outcome = "CONNECTED" if obs.get("connected") else f"{obs.get('stage')}: {obs.get('errno')}"
+    return ok, f"{obs.get('target')} {outcome}; untagged or other connections at the listener: {len(other)}", obs
 
 
 def _route_text(route: dict[str, Any]) -> str:
@@ -541,6 +579,11 @@ _EVALUATORS: dict[str, Callable[[Evidence], Verdict]] = {
     "net.host_unix": _host_unix,
     "net.outbound": _outbound,
     "model.endpoint": _model_endpoint,
+    "egress.allowed": _egress_allowed,
+    "egress.denied_name": _egress_refused("denied"),
+    "egress.ip_literal": _egress_refused("literal"),
+    "egress.private_name": _egress_refused("private"),
+    "egress.direct": _egress_direct,
     "proc.ptrace": _ptrace,
     "proc.vm_readv": _vm_readv,
     "ns.user": _userns,

@@ -53,16 +53,25 @@ from typing import Any
 
 from sandbox_core.audit import tree
 from sandbox_core.audit.tree import Tree
-from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.config import NetworkPolicy, ProcessSandboxConfig
 from sandbox_core.isolation.launch import host_sockets_checked_at_launch, workspace_owner
-from sandbox_core.shared import CANARY_PREFIX, sha256_hex
+from sandbox_core.shared import CANARY_PREFIX, proxy_environment, sha256_hex
 
 CANARY_VAR = "SANDBOX_AUDIT_CANARY"
 """The host environment variable that holds the environment canary during an audit."""
-SANDBOX_SET_VARS = frozenset({"HOME", "PWD", "LC_CTYPE"})
+SANDBOX_SET_VARS = frozenset({"HOME", "PWD", "LC_CTYPE", *proxy_environment()})
 """Variables the sandbox sets itself (HOME = the workspace, PWD from bwrap's chdir, LC_CTYPE
-from Python's locale coercion): accepted outside the allowlist only with a value that is not
-the host's own (a host value would mean it was inherited)."""
+from Python's locale coercion, the proxy variables of the strict profile): accepted outside the
+allowlist only with a value that is not the host's own (a host value would mean it was inherited)."""
+EGRESS_ALLOWED_ADDRESS = "127.77.0.1"
+"""Where the egress listener the audit's policy allows is bound (``allow_private`` lists it alone)..."""
+EGRESS_OTHER_ADDRESS = "127.77.0.2"
+"""...and its twin on the same port, which nothing may reach (a private name maps here, and the
+IP-literal probe asks for it)."""
+EGRESS_NAMES = {
+    "allowed": "allowed.audit.sandbox.test", "denied": "denied.audit.sandbox.test",
+    "private": "private.audit.sandbox.test",
+}  # fmt: skip
 
 
 class _Recorder:
@@ -81,8 +90,38 @@ class _Recorder:
 
         return on_connect
 
+    def tagged(self, kind: str) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
+        """Like :meth:`handler`, and records the first line the connection sends (its tag)."""
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            entry = {"listener": kind, "peer": str(writer.get_extra_info("peername"))[:120], "at": time.time(),
+                     "tag": None}  # fmt: skip
+            self.seen.append(entry)
+            with contextlib.suppress(Exception):
+                entry["tag"] = (await asyncio.wait_for(reader.readline(), 5.0)).decode(errors="replace")[:80].strip()
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+        return on_connect
+
     def count(self, prefix: str) -> int:
         return sum(1 for s in self.seen if s["listener"].startswith(prefix))
+
+
+def egress_policy(config: ProcessSandboxConfig) -> NetworkPolicy:
+    """The network policy the audit's worker runs with: the planted names only, so the audit
+    exercises the host's enforcement whatever the operator allows (``strict`` only: the other
+    profile cannot enforce one)."""
+    if config.profile != "strict":
+        return config.network
+    names = EGRESS_NAMES
+    return NetworkPolicy(
+        mode="allowlist", allow=tuple(names.values()), deny=(names["denied"],),
+        hosts={names["allowed"]: EGRESS_ALLOWED_ADDRESS, names["denied"]: EGRESS_ALLOWED_ADDRESS,
+               names["private"]: EGRESS_OTHER_ADDRESS},
+        allow_private=(f"{EGRESS_ALLOWED_ADDRESS}/32",), max_connections=8,
+    )  # fmt: skip
 
 
 @dataclass
@@ -98,6 +137,8 @@ class Plants:
     scratch: str
     nonce: str
     tcp_port: int = 0
+    egress_port: int = 0
+    """Port of the egress listeners (on :data:`EGRESS_ALLOWED_ADDRESS` and :data:`EGRESS_OTHER_ADDRESS`)."""
     unix_path: str = ""
     unix_in_workspace: str | None = None
     abstract: str = ""
@@ -128,6 +169,7 @@ class Plants:
             "peer_workspace": str(self.peer_dir),
             "scratch_dir": str(self.workspace / self.scratch),
             "tcp_listener": f"127.0.0.1:{self.tcp_port}",
+            "egress_listeners": [f"{a}:{self.egress_port}" for a in (EGRESS_ALLOWED_ADDRESS, EGRESS_OTHER_ADDRESS)],
             "unix_listeners": [p for p in (self.unix_path, self.unix_in_workspace and str(self.workspace /
                                self.unix_in_workspace), "@" + self.abstract,
                                self.socket_tree and str(self.socket_tree / "agent.sock")) if p],
@@ -182,6 +224,11 @@ async def planted(config: ProcessSandboxConfig) -> AsyncIterator[Plants]:
         tcp = await asyncio.start_server(rec.handler("tcp"), host="127.0.0.1", port=0)
         stack.push_async_callback(_close_server, tcp)
         plants.tcp_port = int(tcp.sockets[0].getsockname()[1])
+        egress = await asyncio.start_server(rec.tagged("egress:allowed"), host=EGRESS_ALLOWED_ADDRESS, port=0)
+        stack.push_async_callback(_close_server, egress)
+        plants.egress_port = int(egress.sockets[0].getsockname()[1])
+        twin = await asyncio.start_server(rec.tagged("egress:other"), EGRESS_OTHER_ADDRESS, plants.egress_port)
+        stack.push_async_callback(_close_server, twin)
         plants.abstract = f"sandbox-audit-{nonce}"
         await _serve_unix(stack, rec, "unix:abstract", _abstract_socket(plants.abstract))
 

@@ -29,6 +29,13 @@ CHECKS: tuple[tuple[str, str], ...] = (
                      "(route lookups only: nothing is sent)"),
     ("model.endpoint", "a command reaches the model through the loopback model endpoint with the placeholder "
                        "key (offline provider); the real key (a canary here) is never visible inside"),
+    ("egress.allowed", "under network.mode = allowlist, the allowed name reaches the planted listener through "
+                       "the proxy (CONNECT), resolved and connected by the host"),
+    ("egress.denied_name", "a name on network.deny is refused with 403 and the listener sees nothing"),
+    ("egress.ip_literal", "an IP literal not in network.allow_private is refused with 403; the listener sees nothing"),
+    ("egress.private_name", "a name resolving to a loopback address not in network.allow_private is refused with "
+                            "403; the listener sees nothing"),
+    ("egress.direct", "a direct socket to the listener, bypassing the proxy, fails; the listener sees nothing"),
     ("proc.ptrace", "PTRACE_SEIZE on another process is refused"),
     ("proc.vm_readv", "process_vm_readv on another process (a child, the parent) is refused"),
     ("ns.user", "unshare(CLONE_NEWUSER) fails"),

@@ -39,12 +39,18 @@ from pathlib import Path
 from typing import Any
 
 from sandbox_core.audit.judge import MAX_SPAWN, Evidence, classify_variables, judge
-from sandbox_core.audit.plant import planted
+from sandbox_core.audit.plant import (
+    EGRESS_ALLOWED_ADDRESS,
+    EGRESS_NAMES,
+    EGRESS_OTHER_ADDRESS,
+    egress_policy,
+    planted,
+)
 from sandbox_core.audit.report import CHECK_NAMES, AuditReport
 from sandbox_core.config import ProcessSandboxConfig, Secret, validate_user_id
 from sandbox_core.errors import SandboxError
 from sandbox_core.isolation.launch import launch_spec, worker_python
-from sandbox_core.shared import LIMIT_PROBES, PROBE_COMMAND_ENTRY, STATIC_PROBES
+from sandbox_core.shared import EGRESS_PROXY_PORT, LIMIT_PROBES, PROBE_COMMAND_ENTRY, STATIC_PROBES
 
 
 def host_namespaces() -> dict[str, str | None]:
@@ -175,6 +181,7 @@ async def run_audit(
 
     began = time.monotonic()
     config = config.replace(min_idle=0)
+    config = config.replace(network=egress_policy(config))
     limits = limit_plan(config)
     say("planting canaries")
     validate_user_id(user_id)
@@ -195,6 +202,8 @@ async def run_audit(
                 "workspace_root": str(config.workspace_root),
             },
             "tcp": {"host": "127.0.0.1", "port": plants.tcp_port},
+            "egress": {"proxy": EGRESS_PROXY_PORT, "port": plants.egress_port, **EGRESS_NAMES,
+                       "literal": EGRESS_OTHER_ADDRESS, "direct": EGRESS_ALLOWED_ADDRESS},
             "unix": {"path": plants.unix_path, "in_workspace": plants.unix_in_workspace,
                      "abstract": plants.abstract},
             "limits": limits,

@@ -146,6 +146,22 @@ class Channel:
             if not answered:  # the caller gave up (cancel, error): the host stops the call too
                 self.send_nowait(Notification("cancel", {"id": call_id}))
 
+    async def ask_host(self, method: str, params: dict[str, Any]) -> Any:
+        """Call the host and return its answer's result (a call that streams nothing)."""
+        call_id = f"w{next(self._ids)}"
+        call = _HostCall()
+        self._calls[call_id] = call
+        try:
+            await self.send(Request(call_id, method, params))
+            while True:
+                item = await call.queue.get()
+                if isinstance(item, Response):
+                    if item.error is not None:
+                        raise from_wire(item.error)
+                    return item.result
+        finally:
+            self._calls.pop(call_id, None)
+
     def route(self, msg: Response | Notification) -> bool:
         """Deliver a host response or chunk to its pending call; False if none matches."""
         if isinstance(msg, Response):

@@ -453,6 +453,40 @@ def probe_host_tcp(spec: Spec, workspace: Path) -> Observation:
     return {"attempts": [_connect(socket.AF_INET, (tcp["host"], int(tcp["port"])), _CONNECT_SECONDS)]}
 
 
+def _through_proxy(proxy: int, target: str, tag: str) -> Observation:
+    """``CONNECT target`` at the sandbox's proxy; on a tunnel, send ``tag`` (the listener records it)."""
+    obs: Observation = {"target": target}
+    try:
+        with socket.create_connection(("127.0.0.1", proxy), timeout=_CONNECT_SECONDS * 4) as sock:
+            sock.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                part = sock.recv(4096)
+                if not part:
+                    break
+                head += part
+            obs["status"] = head.split(b"\r\n", 1)[0].decode(errors="replace")[:300]
+            obs["tunnel"] = obs["status"].split(" ")[1:2] == ["200"]
+            if obs["tunnel"]:
+                sock.sendall(tag.encode() + b"\n")
+    except OSError as exc:
+        obs.update(status=None, tunnel=False, errno=_errname(exc))
+    return obs
+
+
+def probe_egress(spec: Spec, workspace: Path) -> Observation:
+    """Through the proxy: the allowed name, a denied name, an IP literal, a name resolving to a
+    non-listed address; and a direct socket to the listener, bypassing the proxy."""
+    egress = spec["egress"]
+    proxy, port = int(egress["proxy"]), int(egress["port"])
+    out: Observation = {"proxy_env": {k: os.environ.get(k) for k in ("HTTPS_PROXY", "NO_PROXY")}}
+    for label in ("allowed", "denied", "literal", "private"):
+        out[label] = _through_proxy(proxy, f"{egress[label]}:{port}", f"egress-{label}")
+    direct = _connect(socket.AF_INET, (str(egress["direct"]), port), _CONNECT_SECONDS)
+    out["direct"] = direct
+    return out
+
+
 def probe_host_unix(spec: Spec, workspace: Path) -> Observation:
     """Connect to the host's Unix listeners: a host path, one planted in the workspace, an abstract name."""
     unix = spec["unix"]
@@ -861,6 +895,7 @@ PROBES: dict[str, Callable[[Spec, Path], Observation]] = {
     "symlink_escape": probe_symlink_escape,
     "hardlink_escape": probe_hardlink_escape,
     "host_tcp": probe_host_tcp,
+    "egress": probe_egress,
     "host_unix": probe_host_unix,
     "outbound": probe_outbound,
     "ptrace": probe_ptrace,

@@ -35,9 +35,11 @@ from sandbox_core.protocol import (
     RequestId,
     Response,
 )
+from sandbox_core.shared import proxy_environment
 
 if TYPE_CHECKING:
     from sandbox_core.inside.model_endpoint import ModelEndpoint
+    from sandbox_core.inside.proxy import Proxy
     from sandbox_core.inside.runner import StdinSink
     from sandbox_core.inside.terminal import Terminals
 
@@ -85,6 +87,8 @@ class SandboxExecutor:
         """The highest integer request id seen: a stdin frame for a higher one is early."""
         self.terminals: Terminals | None = None
         """The ptys of running terminal requests (made on the first one)."""
+        self.proxy: Proxy | None = None
+        """The network proxy on the sandbox's loopback (strict profile), started at ``initialize``."""
         self.channel: Channel | None = None
         """The control pipe (set by the IPCHandler), to tell the host a command closed stdin."""
         self.model_endpoint: ModelEndpoint | None = None
@@ -139,6 +143,13 @@ class SandboxExecutor:
         endpoint = self.plan.get("model_endpoint")
         if isinstance(endpoint, dict):
             await self._start_model_endpoint(endpoint)
+        network = self.plan.get("network")
+        if isinstance(network, dict) and self.channel is not None:
+            from sandbox_core.inside import proxy
+
+            self.proxy = await proxy.start(self.channel, network, params.get("net_fds"))
+            os.environ.update(proxy_environment(self.proxy.port))
+            self.report["network"] = {"proxy": f"127.0.0.1:{self.proxy.port}", "mode": network.get("mode")}
         workspace = params.get("workspace")
         if isinstance(workspace, str):
             self._enter(str(params.get("user_id", "")), Path(workspace))

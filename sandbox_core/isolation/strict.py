@@ -36,7 +36,7 @@ from sandbox_core.isolation import cgroups, runtime
 from sandbox_core.isolation.protect import DENY, FREEZE, TreeGuard
 from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
-from sandbox_core.shared import MODEL_ENDPOINT_PORT
+from sandbox_core.shared import EGRESS_PROXY_PORT, MODEL_ENDPOINT_PORT
 
 WORKSPACE = "/workspace"
 HOME = "/home/sandbox"
@@ -345,6 +345,10 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
     }
     if "net" in namespaces:  # a loopback port of the sandbox's own: no other tenant can reach it
         plan["model_endpoint"] = {"port": MODEL_ENDPOINT_PORT, "max_body": config.model.max_body_bytes}
+    # The network crossing: the worker's proxy on the sandbox's loopback asks the host for each
+    # connection; the net pipes (the relay's bytes) exist only when the policy can allow one.
+    plan["network"] = {"mode": config.network.mode, "proxy_port": EGRESS_PROXY_PORT,
+                       "pipes": config.network.mode == "allowlist"}  # fmt: skip
     if ident is not None:
         plan["switch_user"] = {"uid": ident[0], "gid": ident[1]}
     if config.strict.landlock:

@@ -204,9 +204,10 @@ PROCESS_MUST_FAIL = (
     "proc.environ", "proc.cmdline", "proc.pids", "files.secret", "files.world", "files.write_outside",
     "escape.symlink", "escape.hardlink", "net.host_tcp", "net.host_unix", "net.outbound", "proc.ptrace",
     "proc.vm_readv", "priv.no_new_privs", "workspace.other_user", "workspace.protected", "proc.host_paths",
-    "limits.memory", "model.endpoint",
+    "limits.memory", "model.endpoint", "egress.allowed", "egress.denied_name", "egress.ip_literal",
+    "egress.private_name", "egress.direct",
 )  # fmt: skip
-"""Weaknesses of the ``process`` profile, whoever runs it."""
+"""Weaknesses of the ``process`` profile, whoever runs it (it has no proxy and the host's network)."""
 PROCESS_MUST_FAIL_AS_ROOT = ("files.shadow", "priv.capabilities", "priv.setuid", "ns.user", "limits.fork_bomb")
 """Further weaknesses when the host (and so the worker) is root."""
 HOST_SECRET = "TEST_AUDIT_HOST_SECRET_OF_SANDBOX"

@@ -1,0 +1,189 @@
+"""The host's half of one worker's network: decide each connection, resolve, connect, relay, log.
+
+The inside asks with ``egress.open {conn, host, port}``; :meth:`Relay.open` answers
+``{"ok": true, "address": ...}`` or ``{"ok": false, "status", "reason", "message",
+"policy"}``. The name is checked first (:class:`~sandbox_core.egress.policy.Policy`), then
+resolved **on the host** (``network.hosts`` overrides, else the system resolver in a
+thread), every address is checked, and the host connects to an address it checked (an IP
+literal, so nothing resolves it again: no DNS rebinding between the check and the connect).
+Bytes then flow over the worker's net pipes (:mod:`sandbox_core.netpipe`).
+
+Each worker has caps: ``network.max_connections`` open (or opening) at once, and
+``network.max_mb`` relayed over its life; a connection that crosses the byte cap is
+closed, and new ones are refused. Every decision is one line on the ``sandbox_core.egress``
+logger: user, host, port, address, reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from sandbox_core import netpipe
+from sandbox_core.config import NetworkPolicy
+from sandbox_core.egress.policy import Address, Decision, Policy, normal_host
+
+log = logging.getLogger("sandbox_core.egress")
+MAX_CONN_ID = 2**64 - 1
+_MiB = 1024 * 1024
+
+
+class Relay:
+    """One worker's connections: its decisions, its caps and the mux over its net pipes."""
+
+    def __init__(self, net: NetworkPolicy, worker_id: str, user: Callable[[], str | None]) -> None:
+        self.net = net
+        self.worker_id = worker_id
+        self._user = user
+        self.mux = netpipe.Mux(self._violation)
+        self._opening = 0
+        self.relayed = 0
+        """Bytes relayed by this worker, both directions."""
+        self.stats = {"allowed": 0, "refused": 0}
+        self.request_network: tuple[str, ...] | None = None
+        """The running request's own narrowing (set by the host's worker handle, never by the worker)."""
+        self._byte_cap = net.max_mb * _MiB
+        self._transports: list[asyncio.BaseTransport] = []
+        self._reader: netpipe.PipeIn | None = None
+
+    async def attach(self, read_fd: int, write_fd: int) -> None:
+        """Take the host's ends of the net pipes (read worker → host, write host → worker)."""
+        loop = asyncio.get_running_loop()
+        self._reader = netpipe.PipeIn(read_fd, self.mux)
+        writer, _ = await loop.connect_write_pipe(lambda: netpipe.PipeWriter(self.mux), os.fdopen(write_fd, "wb", 0))
+        self._transports.append(writer)
+        self.mux.attach(writer)
+
+    def close(self) -> None:
+        """The worker is gone: every connection is closed at once."""
+        self.mux.close()
+        if self._reader is not None:
+            self._reader.close()
+        for transport in self._transports:
+            transport.close()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self.mux.streams)
+
+    def _violation(self, why: str) -> None:
+        log.warning("egress worker=%s net pipe broke: %s; its connections are closed", self.worker_id, why)
+
+    def _count(self, n: int) -> bool:
+        self.relayed += n
+        return not self._byte_cap or self.relayed <= self._byte_cap
+
+    async def open(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Decide one ``egress.open`` and, if allowed, connect; the answer for the inside."""
+        user = self._user()
+        conn, host, port = params.get("conn"), params.get("host"), params.get("port")
+        if (
+            not isinstance(conn, int) or isinstance(conn, bool) or not 0 < conn <= MAX_CONN_ID
+            or not isinstance(host, str) or not isinstance(port, int) or isinstance(port, bool)
+            or not 0 < port < 65536 or len(host) > 300
+        ):  # fmt: skip
+            return self._answer(user, str(host)[:80], port if isinstance(port, int) else 0, None,
+                                Decision.refuse("bad_request", "egress.open needs conn, host and port"))
+        name = normal_host(host)
+        policy = Policy.for_user(self.net, user, self.request_network)
+        decision = policy.check_name(name, port)
+        if not decision.allowed:
+            return self._answer(user, name, port, None, decision, policy)
+        if conn in self.mux.streams:
+            decision = Decision.refuse("bad_request", f"connection id {conn} is already open")
+        elif self.open_connections + self._opening >= self.net.max_connections:
+            decision = Decision.refuse(
+                "max_connections", f"this worker has {self.net.max_connections} connections open "
+                "(network.max_connections)")  # fmt: skip
+        elif self._byte_cap and self.relayed >= self._byte_cap:
+            decision = Decision.refuse("max_bytes", f"this worker relayed its {self.net.max_mb} MiB (network.max_mb)")
+        if not decision.allowed:
+            return self._answer(user, name, port, None, decision, policy)
+        self._opening += 1
+        try:
+            return await asyncio.wait_for(self._connect(user, conn, name, port, policy), self.net.connect_timeout)
+        except TimeoutError:
+            late = self.mux.streams.get(conn)  # connected just as the time ran out: not handed over
+            if late is not None:
+                late.abort()
+            decision = Decision.refuse("connect_failed", f"{name}:{port}: no connection within "
+                                       f"{self.net.connect_timeout:g} s (network.connect_timeout)", 502)  # fmt: skip
+            return self._answer(user, name, port, None, decision, policy)
+        finally:
+            self._opening -= 1
+
+    async def _connect(self, user: str | None, conn: int, name: str, port: int, policy: Policy) -> dict[str, Any]:
+        try:
+            candidates = await self._resolve(name, port, policy)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            decision = Decision.refuse("unresolvable", f"{name} does not resolve on the host ({why})", 502)
+            return self._answer(user, name, port, None, decision, policy)
+        allowed: list[Address] = []
+        refusal: Decision | None = None
+        for address in candidates:
+            verdict = policy.check_address(name, address)
+            if verdict.allowed:
+                allowed.append(address)
+            refusal = refusal or (None if verdict.allowed else verdict)
+        if not allowed:
+            assert refusal is not None
+            return self._answer(user, name, port, candidates[0] if candidates else None, refusal, policy)
+        loop = asyncio.get_running_loop()
+        error: OSError | None = None
+        for address in allowed:
+            try:
+                await loop.create_connection(
+                    lambda: netpipe.Stream(self.mux, conn, count=self._count, send_window=netpipe.DOWNLOAD_WINDOW,
+                                           receive_window=netpipe.UPLOAD_WINDOW),
+                    str(address), port,
+                )
+            except OSError as exc:
+                error = exc
+                continue
+            return self._answer(user, name, port, address, Decision(True, "allowed"), policy)
+        why = (error.strerror or str(error)) if error is not None else "no address"
+        decision = Decision.refuse("connect_failed", f"{name}:{port}: {why}", 502)
+        return self._answer(user, name, port, allowed[0], decision, policy)
+
+    async def _resolve(self, name: str, port: int, policy: Policy) -> list[Address]:
+        """The addresses of ``name``: itself if a literal, ``network.hosts``, else DNS (in a thread)."""
+        try:
+            return [ipaddress.ip_address(name)]
+        except ValueError:
+            pass
+        if name in policy.hosts:
+            return [policy.hosts[name]]
+        infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        seen: list[Address] = []
+        for _family, _type, _proto, _canon, sockaddr in infos:
+            address = ipaddress.ip_address(sockaddr[0])
+            if address not in seen:
+                seen.append(address)
+        return seen
+
+    def _answer(
+        self, user: str | None, host: str, port: int, address: Address | None, decision: Decision,
+        policy: Policy | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Log the decision and turn it into the answer for the inside."""
+        where = f"user={user} host={host} port={port} address={address or '-'}"
+        if decision.allowed:
+            self.stats["allowed"] += 1
+            log.info("egress allowed worker=%s %s reason=allowed", self.worker_id, where)
+            return {"ok": True, "address": str(address)}
+        self.stats["refused"] += 1
+        log.warning("egress refused worker=%s %s reason=%s: %s", self.worker_id, where, decision.reason,
+                    decision.message)  # fmt: skip
+        return {
+            "ok": False,
+            "status": decision.status,
+            "reason": decision.reason,
+            "message": decision.message,
+            "policy": policy.describe() if policy is not None else "",
+        }

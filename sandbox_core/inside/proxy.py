@@ -1,0 +1,226 @@
+"""The inside half of the network crossing: an HTTP proxy on the sandbox's own loopback.
+
+The strict sandbox has a network namespace with loopback only. The worker listens on
+``127.0.0.1:EGRESS_PROXY_PORT`` there, and every command gets ``HTTP_PROXY``,
+``HTTPS_PROXY``, ``ALL_PROXY`` and ``NO_PROXY`` (both spellings) pointing at it, so pip,
+npm, git, curl and urllib use it unchanged. It speaks ``CONNECT host:port`` (tunnels: TLS
+goes end to end) and plain HTTP with an absolute URI (``GET http://host/path``, sent on as
+origin form with ``Connection: close``: one request per connection).
+
+The proxy decides nothing: it asks the host (``egress.open``) for each connection, and the
+host checks its policy, resolves the name, connects and relays the bytes over the net pipes
+(:mod:`sandbox_core.netpipe`). A refusal is answered ``403`` (``502`` when the host could
+not connect) with the host's reason as the status line's phrase, for ``CONNECT`` and plain
+requests alike, and a body naming the host, the port and the policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from sandbox_core import netpipe
+from sandbox_core.errors import SandboxError
+from sandbox_core.inside.channel import Channel
+from sandbox_core.shared import EGRESS_OPEN, EGRESS_PROXY_PORT
+
+MAX_HEAD = 64 * 1024
+"""Largest request head (request line and headers) the proxy reads."""
+_HOP_HEADERS = frozenset({b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive"})
+"""Headers for this hop only: never sent on."""
+
+
+class BadRequest(ValueError):
+    """The client's request is not one the proxy speaks."""
+
+
+@dataclass(frozen=True)
+class ProxyRequest:
+    connect: bool
+    host: str
+    port: int
+    head: bytes = b""
+    """For plain HTTP: the head to send upstream (origin form, ``Connection: close``)."""
+
+
+def parse_head(head: bytes) -> ProxyRequest:
+    """The destination of one request head (ending with the blank line), or BadRequest."""
+    lines = head.split(b"\r\n")
+    try:
+        method, target, version = lines[0].decode("ascii").split(" ")
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("the request line is not 'METHOD TARGET HTTP/1.x'") from None
+    if not version.startswith("HTTP/1."):
+        raise BadRequest(f"{version!r} is not HTTP/1.x")
+    if method == "CONNECT":
+        host, sep, port = target.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+            raise BadRequest(f"CONNECT needs host:port, got {target!r}")
+        return ProxyRequest(True, host.strip("[]"), int(port))
+    if not target.lower().startswith("http://"):
+        if target.lower().startswith("https://"):
+            raise BadRequest("an https:// URL goes through CONNECT (set HTTPS_PROXY, not a plain request)")
+        raise BadRequest("this is a proxy: send an absolute http:// URI or CONNECT")
+    try:
+        url = urlsplit(target)
+        port_number = url.port or 80
+    except ValueError as exc:
+        raise BadRequest(f"bad URL {target!r}: {exc}") from None
+    if not url.hostname:
+        raise BadRequest(f"no host in {target!r}")
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    # Host is the URI's, whatever the client said: the host checked the URI's name, so the
+    # request must not name another site served at the same address.
+    out = [f"{method} {path} {version}".encode("ascii"), b"Host: " + url.netloc.rpartition("@")[2].encode("idna")]
+    for line in lines[1:]:
+        name = line.split(b":", 1)[0].strip().lower()
+        if line and name not in _HOP_HEADERS and name != b"host":
+            out.append(line)
+    out.append(b"Connection: close")
+    return ProxyRequest(False, url.hostname, port_number, b"\r\n".join(out) + b"\r\n\r\n")
+
+
+def refusal(status: int, message: str, host: str, port: int, policy: str) -> bytes:
+    """The whole answer to a refused request: the reason as the status phrase and in the body."""
+    phrase = "".join(c if 32 <= ord(c) < 127 else "?" for c in message)[:300] or "Forbidden"
+    body = f"sandbox network: {message}\nhost: {host}\nport: {port}\npolicy: {policy or '-'}\n".encode()
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode("latin-1", "replace") + body
+
+
+class Proxy:
+    """The listening proxy of one worker; each accepted client becomes a :class:`_Client`."""
+
+    def __init__(self, channel: Channel, mux: netpipe.Mux | None) -> None:
+        self.channel = channel
+        self.mux = mux
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+        self.port = EGRESS_PROXY_PORT
+
+    async def start(self, port: int = EGRESS_PROXY_PORT) -> None:
+        self.port = port
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _Client(self), "127.0.0.1", port, backlog=128)
+
+    def serve(self, client: _Client, head: bytes, rest: bytes) -> None:
+        task = asyncio.create_task(self._serve(client, head, rest))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, client: _Client, head: bytes, rest: bytes) -> None:
+        transport = client.transport
+        assert transport is not None
+        try:
+            request = parse_head(head)
+        except BadRequest as exc:
+            transport.write(refusal(400, str(exc), "-", 0, ""))
+            transport.close()
+            return
+        conn = next(self._ids)
+        stream = None
+        if self.mux is not None:
+            stream = netpipe.Stream(self.mux, conn, started=False, send_window=netpipe.UPLOAD_WINDOW,
+                                    receive_window=netpipe.DOWNLOAD_WINDOW)  # fmt: skip
+        try:
+            answer: Any = await self.channel.ask_host(
+                EGRESS_OPEN, {"conn": conn, "host": request.host, "port": request.port}
+            )
+        except SandboxError as exc:
+            answer = {"ok": False, "status": 502, "message": f"the host did not answer: {exc.message}"}
+        if not isinstance(answer, dict):
+            answer = {"ok": False, "status": 502, "message": "the host's answer was not understood"}
+        if not answer.get("ok") or stream is None or client.lost:
+            if stream is not None:
+                stream.abort(tell=bool(answer.get("ok")))
+            if not client.lost:
+                status = answer.get("status")
+                transport.write(refusal(
+                    status if isinstance(status, int) else 403, str(answer.get("message") or "refused"),
+                    request.host, request.port, str(answer.get("policy") or ""),
+                ))  # fmt: skip
+                transport.close()
+            return
+        transport.set_protocol(stream)
+        stream.connection_made(transport)
+        stream.paused_by_caller()
+        if request.connect:
+            transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        stream.start()
+        first = rest if request.connect else request.head + rest
+        if first:
+            stream.data_received(first)
+        if client.eof:
+            stream.eof_received()
+        stream.update_reading()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in self._tasks:
+            task.cancel()
+
+
+class _Client(asyncio.Protocol):
+    """A client connection until its request head is read and answered."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self._proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._asked = False
+        self.lost = False
+        self.eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._asked or self.transport is None:
+            return
+        self._buf += data
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buf) > MAX_HEAD:
+                self.transport.write(refusal(431, f"request head over {MAX_HEAD} bytes", "-", 0, ""))
+                self.transport.close()
+            return
+        self._asked = True
+        self.transport.pause_reading()
+        head, rest = bytes(self._buf[: end + 4]), bytes(self._buf[end + 4 :])
+        self._buf = bytearray()
+        self._proxy.serve(self, head, rest)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+async def start(channel: Channel, network: dict[str, Any], net_fds: Any) -> Proxy:
+    """The worker's proxy, listening, with the net pipes (if the host gave them) attached."""
+    mux: netpipe.Mux | None = None
+    if isinstance(net_fds, list) and len(net_fds) == 2 and all(isinstance(fd, int) for fd in net_fds):
+        mux = net = netpipe.Mux()
+        loop = asyncio.get_running_loop()
+        up, down = net_fds
+        for fd in (up, down):
+            os.set_inheritable(fd, False)  # commands never inherit them
+        writer, _ = await loop.connect_write_pipe(lambda: netpipe.PipeWriter(net), os.fdopen(up, "wb", 0))
+        netpipe.PipeIn(down, net)
+        net.attach(writer)
+    proxy = Proxy(channel, mux)
+    port = network.get("proxy_port", EGRESS_PROXY_PORT)
+    await proxy.start(port if isinstance(port, int) else EGRESS_PROXY_PORT)
+    return proxy
