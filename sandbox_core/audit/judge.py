@@ -14,6 +14,7 @@ from sandbox_core.audit.report import CHECK_NAMES, CHECKS, Check
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.isolation.spec import PACKAGE_ROOT
 from sandbox_core.shared import (
+    EGRESS_PROXY_PORT,
     LIMIT_PROBES,
     MODEL_ENDPOINT_HOST,
     MODEL_ENDPOINT_PORT,
@@ -195,7 +196,7 @@ def _fds_worker(ctx: Evidence) -> Verdict:
     # the proxy's listening socket (strict) and the two net pipes when the policy allows network
     budget = {"pipe": 4, "eventpoll": 1, "socketpair": 2, "model endpoint": 1}
     if ctx.config.profile == "strict":
-        budget["socket"] = 1
+        budget["proxy"] = 1
         if ctx.config.network.mode == "allowlist":
             budget["pipe"] += 2
     counts: dict[str, int] = {}
@@ -208,13 +209,15 @@ def _fds_worker(ctx: Evidence) -> Verdict:
             continue
         if kind == "listener" and entry.get("local") == f"{MODEL_ENDPOINT_HOST}:{MODEL_ENDPOINT_PORT}":
             kind = "model endpoint"
+        elif kind == "listener" and entry.get("local") == f"127.0.0.1:{EGRESS_PROXY_PORT}":
+            kind = "proxy"
         counts[kind] = counts.get(kind, 0) + 1
         if counts[kind] > budget.get(kind, 0):
             unexpected.append(f"{entry['fd']}: {kind} {entry.get('target', entry.get('peer', ''))}".strip())
     summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
     if unexpected:
         return False, f"unexpected: {'; '.join(unexpected)} (others: {summary})", {"fds": fds}
-    return True, f"stdio + {summary} (protocol pipes, event loop, model endpoint)", {"fds": fds}
+    return True, f"stdio + {summary} (protocol pipes, event loop, model endpoint, proxy)", {"fds": fds}
 
 
 def _read_outcome(obs: dict[str, Any]) -> str:
