@@ -32,6 +32,7 @@ Source = Literal["default", "file", "env", "flag"]
 DEFAULT_ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_MODEL = "claude-sonnet-5-5"
+DEFAULT_UID_RANGE = "200000-299999"
 DEFAULT_PROTECTED_PATHS = (
     ".bashrc", ".bash_profile", ".bash_login", ".bash_logout", ".profile",
     ".zshrc", ".zshenv", ".zprofile", ".zlogin",
@@ -88,6 +89,8 @@ class ResourceLimits:
     """RLIMIT_CORE is 0 unless this is True."""
     output_mb: int = 0
     """Output (stdout + stderr) one command may produce before it is killed (0 = no limit)."""
+    transfer_mb: int = 1024
+    """Bytes one file transfer (``sandbox cp``, ``pool.files``) may move, in MiB (0 = no limit)."""
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,12 @@ class StrictIsolation:
 
     bwrap: str = "bwrap"
     """The bubblewrap executable (looked up on PATH)."""
-    sandbox_user: str = "nobody"
-    """The unprivileged account a worker runs as when the host is root."""
+    uid_range: str = DEFAULT_UID_RANGE
+    """Host uids (``LO-HI``, also each tenant's gid) given one per user when the host is root:
+    well above regular accounts, outside every /etc/subuid and /etc/subgid range."""
+    sandbox_user: str = ""
+    """Opt-out of per-user uids: every worker runs as this one account (a name or uid). Empty
+    (the default) gives each user their own uid from ``uid_range``."""
     ro_binds: tuple[str, ...] = ()
     """Extra host paths visible read-only (``SRC`` or ``SRC:DEST``)."""
     rw_binds: tuple[str, ...] = ()
@@ -193,6 +200,9 @@ class ProcessSandboxConfig:
         default_factory=lambda: Path.home() / ".local" / "share" / "sandbox" / "workspaces"
     )
     """One directory per user below this, created 0700."""
+    state_dir: Path = field(default_factory=lambda: default_state_dir(os.environ))
+    """Where the orchestrator keeps what must outlive it (the tenants' uid map):
+    ``/var/lib/sandbox`` as root, else ``$XDG_STATE_HOME/sandbox``."""
     default_user: str | None = None
     startup_timeout: float = 10.0
     """Seconds a new worker has to finish its handshake."""
@@ -239,6 +249,30 @@ class ProcessSandboxConfig:
         return self.workspace_root / user_id
 
 
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    """``/var/lib/sandbox`` for root, else ``$XDG_STATE_HOME/sandbox`` (``~/.local/state/sandbox``)."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/sandbox")
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sandbox"
+
+
+def parse_uid_range(text: str) -> tuple[int, int]:
+    """``"LO-HI"`` as (LO, HI), or ConfigError: unprivileged (LO > 65535), at most 2**31 - 2."""
+    lo_text, sep, hi_text = text.partition("-")
+    if not sep or not lo_text.strip().isdigit() or not hi_text.strip().isdigit():
+        raise ConfigError("strict.uid_range", f"{text!r} is not LO-HI (for example {DEFAULT_UID_RANGE!r})")
+    lo, hi = int(lo_text), int(hi_text)
+    if lo > hi:
+        raise ConfigError("strict.uid_range", f"{text!r}: LO is above HI")
+    if lo <= 65535:
+        raise ConfigError("strict.uid_range", f"{text!r} reaches below 65536 (regular accounts, nobody, "
+                          "systemd's dynamic users): start it higher")
+    if hi > 2**31 - 2:
+        raise ConfigError("strict.uid_range", f"{text!r} goes past 2147483646")
+    return lo, hi
+
+
 def validate_user_id(user_id: str) -> str:
     """A user id names exactly one directory below the workspace root, or ConfigError."""
     if not isinstance(user_id, str) or not _USER_ID.match(user_id) or user_id in {".", ".."}:
@@ -270,6 +304,7 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
     if cfg.profile not in ("strict", "process"):
         raise ConfigError("profile", f"must be 'strict' or 'process', got {cfg.profile!r}")
     _validate_paths(cfg)
+    parse_uid_range(cfg.strict.uid_range)
     if cfg.default_user is not None:
         try:
             validate_user_id(cfg.default_user)
@@ -282,7 +317,7 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
         if not _ENV_NAME.match(key) or key.endswith("*"):
             raise ConfigError("env.fixed", f"{key!r} is not a variable name")
     _positive(cfg.limits, ("address_space_mb", "memory_mb", "cpu_seconds", "open_files",
-                           "processes", "file_size_mb", "output_mb"), "limits.", zero_ok=True)
+                           "processes", "file_size_mb", "output_mb", "transfer_mb"), "limits.", zero_ok=True)
     if cfg.model.provider not in ("auto", "anthropic", "offline"):
         raise ConfigError("model.provider", f"must be auto, anthropic or offline, got {cfg.model.provider!r}")
     _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout"), "model.")
@@ -319,6 +354,8 @@ def _validate_paths(cfg: ProcessSandboxConfig) -> None:
     root = str(cfg.workspace_root)
     if (problem := _path_problem(root)) is not None:
         raise ConfigError("workspace_root", f"{root!r} {problem}")
+    if (problem := _path_problem(str(cfg.state_dir))) is not None:
+        raise ConfigError("state_dir", f"{str(cfg.state_dir)!r} {problem}")
     if cfg.workspace_root == Path("/"):
         raise ConfigError("workspace_root", "'/' would make each user's workspace a top-level directory "
                           "(user 'etc' would be given /etc)")  # fmt: skip

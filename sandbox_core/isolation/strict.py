@@ -32,7 +32,7 @@ from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError, IsolationUnavailable
-from sandbox_core.isolation import cgroups, runtime
+from sandbox_core.isolation import cgroups, runtime, tenants
 from sandbox_core.isolation.protect import DENY, FREEZE, TreeGuard
 from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
@@ -76,23 +76,44 @@ MIN_BWRAP = (0, 6, 0)
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`)"
 
 
-def sandbox_identity(config: ProcessSandboxConfig) -> tuple[int, int] | None:
-    """The (uid, gid) workers run as when the host is root; None when it is not."""
+def sandbox_identity(config: ProcessSandboxConfig, key: str) -> tuple[int, int] | None:
+    """The (uid, gid) the workers of tenant ``key`` (a user id, see :func:`tenants.tenant_key`)
+    run as when the host is root: the tenant's own uid, or the one ``strict.sandbox_user``
+    when that opt-out is set; None when the host is not root."""
     if os.geteuid() != 0:
         return None
+    shared = shared_identity(config)
+    if shared is not None:
+        return shared
+    tenant = tenants.identity_for(config, key)
+    return tenant.uid, tenant.gid
+
+
+def shared_identity(config: ProcessSandboxConfig) -> tuple[int, int] | None:
+    """The one account every worker runs as when ``strict.sandbox_user`` is set (the opt-out of
+    per-user uids), else None."""
     name = config.strict.sandbox_user
+    if not name:
+        return None
     try:
         entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
     except (KeyError, ValueError):
         raise IsolationUnavailable(
             f"strict.sandbox_user {name!r} does not exist on this host; create it "
-            "(`useradd --system --no-create-home sandbox`) or set strict.sandbox_user",
+            "(`useradd --system --no-create-home sandbox`) or leave strict.sandbox_user empty for per-user uids",
             data={"field": "strict.sandbox_user", "value": name},
         ) from None
     if entry.pw_uid == 0 or entry.pw_gid == 0:
         raise IsolationUnavailable(f"strict.sandbox_user {name!r} is root; choose an unprivileged user",
                                    data={"field": "strict.sandbox_user", "value": name})
     return entry.pw_uid, entry.pw_gid
+
+
+def identity_mode(config: ProcessSandboxConfig) -> str:
+    """How workers get their uid here: ``per-user``, ``shared`` or ``user-namespace``."""
+    if os.geteuid() != 0:
+        return "user-namespace"
+    return "shared" if config.strict.sandbox_user else "per-user"
 
 
 def find_bwrap(config: ProcessSandboxConfig) -> str:
@@ -255,10 +276,21 @@ def _check_bind(src: str, dest: str, what: str) -> None:
                                    data={"field": field, "value": dest})
 
 
+def _identity_layer(config: ProcessSandboxConfig, ident: tuple[int, int] | None) -> dict[str, Any]:
+    """The report's ``identity`` entry: who the worker becomes, and how that uid was chosen."""
+    mode = identity_mode(config)
+    if ident is None:
+        return {"mode": mode, "uid": os.getuid(), "note": "user namespace mapping the caller's uid (host not root)"}
+    entry: dict[str, Any] = {"mode": mode, "uid": ident[0], "gid": ident[1]}
+    if mode == "per-user":
+        entry["uid_range"] = config.strict.uid_range
+    return entry
+
+
 def _passwd(ident: tuple[int, int] | None, user: str) -> tuple[bytes, bytes]:
     """A passwd and group that name only root and the sandbox user (no host accounts)."""
     uid, gid = ident if ident is not None else (os.getuid(), os.getgid())
-    name = user if ident is not None and not user.isdigit() else "sandbox"
+    name = user if ident is not None and user and not user.isdigit() else "sandbox"
     passwd = f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n{name}:x:{uid}:{gid}:sandbox:{HOME}:/bin/sh\n"
     group = f"root:x:0:\n{name}:x:{gid}:\n"
     return passwd.encode(), group.encode()
@@ -276,7 +308,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         raise IsolationUnavailable(f"{version} is too old for the strict profile (need {need}+); {INSTALL_HINT}",
                                    data={"field": "strict.bwrap", "value": bwrap, "reason": "no_bwrap"})
     _require_options(bwrap, version)
-    ident = sandbox_identity(config)
+    ident = sandbox_identity(config, tenants.tenant_key(config, workspace))
     fds = _Fds()
     guards: dict[str, TreeGuard] = {}
     try:
@@ -327,7 +359,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         "host_layers": {
             "engine": version,
             "namespaces": namespaces,
-            "identity": "switch to sandbox user" if ident else "user namespace (caller's uid)",
+            "identity": _identity_layer(config, ident),
             "filesystem": {
                 "workspace": WORKSPACE,
                 "home": HOME,
