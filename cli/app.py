@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from cli import output
-from cli.commands import audit_env, bench, completions, config_cmd, exec_cmd, repl, run, serve, stats, workers
+from cli.commands import audit_env, bench, completions, config_cmd, cp, exec_cmd, repl, run, serve, stats, workers
 from cli.commands.common import ProfileName
 from cli.state import AppState
 
@@ -76,7 +76,7 @@ def main_options(
     )
 
 
-for command in (run, exec_cmd, repl, audit_env, workers, stats, config_cmd, bench, serve, completions):
+for command in (run, exec_cmd, cp, repl, audit_env, workers, stats, config_cmd, bench, serve, completions):
     command.register(app)
 
 

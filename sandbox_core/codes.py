@@ -39,3 +39,6 @@ NOT_BOUND = -32009
 """The worker has not been bound to a user and workspace yet."""
 LIMIT_EXCEEDED = -32010
 """A configured bound refused the request (too many runs kept, a request body too large)."""
+FILE_TRANSFER = -32011
+"""A file transfer was refused or failed inside the sandbox (no such path, a symlink in the
+way, disk quota exceeded); ``data.reason`` says which."""

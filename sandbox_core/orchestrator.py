@@ -53,6 +53,7 @@ from sandbox_core.requests import AgentRequest, ExecRequest, Request, RequestRes
 from sandbox_core.worker import Launcher, SandboxWorker, WorkerState
 
 if TYPE_CHECKING:
+    from sandbox_core.files import PoolFiles
     from sandbox_core.gateway import ModelGateway
 
 
@@ -124,6 +125,13 @@ class SandboxOrchestrator:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def files(self) -> PoolFiles:
+        """Files in and out of users' workspaces, moved inside each user's sandbox (:mod:`sandbox_core.files`)."""
+        from sandbox_core.files import PoolFiles
+
+        return PoolFiles(self)
 
     # ------------------------------------------------------------------ requests
 
