@@ -248,6 +248,33 @@ def sigint_calls(callback: Callable[[], None]) -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+"""Signals that end a command the way Ctrl-C does: the job is cancelled and the pool shut
+down (workers stopped, their cgroups removed) before the process exits with 128 + signal."""
+
+
+@contextlib.contextmanager
+def _terminating_cancels(stopped_by: list[int]) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    installed: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        if not stopped_by and task is not None:
+            stopped_by.append(int(sig))
+            task.cancel()
+
+    for sig in TERMINATING:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop, sig)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
 @overload
 def run_job(
     config: ProcessSandboxConfig,
@@ -285,17 +312,25 @@ def run_job(
     """
     from sandbox_core.errors import SandboxError
 
-    async def main() -> T:
-        if target is not None:
-            async with await connect(target, user) as pool:
-                return await job(pool)
-        from sandbox_core.orchestrator import SandboxOrchestrator
+    stopped_by: list[int] = []
 
-        async with SandboxOrchestrator(config) as orchestrator:
-            return await job(orchestrator)
+    async def main() -> T:
+        with _terminating_cancels(stopped_by):
+            if target is not None:
+                async with await connect(target, user) as pool:
+                    return await job(pool)
+            from sandbox_core.orchestrator import SandboxOrchestrator
+
+            async with SandboxOrchestrator(config) as orchestrator:
+                return await job(orchestrator)
 
     try:
         return asyncio.run(main())
+    except asyncio.CancelledError:
+        if not stopped_by:
+            raise
+        output.console(stderr=True).print(f"stopped by {signal.Signals(stopped_by[0]).name}", style="dim")
+        raise typer.Exit(128 + stopped_by[0]) from None
     except SandboxError as exc:
         raise typer.Exit(report(exc, verbose=verbose)) from None
     except KeyboardInterrupt:

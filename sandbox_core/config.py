@@ -28,6 +28,7 @@ from sandbox_core.errors import ConfigError
 Profile = Literal["strict", "process"]
 Provider = Literal["auto", "anthropic", "offline"]
 Source = Literal["default", "file", "env", "flag"]
+CgroupVersion = Literal["auto", "v1", "v2"]
 
 DEFAULT_ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -89,6 +90,16 @@ class ResourceLimits:
     """RLIMIT_CORE is 0 unless this is True."""
     output_mb: int = 0
     """Output (stdout + stderr) one command may produce before it is killed (0 = no limit)."""
+    cpus: float = 1.0
+    """CPUs the whole worker may use, like ``docker run --cpus`` (a CFS quota: v1
+    ``cpu.cfs_quota_us``, v2 ``cpu.max``); 0 = no limit."""
+    cpu_budget_seconds: float = 0.0
+    """CPU seconds one request may use in all its processes together, read from the worker's
+    cgroup accounting; past it the request's processes are killed (``kill_reason`` "CPU
+    budget"). 0 = no budget."""
+    socket_mb: int = 0
+    """Socket buffer memory of the worker (v1 ``memory.kmem.tcp.limit_in_bytes``; v2 charges
+    sockets to ``memory_mb``); 0 = the same as ``memory_mb``."""
     transfer_mb: int = 1024
     """Bytes one file transfer (``sandbox cp``, ``pool.files``) may move, in MiB (0 = no limit)."""
 
@@ -124,7 +135,14 @@ class StrictIsolation:
     landlock: bool = True
     """Use landlock as a second layer when the kernel has it."""
     cgroups: bool = True
-    """Use cgroup memory/pids limits where the hierarchy is writable."""
+    """Per-worker cgroups (memory incl. swap and sockets, pids, CPU): required, the worker does
+    not start without them. ``false`` is the rlimits-only mode, asked for by name and warned
+    about (RLIMIT_NPROC per uid, memory per process, no CPU limit)."""
+    cgroup_version: CgroupVersion = "auto"
+    """``auto`` (v1 where the controllers live there, else v2), ``v1`` or ``v2``."""
+    cgroup_parent: str = ""
+    """v2: the delegated subtree (below the v2 mount) to make worker cgroups in; empty = the
+    top-level ``sandbox`` subtree, as root."""
 
 
 @dataclass(frozen=True)
@@ -317,7 +335,8 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
         if not _ENV_NAME.match(key) or key.endswith("*"):
             raise ConfigError("env.fixed", f"{key!r} is not a variable name")
     _positive(cfg.limits, ("address_space_mb", "memory_mb", "cpu_seconds", "open_files",
-                           "processes", "file_size_mb", "output_mb", "transfer_mb"), "limits.", zero_ok=True)
+                           "processes", "file_size_mb", "output_mb", "transfer_mb", "cpus", "cpu_budget_seconds",
+                           "socket_mb"), "limits.", zero_ok=True)
     if cfg.model.provider not in ("auto", "anthropic", "offline"):
         raise ConfigError("model.provider", f"must be auto, anthropic or offline, got {cfg.model.provider!r}")
     _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout"), "model.")

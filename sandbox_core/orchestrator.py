@@ -47,7 +47,7 @@ from sandbox_core.errors import (
     SandboxError,
 )
 from sandbox_core.events import Event
-from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace
+from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace, sweep_leftovers
 from sandbox_core.process_tree import kill_session
 from sandbox_core.requests import AgentRequest, ExecRequest, Request, RequestResult
 from sandbox_core.worker import Launcher, SandboxWorker, WorkerState
@@ -102,6 +102,8 @@ class SandboxOrchestrator:
             ("ok", "failed", "timed_out", "cancelled", "crashes", "restarts", "recycled",
              "reaped", "spawned", "start_failures", "evicted", "claimed"), 0)
         self._user_requests: dict[str, int] = {}
+        self.swept: list[str] = []
+        """Cgroups of dead orchestrators removed at start."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -119,6 +121,7 @@ class SandboxOrchestrator:
         if self._closed:
             raise PoolClosed("the orchestrator was shut down")
         self._started = True
+        self.swept = await asyncio.to_thread(sweep_leftovers, self.config)
         self._cleanup_task = asyncio.create_task(self._cleanup_loop(), name="sandbox-cleanup")
         self._refill()
 

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError
-from sandbox_core.isolation import runtime
+from sandbox_core.isolation import cgroups, runtime
 from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, process_launch
 from sandbox_core.isolation.strict import host_sockets_checked_at_launch, sandbox_identity, strict_launch
 
 __all__ = [
     "PACKAGE_ROOT", "LaunchSpec", "can_prewarm", "host_sockets_checked_at_launch", "launch_spec",
-    "prepare_workspace", "worker_python", "workspace_owner",
+    "prepare_workspace", "sweep_leftovers", "worker_python", "workspace_owner",
 ]
 
 
@@ -77,6 +77,14 @@ def workspace_owner(config: ProcessSandboxConfig, user_id: str) -> tuple[int, in
     None means the workspace stays the host user's: the sandbox then runs as that same uid.
     """
     return sandbox_identity(config, user_id) if config.profile == "strict" else None
+
+
+def sweep_leftovers(config: ProcessSandboxConfig) -> list[str]:
+    """Remove the worker cgroups orchestrators that died (SIGKILL, a crash) left behind."""
+    if config.profile != "strict" or not config.strict.cgroups:
+        return []
+    bases = cgroups.sweep_bases(config.limits, config.strict.cgroup_parent)
+    return cgroups.sweep(bases)
 
 
 def can_prewarm(config: ProcessSandboxConfig) -> bool:

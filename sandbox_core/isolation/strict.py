@@ -329,7 +329,9 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         m.args += ["--remount-ro", "/"]
         seccomp_args, seccomp_info = _seccomp(config, fds)
         ns_args, namespaces = _namespaces(ident, version)
-        cgroup = cgroups.plan(worker_id, config.limits) if config.strict.cgroups else None
+        strict = config.strict
+        cgroup = (cgroups.plan(worker_id, config.limits, strict.cgroup_version, parent=strict.cgroup_parent)
+                  if strict.cgroups else None)  # fmt: skip
         rlimits, limits_layer = _limits(config, cgroup)
         rt = runtime.runtime()
         # No --chdir into the workspace: it belongs to the sandbox uid (0700) and bwrap, holding
@@ -407,6 +409,8 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         after_spawn=after_spawn,
         cleanup=cleanup,
         limit_events=cgroup.limit_events if cgroup is not None else None,
+        cpu_usage=cgroup.cpu_usage_ns if cgroup is not None else None,
+        cgroup_pids=cgroup.pids if cgroup is not None else None,
         sweep_session=False,  # the sandbox's pid namespace dies with its init (bwrap)
     )
 
@@ -628,14 +632,14 @@ def _limits(
     """The rlimits for the plan and the report's description of the limits in force."""
     rlimits = rlimit_plan(config.limits)
     if cgroup is not None:
-        # RLIMIT_NPROC counts every process of the uid host-wide and all strict workers
-        # share the sandbox uid, so one worker's fork bomb would starve the others: the
-        # per-worker pids cgroup is the process limit instead.
+        # RLIMIT_NPROC counts every process of the uid host-wide (of the tenant's uid, or of
+        # everyone's with strict.sandbox_user), so one worker's fork bomb would starve the
+        # user's other workers: the per-worker pids cgroup is the process limit instead.
         rlimits.pop("nproc", None)
-        return rlimits, {"mode": "cgroup-v1", **cgroup.describe()}
-    why = cgroups.available() if config.strict.cgroups else "disabled by strict.cgroups"
-    note = "RLIMIT_NPROC counts all processes of the sandbox uid; memory is RLIMIT_AS per process"
-    return rlimits, {"mode": "rlimits", "why": why, "note": note}
+        return rlimits, {"mode": cgroups.mode_of(cgroup), **cgroup.describe()}
+    note = ("rlimits only, as asked (strict.cgroups = false): RLIMIT_NPROC counts all processes of the uid, "
+            "memory is RLIMIT_AS per process, no CPU limit, socket buffers unbounded")
+    return rlimits, {"mode": "rlimits", "why": "disabled by strict.cgroups", "note": note, "warning": True}
 
 
 def _roots(paths: set[str]) -> list[str]:

@@ -70,7 +70,9 @@ class Expected:
     environment: EnvPolicy | None = None
     """The allowlist the worker's starting environment must keep to (names only)."""
     cgroups: Mapping[str, str] = field(default_factory=dict)
-    """cgroup v1 controller → path below its hierarchy that the worker must be in."""
+    """cgroup controller (v1) or ``unified`` (v2) → path below its hierarchy that the worker must be in."""
+    cgroups_required: bool = False
+    """``strict.cgroups``: the worker must be in cgroups of its own (a plan without any is refused)."""
     landlock: bool = False
 
     def join(self, other: Expected) -> Expected:
@@ -87,6 +89,7 @@ class Expected:
             new_session=self.new_session or other.new_session,
             environment=self.environment or other.environment,
             cgroups={**other.cgroups, **self.cgroups},
+            cgroups_required=self.cgroups_required or other.cgroups_required,
             landlock=self.landlock or other.landlock,
         )
 
@@ -118,6 +121,7 @@ def _strict_promise(config: ProcessSandboxConfig) -> Expected:
         no_capabilities=True,
         identity=identity,
         tenant_range=tenant_range,
+        cgroups_required=config.strict.cgroups,
         namespaces=frozenset(namespaces),
         rlimits=rlimits,
         umask=base.umask,
@@ -143,7 +147,7 @@ def _from_plan(plan: Mapping[str, Any]) -> Expected:
     host = _host_namespaces()
     namespaces = frozenset(k for k in kinds if k != "cgroup" or host.get("cgroup") is not None)  # bwrap: -try
     detail = layers.get("limits_detail") or {}
-    cgroups = dict(detail.get("cgroups") or {}) if detail.get("mode") == "cgroup-v1" else {}
+    cgroups = dict(detail.get("cgroups") or {}) if detail.get("mode") in ("cgroup-v1", "cgroup-v2") else {}
     landlock = plan.get("landlock")
     return Expected(
         seccomp=bool(layers.get("seccomp_filter")),
@@ -330,6 +334,8 @@ def _allowed(name: str, policy: EnvPolicy) -> bool:
 
 def _cgroups(facts: Facts, want: Expected) -> str | None:
     assert facts.worker is not None
+    if not want.cgroups:
+        return "the plan puts the worker in no cgroups of its own; strict.cgroups requires them"
     wrong = [
         f"{controller} {facts.worker.cgroups.get(controller, '(none)')} (plan {path})"
         for controller, path in sorted(want.cgroups.items())
@@ -364,7 +370,8 @@ CHECKS: tuple[Check, ...] = (
           lambda e: e.new_session, _session),
     Check("environment", "/proc/PID/environ (names only)", "only allowlisted names",
           lambda e: e.environment is not None, _environment),
-    Check("cgroups", "/proc/PID/cgroup", "the planned memory and pids cgroups", lambda e: bool(e.cgroups), _cgroups),
+    Check("cgroups", "/proc/PID/cgroup", "the planned memory, pids (and cpu) cgroups",
+          lambda e: bool(e.cgroups) or e.cgroups_required, _cgroups),
     Check("landlock", "the worker's report (Landlock has no /proc view)", "a ruleset (ABI >= 1)",
           lambda e: e.landlock, _landlock, stage="bind", by_host=False),
 )  # fmt: skip
