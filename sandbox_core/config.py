@@ -100,6 +100,11 @@ class ResourceLimits:
     socket_mb: int = 0
     """Socket buffer memory of the worker (v1 ``memory.kmem.tcp.limit_in_bytes``; v2 charges
     sockets to ``memory_mb``); 0 = the same as ``memory_mb``."""
+    workspace_mb: int = 0
+    """Disk quota of each workspace in MiB, enforced by the kernel (the workspace is an ext4 image
+    of this size, loop-mounted; strict profile, host root); 0 = none."""
+    workspace_inodes: int = 0
+    """Files and directories a workspace may hold (the image's inode count); 0 = mkfs's default."""
     transfer_mb: int = 1024
     """Bytes one file transfer (``sandbox cp``, ``pool.files``) may move, in MiB (0 = no limit)."""
 
@@ -336,7 +341,7 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
             raise ConfigError("env.fixed", f"{key!r} is not a variable name")
     _positive(cfg.limits, ("address_space_mb", "memory_mb", "cpu_seconds", "open_files",
                            "processes", "file_size_mb", "output_mb", "transfer_mb", "cpus", "cpu_budget_seconds",
-                           "socket_mb"), "limits.", zero_ok=True)
+                           "socket_mb", "workspace_mb", "workspace_inodes"), "limits.", zero_ok=True)
     if cfg.model.provider not in ("auto", "anthropic", "offline"):
         raise ConfigError("model.provider", f"must be auto, anthropic or offline, got {cfg.model.provider!r}")
     _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout"), "model.")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError
-from sandbox_core.isolation import cgroups, runtime
+from sandbox_core.isolation import cgroups, quota, runtime
 from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, process_launch
 from sandbox_core.isolation.strict import host_sockets_checked_at_launch, sandbox_identity, strict_launch
 
@@ -54,12 +54,17 @@ def prepare_workspace(config: ProcessSandboxConfig, user_id: str) -> Path:
     config.workspace_root.mkdir(mode=0o700, parents=True, exist_ok=True)
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
+    ident = workspace_owner(config, user_id)
+    if quota.configured(config):
+        if ident is None:
+            quota.ensure(config, user_id, path, (os.getuid(), os.getgid()))  # refuses: not enforceable here
+        else:
+            quota.ensure(config, user_id, path, ident)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         raise ConfigError("workspace_root", f"{path} is not a directory") from None
     try:
-        ident = workspace_owner(config, user_id)
         st = os.fstat(fd)
         if ident is not None and (st.st_uid, st.st_gid) != ident:
             os.fchown(fd, *ident)

@@ -32,7 +32,7 @@ from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError, IsolationUnavailable
-from sandbox_core.isolation import cgroups, runtime, tenants
+from sandbox_core.isolation import cgroups, quota, runtime, tenants
 from sandbox_core.isolation.protect import DENY, FREEZE, TreeGuard
 from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
@@ -308,7 +308,14 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         raise IsolationUnavailable(f"{version} is too old for the strict profile (need {need}+); {INSTALL_HINT}",
                                    data={"field": "strict.bwrap", "value": bwrap, "reason": "no_bwrap"})
     _require_options(bwrap, version)
-    ident = sandbox_identity(config, tenants.tenant_key(config, workspace))
+    key = tenants.tenant_key(config, workspace)
+    ident = sandbox_identity(config, key)
+    if quota.configured(config):
+        if workspace is None or quota.unavailable(config) is not None:
+            raise IsolationUnavailable(f"limits.workspace_mb is set but cannot be enforced: "
+                                       f"{quota.unavailable(config) or 'the worker has no workspace'}",
+                                       data={"field": "limits.workspace_mb", "value": config.limits.workspace_mb})
+        quota.check(config, key, workspace.resolve())
     fds = _Fds()
     guards: dict[str, TreeGuard] = {}
     try:
@@ -372,6 +379,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
             },
             "seccomp_filter": seccomp_info,
             "unix_sockets": unix_layer,
+            "disk_quota": quota.describe(config),
             "limits": limits_layer["mode"],
             "limits_detail": limits_layer,
         },
