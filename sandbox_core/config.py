@@ -273,7 +273,11 @@ class ProcessSandboxConfig:
 
 
 def default_state_dir(environ: Mapping[str, str]) -> Path:
-    """``/var/lib/sandbox`` for root, else ``$XDG_STATE_HOME/sandbox`` (``~/.local/state/sandbox``)."""
+    """``$SANDBOX_STATE_DIR``, else ``/var/lib/sandbox`` for root, else ``$XDG_STATE_HOME/sandbox``
+    (``~/.local/state/sandbox``). (The variable is the ``state_dir`` setting itself; reading it
+    here too makes a config built in code keep to it, as the tests' private state does.)"""
+    if environ.get("SANDBOX_STATE_DIR"):
+        return Path(environ["SANDBOX_STATE_DIR"])
     if os.geteuid() == 0:
         return Path("/var/lib/sandbox")
     base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")

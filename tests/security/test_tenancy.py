@@ -127,6 +127,7 @@ def test_a_state_dir_others_can_write_or_a_corrupt_map_fail_closed(tmp_path: Pat
 
 
 def test_the_default_state_dir() -> None:
+    assert default_state_dir({"SANDBOX_STATE_DIR": "/srv/s"}) == Path("/srv/s")
     if AS_ROOT:
         assert default_state_dir({}) == Path("/var/lib/sandbox")
     else:
