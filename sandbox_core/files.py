@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from sandbox_core import tarstream
-from sandbox_core.errors import FileTransferError, LimitExceeded, SandboxError
+from sandbox_core.errors import FileTransferError, LimitExceeded
 from sandbox_core.events import Event
 from sandbox_core.requests import ExecRequest
 from sandbox_core.shared import FILES_ENTRY
@@ -117,18 +117,7 @@ class PoolFiles:
         """Write ``data`` (bytes or text) to file ``dest``, or copy local path ``data`` (a file or
         a directory, recursively) to ``dest`` with ``cp -r`` rules."""
         if isinstance(data, Path):
-            local = Path(await asyncio.to_thread(os.path.abspath, data))
-            if not await asyncio.to_thread(os.path.lexists, local):
-                raise FileTransferError(f"{local}: no such file or directory", data={"reason": "not_found"})
-
-            def pack_path(out: IO[bytes]) -> None:
-                fd = os.open(local.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    tarstream.pack(out, fd, local.name)
-                finally:
-                    os.close(fd)
-
-            return await self.upload_tar(user_id, dest, _produced(pack_path), into=False)
+            return await self.upload_tar(user_id, dest, await pack_local(data), into=False)
         raw: bytes = data if isinstance(data, bytes) else str(data).encode()
         if not _parts(dest):
             raise FileTransferError("put bytes needs a file name", data={"reason": "usage"})
@@ -136,24 +125,7 @@ class PoolFiles:
 
     async def get(self, user_id: str, src: str) -> bytes:
         """The bytes of file ``src`` (up to ``limits.transfer_mb``)."""
-        holder: dict[str, bytes] = {}
-
-        def take(reader: IO[bytes]) -> None:
-            import tarfile
-
-            with tarfile.open(fileobj=reader, mode="r|") as archive:
-                for member in archive:
-                    if not member.isreg():
-                        raise tarstream.TransferError(f"{src}: not a regular file", "not_a_file", src)
-                    extracted = archive.extractfile(member)
-                    assert extracted is not None
-                    holder["data"] = extracted.read()
-                    return
-
-        await _consumed(self.download_tar(user_id, src), take)
-        if "data" not in holder:
-            raise FileTransferError(f"{src}: not a regular file", data={"reason": "not_a_file", "path": src})
-        return holder["data"]
+        return await first_file(self.download_tar(user_id, src), src)
 
     async def get_path(self, user_id: str, src: str, local: Path) -> dict[str, Any]:
         """Copy ``src`` to local path ``local`` with ``cp -r`` rules (into it when it is a directory).
@@ -161,23 +133,7 @@ class PoolFiles:
         The stream comes from a sandbox, so it is unpacked as untrusted: below ``local`` only,
         never following a symlink, never writing through an existing entry.
         """
-        local = Path(await asyncio.to_thread(os.path.abspath, local))
-        if await asyncio.to_thread(os.path.isdir, local):
-            target, rename = local, None
-        else:
-            target, rename = local.parent, local.name
-        result: dict[str, Any] = {}
-
-        def unpack(reader: IO[bytes]) -> None:
-            fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                limits = tarstream.Limits(max_bytes=self._limit)
-                result.update(tarstream.unpack(reader, fd, [], rename=rename, limits=limits).as_dict())
-            finally:
-                os.close(fd)
-
-        await _consumed(self.download_tar(user_id, src), unpack)
-        return result
+        return await unpack_local(self.download_tar(user_id, src), local, self._limit)
 
     async def list(self, user_id: str, path: str = ".") -> list[dict[str, Any]]:
         """The entries of directory ``path``: name, type, size, mode, mtime (symlinks not followed)."""
@@ -227,6 +183,65 @@ class PoolFiles:
         mb = self._pool.config.limits.transfer_mb
         return LimitExceeded(f"the transfer is larger than limits.transfer_mb ({mb} MiB)",
                              data={"setting": "limits.transfer_mb", "limit": mb})
+
+
+async def pack_local(local: Path) -> AsyncIterator[bytes]:
+    """A tar stream of the caller's local file or tree (symlinks as symlinks), packed in a thread."""
+    local = Path(await asyncio.to_thread(os.path.abspath, local))
+    if not await asyncio.to_thread(os.path.lexists, local):
+        raise FileTransferError(f"{local}: no such file or directory", data={"reason": "not_found"})
+
+    def pack_path(out: IO[bytes]) -> None:
+        fd = os.open(local.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            tarstream.pack(out, fd, local.name)
+        finally:
+            os.close(fd)
+
+    return _produced(pack_path)
+
+
+async def unpack_local(stream: AsyncIterator[bytes], local: Path, limit: int = 0) -> dict[str, Any]:
+    """Unpack a tar stream from a sandbox (untrusted) at local path ``local``, ``cp -r`` rules."""
+    local = Path(await asyncio.to_thread(os.path.abspath, local))
+    if await asyncio.to_thread(os.path.isdir, local):
+        target, rename = local, None
+    else:
+        target, rename = local.parent, local.name
+    result: dict[str, Any] = {}
+
+    def unpack(reader: IO[bytes]) -> None:
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            limits = tarstream.Limits(max_bytes=limit)
+            result.update(tarstream.unpack(reader, fd, [], rename=rename, limits=limits).as_dict())
+        finally:
+            os.close(fd)
+
+    await _consumed(stream, unpack)
+    return result
+
+
+async def first_file(stream: AsyncIterator[bytes], src: str) -> bytes:
+    """The bytes of the one regular file a tar stream holds."""
+    holder: dict[str, bytes] = {}
+
+    def take(reader: IO[bytes]) -> None:
+        import tarfile
+
+        with tarfile.open(fileobj=reader, mode="r|") as archive:
+            for member in archive:
+                if not member.isreg():
+                    raise tarstream.TransferError(f"{src}: not a regular file", "not_a_file", src)
+                extracted = archive.extractfile(member)
+                assert extracted is not None
+                holder["data"] = extracted.read()
+                return
+
+    await _consumed(stream, take)
+    if "data" not in holder:
+        raise FileTransferError(f"{src}: not a regular file", data={"reason": "not_a_file", "path": src})
+    return holder["data"]
 
 
 def _parts(path: str) -> list[str]:
@@ -407,4 +422,4 @@ async def _consumed(stream: AsyncIterator[bytes], take: Callable[[IO[bytes]], No
             await stream.aclose()
 
 
-__all__ = ["PoolFiles", "SandboxError", "files_argv"]
+__all__ = ["PoolFiles", "files_argv", "first_file", "pack_local", "unpack_local"]

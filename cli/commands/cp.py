@@ -4,7 +4,8 @@
 is ``USER:PATH`` (a path relative to that user's workspace), directories are copied
 recursively (symlinks as symlinks, modes kept), and ``-`` is a tar stream on stdin (unpacked
 into the remote directory) or on stdout. The transfer runs inside the user's sandbox, as the
-user's uid; what comes back is unpacked here without following any symlink it holds.
+user's uid; what comes back is unpacked here without following any symlink it holds. With a
+service (``--connect``, ``SANDBOX_URL`` or its default socket) it goes through ``/v1/files``.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import typer
 
 from cli import output
 from cli.commands.common import ProfileName, effective_config, state_of
-from cli.runtime import run_job, service_target
+from cli.runtime import run_job, service_target, warn_ignored
 
 if TYPE_CHECKING:
-    from sandbox_core.orchestrator import SandboxOrchestrator
+    from cli.runtime import Pool
 
 _REMOTE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.@-]{0,63}):(.*)$")
 
@@ -47,11 +48,11 @@ def cp_command(
     if (source is None) == (target is None):
         output.fail("exactly one of SRC and DEST must be USER:PATH (e.g. `sandbox cp ./project alice:src`)",
                     code=output.EXIT_USAGE)
-    if service_target(state) is not None:
-        output.warn("sandbox cp runs in-process (--local); the service's file routes are for HTTP clients")
-    config = effective_config(state, profile, min_idle=0)
+    target_service = service_target(state)
+    warn_ignored(target_service, profile=profile)
+    config = effective_config(state, profile, min_idle=0, warn=target_service is None)
 
-    async def job(pool: SandboxOrchestrator) -> int:
+    async def job(pool: Pool) -> int:
         from cli.commands.exec_cmd import read_stdin
 
         if target is not None:
@@ -74,7 +75,7 @@ def cp_command(
         output.console(stderr=True).print(f"copied {_size(summary)} to {dest}", highlight=False)
         return output.EXIT_OK
 
-    raise typer.Exit(run_job(config, job, verbose=state.verbose))
+    raise typer.Exit(run_job(config, job, verbose=state.verbose, target=target_service))
 
 
 def _size(summary: dict[str, object]) -> str:

@@ -337,7 +337,8 @@ def _file_error(exc: SandboxError) -> Response:
 
 @guarded("user")
 async def upload_files(request: Request, who: Principal) -> Response:
-    """``PUT /v1/files?path=DIR``: the body is a tar stream, unpacked into DIR inside the user's sandbox."""
+    """``PUT /v1/files?path=DIR``: the body is a tar stream, unpacked into DIR inside the user's sandbox
+    (``&mode=cp``: ``cp -r`` rules, the stream's one top entry becomes DIR unless DIR is a directory)."""
     target = _file_target(request, who)
     if isinstance(target, Response):
         return target
@@ -349,7 +350,8 @@ async def upload_files(request: Request, who: Principal) -> Response:
                 yield chunk
 
     try:
-        summary = await _state(request).orchestrator.files.upload_tar(user, path, body(), into=True)
+        into = request.query_params.get("mode") != "cp"
+        summary = await _state(request).orchestrator.files.upload_tar(user, path, body(), into=into)
     except SandboxError as exc:
         return _file_error(exc)
     return JSONResponse({"path": path, "summary": summary})
