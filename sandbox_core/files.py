@@ -121,7 +121,7 @@ class PoolFiles:
         raw: bytes = data if isinstance(data, bytes) else str(data).encode()
         if not _parts(dest):
             raise FileTransferError("put bytes needs a file name", data={"reason": "usage"})
-        return await self.upload_tar(user_id, dest, _produced(lambda out: _one_file(out, "f", raw, mode)), into=False)
+        return await self.upload_tar(user_id, dest, produced(lambda out: _one_file(out, "f", raw, mode)), into=False)
 
     async def get(self, user_id: str, src: str) -> bytes:
         """The bytes of file ``src`` (up to ``limits.transfer_mb``)."""
@@ -198,7 +198,7 @@ async def pack_local(local: Path) -> AsyncIterator[bytes]:
         finally:
             os.close(fd)
 
-    return _produced(pack_path)
+    return produced(pack_path)
 
 
 async def unpack_local(stream: AsyncIterator[bytes], local: Path, limit: int = 0) -> dict[str, Any]:
@@ -229,7 +229,7 @@ async def first_file(stream: AsyncIterator[bytes], src: str) -> bytes:
     def take(reader: IO[bytes]) -> None:
         import tarfile
 
-        with tarfile.open(fileobj=reader, mode="r|") as archive:
+        with tarfile.open(fileobj=reader, mode="r|", bufsize=tarstream.STREAM_BUFFER) as archive:
             for member in archive:
                 if not member.isreg():
                     raise tarstream.TransferError(f"{src}: not a regular file", "not_a_file", src)
@@ -292,7 +292,7 @@ def _one_file(out: IO[bytes], name: str, data: bytes, mode: int) -> None:
     import tarfile
     import time
 
-    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=tarstream.STREAM_BUFFER) as archive:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(data), mode & 0o777, int(time.time())
         archive.addfile(info, io.BytesIO(data))
@@ -314,7 +314,7 @@ class _QueueWriter(io.RawIOBase):
         return len(chunk)
 
 
-async def _produced(fill: Callable[[IO[bytes]], None]) -> AsyncIterator[bytes]:
+async def produced(fill: Callable[[IO[bytes]], None]) -> AsyncIterator[bytes]:
     """The bytes ``fill(file)`` writes, produced in a thread at most :data:`_AHEAD` chunks ahead."""
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue[bytes | BaseException | None] = asyncio.Queue()
@@ -422,4 +422,4 @@ async def _consumed(stream: AsyncIterator[bytes], take: Callable[[IO[bytes]], No
             await stream.aclose()
 
 
-__all__ = ["PoolFiles", "files_argv", "first_file", "pack_local", "unpack_local"]
+__all__ = ["PoolFiles", "files_argv", "first_file", "pack_local", "produced", "unpack_local"]
