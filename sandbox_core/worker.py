@@ -132,6 +132,8 @@ class _Pending:
         """A successful answer that came before the end of the output, held until it."""
         self.stdin_closed = False
         """The command closed its stdin: stop sending it."""
+        self.source_failed = False
+        """The caller's stdin source raised: the request fails, and is cancelled in the worker."""
 
 
 def _release_spec(built: asyncio.Future[LaunchSpec]) -> None:
@@ -721,6 +723,9 @@ class SandboxWorker:
                     continue
                 finished = True
                 if isinstance(item, SandboxError):
+                    # a failing stdin source fails the request on the host; the command in the
+                    # worker must not run on (waiting for stdin, then killing what started since)
+                    finished = not pending.source_failed
                     raise item
                 if item.error is not None:
                     raise from_worker(item.error)
@@ -834,6 +839,7 @@ class SandboxWorker:
             return  # the worker is gone: its request fails with WorkerCrashed
         except Exception as exc:  # noqa: BLE001 - a failing source must fail the request, not truncate it
             error = exc if isinstance(exc, SandboxError) else SandboxError(f"reading stdin failed: {exc!r:.200}")
+            pending.source_failed = True
             pending.queue.put_nowait(error)
         finally:  # a producer stopped early is told so now (it may hold a thread or a connection)
             close = getattr(chunks, "aclose", None)

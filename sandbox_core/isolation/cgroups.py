@@ -95,9 +95,13 @@ class WorkerCgroup:
         if self.version == 2:
             self._create_v2()
             return
+        made: set[str] = set()
         for path in self.paths.values():
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            path.mkdir(mode=0o755)
+            real = os.path.realpath(path.parent) + "/" + path.name  # cpu and cpuacct may share a mount
+            if real not in made:
+                path.mkdir(mode=0o755)
+                made.add(real)
         mem = self.paths["memory"]
         if self.tcp_bytes:  # before any socket is charged; v1 counts sockets only once this is set
             _write(mem / "memory.kmem.tcp.limit_in_bytes", self.tcp_bytes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -30,12 +31,17 @@ def test_v2_plan_creates_limits_and_enables_controllers_down_the_path(tmp_path: 
     assert group.version == 2 and cgroups.mode_of(group) == "cgroup-v2"
     path = group.paths["unified"]
     assert path.parent.parent == mount / "sandbox" and path.parent.name == cgroups.owner_name()
-    group.after_spawn(os.getpid())
+    child = subprocess.Popen(["sleep", "30"])  # a process without children of its own
+    try:
+        group.after_spawn(child.pid)
+    finally:
+        child.kill()
+        child.wait()
     assert (path / "memory.max").read_text() == f"{64 * 1024 * 1024}\n"
     assert (path / "memory.swap.max").read_text() == "0\n"
     assert (path / "pids.max").read_text() == "32\n"
     assert (path / "cpu.max").read_text() == "150000 100000\n"
-    assert (path / "cgroup.procs").read_text() == f"{os.getpid()}\n"
+    assert (path / "cgroup.procs").read_text() == f"{child.pid}\n"
     for level in (mount, mount / "sandbox", path.parent):
         assert (level / "cgroup.subtree_control").read_text() == "+memory +pids +cpu\n"
     described = group.describe()
@@ -78,6 +84,22 @@ def test_v1_is_preferred_where_its_controllers_live(tmp_path: Path) -> None:
     assert (cpu / "cpu.cfs_quota_us").read_text() == "50000\n" and (cpu / "cpu.cfs_period_us").read_text() == "100000\n"
     no_cpu = cgroups.plan("w", ResourceLimits(cpus=0), proc_cgroup=V1_ONLY, root=root, mountinfo=mountinfo)
     assert set(no_cpu.paths) == {"memory", "pids"}
+
+
+def test_cpu_and_cpuacct_mounted_together(tmp_path: Path) -> None:
+    root = tmp_path / "v1"
+    (root / "memory").mkdir(parents=True)
+    (root / "pids").mkdir()
+    (root / "cpu,cpuacct").mkdir()
+    (root / "cpu").symlink_to("cpu,cpuacct")
+    (root / "cpuacct").symlink_to("cpu,cpuacct")
+    for d in ("memory", "pids", "cpu,cpuacct"):
+        (root / d / "cgroup.procs").write_text("")
+    group = cgroups.plan("w", ResourceLimits(cpus=1), proc_cgroup="4:memory:/\n8:pids:/\n1:cpu,cpuacct:/\n", root=root,
+                         mountinfo="")  # fmt: skip
+    group.create()
+    made = root / "cpu,cpuacct" / "sandbox" / cgroups.owner_name() / group.paths["cpu"].name
+    assert (made / "cpu.cfs_quota_us").read_text() == "100000\n"
 
 
 def test_no_cgroups_at_all_fails_closed(tmp_path: Path) -> None:
