@@ -333,6 +333,7 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
     env.update(
         XDG_CONFIG_HOME=str(tmp_path / "config"), XDG_STATE_HOME=str(tmp_path / "state"),
         SANDBOX_WORKSPACE_ROOT=str(tmp_path / "ws"), SANDBOX_MIN_IDLE="0", COLUMNS="200",
+        SANDBOX_STATE_DIR=str(tmp_path / "statedir"),  # not the host's uid map
     )  # fmt: skip
     return env
 

@@ -24,7 +24,8 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, Path]]
     sock = Path(f"/tmp/sbx-serve-{os.getpid()}-{secrets.token_hex(3)}") / "s.sock"
     ws = tmp_path / "ws"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}
-    env.update(SANDBOX_WORKSPACE_ROOT=str(ws), SANDBOX_MIN_IDLE="0", SANDBOX_SERVICE__DRAIN_GRACE="20",
+    env.update(SANDBOX_WORKSPACE_ROOT=str(ws), SANDBOX_STATE_DIR=str(tmp_path / "state"), SANDBOX_MIN_IDLE="0",
+               SANDBOX_SERVICE__DRAIN_GRACE="20",
                XDG_CONFIG_HOME=str(tmp_path / "cfg"), NO_COLOR="1")
     proc = subprocess.Popen([SANDBOX, "--profile", "process", "serve", "--socket", str(sock)],
                             env=env, stderr=subprocess.PIPE, text=True)
