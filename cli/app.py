@@ -18,6 +18,7 @@ from cli.commands import (
     bench,
     completions,
     config_cmd,
+    cp,
     exec_cmd,
     records,
     repl,
@@ -95,7 +96,9 @@ def main_options(
         ctx.obj.overrides["allow_root_process"] = True
 
 
-for command in (run, exec_cmd, shell, repl, audit_env, workers, stats, records, config_cmd, bench, serve, completions):
+for command in (
+    run, exec_cmd, shell, cp, repl, audit_env, workers, stats, records, config_cmd, bench, serve, completions,
+):
     command.register(app)
 
 

@@ -18,7 +18,7 @@ import base64
 import contextlib
 import os
 import re
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -287,6 +287,11 @@ class RemotePool:
 
     # ------------------------------------------------------------------ operator control
 
+    @property
+    def files(self) -> RemoteFiles:
+        """``pool.files`` over the service's ``/v1/files`` routes (the subset ``sandbox cp`` uses)."""
+        return RemoteFiles(self.client)
+
     async def stats(self) -> dict[str, Any]:
         self.last_stats = await self.client.stats()
         self.operator = True
@@ -323,3 +328,30 @@ class RemotePool:
                     return
                 self.last_stats = None
             await asyncio.sleep(interval)
+
+
+class RemoteFiles:
+    """The service's file routes with ``pool.files``'s names: tar streams, local paths packed and
+    unpacked here (what comes back is unpacked as untrusted, as in-process)."""
+
+    def __init__(self, client: ServiceClient) -> None:
+        self._client = client
+
+    async def upload_tar(self, user_id: str, dest: str, stream: AsyncIterable[bytes], *,
+                         into: bool = True) -> dict[str, Any]:  # fmt: skip
+        answer = await self._client.upload_tar(dest, stream, user=user_id, cp=not into)
+        summary: dict[str, Any] = answer.get("summary", {})
+        return summary
+
+    def download_tar(self, user_id: str, src: str) -> AsyncGenerator[bytes, None]:
+        return self._client.download_tar(src, user=user_id)
+
+    async def put(self, user_id: str, dest: str, local: Path) -> dict[str, Any]:
+        from sandbox_core.files import pack_local
+
+        return await self.upload_tar(user_id, dest, await pack_local(local), into=False)
+
+    async def get_path(self, user_id: str, src: str, local: Path) -> dict[str, Any]:
+        from sandbox_core.files import unpack_local
+
+        return await unpack_local(self.download_tar(user_id, src), local)

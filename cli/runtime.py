@@ -258,8 +258,35 @@ def open_record_or_warn(config: ProcessSandboxConfig) -> Record | None:
         return open_record(config)
     except (OSError, sqlite3.Error) as exc:
         output.warn(f"the record cannot be opened ({exc}): this run is not recorded; "
-                    "set service.state_dir to a writable directory")
+                    "set state_dir to a writable directory")
         return None
+
+
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+"""Signals that end a command the way Ctrl-C does: the job is cancelled and the pool shut
+down (workers stopped, their cgroups removed) before the process exits with 128 + signal."""
+
+
+@contextlib.contextmanager
+def _terminating_cancels(stopped_by: list[int]) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    installed: list[signal.Signals] = []
+
+    def stop(sig: signal.Signals) -> None:
+        if not stopped_by and task is not None:
+            stopped_by.append(int(sig))
+            task.cancel()
+
+    for sig in TERMINATING:
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop, sig)
+            installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 @overload
@@ -299,22 +326,30 @@ def run_job(
     """
     from sandbox_core.errors import SandboxError
 
-    async def main() -> T:
-        if target is not None:
-            async with await connect(target, user) as pool:
-                return await job(pool)
-        from sandbox_core.orchestrator import SandboxOrchestrator
+    stopped_by: list[int] = []
 
-        record = open_record_or_warn(config)
-        try:
-            async with SandboxOrchestrator(config, record=record, origin="cli") as orchestrator:
-                return await job(orchestrator)
-        finally:
-            if record is not None:
-                await asyncio.to_thread(record.close)
+    async def main() -> T:
+        with _terminating_cancels(stopped_by):
+            if target is not None:
+                async with await connect(target, user) as pool:
+                    return await job(pool)
+            from sandbox_core.orchestrator import SandboxOrchestrator
+
+            record = open_record_or_warn(config)
+            try:
+                async with SandboxOrchestrator(config, record=record, origin="cli") as orchestrator:
+                    return await job(orchestrator)
+            finally:
+                if record is not None:
+                    await asyncio.to_thread(record.close)
 
     try:
         return asyncio.run(main())
+    except asyncio.CancelledError:
+        if not stopped_by:
+            raise
+        output.console(stderr=True).print(f"stopped by {signal.Signals(stopped_by[0]).name}", style="dim")
+        raise typer.Exit(128 + stopped_by[0]) from None
     except SandboxError as exc:
         raise typer.Exit(report(exc, verbose=verbose)) from None
     except KeyboardInterrupt:

@@ -712,6 +712,67 @@ async def egress_throughput(config: ProcessSandboxConfig, size: int, n: int, rou
     return figures
 
 
+async def files_throughput(config: ProcessSandboxConfig, size: int) -> list[Figure]:
+    """Bytes per second of one file through ``pool.files`` (a tar stream, unpacked and packed by
+    descriptor inside the sandbox), against the same bytes through ``exec`` (``cat > f``, ``cat f``)."""
+    block = os.urandom(1024 * 1024)
+
+    async def produce() -> Any:
+        for _ in range(size // len(block)):
+            yield block
+
+    async with SandboxOrchestrator(config.replace(min_idle=0, request_timeout=600)) as pool:
+        await pool.execute("bench", ExecRequest(argv=("true",)))
+        began = time.perf_counter()
+        await pool.execute("bench", ExecRequest(shell="cat > plain.bin", stdin=produce()))
+        exec_in = time.perf_counter() - began
+        began = time.perf_counter()
+        got = sum([len(e.chunk()) async for e in pool.execute_stream("bench", ExecRequest(argv=("cat", "plain.bin")))])
+        exec_out = time.perf_counter() - began
+        assert got == size
+
+        def one_file(out: Any) -> None:
+            import tarfile
+
+            with tarfile.open(fileobj=out, mode="w|", bufsize=1024 * 1024) as archive:
+                archive.copybufsize = 1024 * 1024  # type: ignore[attr-defined]  # (typeshed lacks it)
+                info = tarfile.TarInfo("put.bin")
+                info.size = size
+                archive.addfile(info, _Repeat(block, size))
+
+        from sandbox_core.files import produced
+
+        began = time.perf_counter()
+        await pool.files.upload_tar("bench", ".", produced(one_file))
+        put = time.perf_counter() - began
+        began = time.perf_counter()
+        pulled = 0
+        async for chunk in pool.files.download_tar("bench", "put.bin"):
+            pulled += len(chunk)
+        get = time.perf_counter() - began
+        assert pulled >= size
+        await pool.files.remove("bench", "put.bin")
+        await pool.execute("bench", ExecRequest(argv=("rm", "-f", "plain.bin")))
+    mb = size / 1e6
+    return [
+        Figure(f"files {name} throughput", round(mb / ours, 1), "MB/s", ">= 0.5x exec", base / ours >= 0.5,
+               baseline=round(mb / base, 1), ratio=round(base / ours, 3), detail={"bytes": size})
+        for name, ours, base in (("put", put, exec_in), ("get", get, exec_out))
+    ]
+
+
+class _Repeat:
+    """``size`` bytes of ``block`` over and over, as a file object."""
+
+    def __init__(self, block: bytes, size: int) -> None:
+        self._block, self._left = block, size
+
+    def read(self, n: int = -1) -> bytes:
+        want = min(self._left, len(self._block) if n < 0 else n, len(self._block))
+        self._left -= want
+        return self._block[:want]
+
+
 Step = tuple[str, Callable[[], Awaitable[Figure | list[Figure]]]]
 
 
@@ -729,6 +790,7 @@ def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
         ("agent first text", lambda: agent_first_text(config, n)),
         ("gateway overhead", lambda: gateway_overhead(config)),
         ("exec throughput", lambda: exec_throughput(config, (100 if quick else 1000) * 1024 * 1024)),
+        ("files throughput", lambda: files_throughput(config, (64 if quick else 256) * 1024 * 1024)),
     ]
     if config.profile == "strict":
         steps.insert(1, ("strict vs bare bwrap", lambda: strict_vs_bare_bwrap(config, n)))

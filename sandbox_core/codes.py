@@ -41,3 +41,6 @@ LIMIT_EXCEEDED = -32010
 """A configured bound refused the request (too many runs kept, a request body too large)."""
 SERVER_SHUTTING_DOWN = -32011
 """The service is shutting down: a run still going when its drain ended was stopped."""
+FILE_TRANSFER = -32012
+"""A file transfer was refused or failed inside the sandbox (no such path, a symlink in the
+way, disk quota exceeded); ``data.reason`` says which."""

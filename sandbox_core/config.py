@@ -31,10 +31,12 @@ Profile = Literal["strict", "process"]
 NetworkMode = Literal["none", "allowlist"]
 Provider = Literal["auto", "anthropic", "offline"]
 Source = Literal["default", "file", "env", "flag"]
+CgroupVersion = Literal["auto", "v1", "v2"]
 
 DEFAULT_ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 DEFAULT_MODEL = "claude-sonnet-5-5"
+DEFAULT_UID_RANGE = "200000-299999"
 DEFAULT_PROTECTED_PATHS = (
     ".bashrc", ".bash_profile", ".bash_login", ".bash_logout", ".profile",
     ".zshrc", ".zshenv", ".zprofile", ".zlogin",
@@ -98,6 +100,23 @@ class ResourceLimits:
     """RLIMIT_CORE is 0 unless this is True."""
     output_mb: int = 0
     """Output (stdout + stderr) one command may produce before it is killed (0 = no limit)."""
+    cpus: float = 1.0
+    """CPUs the whole worker may use, like ``docker run --cpus`` (a CFS quota: v1
+    ``cpu.cfs_quota_us``, v2 ``cpu.max``); 0 = no limit."""
+    cpu_budget_seconds: float = 0.0
+    """CPU seconds one request may use in all its processes together, read from the worker's
+    cgroup accounting; past it the request's processes are killed (``kill_reason`` "CPU
+    budget"). 0 = no budget."""
+    socket_mb: int = 0
+    """Socket buffer memory of the worker (v1 ``memory.kmem.tcp.limit_in_bytes``; v2 charges
+    sockets to ``memory_mb``); 0 = the same as ``memory_mb``."""
+    workspace_mb: int = 0
+    """Disk quota of each workspace in MiB, enforced by the kernel (the workspace is an ext4 image
+    of this size, loop-mounted; strict profile, host root); 0 = none."""
+    workspace_inodes: int = 0
+    """Files and directories a workspace may hold (the image's inode count); 0 = mkfs's default."""
+    transfer_mb: int = 1024
+    """Bytes one file transfer (``sandbox cp``, ``pool.files``) may move, in MiB (0 = no limit)."""
 
 
 @dataclass(frozen=True)
@@ -106,8 +125,12 @@ class StrictIsolation:
 
     bwrap: str = "bwrap"
     """The bubblewrap executable (looked up on PATH)."""
-    sandbox_user: str = "nobody"
-    """The unprivileged account a worker runs as when the host is root."""
+    uid_range: str = DEFAULT_UID_RANGE
+    """Host uids (``LO-HI``, also each tenant's gid) given one per user when the host is root:
+    well above regular accounts, outside every /etc/subuid and /etc/subgid range."""
+    sandbox_user: str = ""
+    """Opt-out of per-user uids: every worker runs as this one account (a name or uid). Empty
+    (the default) gives each user their own uid from ``uid_range``."""
     ro_binds: tuple[str, ...] = ()
     """Extra host paths visible read-only (``SRC`` or ``SRC:DEST``)."""
     rw_binds: tuple[str, ...] = ()
@@ -127,7 +150,14 @@ class StrictIsolation:
     landlock: bool = True
     """Use landlock as a second layer when the kernel has it."""
     cgroups: bool = True
-    """Use cgroup memory/pids limits where the hierarchy is writable."""
+    """Per-worker cgroups (memory incl. swap and sockets, pids, CPU): required, the worker does
+    not start without them. ``false`` is the rlimits-only mode, asked for by name and warned
+    about (RLIMIT_NPROC per uid, memory per process, no CPU limit)."""
+    cgroup_version: CgroupVersion = "auto"
+    """``auto`` (v1 where the controllers live there, else v2), ``v1`` or ``v2``."""
+    cgroup_parent: str = ""
+    """v2: the delegated subtree (below the v2 mount) to make worker cgroups in; empty = the
+    top-level ``sandbox`` subtree, as root."""
 
 
 @dataclass(frozen=True)
@@ -218,14 +248,11 @@ class ServiceConfig:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """The service's log (stderr; JSON lines when it is not a terminal): uvicorn's access log
     and ours (runs, auth failures) at ``info``."""
-    state_dir: Path | None = None
-    """Where durable state lives (the record); None = ``/var/lib/sandbox`` as root, else
-    ``$XDG_STATE_HOME/sandbox`` (``~/.local/state/sandbox``)."""
 
 
 @dataclass(frozen=True)
 class RecordConfig:
-    """The durable record of runs and security-relevant events (``record.sqlite3`` in the state dir)."""
+    """The durable record of runs and security-relevant events (``record.sqlite3`` in ``state_dir``)."""
 
     enabled: bool = True
     retention_days: float = 30.0
@@ -313,6 +340,9 @@ class ProcessSandboxConfig:
         default_factory=lambda: Path.home() / ".local" / "share" / "sandbox" / "workspaces"
     )
     """One directory per user below this, created 0700."""
+    state_dir: Path = field(default_factory=lambda: default_state_dir(os.environ))
+    """Where the orchestrator keeps what must outlive it (the tenants' uid map):
+    ``/var/lib/sandbox`` as root, else ``$XDG_STATE_HOME/sandbox``."""
     default_user: str | None = None
     startup_timeout: float = 10.0
     """Seconds a new worker has to finish its handshake."""
@@ -361,15 +391,6 @@ class ProcessSandboxConfig:
     def replace(self, **changes: Any) -> ProcessSandboxConfig:
         return dataclasses.replace(self, **changes)
 
-    def state_dir(self) -> Path:
-        """The directory of durable state (``service.state_dir`` or its default)."""
-        if self.service.state_dir is not None:
-            return self.service.state_dir
-        if os.geteuid() == 0:
-            return Path("/var/lib/sandbox")
-        base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-        return Path(base) / "sandbox"
-
     def workspace_for(self, user_id: str) -> Path:
         """The workspace path of ``user_id`` (validated; not created)."""
         validate_user_id(user_id)
@@ -388,6 +409,34 @@ def _validate_key(key: str | None) -> None:
             " (a trailing newline?)" if bad == len(key) - 1 else "")
         raise ConfigError("model.api_key", f"the API key {where}: it must be printable ASCII without "
                           "whitespace (check ANTHROPIC_API_KEY or model.api_key)")
+
+
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    """``$SANDBOX_STATE_DIR``, else ``/var/lib/sandbox`` for root, else ``$XDG_STATE_HOME/sandbox``
+    (``~/.local/state/sandbox``). (The variable is the ``state_dir`` setting itself; reading it
+    here too makes a config built in code keep to it, as the tests' private state does.)"""
+    if environ.get("SANDBOX_STATE_DIR"):
+        return Path(environ["SANDBOX_STATE_DIR"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/sandbox")
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "sandbox"
+
+
+def parse_uid_range(text: str) -> tuple[int, int]:
+    """``"LO-HI"`` as (LO, HI), or ConfigError: unprivileged (LO > 65535), at most 2**31 - 2."""
+    lo_text, sep, hi_text = text.partition("-")
+    if not sep or not lo_text.strip().isdigit() or not hi_text.strip().isdigit():
+        raise ConfigError("strict.uid_range", f"{text!r} is not LO-HI (for example {DEFAULT_UID_RANGE!r})")
+    lo, hi = int(lo_text), int(hi_text)
+    if lo > hi:
+        raise ConfigError("strict.uid_range", f"{text!r}: LO is above HI")
+    if lo <= 65535:
+        raise ConfigError("strict.uid_range", f"{text!r} reaches below 65536 (regular accounts, nobody, "
+                          "systemd's dynamic users): start it higher")
+    if hi > 2**31 - 2:
+        raise ConfigError("strict.uid_range", f"{text!r} goes past 2147483646")
+    return lo, hi
 
 
 def validate_user_id(user_id: str) -> str:
@@ -421,6 +470,7 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
     if cfg.profile not in ("strict", "process"):
         raise ConfigError("profile", f"must be 'strict' or 'process', got {cfg.profile!r}")
     _validate_paths(cfg)
+    parse_uid_range(cfg.strict.uid_range)
     if cfg.default_user is not None:
         try:
             validate_user_id(cfg.default_user)
@@ -433,7 +483,8 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
         if not _ENV_NAME.match(key) or key.endswith("*"):
             raise ConfigError("env.fixed", f"{key!r} is not a variable name")
     _positive(cfg.limits, ("address_space_mb", "memory_mb", "cpu_seconds", "open_files",
-                           "processes", "file_size_mb", "output_mb"), "limits.", zero_ok=True)
+                           "processes", "file_size_mb", "output_mb", "transfer_mb", "cpus", "cpu_budget_seconds",
+                           "socket_mb", "workspace_mb", "workspace_inodes"), "limits.", zero_ok=True)
     if cfg.model.provider not in ("auto", "anthropic", "offline"):
         raise ConfigError("model.provider", f"must be auto, anthropic or offline, got {cfg.model.provider!r}")
     _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout", "max_tokens_limit"),
@@ -511,6 +562,8 @@ def _validate_paths(cfg: ProcessSandboxConfig) -> None:
     root = str(cfg.workspace_root)
     if (problem := _path_problem(root)) is not None:
         raise ConfigError("workspace_root", f"{root!r} {problem}")
+    if (problem := _path_problem(str(cfg.state_dir))) is not None:
+        raise ConfigError("state_dir", f"{str(cfg.state_dir)!r} {problem}")
     if cfg.workspace_root == Path("/"):
         raise ConfigError("workspace_root", "'/' would make each user's workspace a top-level directory "
                           "(user 'etc' would be given /etc)")  # fmt: skip
@@ -527,7 +580,7 @@ def _validate_paths(cfg: ProcessSandboxConfig) -> None:
     if (problem := _path_problem(bwrap) if bwrap == "" or "/" in bwrap else None) is not None:
         raise ConfigError("strict.bwrap", f"{bwrap!r} {problem} (or give a bare name looked up on PATH)")
     _positive(cfg.record, ("retention_days", "max_mb", "preview_bytes"), "record.")
-    for name in ("socket_path", "tokens_file", "state_dir"):
+    for name in ("socket_path", "tokens_file"):
         value = getattr(cfg.service, name)
         if value is not None and (problem := _path_problem(str(value))) is not None:
             raise ConfigError(f"service.{name}", f"{str(value)!r} {problem}")

@@ -16,6 +16,7 @@
     ├── LimitExceeded             a configured bound refused the request
     │   ├── TooManyRuns           the user already keeps as many runs as allowed, all running
     │   └── BodyTooLarge          a request body is over the configured limit
+    ├── FileTransferError         a file transfer failed inside the sandbox (quota, no such path)
     ├── UntrustedService          a client refused a service socket it cannot trust (sent nothing)
     └── RemoteError               the worker answered a request with an error
 
@@ -140,6 +141,12 @@ class LimitExceeded(SandboxError):
         self.limit = self.data.get("limit")
 
 
+class FileTransferError(SandboxError):
+    """A file transfer failed; ``data.reason`` is ``quota``, ``not_found``, ``not_a_directory``..."""
+
+    code = codes.FILE_TRANSFER
+
+
 class TooManyRuns(LimitExceeded):
     """The user keeps ``service.max_runs_per_user`` runs and none has finished to make room."""
 
@@ -180,6 +187,7 @@ _BY_CODE: dict[int, type[SandboxError]] = {
     codes.SERVER_SHUTTING_DOWN: ServerShuttingDown,
     codes.GATEWAY_ERROR: GatewayError,
     codes.LIMIT_EXCEEDED: LimitExceeded,
+    codes.FILE_TRANSFER: FileTransferError,
 }
 
 

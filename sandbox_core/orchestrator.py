@@ -48,7 +48,7 @@ from sandbox_core.errors import (
     SandboxError,
 )
 from sandbox_core.events import Event
-from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace
+from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace, sweep_leftovers
 from sandbox_core.process_tree import kill_session
 from sandbox_core.record import Record, RunLog, new_run_id
 from sandbox_core.requests import (
@@ -63,6 +63,7 @@ from sandbox_core.terminal import LOGIN_SHELL, TerminalSession, terminal_session
 from sandbox_core.worker import Launcher, SandboxWorker, WorkerState
 
 if TYPE_CHECKING:
+    from sandbox_core.files import PoolFiles
     from sandbox_core.gateway import ModelGateway
 
 
@@ -129,6 +130,8 @@ class SandboxOrchestrator:
             ("ok", "failed", "timed_out", "cancelled", "crashes", "restarts", "recycled",
              "reaped", "spawned", "start_failures", "evicted", "claimed"), 0)
         self._user_requests: dict[str, int] = {}
+        self.swept: list[str] = []
+        """Cgroups of dead orchestrators removed at start."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -146,12 +149,20 @@ class SandboxOrchestrator:
         if self._closed:
             raise PoolClosed("the orchestrator was shut down")
         self._started = True
+        self.swept = await asyncio.to_thread(sweep_leftovers, self.config)
         self._cleanup_task = asyncio.create_task(self._cleanup_loop(), name="sandbox-cleanup")
         self._refill()
 
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def files(self) -> PoolFiles:
+        """Files in and out of users' workspaces, moved inside each user's sandbox (:mod:`sandbox_core.files`)."""
+        from sandbox_core.files import PoolFiles
+
+        return PoolFiles(self)
 
     # ------------------------------------------------------------------ requests
 

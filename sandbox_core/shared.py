@@ -16,6 +16,8 @@ from collections.abc import Iterator
 WORKER_ENTRY = "sandbox_core.inside.worker_main"
 """The module the launcher starts inside the sandbox (named, never imported, by the host)."""
 PROBE_COMMAND_ENTRY = "sandbox_core.inside.probes"
+FILES_ENTRY = "sandbox_core.inside.files"
+"""The inside half of the files crossing, run as a command in the user's worker."""
 """The module ``audit-env`` runs as a command inside the sandbox (its ``command_main``)."""
 
 HOST_CHUNK = "host.chunk"

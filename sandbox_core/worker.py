@@ -46,6 +46,7 @@ from sandbox_core.errors import (
     ConfigError,
     GatewayError,
     IsolationUnavailable,
+    LimitExceeded,
     ProtocolError,
     RequestTimeout,
     SandboxError,
@@ -56,7 +57,7 @@ from sandbox_core.errors import (
 from sandbox_core.events import EVENT_METHOD, Event
 from sandbox_core.isolation import verify
 from sandbox_core.isolation.launch import LaunchSpec, launch_spec
-from sandbox_core.process_tree import kill_session
+from sandbox_core.process_tree import kill_session, parent
 from sandbox_core.protocol import (
     PROTOCOL_VERSION,
     FrameSplitter,
@@ -99,6 +100,10 @@ QUEUE_LOW = 64
 WRITE_TIMEOUT = 10.0
 """Seconds the control pipe may stay full (the worker not reading it) before the worker is
 killed: a stopped worker must not hang its caller, its cancel or the host's shutdown."""
+CPU_POLL = 0.1
+"""Seconds between reads of a worker's CPU accounting while a request with a CPU budget runs."""
+CPU_GRACE_NS = 1_000_000_000
+"""CPU past the budget (after its processes were killed) at which the whole worker is killed."""
 OUTPUT_SLACK = 1024 * 1024
 """Output past ``limits.output_mb`` the host tolerates before it stops trusting the worker."""
 
@@ -135,6 +140,8 @@ class _Pending:
         """A successful answer that came before the end of the output, held until it."""
         self.stdin_closed = False
         """The command closed its stdin: stop sending it."""
+        self.source_failed = False
+        """The caller's stdin source raised: the request fails, and is cancelled in the worker."""
 
 
 def _release_spec(built: asyncio.Future[LaunchSpec]) -> None:
@@ -182,6 +189,8 @@ class SandboxWorker:
         self._pid: int | None = None
         self._last_id = 0
         self._limits_at_start: dict[str, int] = {}
+        self._budget_struck = False
+        """The current request went past ``limits.cpu_budget_seconds`` (its processes were killed)."""
         """Struck-limit counters when the current request began (to name a kill's reason)."""
         self._pending: dict[RequestId, _Pending] = {}
         self._host_calls: dict[RequestId, asyncio.Task[None]] = {}
@@ -766,9 +775,12 @@ class SandboxWorker:
         seq = 0
         feeder: asyncio.Task[None] | None = None
         resizer: asyncio.Task[None] | None = None
+        watchdog: asyncio.Task[None] | None = None
         if emit_started:
             self._limits_at_start = self.limit_counts()
             self._serving[request_id] = f"{self.worker_id}/{request_id}"
+            self._budget_struck = False
+            watchdog = self._watch_cpu_budget()
         try:
             if stdin is not None:
                 params = {**params, "stdin": "stream"}
@@ -795,6 +807,9 @@ class SandboxWorker:
                     continue
                 finished = True
                 if isinstance(item, SandboxError):
+                    # a failing stdin source fails the request on the host; the command in the
+                    # worker must not run on (waiting for stdin, then killing what started since)
+                    finished = not pending.source_failed
                     raise item
                 if item.error is not None:
                     raise from_worker(item.error)
@@ -812,6 +827,8 @@ class SandboxWorker:
             timer.cancel()
             if self.egress is not None and emit_started:
                 self.egress.request_network = None
+            if watchdog is not None:
+                watchdog.cancel()
             for task in (feeder, resizer):
                 if task is not None:
                     task.cancel()
@@ -826,10 +843,54 @@ class SandboxWorker:
                 if isinstance(item, Event):
                     self._taken(output_size(item))
 
+    def _watch_cpu_budget(self) -> asyncio.Task[None] | None:
+        """Start watching this request's CPU time in the worker's cgroup (``limits.cpu_budget_seconds``)."""
+        budget = self.config.limits.cpu_budget_seconds
+        usage = self._spec.cpu_usage if self._spec is not None else None
+        if not budget or usage is None:
+            return None
+        start = usage()
+        if start is None:
+            return None
+        return asyncio.create_task(self._enforce_cpu_budget(usage, start, int(budget * 1e9)))
+
+    async def _enforce_cpu_budget(self, usage: Callable[[], int | None], start: int, budget_ns: int) -> None:
+        """Poll the cgroup's CPU accounting; past the budget, kill the request's processes (the
+        worker itself and its init stay), and the whole worker if it keeps burning CPU itself."""
+        while True:
+            await asyncio.sleep(CPU_POLL)
+            used = usage()
+            if used is None or used - start <= budget_ns:
+                continue
+            if not self._budget_struck:
+                self._budget_struck = True
+                self._kill_request_processes()
+            elif used - start > budget_ns + CPU_GRACE_NS:  # the worker's own code (an agent loop) burns it
+                budget = self.config.limits.cpu_budget_seconds
+                self._break(f"CPU budget {budget:g} s exceeded by the worker itself", LimitExceeded)
+                return
+
+    def _kill_request_processes(self) -> None:
+        """SIGKILL every process in the worker's cgroups but the worker and its ancestors (bwrap)."""
+        spec, worker = self._spec, self._verified.worker_pid if self._verified is not None else None
+        if spec is None or spec.cgroup_pids is None or worker is None:
+            return
+        keep = {worker}
+        pid = worker
+        while pid > 1 and pid != self._pid:
+            pid = parent(pid)
+            keep.add(pid)
+        for victim in spec.cgroup_pids() - keep:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(victim, signal.SIGKILL)
+
     def _name_kill(self, done: dict[str, Any]) -> None:
         """Name the cgroup limits a request struck (``limits_hit``) and the one that killed it."""
         after, before = self.limit_counts(), self._limits_at_start
         hit = [name for name in ("memory", "processes") if after.get(name, 0) > before.get(name, 0)]
+        if self._budget_struck:
+            hit.append("cpu_budget")
+            done.setdefault("kill_reason", f"CPU budget {self.config.limits.cpu_budget_seconds:g} s")
         if hit:
             done["limits_hit"] = hit
         if "kill_reason" not in done and done.get("signal") == signal.SIGKILL:
@@ -866,6 +927,7 @@ class SandboxWorker:
             return  # the worker is gone: its request fails with WorkerCrashed
         except Exception as exc:  # noqa: BLE001 - a failing source must fail the request, not truncate it
             error = exc if isinstance(exc, SandboxError) else SandboxError(f"reading stdin failed: {exc!r:.200}")
+            pending.source_failed = True
             pending.queue.put_nowait(error)
         finally:  # a producer stopped early is told so now (it may hold a thread or a connection)
             close = getattr(chunks, "aclose", None)

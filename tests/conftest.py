@@ -9,6 +9,20 @@ import pytest
 os.environ.setdefault("NO_COLOR", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tenant_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One uid map for the whole session (CLI subprocesses inherit it), not the host's
+    /var/lib/sandbox: test users and audit users would otherwise hold host uids for good."""
+    state = tmp_path_factory.mktemp("state")
+    old = os.environ.get("SANDBOX_STATE_DIR")
+    os.environ["SANDBOX_STATE_DIR"] = str(state)
+    yield state
+    if old is None:
+        os.environ.pop("SANDBOX_STATE_DIR", None)
+    else:
+        os.environ["SANDBOX_STATE_DIR"] = old
+
+
 @pytest.fixture
 def workspace_root(tmp_path: Path) -> Path:
     root = tmp_path / "workspaces"

@@ -36,6 +36,12 @@ def state_of(ctx: typer.Context) -> AppState:
     return obj if isinstance(obj, AppState) else AppState()
 
 
+RLIMITS_ONLY_WARNING = (
+    "strict.cgroups = false: limits are rlimits only (RLIMIT_NPROC counts every process of the uid, "
+    "memory is RLIMIT_AS per process, no CPU limit, socket buffers unbounded)"
+)
+
+
 def effective_config(
     state: AppState, profile: str | None = None, *, warn: bool = True, **changes: object
 ) -> ProcessSandboxConfig:
@@ -53,6 +59,8 @@ def effective_config(
         output.fail(str(exc), hint="check your config file, SANDBOX_* variables and flags", code=output.EXIT_USAGE)
     if warn and config.profile == "process":
         output.warn(PROCESS_WARNING)
+    if warn and config.profile == "strict" and not config.strict.cgroups:
+        output.warn(RLIMITS_ONLY_WARNING)
     return config
 
 

@@ -2,7 +2,7 @@
 
 With a service (``--connect``, ``SANDBOX_URL`` or its default socket) they ask it (a user sees
 their own rows, an operator everyone's); in-process they read the record file in the state
-directory (``service.state_dir``) directly. A table on a terminal, one JSON object per line
+directory (``state_dir``) directly. A table on a terminal, one JSON object per line
 on a pipe or with ``--json``. Every string comes from a record of sandboxed work and is shown
 escaped.
 """
@@ -147,7 +147,7 @@ def _local(config: ProcessSandboxConfig) -> Record:
     path = record_path(config)
     if not path.is_file():
         output.fail(f"no record at {path} yet", hint="runs are recorded by `sandbox serve` and in-process "
-                    "commands (record.enabled); set service.state_dir if the record lives elsewhere")  # fmt: skip
+                    "commands (record.enabled); set state_dir if the record lives elsewhere")  # fmt: skip
     try:
         return Record(path, retention_days=config.record.retention_days, max_mb=config.record.max_mb)
     except OSError as exc:

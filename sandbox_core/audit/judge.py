@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sandbox_core.audit import tenancy
 from sandbox_core.audit.plant import CANARY_VAR, SANDBOX_SET_VARS, Plants
 from sandbox_core.audit.report import CHECK_NAMES, CHECKS, Check
 from sandbox_core.config import ProcessSandboxConfig
@@ -45,6 +46,8 @@ class Evidence:
     monitor: dict[str, Any]
     host_ns: dict[str, str | None]
     sent_back: str
+    tenancy: dict[str, Any] = field(default_factory=dict)
+    """What the host read of the worker's uid, cgroups and disk quota (:mod:`sandbox_core.audit.tenancy`)."""
 
     def sandbox_paths(self) -> set[str]:
         """Digests of the values HOME and PWD legitimately have inside: ``/`` and the workspace."""
@@ -563,7 +566,18 @@ def _planting(ctx: Evidence) -> Verdict:
     return not problems, "; ".join(problems) or observed, record
 
 
+def _tenancy(ctx: Evidence) -> dict[str, Any]:
+    if not ctx.tenancy:
+        raise _Missing("the host read nothing of the worker's tenancy: the worker returned nothing")
+    return ctx.tenancy
+
+
 _EVALUATORS: dict[str, Callable[[Evidence], Verdict]] = {
+    "tenancy.uid": lambda ctx: tenancy.uid_row(ctx.plants.planting, _tenancy(ctx)),
+    "tenancy.cgroups": lambda ctx: tenancy.cgroup_row(_tenancy(ctx)),
+    "tenancy.cpu": lambda ctx: tenancy.cpu_row(ctx.config, _tenancy(ctx)),
+    "tenancy.sockets": lambda ctx: tenancy.socket_row(ctx.config, _tenancy(ctx)),
+    "tenancy.disk_quota": lambda ctx: tenancy.quota_row(_tenancy(ctx).get("quota_probe") or {}),
     "env.allowlist": _env_allowlist,
     "env.canary": _env_canary,
     "proc.pid1_environ": _pid1_environ,

@@ -309,8 +309,8 @@ def _hand_over(config: ProcessSandboxConfig, root_fd: int, trees: tuple[Tree, ..
     """
     root = os.fstat(root_fd)
     tampered = [problem for made in trees for problem in made.tampered()]
-    owner = workspace_owner(config)
-    for made in trees:
+    owners = [workspace_owner(config, made.name) for made in trees]
+    for made, owner in zip(trees, owners, strict=True):
         made.hand_over(owner)
         made.close()
     return {
@@ -321,7 +321,8 @@ def _hand_over(config: ProcessSandboxConfig, root_fd: int, trees: tuple[Tree, ..
         "workspace_root_mode": oct(stat.S_IMODE(root.st_mode)),
         "workspace_root_private": root.st_uid == os.geteuid() and not root.st_mode & 0o022,
         "tampered": tampered,
-        "handed_to": list(owner) if owner is not None else None,
+        "handed_to": list(owners[0]) if owners[0] is not None else None,
+        "peer_handed_to": list(owners[1]) if owners[1] is not None else None,
         "handed_over_at": time.monotonic(),
     }
 

@@ -52,6 +52,12 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("host.responsive", "while the bomb and the hog run, the host's event loop and its own process "
                         "spawns stay fast"),
     ("canary.exfiltration", "no canary value appears anywhere in what the sandbox sent back"),
+    ("tenancy.uid", "each user has a host uid of their own (strict.uid_range; never 0 or 65534) that owns their "
+                    "workspace, and the worker runs as it"),
+    ("tenancy.cgroups", "the worker's limits are kernel cgroups of its own (which version says which)"),
+    ("tenancy.cpu", "the worker's CPU is limited to limits.cpus (a CFS quota in its cgroup)"),
+    ("tenancy.sockets", "the worker's socket buffers are bounded (v1 memory.kmem.tcp, v2 memory.max)"),
+    ("tenancy.disk_quota", "writing past limits.workspace_mb fails inside (a kernel-enforced quota)"),
     ("audit.planting", "the audit planted in a fresh throwaway user's workspace, as root, before any sandbox "
                        "could touch it, and the worker ran there"),
 )  # fmt: skip

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sandbox_core.audit import tenancy
 from sandbox_core.audit.judge import MAX_SPAWN, Evidence, classify_variables, judge
 from sandbox_core.audit.plant import (
     EGRESS_ALLOWED_ADDRESS,
@@ -180,7 +181,8 @@ async def run_audit(
             progress(msg)
 
     began = time.monotonic()
-    config = config.replace(min_idle=0)
+    quota_config = config
+    config = tenancy.without_quota(config.replace(min_idle=0))
     config = config.replace(network=egress_policy(config))
     limits = limit_plan(config)
     say("planting canaries")
@@ -213,6 +215,7 @@ async def run_audit(
         errors: dict[str, str] = {}
         sent_back: list[str] = []
         worker_id, layers = "", {}
+        seen: dict[str, Any] = {}
         monitor = HostMonitor()
         if plants.socket_tree is not None:
             say("launching on a workspace that holds a host socket (the launcher must refuse)")
@@ -229,6 +232,7 @@ async def run_audit(
                 res = await orchestrator.execute(audited, snapshot)
                 worker_id = res.worker_id
                 layers = orchestrator.worker_report(worker_id) or {}
+                seen = await asyncio.to_thread(tenancy.observe, layers)  # while its cgroups exist
                 sent_back += [res.stdout_text, res.stderr_text]
                 lines = res.stdout_text.strip().splitlines()
                 missing = {"error": f"no output: {res.stderr_text[-300:]}"}
@@ -259,15 +263,20 @@ async def run_audit(
                 worker_id = worker_id or res.worker_id
                 if not layers:
                     layers = orchestrator.worker_report(res.worker_id) or {}
+                    seen = await asyncio.to_thread(tenancy.observe, layers)  # while its cgroups exist
                 raw = res.result.get("probes")
                 sent_back.append(json.dumps(res.result, default=str))
                 if isinstance(raw, dict):
                     results.update(raw)
                 if isinstance(res.result.get("workspace"), str):
                     results["_workspace"] = res.result["workspace"]
+        if seen:
+            if quota_config.limits.workspace_mb or quota_config.limits.workspace_inodes:
+                say("writing past the disk quota in a throwaway quota workspace")
+            seen["quota_probe"] = await tenancy.quota_probe(quota_config)
         say("evaluating")
-        ctx = Evidence(config, plants, results, errors, limits, monitor.summary(), host_namespaces(),
-                       "\n".join(sent_back))  # fmt: skip
+        ctx = Evidence(quota_config, plants, results, errors, limits, monitor.summary(), host_namespaces(),
+                       "\n".join(sent_back), seen)  # fmt: skip
         checks = [judge(ctx, name) for name in CHECK_NAMES]
         variables = classify_variables(ctx)
         profile = str(layers.get("profile", config.profile)) if layers else config.profile

@@ -7,19 +7,21 @@ a user's workspace; it is the only one that imports both.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import sys
 from pathlib import Path
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError
-from sandbox_core.isolation import runtime
+from sandbox_core.isolation import cgroups, quota, runtime
 from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, process_launch
 from sandbox_core.isolation.strict import host_sockets_checked_at_launch, sandbox_identity, strict_launch
 
 __all__ = [
     "PACKAGE_ROOT", "LaunchSpec", "can_prewarm", "host_sockets_checked_at_launch", "launch_spec",
-    "prepare_workspace", "worker_python", "workspace_owner",
+    "prepare_workspace", "sweep_leftovers", "worker_python", "workspace_owner",
 ]
 
 
@@ -42,27 +44,52 @@ def worker_python(config: ProcessSandboxConfig) -> tuple[str, str]:
 
 
 def prepare_workspace(config: ProcessSandboxConfig, user_id: str) -> Path:
-    """Create ``user_id``'s workspace (0700) and give it to the sandbox identity if any."""
+    """Create ``user_id``'s workspace and give it to the user's sandbox uid, mode 0700.
+
+    The workspace root is the host's (0700, never writable by a sandbox), so its entries are
+    not sandbox-controlled; even so the workspace is opened without following a symlink and
+    changed through that descriptor, never by path.
+    """
     path = config.workspace_for(user_id)
     config.workspace_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.mkdir(mode=0o700, exist_ok=True)
-    if path.is_symlink() or not path.is_dir():
-        raise ConfigError("workspace_root", f"{path} is not a directory")
-    ident = workspace_owner(config)
-    if ident is not None:
-        uid, gid = ident
-        st = path.stat()
-        if (st.st_uid, st.st_gid) != (uid, gid):
-            os.chown(path, uid, gid)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    ident = workspace_owner(config, user_id)
+    if quota.configured(config):
+        if ident is None:
+            quota.ensure(config, user_id, path, (os.getuid(), os.getgid()))  # refuses: not enforceable here
+        else:
+            quota.ensure(config, user_id, path, ident)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        raise ConfigError("workspace_root", f"{path} is not a directory") from None
+    try:
+        st = os.fstat(fd)
+        if ident is not None and (st.st_uid, st.st_gid) != ident:
+            os.fchown(fd, *ident)
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     return path
 
 
-def workspace_owner(config: ProcessSandboxConfig) -> tuple[int, int] | None:
-    """The (uid, gid) a workspace is given to: the sandbox identity (strict, host root), else None.
+def workspace_owner(config: ProcessSandboxConfig, user_id: str) -> tuple[int, int] | None:
+    """The (uid, gid) ``user_id``'s workspace is given to: the user's sandbox uid (strict, host
+    root), else None.
 
     None means the workspace stays the host user's: the sandbox then runs as that same uid.
     """
-    return sandbox_identity(config) if config.profile == "strict" else None
+    return sandbox_identity(config, user_id) if config.profile == "strict" else None
+
+
+def sweep_leftovers(config: ProcessSandboxConfig) -> list[str]:
+    """Remove the worker cgroups orchestrators that died (SIGKILL, a crash) left behind."""
+    if config.profile != "strict" or not config.strict.cgroups:
+        return []
+    bases = cgroups.sweep_bases(config.limits, config.strict.cgroup_parent)
+    return cgroups.sweep(bases)
 
 
 def can_prewarm(config: ProcessSandboxConfig) -> bool:

@@ -238,6 +238,8 @@ def parse_cgroups(raw: bytes) -> dict[str, str]:
         if len(parts) == 3 and parts[1]:
             for controller in parts[1].split(","):
                 out[controller] = parts[2]
+        elif len(parts) == 3 and parts[0] == "0":  # the unified (v2) hierarchy
+            out["unified"] = parts[2]
     return out
 
 

@@ -45,6 +45,10 @@ class LaunchSpec:
     limit_events: Callable[[], dict[str, int]] | None = None
     """Counters of limits that struck (``memory``: OOM kills, ``processes``: refused forks),
     read before and after a request to say which limit ended it."""
+    cpu_usage: Callable[[], int | None] | None = None
+    """CPU nanoseconds the worker has used so far (its cgroup's accounting), for CPU budgets."""
+    cgroup_pids: Callable[[], set[int]] | None = None
+    """Every process in the worker's cgroups (to kill a request's processes)."""
 
 
 def worker_env(

@@ -32,7 +32,7 @@ from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError, IsolationUnavailable
-from sandbox_core.isolation import cgroups, runtime
+from sandbox_core.isolation import cgroups, quota, runtime, tenants
 from sandbox_core.isolation.protect import DENY, FREEZE, TreeGuard
 from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
@@ -77,23 +77,44 @@ MIN_BWRAP = (0, 6, 0)
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`)"
 
 
-def sandbox_identity(config: ProcessSandboxConfig) -> tuple[int, int] | None:
-    """The (uid, gid) workers run as when the host is root; None when it is not."""
+def sandbox_identity(config: ProcessSandboxConfig, key: str) -> tuple[int, int] | None:
+    """The (uid, gid) the workers of tenant ``key`` (a user id, see :func:`tenants.tenant_key`)
+    run as when the host is root: the tenant's own uid, or the one ``strict.sandbox_user``
+    when that opt-out is set; None when the host is not root."""
     if os.geteuid() != 0:
         return None
+    shared = shared_identity(config)
+    if shared is not None:
+        return shared
+    tenant = tenants.identity_for(config, key)
+    return tenant.uid, tenant.gid
+
+
+def shared_identity(config: ProcessSandboxConfig) -> tuple[int, int] | None:
+    """The one account every worker runs as when ``strict.sandbox_user`` is set (the opt-out of
+    per-user uids), else None."""
     name = config.strict.sandbox_user
+    if not name:
+        return None
     try:
         entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
     except (KeyError, ValueError):
         raise IsolationUnavailable(
             f"strict.sandbox_user {name!r} does not exist on this host; create it "
-            "(`useradd --system --no-create-home sandbox`) or set strict.sandbox_user",
+            "(`useradd --system --no-create-home sandbox`) or leave strict.sandbox_user empty for per-user uids",
             data={"field": "strict.sandbox_user", "value": name},
         ) from None
     if entry.pw_uid == 0 or entry.pw_gid == 0:
         raise IsolationUnavailable(f"strict.sandbox_user {name!r} is root; choose an unprivileged user",
                                    data={"field": "strict.sandbox_user", "value": name})
     return entry.pw_uid, entry.pw_gid
+
+
+def identity_mode(config: ProcessSandboxConfig) -> str:
+    """How workers get their uid here: ``per-user``, ``shared`` or ``user-namespace``."""
+    if os.geteuid() != 0:
+        return "user-namespace"
+    return "shared" if config.strict.sandbox_user else "per-user"
 
 
 def find_bwrap(config: ProcessSandboxConfig) -> str:
@@ -256,10 +277,21 @@ def _check_bind(src: str, dest: str, what: str) -> None:
                                    data={"field": field, "value": dest})
 
 
+def _identity_layer(config: ProcessSandboxConfig, ident: tuple[int, int] | None) -> dict[str, Any]:
+    """The report's ``identity`` entry: who the worker becomes, and how that uid was chosen."""
+    mode = identity_mode(config)
+    if ident is None:
+        return {"mode": mode, "uid": os.getuid(), "note": "user namespace mapping the caller's uid (host not root)"}
+    entry: dict[str, Any] = {"mode": mode, "uid": ident[0], "gid": ident[1]}
+    if mode == "per-user":
+        entry["uid_range"] = config.strict.uid_range
+    return entry
+
+
 def _passwd(ident: tuple[int, int] | None, user: str) -> tuple[bytes, bytes]:
     """A passwd and group that name only root and the sandbox user (no host accounts)."""
     uid, gid = ident if ident is not None else (os.getuid(), os.getgid())
-    name = user if ident is not None and not user.isdigit() else "sandbox"
+    name = user if ident is not None and user and not user.isdigit() else "sandbox"
     passwd = f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n{name}:x:{uid}:{gid}:sandbox:{HOME}:/bin/sh\n"
     group = f"root:x:0:\n{name}:x:{gid}:\n"
     return passwd.encode(), group.encode()
@@ -277,7 +309,14 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         raise IsolationUnavailable(f"{version} is too old for the strict profile (need {need}+); {INSTALL_HINT}",
                                    data={"field": "strict.bwrap", "value": bwrap, "reason": "no_bwrap"})
     _require_options(bwrap, version)
-    ident = sandbox_identity(config)
+    key = tenants.tenant_key(config, workspace)
+    ident = sandbox_identity(config, key)
+    if quota.configured(config):
+        if workspace is None or quota.unavailable(config) is not None:
+            raise IsolationUnavailable(f"limits.workspace_mb is set but cannot be enforced: "
+                                       f"{quota.unavailable(config) or 'the worker has no workspace'}",
+                                       data={"field": "limits.workspace_mb", "value": config.limits.workspace_mb})
+        quota.check(config, key, workspace.resolve())
     fds = _Fds()
     guards: dict[str, TreeGuard] = {}
     try:
@@ -298,7 +337,9 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         m.args += ["--remount-ro", "/"]
         seccomp_args, seccomp_info = _seccomp(config, fds)
         ns_args, namespaces = _namespaces(ident, version)
-        cgroup = cgroups.plan(worker_id, config.limits) if config.strict.cgroups else None
+        strict = config.strict
+        cgroup = (cgroups.plan(worker_id, config.limits, strict.cgroup_version, parent=strict.cgroup_parent)
+                  if strict.cgroups else None)  # fmt: skip
         rlimits, limits_layer = _limits(config, cgroup)
         rt = runtime.runtime()
         # No --chdir into the workspace: it belongs to the sandbox uid (0700) and bwrap, holding
@@ -328,7 +369,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         "host_layers": {
             "engine": version,
             "namespaces": namespaces,
-            "identity": "switch to sandbox user" if ident else "user namespace (caller's uid)",
+            "identity": _identity_layer(config, ident),
             "filesystem": {
                 "workspace": WORKSPACE,
                 "home": HOME,
@@ -339,6 +380,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
             },
             "seccomp_filter": seccomp_info,
             "unix_sockets": unix_layer,
+            "disk_quota": quota.describe(config),
             "limits": limits_layer["mode"],
             "limits_detail": limits_layer,
         },
@@ -382,6 +424,8 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         after_spawn=after_spawn,
         cleanup=cleanup,
         limit_events=cgroup.limit_events if cgroup is not None else None,
+        cpu_usage=cgroup.cpu_usage_ns if cgroup is not None else None,
+        cgroup_pids=cgroup.pids if cgroup is not None else None,
         sweep_session=False,  # the sandbox's pid namespace dies with its init (bwrap)
     )
 
@@ -603,14 +647,14 @@ def _limits(
     """The rlimits for the plan and the report's description of the limits in force."""
     rlimits = rlimit_plan(config.limits)
     if cgroup is not None:
-        # RLIMIT_NPROC counts every process of the uid host-wide and all strict workers
-        # share the sandbox uid, so one worker's fork bomb would starve the others: the
-        # per-worker pids cgroup is the process limit instead.
+        # RLIMIT_NPROC counts every process of the uid host-wide (of the tenant's uid, or of
+        # everyone's with strict.sandbox_user), so one worker's fork bomb would starve the
+        # user's other workers: the per-worker pids cgroup is the process limit instead.
         rlimits.pop("nproc", None)
-        return rlimits, {"mode": "cgroup-v1", **cgroup.describe()}
-    why = cgroups.available() if config.strict.cgroups else "disabled by strict.cgroups"
-    note = "RLIMIT_NPROC counts all processes of the sandbox uid; memory is RLIMIT_AS per process"
-    return rlimits, {"mode": "rlimits", "why": why, "note": note}
+        return rlimits, {"mode": cgroups.mode_of(cgroup), **cgroup.describe()}
+    note = ("rlimits only, as asked (strict.cgroups = false): RLIMIT_NPROC counts all processes of the uid, "
+            "memory is RLIMIT_AS per process, no CPU limit, socket buffers unbounded")
+    return rlimits, {"mode": "rlimits", "why": "disabled by strict.cgroups", "note": note, "warning": True}
 
 
 def _roots(paths: set[str]) -> list[str]:

@@ -24,11 +24,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from sandbox_core.config import EnvPolicy, ProcessSandboxConfig
+from sandbox_core.config import EnvPolicy, ProcessSandboxConfig, parse_uid_range
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.isolation import procfs
 from sandbox_core.isolation.spec import rlimit_plan
-from sandbox_core.isolation.strict import sandbox_identity
+from sandbox_core.isolation.strict import identity_mode, shared_identity
 from sandbox_core.kernel import landlock_abi
 
 Stage = Literal["start", "bind"]
@@ -60,6 +60,8 @@ class Expected:
     no_capabilities: bool = False
     identity: tuple[int, int] | None = None
     """(uid, gid) the worker must run as, with no supplementary groups."""
+    tenant_range: tuple[int, int] | None = None
+    """Per-user uids: the worker's identity must be a uid (and gid) in this range."""
     namespaces: frozenset[str] = frozenset()
     rlimits: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     """(soft, hard) by the plan's rlimit name."""
@@ -68,7 +70,9 @@ class Expected:
     environment: EnvPolicy | None = None
     """The allowlist the worker's starting environment must keep to (names only)."""
     cgroups: Mapping[str, str] = field(default_factory=dict)
-    """cgroup v1 controller → path below its hierarchy that the worker must be in."""
+    """cgroup controller (v1) or ``unified`` (v2) → path below its hierarchy that the worker must be in."""
+    cgroups_required: bool = False
+    """``strict.cgroups``: the worker must be in cgroups of its own (a plan without any is refused)."""
     landlock: bool = False
 
     def join(self, other: Expected) -> Expected:
@@ -78,12 +82,14 @@ class Expected:
             no_new_privs=self.no_new_privs or other.no_new_privs,
             no_capabilities=self.no_capabilities or other.no_capabilities,
             identity=self.identity or other.identity,
+            tenant_range=self.tenant_range or other.tenant_range,
             namespaces=self.namespaces | other.namespaces,
             rlimits={**other.rlimits, **self.rlimits},
             umask=self.umask if self.umask is not None else other.umask,
             new_session=self.new_session or other.new_session,
             environment=self.environment or other.environment,
             cgroups={**other.cgroups, **self.cgroups},
+            cgroups_required=self.cgroups_required or other.cgroups_required,
             landlock=self.landlock or other.landlock,
         )
 
@@ -104,14 +110,18 @@ def _strict_promise(config: ProcessSandboxConfig) -> Expected:
     replaces it (and then the plan's cgroup paths are checked instead).
     """
     base = _process_promise(config)
-    identity = sandbox_identity(config)
-    namespaces = STRICT_NAMESPACES | ({"user"} if identity is None else set())
+    mode = identity_mode(config)
+    identity = shared_identity(config) if mode == "shared" else None
+    tenant_range = parse_uid_range(config.strict.uid_range) if mode == "per-user" else None
+    namespaces = STRICT_NAMESPACES | ({"user"} if mode == "user-namespace" else set())
     rlimits = {k: v for k, v in base.rlimits.items() if not (k == "nproc" and config.strict.cgroups)}
     return Expected(
         seccomp=config.strict.seccomp,
         no_new_privs=True,
         no_capabilities=True,
         identity=identity,
+        tenant_range=tenant_range,
+        cgroups_required=config.strict.cgroups,
         namespaces=frozenset(namespaces),
         rlimits=rlimits,
         umask=base.umask,
@@ -137,7 +147,7 @@ def _from_plan(plan: Mapping[str, Any]) -> Expected:
     host = _host_namespaces()
     namespaces = frozenset(k for k in kinds if k != "cgroup" or host.get("cgroup") is not None)  # bwrap: -try
     detail = layers.get("limits_detail") or {}
-    cgroups = dict(detail.get("cgroups") or {}) if detail.get("mode") == "cgroup-v1" else {}
+    cgroups = dict(detail.get("cgroups") or {}) if detail.get("mode") in ("cgroup-v1", "cgroup-v2") else {}
     landlock = plan.get("landlock")
     return Expected(
         seccomp=bool(layers.get("seccomp_filter")),
@@ -233,13 +243,22 @@ def _is_zero_hex(value: str) -> bool:
 
 
 def _identity(facts: Facts, want: Expected) -> str | None:
-    assert want.identity is not None
-    uid, gid = want.identity
     uids, gids = _status(facts, "Uid").split(), _status(facts, "Gid").split()
     groups = _status(facts, "Groups").split()
+    shown = f"uid {' '.join(uids) or '?'} gid {' '.join(gids) or '?'} groups [{' '.join(groups)}]"
+    if want.identity is None:
+        assert want.tenant_range is not None
+        lo, hi = want.tenant_range
+        return (f"the worker runs as {shown} (real, effective, saved, fs), the plan asked for no uid switch; "
+                f"strict.uid_range promises a per-user uid in {lo}-{hi}")
+    uid, gid = want.identity
+    if want.tenant_range is not None and not (
+        want.tenant_range[0] <= uid <= want.tenant_range[1] and want.tenant_range[0] <= gid <= want.tenant_range[1]
+    ):
+        lo, hi = want.tenant_range
+        return f"the plan asked for uid {uid} gid {gid}, outside strict.uid_range {lo}-{hi}"
     if uids == [str(uid)] * 4 and gids == [str(gid)] * 4 and not groups:
         return None
-    shown = f"uid {' '.join(uids) or '?'} gid {' '.join(gids) or '?'} groups [{' '.join(groups)}]"
     return f"the worker runs as {shown} (real, effective, saved, fs), the plan asked for uid {uid} gid {gid}, no groups"
 
 
@@ -315,6 +334,8 @@ def _allowed(name: str, policy: EnvPolicy) -> bool:
 
 def _cgroups(facts: Facts, want: Expected) -> str | None:
     assert facts.worker is not None
+    if not want.cgroups:
+        return "the plan puts the worker in no cgroups of its own; strict.cgroups requires them"
     wrong = [
         f"{controller} {facts.worker.cgroups.get(controller, '(none)')} (plan {path})"
         for controller, path in sorted(want.cgroups.items())
@@ -337,7 +358,7 @@ CHECKS: tuple[Check, ...] = (
     Check("capabilities", "/proc/PID/status " + " ".join(CAPABILITY_SETS), "all 0",
           lambda e: e.no_capabilities, _capabilities),
     Check("identity", "/proc/PID/status Uid Gid Groups", "the sandbox uid/gid ×4, no groups",
-          lambda e: e.identity is not None, _identity),
+          lambda e: e.identity is not None or e.tenant_range is not None, _identity),
     *(
         Check(f"namespace {kind}", f"/proc/PID/ns/{kind} inode", "differs from the host's",
               _asks_namespace(kind), _namespace(kind))
@@ -349,7 +370,8 @@ CHECKS: tuple[Check, ...] = (
           lambda e: e.new_session, _session),
     Check("environment", "/proc/PID/environ (names only)", "only allowlisted names",
           lambda e: e.environment is not None, _environment),
-    Check("cgroups", "/proc/PID/cgroup", "the planned memory and pids cgroups", lambda e: bool(e.cgroups), _cgroups),
+    Check("cgroups", "/proc/PID/cgroup", "the planned memory, pids (and cpu) cgroups",
+          lambda e: bool(e.cgroups) or e.cgroups_required, _cgroups),
     Check("landlock", "the worker's report (Landlock has no /proc view)", "a ruleset (ABI >= 1)",
           lambda e: e.landlock, _landlock, stage="bind", by_host=False),
 )  # fmt: skip

@@ -29,7 +29,7 @@ def parse_duration(text: str) -> float:
 
 
 def record_path(config: ProcessSandboxConfig) -> Path:
-    return config.state_dir() / FILE_NAME
+    return config.state_dir / FILE_NAME
 
 
 def open_record(config: ProcessSandboxConfig, extra_secrets: tuple[str, ...] = ()) -> Record | None:

@@ -414,6 +414,88 @@ async def terminal(websocket: WebSocket) -> None:
     await serve_terminal(websocket, who.user_id, state.orchestrator)
 
 
+def _file_target(request: Request, who: Principal) -> tuple[str, str] | Response:
+    """(user, path) of a file route: the caller's own workspace; an operator may name ``user``."""
+    user = request.query_params.get("user") or who.user_id
+    if user != who.user_id and not who.is_operator:
+        return _denied(403)
+    return user, request.query_params.get("path") or "."
+
+
+def _file_error(exc: SandboxError) -> Response:
+    status = 413 if isinstance(exc, LimitExceeded) else 404 if exc.data.get("reason") == "not_found" else 409
+    if exc.data.get("reason") == "quota":
+        status = 507
+    return JSONResponse({"error": exc.message, **{k: v for k, v in exc.data.items() if k != "user_id"}},
+                        status_code=status)
+
+
+@guarded("user")
+async def upload_files(request: Request, who: Principal) -> Response:
+    """``PUT /v1/files?path=DIR``: the body is a tar stream, unpacked into DIR inside the user's sandbox
+    (``&mode=cp``: ``cp -r`` rules, the stream's one top entry becomes DIR unless DIR is a directory)."""
+    target = _file_target(request, who)
+    if isinstance(target, Response):
+        return target
+    user, path = target
+
+    async def body() -> AsyncIterator[bytes]:
+        async for chunk in request.stream():
+            if chunk:
+                yield chunk
+
+    try:
+        into = request.query_params.get("mode") != "cp"
+        summary = await _state(request).orchestrator.files.upload_tar(user, path, body(), into=into)
+    except SandboxError as exc:
+        return _file_error(exc)
+    return JSONResponse({"path": path, "summary": summary})
+
+
+@guarded("user")
+async def download_files(request: Request, who: Principal) -> Response:
+    """``GET /v1/files?path=P``: a tar stream of P (``&list=1``: its entries; ``&stat=1``: its stat)."""
+    target = _file_target(request, who)
+    if isinstance(target, Response):
+        return target
+    user, path = target
+    files = _state(request).orchestrator.files
+    try:
+        if request.query_params.get("list"):
+            return JSONResponse({"entries": await files.list(user, path)})
+        if request.query_params.get("stat"):
+            return JSONResponse(await files.stat(user, path))
+        stream = files.download_tar(user, path)
+        first = await anext(stream, b"")  # an error before any byte is still an HTTP status
+    except SandboxError as exc:
+        return _file_error(exc)
+
+    async def rest() -> AsyncIterator[bytes]:
+        try:
+            if first:
+                yield first
+            async for chunk in stream:
+                yield chunk
+        finally:
+            await stream.aclose()
+
+    return StreamingResponse(rest(), media_type="application/x-tar")
+
+
+@guarded("user")
+async def delete_files(request: Request, who: Principal) -> Response:
+    target = _file_target(request, who)
+    if isinstance(target, Response):
+        return target
+    user, path = target
+    try:
+        recursive = bool(request.query_params.get("recursive"))
+        await _state(request).orchestrator.files.remove(user, path, recursive=recursive)
+    except SandboxError as exc:
+        return _file_error(exc)
+    return JSONResponse({"removed": path})
+
+
 async def health(request: Request) -> Response:
     state = _state(request)
     return JSONResponse({"status": "draining" if state.draining else "ok", "profile": state.config.profile})
@@ -471,6 +553,9 @@ def create_app(state: ServiceState) -> Starlette:
         Route("/v1/runs/{run_id}/cancel", cancel_run, methods=["POST"]),
         WebSocketRoute("/v1/terminal", terminal),
         Route("/v1/journal", journal),
+        Route("/v1/files", download_files, methods=["GET"]),
+        Route("/v1/files", upload_files, methods=["PUT"]),
+        Route("/v1/files", delete_files, methods=["DELETE"]),
         Route("/v1/stats", stats),
         Route("/v1/workers", workers),
         Route("/v1/workers/launch", launch_workers, methods=["POST"]),

@@ -60,7 +60,10 @@ class BodyLimit:
 
 
 def _is_stdin_stream(scope: Scope) -> bool:
+    """A run's streamed stdin, or a tar upload (bounded by ``limits.transfer_mb`` instead)."""
     path = str(scope.get("path", ""))
+    if scope.get("method") == "PUT" and path == "/v1/files":
+        return True
     return scope.get("method") == "POST" and path.startswith("/v1/runs/") and path.endswith("/stdin")
 
 

@@ -22,6 +22,7 @@ import httpx2
 from sandbox_core.errors import (
     BodyTooLarge,
     ConfigError,
+    FileTransferError,
     LimitExceeded,
     PoolClosed,
     SandboxError,
@@ -262,6 +263,42 @@ class ServiceClient:
         if timeout is not None:
             opening["timeout"] = timeout
         return RemoteTerminalSession(self._target, self._headers, self._trusted, opening)
+
+    async def upload_tar(self, path: str, chunks: AsyncIterable[bytes], *, user: str | None = None,
+                         cp: bool = False) -> dict[str, Any]:  # fmt: skip
+        """``PUT /v1/files``: a tar stream unpacked at ``path`` in the workspace (``cp``: ``cp -r`` rules)."""
+        params = {"path": path, **({"user": user} if user else {}), **({"mode": "cp"} if cp else {})}
+        try:
+            response = await self._http.put("/v1/files", params=params, content=chunks,
+                                             headers={"Content-Type": "application/x-tar"})
+        except httpx2.TransportError as exc:
+            raise ServiceUnreachable(f"lost the service connection while uploading: {exc}") from exc
+        self._check_files(response.status_code, response.text)
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def download_tar(self, path: str, *, user: str | None = None) -> AsyncGenerator[bytes, None]:
+        """``GET /v1/files``: a tar stream of ``path`` in the workspace."""
+        params = {"path": path, **({"user": user} if user else {})}
+        try:
+            async with self._http.stream("GET", "/v1/files", params=params) as response:
+                if response.status_code >= 400:
+                    self._check_files(response.status_code, (await response.aread()).decode(errors="replace"))
+                async for chunk in response.aiter_bytes():
+                    yield chunk
+        except httpx2.TransportError as exc:
+            raise ServiceUnreachable(f"lost the service connection while downloading: {exc}") from exc
+
+    def _check_files(self, status: int, text: str) -> None:
+        """A file route's error as the FileTransferError (or limit) the library would raise."""
+        if status in (404, 409, 507):
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = {}
+            raise FileTransferError(str(body.get("error") or text[:200]),
+                                    data={"status": status, "reason": body.get("reason"), "path": body.get("path")})
+        self._check(status, text)
 
     async def stream(self, kind: str, body: dict[str, Any]) -> AsyncGenerator[Event, None]:
         """Start a run (``agent`` or ``exec``) and yield its events; errors raise typed."""

@@ -52,6 +52,14 @@ def _run_responses() -> dict[str, Any]:
             "503": {"description": "draining"}}
 
 
+_FILE_PARAMS = [
+    {"name": "path", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "relative to the workspace (default '.')"},
+    {"name": "user", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "another user's workspace (operators only)"},
+]
+
+
 def openapi_schema() -> dict[str, Any]:
     obj = {"type": "object"}
     run_id = [{"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}]
@@ -222,6 +230,22 @@ def openapi_schema() -> dict[str, Any]:
                                           {"$ref": "#/components/schemas/TerminalControl"},
                                           {"$ref": "#/components/schemas/TerminalEnd"}]}}}},
                               "401": _401, "503": {"description": "draining"}}}},
+            "/v1/files": {
+                "get": {"parameters": _FILE_PARAMS, "description": "A tar stream of path (list=1: its entries, "
+                        "stat=1: its stat), made inside the user's sandbox.",
+                        "responses": {"200": {"description": "a tar stream", "content": {"application/x-tar": {
+                            "schema": {"type": "string", "format": "binary"}}}},
+                            "401": _401, "403": _403, "404": _404, "413": _413}},
+                "put": {"parameters": _FILE_PARAMS, "description": "Unpack the tar body into directory path "
+                        "inside the user's sandbox; bounded by limits.transfer_mb, not service.max_body_mb.",
+                        "requestBody": {"required": True, "content": {"application/x-tar": {
+                            "schema": {"type": "string", "format": "binary"}}}},
+                        "responses": {"200": _json(obj), "401": _401, "403": _403, "413": _413,
+                                      "409": {"description": "refused (a symlink in the way, a bad name)"},
+                                      "507": {"description": "the workspace's disk quota is full"}}},
+                "delete": {"parameters": _FILE_PARAMS,
+                           "responses": {"200": _json(obj), "401": _401, "403": _403, "404": _404}},
+            },
             "/v1/stats": {"get": {"responses": {"200": _json(obj), "401": _401, "403": _403}}},
             "/v1/workers": {"get": {"responses": {"200": _json(obj), "401": _401, "403": _403}}},
             "/v1/workers/launch": {"post": {"requestBody": _body("Launch"),

@@ -210,8 +210,8 @@ async def serve(
         record = open_record(config)
     except (OSError, sqlite3.Error) as exc:
         sock.close()
-        raise ConfigError("service.state_dir", f"cannot open the record in {config.state_dir()}: {exc}; "
-                          "set service.state_dir to a directory the service can write, or "
+        raise ConfigError("state_dir", f"cannot open the record in {config.state_dir}: {exc}; "
+                          "set state_dir to a directory the service can write, or "
                           "record.enabled = false") from None  # fmt: skip
     orchestrator = SandboxOrchestrator(config, record=record, origin="service")
     state = ServiceState(config, orchestrator, transport=transport, tokens=tokens)

@@ -369,7 +369,7 @@ async def start_served(tmp: Path, users: list[str], profile: str = "process", **
     ws = tmp / "ws"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}
     env.update(SANDBOX_WORKSPACE_ROOT=str(ws), SANDBOX_MIN_IDLE="0", SANDBOX_SERVICE__TOKENS_FILE=str(tokens_file),
-               SANDBOX_SERVICE__STATE_DIR=str(tmp / "state"), SANDBOX_ALLOW_ROOT_PROCESS="1",
+               SANDBOX_STATE_DIR=str(tmp / "state"), SANDBOX_ALLOW_ROOT_PROCESS="1",
                XDG_CONFIG_HOME=str(tmp / "cfg"), NO_COLOR="1", COLUMNS="200")
     env.update({f"SANDBOX_{k.upper()}": v for k, v in settings.items()})
     proc = _popen([SANDBOX, "--profile", profile, "serve", "--listen", "127.0.0.1:0"], env)

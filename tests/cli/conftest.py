@@ -58,7 +58,7 @@ def cli_env(tmp_path: Path, profile: str) -> dict[str, str]:
         XDG_STATE_HOME=str(tmp_path / "state"),
         XDG_RUNTIME_DIR=str(tmp_path / "run"),
         SANDBOX_WORKSPACE_ROOT=str(tmp_path / "ws"),
-        SANDBOX_SERVICE__STATE_DIR=str(tmp_path / "state"),
+        SANDBOX_STATE_DIR=str(tmp_path / "statedir"),
         SANDBOX_PROFILE=profile,
         SANDBOX_ALLOW_ROOT_PROCESS="1",
         SANDBOX_MIN_IDLE="0",

@@ -62,6 +62,7 @@ def base_env(root: Path) -> dict[str, str]:
     env.update(
         XDG_CONFIG_HOME=str(root / "config"),
         XDG_STATE_HOME=str(root / "state"),
+        SANDBOX_STATE_DIR=str(root / "statedir"),
         SANDBOX_PROFILE="process",
         SANDBOX_ALLOW_ROOT_PROCESS="1",
         SANDBOX_MIN_IDLE="0",
@@ -435,6 +436,24 @@ def test_exec_through_the_service_is_binary_safe_and_streams_stdin(unix_server: 
                             capture_output=True, timeout=120, env=client_env, check=False)
     assert result.returncode == 0, result.stderr
     assert hashlib.sha256(result.stdout).hexdigest() == hashlib.sha256(blob).hexdigest()
+
+
+def test_cp_through_the_service(unix_server: Server, client_env: dict[str, str], tmp_path: Path) -> None:
+    from cli.remote import unix_identity
+    from tests.integration.test_files import _digest, _tree
+
+    me = unix_identity()
+    project = tmp_path / "project"
+    project.mkdir()
+    _tree(project)
+    sent = sandbox(client_env, "--connect", unix_server.address, "cp", str(project), f"{me}:shared-src")
+    assert sent.returncode == 0, sent.stderr
+    assert (user_dir(unix_server) / "shared-src" / "sub" / "run.sh").is_file()
+    back = sandbox(client_env, "--connect", unix_server.address, "cp", f"{me}:shared-src", str(tmp_path / "back"))
+    assert back.returncode == 0, back.stderr
+    assert _digest(tmp_path / "back") == _digest(project)
+    missing = sandbox(client_env, "--connect", unix_server.address, "cp", f"{me}:nothing", str(tmp_path / "x"))
+    assert missing.returncode == 1 and "nothing: no such file or directory" in missing.stderr
 
 
 # ---------------------------------------------------------------- trusting the socket

@@ -20,9 +20,10 @@ import pytest
 
 from sandbox_core import worker as worker_module
 from sandbox_core.config import ProcessSandboxConfig
-from sandbox_core.errors import ProtocolError, WorkerCrashed
+from sandbox_core.errors import ProtocolError, SandboxError, WorkerCrashed
 from sandbox_core.isolation.spec import LaunchSpec, process_launch
 from sandbox_core.orchestrator import SandboxOrchestrator
+from sandbox_core.process_tree import alive, descendants
 from sandbox_core.requests import AgentRequest, ExecRequest, RawRequest
 from sandbox_core.worker import SandboxWorker
 from tests.helpers import process_config, wait_for
@@ -34,6 +35,13 @@ ALL_BYTES = bytes(range(256)) * 64 + os.urandom(256 * 1024)
 def _rss_kb() -> int:
     with open("/proc/self/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _sh(script: str, **kw: Any) -> ExecRequest:
@@ -119,6 +127,30 @@ async def test_a_command_that_never_reads_stdin_does_not_hang_the_sender(workspa
         assert result.stdout_text == "done\n" and time.monotonic() - began < 10
         follow = await pool.execute("u", _sh("echo next"))  # the worker is still usable
         assert follow.stdout_text == "next\n" and follow.worker_id == result.worker_id
+
+
+async def test_a_failing_stdin_source_also_ends_the_command_in_the_worker(workspace_root: Path) -> None:
+    """The request fails with the source's error, and its command is cancelled, not left waiting
+    for stdin (where it would end later and kill what a later request had started)."""
+
+    got = workspace_root / "u" / "got"
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"x" * 200_000
+        await wait_for(lambda: got.exists() and got.stat().st_size == 200_000, what="cat took the first chunk")
+        raise RuntimeError("the source broke")
+
+    async with SandboxOrchestrator(process_config(workspace_root)) as pool:
+        warm = await pool.execute("u", _sh("true"))
+        worker = pool._workers[warm.worker_id]
+        with pytest.raises(SandboxError, match="the source broke"):
+            await pool.execute("u", _sh("exec cat > got", stdin=broken()))
+        def cats() -> list[int]:
+            return [p for p in descendants(worker.pid or 0) if alive(p) and _comm(p) == "cat"]
+
+        await wait_for(lambda: not cats(), timeout=5, what="the failed request's cat gone (not waiting for stdin)")
+        follow = await pool.execute("u", _sh("echo next"))
+        assert follow.stdout_text == "next\n" and follow.worker_id == worker.worker_id
 
 
 async def test_a_command_that_closes_stdin_stops_the_sender(workspace_root: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_core.config import ModelConfig, RecordConfig, Secret, ServiceConfig
+from sandbox_core.config import ModelConfig, RecordConfig, Secret
 from sandbox_core.errors import RequestTimeout, WorkerCrashed
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.record import Record, open_record, parse_duration, record_path
@@ -24,7 +24,7 @@ KEY = "sk-ant-api03-PLANTED-record-key-0123456789abcdef"
 
 def config(tmp_path: Path, **record: object):  # type: ignore[no-untyped-def]
     return process_config(tmp_path / "ws").replace(
-        service=ServiceConfig(state_dir=tmp_path / "state"),
+        state_dir=tmp_path / "state",
         record=RecordConfig(**record),  # type: ignore[arg-type]
         model=ModelConfig(provider="offline", api_key=Secret(KEY)),
     )

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import pytest
 
 from sandbox_core.audit import CANARY_VAR, CHECK_NAMES, AuditReport, run_audit, tree
-from sandbox_core.config import ProcessSandboxConfig, StrictIsolation
+from sandbox_core.config import ProcessSandboxConfig, ResourceLimits, StrictIsolation
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.shared import CANARY_PREFIX, CANARY_RE, LIMIT_PROBES, STATIC_PROBES
 from tests.helpers import process_config
@@ -53,10 +53,21 @@ needs_linux = pytest.mark.skipif(not LINUX, reason="the audit's probes read Linu
 USER = "auditee"
 
 
+def _quota_unavailable() -> str | None:
+    from sandbox_core.isolation import quota
+
+    probe = ProcessSandboxConfig(profile="strict", limits=ResourceLimits(workspace_mb=32))
+    return quota.unavailable(probe)
+
+
+QUOTA_SKIP = _quota_unavailable()
+"""Why the audit's disk-quota row cannot pass here (then strict audits run without a quota)."""
+
+
 def _strict_config(root: Path, **strict: Any) -> ProcessSandboxConfig:
     return ProcessSandboxConfig(
         profile="strict", workspace_root=root, min_idle=0, startup_timeout=20.0,
-        strict=StrictIsolation(**strict),
+        strict=StrictIsolation(**strict), limits=ResourceLimits(workspace_mb=0 if QUOTA_SKIP else 32),
     )  # fmt: skip
 
 
@@ -121,6 +132,8 @@ def strict_report(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AuditRep
 @needs_strict
 @pytest.mark.parametrize("name", CHECK_NAMES)
 def test_strict_check_passes(strict_report: AuditReport, name: str) -> None:
+    if name == "tenancy.disk_quota" and QUOTA_SKIP:
+        pytest.skip(f"disk quotas cannot be enforced here: {QUOTA_SKIP}")
     assert strict_report.check(name).passed, _describe(strict_report, name)
 
 
@@ -177,7 +190,8 @@ def test_strict_host_unix_row_covers_the_launch_check(tmp_path: Path, monkeypatc
 def test_strict_without_cgroups_reports_memory_unlimited(tmp_path: Path) -> None:
     """Without cgroups, limits.memory_mb is not enforced (only RLIMIT_AS): the audit says so."""
     report = _audit(_strict_config(tmp_path / "ws", cgroups=False))
-    assert {c.name for c in report.failed} == {"limits.memory"}, [c.observed for c in report.failed]
+    unlimited = {"limits.memory", "tenancy.cgroups", "tenancy.cpu", "tenancy.sockets"}
+    assert {c.name for c in report.failed} == unlimited, [c.observed for c in report.failed]
     assert report.check("limits.fork_bomb").passed
 
 
@@ -205,7 +219,8 @@ PROCESS_MUST_FAIL = (
     "escape.symlink", "escape.hardlink", "net.host_tcp", "net.host_unix", "net.outbound", "proc.ptrace",
     "proc.vm_readv", "priv.no_new_privs", "workspace.other_user", "workspace.protected", "proc.host_paths",
     "limits.memory", "model.endpoint", "egress.allowed", "egress.denied_name", "egress.ip_literal",
-    "egress.private_name", "egress.direct",
+    "egress.private_name", "egress.direct", "tenancy.uid", "tenancy.cgroups", "tenancy.cpu", "tenancy.sockets",
+    "tenancy.disk_quota",
 )  # fmt: skip
 """Weaknesses of the ``process`` profile, whoever runs it (it has no proxy and the host's network)."""
 PROCESS_MUST_FAIL_AS_ROOT = ("files.shadow", "priv.capabilities", "priv.setuid", "ns.user", "limits.fork_bomb")
@@ -321,6 +336,7 @@ def _cli_env(tmp_path: Path) -> dict[str, str]:
         XDG_CONFIG_HOME=str(tmp_path / "config"), XDG_STATE_HOME=str(tmp_path / "state"),
         SANDBOX_WORKSPACE_ROOT=str(tmp_path / "ws"), SANDBOX_MIN_IDLE="0", COLUMNS="200",
         SANDBOX_ALLOW_ROOT_PROCESS="1",
+        SANDBOX_STATE_DIR=str(tmp_path / "statedir"),  # not the host's uid map
     )  # fmt: skip
     return env
 
@@ -359,10 +375,23 @@ def test_cli_command_options_and_table(tmp_path: Path) -> None:
 
 @needs_strict
 def test_cli_strict_exits_0(tmp_path: Path) -> None:
-    proc = _run_cli(tmp_path, "audit-env", "--profile", "strict", "--json")
+    if QUOTA_SKIP:
+        pytest.skip(f"disk quotas cannot be enforced here, so the audit's quota row fails: {QUOTA_SKIP}")
+    env = {**_cli_env(tmp_path), "SANDBOX_LIMITS__WORKSPACE_MB": "32"}
+    proc = subprocess.run([*_cli_argv(), "audit-env", "--profile", "strict", "--json"], capture_output=True,
+                          text=True, timeout=180, env=env, check=False)  # fmt: skip
     data = json.loads(proc.stdout)
     failing = {c["name"]: c["observed"] for c in data["checks"] if not c["passed"]}
     assert proc.returncode == 0 and data["passed"] is True, failing
+
+
+@needs_strict
+def test_cli_strict_without_a_disk_quota_says_so(tmp_path: Path) -> None:
+    proc = _run_cli(tmp_path, "audit-env", "--profile", "strict", "--json")
+    data = json.loads(proc.stdout)
+    failing = {c["name"]: c["observed"] for c in data["checks"] if not c["passed"]}
+    assert proc.returncode == 1 and set(failing) == {"tenancy.disk_quota"}, failing
+    assert "limits.workspace_mb = 0" in failing["tenancy.disk_quota"]
 
 
 @needs_linux
@@ -589,14 +618,15 @@ def test_strict_planting_survives_path_swaps_from_the_users_sandbox(tmp_path: Pa
     """A process in the audited user's sandbox swaps the planted paths: root chmods nothing of the host."""
     victim = _victim(tmp_path)
     before = _mode_and_owner(victim)
-    config = _strict_config(tmp_path / "ws")
+    config = _strict_config(tmp_path / "ws").replace(limits=ResourceLimits())  # the attacker's live workspace: no image
     reports, held = asyncio.run(_audits_under_attack(config, victim, rounds=4))
     assert _mode_and_owner(victim) == before, f"the audit changed {victim}: {oct(victim.stat().st_mode)}"
     assert len(reports) == 4
     placeholders = {PurePosixPath(p).parts[0] for p in config.strict.protected_paths}  # the sandbox's own
     assert [n for n in held if n not in placeholders] == ATTACKER_OWN, "the audit planted in the user's live workspace"
     for report in reports:
-        assert report.passed, {c.name: c.observed for c in report.failed}
+        failing = {c.name for c in report.failed}
+        assert failing == {"tenancy.disk_quota"}, {c.name: c.observed for c in report.failed}
 
 
 @needs_linux

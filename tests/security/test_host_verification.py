@@ -215,7 +215,7 @@ async def test_a_plan_without_the_uid_switch_is_refused(tmp_path: Path) -> None:
     error = await refused(_strict(tmp_path), without_plan_key("switch_user"))
     failed = error.data["failed_layers"]
     assert set(failed) == {"identity", "capabilities"}, error.message
-    assert "runs as uid 0 0 0 0" in failed["identity"] and "uid 65534" in failed["identity"]
+    assert "runs as uid 0 0 0 0" in failed["identity"] and "per-user uid in 200000-299999" in failed["identity"]
     assert "CapEff 00000000000001c0" in failed["capabilities"]  # SETUID, SETGID, SETPCAP kept for the switch
 
 

@@ -232,7 +232,7 @@ def test_minimal_read_only_view_and_only_workspace_writable(tmp_path: Path) -> N
     assert (host_ws / "probe-file").exists()
     assert out["cwd"] == "/workspace"
     assert out["bob"] == [False, False]  # other users' workspaces (and their root) are not mounted
-    assert len(out["passwd"].splitlines()) == 2 and (out["me"] == "nobody" or not AS_ROOT)
+    assert len(out["passwd"].splitlines()) == 2 and out["me"] == "sandbox"
 
 
 def test_deny_paths_win_over_binds_and_secrets_cannot_be_bound(tmp_path: Path) -> None:
@@ -424,16 +424,18 @@ def test_uid_switch_drops_every_capability(tmp_path: Path) -> None:
             "--cap-add",
             "CAP_SETPCAP",
         ]
-        assert spec.plan["switch_user"] == {"uid": 65534, "gid": 65534} and spec.plan["no_new_privs"]
+        uid = spec.plan["switch_user"]["uid"]
+        assert spec.plan["switch_user"] == {"uid": uid, "gid": uid} and spec.plan["no_new_privs"]
+        assert 200000 <= uid <= 299999  # the default strict.uid_range: a uid of alice's own
         out = run(spec, code)
     status = {k: v.strip() for k, v in out["status"].items()}
-    assert out["ids"] == [[65534] * 3, [65534] * 3, []]
+    assert out["ids"] == [[uid] * 3, [uid] * 3, []]
     assert status["CapEff"] == status["CapPrm"] == status["CapAmb"] == status["CapInh"] == "0000000000000000"
     assert status["CapBnd"] == "0000000000000000"
     assert status["NoNewPrivs"] == "1"
     assert out["setuid_back"] != "ok" and out["su"] != 0
     report = out["report"]
-    assert report["uid"] == 65534 and report["capabilities_zero"] and report["no_new_privs"]
+    assert report["uid"] == uid and report["capabilities_zero"] and report["no_new_privs"]
     assert report["seccomp"] is True and report["limits"] in ("cgroup-v1", "rlimits")
     assert report["namespaces"] == ["mount", "pid", "net", "ipc", "uts", "cgroup"]
     assert report["engine"].startswith("bubblewrap")
@@ -687,7 +689,8 @@ def test_real_worker_handshake_and_exec(tmp_path: Path, host_canary: str) -> Non
     assert report["profile"] == "strict" and report["seccomp"] is True and report["no_new_privs"] is True
     assert report["capabilities_zero"] is True and report["engine"].startswith("bubblewrap")
     if AS_ROOT:
-        assert report["uid"] == 65534 and text.startswith("65534\n/workspace\n")
+        uid = workspace.stat().st_uid
+        assert 200000 <= uid <= 299999 and report["uid"] == uid and text.startswith(f"{uid}\n/workspace\n")
     if landlock_abi():
         assert report["landlock"] == {"abi": landlock_abi()}
     if cgroups.available() is None:

@@ -28,7 +28,6 @@ from tests.security.test_strict_engine import AS_ROOT, _config, launched, run
 
 pytestmark = test_strict_engine.pytestmark
 
-SANDBOX_UID = 65534 if AS_ROOT else os.getuid()
 
 ATTACKS = """
 import errno
@@ -95,10 +94,11 @@ out["profile"] = open(W + "/.profile").read()
 REFUSED = {"EROFS", "EBUSY", "EEXIST", "EXDEV"}
 
 
-def _own(path: Path) -> None:
-    """Give ``path`` (and what is below it) to the sandbox user, as if the sandbox made it."""
+def _own(path: Path, owner: Path | None = None) -> None:
+    """Give ``path`` (and what is below it) to the workspace's sandbox user, as if the sandbox made it."""
+    st = (owner or path).stat()
     for p in [path, *path.rglob("*")]:
-        os.lchown(p, SANDBOX_UID, SANDBOX_UID)
+        os.lchown(p, st.st_uid, st.st_gid)
 
 
 def _workspace(tmp_path: Path, **strict_settings: object) -> Path:
@@ -169,7 +169,7 @@ def test_globs_protect_what_matches(tmp_path: Path) -> None:
     (workspace / "sub" / ".git").mkdir(parents=True)
     (workspace / "sub" / ".git" / "config").write_text("[core]\n")
     (workspace / "link").symlink_to("sub")  # matches the glob too: skipped, not a reason to refuse
-    _own(workspace / "sub")
+    _own(workspace / "sub", workspace)
     code = """
     out["sub"] = attempt(lambda: open("/workspace/sub/.git/config", "a").write("x"))
     out["move"] = attempt(os.rename, "/workspace/sub", "/workspace/sub2")

@@ -41,8 +41,8 @@ def write_tokens(path: Path, users: list[str], operators: list[str]) -> dict[str
 def service_config(tmp_path: Path, profile: str = "process", **service: object) -> ProcessSandboxConfig:
     root = tmp_path / "ws"
     root.mkdir(exist_ok=True)
-    config = process_config(root, max_workers=8, max_workers_per_user=1, acquire_timeout=60.0, profile=profile)
-    service = {"state_dir": tmp_path / "state", **service}
+    config = process_config(root, max_workers=8, max_workers_per_user=1, acquire_timeout=60.0, profile=profile,
+                            state_dir=tmp_path / "state")  # fmt: skip
     return config.replace(service=ServiceConfig(keepalive_seconds=0.5, drain_grace=5.0, **service))  # type: ignore[arg-type]
 
 

@@ -23,7 +23,7 @@ async def test_runs_and_journal_survive_a_restart_and_are_scoped(tmp_path) -> No
 
     # a new server on the same state directory
     async with tcp_service_with(tmp_path) as again:
-        assert again.config.state_dir() == config.state_dir()
+        assert again.config.state_dir == config.state_dir
         async with ServiceClient(again.target, again.tokens["user01"]) as alice:
             (row,) = [r for r in await alice.runs() if r["run_id"] == run_id]
             assert row["recorded"] and row["exit_code"] == 4 and row["origin"] == "service"

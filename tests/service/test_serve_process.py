@@ -24,7 +24,7 @@ def start_serve(tmp_path: Path, **settings: str) -> tuple[subprocess.Popen[str],
     sock = Path(f"/tmp/sbx-serve-{os.getpid()}-{secrets.token_hex(3)}") / "s.sock"
     ws = tmp_path / "ws"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}
-    env.update(SANDBOX_WORKSPACE_ROOT=str(ws), SANDBOX_SERVICE__STATE_DIR=str(tmp_path / "state"), SANDBOX_MIN_IDLE="0",
+    env.update(SANDBOX_WORKSPACE_ROOT=str(ws), SANDBOX_STATE_DIR=str(tmp_path / "state"), SANDBOX_MIN_IDLE="0",
                SANDBOX_ALLOW_ROOT_PROCESS="1", SANDBOX_SERVICE__DRAIN_GRACE="20", XDG_CONFIG_HOME=str(tmp_path / "cfg"),
                NO_COLOR="1")
     env.update({f"SANDBOX_{k.upper()}": v for k, v in settings.items()})

@@ -1,0 +1,230 @@
+"""A host uid per tenant: each user id gets its own unprivileged uid/gid from ``strict.uid_range``.
+
+The map lives in ``<state_dir>/uids.json`` and only grows: a uid once given to a user is that
+user's for good (files it owns may outlive every worker), so a later user can never inherit
+them. Two orchestrators on one host share the file: an assignment takes an exclusive
+``flock`` on ``uids.lock``, re-reads the map, and writes it back atomically (a temporary file,
+``fsync``, ``rename``, ``fsync`` of the directory), so a crash leaves the old map or the new
+one, never half of one, and no uid is ever handed out twice.
+
+A uid is never 0, never ``nobody`` (65534), never one the host's passwd or group database
+knows (an account's processes could otherwise read the tenant's workspace), and the range
+must not overlap ``/etc/subuid`` or ``/etc/subgid`` (a user's rootless containers run as
+those). The gid is the uid (each tenant its own group). Checked again on every lookup: an
+account created later with a tenant's uid makes that tenant's workers fail closed.
+
+Only meaningful when the host is root; otherwise every worker runs as the caller's uid
+through a user namespace (see the README's "Tenancy" section for what to configure).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import grp
+import json
+import os
+import pwd
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox_core.config import ProcessSandboxConfig, parse_uid_range
+from sandbox_core.errors import IsolationUnavailable
+
+NOBODY = 65534
+MAP_NAME = "uids.json"
+LOCK_NAME = "uids.lock"
+UNBOUND = "-"
+"""The map key of workers with no workspace (not a valid user id, so never a user's)."""
+SUBID_FILES = ("/etc/subuid", "/etc/subgid")
+
+_cache: dict[tuple[str, str], int] = {}
+_cache_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    """One tenant's host identity."""
+
+    key: str
+    uid: int
+    gid: int
+
+
+def tenant_key(config: ProcessSandboxConfig, workspace: Path | None) -> str:
+    """The map key of the worker serving ``workspace``: its user id when it is one of the
+    workspace root's entries, else its absolute path (one uid per workspace either way)."""
+    if workspace is None:
+        return UNBOUND
+    resolved = workspace.resolve()
+    if resolved.parent == config.workspace_root.resolve():
+        return resolved.name
+    return f"path:{resolved}"
+
+
+def identity_for(config: ProcessSandboxConfig, key: str) -> Tenant:
+    """The tenant ``key``'s uid/gid, assigned now if it has none yet (fails closed)."""
+    lo, hi = parse_uid_range(config.strict.uid_range)
+    check_range(lo, hi)
+    state = state_dir(config)
+    cache_key = (str(state), key)
+    with _cache_lock:
+        uid = _cache.get(cache_key)
+        if uid is None:
+            uid = _assign(state, key, lo, hi)
+            _cache[cache_key] = uid
+    _check_uid(uid, lo, hi, key)
+    return Tenant(key, uid, uid)
+
+
+def assigned(config: ProcessSandboxConfig) -> dict[str, int]:
+    """Every assignment so far (for ``audit-env`` and diagnostics); {} when there is no map."""
+    path = state_dir(config, create=False) / MAP_NAME
+    try:
+        return _load(path)
+    except FileNotFoundError:
+        return {}
+
+
+def state_dir(config: ProcessSandboxConfig, *, create: bool = True) -> Path:
+    """The state directory, made 0700 and checked: ours, not writable by anyone else."""
+    path = config.state_dir
+    if create:
+        try:
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise IsolationUnavailable(f"cannot create the state directory {path}: {exc}",
+                                       data={"field": "state_dir", "value": str(path)}) from None
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            return path
+        raise
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise IsolationUnavailable(
+            f"the state directory {path} must be a directory owned by uid {os.geteuid()} that nobody else "
+            f"can write (it is uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
+            f"{', a symlink' if stat.S_ISLNK(st.st_mode) else ''})",
+            data={"field": "state_dir", "value": str(path)},
+        )
+    return path
+
+
+def check_range(lo: int, hi: int, subid_files: tuple[str, ...] = SUBID_FILES) -> None:
+    """Fail closed when the range overlaps a subordinate id range of a host user."""
+    for name in subid_files:
+        for owner, start, count in _subids(name):
+            if start <= hi and lo <= start + count - 1:
+                raise IsolationUnavailable(
+                    f"strict.uid_range {lo}-{hi} overlaps {owner}'s range {start}-{start + count - 1} in {name}: "
+                    "that user's containers could run as a tenant's uid; choose a range outside every "
+                    "/etc/subuid and /etc/subgid entry",
+                    data={"field": "strict.uid_range", "value": f"{lo}-{hi}"},
+                )
+
+
+def _subids(path: str) -> list[tuple[str, int, int]]:
+    out: list[tuple[str, int, int]] = []
+    try:
+        with open(path) as fh:
+            lines = fh.read().splitlines()
+    except FileNotFoundError:
+        return out
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            out.append((parts[0], int(parts[1]), int(parts[2])))
+    return out
+
+
+def host_knows(uid: int) -> str | None:
+    """What of the host's accounts uses ``uid`` as a uid or gid, or None."""
+    with contextlib.suppress(KeyError):
+        return f"user {pwd.getpwuid(uid).pw_name!r}"
+    with contextlib.suppress(KeyError):
+        return f"group {grp.getgrgid(uid).gr_name!r}"
+    return None
+
+
+def _check_uid(uid: int, lo: int, hi: int, key: str) -> None:
+    if uid in (0, NOBODY) or not lo <= uid <= hi:
+        raise IsolationUnavailable(
+            f"tenant {key!r} has uid {uid} in the uid map, outside strict.uid_range {lo}-{hi}: the range was "
+            "changed after uids were assigned; restore it (assignments are permanent)",
+            data={"field": "strict.uid_range", "value": f"{lo}-{hi}"},
+        )
+    known = host_knows(uid)
+    if known is not None:
+        raise IsolationUnavailable(
+            f"tenant {key!r}'s uid {uid} is now used by the host's {known}: its processes could read the "
+            "tenant's workspace; remove that account or give it another id",
+            data={"field": "strict.uid_range", "value": f"{lo}-{hi}"},
+        )
+
+
+def _assign(state: Path, key: str, lo: int, hi: int) -> int:
+    """Under the lock: the key's uid from the map, or the lowest free one written to it."""
+    lock = os.open(state / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path = state / MAP_NAME
+        try:
+            users = _load(path)
+        except FileNotFoundError:
+            users = {}
+        if key in users:
+            return users[key]
+        taken = set(users.values())
+        uid = next((u for u in range(lo, hi + 1) if u not in taken and u not in (0, NOBODY)
+                    and host_knows(u) is None), None)
+        if uid is None:
+            raise IsolationUnavailable(
+                f"strict.uid_range {lo}-{hi} is used up ({len(users)} tenants); widen it",
+                data={"field": "strict.uid_range", "value": f"{lo}-{hi}"},
+            )
+        users[key] = uid
+        _store(path, users)
+        return uid
+    finally:
+        os.close(lock)
+
+
+def _load(path: Path) -> dict[str, int]:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd) as fh:
+        text = fh.read()
+    try:
+        data = json.loads(text)
+        users = data["users"]
+        if not isinstance(users, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in users.items()
+        ):
+            raise ValueError("users must map names to uids")
+        if len(set(users.values())) != len(users):
+            raise ValueError("a uid is assigned twice")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IsolationUnavailable(f"the uid map {path} is corrupt ({exc}); restore it from a backup",
+                                   data={"field": "state_dir", "value": str(path.parent)}) from None
+    return dict(users)
+
+
+def _store(path: Path, users: dict[str, int]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = json.dumps({"version": 1, "users": users}, indent=1, sort_keys=True).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
