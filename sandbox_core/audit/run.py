@@ -275,7 +275,9 @@ async def run_audit(
                 say("writing past the disk quota in a throwaway quota workspace")
             seen["quota_probe"] = await tenancy.quota_probe(quota_config)
         say("evaluating")
-        ctx = Evidence(quota_config, plants, results, errors, limits, monitor.summary(), host_namespaces(),
+        # judged against what the worker ran with (its network policy), with the quota it was asked for
+        judged = config.replace(limits=quota_config.limits)
+        ctx = Evidence(judged, plants, results, errors, limits, monitor.summary(), host_namespaces(),
                        "\n".join(sent_back), seen)  # fmt: skip
         checks = [judge(ctx, name) for name in CHECK_NAMES]
         variables = classify_variables(ctx)
