@@ -538,9 +538,16 @@ class SandboxOrchestrator:
             user_id=user_id,
             host_handler=self._serve_host_call,
             launcher=self._launcher,
+            on_egress=self._journal_egress if self.record is not None else None,
         )
         self._workers[worker.worker_id] = worker
         return worker
+
+    def _journal_egress(self, decision: dict[str, Any]) -> None:
+        """An egress decision into the record's journal (who, where to, allowed or why not)."""
+        if self.record is not None:
+            user = decision.get("user_id")
+            self.record.journal("egress", decision, user_id=user if isinstance(user, str) else None)
 
     async def _spawn(self) -> SandboxWorker:
         """Start one unbound (pre-warmed) worker."""

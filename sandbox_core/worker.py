@@ -165,9 +165,12 @@ class SandboxWorker:
         workspace: Path | None = None,
         host_handler: HostHandler | None = None,
         launcher: Launcher = launch_spec,
+        on_egress: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
+        self._on_egress = on_egress
+        """Told each egress decision of this worker (the orchestrator's record)."""
         self.user_id = user_id
         self.workspace = workspace
         self.state = WorkerState.NEW
@@ -336,7 +339,7 @@ class SandboxWorker:
         inside_ends, host_ends = [data_write, stdin_read], [data_read, stdin_write]
         net = spec.plan.get("network")
         if isinstance(net, dict):
-            self.egress = Relay(self.config.network, self.worker_id, lambda: self.user_id)
+            self.egress = Relay(self.config.network, self.worker_id, lambda: self.user_id, self._on_egress)
         if isinstance(net, dict) and net.get("pipes"):  # worker -> host, host -> worker
             (up_read, up_write), (down_read, down_write) = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
             inside_ends += [up_write, down_read]

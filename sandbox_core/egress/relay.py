@@ -36,10 +36,18 @@ _MiB = 1024 * 1024
 class Relay:
     """One worker's connections: its decisions, its caps and the mux over its net pipes."""
 
-    def __init__(self, net: NetworkPolicy, worker_id: str, user: Callable[[], str | None]) -> None:
+    def __init__(
+        self,
+        net: NetworkPolicy,
+        worker_id: str,
+        user: Callable[[], str | None],
+        on_decision: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.net = net
         self.worker_id = worker_id
         self._user = user
+        self._on_decision = on_decision
+        """Told every decision (the durable record's egress journal), after the log line."""
         self.mux = netpipe.Mux(self._violation)
         self._opening = 0
         self.relayed = 0
@@ -173,6 +181,10 @@ class Relay:
     ) -> dict[str, Any]:  # fmt: skip
         """Log the decision and turn it into the answer for the inside."""
         where = f"user={user} host={host} port={port} address={address or '-'}"
+        if self._on_decision is not None:
+            self._on_decision({"worker_id": self.worker_id, "user_id": user, "host": host, "port": port,
+                               "address": str(address) if address else None, "allowed": decision.allowed,
+                               "reason": "allowed" if decision.allowed else decision.reason})  # fmt: skip
         if decision.allowed:
             self.stats["allowed"] += 1
             log.info("egress allowed worker=%s %s reason=allowed", self.worker_id, where)

@@ -381,3 +381,23 @@ def test_allowlist_needs_the_strict_profile(workspace_root: Path) -> None:
     with pytest.raises(ConfigError) as info:
         process_config(workspace_root, network=NetworkPolicy(mode="allowlist", allow=("pypi.org",)))
     assert info.value.field == "network.mode" and "strict profile" in info.value.message
+
+
+async def test_every_decision_goes_into_the_record(workspace_root: Path, servers: Servers, tmp_path: Path) -> None:
+    from sandbox_core.record import Record
+
+    record = Record(tmp_path / "record.sqlite3")
+    try:
+        async with SandboxOrchestrator(config(workspace_root), record=record) as pool:
+            ok = await run_json(pool, "erin", py(GET.format(url=f"http://registry.test:{servers.port}/ok")))
+            assert ok["status"] == 200
+            refused = await run_json(pool, "erin", py(GET.format(url=f"http://bad.github.com:{servers.port}/no")))
+            assert refused["status"] == 403
+        assert record.flush()
+        entries = [e for e in record.entries(kind="egress")]
+        assert [(e["user_id"], e["detail"]["host"], e["detail"]["allowed"]) for e in entries] == [
+            ("erin", "registry.test", True), ("erin", "bad.github.com", False)]
+        assert entries[0]["detail"]["address"] == "127.0.0.1" and entries[1]["detail"]["reason"] == "denied"
+    finally:
+        record.close()
+    assert servers.seen == ["/ok"]
