@@ -13,13 +13,10 @@ import asyncio
 import contextlib
 import os
 import signal
-import sqlite3
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
-
-import typer
 
 from cli import output
 from cli.remote import RemotePool, Target
@@ -130,8 +127,8 @@ def report(exc: BaseException, *, verbose: bool = False, err: Console | None = N
     Everything printed goes through :func:`~cli.output.visible`: the message, the traceback
     and the worker's stderr can all carry text from the sandbox, the service or upstream.
     """
-    err = err if err is not None else output.console(stderr=True)
     if verbose:
+        err = err if err is not None else output.console(stderr=True)
         print_details(exc, err)
     output.error(str(exc), hint=hint_for(exc), err=err)
     return exit_code_for(exc)
@@ -163,7 +160,6 @@ def service_target(state: AppState) -> Target | None:
 
     if state.local:
         return None
-    err = output.console(stderr=True)
     try:
         config = state.loaded().config
     except ConfigError:
@@ -187,15 +183,16 @@ def service_target(state: AppState) -> Target | None:
         try:
             answers = socket_answers(path, server_uids)
         except UntrustedService as exc:
-            raise typer.Exit(report(exc, verbose=state.verbose, err=err)) from None
+            output.leave(report(exc, verbose=state.verbose))
         if not answers:
             if state.verbose and path.exists():
-                err.print(f"no service answers at unix:{path}; running in-process", style="dim", highlight=False)
+                output.console(stderr=True).print(f"no service answers at unix:{path}; running in-process",
+                                                  style="dim", highlight=False)
             return None
         target = Target(f"unix:{path}", explicit=False, server_uids=server_uids)
     if state.verbose:
         how = "" if target.explicit else " (its default socket exists; --local runs in-process)"
-        err.print(f"using the service at {target.address}{how}", style="dim", highlight=False)
+        output.console(stderr=True).print(f"using the service at {target.address}{how}", style="dim", highlight=False)
     return target
 
 
@@ -252,6 +249,8 @@ def sigint_calls(callback: Callable[[], None]) -> Iterator[None]:
 
 def open_record_or_warn(config: ProcessSandboxConfig) -> Record | None:
     """The durable record for an in-process pool; a warning (and no record) when it cannot open."""
+    import sqlite3
+
     from sandbox_core.record import open_record
 
     try:
@@ -316,7 +315,7 @@ def run_job(
     try:
         return asyncio.run(main())
     except SandboxError as exc:
-        raise typer.Exit(report(exc, verbose=verbose)) from None
+        output.leave(report(exc, verbose=verbose))
     except KeyboardInterrupt:
         output.console(stderr=True).print("interrupted", style="dim")
-        raise typer.Exit(output.EXIT_INTERRUPTED) from None
+        output.leave(output.EXIT_INTERRUPTED)
