@@ -129,18 +129,15 @@ def _state(options: dict[str, Any]) -> Any:
     return state
 
 
-def _exec(state: Any, args: Sequence[str]) -> int:
-    from cli.commands.exec_impl import exec_main
-
+def _exec_args(args: Sequence[str]) -> dict[str, Any]:
     options, command = _options(args, _EXEC_FLAGS, _EXEC_VALUES, interspersed=False)
     if not command:
         raise _Unsure
-    return exec_main(state, command, **options)
+    return {"command": command, **options}
 
 
-def _run(state: Any, args: Sequence[str]) -> int:
+def _run_args(args: Sequence[str]) -> dict[str, Any]:
     from cli.commands.common import ProfileName, ProviderName
-    from cli.commands.run_impl import run_main
 
     options, prompt = _options(args, _RUN_FLAGS, _RUN_VALUES, interspersed=True)
     if len(prompt) != 1:
@@ -149,13 +146,13 @@ def _run(state: Any, args: Sequence[str]) -> int:
         options["provider"] = ProviderName(options["provider"])
     if "profile" in options:
         options["profile"] = ProfileName(options["profile"])
-    return run_main(state, prompt[0], **options)
+    return {"prompt": prompt[0], **options}
 
 
-_COMMANDS: dict[str, Callable[[Any, Sequence[str]], int]] = {"exec": _exec, "run": _run}
+_COMMANDS: dict[str, Callable[[Sequence[str]], dict[str, Any]]] = {"exec": _exec_args, "run": _run_args}
 
 
-def fast_command(argv: Sequence[str]) -> tuple[dict[str, Any], Callable[[Any, Sequence[str]], int], list[str]]:
+def fast_command(argv: Sequence[str]) -> tuple[dict[str, Any], str, dict[str, Any]]:
     """Global options, the command and its arguments, when the fast path takes ``argv`` (else :class:`_Unsure`)."""
     i = 0
     while i < len(argv) and argv[i] not in _COMMANDS:
@@ -168,7 +165,17 @@ def fast_command(argv: Sequence[str]) -> tuple[dict[str, Any], Callable[[Any, Se
     options, rest = _options(argv[:i], _GLOBAL_FLAGS, _GLOBAL_VALUES, interspersed=False)
     if rest or (options.get("local") and options.get("connect")):
         raise _Unsure  # typer says what is wrong
-    return options, _COMMANDS[argv[i]], list(argv[i + 1:])
+    return options, argv[i], _COMMANDS[argv[i]](argv[i + 1:])
+
+
+def _run_command(name: str, state: Any, arguments: dict[str, Any]) -> int:
+    if name == "exec":
+        from cli.commands.exec_impl import exec_main
+
+        return exec_main(state, **arguments)
+    from cli.commands.run_impl import run_main
+
+    return run_main(state, **arguments)
 
 
 def main() -> None:
@@ -176,9 +183,8 @@ def main() -> None:
     argv = sys.argv[1:]
     if os.environ.get("_SANDBOX_COMPLETE") is None and "_TYPER_COMPLETE_ARGS" not in os.environ:
         try:
-            options, command, args = fast_command(argv)
-            state = _state(options)
-            code = command(state, args)
+            options, name, arguments = fast_command(argv)
+            code = _run_command(name, _state(options), arguments)
         except _Unsure:
             pass
         except OSError as exc:

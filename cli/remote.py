@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sandbox_core.events import Event
     from sandbox_core.requests import Request
     from sandbox_core.service.client import ServiceClient
+    from sandbox_core.service.thin import ThinClient
 
 URL_ENV = "SANDBOX_URL"
 TOKEN_ENV = "SANDBOX_TOKEN"
@@ -165,7 +166,7 @@ class RemotePool:
 
     def __init__(
         self,
-        client: ServiceClient,
+        client: ServiceClient | ThinClient,
         target: Target,
         *,
         profile: str,
@@ -196,9 +197,15 @@ class RemotePool:
         warn: Callable[[str], None] | None = None,
     ) -> RemotePool:
         """Connect and check the service answers (:class:`ServiceUnreachable` if not)."""
-        from sandbox_core.service.client import ServiceClient, ServiceUnreachable
+        from sandbox_core.service.thin import ServiceUnreachable, ThinClient
 
-        client = ServiceClient(target.address, token if target.tcp else None, server_uids=target.server_uids)
+        client: ServiceClient | ThinClient
+        if target.tcp:
+            from sandbox_core.service.client import ServiceClient
+
+            client = ServiceClient(target.address, token, server_uids=target.server_uids)
+        else:  # a command's few requests on a Unix socket: no HTTP library to import
+            client = ThinClient(Path(target.address.removeprefix("unix:")), server_uids=target.server_uids)
         try:
             health = await client.health()
         except ServiceUnreachable as exc:

@@ -41,9 +41,9 @@ UNREACHABLE_HINT = (
 
 def _service_error(exc: BaseException) -> tuple[bool, int | None]:
     """Whether ``exc`` says the service is unreachable, and its HTTP status (if it answered one)."""
-    if "sandbox_core.service.client" not in sys.modules:  # in-process: no need to load the HTTP client
+    if "sandbox_core.service.thin" not in sys.modules:  # in-process: no need to load the client
         return False, None
-    from sandbox_core.service.client import ServiceError, ServiceUnreachable
+    from sandbox_core.service.thin import ServiceError, ServiceUnreachable
 
     if isinstance(exc, ServiceUnreachable):
         return True, None

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from cli.remote import Target
     from cli.runtime import Pool
     from cli.state import AppState
+    from cli.termfilter import TerminalFilter
     from sandbox_core.config import ProcessSandboxConfig
 
 
@@ -37,13 +38,11 @@ def exec_main(
     interactive: bool = False,
 ) -> int:
     """Run ``command`` in the user's sandbox as ``sandbox exec`` does; the exit code to leave with."""
-    from cli.terminal import is_shell
-
     target = service_target(state)
     warn_ignored(target, profile=profile)
     config = effective_config(state, profile, min_idle=0, warn=target is None)
     user_id = state.user_id(user)
-    if tty is None and is_shell(command) and not shell and output.is_tty(sys.stdin) and output.is_tty(sys.stdout):
+    if tty is None and not shell and output.is_tty(sys.stdin) and output.is_tty(sys.stdout) and _is_shell(command):
         tty = interactive = True  # `sandbox exec -- bash` at a terminal: an interactive shell, as expected
     if tty:
         argv = ["/bin/sh", "-c", " ".join(command)] if shell else list(command)
@@ -108,6 +107,12 @@ def run_terminal_job(
     return run_job(config, job, verbose=state.verbose, target=target, user=user or state.user)
 
 
+def _is_shell(command: list[str]) -> bool:
+    from cli.terminal import is_shell
+
+    return is_shell(command)
+
+
 class Sink:
     """One of our output streams: the command's bytes as they are, or filtered for a terminal.
 
@@ -116,10 +121,12 @@ class Sink:
     """
 
     def __init__(self, stream: BinaryIO, raw: bool) -> None:
-        from cli.termfilter import TerminalFilter
-
         self._stream = stream
-        self._filter = None if raw or not output.is_tty(stream) else TerminalFilter()
+        self._filter: TerminalFilter | None = None
+        if not raw and output.is_tty(stream):
+            from cli.termfilter import TerminalFilter
+
+            self._filter = TerminalFilter()
 
     def write(self, chunk: bytes) -> None:
         self._stream.write(chunk if self._filter is None else self._filter.feed(chunk))
