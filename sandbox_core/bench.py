@@ -271,11 +271,6 @@ def _cli_argv() -> list[str] | None:
     return [str(script)] if os.access(script, os.X_OK) else None
 
 
-def _plain_python() -> str:
-    """The interpreter itself: no venv, no launcher shim (pyenv's ``python3`` is a shell script)."""
-    return os.path.realpath(sys.executable)
-
-
 def _cli_env(config: ProcessSandboxConfig, state: Path) -> dict[str, str]:
     """The environment a CLI run of the benchmark gets: this suite's settings, its own state and runtime dirs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SANDBOX_", "_SANDBOX_", "_TYPER_"))}
@@ -337,9 +332,8 @@ async def _serve(argv: list[str], env: dict[str, str], sock: Path) -> asyncio.su
 async def cli_exec_true(config: ProcessSandboxConfig, n: int) -> list[Figure]:
     """Whole-process ``sandbox exec -- true``, one shot in-process and against a running service.
 
-    The baseline is ``python3 -c pass`` (the interpreter itself, not a venv or a pyenv shim),
-    in the same rounds; the CLI's own interpreter running ``-c pass`` is reported too (a venv
-    with an editable install pays for its ``site`` hooks before any of our code runs).
+    The baseline is ``python3 -c pass`` run by the CLI's own interpreter (the same venv and
+    ``site``; not a pyenv shim, which is a shell script), in the same rounds.
     """
     cli = _cli_argv()
     if cli is None:
@@ -347,7 +341,7 @@ async def cli_exec_true(config: ProcessSandboxConfig, n: int) -> list[Figure]:
     state = config.workspace_root.parent / "bench-cli"
     (state / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
     env = _cli_env(config, state)
-    python3 = _plain_python()
+    python3 = sys.executable
     sock = state / "run" / "bench.sock"
     server = await _serve(cli, env, sock)
     try:
@@ -356,7 +350,6 @@ async def cli_exec_true(config: ProcessSandboxConfig, n: int) -> list[Figure]:
         await _whole_process(remote, env)  # the service's worker for the user is warm from here on
         medians = await _alternating({
             "python3": lambda: _whole_process([python3, "-c", "pass"]),
-            "own python": lambda: _whole_process([sys.executable, "-c", "pass"]),
             "local": lambda: _whole_process(local, env),
             "service": lambda: _whole_process(remote, env),
         }, n)
@@ -369,7 +362,7 @@ async def cli_exec_true(config: ProcessSandboxConfig, n: int) -> list[Figure]:
             server.kill()
             await server.wait()
     base = medians["python3"]
-    detail = {"n": n, "own_python_c_pass_ms": _ms(medians["own python"])}
+    detail = {"n": n}
     local_ratio, remote_ratio = medians["local"] / base, medians["service"] / base
     return [
         Figure("sandbox exec -- true, one shot in-process", _ms(medians["local"]), "ms p50",
