@@ -13,7 +13,6 @@ This module stays light (no HTTP client at import) so in-process commands do not
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import os
@@ -26,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 from sandbox_core.errors import ConfigError, SandboxError
 
 if TYPE_CHECKING:
+    import asyncio
+
     from sandbox_core.events import Event
     from sandbox_core.requests import Request
     from sandbox_core.service.client import ServiceClient
@@ -195,15 +196,21 @@ class RemotePool:
         token: str | None = None,
         requested_user: str | None = None,
         warn: Callable[[str], None] | None = None,
+        thin: bool = False,
     ) -> RemotePool:
-        """Connect and check the service answers (:class:`ServiceUnreachable` if not)."""
+        """Connect and check the service answers (:class:`ServiceUnreachable` if not).
+
+        ``thin``: one command's run on a Unix socket, through
+        :class:`~sandbox_core.service.thin.ThinClient` (no HTTP library to import); the REPL
+        and the operator commands, which poll and page, keep the full client.
+        """
         from sandbox_core.service.thin import ServiceUnreachable, ThinClient
 
         client: ServiceClient | ThinClient
-        if target.tcp:
+        if target.tcp or not thin:
             from sandbox_core.service.client import ServiceClient
 
-            client = ServiceClient(target.address, token, server_uids=target.server_uids)
+            client = ServiceClient(target.address, token if target.tcp else None, server_uids=target.server_uids)
         else:  # a command's few requests on a Unix socket: no HTTP library to import
             client = ThinClient(Path(target.address.removeprefix("unix:")), server_uids=target.server_uids)
         try:
@@ -231,6 +238,8 @@ class RemotePool:
         """Stop polling and close the connection (the service keeps running)."""
         if self._poller is not None:
             self._poller.cancel()
+            import asyncio
+
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
@@ -260,6 +269,8 @@ class RemotePool:
         If the consumer stops early or is cancelled (Ctrl-C), the run is cancelled on the
         service and this waits (up to :data:`CANCEL_TIMEOUT`) until it has stopped.
         """
+        import asyncio
+
         from sandbox_core.requests import ExecRequest
 
         kind, body = request_body(request)
@@ -289,6 +300,8 @@ class RemotePool:
             await stream.aclose()
 
     async def _cancel(self, run_id: str) -> None:
+        import asyncio
+
         with contextlib.suppress(SandboxError, TimeoutError):
             await asyncio.wait_for(self.client.cancel(run_id), CANCEL_TIMEOUT)
 
@@ -315,10 +328,14 @@ class RemotePool:
 
     def start_polling(self, interval: float) -> None:
         """Refresh :attr:`last_stats` and :attr:`last_workers` every ``interval`` s (operators only)."""
+        import asyncio
+
         if self._poller is None:
             self._poller = asyncio.create_task(self._poll(interval), name="sandbox-service-poll")
 
     async def _poll(self, interval: float) -> None:
+        import asyncio
+
         while True:
             try:
                 await self.stats()

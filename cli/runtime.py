@@ -9,7 +9,6 @@ orchestrator. :func:`run_job` hands the job either a ``SandboxOrchestrator`` or 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -196,14 +195,14 @@ def service_target(state: AppState) -> Target | None:
     return target
 
 
-async def connect(target: Target, requested_user: str | None = None) -> RemotePool:
+async def connect(target: Target, requested_user: str | None = None, *, thin: bool = False) -> RemotePool:
     """Connect to the service at ``target`` (token from ``SANDBOX_TOKEN`` / ``SANDBOX_TOKEN_FILE``)."""
     from cli.remote import exposed, read_token
 
     token, token_file = read_token(os.environ)
     if token_file is not None and exposed(token_file):
         output.warn(f"{token_file} is readable by group or others (chmod 600 it)")
-    return await RemotePool.connect(target, token=token, requested_user=requested_user, warn=output.warn)
+    return await RemotePool.connect(target, token=token, requested_user=requested_user, warn=output.warn, thin=thin)
 
 
 def warn_ignored(target: Target | None, **flags: object) -> None:
@@ -232,6 +231,8 @@ async def pool_workers(pool: Pool) -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def sigint_calls(callback: Callable[[], None]) -> Iterator[None]:
     """While inside, SIGINT calls ``callback`` in the event loop (and the old handler is restored)."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     previous = signal.getsignal(signal.SIGINT)
     try:
@@ -269,6 +270,7 @@ def run_job(
     verbose: bool = False,
     target: None = None,
     user: str | None = None,
+    thin: bool = False,
 ) -> T: ...
 
 
@@ -280,6 +282,7 @@ def run_job(
     verbose: bool = False,
     target: Target | None,
     user: str | None = None,
+    thin: bool = False,
 ) -> T: ...
 
 
@@ -290,17 +293,20 @@ def run_job(
     verbose: bool = False,
     target: Target | None = None,
     user: str | None = None,
+    thin: bool = False,
 ) -> T:
     """Run ``job`` on the service at ``target``, else on a fresh orchestrator; errors become exits.
 
     ``user`` is an explicit ``--user``: in client mode the service decides the user, and a
-    different one is warned about.
+    different one is warned about. ``thin``: the job is one run (see :meth:`RemotePool.connect`).
     """
+    import asyncio
+
     from sandbox_core.errors import SandboxError
 
     async def main() -> T:
         if target is not None:
-            async with await connect(target, user) as pool:
+            async with await connect(target, user, thin=thin) as pool:
                 return await job(pool)
         from sandbox_core.orchestrator import SandboxOrchestrator
 

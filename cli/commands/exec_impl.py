@@ -5,12 +5,12 @@ Kept apart so the fast entry point (:mod:`cli.main`) runs it without importing t
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import functools
 import os
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cli import output
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from cli.state import AppState
     from cli.termfilter import TerminalFilter
     from sandbox_core.config import ProcessSandboxConfig
+    from sandbox_core.events import Event
 
 
 def exec_main(
@@ -51,6 +52,9 @@ def exec_main(
     if interactive:
         output.warn("-i only matters with -t (without it, piped stdin streams to the command anyway)")
     piped = sys.stdin is not None and not sys.stdin.isatty()
+    if target is not None and not target.tcp:
+        return _exec_on_service(state, target, command, shell=shell, timeout=timeout, raw=raw, piped=piped,
+                                processes=config.limits.processes, user=user)
 
     async def job(pool: Pool) -> int:
         from sandbox_core.requests import ExecRequest
@@ -61,27 +65,121 @@ def exec_main(
             if shell
             else ExecRequest(argv=tuple(command), stdin=stdin, timeout=timeout)
         )
-        code = output.EXIT_FAILURE
-        out, err = Sink(sys.stdout.buffer, raw), Sink(sys.stderr.buffer, raw)
+        printer = _Printer(raw, config.limits.processes)
         try:
             async for event in pool.execute_stream(user_id, request):
-                if event.type == "stdout":
-                    out.write(event.chunk())
-                elif event.type == "stderr":
-                    err.write(event.chunk())
-                elif event.type == "done":
-                    out.close()
-                    err.close()
-                    code = int(event.data.get("exit_code", output.EXIT_FAILURE))
-                    for line in limit_notes(event.data, config.limits.processes):
-                        output.error(line)
+                printer.show(event)
         finally:
-            out.close()
-            err.close()
-        return code
+            printer.close()
+        return printer.code
 
     return run_job(config, job, verbose=state.verbose, target=target, user=user or state.user)
 
+
+class _Printer:
+    """A command's events on our stdout and stderr; its exit code once ``done`` came."""
+
+    def __init__(self, raw: bool, processes: int) -> None:
+        self.code = output.EXIT_FAILURE
+        self._out, self._err = Sink(sys.stdout.buffer, raw), Sink(sys.stderr.buffer, raw)
+        self._processes = processes
+
+    def show(self, event: Event) -> None:
+        if event.type == "stdout":
+            self._out.write(event.chunk())
+        elif event.type == "stderr":
+            self._err.write(event.chunk())
+        elif event.type == "done":
+            self.close()
+            self.code = int(event.data.get("exit_code", output.EXIT_FAILURE))
+            for line in limit_notes(event.data, self._processes):
+                output.error(line)
+
+    def close(self) -> None:
+        self._out.close()
+        self._err.close()
+
+
+def _exec_on_service(
+    state: AppState, target: Target, command: list[str], *, shell: bool, timeout: float | None, raw: bool,
+    piped: bool, processes: int, user: str | None,
+) -> int:
+    """``exec`` on the service at a Unix socket, without an event loop (see :mod:`sandbox_core.service.blocking`).
+
+    The same requests and the same output as through :class:`~cli.remote.RemotePool`: the
+    service decides the user (an explicit, different ``--user`` is warned about), piped
+    stdin streams in a second request once the run has started, Ctrl-C cancels the run on
+    the service and waits (up to :data:`~cli.remote.CANCEL_TIMEOUT`) for it to stop.
+    """
+    from pathlib import Path
+
+    from cli.remote import CANCEL_TIMEOUT, request_body, unix_identity
+    from cli.runtime import report
+    from sandbox_core.errors import SandboxError
+    from sandbox_core.requests import ExecRequest
+    from sandbox_core.service.blocking import BlockingClient
+
+    requested = user or state.user
+    identity = unix_identity()
+    if requested and requested != identity:
+        output.warn(f"the service runs your requests as user {identity!r} (from your credentials); "
+                    f"--user {requested} is ignored in client mode")
+    client = BlockingClient(Path(target.address.removeprefix("unix:")), server_uids=target.server_uids)
+    run_id: str | None = None
+    printer = _Printer(raw, processes)
+    try:
+        request = (ExecRequest(shell=" ".join(command), timeout=timeout) if shell
+                   else ExecRequest(argv=tuple(command), timeout=timeout))
+        _, body = request_body(request)
+        if piped:
+            body["stdin_stream"] = True
+        for event in client.events("exec", body):
+            if event.type == "started" and run_id is None:
+                run_id = str(event.data.get("run_id") or "") or None
+                if run_id is not None and piped:
+                    _send_stdin(client, run_id)
+            printer.show(event)
+    except SandboxError as exc:
+        printer.close()
+        return report(exc, verbose=state.verbose)
+    except KeyboardInterrupt:
+        printer.close()
+        if run_id is not None:
+            try:
+                client.cancel(run_id, CANCEL_TIMEOUT)
+            except (SandboxError, OSError):
+                pass
+        output.console(stderr=True).print("interrupted", style="dim")
+        return output.EXIT_INTERRUPTED
+    finally:
+        printer.close()
+    return printer.code
+
+
+def _send_stdin(client: Any, run_id: str, size: int = 256 * 1024) -> None:
+    """Stream this process's stdin to the run from a daemon thread (a writer that never closes it
+    cannot keep the CLI from exiting; a failure here shows as the command's own end)."""
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            fd = sys.stdin.fileno()
+        except (OSError, ValueError):  # not a real descriptor (an embedding program's stream)
+            yield from iter(functools.partial(sys.stdin.buffer.read, size), b"")
+            return
+        while True:
+            try:
+                chunk = os.read(fd, size)
+            except OSError:
+                return
+            if not chunk:
+                return
+            yield chunk
+
+    def send() -> None:
+        with contextlib.suppress(Exception):
+            client.send_stdin(run_id, chunks())
+
+    threading.Thread(target=send, name="sandbox-stdin", daemon=True).start()
 
 
 def run_terminal_job(
@@ -157,6 +255,8 @@ async def read_stdin(size: int = 256 * 1024, ahead: int = 4) -> AsyncIterator[by
     A daemon thread reads at most ``ahead`` chunks ahead of the consumer, so memory is
     bounded, and a writer that never closes the pipe cannot keep the CLI from exiting.
     """
+    import asyncio
+
     loop = asyncio.get_running_loop()
     chunks: asyncio.Queue[bytes] = asyncio.Queue()
     room = threading.Semaphore(ahead)

@@ -92,4 +92,4 @@ def run_main(
                 "or `--continue`", style="dim", markup=False, highlight=False)  # fmt: skip
         return outcome.exit_code
 
-    return run_job(config, job, verbose=state.verbose, target=target, user=user or state.user)
+    return run_job(config, job, verbose=state.verbose, target=target, user=user or state.user, thin=True)

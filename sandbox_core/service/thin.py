@@ -8,13 +8,12 @@ client's (:mod:`sandbox_core.service.trust`) before a byte is written on it. The
 client (:class:`~sandbox_core.service.client.ServiceClient`) is built on first use of
 anything else (stats, workers, terminals).
 
-The error classes and the SSE parser live here so that both clients share them without
-the thin one loading the full one.
+The error classes and the SSE parser live here so that the clients share them without the
+thin ones loading the full one (asyncio, too, is imported only when this client is used).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
 from pathlib import Path
@@ -25,6 +24,8 @@ from sandbox_core.events import Event
 from sandbox_core.service.trust import check_peer, open_checked, trusted_uids
 
 if TYPE_CHECKING:
+    import asyncio
+
     from sandbox_core.service.client import ServiceClient
 
 MAX_LINE = 64 * 1024 * 1024
@@ -104,6 +105,8 @@ class _Response:
         self.headers: dict[str, str] = {}
 
     async def _line(self) -> bytes:
+        import asyncio
+
         line = bytearray()
         while True:
             try:
@@ -131,6 +134,8 @@ class _Response:
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives."""
+        import asyncio
+
         if self.headers.get("transfer-encoding", "").lower() == "chunked":
             while True:
                 size_line = (await self._line()).split(b";", 1)[0].strip()
@@ -227,6 +232,8 @@ class ThinClient:
 
         ``stream`` is sent as a chunked body as it is produced (writes wait while the service is behind).
         """
+        import asyncio
+
         try:
             with open_checked(self._path, self._trusted) as address:
                 reader, writer = await asyncio.open_unix_connection(address, limit=256 * 1024)

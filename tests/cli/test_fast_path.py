@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cli.main import _Unsure, fast_command
-from tests.cli.conftest import SANDBOX, Run
+from tests.cli.conftest import SANDBOX, Run, needs_agent
 from tests.cli.test_client_mode import Server, base_env, runtime_dir, unix_server  # noqa: F401 - fixtures
 
 HEAVY = ("typer", "click", "rich", "pydantic", "anthropic", "prompt_toolkit", "starlette", "uvicorn")
@@ -39,7 +39,8 @@ def test_in_process_exec_loads_no_cli_framework_and_no_sdk(cli_env: dict[str, st
     assert result.returncode == 0, result.stderr
     assert result.stdout == "fast\n"
     assert "sandbox_core.orchestrator" in modules  # it did run the pool in-process
-    assert not top_levels(modules) & set(HEAVY), sorted(top_levels(modules) & set(HEAVY))
+    heavy = top_levels(modules) & set(HEAVY)
+    assert not heavy, sorted(heavy)
     assert "sandbox_core.service.client" not in modules and "httpx2" not in top_levels(modules)
 
 
@@ -52,7 +53,8 @@ def test_a_client_of_the_service_is_thin(unix_server: Server, tmp_path: Path) ->
     for module in ("sandbox_core.orchestrator", "sandbox_core.worker", "sandbox_core.isolation",
                    "sandbox_core.gateway", "sandbox_core.record"):
         assert module not in loaded, module
-    assert not top_levels(modules) & {*HEAVY, "httpx2", "httpcore2", "anyio"}, sorted(top_levels(modules))
+    heavy = top_levels(modules) & {*HEAVY, "httpx2", "httpcore2", "anyio", "asyncio", "ssl"}
+    assert not heavy, sorted(heavy)  # a blocking request: not even an event loop
 
 
 @pytest.mark.parametrize(
@@ -108,3 +110,16 @@ def test_a_usage_error_on_the_fast_path_exits_like_typer(run_cli: Run) -> None:
     assert "warning: -i only matters with -t" in result.stderr
     missing = run_cli("run", "-", input="")
     assert missing.returncode == 2 and "the prompt is empty" in missing.stderr
+
+
+@needs_agent
+def test_a_run_against_the_service_loads_neither_the_pool_nor_an_http_library(
+    unix_server: Server, tmp_path: Path,  # noqa: F811
+) -> None:
+    env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
+    result, modules = imported(env, "--connect", unix_server.address, "run", "--json", "run: echo thin-run")
+    assert result.returncode == 0, result.stderr
+    assert "thin-run" in result.stdout
+    heavy = top_levels(modules) & {"anthropic", "httpx2", "httpcore2", "anyio", "typer", "pydantic"}
+    assert not heavy, sorted(heavy)
+    assert not {m for m in modules if m.startswith(("sandbox_core.orchestrator", "sandbox_core.worker"))}
