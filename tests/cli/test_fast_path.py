@@ -8,6 +8,8 @@ loaded are read from that report.
 
 from __future__ import annotations
 
+import hashlib
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from cli.main import _Unsure, fast_command
-from tests.cli.conftest import SANDBOX, Run, needs_agent
+from tests.cli.conftest import SANDBOX, Run, find_process, needs_agent, poll
 from tests.cli.test_client_mode import Server, base_env, runtime_dir, unix_server  # noqa: F401 - fixtures
+from tests.helpers import pid_alive
 
 HEAVY = ("typer", "click", "rich", "pydantic", "anthropic", "prompt_toolkit", "starlette", "uvicorn")
 
@@ -123,3 +126,31 @@ def test_a_run_against_the_service_loads_neither_the_pool_nor_an_http_library(
     heavy = top_levels(modules) & {"anthropic", "httpx2", "httpcore2", "anyio", "typer", "pydantic"}
     assert not heavy, sorted(heavy)
     assert not {m for m in modules if m.startswith(("sandbox_core.orchestrator", "sandbox_core.worker"))}
+
+
+def test_ctrl_c_on_a_client_exec_cancels_the_run_on_the_service(
+    unix_server: Server, tmp_path: Path,  # noqa: F811
+) -> None:
+    env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
+    cli = subprocess.Popen([SANDBOX, "--connect", unix_server.address, "exec", "--", "sleep", "3017"], env=env,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sleeper = poll(lambda: find_process(["sleep", "3017"], unix_server.proc.pid), 15, "sleep on the service")
+        cli.send_signal(signal.SIGINT)
+        _, err = cli.communicate(timeout=20)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    poll(lambda: not pid_alive(sleeper), 10, "the cancelled command to die on the service")
+
+
+def test_piped_stdin_reaches_a_client_exec_byte_for_byte(unix_server: Server, tmp_path: Path) -> None:  # noqa: F811
+    env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
+    data = bytes(range(256)) * 4096 + b"\x00tail"
+    result = subprocess.run([SANDBOX, "--connect", unix_server.address, "exec", "--", "sha256sum"], env=env,
+                            input=data, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
