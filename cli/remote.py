@@ -212,7 +212,13 @@ class RemotePool:
 
             client = ServiceClient(target.address, token if target.tcp else None, server_uids=target.server_uids)
         else:  # a command's few requests on a Unix socket: no HTTP library to import
-            client = ThinClient(Path(target.address.removeprefix("unix:")), server_uids=target.server_uids)
+            def full() -> ServiceClient:
+                from sandbox_core.service.client import ServiceClient
+
+                return ServiceClient(target.address, server_uids=target.server_uids)
+
+            client = ThinClient(Path(target.address.removeprefix("unix:")), server_uids=target.server_uids,
+                                full=full)
         try:
             health = await client.health()
         except ServiceUnreachable as exc:

@@ -145,15 +145,21 @@ def _exec_on_service(
     except KeyboardInterrupt:
         printer.close()
         if run_id is not None:
-            try:
-                client.cancel(run_id, CANCEL_TIMEOUT)
-            except (SandboxError, OSError):
-                pass
+            _cancel_quietly(client, run_id, CANCEL_TIMEOUT)
         output.console(stderr=True).print("interrupted", style="dim")
         return output.EXIT_INTERRUPTED
+    except BaseException:  # our stdout went away (EPIPE), say: the run must not go on without us
+        if run_id is not None:
+            _cancel_quietly(client, run_id, CANCEL_TIMEOUT)
+        raise
     finally:
         printer.close()
     return printer.code
+
+
+def _cancel_quietly(client: Any, run_id: str, timeout: float) -> None:
+    with contextlib.suppress(Exception):
+        client.cancel(run_id, timeout)
 
 
 def _send_stdin(client: Any, run_id: str, size: int = 256 * 1024) -> None:

@@ -15,7 +15,7 @@ thin ones loading the full one (asyncio, too, is imported only when this client 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,8 +25,6 @@ from sandbox_core.service.trust import check_peer, open_checked, trusted_uids
 
 if TYPE_CHECKING:
     import asyncio
-
-    from sandbox_core.service.client import ServiceClient
 
 MAX_LINE = 64 * 1024 * 1024
 """Longest line (status, header or SSE) the thin client takes from the service."""
@@ -191,15 +189,17 @@ class _Response:
 class ThinClient:
     """The service on a Unix socket, for one command's run: ``health``, ``stream``, ``send_stdin``, ``cancel``.
 
-    Any other method of :class:`~sandbox_core.service.client.ServiceClient` is that of a
-    full client built on first use (and closed with this one).
+    Any other method of :class:`~sandbox_core.service.client.ServiceClient` is that of the
+    full client ``full()`` builds on first use (and closed with this one).
     """
 
-    def __init__(self, path: Path, *, server_uids: Iterable[str | int] = ()) -> None:
+    def __init__(
+        self, path: Path, *, server_uids: Iterable[str | int] = (), full: Callable[[], Any] | None = None,
+    ) -> None:
         self._path = path
-        self._server_uids = tuple(server_uids)
-        self._trusted = trusted_uids(self._server_uids)
-        self._full: ServiceClient | None = None
+        self._trusted = trusted_uids(server_uids)
+        self._make_full = full
+        self._full: Any = None
         self.last_run_id: str | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -207,12 +207,13 @@ class ThinClient:
             raise AttributeError(name)
         return getattr(self.full(), name)
 
-    def full(self) -> ServiceClient:
-        """The full client, for what this one does not do."""
+    def full(self) -> Any:
+        """The full client (a :class:`~sandbox_core.service.client.ServiceClient`: not imported here,
+        which would make the service's modules import each other), for what this one does not do."""
         if self._full is None:
-            from sandbox_core.service.client import ServiceClient
-
-            self._full = ServiceClient(f"unix:{self._path}", server_uids=self._server_uids)
+            if self._make_full is None:
+                raise AttributeError("this thin client has no full client to fall back on")
+            self._full = self._make_full()
         return self._full
 
     async def __aenter__(self) -> ThinClient:
