@@ -12,10 +12,10 @@ import json
 import os
 import re
 import sys
-from typing import Any, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
-import typer
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -65,6 +65,8 @@ def color_allowed(stream: object) -> bool:
 
 def console(stderr: bool = False, stream: TextIO | None = None) -> Console:
     """A rich console for stdout (or stderr): colour and live redraws only where allowed."""
+    from rich.console import Console
+
     out = stream if stream is not None else (sys.stderr if stderr else sys.stdout)
     tty = is_tty(out)
     color = color_allowed(out)
@@ -93,7 +95,19 @@ def json_line(obj: Any) -> None:
 
 
 def warn(message: str) -> None:
-    warn_to(console(stderr=True), message)
+    if not _plain_stderr():
+        warn_to(console(stderr=True), message)
+        return
+    sys.stderr.write(f"warning: {visible(message)}\n")
+    sys.stderr.flush()
+
+
+def _plain_stderr() -> bool:
+    """Whether stderr gets plain lines (a pipe or a file): then rich is not needed to print them.
+
+    What rich would print there is the same text: no colour and no wrapping off a terminal.
+    """
+    return not is_tty(sys.stderr)
 
 
 def warn_to(err: Console, message: str) -> None:
@@ -107,6 +121,10 @@ def error(message: str, *, hint: str | None = None, err: Console | None = None) 
 
     Both are shown through :func:`visible`: either may quote text from the sandbox or upstream.
     """
+    if err is None and _plain_stderr():
+        sys.stderr.write(f"error: {visible(message)}\n" + (f"hint: {visible(hint)}\n" if hint else ""))
+        sys.stderr.flush()
+        return
     from rich.text import Text
 
     out = err if err is not None else console(stderr=True)
@@ -118,4 +136,16 @@ def error(message: str, *, hint: str | None = None, err: Console | None = None) 
 def fail(message: str, *, hint: str | None = None, code: int = EXIT_FAILURE) -> NoReturn:
     """Print one red line (and a hint) to stderr and exit with ``code``."""
     error(message, hint=hint)
-    raise typer.Exit(code)
+    leave(code)
+
+
+def leave(code: int) -> NoReturn:
+    """Exit with ``code``: ``typer.Exit`` under typer, ``SystemExit`` on the fast path (:mod:`cli.main`).
+
+    The fast path never imports typer, and a command's code is the same either way.
+    """
+    if "typer" in sys.modules:
+        import typer
+
+        raise typer.Exit(code)
+    raise SystemExit(code)

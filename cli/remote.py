@@ -13,7 +13,6 @@ This module stays light (no HTTP client at import) so in-process commands do not
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import os
@@ -26,9 +25,12 @@ from typing import TYPE_CHECKING, Any
 from sandbox_core.errors import ConfigError, SandboxError
 
 if TYPE_CHECKING:
+    import asyncio
+
     from sandbox_core.events import Event
     from sandbox_core.requests import Request
     from sandbox_core.service.client import ServiceClient
+    from sandbox_core.service.thin import ThinClient
 
 URL_ENV = "SANDBOX_URL"
 TOKEN_ENV = "SANDBOX_TOKEN"
@@ -165,7 +167,7 @@ class RemotePool:
 
     def __init__(
         self,
-        client: ServiceClient,
+        client: ServiceClient | ThinClient,
         target: Target,
         *,
         profile: str,
@@ -194,11 +196,29 @@ class RemotePool:
         token: str | None = None,
         requested_user: str | None = None,
         warn: Callable[[str], None] | None = None,
+        thin: bool = False,
     ) -> RemotePool:
-        """Connect and check the service answers (:class:`ServiceUnreachable` if not)."""
-        from sandbox_core.service.client import ServiceClient, ServiceUnreachable
+        """Connect and check the service answers (:class:`ServiceUnreachable` if not).
 
-        client = ServiceClient(target.address, token if target.tcp else None, server_uids=target.server_uids)
+        ``thin``: one command's run on a Unix socket, through
+        :class:`~sandbox_core.service.thin.ThinClient` (no HTTP library to import); the REPL
+        and the operator commands, which poll and page, keep the full client.
+        """
+        from sandbox_core.service.thin import ServiceUnreachable, ThinClient
+
+        client: ServiceClient | ThinClient
+        if target.tcp or not thin:
+            from sandbox_core.service.client import ServiceClient
+
+            client = ServiceClient(target.address, token if target.tcp else None, server_uids=target.server_uids)
+        else:  # a command's few requests on a Unix socket: no HTTP library to import
+            def full() -> ServiceClient:
+                from sandbox_core.service.client import ServiceClient
+
+                return ServiceClient(target.address, server_uids=target.server_uids)
+
+            client = ThinClient(Path(target.address.removeprefix("unix:")), server_uids=target.server_uids,
+                                full=full)
         try:
             health = await client.health()
         except ServiceUnreachable as exc:
@@ -224,6 +244,8 @@ class RemotePool:
         """Stop polling and close the connection (the service keeps running)."""
         if self._poller is not None:
             self._poller.cancel()
+            import asyncio
+
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
             self._poller = None
@@ -253,6 +275,8 @@ class RemotePool:
         If the consumer stops early or is cancelled (Ctrl-C), the run is cancelled on the
         service and this waits (up to :data:`CANCEL_TIMEOUT`) until it has stopped.
         """
+        import asyncio
+
         from sandbox_core.requests import ExecRequest
 
         kind, body = request_body(request)
@@ -282,6 +306,8 @@ class RemotePool:
             await stream.aclose()
 
     async def _cancel(self, run_id: str) -> None:
+        import asyncio
+
         with contextlib.suppress(SandboxError, TimeoutError):
             await asyncio.wait_for(self.client.cancel(run_id), CANCEL_TIMEOUT)
 
@@ -290,6 +316,10 @@ class RemotePool:
     @property
     def files(self) -> RemoteFiles:
         """``pool.files`` over the service's ``/v1/files`` routes (the subset ``sandbox cp`` uses)."""
+        from sandbox_core.service.client import ServiceClient
+
+        if not isinstance(self.client, ServiceClient):
+            raise SandboxError("file transfers need the full service client (not a thin one-shot connection)")
         return RemoteFiles(self.client)
 
     async def stats(self) -> dict[str, Any]:
@@ -313,10 +343,14 @@ class RemotePool:
 
     def start_polling(self, interval: float) -> None:
         """Refresh :attr:`last_stats` and :attr:`last_workers` every ``interval`` s (operators only)."""
+        import asyncio
+
         if self._poller is None:
             self._poller = asyncio.create_task(self._poll(interval), name="sandbox-service-poll")
 
     async def _poll(self, interval: float) -> None:
+        import asyncio
+
         while True:
             try:
                 await self.stats()

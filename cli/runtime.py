@@ -9,17 +9,13 @@ orchestrator. :func:`run_job` hands the job either a ``SandboxOrchestrator`` or 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
-import sqlite3
 import sys
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
-
-import typer
 
 from cli import output
 from cli.remote import RemotePool, Target
@@ -44,9 +40,9 @@ UNREACHABLE_HINT = (
 
 def _service_error(exc: BaseException) -> tuple[bool, int | None]:
     """Whether ``exc`` says the service is unreachable, and its HTTP status (if it answered one)."""
-    if "sandbox_core.service.client" not in sys.modules:  # in-process: no need to load the HTTP client
+    if "sandbox_core.service.thin" not in sys.modules:  # in-process: no need to load the client
         return False, None
-    from sandbox_core.service.client import ServiceError, ServiceUnreachable
+    from sandbox_core.service.thin import ServiceError, ServiceUnreachable
 
     if isinstance(exc, ServiceUnreachable):
         return True, None
@@ -130,8 +126,8 @@ def report(exc: BaseException, *, verbose: bool = False, err: Console | None = N
     Everything printed goes through :func:`~cli.output.visible`: the message, the traceback
     and the worker's stderr can all carry text from the sandbox, the service or upstream.
     """
-    err = err if err is not None else output.console(stderr=True)
     if verbose:
+        err = err if err is not None else output.console(stderr=True)
         print_details(exc, err)
     output.error(str(exc), hint=hint_for(exc), err=err)
     return exit_code_for(exc)
@@ -163,7 +159,6 @@ def service_target(state: AppState) -> Target | None:
 
     if state.local:
         return None
-    err = output.console(stderr=True)
     try:
         config = state.loaded().config
     except ConfigError:
@@ -187,26 +182,27 @@ def service_target(state: AppState) -> Target | None:
         try:
             answers = socket_answers(path, server_uids)
         except UntrustedService as exc:
-            raise typer.Exit(report(exc, verbose=state.verbose, err=err)) from None
+            output.leave(report(exc, verbose=state.verbose))
         if not answers:
             if state.verbose and path.exists():
-                err.print(f"no service answers at unix:{path}; running in-process", style="dim", highlight=False)
+                output.console(stderr=True).print(f"no service answers at unix:{path}; running in-process",
+                                                  style="dim", highlight=False)
             return None
         target = Target(f"unix:{path}", explicit=False, server_uids=server_uids)
     if state.verbose:
         how = "" if target.explicit else " (its default socket exists; --local runs in-process)"
-        err.print(f"using the service at {target.address}{how}", style="dim", highlight=False)
+        output.console(stderr=True).print(f"using the service at {target.address}{how}", style="dim", highlight=False)
     return target
 
 
-async def connect(target: Target, requested_user: str | None = None) -> RemotePool:
+async def connect(target: Target, requested_user: str | None = None, *, thin: bool = False) -> RemotePool:
     """Connect to the service at ``target`` (token from ``SANDBOX_TOKEN`` / ``SANDBOX_TOKEN_FILE``)."""
     from cli.remote import exposed, read_token
 
     token, token_file = read_token(os.environ)
     if token_file is not None and exposed(token_file):
         output.warn(f"{token_file} is readable by group or others (chmod 600 it)")
-    return await RemotePool.connect(target, token=token, requested_user=requested_user, warn=output.warn)
+    return await RemotePool.connect(target, token=token, requested_user=requested_user, warn=output.warn, thin=thin)
 
 
 def warn_ignored(target: Target | None, **flags: object) -> None:
@@ -235,6 +231,8 @@ async def pool_workers(pool: Pool) -> list[dict[str, Any]]:
 @contextlib.contextmanager
 def sigint_calls(callback: Callable[[], None]) -> Iterator[None]:
     """While inside, SIGINT calls ``callback`` in the event loop (and the old handler is restored)."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     previous = signal.getsignal(signal.SIGINT)
     try:
@@ -252,6 +250,8 @@ def sigint_calls(callback: Callable[[], None]) -> Iterator[None]:
 
 def open_record_or_warn(config: ProcessSandboxConfig) -> Record | None:
     """The durable record for an in-process pool; a warning (and no record) when it cannot open."""
+    import sqlite3
+
     from sandbox_core.record import open_record
 
     try:
@@ -269,6 +269,8 @@ down (workers stopped, their cgroups removed) before the process exits with 128 
 
 @contextlib.contextmanager
 def _terminating_cancels(stopped_by: list[int]) -> Iterator[None]:
+    import asyncio
+
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     installed: list[signal.Signals] = []
@@ -297,6 +299,7 @@ def run_job(
     verbose: bool = False,
     target: None = None,
     user: str | None = None,
+    thin: bool = False,
 ) -> T: ...
 
 
@@ -308,6 +311,7 @@ def run_job(
     verbose: bool = False,
     target: Target | None,
     user: str | None = None,
+    thin: bool = False,
 ) -> T: ...
 
 
@@ -318,12 +322,15 @@ def run_job(
     verbose: bool = False,
     target: Target | None = None,
     user: str | None = None,
+    thin: bool = False,
 ) -> T:
     """Run ``job`` on the service at ``target``, else on a fresh orchestrator; errors become exits.
 
     ``user`` is an explicit ``--user``: in client mode the service decides the user, and a
-    different one is warned about.
+    different one is warned about. ``thin``: the job is one run (see :meth:`RemotePool.connect`).
     """
+    import asyncio
+
     from sandbox_core.errors import SandboxError
 
     stopped_by: list[int] = []
@@ -331,7 +338,7 @@ def run_job(
     async def main() -> T:
         with _terminating_cancels(stopped_by):
             if target is not None:
-                async with await connect(target, user) as pool:
+                async with await connect(target, user, thin=thin) as pool:
                     return await job(pool)
             from sandbox_core.orchestrator import SandboxOrchestrator
 
@@ -349,9 +356,9 @@ def run_job(
         if not stopped_by:
             raise
         output.console(stderr=True).print(f"stopped by {signal.Signals(stopped_by[0]).name}", style="dim")
-        raise typer.Exit(128 + stopped_by[0]) from None
+        output.leave(128 + stopped_by[0])
     except SandboxError as exc:
-        raise typer.Exit(report(exc, verbose=verbose)) from None
+        output.leave(report(exc, verbose=verbose))
     except KeyboardInterrupt:
         output.console(stderr=True).print("interrupted", style="dim")
-        raise typer.Exit(output.EXIT_INTERRUPTED) from None
+        output.leave(output.EXIT_INTERRUPTED)

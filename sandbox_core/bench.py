@@ -265,6 +265,115 @@ async def strict_vs_bare_bwrap(config: ProcessSandboxConfig, n: int) -> Figure:
                   detail={"bare_bwrap_with_worker_imports_ms": _ms(bi), "ratio_vs_same_imports": round(ours / bi, 2)})
 
 
+def _cli_argv() -> list[str] | None:
+    """The ``sandbox`` console script of this installation (next to its Python), if there is one."""
+    script = Path(sys.executable).with_name("sandbox")
+    return [str(script)] if os.access(script, os.X_OK) else None
+
+
+def _cli_env(config: ProcessSandboxConfig, state: Path) -> dict[str, str]:
+    """The environment a CLI run of the benchmark gets: this suite's settings, its own state and runtime dirs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SANDBOX_", "_SANDBOX_", "_TYPER_"))}
+    env.update(
+        SANDBOX_PROFILE=config.profile, SANDBOX_WORKSPACE_ROOT=str(config.workspace_root), SANDBOX_MIN_IDLE="0",
+        SANDBOX_ALLOW_ROOT_PROCESS="1", SANDBOX_SERVICE__STATE_DIR=str(state), XDG_RUNTIME_DIR=str(state / "run"),
+        SANDBOX_DEFAULT_USER="bench",
+    )
+    if config.strict.bwrap != "bwrap":
+        env["SANDBOX_STRICT__BWRAP"] = config.strict.bwrap
+    return env
+
+
+async def _whole_process(argv: list[str], env: dict[str, str] | None = None) -> float:
+    began = time.perf_counter()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[1:]} failed ({proc.returncode}): {err.decode(errors='replace')[-500:]}")
+    return time.perf_counter() - began
+
+
+async def _alternating(runs: dict[str, Callable[[], Awaitable[float]]], n: int) -> dict[str, float]:
+    """The median of ``n`` runs of each, taken in turns so that drift on the machine hits all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(n):
+        for name, run in runs.items():
+            samples[name].append(await run())
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+async def _serve(argv: list[str], env: dict[str, str], sock: Path) -> asyncio.subprocess.Process:
+    """``sandbox serve --socket SOCK`` in the background, once its socket accepts connections."""
+    import socket
+
+    proc = await asyncio.create_subprocess_exec(
+        *argv, "serve", "--socket", str(sock), env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and proc.returncode is None:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(sock))
+            return proc
+        except OSError:
+            await asyncio.sleep(0.05)
+        finally:
+            probe.close()
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    await proc.wait()
+    raise RuntimeError("sandbox serve did not come up within 30 s")
+
+
+async def cli_exec_true(config: ProcessSandboxConfig, n: int) -> list[Figure]:
+    """Whole-process ``sandbox exec -- true``, one shot in-process and against a running service.
+
+    The baseline is ``python3 -c pass`` run by the CLI's own interpreter (the same venv and
+    ``site``; not a pyenv shim, which is a shell script), in the same rounds.
+    """
+    cli = _cli_argv()
+    if cli is None:
+        return []
+    state = config.workspace_root.parent / "bench-cli"
+    (state / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
+    env = _cli_env(config, state)
+    python3 = sys.executable
+    sock = state / "run" / "bench.sock"
+    server = await _serve(cli, env, sock)
+    try:
+        local = [*cli, "--local", "exec", "--", "true"]
+        remote = [*cli, "--connect", f"unix:{sock}", "exec", "--", "true"]
+        await _whole_process(remote, env)  # the service's worker for the user is warm from here on
+        medians = await _alternating({
+            "python3": lambda: _whole_process([python3, "-c", "pass"]),
+            "local": lambda: _whole_process(local, env),
+            "service": lambda: _whole_process(remote, env),
+        }, n)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            server.terminate()
+        try:
+            await asyncio.wait_for(server.wait(), 30)
+        except TimeoutError:
+            server.kill()
+            await server.wait()
+    base = medians["python3"]
+    detail = {"n": n}
+    local_ratio, remote_ratio = medians["local"] / base, medians["service"] / base
+    return [
+        Figure("sandbox exec -- true, one shot in-process", _ms(medians["local"]), "ms p50",
+               "<= 6x python3 -c pass", local_ratio <= 6, baseline=_ms(base), ratio=round(local_ratio, 2),
+               detail=dict(detail)),
+        Figure("sandbox exec -- true, against a running service", _ms(medians["service"]), "ms p50",
+               "<= 2.5x python3 -c pass", remote_ratio <= 2.5, baseline=_ms(base), ratio=round(remote_ratio, 2),
+               detail=dict(detail)),
+    ]
+
+
 async def agent_first_text(config: ProcessSandboxConfig, n: int) -> Figure:
     """``agent.run`` request to first ``text`` event, offline model: cold vs warm worker."""
     from sandbox_core.requests import AgentRequest
@@ -784,6 +893,7 @@ def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
         ("warm claim", lambda: warm_claim(config, n)),
         ("ping vs pipe", lambda: ping_vs_pipe(config, n * 10)),
         ("exec true", lambda: exec_true(config, n * 2)),
+        ("cli exec true", lambda: cli_exec_true(config, max(3, n // 2))),
         ("keystroke echo", lambda: keystroke_echo(config, n * 5)),
         ("record cost", lambda: record_cost(config, n * 2)),
         ("idle memory", lambda: idle_memory(config)),

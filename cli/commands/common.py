@@ -5,12 +5,12 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
-import typer
-
 from cli import output
 from cli.state import AppState
 
 if TYPE_CHECKING:
+    import typer
+
     from cli.remote import Target
     from sandbox_core.config import ProcessSandboxConfig
 

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import os
-import sys
-import threading
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Annotated, Any, BinaryIO
+from typing import Annotated
 
 import typer
 
 from cli import output
-from cli.commands.common import ProfileName, effective_config, state_of
-from cli.runtime import run_job, service_target, warn_ignored
+from cli.commands.common import ProfileName, state_of
+from cli.commands.exec_impl import Sink, exec_main, limit_notes, read_stdin, run_terminal_job
 
-if TYPE_CHECKING:
-    from cli.remote import Target
-    from cli.runtime import Pool
-    from cli.state import AppState
-    from sandbox_core.config import ProcessSandboxConfig
+__all__ = ["Sink", "exec_command", "exec_main", "limit_notes", "read_stdin", "register", "run_terminal_job"]
 
 
 def exec_command(
@@ -50,147 +40,8 @@ def exec_command(
     service (--connect, SANDBOX_URL or its default socket) the command runs there, as
     the user of your credentials.
     """
-    from cli.terminal import is_shell
-
-    state = state_of(ctx)
-    target = service_target(state)
-    warn_ignored(target, profile=profile)
-    config = effective_config(state, profile, min_idle=0, warn=target is None)
-    user_id = state.user_id(user)
-    if tty is None and is_shell(command) and not shell and output.is_tty(sys.stdin) and output.is_tty(sys.stdout):
-        tty = interactive = True  # `sandbox exec -- bash` at a terminal: an interactive shell, as expected
-    if tty:
-        argv = ["/bin/sh", "-c", " ".join(command)] if shell else list(command)
-        code = run_terminal_job(state, config, target, user_id, argv, timeout=timeout, interactive=interactive,
-                                user=user)
-        raise typer.Exit(code)
-    if interactive:
-        output.warn("-i only matters with -t (without it, piped stdin streams to the command anyway)")
-    piped = sys.stdin is not None and not sys.stdin.isatty()
-
-    async def job(pool: Pool) -> int:
-        from sandbox_core.requests import ExecRequest
-
-        stdin = read_stdin() if piped else None
-        request = (
-            ExecRequest(shell=" ".join(command), stdin=stdin, timeout=timeout)
-            if shell
-            else ExecRequest(argv=tuple(command), stdin=stdin, timeout=timeout)
-        )
-        code = output.EXIT_FAILURE
-        out, err = Sink(sys.stdout.buffer, raw), Sink(sys.stderr.buffer, raw)
-        try:
-            async for event in pool.execute_stream(user_id, request):
-                if event.type == "stdout":
-                    out.write(event.chunk())
-                elif event.type == "stderr":
-                    err.write(event.chunk())
-                elif event.type == "done":
-                    out.close()
-                    err.close()
-                    code = int(event.data.get("exit_code", output.EXIT_FAILURE))
-                    for line in limit_notes(event.data, config.limits.processes):
-                        output.error(line)
-        finally:
-            out.close()
-            err.close()
-        return code
-
-    raise typer.Exit(run_job(config, job, verbose=state.verbose, target=target, user=user or state.user))
-
-
-def run_terminal_job(
-    state: AppState,
-    config: ProcessSandboxConfig,
-    target: Target | None,
-    user_id: str,
-    argv: list[str],
-    *,
-    timeout: float | None,
-    interactive: bool,
-    user: str | None,
-) -> int:
-    """Run ``argv`` on a sandbox pty attached to this terminal (``exec -t``, ``shell``); its exit code."""
-    from cli.terminal import attach
-
-    async def job(pool: Pool) -> int:
-        def open_session(**window: Any) -> Any:
-            return pool.terminal(user_id, argv, timeout=timeout, **window)
-
-        return await attach(open_session, interactive=interactive)
-
-    return run_job(config, job, verbose=state.verbose, target=target, user=user or state.user)
-
-
-class Sink:
-    """One of our output streams: the command's bytes as they are, or filtered for a terminal.
-
-    A terminal acts on escape sequences (see :mod:`cli.termfilter`); a pipe or a file gets
-    the bytes unchanged, and so does a terminal with ``--raw``.
-    """
-
-    def __init__(self, stream: BinaryIO, raw: bool) -> None:
-        from cli.termfilter import TerminalFilter
-
-        self._stream = stream
-        self._filter = None if raw or not output.is_tty(stream) else TerminalFilter()
-
-    def write(self, chunk: bytes) -> None:
-        self._stream.write(chunk if self._filter is None else self._filter.feed(chunk))
-        self._stream.flush()
-
-    def close(self) -> None:
-        """Write what the filter still holds (an unfinished sequence is dropped); idempotent."""
-        if self._filter is not None:
-            self._stream.write(self._filter.flush())
-            self._stream.flush()
-
-
-def limit_notes(done: dict[str, object], processes: int) -> list[str]:
-    """What to tell the user about limits a command struck (from its ``done`` data)."""
-    notes: list[str] = []
-    reason = done.get("kill_reason")
-    if isinstance(reason, str):
-        notes.append(f"killed: {reason}")
-    hit = done.get("limits_hit")
-    if isinstance(hit, list) and "processes" in hit:
-        notes.append(f"process limit {processes} reached: the sandbox refused to start more processes")
-    return notes
-
-
-async def read_stdin(size: int = 256 * 1024, ahead: int = 4) -> AsyncIterator[bytes]:
-    """This process's stdin as it arrives (a pipe, a file or a socket), until end of file.
-
-    A daemon thread reads at most ``ahead`` chunks ahead of the consumer, so memory is
-    bounded, and a writer that never closes the pipe cannot keep the CLI from exiting.
-    """
-    loop = asyncio.get_running_loop()
-    chunks: asyncio.Queue[bytes] = asyncio.Queue()
-    room = threading.Semaphore(ahead)
-    try:
-        fd = sys.stdin.fileno()
-        read: Callable[[], bytes] = functools.partial(os.read, fd, size)
-    except (OSError, ValueError):  # not a real descriptor (an embedding program's stream)
-        read = functools.partial(sys.stdin.buffer.read, size)
-
-    def reader() -> None:
-        while True:
-            room.acquire()
-            try:
-                chunk = read()
-            except (OSError, ValueError):
-                chunk = b""
-            try:
-                loop.call_soon_threadsafe(chunks.put_nowait, chunk)
-            except RuntimeError:  # the loop is gone: the command is over
-                return
-            if not chunk:
-                return
-
-    threading.Thread(target=reader, name="sandbox-stdin", daemon=True).start()
-    while chunk := await chunks.get():
-        room.release()
-        yield chunk
+    raise typer.Exit(exec_main(state_of(ctx), command, user=user, timeout=timeout, profile=profile, shell=shell,
+                               raw=raw, tty=tty, interactive=interactive))
 
 
 def register(app: typer.Typer) -> None:

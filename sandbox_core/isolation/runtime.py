@@ -26,8 +26,8 @@ import errno
 import fcntl
 import functools
 import hashlib
-import importlib.metadata
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -39,9 +39,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.isolation.spec import PACKAGE_ROOT
+
+if TYPE_CHECKING:
+    import importlib.metadata
 
 SANDBOX_ROOT = "/opt/sandbox"
 """Where the staged runtime appears inside the sandbox."""
@@ -92,16 +96,69 @@ def app_dir() -> str:
 
 @functools.cache
 def runtime() -> Runtime:
-    """The staged runtime of this host process (built on first use, then kept for its life)."""
-    plan = _plan()
+    """The staged runtime of this host process (built on first use, then kept for its life).
+
+    Planning walks the whole standard library and reads package metadata (about 0.1 s); a
+    process whose last plan's directories are all unchanged (:func:`_unchanged_key`) takes
+    that plan's key instead, which is what a fresh plan would have given.
+    """
     stage = _stage_root()
-    key = _key(plan, stage)
+    key = _unchanged_key(stage)
+    if key is not None:
+        _hold(stage / f"{key}.lock")
+        if (stage / key).is_dir():
+            return Runtime(str(stage / key), inside_executable(), app_dir(), f"{SANDBOX_ROOT}/lib")
+    plan = _plan()
+    key, copied = _key(plan, stage)
     final = stage / key
     _hold(stage / f"{key}.lock")
     if not final.is_dir():
         _build(plan, stage, final)
         _collect_garbage(stage, keep=key)
+    _remember(stage, key, [*plan.dirs, plan.interpreter[1], *copied])
     return Runtime(str(final), inside_executable(), app_dir(), f"{SANDBOX_ROOT}/lib")
+
+
+# ---------------------------------------------------------------- the last plan, remembered
+
+
+def _check_file(stage: Path) -> Path:
+    """Where this interpreter, venv, search path and checkout remember their last plan's key."""
+    whose = f"{_FORMAT}\0{sys.version}\0{os.path.realpath(sys.executable)}\0{sys.prefix}\0{PACKAGE_ROOT}\0{sys.path}"
+    return stage / f"plan-{hashlib.sha256(whose.encode()).hexdigest()[:24]}.json"
+
+
+def _remember(stage: Path, key: str, paths: list[str]) -> None:
+    """Note ``key`` with the identity of every directory (and copied file) its plan read."""
+    try:
+        check = {"key": key, "paths": {path: _identity(path).decode() for path in sorted(set(paths))}}
+        target = _check_file(stage)
+        tmp = target.with_name(f"{_TMP_PREFIX}{target.name}-{os.getpid()}")
+        tmp.write_text(json.dumps(check))
+        tmp.replace(target)
+    except OSError:
+        pass  # only a cache: the next process plans again
+
+
+def _unchanged_key(stage: Path) -> str | None:
+    """The last plan's key if none of what it read changed (else None: plan again).
+
+    A plan is the listing of its directories and the identity of what it copies. Adding,
+    removing or renaming an entry changes its directory's mtime, so the same identities
+    mean the same listings and the same plan; an installed or removed distribution changes
+    its site directory, which is among them.
+    """
+    try:
+        check = json.loads(_check_file(stage).read_text())
+        key, paths = check["key"], check["paths"]
+        if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{32}", key) or not isinstance(paths, dict):
+            return None
+        for path, identity in paths.items():
+            if _identity(path).decode() != identity:
+                return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return key
 
 
 # ---------------------------------------------------------------- what to stage
@@ -185,6 +242,8 @@ def _closure(names: tuple[str, ...]) -> list[importlib.metadata.Distribution]:
     Other markers are not evaluated: a dependency that is installed is staged (one that a
     marker excludes is then staged needlessly, never missed).
     """
+    import importlib.metadata  # slow to import, and only a fresh plan needs it
+
     found: dict[str, importlib.metadata.Distribution] = {}
     todo = list(names)
     while todo:
@@ -210,17 +269,20 @@ def _requirement_name(requirement: str) -> str:
 # ---------------------------------------------------------------- the key
 
 
-def _key(plan: _Plan, stage: Path) -> str:
+def _key(plan: _Plan, stage: Path) -> tuple[str, list[str]]:
+    """The stage's name for ``plan``, and the sources it copies (keyed by their identity)."""
     digest = hashlib.sha256(f"{_FORMAT}\0{sys.version}\0".encode())
     linkable = _Linkable(stage.stat().st_dev)
+    copied = []
     for dest, src in sorted(plan.links):
         digest.update(f"{dest}\0{src}\0".encode())
         if not linkable(src):
             digest.update(_identity(src))
+            copied.append(src)
     digest.update(_identity(plan.interpreter[1]))
     for path in sorted(plan.dirs):
         digest.update(path.encode() + b"\0" + _identity(path))
-    return digest.hexdigest()[:32]
+    return digest.hexdigest()[:32], copied
 
 
 def _identity(path: str) -> bytes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,28 +20,19 @@ import httpcore2
 import httpx2
 
 from sandbox_core.errors import (
-    BodyTooLarge,
     ConfigError,
     FileTransferError,
-    LimitExceeded,
-    PoolClosed,
-    SandboxError,
-    TooManyRuns,
     from_wire,
 )
 from sandbox_core.events import Event
+from sandbox_core.service.thin import ServiceError, ServiceUnreachable, check_status, parse_sse
 from sandbox_core.service.trust import check_peer, connect_checked, open_checked, trusted_uids
+
+__all__ = ["RemoteTerminal", "RemoteTerminalSession", "ServiceClient", "ServiceError", "ServiceUnreachable",
+           "parse_sse"]
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
-
-
-class ServiceError(SandboxError):
-    """The service answered with an HTTP error (``data["status"]``), or could not be reached."""
-
-
-class ServiceUnreachable(ServiceError):
-    """No service answered at the target (nothing listening, wrong address, refused)."""
 
 
 class _CheckedUnixBackend(httpcore2.AnyIOBackend):
@@ -97,45 +88,6 @@ def _transport(target: str, server_uids: Iterable[str | int]) -> tuple[str, http
     return "http://sandbox", _CheckedUnixTransport(Path(path), trusted_uids(server_uids))
 
 
-async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[int | None, str, str]]:
-    """``(id, event, data)`` for each SSE event in ``lines`` (comments skipped)."""
-    event_id: int | None = None
-    kind = "message"
-    data: list[str] = []
-    async for raw in lines:
-        line = raw.rstrip("\r")
-        if not line:
-            if data:
-                yield event_id, kind, "\n".join(data)
-            event_id, kind, data = None, "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "id" and value.isdigit():
-            event_id = int(value)
-        elif field == "event":
-            kind = value
-        elif field == "data":
-            data.append(value)
-
-
-_LIMITS: dict[int, type[LimitExceeded]] = {413: BodyTooLarge, 429: TooManyRuns}
-
-
-def _limit_error(cls: type[LimitExceeded], text: str, status: int) -> LimitExceeded:
-    """The typed error of a bound's refusal (413, 429) from its JSON body."""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        return cls(f"service error {status}: {text[:200]}", data={"status": status})
-    data = {"status": status, "setting": body.get("setting"), "limit": body.get("limit")}
-    return cls(str(body.get("error", f"service error {status}")), data=data)
-
-
 class ServiceClient:
     """Talks to a running ``sandbox serve``.
 
@@ -177,17 +129,7 @@ class ServiceClient:
 
     @staticmethod
     def _check(status: int, text: str) -> None:
-        data = {"status": status}
-        if status == 401:
-            raise ServiceError("the service refused the credentials (401); set SANDBOX_TOKEN", data=data)
-        if status == 403:
-            raise ServiceError("this needs the operator role (403)", data=data)
-        if status == 503:
-            raise PoolClosed("the service is draining", data=data)
-        if status in _LIMITS:
-            raise _limit_error(_LIMITS[status], text, status)
-        if status >= 400:
-            raise ServiceError(f"service error {status}: {text[:200]}", data=data)
+        check_status(status, text)
 
     async def health(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._json("GET", "/v1/health")

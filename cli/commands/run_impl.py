@@ -1,0 +1,95 @@
+"""What ``sandbox run`` does, without its typer signature (:mod:`cli.commands.run`).
+
+Kept apart so the fast entry point (:mod:`cli.main`) runs it without importing typer.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from typing import TYPE_CHECKING
+
+from cli import output
+from cli.commands.common import apply_model_flags, effective_config, require_model_key
+from cli.runtime import run_job, service_target
+
+if TYPE_CHECKING:
+    from cli.commands.common import ProfileName, ProviderName
+    from cli.runtime import Pool
+    from cli.state import AppState
+
+
+def read_prompt(prompt: str) -> str:
+    """The prompt argument, or all of stdin for ``-``."""
+    if prompt != "-":
+        return prompt
+    if sys.stdin is None or sys.stdin.isatty():
+        output.fail("PROMPT is '-' but stdin is a terminal", hint="pipe the prompt in: echo 'run: ls' | sandbox run -",
+                    code=output.EXIT_USAGE)
+    return sys.stdin.read()
+
+
+def run_main(
+    state: AppState,
+    prompt: str,
+    *,
+    user: str | None = None,
+    provider: ProviderName | None = None,
+    model: str | None = None,
+    max_turns: int | None = None,
+    system: str | None = None,
+    timeout: float | None = None,
+    profile: ProfileName | None = None,
+    as_json: bool = False,
+    conversation: str | None = None,
+    resume_last: bool = False,
+) -> int:
+    """Run the agent on ``prompt`` as ``sandbox run`` does; the exit code to leave with."""
+    if conversation is not None and resume_last:
+        output.fail("--conversation and --continue contradict each other", code=output.EXIT_USAGE)
+    target = service_target(state)
+    apply_model_flags(state, target, provider, model, profile)
+    text = read_prompt(prompt)
+    if not text.strip():
+        output.fail("the prompt is empty", code=output.EXIT_USAGE)
+    config = effective_config(state, profile, min_idle=0, warn=target is None)
+    if target is None:
+        require_model_key(config)
+    user_id = state.user_id(user)
+    json_mode = state.json_output(as_json)
+    local = target is None
+
+    async def job(pool: Pool) -> int:
+        from cli.render import JsonRenderer, RichRenderer, drive
+        from cli.runtime import exit_code_for
+        from sandbox_core.errors import SandboxError
+        from sandbox_core.requests import LAST_CONVERSATION, AgentRequest
+
+        request = AgentRequest(
+            prompt=text,
+            system=system,
+            # in client mode only what was asked for explicitly: the service's config fills the rest
+            model=config.model.model if local else model,
+            max_turns=max_turns if max_turns is not None else config.model.max_turns if local else None,
+            max_tokens=config.model.max_tokens if local else None,
+            conversation_id=(LAST_CONVERSATION if resume_last else conversation or f"run-{secrets.token_hex(4)}"),
+            resume=resume_last or conversation is not None,
+            timeout=timeout,
+        )
+        renderer = JsonRenderer() if json_mode else RichRenderer(output.console())
+        try:
+            outcome = await drive(pool, user_id, request, renderer)
+        except SandboxError as exc:
+            if json_mode:
+                JsonRenderer.error(str(exc), exit_code_for(exc))
+            raise
+        if outcome.exit_code != output.EXIT_OK and outcome.error and json_mode:
+            output.error(outcome.error)  # the rich renderer has shown it already
+        said = outcome.done.get("conversation_id") if outcome.done else None
+        if isinstance(said, str) and not json_mode:
+            output.console(stderr=True).print(
+                f"conversation {output.visible(said)}: continue it with `sandbox run --conversation {said} ...` "
+                "or `--continue`", style="dim", markup=False, highlight=False)  # fmt: skip
+        return outcome.exit_code
+
+    return run_job(config, job, verbose=state.verbose, target=target, user=user or state.user, thin=True)

@@ -1,0 +1,156 @@
+"""The console script's fast path (:mod:`cli.main`): what it imports, what it leaves to typer.
+
+What a command imports is behaviour: a client of a running service that loads the
+orchestrator or the SDK, or an ``exec`` that loads typer's help machinery, is slow for
+every user. The real console script runs under ``-X importtime`` and the modules it
+loaded are read from that report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cli.main import _Unsure, fast_command
+from tests.cli.conftest import SANDBOX, Run, find_process, needs_agent, poll
+from tests.cli.test_client_mode import Server, base_env, runtime_dir, unix_server  # noqa: F401 - fixtures
+from tests.helpers import pid_alive
+
+HEAVY = ("typer", "click", "rich", "pydantic", "anthropic", "prompt_toolkit", "starlette", "uvicorn")
+
+
+def imported(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run the console script under ``-X importtime``; its result and every module it imported."""
+    result = subprocess.run([sys.executable, "-X", "importtime", SANDBOX, *args], env=env, capture_output=True,
+                            text=True, timeout=60, check=False)
+    modules = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+               if line.startswith("import time:") and "|" in line}
+    return result, modules
+
+
+def top_levels(modules: set[str]) -> set[str]:
+    return {m.split(".", 1)[0] for m in modules}
+
+
+def test_in_process_exec_loads_no_cli_framework_and_no_sdk(cli_env: dict[str, str]) -> None:
+    result, modules = imported(cli_env, "--local", "exec", "--", "sh", "-c", "echo fast")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "fast\n"
+    assert "sandbox_core.orchestrator" in modules  # it did run the pool in-process
+    heavy = top_levels(modules) & set(HEAVY)
+    assert not heavy, sorted(heavy)
+    assert "sandbox_core.service.client" not in modules and "httpx2" not in top_levels(modules)
+
+
+def test_a_client_of_the_service_is_thin(unix_server: Server, tmp_path: Path) -> None:  # noqa: F811
+    env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
+    result, modules = imported(env, "--connect", unix_server.address, "exec", "--", "sh", "-c", "echo remote; exit 3")
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "remote\n"
+    loaded = {m for m in modules if m.startswith("sandbox_core.")}
+    for module in ("sandbox_core.orchestrator", "sandbox_core.worker", "sandbox_core.isolation",
+                   "sandbox_core.gateway", "sandbox_core.record"):
+        assert module not in loaded, module
+    heavy = top_levels(modules) & {*HEAVY, "httpx2", "httpcore2", "anyio", "asyncio", "ssl"}
+    assert not heavy, sorted(heavy)  # a blocking request: not even an event loop
+
+
+@pytest.mark.parametrize(
+    ("argv", "taken"),
+    [
+        (["exec", "--", "true"], True),
+        (["--local", "-v", "--profile", "process", "exec", "--user", "a", "--timeout", "1.5", "--", "ls", "-l"], True),
+        (["--user", "exec", "exec", "true"], True),  # a global option's value that names a command
+        (["exec", "ls", "--help"], True),  # after the command, everything is its own argv
+        (["run", "--json", "hello", "--max-turns", "2"], True),
+        (["exec", "--help"], False),
+        (["--help"], False),
+        (["--version"], False),
+        (["stats"], False),
+        (["exec"], False),
+        (["exec", "--timeout", "soon", "--", "true"], False),
+        (["exec", "--user", "a", "--user", "b", "--", "true"], False),
+        (["exec", "-ti", "--", "sh"], False),
+        (["--local", "--connect", "unix:/x", "exec", "--", "true"], False),
+        (["run", "a", "b"], False),
+        (["run", "--max-turns", "0", "hi"], False),
+        (["run", "--provider", "nope", "hi"], False),
+    ],
+)
+def test_the_fast_path_takes_plain_forms_and_leaves_the_rest_to_typer(argv: list[str], taken: bool) -> None:
+    try:
+        fast_command(argv)
+    except _Unsure:
+        assert not taken
+    else:
+        assert taken
+
+
+def test_what_the_fast_path_parsed_is_what_runs() -> None:
+    options, name, arguments = fast_command(["--user", "exec", "exec", "--timeout=2", "-i", "--", "ls", "--", "-l"])
+    assert (options, name) == ({"user": "exec"}, "exec")
+    assert arguments == {"command": ["ls", "--", "-l"], "timeout": 2.0, "interactive": True}
+    options, name, arguments = fast_command(["--json", "run", "hi", "--provider", "offline", "--continue"])
+    assert (options, name) == ({"json": True}, "run")
+    assert arguments == {"prompt": "hi", "provider": "offline", "resume_last": True}
+
+
+def test_what_it_declines_gets_typer_answers(run_cli: Run) -> None:
+    bad = run_cli("exec", "--timeout", "soon", "--", "true")
+    assert bad.returncode == 2 and "Invalid value" in bad.stderr and "Traceback" not in bad.stderr
+    helped = run_cli("exec", "--help")
+    assert helped.returncode == 0 and "--timeout" in helped.stdout
+
+
+def test_a_usage_error_on_the_fast_path_exits_like_typer(run_cli: Run) -> None:
+    result = run_cli("exec", "-i", "--", "true")  # -i without -t: a warning, then the command runs
+    assert result.returncode == 0
+    assert "warning: -i only matters with -t" in result.stderr
+    missing = run_cli("run", "-", input="")
+    assert missing.returncode == 2 and "the prompt is empty" in missing.stderr
+
+
+@needs_agent
+def test_a_run_against_the_service_loads_neither_the_pool_nor_an_http_library(
+    unix_server: Server, tmp_path: Path,  # noqa: F811
+) -> None:
+    env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
+    result, modules = imported(env, "--connect", unix_server.address, "run", "--json", "run: echo thin-run")
+    assert result.returncode == 0, result.stderr
+    assert "thin-run" in result.stdout
+    heavy = top_levels(modules) & {"anthropic", "httpx2", "httpcore2", "anyio", "typer", "pydantic"}
+    assert not heavy, sorted(heavy)
+    assert not {m for m in modules if m.startswith(("sandbox_core.orchestrator", "sandbox_core.worker"))}
+
+
+def test_ctrl_c_on_a_client_exec_cancels_the_run_on_the_service(
+    unix_server: Server, tmp_path: Path,  # noqa: F811
+) -> None:
+    env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
+    cli = subprocess.Popen([SANDBOX, "--connect", unix_server.address, "exec", "--", "sleep", "3017"], env=env,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sleeper = poll(lambda: find_process(["sleep", "3017"], unix_server.proc.pid), 15, "sleep on the service")
+        cli.send_signal(signal.SIGINT)
+        _, err = cli.communicate(timeout=20)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    poll(lambda: not pid_alive(sleeper), 10, "the cancelled command to die on the service")
+
+
+def test_piped_stdin_reaches_a_client_exec_byte_for_byte(unix_server: Server, tmp_path: Path) -> None:  # noqa: F811
+    env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
+    data = bytes(range(256)) * 4096 + b"\x00tail"
+    result = subprocess.run([SANDBOX, "--connect", unix_server.address, "exec", "--", "sha256sum"], env=env,
+                            input=data, capture_output=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
