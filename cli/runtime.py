@@ -248,6 +248,21 @@ def sigint_calls(callback: Callable[[], None]) -> Iterator[None]:
             signal.signal(signal.SIGINT, previous)
 
 
+def library_log(verbose: bool) -> None:
+    """Where the in-process library's log goes: its warnings (a model call that failed, an egress
+    refusal; each already told to the user by the command's own error) only with ``-v``."""
+    import logging
+
+    logger = logging.getLogger("sandbox_core")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sandbox: %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.ERROR)
+    logger.propagate = False
+
+
 def open_record_or_warn(config: ProcessSandboxConfig) -> Record | None:
     """The durable record for an in-process pool; a warning (and no record) when it cannot open."""
     import sqlite3
@@ -333,6 +348,8 @@ def run_job(
 
     from sandbox_core.errors import SandboxError
 
+    if target is None:
+        library_log(verbose)
     stopped_by: list[int] = []
 
     async def main() -> T:

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from cli.commands.common import ProfileName, ProviderName
     from cli.runtime import Pool
     from cli.state import AppState
+    from sandbox_core.config import ProcessSandboxConfig
 
 
 def read_prompt(prompt: str) -> str:
@@ -27,6 +28,19 @@ def read_prompt(prompt: str) -> str:
         output.fail("PROMPT is '-' but stdin is a terminal", hint="pipe the prompt in: echo 'run: ls' | sandbox run -",
                     code=output.EXIT_USAGE)
     return sys.stdin.read()
+
+
+def model_hint(exc: BaseException, config: ProcessSandboxConfig) -> str | None:
+    """What to do when a model call failed on the host, naming the URL it tried (in-process only:
+    the host's own config; never sent to the sandbox)."""
+    from cli.runtime import hint_for
+    from sandbox_core.errors import GatewayError
+
+    reason = exc.data.get("reason") if isinstance(exc, GatewayError) else None
+    if reason in ("unreachable", "timeout"):
+        return (f"the gateway could not reach model.base_url = {config.model.base_url} ({reason}): check the "
+                "URL (ANTHROPIC_BASE_URL) and the host's network, or use --provider offline; -v shows the cause")
+    return hint_for(exc)
 
 
 def run_main(
@@ -82,7 +96,14 @@ def run_main(
         except SandboxError as exc:
             if json_mode:
                 JsonRenderer.error(str(exc), exit_code_for(exc))
-            raise
+                raise
+            if not renderer.outcome.error:
+                raise
+            # the rich renderer has printed the error already: add only what to do about it
+            hint = model_hint(exc, config) if local else None
+            if hint is not None:
+                output.console(stderr=True).print(f"hint: {hint}", style="dim", markup=False, highlight=False)
+            return exit_code_for(exc)
         if outcome.exit_code != output.EXIT_OK and outcome.error and json_mode:
             output.error(outcome.error)  # the rich renderer has shown it already
         said = outcome.done.get("conversation_id") if outcome.done else None

@@ -148,3 +148,15 @@ def test_ctrl_c_cancels_a_run_and_its_tool(cli_env: dict[str, str]) -> None:
     finally:
         if child.isalive():
             child.terminate(force=True)
+
+
+def test_an_unreachable_model_api_is_said_once_with_its_url(run_cli: Run) -> None:
+    dead = "http://127.0.0.1:9"  # loopback, nothing listens: nothing leaves the machine
+    result = run_cli("run", "--provider", "anthropic", "hello",
+                     env={"ANTHROPIC_API_KEY": "sk-ant-test-0000000000000000", "ANTHROPIC_BASE_URL": dead})
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unreachable" in errors[0], result.stderr
+    assert f"model.base_url = {dead}" in result.stderr
+    assert "ConnectError" not in result.stderr  # the cause is for -v, not every run
+    assert "sk-ant-test" not in result.stderr + result.stdout
