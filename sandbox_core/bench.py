@@ -276,7 +276,7 @@ def _cli_env(config: ProcessSandboxConfig, state: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SANDBOX_", "_SANDBOX_", "_TYPER_"))}
     env.update(
         SANDBOX_PROFILE=config.profile, SANDBOX_WORKSPACE_ROOT=str(config.workspace_root), SANDBOX_MIN_IDLE="0",
-        SANDBOX_ALLOW_ROOT_PROCESS="1", SANDBOX_SERVICE__STATE_DIR=str(state), XDG_RUNTIME_DIR=str(state / "run"),
+        SANDBOX_ALLOW_ROOT_PROCESS="1", SANDBOX_STATE_DIR=str(state), XDG_RUNTIME_DIR=str(state / "run"),
         SANDBOX_DEFAULT_USER="bench",
     )
     if config.strict.bwrap != "bwrap":
