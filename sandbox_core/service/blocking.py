@@ -18,7 +18,14 @@ from typing import IO, Any
 
 from sandbox_core.errors import from_wire
 from sandbox_core.events import Event
-from sandbox_core.service.thin import MAX_BODY, MAX_LINE, ServiceError, ServiceUnreachable, check_status
+from sandbox_core.service.thin import (
+    MAX_BODY,
+    MAX_LINE,
+    ServiceError,
+    ServiceUnreachable,
+    SseReader,
+    check_status,
+)
 from sandbox_core.service.trust import connect_checked, trusted_uids
 
 REQUEST_TIMEOUT = 30.0
@@ -103,26 +110,10 @@ class _Answer:
 
 def parse_sse(lines: Iterable[str]) -> Iterator[tuple[int | None, str, str]]:
     """``(id, event, data)`` for each SSE event in ``lines`` (comments skipped)."""
-    event_id: int | None = None
-    kind = "message"
-    data: list[str] = []
+    reader = SseReader()
     for raw in lines:
-        line = raw.rstrip("\r")
-        if not line:
-            if data:
-                yield event_id, kind, "\n".join(data)
-            event_id, kind, data = None, "message", []
-            continue
-        if line.startswith(":"):
-            continue
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "id" and value.isdigit():
-            event_id = int(value)
-        elif field == "event":
-            kind = value
-        elif field == "data":
-            data.append(value)
+        if (event := reader.feed(raw)) is not None:
+            yield event
 
 
 class BlockingClient:

@@ -70,28 +70,40 @@ def check_status(status: int, text: str) -> None:
         raise ServiceError(f"service error {status}: {text[:200]}", data=data)
 
 
-async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[int | None, str, str]]:
-    """``(id, event, data)`` for each SSE event in ``lines`` (comments skipped)."""
-    event_id: int | None = None
-    kind = "message"
-    data: list[str] = []
-    async for raw in lines:
+class SseReader:
+    """Server-sent events from their lines, one line at a time: :meth:`feed` answers
+    ``(id, event, data)`` at the blank line that ends an event (comments skipped)."""
+
+    def __init__(self) -> None:
+        self._id: int | None = None
+        self._kind = "message"
+        self._data: list[str] = []
+
+    def feed(self, raw: str) -> tuple[int | None, str, str] | None:
         line = raw.rstrip("\r")
         if not line:
-            if data:
-                yield event_id, kind, "\n".join(data)
-            event_id, kind, data = None, "message", []
-            continue
+            done = (self._id, self._kind, "\n".join(self._data)) if self._data else None
+            self._id, self._kind, self._data = None, "message", []
+            return done
         if line.startswith(":"):
-            continue
+            return None
         field, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if field == "id" and value.isdigit():
-            event_id = int(value)
+            self._id = int(value)
         elif field == "event":
-            kind = value
+            self._kind = value
         elif field == "data":
-            data.append(value)
+            self._data.append(value)
+        return None
+
+
+async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[int | None, str, str]]:
+    """``(id, event, data)`` for each SSE event in ``lines`` (comments skipped)."""
+    reader = SseReader()
+    async for raw in lines:
+        if (event := reader.feed(raw)) is not None:
+            yield event
 
 
 class _Response:
