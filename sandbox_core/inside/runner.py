@@ -219,28 +219,58 @@ class StdinSink:
         self._pipe.resume(self)
 
 
-class _Output:
+class OutputBudget:
+    """``limits.output_mb`` of one command: what it may still send; past it the command's
+    process group is killed and the rest of its output is drained unsent."""
+
+    def __init__(self, limit: int, pgid: int = 0) -> None:
+        self.limit = limit
+        self.pgid = pgid
+        """Set once the command runs (0 until then)."""
+        self.total = 0
+        self.limited = False
+
+    def take(self, chunk: bytes) -> bytes:
+        """The part of ``chunk`` to send (empty once the limit is hit)."""
+        if self.limited:
+            return b""
+        if self.limit and self.total + len(chunk) > self.limit:
+            chunk = chunk[: self.limit - self.total]
+            self.limited = True
+            kill_group(self.pgid)
+        self.total += len(chunk)
+        return chunk
+
+
+def exit_result(returncode: int, started: float, budget: OutputBudget) -> dict[str, Any]:
+    """The ``done`` data of a command that ended with ``returncode``: exit code (128 + N for
+    signal N), duration, and the kill reason if a limit ended it."""
+    result: dict[str, Any] = {"duration_s": round(time.monotonic() - started, 6)}
+    if returncode < 0:
+        result["signal"] = -returncode
+        result["exit_code"] = 128 - returncode
+    else:
+        result["exit_code"] = returncode
+    reason = f"output limit {budget.limit / _MB:g} MB" if budget.limited else own_limit_reason(returncode)
+    if reason is not None:
+        result["kill_reason"] = reason
+    return result
+
+
+class _Output(OutputBudget):
     """Both output streams of one command: sent as read (data pipe, else events), and the limit."""
 
     def __init__(self, ctx: RequestContext, pipe: OutputPipe | None, limit: int, pgid: int) -> None:
+        super().__init__(limit, pgid)
         self._ctx = ctx
         self._pipe = pipe if isinstance(ctx.request.id, int) else None
-        self.limit = limit
-        self.pgid = pgid
-        self.total = 0
-        self.limited = False
 
     async def pump(self, stream: asyncio.StreamReader, event: Literal["stdout", "stderr"]) -> None:
         encoder = OutputEncoder()
         kind = datapipe.KIND_STDOUT if event == "stdout" else datapipe.KIND_STDERR
-        while chunk := await stream.read(_READ):
-            if self.limited:
-                continue  # drain what is left without sending it
-            if self.limit and self.total + len(chunk) > self.limit:
-                chunk = chunk[: self.limit - self.total]
-                self.limited = True
-                kill_group(self.pgid)
-            self.total += len(chunk)
+        while raw := await stream.read(_READ):
+            if not (chunk := self.take(raw)):
+                continue  # past the limit: drain what is left without sending it
             if self._pipe is not None:
                 await self._pipe.send(int(self._ctx.request.id), kind, chunk)
             elif (data := encoder.encode(chunk)) is not None:
@@ -383,13 +413,4 @@ async def _run(
         if transport.get_returncode() is not None:
             transport.close()
     assert returncode is not None
-    result: dict[str, Any] = {"duration_s": round(time.monotonic() - started, 6)}
-    if returncode < 0:
-        result["signal"] = -returncode
-        result["exit_code"] = 128 - returncode
-    else:
-        result["exit_code"] = returncode
-    reason = f"output limit {output.limit / _MB:g} MB" if output.limited else own_limit_reason(returncode)
-    if reason is not None:
-        result["kill_reason"] = reason
-    return result
+    return exit_result(returncode, started, output)

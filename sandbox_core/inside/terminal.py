@@ -37,11 +37,12 @@ from sandbox_core.inside.runner import (
     NOT_EXECUTABLE,
     NOT_FOUND,
     ExitWatch,
+    OutputBudget,
     command_argv,
+    exit_result,
     kill_group,
     kill_strays,
     output_limit,
-    own_limit_reason,
 )
 from sandbox_core.process_tree import boot_ticks
 from sandbox_core.requests import MAX_WINDOW_SIDE as MAX_SIDE
@@ -122,15 +123,13 @@ async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         loop.remove_reader(fd)
 
 
-class _Pump:
+class _Pump(OutputBudget):
     """The master's bytes to the host until the pty hangs up (EIO once no slave is open), and
     ``limits.output_mb``: past it the program's group is killed and the output stops there."""
 
     def __init__(self, master: int, pipe: OutputPipe, request_id: int, limit: int) -> None:
-        self._master, self._pipe, self._request_id, self.limit = master, pipe, request_id, limit
-        self.pgid = 0
-        self.total = 0
-        self.limited = False
+        super().__init__(limit)
+        self._master, self._pipe, self._request_id = master, pipe, request_id
 
     async def run(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
@@ -145,14 +144,7 @@ class _Pump:
                 raise
             if not chunk:
                 return
-            if self.limited:
-                continue  # drain what is left without sending it
-            if self.limit and self.total + len(chunk) > self.limit:
-                chunk = chunk[: self.limit - self.total]
-                self.limited = True
-                kill_group(self.pgid)
-            self.total += len(chunk)
-            if chunk:
+            if chunk := self.take(chunk):  # past the limit: drain what is left without sending it
                 await self._pipe.send(self._request_id, datapipe.KIND_STDOUT, chunk)
 
 
@@ -272,13 +264,4 @@ async def _run(
             os.close(slave)
         os.close(master)
     assert returncode is not None
-    result: dict[str, Any] = {"duration_s": round(time.monotonic() - started, 6)}
-    if returncode < 0:
-        result["signal"] = -returncode
-        result["exit_code"] = 128 - returncode
-    else:
-        result["exit_code"] = returncode
-    reason = f"output limit {pump.limit / (1024 * 1024):g} MB" if pump.limited else own_limit_reason(returncode)
-    if reason is not None:
-        result["kill_reason"] = reason
-    return result
+    return exit_result(returncode, started, pump)

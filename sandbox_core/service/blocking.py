@@ -21,6 +21,7 @@ from sandbox_core.events import Event
 from sandbox_core.service.thin import (
     MAX_BODY,
     MAX_LINE,
+    LineSplitter,
     ServiceError,
     ServiceUnreachable,
     SseReader,
@@ -91,17 +92,10 @@ class _Answer:
         return bytes(out)
 
     def lines(self) -> Iterator[str]:
-        pending = bytearray()
+        splitter = LineSplitter()
         for data in self.chunks():
-            pending += data
-            *complete, rest = pending.split(b"\n")
-            if len(rest) > MAX_LINE:
-                raise ServiceError(f"a line from the service is over {MAX_LINE} bytes")
-            pending = bytearray(rest)
-            for line in complete:
-                yield line.decode("utf-8", errors="replace")
-        if pending:
-            yield pending.decode("utf-8", errors="replace")
+            yield from splitter.feed(data)
+        yield from splitter.end()
 
     def close(self) -> None:
         self._file.close()

@@ -70,6 +70,25 @@ def check_status(status: int, text: str) -> None:
         raise ServiceError(f"service error {status}: {text[:200]}", data=data)
 
 
+class LineSplitter:
+    """Text lines from a body that comes in chunks; a line over :data:`MAX_LINE` is an error."""
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+
+    def feed(self, data: bytes) -> list[str]:
+        self._pending += data
+        *complete, rest = self._pending.split(b"\n")
+        if len(rest) > MAX_LINE:
+            raise ServiceError(f"a line from the service is over {MAX_LINE} bytes")
+        self._pending = bytearray(rest)
+        return [line.decode("utf-8", errors="replace") for line in complete]
+
+    def end(self) -> list[str]:
+        """What is left after the last newline (a last line without one)."""
+        return [self._pending.decode("utf-8", errors="replace")] if self._pending else []
+
+
 class SseReader:
     """Server-sent events from their lines, one line at a time: :meth:`feed` answers
     ``(id, event, data)`` at the blank line that ends an event (comments skipped)."""
@@ -182,17 +201,12 @@ class _Response:
         return bytes(out)
 
     async def lines(self) -> AsyncIterator[str]:
-        pending = bytearray()
+        splitter = LineSplitter()
         async for data in self.chunks():
-            pending += data
-            *complete, rest = pending.split(b"\n")
-            if len(rest) > MAX_LINE:
-                raise ServiceError(f"a line from the service is over {MAX_LINE} bytes")
-            pending = bytearray(rest)
-            for line in complete:
-                yield line.decode("utf-8", errors="replace")
-        if pending:
-            yield pending.decode("utf-8", errors="replace")
+            for line in splitter.feed(data):
+                yield line
+        for line in splitter.end():
+            yield line
 
     def close(self) -> None:
         self._writer.close()

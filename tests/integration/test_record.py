@@ -34,12 +34,12 @@ def file_bytes(path: Path) -> bytes:
     return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
 
 
-async def test_execs_agent_runs_and_failures_are_recorded(tmp_path: Path) -> None:
+async def test_execs_agent_runs_and_failures_are_recorded(tmp_path: Path, host_canary: str) -> None:
     cfg = config(tmp_path)
     record = open_record(cfg)
     assert record is not None
     async with SandboxOrchestrator(cfg, record=record, origin="cli") as pool:
-        ok = await pool.execute("alice", ExecRequest(argv=("sh", "-c", f"echo {KEY}; exit 3")))
+        ok = await pool.execute("alice", ExecRequest(argv=("sh", "-c", f"echo {KEY}; env; exit 3")))
         assert ok.exit_code == 3
         with pytest.raises(RequestTimeout):
             await pool.execute("alice", ExecRequest(shell="sleep 30", timeout=0.5))
@@ -76,6 +76,7 @@ async def test_execs_agent_runs_and_failures_are_recorded(tmp_path: Path) -> Non
     record.close()
     raw = file_bytes(record_path(cfg))
     assert KEY.encode() not in raw and b"PLANTED-record-key" not in raw
+    assert host_canary.encode() not in raw  # a host secret in the environment never reaches the record
     assert oct(record_path(cfg).stat().st_mode & 0o777) == "0o600"
 
 
