@@ -176,7 +176,10 @@ class ModelConfig:
     user_token_budget: int = 0
     """Tokens one user may use over the life of the pool (0 = unlimited)."""
     max_body_bytes: int = 4 * 1024 * 1024
-    """Largest request body the gateway forwards."""
+    """Largest request body the gateway forwards (the model endpoint answers 413 beyond it)."""
+    max_user_calls: int = 16
+    """Model calls one user's workers may have in flight at once; more are answered 503
+    ``overloaded_error`` with ``retry-after`` (the SDK waits and retries)."""
     request_timeout: float = 600.0
     allowed_models: tuple[str, ...] = ("claude-*",)
     """Models a call from the sandbox may name (``*`` globs); any other is refused."""
@@ -487,7 +490,8 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
                            "socket_mb", "workspace_mb", "workspace_inodes"), "limits.", zero_ok=True)
     if cfg.model.provider not in ("auto", "anthropic", "offline"):
         raise ConfigError("model.provider", f"must be auto, anthropic or offline, got {cfg.model.provider!r}")
-    _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout", "max_tokens_limit"),
+    _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout", "max_tokens_limit",
+                          "max_user_calls"),
               "model.")
     _positive(cfg.model, ("request_token_budget", "user_token_budget"), "model.", zero_ok=True)
     _positive(cfg.service, ("keepalive_seconds", "drain_grace", "max_buffered_events", "run_buffer_mb",

@@ -490,8 +490,12 @@ class SandboxWorker:
             self._egress_calls[msg.id] = task
             task.add_done_callback(functools.partial(self._egress_done, msg.id))
         elif msg.id in self._host_calls or len(self._host_calls) >= MAX_HOST_CALLS:
-            why = "duplicate call id" if msg.id in self._host_calls else f"over {MAX_HOST_CALLS} host calls at once"
-            self._answer_nowait(Response(msg.id, error=GatewayError(f"refused: {why}").to_wire()))
+            if msg.id in self._host_calls:
+                refusal = GatewayError("refused: duplicate call id", data={"reason": "refused"})
+            else:  # the API's own answer when busy: the client waits and retries
+                refusal = GatewayError(f"refused: this worker has {MAX_HOST_CALLS} host calls in flight; retry "
+                                       "shortly", data={"reason": "overloaded", "retry_after": 1})
+            self._answer_nowait(Response(msg.id, error=refusal.to_wire()))
         else:
             task = asyncio.create_task(self._serve_host_call(msg))
             self._host_calls[msg.id] = task

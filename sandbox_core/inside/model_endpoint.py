@@ -18,6 +18,11 @@ code; an upstream stream that breaks mid-way drops the connection, as the API's 
 client that goes away (noticed at once, also while the host has nothing to send) cancels its
 host call.
 
+A host that is busy (the user's ``model.max_user_calls`` calls in flight, or the worker's
+host-call cap) refuses with reason ``overloaded``: the client gets what the API sends when it
+is busy, 503 ``overloaded_error`` with ``retry-after`` and ``x-should-retry: true``, so the
+SDK (and any client that honours ``retry-after``) waits and retries.
+
 Bounded: at most :data:`MAX_CONNECTIONS` connections (more get 503) and
 :data:`MAX_CALLS` calls to the host at once (more wait), request heads of
 :data:`MAX_HEAD` bytes, bodies of ``max_body`` bytes (413 beyond), and idle or slow clients
@@ -63,6 +68,7 @@ _STATUS_OF_REASON: dict[str, tuple[int, str, bool]] = {
     "no_api_key": (401, "authentication_error", False),
     "user_budget": (429, "rate_limit_error", False),
     "request_budget": (429, "rate_limit_error", False),
+    "overloaded": (503, "overloaded_error", True),
     "unreachable": (502, "api_error", True),
     "timeout": (504, "api_error", True),
     "internal": (500, "api_error", False),
@@ -238,6 +244,9 @@ class ModelEndpoint:
                                                                                          False))
                     extra = [("x-sandbox-gateway-reason", str(exc.data.get("reason", "refused"))[:64]),
                              ("x-should-retry", "true" if retry else "false")]  # fmt: skip
+                    wait = exc.data.get("retry_after")
+                    if isinstance(wait, int) and not isinstance(wait, bool) and 0 < wait <= 60:
+                        extra.append(("retry-after", str(wait)))
                     await _error(writer, status, kind, exc.message, close=not keep, headers=extra)
                     return keep
                 code = first.get("status")
