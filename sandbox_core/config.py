@@ -334,6 +334,10 @@ def parse_cidr(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         raise ValueError(f"{entry!r} is not a CIDR ({exc})") from None
 
 
+FRAME_SLACK = 128 * 1024
+"""What a ``gateway.request`` frame holds besides the body's base64 (method, URL, headers)."""
+
+
 @dataclass(frozen=True)
 class ProcessSandboxConfig:
     """Everything the orchestrator and its workers need, immutable once loaded."""
@@ -393,6 +397,13 @@ class ProcessSandboxConfig:
 
     def replace(self, **changes: Any) -> ProcessSandboxConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def model_body_limit(self) -> int:
+        """The largest request body the in-sandbox model endpoint accepts: ``model.max_body_bytes``,
+        lowered so that its base64 (plus the request's head) fits in one ``max_frame_bytes`` frame."""
+        fits = (self.max_frame_bytes - FRAME_SLACK) // 4 * 3
+        return max(0, min(self.model.max_body_bytes, fits))
 
     def workspace_for(self, user_id: str) -> Path:
         """The workspace path of ``user_id`` (validated; not created)."""

@@ -25,7 +25,9 @@ SDK (and any client that honours ``retry-after``) waits and retries.
 
 Bounded: at most :data:`MAX_CONNECTIONS` connections (more get 503) and
 :data:`MAX_CALLS` calls to the host at once (more wait), request heads of
-:data:`MAX_HEAD` bytes, bodies of ``max_body`` bytes (413 beyond), and idle or slow clients
+:data:`MAX_HEAD` bytes, bodies of ``max_body`` bytes (the host's ``model.max_body_bytes``,
+lowered to what one channel frame carries; 413 ``request_too_large`` beyond, answered before
+the body is read, so a sandbox cannot make either side buffer more), and idle or slow clients
 are dropped after :data:`IDLE_SECONDS`.
 """
 
@@ -78,9 +80,10 @@ Other refusals (a field, a tool, a model, a host the policy does not allow) are 
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.status = status
+        self.kind = kind
 
 
 class _Request:
@@ -141,7 +144,7 @@ class ModelEndpoint:
                 try:
                     request = await asyncio.wait_for(self._read(reader, writer), IDLE_SECONDS)
                 except BadRequest as exc:
-                    await _error(writer, exc.status, "invalid_request_error", str(exc), close=True)
+                    await _error(writer, exc.status, exc.kind, str(exc), close=True)
                     break
                 if request is None:
                     break
@@ -193,7 +196,7 @@ class ModelEndpoint:
             if not length.isdigit():
                 raise BadRequest(400, "malformed content-length")
             if int(length) > self._max_body:
-                raise BadRequest(413, f"request body over {self._max_body} bytes")
+                raise self._too_large(f"a request body of {int(length)} bytes")
             request.body = await reader.readexactly(int(length))
         return request
 
@@ -210,9 +213,14 @@ class ModelEndpoint:
                     pass
                 return bytes(body)
             if len(body) + size > self._max_body:
-                raise BadRequest(413, f"request body over {self._max_body} bytes")
+                raise self._too_large("a chunked request body")
             body += await reader.readexactly(size)
             await reader.readexactly(2)
+
+    def _too_large(self, what: str) -> BadRequest:
+        """413 before the body is read: the host never buffers (nor is asked to carry) more."""
+        return BadRequest(413, f"{what} is over the model endpoint's limit of {self._max_body} bytes "
+                          "(model.max_body_bytes); send a smaller request", "request_too_large")
 
     async def _relay(self, request: _Request, writer: asyncio.StreamWriter, conn: _Connection) -> bool:
         """Answer one request through the host; whether the connection may carry another."""

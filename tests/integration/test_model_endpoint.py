@@ -227,3 +227,34 @@ async def test_a_busy_gateway_answers_503_overloaded_and_the_sdk_retries(workspa
     assert out["sdk_no_retry"] == [503, "error", "overloaded_error"]
     assert out["sdk"] == "after the wait" and out["held"][0] == 200
     assert len(server.requests) == 2  # the refused calls never left the host
+
+
+BIG = """
+import http.client, json, os, sys
+size = int(sys.argv[1])
+conn = http.client.HTTPConnection(os.environ["ANTHROPIC_BASE_URL"].split("//", 1)[1], timeout=30)
+conn.putrequest("POST", "/v1/messages")
+conn.putheader("content-type", "application/json")
+conn.putheader("content-length", str(size))
+conn.endheaders()
+try:
+    conn.send(b"x" * size)  # the endpoint may answer and close before it all went out
+except OSError:
+    pass
+r = conn.getresponse()
+print(json.dumps({"status": r.status, "body": json.loads(r.read())}))
+"""
+
+
+async def test_a_body_over_the_limit_is_refused_413_inside_before_it_is_read(workspace_root: Path) -> None:
+    config = strict(workspace_root, provider="offline", max_body_bytes=1024 * 1024)
+    assert config.model_body_limit == 1024 * 1024
+    assert config.replace(max_frame_bytes=512 * 1024).model_body_limit < 512 * 1024 * 3 // 4  # fits one frame
+    async with SandboxOrchestrator(config) as pool:
+        result = await pool.execute("alice", python("-c", BIG, str(8 * 1024 * 1024)))
+        answer = _answer(result.stdout_text)
+        assert answer["status"] == 413, answer
+        error_ = answer["body"]["error"]  # type: ignore[index]
+        assert error_["type"] == "request_too_large"
+        assert "limit of 1048576 bytes (model.max_body_bytes)" in error_["message"]
+        assert "alice" not in pool.get_pool_stats().get("gateway", {})  # the host was never asked
