@@ -293,6 +293,10 @@ class NetworkPolicy:
     """MiB one worker may relay over its life, both directions together (0 = no limit)."""
     connect_timeout: float = 10.0
     """Seconds the host gives name resolution plus the TCP connect of one connection."""
+    log_refusals: int = 20
+    """Refusals of one worker logged (and journalled) per minute; past that they are counted and
+    said in one summary line, so a sandbox looping on denied connects cannot flood the log
+    (0 = log every one)."""
 
 
 _LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
@@ -525,7 +529,7 @@ def _validate_network(cfg: ProcessSandboxConfig) -> None:
         raise ConfigError("network.mode", f"'allowlist' needs the strict profile: the {cfg.profile} profile has no "
                           "network namespace of its own, so nothing would stop a direct connection")  # fmt: skip
     _positive(net, ("max_connections", "connect_timeout"), "network.")
-    _positive(net, ("max_mb",), "network.", zero_ok=True)
+    _positive(net, ("max_mb", "log_refusals"), "network.", zero_ok=True)
     lists: list[tuple[str, tuple[str, ...]]] = [("network.allow", net.allow), ("network.deny", net.deny)]
     for user, entries in net.users.items():
         try:

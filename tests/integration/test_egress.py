@@ -401,3 +401,41 @@ async def test_every_decision_goes_into_the_record(workspace_root: Path, servers
     finally:
         record.close()
     assert servers.seen == ["/ok"]
+
+
+DENIED_LOOP = """
+import socket
+for i in range({n}):
+    s = socket.create_connection(("127.0.0.1", {proxy}), timeout=20)
+    s.sendall(b"CONNECT bad.github.com:{port} HTTP/1.1\\r\\n\\r\\n")
+    assert s.recv(4096).startswith(b"HTTP/1.1 403 "), i
+    s.close()
+print("done")
+"""
+
+
+async def test_a_loop_of_denied_connects_cannot_flood_the_log(workspace_root: Path, servers: Servers, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Every refusal is answered, but past network.log_refusals only a count reaches the log and the record."""
+    from sandbox_core.record import Record
+
+    caplog.set_level(logging.INFO, logger="sandbox_core.egress")
+    record = Record(tmp_path / "record.sqlite3")
+    try:
+        async with SandboxOrchestrator(config(workspace_root, log_refusals=5), record=record) as pool:
+            code = DENIED_LOOP.format(n=60, proxy=EGRESS_PROXY_PORT, port=servers.echo_port)
+            result = await pool.execute("mallory", py(code))
+            assert result.stdout_text == "done\n", result.stderr_text
+            worker = pool._workers[result.worker_id]
+            assert worker.egress is not None and worker.egress.stats["refused"] == 60
+        assert record.flush()
+        rows = [e["detail"] for e in record.entries(kind="egress")]
+    finally:
+        record.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "sandbox_core.egress"]
+    refused = [m for m in lines if "reason=denied" in m]
+    assert len(refused) == 5 and all("user=mallory host=bad.github.com" in m for m in refused)
+    summary = [m for m in lines if "more refusals suppressed" in m]
+    assert len(summary) == 1 and "user=mallory: 55 more refusals suppressed in the last 60 s" in summary[0]
+    assert [r["reason"] for r in rows] == ["denied"] * 5 + ["suppressed"] and rows[-1]["suppressed"] == 55
+    assert servers.echo_connections == 0
