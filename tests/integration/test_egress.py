@@ -283,14 +283,37 @@ async def test_per_user_and_per_request_policy_only_narrow(workspace_root: Path,
         bob_other = await run_json(pool, "bob", py(GET.format(url=other)))
         narrowed = await run_json(pool, "alice", py(GET.format(url=url), network=("other.test",)))
         none_at_all = await run_json(pool, "alice", py(GET.format(url=other), network=()))
-        wider = await run_json(pool, "alice", py(GET.format(url="http://evil.example/"), network=("evil.example",)))
+        with pytest.raises(ConfigError) as wider:  # refused before any worker is asked
+            await pool.execute("alice", py(GET.format(url="http://evil.example/"), network=("evil.example",)))
+        with pytest.raises(ConfigError) as bob_wider:
+            await pool.execute("bob", py(GET.format(url=url), network=("registry.test",)))
         after = await run_json(pool, "alice", py(GET.format(url=url)))  # the narrowing ended with its request
     assert alice["status"] == 200 and bob_other["status"] == 200 and after["status"] == 200
     assert bob["status"] == 403 and bob["reason"] == f"registry.test:{servers.port} is not in network.users.bob"
     assert narrowed["status"] == 403 and "is not in this request's network list" in str(narrowed["reason"])
+    assert "request network = [other.test]" in str(narrowed["body"])  # the answer names the policy
     assert none_at_all["status"] == 403
-    assert wider["status"] == 403 and wider["reason"] == "evil.example:80 is not in network.allow"
+    assert wider.value.data["entry"] == "evil.example" and "not within network.allow" in wider.value.message
+    assert bob_wider.value.data["entry"] == "registry.test" and "network.users.bob" in bob_wider.value.message
     assert servers.seen == ["/u", "/o", "/u"]
+
+
+async def test_workers_are_pooled_per_network_policy(workspace_root: Path, servers: Servers) -> None:
+    """A narrowed request never runs on a worker bound to another policy, and its worker stays narrowed."""
+    url = f"http://registry.test:{servers.port}/p"
+    async with SandboxOrchestrator(config(workspace_root).replace(max_workers_per_user=1)) as pool:
+        wide = await pool.execute("alice", py(GET.format(url=url)))
+        narrow = await pool.execute("alice", py(GET.format(url=url), network=("other.test",)))
+        again = await pool.execute("alice", py(GET.format(url=url), network=("other.test",)))
+        worker = pool._workers[again.worker_id]
+        assert worker.egress is not None and worker.egress.request_network == ("other.test",)  # also between requests
+        wide_again = await pool.execute("alice", py(GET.format(url=url)))
+        recycled = pool.get_pool_stats()
+    assert narrow.worker_id != wide.worker_id and again.worker_id == narrow.worker_id
+    assert wide_again.worker_id not in (wide.worker_id, narrow.worker_id)
+    assert [json.loads(r.stdout_text)["status"] for r in (wide, narrow, again, wide_again)] == [200, 403, 403, 200]
+    assert servers.seen == ["/p", "/p"]
+    assert "recycled" in json.dumps(recycled)
 
 
 HOLD = """
