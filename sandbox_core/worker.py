@@ -498,7 +498,7 @@ class SandboxWorker:
                 refusal = GatewayError("refused: duplicate call id", data={"reason": "refused"})
             else:  # the API's own answer when busy: the client waits and retries
                 refusal = GatewayError(f"refused: this worker has {MAX_HOST_CALLS} host calls in flight; retry "
-                                       "shortly", data={"reason": "overloaded", "retry_after": 1})
+                                       "shortly", data={"reason": "overloaded", "retry_after": 1, "retryable": True})
             self._answer_nowait(Response(msg.id, error=refusal.to_wire()))
         else:
             task = asyncio.create_task(self._serve_host_call(msg))
@@ -508,7 +508,11 @@ class SandboxWorker:
     def serves_network(self, network: tuple[str, ...] | None) -> bool:
         """Whether a request narrowing the network to ``network`` may run here: the worker is bound to
         no narrowing yet, or to this one (what runs in it keeps its policy; none is ever widened)."""
-        return self.egress is None or not self.network_bound or self.network == network
+        if self.egress is None or not self.network_bound:
+            return True
+        if self.network is None or network is None:
+            return self.network is network
+        return set(self.network) == set(network)  # the same entries in another order: the same policy
 
     def _was_issued(self, msg_id: RequestId | None) -> bool:
         """Whether ``msg_id`` is one of ours (an answer that came after its caller gave up)."""

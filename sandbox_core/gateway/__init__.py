@@ -36,8 +36,9 @@ plus ``max_tokens`` before it is forwarded, so concurrent calls cannot overshoot
 Concurrency: at most ``model.max_user_calls`` calls of one user are in flight at once (each
 worker also takes at most ``MAX_HOST_CALLS``); one more is refused at once with reason
 ``overloaded`` and ``retry_after`` seconds, which the model endpoint answers as the API
-does when it is busy (503 ``overloaded_error``, ``retry-after``), so a client waits and
-retries instead of hanging on the host.
+does when it is busy (503 ``overloaded_error``, ``retry-after``) and the agent runtime's
+transport as a retryable connection failure, so a client waits and retries instead of
+hanging on the host.
 """
 
 from __future__ import annotations
@@ -232,7 +233,8 @@ class ModelGateway:
             call = self._parse(params)
             if self._in_flight.get(user_id, 0) >= self.config.max_user_calls:
                 raise refused(f"this user has {self.config.max_user_calls} model calls in flight "
-                              "(model.max_user_calls); retry shortly", "overloaded", retry_after=RETRY_AFTER)
+                              "(model.max_user_calls); retry shortly", "overloaded", retry_after=RETRY_AFTER,
+                              retryable=True)
             if self.provider == "anthropic" and not self.config.api_key:
                 raise GatewayError(
                     "the anthropic provider needs an API key: set ANTHROPIC_API_KEY on the host, or "

@@ -309,6 +309,9 @@ async def test_workers_are_pooled_per_network_policy(workspace_root: Path, serve
         assert worker.egress is not None and worker.egress.request_network == ("other.test",)  # also between requests
         wide_again = await pool.execute("alice", py(GET.format(url=url)))
         recycled = pool.get_pool_stats()
+        both = await pool.execute("alice", ExecRequest(argv=("true",), network=("other.test", "registry.test")))
+        reordered = await pool.execute("alice", ExecRequest(argv=("true",), network=("registry.test", "other.test")))
+    assert both.worker_id == reordered.worker_id  # the same entries in another order: the same policy
     assert narrow.worker_id != wide.worker_id and again.worker_id == narrow.worker_id
     assert wide_again.worker_id not in (wide.worker_id, narrow.worker_id)
     assert [json.loads(r.stdout_text)["status"] for r in (wide, narrow, again, wide_again)] == [200, 403, 403, 200]

@@ -230,7 +230,7 @@ async def test_calls_over_max_user_calls_are_refused_as_overloaded_until_one_end
     assert (await anext(first))["kind"] == "start"  # in flight
     with pytest.raises(GatewayError) as info:
         await _collect(gateway, _params())
-    assert info.value.data == {"reason": "overloaded", "retry_after": 1}
+    assert info.value.data == {"reason": "overloaded", "retry_after": 1, "retryable": True}
     assert "model.max_user_calls" in info.value.message
     start, _ = await _collect(gateway, _params(), user="u2")  # another user's calls are their own
     assert start["status"] == 200
