@@ -386,6 +386,9 @@ class SandboxWorker:
         }
         if len(inside_ends) == 4:
             params["net_fds"] = inside_ends[2:]
+        bind_now = spec.bound_at_spawn and self.user_id is not None and spec.workspace_in_sandbox is not None
+        if bind_now:  # the worker answers the bind too before it imports its serving loop
+            params["bind_follows"] = True
         reply = await self.call("initialize", params)
         if not isinstance(reply, dict) or reply.get("protocol") != PROTOCOL_VERSION:
             raise WorkerStartError(f"unexpected handshake reply: {reply!r:.200}")
@@ -399,7 +402,8 @@ class SandboxWorker:
             verify.started, self.config, spec.plan, self._pid, reply.get("pid"), self.report)
         self.report["verified_by_host"] = self._verified.by_host
         # Bound only now, after the check: the workspace's layers (landlock) are checked at bind.
-        if spec.bound_at_spawn and self.user_id is not None and spec.workspace_in_sandbox is not None:
+        if bind_now:
+            assert self.user_id is not None and spec.workspace_in_sandbox is not None
             await self._enter(self.user_id, spec.workspace_in_sandbox)
 
     # ------------------------------------------------------------------ I/O
