@@ -102,6 +102,9 @@ WRITE_TIMEOUT = 10.0
 killed: a stopped worker must not hang its caller, its cancel or the host's shutdown."""
 CPU_POLL = 0.1
 """Seconds between reads of a worker's CPU accounting while a request with a CPU budget runs."""
+NO_PROCESSES = frozenset({"ping"})
+"""Requests the worker answers without starting a process: no limit can strike during one, so
+the host reads no cgroup accounting for them (two reads of several files per request)."""
 CPU_GRACE_NS = 1_000_000_000
 """CPU past the budget (after its processes were killed) at which the whole worker is killed."""
 OUTPUT_SLACK = 1024 * 1024
@@ -783,7 +786,8 @@ class SandboxWorker:
         feeder: asyncio.Task[None] | None = None
         resizer: asyncio.Task[None] | None = None
         watchdog: asyncio.Task[None] | None = None
-        if emit_started:
+        accounted = emit_started and method not in NO_PROCESSES
+        if accounted:
             self._limits_at_start = self.limit_counts()
             self._serving[request_id] = f"{self.worker_id}/{request_id}"
             self._budget_struck = False
@@ -826,7 +830,7 @@ class SandboxWorker:
                 if raw is not None:
                     raw.append(item.result)
                 done = self._done_data(item.result, began)
-                if emit_started:
+                if accounted:
                     self._name_kill(done)
                 yield Event("done", done, seq + 1)
                 return
