@@ -28,10 +28,13 @@ import json
 import os
 import stat
 import sys
-from typing import Any
 
 from sandbox_core import codes
 from sandbox_core.errors import ProtocolError, SandboxError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms of the boot)
+if TYPE_CHECKING:
+    from typing import Any
 
 _READ = 64 * 1024
 PROTOCOL_VERSION = "1"
@@ -177,15 +180,13 @@ def bind(booted: Booted, params: dict[str, Any]) -> dict[str, Any]:
 
 def enter(booted: Booted, user_id: str, workspace: str) -> None:
     """Move into the workspace and apply the layers that need it (landlock)."""
-    from pathlib import Path
-
     from sandbox_core.inside import confine
 
     os.chdir(workspace)
     booted.user_id, booted.workspace = user_id, workspace
     home = booted.plan.get("home")
     os.environ["HOME"] = home if isinstance(home, str) else workspace
-    confine.after_bind(booted.plan, Path(workspace), booted.report)
+    confine.after_bind(booted.plan, workspace, booted.report)
 
 
 def ping(params: dict[str, Any]) -> dict[str, Any]:
