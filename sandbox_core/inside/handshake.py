@@ -41,6 +41,8 @@ PROTOCOL_VERSION = "1"
 """Kept equal to :data:`sandbox_core.protocol.PROTOCOL_VERSION` (a unit test checks)."""
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 """Kept equal to :data:`sandbox_core.protocol.DEFAULT_MAX_FRAME` (a unit test checks)."""
+MAX_NESTING = 64
+"""Kept equal to :data:`sandbox_core.protocol.MAX_NESTING`: a deeper frame is the loop's to refuse."""
 
 
 class Booted:
@@ -98,11 +100,12 @@ def refusal(request_id: int | str, exc: Exception) -> bytes:
 
 def request(line: bytes) -> tuple[int | str, str, dict[str, Any]] | None:
     """``(id, method, params)`` of a well-formed request, else None (the serving loop judges it)."""
-    if line.count(b"[") + line.count(b"{") > 64:  # deep nesting: the protocol module's checks apply
-        return None
     try:
         obj = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
+        return None
+    brackets = line.count(b"[") + line.count(b"{")
+    if brackets > MAX_NESTING and _depth(obj) > MAX_NESTING:  # the loop refuses it
         return None
     if not isinstance(obj, dict) or obj.get("jsonrpc") != "2.0":
         return None
@@ -112,6 +115,19 @@ def request(line: bytes) -> tuple[int | str, str, dict[str, Any]] | None:
     if not isinstance(method, str) or not isinstance(params, dict):
         return None
     return request_id, method, params
+
+
+def _depth(obj: Any) -> int:
+    """How deep containers nest in ``obj`` (1 for a flat object), without recursion."""
+    deepest, todo = 0, [(obj, 1)]
+    while todo:
+        item, level = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        todo.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _pipe_fd(params: dict[str, Any], name: str) -> int | None:

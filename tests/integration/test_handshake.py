@@ -205,6 +205,7 @@ def test_the_handshake_imports_neither_asyncio_nor_the_protocol_module(workspace
 def test_handshake_frames_are_the_protocol_encoding() -> None:
     assert handshake.PROTOCOL_VERSION == protocol.PROTOCOL_VERSION
     assert handshake.DEFAULT_MAX_FRAME == protocol.DEFAULT_MAX_FRAME
+    assert handshake.MAX_NESTING == protocol.MAX_NESTING
     for result in ({"a": "é\u2028", "n": [1, 2.5, None]}, None, "x"):
         assert handshake.answer(3, result) == protocol.encode(Response(3, result=result))
     refused = handshake.refusal("w1", ProtocolError("bad"))
@@ -213,6 +214,13 @@ def test_handshake_frames_are_the_protocol_encoding() -> None:
         decoded = protocol.decode(line)
         assert isinstance(decoded, Request)
         assert handshake.request(line.rstrip(b"\n")) == (decoded.id, decoded.method, decoded.params)
+    deep: dict[str, Any] = {"k": 1}
+    for _ in range(protocol.MAX_NESTING):
+        deep = {"k": deep}
     for bad in (protocol.encode(Notification("cancel", {"id": 1})), b'{"jsonrpc":"2.0","id":true,"method":"m"}',
-                b"[" * 70 + b"]" * 70, b'{"jsonrpc":"1.0","id":1,"method":"m"}'):
+                b"[" * 70 + b"]" * 70, b'{"jsonrpc":"1.0","id":1,"method":"m"}', b"[" * 100_000 + b"]" * 100_000,
+                protocol.encode(Request(1, "initialize", deep))):
         assert handshake.request(bad.rstrip(b"\n")) is None
+    wide = protocol.encode(Request(1, "initialize", {"plan": {"expect_mounts": [[f"/p{i}", "ro"] for i in range(99)]}}))
+    assert protocol.too_deep(wide) is False and wide.count(b"[") > protocol.MAX_NESTING
+    assert handshake.request(wide.rstrip(b"\n")) is not None  # many brackets, shallow: the handshake serves it
