@@ -25,9 +25,11 @@ Errors that cross the pipe keep ``code``, ``message`` and ``data``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
 from sandbox_core import codes
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (a worker boots faster)
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 
 class SandboxError(Exception):

@@ -13,8 +13,9 @@ import os
 import re
 from collections.abc import Iterator
 
-WORKER_ENTRY = "sandbox_core.inside.worker_main"
-"""The module the launcher starts inside the sandbox (named, never imported, by the host)."""
+WORKER_ENTRY = "sandbox_core.inside.boot"
+"""The module the launcher starts inside the sandbox (named, never imported, by the host): it
+answers the handshake, then hands over to :mod:`sandbox_core.inside.worker_main`."""
 PROBE_COMMAND_ENTRY = "sandbox_core.inside.probes"
 FILES_ENTRY = "sandbox_core.inside.files"
 """The inside half of the files crossing, run as a command in the user's worker."""

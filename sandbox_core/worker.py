@@ -102,6 +102,9 @@ WRITE_TIMEOUT = 10.0
 killed: a stopped worker must not hang its caller, its cancel or the host's shutdown."""
 CPU_POLL = 0.1
 """Seconds between reads of a worker's CPU accounting while a request with a CPU budget runs."""
+NO_PROCESSES = frozenset({"ping"})
+"""Requests the worker answers without starting a process: no limit can strike during one, so
+the host reads no cgroup accounting for them (two reads of several files per request)."""
 CPU_GRACE_NS = 1_000_000_000
 """CPU past the budget (after its processes were killed) at which the whole worker is killed."""
 OUTPUT_SLACK = 1024 * 1024
@@ -390,6 +393,9 @@ class SandboxWorker:
         }
         if len(inside_ends) == 4:
             params["net_fds"] = inside_ends[2:]
+        bind_now = spec.bound_at_spawn and self.user_id is not None and spec.workspace_in_sandbox is not None
+        if bind_now:  # the worker answers the bind too before it imports its serving loop
+            params["bind_follows"] = True
         reply = await self.call("initialize", params)
         if not isinstance(reply, dict) or reply.get("protocol") != PROTOCOL_VERSION:
             raise WorkerStartError(f"unexpected handshake reply: {reply!r:.200}")
@@ -403,7 +409,8 @@ class SandboxWorker:
             verify.started, self.config, spec.plan, self._pid, reply.get("pid"), self.report)
         self.report["verified_by_host"] = self._verified.by_host
         # Bound only now, after the check: the workspace's layers (landlock) are checked at bind.
-        if spec.bound_at_spawn and self.user_id is not None and spec.workspace_in_sandbox is not None:
+        if bind_now:
+            assert self.user_id is not None and spec.workspace_in_sandbox is not None
             await self._enter(self.user_id, spec.workspace_in_sandbox)
 
     # ------------------------------------------------------------------ I/O
@@ -801,7 +808,8 @@ class SandboxWorker:
         feeder: asyncio.Task[None] | None = None
         resizer: asyncio.Task[None] | None = None
         watchdog: asyncio.Task[None] | None = None
-        if emit_started:
+        accounted = emit_started and method not in NO_PROCESSES
+        if accounted:
             self._limits_at_start = self.limit_counts()
             self._serving[request_id] = f"{self.worker_id}/{request_id}"
             self._budget_struck = False
@@ -844,7 +852,7 @@ class SandboxWorker:
                 if raw is not None:
                     raw.append(item.result)
                 done = self._done_data(item.result, began)
-                if emit_started:
+                if accounted:
                     self._name_kill(done)
                 yield Event("done", done, seq + 1)
                 return

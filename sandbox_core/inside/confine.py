@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import os
 import resource
-from pathlib import Path
-from typing import Any
 
 from sandbox_core.errors import IsolationUnavailable
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing or pathlib at boot
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 RLIMITS: dict[str, int] = {
     "as": resource.RLIMIT_AS,
@@ -49,15 +52,15 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
     return layers
 
 
-def after_bind(plan: dict[str, Any], workspace: Path, report: dict[str, Any]) -> None:
+def after_bind(plan: dict[str, Any], workspace: str | Path, report: dict[str, Any]) -> None:
     """Layers that need the workspace (landlock rules); updates ``report`` in place."""
     landlock_rules = plan.get("landlock")
     if isinstance(landlock_rules, dict):
         from sandbox_core.inside import landlock
 
         abi = landlock.restrict(
-            read_only=[Path(p) for p in landlock_rules.get("read_only", [])],
-            read_write=[workspace, *(Path(p) for p in landlock_rules.get("read_write", []))],
+            read_only=[str(p) for p in landlock_rules.get("read_only", [])],
+            read_write=[str(workspace), *(str(p) for p in landlock_rules.get("read_write", []))],
         )
         if abi == 0 and landlock_rules.get("required"):
             raise IsolationUnavailable("landlock was required but the kernel does not support it")

@@ -18,12 +18,15 @@ from __future__ import annotations
 import ctypes
 import os
 import stat
-from collections.abc import Iterable
-from pathlib import Path
-from typing import NoReturn
 
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.kernel import landlock_abi
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing or pathlib at boot
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
+    from typing import NoReturn
 
 SYS_CREATE_RULESET, SYS_ADD_RULE, SYS_RESTRICT_SELF = 444, 445, 446
 _RULE_PATH_BENEATH = 1
@@ -79,7 +82,7 @@ def handled_fs(abi: int) -> int:
     return rights
 
 
-def restrict(read_only: Iterable[Path], read_write: Iterable[Path]) -> int:
+def restrict(read_only: Iterable[str | Path], read_write: Iterable[str | Path]) -> int:
     """Confine this process to the given trees and return the ABI used (0: unsupported).
 
     ``/`` stays listable (directory names only) so that path walks work; files can be
@@ -100,7 +103,7 @@ def restrict(read_only: Iterable[Path], read_write: Iterable[Path]) -> int:
     if ruleset < 0:
         _fail("landlock_create_ruleset")
     try:
-        _add(ruleset, Path("/"), READ_DIR)
+        _add(ruleset, "/", READ_DIR)
         for path in read_only:
             _add(ruleset, path, READ_RIGHTS & handled)
         for path in read_write:  # RESOLVE_UNIX on no path: host sockets stay out of reach
@@ -115,7 +118,7 @@ def restrict(read_only: Iterable[Path], read_write: Iterable[Path]) -> int:
     return abi
 
 
-def _add(ruleset: int, path: Path, rights: int) -> None:
+def _add(ruleset: int, path: str | Path, rights: int) -> None:
     try:
         fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError, PermissionError):

@@ -1,11 +1,11 @@
 """Sandbox-side entry point: the JSON-RPC loop (:class:`IPCHandler`) and the methods it serves.
 
-Run as ``python -m sandbox_core.inside.worker_main [MAX_FRAME_BYTES]``. First the process moves
-the protocol off fds 0/1 onto private descriptors and points fd 0 at /dev/null and fd 1
-at stderr, so a stray ``print`` or a child's output can never corrupt the channel.
-
-Then it waits for ``initialize`` (which applies the in-process isolation layers and
-reports what is in force), serves requests concurrently (one task per request, each
+The worker starts in :mod:`boot` (``python -m sandbox_core.inside.boot [MAX_FRAME_BYTES]``)
+and :mod:`handshake`: it moves the protocol off fds 0/1 onto private descriptors and points
+fd 0 at /dev/null and fd 1 at stderr, so a stray ``print`` or a child's output can never
+corrupt the channel, and answers ``initialize`` (which applies the in-process isolation
+layers and reports what is in force) before asyncio is imported. Then :func:`serve` takes
+over: it serves requests concurrently (one task per request, each
 cancellable with a ``cancel`` notification), and exits on ``shutdown`` or end of input.
 The worker can also call the host (``call_host``) for the model gateway; those calls are
 matched by id and their streamed chunks arrive as ``host.chunk`` notifications.
@@ -25,8 +25,6 @@ from sandbox_core import codes
 from sandbox_core.errors import ProtocolError, RequestCancelled, SandboxError
 from sandbox_core.inside.channel import Channel, InputPipe, OutputPipe, RequestContext
 from sandbox_core.protocol import (
-    DEFAULT_MAX_FRAME,
-    PROTOCOL_VERSION,
     FrameSplitter,
     Malformed,
     Message,
@@ -38,10 +36,14 @@ from sandbox_core.protocol import (
 from sandbox_core.shared import proxy_environment
 
 if TYPE_CHECKING:
+    from sandbox_core.inside.handshake import Booted
     from sandbox_core.inside.model_endpoint import ModelEndpoint
     from sandbox_core.inside.proxy import Proxy
     from sandbox_core.inside.runner import StdinSink
     from sandbox_core.inside.terminal import Terminals
+
+ATTACH_FAILED = 70
+"""Exit status of a worker that answered ``initialize`` but could not attach its listeners."""
 
 Handler = Callable[["RequestContext", dict[str, Any]], Awaitable[Any]]
 
@@ -126,20 +128,29 @@ class SandboxExecutor:
         return self.workspace
 
     async def initialize(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
-        """Apply the in-process isolation layers of the plan and report what is in force."""
-        from sandbox_core.inside import confine
+        """Apply the in-process isolation layers of the plan and report what is in force.
+
+        Normally answered by :mod:`handshake` before this loop runs; here when the first
+        frames were not ones the handshake serves.
+        """
+        from sandbox_core.inside import handshake
 
         if self.initialized:
             raise ProtocolError("already initialized")
-        self.worker_id = str(params.get("worker_id", ""))
-        self.plan = dict(params.get("plan") or {})
-        self.report = confine.apply(self.plan)
+        booted = handshake.Booted()
+        answer = handshake.initialize(booted, params)
+        await self.adopt(booted)
+        return answer
+
+    async def adopt(self, booted: Booted) -> None:
+        """Take over what the handshake settled and attach its asyncio parts: the data and input
+        pipes, the loopback model endpoint and the network proxy (at the ports it reported)."""
+        self.worker_id, self.plan, self.report = booted.worker_id, booted.plan, booted.report
         self.initialized = True
-        data_fd, stdin_fd = params.get("data_fd"), params.get("stdin_fd")
-        if isinstance(data_fd, int) and not isinstance(data_fd, bool):
-            self.output = await OutputPipe.open(data_fd)
-        if isinstance(stdin_fd, int) and not isinstance(stdin_fd, bool):
-            self.input = await InputPipe.open(stdin_fd, self.route_stdin)
+        if booted.data_fd is not None:
+            self.output = await OutputPipe.open(booted.data_fd)
+        if booted.stdin_fd is not None:
+            self.input = await InputPipe.open(booted.stdin_fd, self.route_stdin)
         endpoint = self.plan.get("model_endpoint")
         if isinstance(endpoint, dict):
             await self._start_model_endpoint(endpoint)
@@ -147,19 +158,11 @@ class SandboxExecutor:
         if isinstance(network, dict) and self.channel is not None:
             from sandbox_core.inside import proxy
 
-            self.proxy = await proxy.start(self.channel, network, params.get("net_fds"))
+            self.proxy = await proxy.start(self.channel, network, booted.net_fds)
             os.environ.update(proxy_environment(self.proxy.port))
             self.report["network"] = {"proxy": f"127.0.0.1:{self.proxy.port}", "mode": network.get("mode")}
-        workspace = params.get("workspace")
-        if isinstance(workspace, str):
-            self._enter(str(params.get("user_id", "")), Path(workspace))
-        return {
-            "protocol": PROTOCOL_VERSION,
-            "pid": os.getpid(),
-            "layers": self.report,
-            "data_pipe": self.output is not None,
-            "stdin_pipe": self.input is not None,
-        }
+        if booted.workspace is not None:
+            self.user_id, self.workspace = booted.user_id, Path(booted.workspace)
 
     async def _start_model_endpoint(self, spec: dict[str, Any]) -> None:
         """Listen on the sandbox's own loopback for model calls of any client, and point commands at it.
@@ -296,6 +299,9 @@ class IPCHandler:
             quick = self._executor.quick.get(msg.method)
             if quick is not None and self._executor.initialized:
                 self._channel.send_nowait(Response(msg.id, result=quick(msg.params)))
+            elif quick is not None:  # a quick method exists, but not before the handshake
+                error = {"code": codes.INVALID_REQUEST, "message": "initialize first"}
+                self._channel.send_nowait(Response(msg.id, error=error))
             else:
                 self._start(msg)
         elif isinstance(msg, Notification) and msg.method == "exec.resize":
@@ -359,17 +365,6 @@ class IPCHandler:
         await self._channel.send(response)
 
 
-def _take_protocol_fds() -> tuple[int, int]:
-    """Move the protocol to private fds; fd 0 becomes /dev/null and fd 1 a copy of stderr."""
-    proto_in, proto_out = os.dup(0), os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return proto_in, proto_out
-
-
 class _Inbound(asyncio.Protocol):
     """The protocol pipe's reading end: frames are split and dispatched as bytes arrive."""
 
@@ -391,25 +386,30 @@ class _Inbound(asyncio.Protocol):
         self._handler.closed.set()
 
 
-async def _amain(proto_in: int, proto_out: int, max_frame: int) -> None:
+async def _amain(proto_in: int, proto_out: int, max_frame: int, booted: Booted | None) -> None:
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.connect_write_pipe(
         asyncio.streams.FlowControlMixin, os.fdopen(proto_out, "wb", 0)
     )
     writer = asyncio.StreamWriter(transport, protocol, None, loop)
-    handler = IPCHandler(Channel(writer), SandboxExecutor())
-    await loop.connect_read_pipe(lambda: _Inbound(handler, max_frame), os.fdopen(proto_in, "rb", 0))
+    executor = SandboxExecutor()
+    handler = IPCHandler(Channel(writer), executor)
+    if booted is not None and booted.initialized:
+        try:
+            await executor.adopt(booted)
+        except Exception as exc:  # noqa: BLE001 - reported, and the worker ends: fail closed
+            sys.stderr.write(f"sandbox worker: cannot attach what initialize reported: {type(exc).__name__}: {exc}\n")
+            raise SystemExit(ATTACH_FAILED) from None
+    inbound = _Inbound(handler, max_frame)
+    if booted is not None and booted.pending:
+        inbound.data_received(booted.pending)  # read by the handshake, not served there
+    await loop.connect_read_pipe(lambda: inbound, os.fdopen(proto_in, "rb", 0))
     try:
         await handler.serve()
     finally:
         transport.close()
 
 
-def main() -> None:
-    proto_in, proto_out = _take_protocol_fds()
-    max_frame = int(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_MAX_FRAME
-    asyncio.run(_amain(proto_in, proto_out, max_frame))
-
-
-if __name__ == "__main__":
-    main()
+def serve(proto_in: int, proto_out: int, max_frame: int, booted: Booted | None = None) -> None:
+    """Serve the channel until ``shutdown`` or end of input, after :mod:`handshake` (``booted``)."""
+    asyncio.run(_amain(proto_in, proto_out, max_frame, booted))

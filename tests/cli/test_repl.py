@@ -10,6 +10,7 @@ import pexpect
 import pytest
 from rich.console import Console
 
+from sandbox_core.shared import WORKER_ENTRY
 from tests.cli.conftest import (
     SANDBOX,
     Invoke,
@@ -171,7 +172,7 @@ def test_ctrl_d_shuts_the_pool_down_leaving_no_worker(terminal: Terminal, profil
         terminal.prompt()
     sessions = poll(lambda: (s := worker_sessions(terminal.pid)) and len(s) >= 2 and s, 10, "two workers")
     members = [pid for sid in sessions for pid in process_tree(sid)]
-    assert any("sandbox_core.inside.worker_main" in " ".join(cmdline(pid)) for pid in members)
+    assert any(WORKER_ENTRY in " ".join(cmdline(pid)) for pid in members)
     terminal.child.sendcontrol("d")
     terminal.expect(r"stopping \d worker")
     terminal.child.expect(pexpect.EOF)
