@@ -395,8 +395,10 @@ class SandboxWorker:
         if reply.get("stdin_pipe") is not True and self._stdin is not None:
             self._stdin.close()
             self._stdin = None
+        unbound = spec.attach is not None and self.workspace is None
         self._verified = await asyncio.to_thread(  # reads /proc of the worker: off the loop
-            verify.started, self.config, spec.plan, self._pid, reply.get("pid"), self.report)
+            functools.partial(verify.started, unbound=unbound),
+            self.config, spec.plan, self._pid, reply.get("pid"), self.report)
         self.report["verified_by_host"] = self._verified.by_host
         # Bound only now, after the check: the workspace's layers (landlock) are checked at bind.
         if spec.bound_at_spawn and self.user_id is not None and spec.workspace_in_sandbox is not None:
@@ -995,10 +997,65 @@ class SandboxWorker:
             return
         await self.stop(grace=0)
 
+    @property
+    def bound_at_spawn(self) -> bool:
+        """Whether the workspace was fixed when the sandbox was made (no ``bind`` follows)."""
+        return self._spec is not None and self._spec.bound_at_spawn
+
     async def bind(self, user_id: str, workspace: Path) -> None:
         """Assign a pre-warmed worker to ``user_id``'s workspace."""
-        await self._enter(user_id, str(workspace))
+        if self._spec is not None and self._spec.attach is not None:
+            await self._claim(user_id, workspace)
+        else:
+            await self._enter(user_id, str(workspace))
         self.user_id, self.workspace = user_id, workspace
+
+    async def _claim(self, user_id: str, workspace: Path) -> None:
+        """Attach ``workspace`` to this unbound worker's sandbox, switch it to the user's uid, verify.
+
+        Once: the worker is marked as the user's before the first step, so that whatever
+        fails it is never offered to anyone else; any failure kills it (its slot is detached
+        after it exited, by the spec's clean-up). An error of the attach itself (the host's
+        checks of the workspace) carries ``data["claim"] = "attach"``: the caller may then
+        start a worker for the user the ordinary way, which checks the same and says why.
+        """
+        spec = self._spec
+        assert spec is not None and spec.attach is not None
+        if self._verified is None or self._pid is None or self.user_id is not None:
+            raise IsolationUnavailable(f"worker {self.worker_id} cannot be claimed (not verified, or claimed before)")
+        self.user_id, self.workspace = user_id, workspace
+        try:
+            try:
+                attached = await asyncio.to_thread(spec.attach, workspace)
+            except SandboxError as exc:
+                exc.data.setdefault("claim", "attach")
+                raise
+            except OSError as exc:
+                raise IsolationUnavailable(f"cannot attach the workspace of {user_id!r}: {exc}",
+                                           data={"claim": "attach"}) from None
+            self.workspace_in_sandbox = str(attached["workspace"])
+            params = {"user_id": user_id, "workspace": self.workspace_in_sandbox, "uid": attached["uid"],
+                      "gid": attached["gid"], "expect_mounts": attached["expect_mounts"]}
+            reply = await self.call("bind", params)
+            answer: dict[str, Any] = reply if isinstance(reply, dict) else {}
+            self.report["identity"] = attached["identity"]
+            self.report.setdefault("filesystem", {}).update(attached["filesystem"])
+            observed = answer.get("observed")
+            if isinstance(observed, dict):
+                self.report.update(observed)
+            if "landlock" in answer:
+                self.report["landlock"] = answer["landlock"]
+            verified = await asyncio.to_thread(
+                verify.claimed, self.config, spec.plan, self._pid, self.report.get("pid_in_sandbox"), self.report,
+                attached["uid"], attached["gid"])  # fmt: skip
+            verify.bound(verified, answer)
+        except BaseException as exc:
+            why = exc.message if isinstance(exc, SandboxError) else f"{type(exc).__name__}: {exc}"
+            self._break(f"claim for {user_id!r} failed: {why}", IsolationUnavailable)
+            raise
+        self._verified = verified
+        self.report["verified_by_host"] = verified.by_host
+        self.report["verified_from_report"] = verified.from_report
 
     async def _enter(self, user_id: str, workspace: str) -> None:
         """Bind the worker inside and check the layers binding brings (a mismatch kills it)."""

@@ -43,6 +43,8 @@ if TYPE_CHECKING:
     from sandbox_core.inside.runner import StdinSink
     from sandbox_core.inside.terminal import Terminals
 
+OBSERVED_AT_BIND = ("uid", "gid", "no_new_privs", "seccomp", "capabilities_zero", "rlimits", "umask", "open_fds")
+"""What an unbound worker reports again after its uid switch at ``bind``."""
 Handler = Callable[["RequestContext", dict[str, Any]], Awaitable[Any]]
 
 
@@ -70,6 +72,8 @@ class SandboxExecutor:
         self.user_id: str | None = None
         self.workspace: Path | None = None
         self.initialized = False
+        self.awaiting_user = False
+        """An unbound strict worker before its ``bind``: it serves nothing but ``bind`` and ``shutdown``."""
         self.report: dict[str, Any] = {}
         self.plan: dict[str, Any] = {}
         self.stop_requested = asyncio.Event()
@@ -134,6 +138,7 @@ class SandboxExecutor:
         self.worker_id = str(params.get("worker_id", ""))
         self.plan = dict(params.get("plan") or {})
         self.report = confine.apply(self.plan)
+        self.awaiting_user = self.plan.get("await_user") is True
         self.initialized = True
         data_fd, stdin_fd = params.get("data_fd"), params.get("stdin_fd")
         if isinstance(data_fd, int) and not isinstance(data_fd, bool):
@@ -190,8 +195,19 @@ class SandboxExecutor:
             raise ProtocolError("bind needs user_id and workspace strings")
         if self.user_id is not None and self.user_id != user_id:
             raise SandboxError(f"worker is already bound to {self.user_id!r}")
+        switched = self.awaiting_user
+        if self.awaiting_user:  # an unbound strict worker: the host attached the workspace
+            from sandbox_core.inside import confine
+
+            if self.user_id is not None:
+                raise SandboxError("a failed bind is never retried: this worker only awaits its shutdown")
+            self.user_id = user_id  # one attempt: a failure leaves it refusing everything
+            confine.become_user(self.plan, params, self.report)
+            self.awaiting_user = False
         self._enter(user_id, Path(workspace))
         answer: dict[str, Any] = {"user_id": user_id, "workspace": workspace}
+        if switched:
+            answer["observed"] = {k: self.report.get(k) for k in OBSERVED_AT_BIND}
         if "landlock" in self.report:  # the host checks it against the plan
             answer["landlock"] = self.report["landlock"]
         return answer
@@ -337,6 +353,10 @@ class IPCHandler:
             return
         if not self._executor.initialized and request.method != "initialize":
             error = {"code": codes.INVALID_REQUEST, "message": "initialize first"}
+            await self._channel.send(Response(request.id, error=error))
+            return
+        if self._executor.awaiting_user and request.method not in ("bind", "shutdown"):
+            error = {"code": codes.NOT_BOUND, "message": "an unbound worker serves nothing before bind"}
             await self._channel.send(Response(request.id, error=error))
             return
         ctx = RequestContext(request, self._channel, self._executor)
