@@ -6,7 +6,6 @@ attach that fails leaves no half-bound worker, no slot mount and no process behi
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
