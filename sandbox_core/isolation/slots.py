@@ -166,8 +166,8 @@ class Slot:
         os.mkdir(path, 0o700)
         slot = cls(path)
         try:
-            os.mkdir(slot.ws, 0o755)
-            os.chmod(slot.ws, 0o755)
+            os.mkdir(slot.ws, 0o555)  # covered at claim; before that nobody writes in it, not even root
+            os.chmod(slot.ws, 0o555)
             os.mkdir(path / VOID_DIR, 0o000)
             for name, mode in ((PASSWD, 0o644), (GROUP, 0o644), (VOID, 0o000)):
                 fd = os.open(path / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
@@ -198,9 +198,10 @@ class Slot:
             raise IsolationUnavailable(f"slot {self.path.name} was attached before; a slot serves one user")
         tree = open_tree(workspace_fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE)
         try:
-            mount_setattr(tree, AT_RECURSIVE, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, MS_PRIVATE)
             for guard in guards:
                 self._mount_guard(tree, guard)
+            # Once over the finished tree (its guards' clones carry their source mount's flags).
+            mount_setattr(tree, AT_RECURSIVE, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, MS_PRIVATE)
             self.attached = True  # from here on release() has something to undo
             move_mount(tree, "", AT_FDCWD, self.ws, MOVE_MOUNT_F_EMPTY_PATH)
         finally:
@@ -213,8 +214,8 @@ class Slot:
         else:
             source = open_tree(guard.fd, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH)
         try:
-            ro = MOUNT_ATTR_RDONLY if guard.kind != "pin" else 0
-            mount_setattr(source, 0, ro | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+            if guard.kind != "pin":  # nosuid,nodev: once over the whole tree (attach)
+                mount_setattr(source, 0, MOUNT_ATTR_RDONLY)
             target = _beneath(tree, guard.rel)
             try:
                 want, got = os.fstat(guard.fd), os.fstat(target)
