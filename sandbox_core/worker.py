@@ -144,13 +144,41 @@ class _Pending:
         """The caller's stdin source raised: the request fails, and is cancelled in the worker."""
 
 
-def _release_spec(built: asyncio.Future[LaunchSpec]) -> None:
-    """Clean up a launch spec nobody will spawn (its start was cancelled while it was built)."""
-    if built.cancelled() or built.exception() is not None:
-        return
-    cleanup = built.result().cleanup
-    if cleanup is not None:
-        cleanup()
+class _SpecClaim:
+    """A launch spec built in a thread, and who releases it when its start was cancelled.
+
+    The thread runs on whatever happens to the task awaiting it (and its future may be
+    cancelled, or the loop closed, before it finishes): whichever of the thread and the
+    cancelled start comes second releases what the spec holds (fds, cgroups, a slot's mounts).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spec: LaunchSpec | None = None
+        self._abandoned = False
+
+    def build(self, launch: Callable[[], LaunchSpec]) -> LaunchSpec:
+        spec = launch()
+        with self._lock:
+            self._spec = spec
+            abandoned = self._abandoned
+        if abandoned:
+            _release(spec)
+        return spec
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            spec = self._spec
+        if spec is not None:
+            _release(spec)
+
+
+def _release(spec: LaunchSpec) -> None:
+    """Clean up a launch spec nobody will spawn."""
+    if spec.cleanup is not None:
+        with contextlib.suppress(Exception):
+            spec.cleanup()
 
 
 class SandboxWorker:
@@ -322,11 +350,12 @@ class SandboxWorker:
     async def _build_spec(self) -> LaunchSpec:
         """The launch spec, built in a thread (it reads the host's trees: a launch check walks
         the workspace); a start cancelled meanwhile still releases what the spec holds."""
-        built = asyncio.ensure_future(asyncio.to_thread(self._launch))
+        claim = _SpecClaim()
+        built = asyncio.ensure_future(asyncio.to_thread(claim.build, self._launch))
         try:
             return await asyncio.shield(built)
         except asyncio.CancelledError:
-            built.add_done_callback(_release_spec)
+            claim.abandon()  # released here, or by the thread when it finishes (even after the loop closed)
             raise
 
     async def _spawn_and_handshake(self) -> None:
