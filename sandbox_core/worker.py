@@ -208,6 +208,8 @@ class SandboxWorker:
         self.created = time.monotonic()
         self.last_used = self.created
         self.spawn_seconds: float | None = None
+        self.claim_seconds: dict[str, float] = {}
+        """Where a claim's time went (``attach``, ``bind`` round trip, ``verify``), for the benchmark."""
         self.exit_status: int | None = None
         self.exit_signal: int | None = None
         self.workspace_in_sandbox: str | None = None
@@ -1053,6 +1055,7 @@ class SandboxWorker:
         if self._verified is None or self._pid is None or self.user_id is not None:
             raise IsolationUnavailable(f"worker {self.worker_id} cannot be claimed (not verified, or claimed before)")
         self.user_id, self.workspace = user_id, workspace
+        began = time.perf_counter()
         try:
             try:
                 attached = await asyncio.to_thread(spec.attach, workspace)
@@ -1065,7 +1068,9 @@ class SandboxWorker:
             self.workspace_in_sandbox = str(attached["workspace"])
             params = {"user_id": user_id, "workspace": self.workspace_in_sandbox, "uid": attached["uid"],
                       "gid": attached["gid"], "expect_mounts": attached["expect_mounts"]}
+            attached_at = time.perf_counter()
             reply = await self.call("bind", params)
+            bound_at = time.perf_counter()
             answer: dict[str, Any] = reply if isinstance(reply, dict) else {}
             self.report["identity"] = attached["identity"]
             self.report.setdefault("filesystem", {}).update(attached["filesystem"])
@@ -1085,6 +1090,8 @@ class SandboxWorker:
         self._verified = verified
         self.report["verified_by_host"] = verified.by_host
         self.report["verified_from_report"] = verified.from_report
+        self.claim_seconds = {"attach": attached_at - began, "bind": bound_at - attached_at,
+                              "verify": time.perf_counter() - bound_at}  # fmt: skip
 
     async def _enter(self, user_id: str, workspace: str) -> None:
         """Bind the worker inside and check the layers binding brings (a mismatch kills it)."""

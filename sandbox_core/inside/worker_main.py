@@ -158,6 +158,8 @@ class SandboxExecutor:
         workspace = params.get("workspace")
         if isinstance(workspace, str):
             self._enter(str(params.get("user_id", "")), Path(workspace))
+        if self.awaiting_user:  # once the answer is out: a claim then finds them imported
+            asyncio.get_running_loop().call_soon(_preload_for_claim)
         return {
             "protocol": PROTOCOL_VERSION,
             "pid": os.getpid(),
@@ -279,6 +281,11 @@ class SandboxExecutor:
     async def shutdown(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         self.stop_requested.set()
         return {}
+
+
+def _preload_for_claim() -> None:
+    """Import what a claim and its first command need (an unbound worker waits idle meanwhile)."""
+    from sandbox_core.inside import landlock, runner  # noqa: F401
 
 
 class IPCHandler:
