@@ -219,3 +219,28 @@ async def test_refill_follows_min_idle_and_demand(tmp_path: Path, monkeypatch: p
         assert stats["workers"]["total"] <= config.max_workers
         assert stats["workers"]["prewarmed"] + stats["workers"]["starting"] <= 2
     assert _slot_mounts(tmp_path) == []
+
+
+async def test_deny_paths_in_the_workspace_are_covered_at_claim(tmp_path: Path) -> None:
+    from sandbox_core.config import StrictIsolation
+
+    config = _config(tmp_path, strict=StrictIsolation(deny_paths=("/workspace/secret", "/workspace/key.pem")))
+    assert can_prewarm(config)
+    workspace = config.workspace_for("heidi")
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    workspace.mkdir(mode=0o700)
+    (workspace / "secret").mkdir()
+    (workspace / "secret" / "token").write_text("hidden-token")
+    (workspace / "key.pem").write_text("hidden-key")
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        script = "cat secret/token key.pem; ls secret; rm -rf secret key.pem; echo done"
+        result = await pool.execute("heidi", sh(script))
+        assert result.stdout_text.endswith("done\n")
+        assert "hidden" not in result.stdout_text + result.stderr_text
+        assert pool.get_pool_stats()["claimed"] == 1
+        report = pool.worker_report(result.worker_id)
+        assert report is not None
+        assert set(report["filesystem"]["denied"]) == {"/workspace/secret", "/workspace/key.pem"}
+    assert (workspace / "secret" / "token").read_text() == "hidden-token" and (workspace / "key.pem").exists()
+    assert _slot_mounts(tmp_path) == []
