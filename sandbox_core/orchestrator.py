@@ -664,10 +664,13 @@ class SandboxOrchestrator:
     def _warm_target(self) -> int:
         """How many unbound workers to keep warm: ``min_idle``, or as many as were claimed in the
         last :data:`DEMAND_WINDOW` seconds when that is more (a burst of new users), within the cap.
-        Extra ones are reaped like any idle worker after ``worker_timeout``."""
+        Extra ones are reaped like any idle worker after ``worker_timeout``; ``min_idle = 0``
+        turns pre-warming off, demand or not."""
         horizon = time.monotonic() - DEMAND_WINDOW
         while self._claims and self._claims[0] < horizon:
             self._claims.popleft()
+        if self.config.min_idle == 0:
+            return 0
         return max(self.config.min_idle, len(self._claims))
 
     async def _prewarm_one(self) -> None:

@@ -118,3 +118,6 @@ def test_the_refill_follows_min_idle_and_recent_claims(tmp_path: Path, monkeypat
     assert pool._warm_target() == 3  # the old claim is forgotten
     pool._claims.clear()
     assert pool._warm_target() == 1
+    off = SandboxOrchestrator(process_config(tmp_path, min_idle=0, max_workers=8))
+    off._claims.extend([now, now])
+    assert off._warm_target() == 0  # min_idle = 0: no pre-warming, whatever the demand
