@@ -89,8 +89,8 @@ async def warm_claim(config: ProcessSandboxConfig, n: int) -> Figure:
             user = f"claim{i}" if can_prewarm(config) else "claim"
             if can_prewarm(config):
                 deadline = time.monotonic() + 30
-                while pool.get_pool_stats()["workers"]["prewarmed"] < 1:
-                    if time.monotonic() > deadline:
+                while (workers := pool.get_pool_stats()["workers"])["prewarmed"] < 1 or workers["starting"]:
+                    if time.monotonic() > deadline:  # the refill done and quiet: it is not on the clock
                         raise TimeoutError("pre-warm did not happen")
                     await asyncio.sleep(0.005)
             elif i == 0:
