@@ -358,6 +358,8 @@ class SandboxWorker:
             return await asyncio.shield(built)
         except asyncio.CancelledError:
             claim.abandon()  # released here, or by the thread when it finishes (even after the loop closed)
+            # and a shutdown that awaits this start sees the release done, not still under way
+            await asyncio.wait([built])
             raise
 
     async def _spawn_and_handshake(self) -> None:

@@ -89,7 +89,7 @@ def sweep_leftovers(config: ProcessSandboxConfig) -> list[str]:
     if config.profile != "strict":
         return []
     swept: list[str] = []
-    if can_prewarm(config) and (config.state_dir / slots.SLOTS_DIR).is_dir():
+    if slots.unavailable() is None and (config.state_dir / slots.SLOTS_DIR).is_dir():  # even if no longer used
         swept += [f"slot {name}" for name in slots.sweep(tenants.state_dir(config))]
     if config.strict.cgroups:
         swept += cgroups.sweep(cgroups.sweep_bases(config.limits, config.strict.cgroup_parent))

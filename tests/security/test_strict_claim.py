@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,9 @@ async def test_a_crash_between_attach_and_bind_leaves_nothing_behind(
             if info["user_id"] == "frank" and info["pid"] is not None and not killed:
                 killed.append((info["worker_id"], info["pid"]))
                 os.kill(info["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10  # bwrap's exit is the sandbox's end: every process in it is gone
+        while killed and pid_alive(killed[0][1]) and time.monotonic() < deadline:
+            time.sleep(0.005)
         return answer
 
     monkeypatch.setattr(strict, "attach_user", attach_then_crash)
