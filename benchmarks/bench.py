@@ -1,4 +1,4 @@
-"""Benchmark script: ``./dev bench [--profile P] [--quick] [--json]`` (not a test).
+"""Benchmark script: ``./dev bench [--profile P] [--quick] [--json] [--only STEP]...`` (not a test).
 
 Prints each figure with its target and, where there is one, the baseline measured in
 the same run and the ratio to it.
@@ -29,10 +29,13 @@ def main() -> None:
     parser.add_argument("--profile", choices=["strict", "process"], default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--only", action="append", default=[], metavar="STEP",
+                        help="run only this step (repeatable), e.g. --only 'claim new user'")
     args = parser.parse_args()
     overrides = {"profile": args.profile} if args.profile else {}
     config = load_config(overrides=overrides).config
-    figures = asyncio.run(run_suite(config, args.quick, lambda n: print(f"... {n}", file=sys.stderr)))
+    figures = asyncio.run(run_suite(config, args.quick, lambda n: print(f"... {n}", file=sys.stderr),
+                                    only=tuple(args.only)))
     if args.json:
         print(json.dumps([f.to_dict() for f in figures], indent=2))
     else:

@@ -89,8 +89,8 @@ async def warm_claim(config: ProcessSandboxConfig, n: int) -> Figure:
             user = f"claim{i}" if can_prewarm(config) else "claim"
             if can_prewarm(config):
                 deadline = time.monotonic() + 30
-                while pool.get_pool_stats()["workers"]["prewarmed"] < 1:
-                    if time.monotonic() > deadline:
+                while (workers := pool.get_pool_stats()["workers"])["prewarmed"] < 1 or workers["starting"]:
+                    if time.monotonic() > deadline:  # the refill done and quiet: it is not on the clock
                         raise TimeoutError("pre-warm did not happen")
                     await asyncio.sleep(0.005)
             elif i == 0:
@@ -104,6 +104,55 @@ async def warm_claim(config: ProcessSandboxConfig, n: int) -> Figure:
     p50, p99 = _pct(samples, 0.5), _pct(samples, 0.99)
     return Figure(f"warm claim ({config.profile})", _ms(p50), "ms p50", "< 5 ms", p50 < 0.005,
                   detail={"p99_ms": _ms(p99), "n": n})
+
+
+async def claim_new_user(config: ProcessSandboxConfig, n: int) -> Figure:
+    """A new user's ``exec true`` on a claimed pre-warmed worker, against the same request
+    starting a worker for that user (the spawn-per-user path), measured in the same run.
+
+    Each sample is a user never seen before; the claim row waits for the refill between
+    samples (off the clock), the spawn row runs with ``min_idle = 0``.
+    """
+    from sandbox_core.isolation.launch import can_prewarm
+
+    if not can_prewarm(config):
+        return Figure(f"claim new user -> exec true ({config.profile})", 0.0, "ms p50", "", None,
+                      detail={"skipped": "workers of this profile cannot be pre-warmed here (see README)"})
+    true = ExecRequest(argv=("true",))
+    roomy = config.replace(worker_timeout=3600, max_workers=max(config.max_workers, 4))
+
+    steps: dict[str, list[float]] = {}
+
+    async def one(pool: SandboxOrchestrator, user: str) -> float:
+        began = time.perf_counter()
+        result = await pool.execute(user, true)
+        took = time.perf_counter() - began
+        worker = pool._workers.get(result.worker_id)
+        for step, seconds in (worker.claim_seconds if worker is not None else {}).items():
+            steps.setdefault(step, []).append(seconds)
+        await pool.stop_workers(user_id=user)
+        return took
+
+    claimed, spawned = [], []
+    async with SandboxOrchestrator(roomy.replace(min_idle=1)) as pool:
+        for i in range(n):
+            deadline = time.monotonic() + 30
+            while (workers := pool.get_pool_stats()["workers"])["prewarmed"] < 1 or workers["starting"]:
+                if time.monotonic() > deadline:  # the refill done and quiet: it is not on the clock
+                    raise TimeoutError("pre-warm did not happen")
+                await asyncio.sleep(0.005)
+            claimed.append(await one(pool, f"claim-new-{os.getpid()}-{i}"))
+        fallbacks = pool.get_pool_stats()["claim_fallbacks"]
+    async with SandboxOrchestrator(roomy.replace(min_idle=0)) as pool:
+        for i in range(n):
+            spawned.append(await one(pool, f"spawn-new-{os.getpid()}-{i}"))
+    p50, p99 = _pct(claimed, 0.5), _pct(claimed, 0.99)
+    base = _pct(spawned, 0.5)
+    return Figure(f"claim new user -> exec true ({config.profile})", _ms(p50), "ms p50", "p50 <= 5 ms, p99 <= 20 ms",
+                  p50 <= 0.005 and p99 <= 0.02, baseline=_ms(base), ratio=round(p50 / base, 3),
+                  detail={"p99_ms": _ms(p99), "spawn_p99_ms": _ms(_pct(spawned, 0.99)), "n": n,
+                          "claim_fallbacks": fallbacks,
+                          **{f"{step}_ms": _ms(statistics.median(v)) for step, v in steps.items()}})  # fmt: skip
 
 
 _ECHO = "import sys\nfor line in sys.stdin.buffer:\n    sys.stdout.buffer.write(line)\n    sys.stdout.buffer.flush()\n"
@@ -931,12 +980,18 @@ class _Repeat:
 Step = tuple[str, Callable[[], Awaitable[Figure | list[Figure]]]]
 
 
-def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
-    """The benchmark steps for ``config`` (a private workspace root is used)."""
+def suite(config: ProcessSandboxConfig, quick: bool = False, only: tuple[str, ...] = ()) -> list[Step]:
+    """The benchmark steps for ``config`` (a private workspace root is used); ``only`` keeps the named ones."""
+    steps = _all_steps(config, quick)
+    return [step for step in steps if step[0] in only] if only else steps
+
+
+def _all_steps(config: ProcessSandboxConfig, quick: bool) -> list[Step]:
     n = 5 if quick else 20
     steps: list[Step] = [
         ("cold start", lambda: cold_start(config, n)),
         ("warm claim", lambda: warm_claim(config, n)),
+        ("claim new user", lambda: claim_new_user(config, n)),
         ("ping vs pipe", lambda: ping_vs_pipe(config, n * 10)),
         ("exec true", lambda: exec_true(config, n * 2)),
         ("cli exec true", lambda: cli_exec_true(config, max(3, n // 2))),
@@ -958,7 +1013,8 @@ def suite(config: ProcessSandboxConfig, quick: bool = False) -> list[Step]:
 
 
 async def run_suite(
-    config: ProcessSandboxConfig, quick: bool = False, progress: Callable[[str], None] | None = None
+    config: ProcessSandboxConfig, quick: bool = False, progress: Callable[[str], None] | None = None,
+    only: tuple[str, ...] = (),
 ) -> list[Figure]:
     """Run every step on a private temporary workspace root; returns the figures."""
     root = Path(tempfile.mkdtemp(prefix="sandbox-bench-"))
@@ -971,7 +1027,7 @@ async def run_suite(
         config = config.replace(workspace_root=root / "ws", allow_root_process=True)
         prepare_workspace(config, "bench")
         figures = []
-        for name, step in suite(config, quick):
+        for name, step in suite(config, quick, only):
             if progress is not None:
                 progress(name)
             result = await step()

@@ -68,6 +68,10 @@ if TYPE_CHECKING:
     from sandbox_core.gateway import ModelGateway
 
 
+DEMAND_WINDOW = 10.0
+"""Seconds of claims the pre-warm refill sizes itself by (see ``_warm_target``)."""
+
+
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -129,8 +133,10 @@ class SandboxOrchestrator:
         self._in_flight = 0
         self._counters: dict[str, int] = dict.fromkeys(
             ("ok", "failed", "timed_out", "cancelled", "crashes", "restarts", "recycled",
-             "reaped", "spawned", "start_failures", "evicted", "claimed"), 0)
+             "reaped", "spawned", "start_failures", "evicted", "claimed", "claim_fallbacks"), 0)
         self._user_requests: dict[str, int] = {}
+        self._claims: collections.deque[float] = collections.deque(maxlen=1024)
+        """When pre-warmed workers were claimed lately (the demand the refill follows)."""
         self.swept: list[str] = []
         """Cgroups of dead orchestrators removed at start."""
 
@@ -501,19 +507,29 @@ class SandboxOrchestrator:
         return True
 
     async def _claim(self, worker: SandboxWorker, user_id: str) -> SandboxWorker | None:
+        """Bind a pre-warmed worker to ``user_id``; None when it failed (it is retired, never reused).
+
+        When attaching the workspace failed on the host's own checks (an unbound strict worker;
+        the error says ``claim: attach``), the user gets a worker started for them instead,
+        which checks the same at spawn: the request then fails, if it must, for the reason the
+        spawn gives, and is not retried on every other pre-warmed worker.
+        """
         worker.state = WorkerState.BUSY
         try:
             workspace = await asyncio.to_thread(prepare_workspace, self.config, user_id)
             await worker.bind(user_id, workspace)
-        except SandboxError:
+        except SandboxError as exc:
             self._retire(worker)
+            if exc.data.get("claim") == "attach" and not self._closed:
+                self._counters["claim_fallbacks"] += 1
+                return await self._start_for(self._new_worker(user_id), user_id)
             return None
         except BaseException:  # the request went away mid-claim: the worker is no one's now
             self._retire(worker)
             raise
         self._counters["claimed"] += 1
-        self._refill()
-        return worker
+        self._claims.append(time.monotonic())
+        return worker  # refilled when the request is released: a spawn now would slow it down
 
     async def _spawn_for(self, user_id: str) -> SandboxWorker:
         return await self._start_for(self._new_worker(user_id), user_id)
@@ -532,7 +548,7 @@ class SandboxOrchestrator:
         if user_id in self._crashed_users:
             self._crashed_users.discard(user_id)
             self._counters["restarts"] += 1
-        if can_prewarm(self.config):
+        if not worker.bound_at_spawn:
             try:
                 await worker.bind(user_id, workspace)
             except BaseException:  # failed, or the request went away: nobody would release it
@@ -623,6 +639,7 @@ class SandboxOrchestrator:
             self._retire(worker)
         else:
             worker.state = WorkerState.IDLE
+        self._refill()
         await self._notify()
 
     def _retire(self, worker: SandboxWorker) -> None:
@@ -657,8 +674,20 @@ class SandboxOrchestrator:
             1 for w in self._workers.values()
             if w.user_id is None and w.state in (WorkerState.NEW, WorkerState.STARTING, WorkerState.IDLE)
         )
-        for _ in range(min(self.config.min_idle - warming, self._capacity())):
+        for _ in range(min(self._warm_target() - warming, self._capacity())):
             self._in_background(self._prewarm_one())
+
+    def _warm_target(self) -> int:
+        """How many unbound workers to keep warm: ``min_idle``, or as many as were claimed in the
+        last :data:`DEMAND_WINDOW` seconds when that is more (a burst of new users), within the cap.
+        Extra ones are reaped like any idle worker after ``worker_timeout``; ``min_idle = 0``
+        turns pre-warming off, demand or not."""
+        horizon = time.monotonic() - DEMAND_WINDOW
+        while self._claims and self._claims[0] < horizon:
+            self._claims.popleft()
+        if self.config.min_idle == 0:
+            return 0
+        return max(self.config.min_idle, len(self._claims))
 
     async def _prewarm_one(self) -> None:
         with contextlib.suppress(SandboxError):
@@ -865,6 +894,7 @@ class SandboxOrchestrator:
             "evicted": c["evicted"],
             "spawned": c["spawned"],
             "claimed": c["claimed"],
+            "claim_fallbacks": c["claim_fallbacks"],
             "start_failures": c["start_failures"],
             "circuit": "open" if time.monotonic() < self._circuit_until else "closed",
             "queue_depth": self._waiting,

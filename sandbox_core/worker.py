@@ -147,13 +147,41 @@ class _Pending:
         """The caller's stdin source raised: the request fails, and is cancelled in the worker."""
 
 
-def _release_spec(built: asyncio.Future[LaunchSpec]) -> None:
-    """Clean up a launch spec nobody will spawn (its start was cancelled while it was built)."""
-    if built.cancelled() or built.exception() is not None:
-        return
-    cleanup = built.result().cleanup
-    if cleanup is not None:
-        cleanup()
+class _SpecClaim:
+    """A launch spec built in a thread, and who releases it when its start was cancelled.
+
+    The thread runs on whatever happens to the task awaiting it (and its future may be
+    cancelled, or the loop closed, before it finishes): whichever of the thread and the
+    cancelled start comes second releases what the spec holds (fds, cgroups, a slot's mounts).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spec: LaunchSpec | None = None
+        self._abandoned = False
+
+    def build(self, launch: Callable[[], LaunchSpec]) -> LaunchSpec:
+        spec = launch()
+        with self._lock:
+            self._spec = spec
+            abandoned = self._abandoned
+        if abandoned:
+            _release(spec)
+        return spec
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            spec = self._spec
+        if spec is not None:
+            _release(spec)
+
+
+def _release(spec: LaunchSpec) -> None:
+    """Clean up a launch spec nobody will spawn."""
+    if spec.cleanup is not None:
+        with contextlib.suppress(Exception):
+            spec.cleanup()
 
 
 class SandboxWorker:
@@ -183,6 +211,8 @@ class SandboxWorker:
         self.created = time.monotonic()
         self.last_used = self.created
         self.spawn_seconds: float | None = None
+        self.claim_seconds: dict[str, float] = {}
+        """Where a claim's time went (``attach``, ``bind`` round trip, ``verify``), for the benchmark."""
         self.exit_status: int | None = None
         self.exit_signal: int | None = None
         self.workspace_in_sandbox: str | None = None
@@ -329,11 +359,14 @@ class SandboxWorker:
     async def _build_spec(self) -> LaunchSpec:
         """The launch spec, built in a thread (it reads the host's trees: a launch check walks
         the workspace); a start cancelled meanwhile still releases what the spec holds."""
-        built = asyncio.ensure_future(asyncio.to_thread(self._launch))
+        claim = _SpecClaim()
+        built = asyncio.ensure_future(asyncio.to_thread(claim.build, self._launch))
         try:
             return await asyncio.shield(built)
         except asyncio.CancelledError:
-            built.add_done_callback(_release_spec)
+            claim.abandon()  # released here, or by the thread when it finishes (even after the loop closed)
+            # and a shutdown that awaits this start sees the release done, not still under way
+            await asyncio.wait([built])
             raise
 
     async def _spawn_and_handshake(self) -> None:
@@ -405,8 +438,10 @@ class SandboxWorker:
         if reply.get("stdin_pipe") is not True and self._stdin is not None:
             self._stdin.close()
             self._stdin = None
+        unbound = spec.attach is not None and self.workspace is None
         self._verified = await asyncio.to_thread(  # reads /proc of the worker: off the loop
-            verify.started, self.config, spec.plan, self._pid, reply.get("pid"), self.report)
+            functools.partial(verify.started, unbound=unbound),
+            self.config, spec.plan, self._pid, reply.get("pid"), self.report)
         self.report["verified_by_host"] = self._verified.by_host
         # Bound only now, after the check: the workspace's layers (landlock) are checked at bind.
         if bind_now:
@@ -1023,10 +1058,70 @@ class SandboxWorker:
             return
         await self.stop(grace=0)
 
+    @property
+    def bound_at_spawn(self) -> bool:
+        """Whether the workspace was fixed when the sandbox was made (no ``bind`` follows)."""
+        return self._spec is not None and self._spec.bound_at_spawn
+
     async def bind(self, user_id: str, workspace: Path) -> None:
         """Assign a pre-warmed worker to ``user_id``'s workspace."""
-        await self._enter(user_id, str(workspace))
+        if self._spec is not None and self._spec.attach is not None:
+            await self._claim(user_id, workspace)
+        else:
+            await self._enter(user_id, str(workspace))
         self.user_id, self.workspace = user_id, workspace
+
+    async def _claim(self, user_id: str, workspace: Path) -> None:
+        """Attach ``workspace`` to this unbound worker's sandbox, switch it to the user's uid, verify.
+
+        Once: the worker is marked as the user's before the first step, so that whatever
+        fails it is never offered to anyone else; any failure kills it (its slot is detached
+        after it exited, by the spec's clean-up). An error of the attach itself (the host's
+        checks of the workspace) carries ``data["claim"] = "attach"``: the caller may then
+        start a worker for the user the ordinary way, which checks the same and says why.
+        """
+        spec = self._spec
+        assert spec is not None and spec.attach is not None
+        if self._verified is None or self._pid is None or self.user_id is not None:
+            raise IsolationUnavailable(f"worker {self.worker_id} cannot be claimed (not verified, or claimed before)")
+        self.user_id, self.workspace = user_id, workspace
+        began = time.perf_counter()
+        try:
+            try:
+                attached = await asyncio.to_thread(spec.attach, workspace)
+            except SandboxError as exc:
+                exc.data.setdefault("claim", "attach")
+                raise
+            except OSError as exc:
+                raise IsolationUnavailable(f"cannot attach the workspace of {user_id!r}: {exc}",
+                                           data={"claim": "attach"}) from None
+            self.workspace_in_sandbox = str(attached["workspace"])
+            params = {"user_id": user_id, "workspace": self.workspace_in_sandbox, "uid": attached["uid"],
+                      "gid": attached["gid"], "expect_mounts": attached["expect_mounts"]}
+            attached_at = time.perf_counter()
+            reply = await self.call("bind", params)
+            bound_at = time.perf_counter()
+            answer: dict[str, Any] = reply if isinstance(reply, dict) else {}
+            self.report["identity"] = attached["identity"]
+            self.report.setdefault("filesystem", {}).update(attached["filesystem"])
+            observed = answer.get("observed")
+            if isinstance(observed, dict):
+                self.report.update(observed)
+            if "landlock" in answer:
+                self.report["landlock"] = answer["landlock"]
+            verified = await asyncio.to_thread(
+                verify.claimed, self.config, spec.plan, self._pid, self.report.get("pid_in_sandbox"), self.report,
+                attached["uid"], attached["gid"])  # fmt: skip
+            verify.bound(verified, answer)
+        except BaseException as exc:
+            why = exc.message if isinstance(exc, SandboxError) else f"{type(exc).__name__}: {exc}"
+            self._break(f"claim for {user_id!r} failed: {why}", IsolationUnavailable)
+            raise
+        self._verified = verified
+        self.report["verified_by_host"] = verified.by_host
+        self.report["verified_from_report"] = verified.from_report
+        self.claim_seconds = {"attach": attached_at - began, "bind": bound_at - attached_at,
+                              "verify": time.perf_counter() - bound_at}  # fmt: skip
 
     async def _enter(self, user_id: str, workspace: str) -> None:
         """Bind the worker inside and check the layers binding brings (a mismatch kills it)."""

@@ -37,10 +37,13 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
     switch = plan.get("switch_user")
     if isinstance(switch, dict):
         identity.switch_user(int(switch["uid"]), int(switch["gid"]))
+    elif plan.get("await_user"):
+        identity.await_user()
     _apply_rlimits(plan.get("rlimits") or {})
     os.umask(int(plan.get("umask", 0o077)))
     check_mounts(plan.get("expect_mounts") or [])
-    make_home(plan.get("home"))
+    if not plan.get("await_user"):
+        make_home(plan.get("home"))
     identity.become_subreaper()
     if plan.get("no_new_privs"):
         identity.set_no_new_privs()
@@ -50,6 +53,22 @@ def apply(plan: dict[str, Any]) -> dict[str, Any]:
     for name, value in (plan.get("host_layers") or {}).items():
         layers[name] = value
     return layers
+
+
+def become_user(plan: dict[str, Any], params: dict[str, Any], report: dict[str, Any]) -> None:
+    """An unbound worker's claim: check the attached mounts, switch to the user's uid for good,
+    make HOME; updates ``report`` with what the process now observes (fails closed)."""
+    from sandbox_core.inside import identity
+
+    uid, gid, expect = params.get("uid"), params.get("gid"), params.get("expect_mounts")
+    if not isinstance(uid, int) or not isinstance(gid, int) or isinstance(uid, bool) or isinstance(gid, bool):
+        raise IsolationUnavailable("bind of an unbound worker needs int uid and gid")
+    if uid == 0 or gid == 0:
+        raise IsolationUnavailable("an unbound worker never becomes root")
+    check_mounts(expect if isinstance(expect, list) else [])
+    identity.become_user(uid, gid)
+    make_home(plan.get("home"))
+    report.update(observe())
 
 
 def after_bind(plan: dict[str, Any], workspace: str | Path, report: dict[str, Any]) -> None:

@@ -267,7 +267,8 @@ def serve_handshake(proto_in: int, proto_out: int, max_frame: int) -> Booted:
         try:
             if method == "initialize":
                 result = initialize(booted, params)
-                bind_follows = params.get("bind_follows") is True
+                # an unbound worker (await_user) is bound later, by the serving loop
+                bind_follows = params.get("bind_follows") is True and booted.plan.get("await_user") is not True
             elif method == "bind":
                 result = bind(booted, params)
             else:

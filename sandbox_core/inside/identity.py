@@ -19,6 +19,11 @@ def switch_user(uid: int, gid: int) -> None:
     capability), then the ids change, then the remaining sets are cleared (fails closed).
     """
     drop_bounding_set()
+    become_user(uid, gid)
+
+
+def become_user(uid: int, gid: int) -> None:
+    """The uid switch itself (the bounding set is already empty), then no capabilities at all."""
     try:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
@@ -28,6 +33,23 @@ def switch_user(uid: int, gid: int) -> None:
     if os.getuid() != uid or os.geteuid() != uid or os.getgid() != gid:
         raise IsolationUnavailable(f"uid switch to {uid} did not take effect")
     clear_capabilities()
+
+
+CAP_SETGID, CAP_SETUID = 6, 7
+
+
+def await_user() -> None:
+    """An unbound worker: empty the bounding set now, keep only CAP_SETUID/CAP_SETGID (effective
+    and permitted) for the one switch to the user's uid at ``bind`` (:func:`become_user`)."""
+    drop_bounding_set()
+    keep = (1 << CAP_SETUID) | (1 << CAP_SETGID)
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    data[0].effective = data[0].permitted = keep
+    if libc.capset(ctypes.byref(header), data) != 0:
+        err = ctypes.get_errno()
+        raise IsolationUnavailable(f"capset (keeping only CAP_SETUID/CAP_SETGID) failed: {os.strerror(err)}")
 
 
 _PR_CAPBSET_DROP = 24

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 ATTACH_FAILED = 70
 """Exit status of a worker that answered ``initialize`` but could not attach its listeners."""
 
+OBSERVED_AT_BIND = ("uid", "gid", "no_new_privs", "seccomp", "capabilities_zero", "rlimits", "umask", "open_fds")
+"""What an unbound worker reports again after its uid switch at ``bind``."""
+
 Handler = Callable[["RequestContext", dict[str, Any]], Awaitable[Any]]
 
 
@@ -72,6 +75,8 @@ class SandboxExecutor:
         self.user_id: str | None = None
         self.workspace: Path | None = None
         self.initialized = False
+        self.awaiting_user = False
+        """An unbound strict worker before its ``bind``: it serves nothing but ``bind`` and ``shutdown``."""
         self.report: dict[str, Any] = {}
         self.plan: dict[str, Any] = {}
         self.stop_requested = asyncio.Event()
@@ -146,6 +151,7 @@ class SandboxExecutor:
         """Take over what the handshake settled and attach its asyncio parts: the data and input
         pipes, the loopback model endpoint and the network proxy (at the ports it reported)."""
         self.worker_id, self.plan, self.report = booted.worker_id, booted.plan, booted.report
+        self.awaiting_user = self.plan.get("await_user") is True
         self.initialized = True
         if booted.data_fd is not None:
             self.output = await OutputPipe.open(booted.data_fd)
@@ -163,6 +169,8 @@ class SandboxExecutor:
             self.report["network"] = {"proxy": f"127.0.0.1:{self.proxy.port}", "mode": network.get("mode")}
         if booted.workspace is not None:
             self.user_id, self.workspace = booted.user_id, Path(booted.workspace)
+        if self.awaiting_user:  # once the answer is out: a claim then finds them imported
+            asyncio.get_running_loop().call_soon(_preload_for_claim)
 
     async def _start_model_endpoint(self, spec: dict[str, Any]) -> None:
         """Listen on the sandbox's own loopback for model calls of any client, and point commands at it.
@@ -193,8 +201,19 @@ class SandboxExecutor:
             raise ProtocolError("bind needs user_id and workspace strings")
         if self.user_id is not None and self.user_id != user_id:
             raise SandboxError(f"worker is already bound to {self.user_id!r}")
+        switched = self.awaiting_user
+        if self.awaiting_user:  # an unbound strict worker: the host attached the workspace
+            from sandbox_core.inside import confine
+
+            if self.user_id is not None:
+                raise SandboxError("a failed bind is never retried: this worker only awaits its shutdown")
+            self.user_id = user_id  # one attempt: a failure leaves it refusing everything
+            confine.become_user(self.plan, params, self.report)
+            self.awaiting_user = False
         self._enter(user_id, Path(workspace))
         answer: dict[str, Any] = {"user_id": user_id, "workspace": workspace}
+        if switched:
+            answer["observed"] = {k: self.report.get(k) for k in OBSERVED_AT_BIND}
         if "landlock" in self.report:  # the host checks it against the plan
             answer["landlock"] = self.report["landlock"]
         return answer
@@ -266,6 +285,11 @@ class SandboxExecutor:
     async def shutdown(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         self.stop_requested.set()
         return {}
+
+
+def _preload_for_claim() -> None:
+    """Import what a claim and its first command need (an unbound worker waits idle meanwhile)."""
+    from sandbox_core.inside import landlock, runner  # noqa: F401
 
 
 class IPCHandler:
@@ -343,6 +367,10 @@ class IPCHandler:
             return
         if not self._executor.initialized and request.method != "initialize":
             error = {"code": codes.INVALID_REQUEST, "message": "initialize first"}
+            await self._channel.send(Response(request.id, error=error))
+            return
+        if self._executor.awaiting_user and request.method not in ("bind", "shutdown"):
+            error = {"code": codes.NOT_BOUND, "message": "an unbound worker serves nothing before bind"}
             await self._channel.send(Response(request.id, error=error))
             return
         ctx = RequestContext(request, self._channel, self._executor)

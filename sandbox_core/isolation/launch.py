@@ -15,9 +15,9 @@ from pathlib import Path
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError
-from sandbox_core.isolation import cgroups, quota, runtime
+from sandbox_core.isolation import cgroups, quota, runtime, slots, tenants
 from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, process_launch
-from sandbox_core.isolation.strict import host_sockets_checked_at_launch, sandbox_identity, strict_launch
+from sandbox_core.isolation.strict import can_attach, host_sockets_checked_at_launch, sandbox_identity, strict_launch
 
 __all__ = [
     "PACKAGE_ROOT", "LaunchSpec", "can_prewarm", "host_sockets_checked_at_launch", "launch_spec",
@@ -28,7 +28,7 @@ __all__ = [
 def launch_spec(config: ProcessSandboxConfig, worker_id: str, workspace: Path | None) -> LaunchSpec:
     """The launch spec of one worker in the configured profile (strict may raise)."""
     if config.profile == "strict":
-        return strict_launch(config, worker_id, workspace)
+        return strict_launch(config, worker_id, workspace, unbound=workspace is None and can_prewarm(config))
     return process_launch(config, workspace)
 
 
@@ -85,17 +85,24 @@ def workspace_owner(config: ProcessSandboxConfig, user_id: str) -> tuple[int, in
 
 
 def sweep_leftovers(config: ProcessSandboxConfig) -> list[str]:
-    """Remove the worker cgroups orchestrators that died (SIGKILL, a crash) left behind."""
-    if config.profile != "strict" or not config.strict.cgroups:
+    """Remove the worker cgroups and slots orchestrators that died (SIGKILL, a crash) left behind."""
+    if config.profile != "strict":
         return []
-    bases = cgroups.sweep_bases(config.limits, config.strict.cgroup_parent)
-    return cgroups.sweep(bases)
+    swept: list[str] = []
+    if slots.unavailable() is None and (config.state_dir / slots.SLOTS_DIR).is_dir():  # even if no longer used
+        swept += [f"slot {name}" for name in slots.sweep(tenants.state_dir(config))]
+    if config.strict.cgroups:
+        swept += cgroups.sweep(cgroups.sweep_bases(config.limits, config.strict.cgroup_parent))
+    return swept
 
 
 def can_prewarm(config: ProcessSandboxConfig) -> bool:
     """Whether workers of this profile can start unbound and be bound to a user later.
 
-    ``strict`` mounts the user's workspace when the sandbox is created, so its workers
-    start on a user's first request (and stay warm for that user afterwards).
+    ``strict`` can on a root host: the worker starts unbound and the user's workspace is
+    attached to the running sandbox at claim (:mod:`slots`). Without root (a user namespace
+    maps the caller's uid and the host cannot mount), or where the attach cannot express the
+    configuration (:func:`strict.can_attach`), strict workers start on a user's first request
+    with the workspace bound at spawn (and stay warm for that user afterwards).
     """
-    return config.profile != "strict"
+    return config.profile != "strict" or can_attach(config) is None

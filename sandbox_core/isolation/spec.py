@@ -49,6 +49,10 @@ class LaunchSpec:
     """CPU nanoseconds the worker has used so far (its cgroup's accounting), for CPU budgets."""
     cgroup_pids: Callable[[], set[int]] | None = None
     """Every process in the worker's cgroups (to kill a request's processes)."""
+    attach: Callable[[Path], dict[str, Any]] | None = None
+    """Unbound strict workers: attaches a user's workspace (host path) at claim and returns
+    what the worker's ``bind`` needs (``uid``, ``gid``, ``workspace``, ``expect_mounts``) and
+    the report's entries; None when the worker is bound at spawn or binds by itself."""
 
 
 def worker_env(

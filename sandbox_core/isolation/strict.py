@@ -32,7 +32,7 @@ from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError, IsolationUnavailable
-from sandbox_core.isolation import cgroups, quota, runtime, tenants
+from sandbox_core.isolation import cgroups, quota, runtime, slots, tenants
 from sandbox_core.isolation.protect import DENY, FREEZE, TreeGuard
 from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
@@ -300,8 +300,14 @@ def _passwd(ident: tuple[int, int] | None, user: str) -> tuple[bytes, bytes]:
 HOSTS = b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tsandbox\n"
 
 
-def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path | None) -> LaunchSpec:
-    """The bwrap argv, scrubbed environment, fds and plan of one strict worker (fails closed)."""
+def strict_launch(
+    config: ProcessSandboxConfig, worker_id: str, workspace: Path | None, *, unbound: bool = False
+) -> LaunchSpec:
+    """The bwrap argv, scrubbed environment, fds and plan of one strict worker (fails closed).
+
+    ``unbound`` (root hosts, no workspace): a pre-warmed worker whose user is attached at claim
+    through a slot (:mod:`slots`, :func:`attach_user`); it keeps CAP_SETUID/CAP_SETGID until then.
+    """
     bwrap = find_bwrap(config)
     version = bwrap_version(bwrap)
     if _version_tuple(version) < MIN_BWRAP:
@@ -309,9 +315,11 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         raise IsolationUnavailable(f"{version} is too old for the strict profile (need {need}+); {INSTALL_HINT}",
                                    data={"field": "strict.bwrap", "value": bwrap, "reason": "no_bwrap"})
     _require_options(bwrap, version)
+    if unbound and (workspace is not None or os.geteuid() != 0):
+        raise IsolationUnavailable("an unbound strict worker needs a root host and no workspace")
     key = tenants.tenant_key(config, workspace)
-    ident = sandbox_identity(config, key)
-    if quota.configured(config):
+    ident = None if unbound else sandbox_identity(config, key)
+    if quota.configured(config) and not unbound:
         if workspace is None or quota.unavailable(config) is not None:
             raise IsolationUnavailable(f"limits.workspace_mb is set but cannot be enforced: "
                                        f"{quota.unavailable(config) or 'the worker has no workspace'}",
@@ -319,24 +327,32 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         quota.check(config, key, workspace.resolve())
     fds = _Fds()
     guards: dict[str, TreeGuard] = {}
+    slot = slots.Slot.create(tenants.state_dir(config), worker_id) if unbound else None
     try:
         m = _static_view().copy(fds)
         # The private /tmp comes first: an interpreter or checkout that lives under /tmp on
         # the host (a CI clone, say) is then bound on top of it instead of hidden by it.
         m.args[:0] = ["--perms", "1777", *_tmpfs_size(config), "--tmpfs", "/tmp"]
-        passwd, group = _passwd(ident, config.strict.sandbox_user)
-        m.data(passwd, "/etc/passwd")
-        m.data(group, "/etc/group")
+        if slot is not None:  # rewritten in place for the user's uid at claim
+            m.bind(str(slot.path / slots.PASSWD), "/etc/passwd", mode="0755")
+            m.bind(str(slot.path / slots.GROUP), "/etc/group", mode="0755")
+        else:
+            passwd, group = _passwd(ident, config.strict.sandbox_user)
+            m.data(passwd, "/etc/passwd")
+            m.data(group, "/etc/group")
         m.data(HOSTS, "/etc/hosts")
-        trees = _sandbox_view(m, config, workspace)
+        trees = _sandbox_view(m, config, workspace, slot.ws if slot is not None else None)
         unix_layer = _unix_sockets(config, ident, trees)
         guards.update((dest, TreeGuard(src)) for dest, src in trees.items() if os.path.isdir(src))
         protected = _protect(guards.get(WORKSPACE) if workspace is not None else None, config.strict.protected_paths)
-        denied, deny_missing = _deny(m, config.strict.deny_paths, guards)
+        deny_paths = config.strict.deny_paths
+        if slot is not None:  # the workspace's are mounted at claim, onto the user's workspace
+            deny_paths = tuple(p for p in deny_paths if not _under(os.path.normpath(p), WORKSPACE))
+        denied, deny_missing = _deny(m, deny_paths, guards)
         held = _hold_in_place(m, guards, fds)
         m.args += ["--remount-ro", "/"]
         seccomp_args, seccomp_info = _seccomp(config, fds)
-        ns_args, namespaces = _namespaces(ident, version)
+        ns_args, namespaces = _namespaces(ident is not None or slot is not None, version)
         strict = config.strict
         cgroup = (cgroups.plan(worker_id, config.limits, strict.cgroup_version, parent=strict.cgroup_parent)
                   if strict.cgroups else None)  # fmt: skip
@@ -352,6 +368,8 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         argv += ["--", *python_argv(config, executable=rt.executable, root=rt.app_dir)]
     except BaseException:
         fds.close()
+        if slot is not None:
+            slot.release()
         raise
     finally:
         for guard in guards.values():
@@ -393,6 +411,10 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
                        "pipes": config.network.mode == "allowlist"}  # fmt: skip
     if ident is not None:
         plan["switch_user"] = {"uid": ident[0], "gid": ident[1]}
+    if slot is not None:
+        plan["await_user"] = True
+        plan["host_layers"]["identity"] = {"mode": identity_mode(config), "uid": None,
+                                           "note": "unbound: the user's uid is set at claim"}
     if config.strict.landlock:
         writable = [WORKSPACE, *rw_dests]
         plan["landlock"] = {
@@ -408,8 +430,12 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
 
     def cleanup() -> None:
         fds.close()
-        if cgroup is not None:
-            cgroup.cleanup()
+        try:
+            if cgroup is not None:
+                cgroup.cleanup()
+        finally:
+            if slot is not None:
+                slot.release()
 
     env = worker_env(config, home=HOME)
     env["PATH"] = _inside_path(m, env.get("PATH", ""), config.env.default_path)
@@ -419,7 +445,8 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         cwd="/",
         plan=plan,
         workspace_in_sandbox=WORKSPACE if workspace is not None else None,
-        bound_at_spawn=True,
+        bound_at_spawn=slot is None,
+        attach=(lambda ws: attach_user(config, slot, ws)) if slot is not None else None,
         pass_fds=tuple(fds.fds),
         after_spawn=after_spawn,
         cleanup=cleanup,
@@ -522,7 +549,9 @@ def _tmpfs_size(config: ProcessSandboxConfig) -> list[str]:
     return ["--size", str(config.limits.memory_mb * _MB)] if config.limits.memory_mb else []
 
 
-def _sandbox_view(m: _Mounts, config: ProcessSandboxConfig, workspace: Path | None) -> dict[str, str]:
+def _sandbox_view(
+    m: _Mounts, config: ProcessSandboxConfig, workspace: Path | None, slot_ws: str | None = None
+) -> dict[str, str]:
     """Fresh /dev and /proc, private /tmp, /dev/shm and /home, the workspace, extra binds.
 
     Returns the writable trees that come from the host: sandbox path -> host path.
@@ -536,6 +565,8 @@ def _sandbox_view(m: _Mounts, config: ProcessSandboxConfig, workspace: Path | No
     if workspace is not None:
         trees[WORKSPACE] = str(workspace.resolve())
         m.bind(trees[WORKSPACE], WORKSPACE, rw=True)
+    elif slot_ws is not None:  # the slot's mount point: the user's workspace appears in it at claim
+        m.bind(slot_ws, WORKSPACE, rw=True)
     else:
         m.args += ["--perms", "1777", *size, "--tmpfs", WORKSPACE]
     binds = [(b, False) for b in config.strict.ro_binds] + [(b, True) for b in config.strict.rw_binds]
@@ -623,7 +654,7 @@ def _seccomp(config: ProcessSandboxConfig, fds: _Fds) -> tuple[list[str], dict[s
     return ["--seccomp", str(fds.add(data_fd("sandbox-seccomp", program.bpf)))], program.summary()
 
 
-def _namespaces(ident: tuple[int, int] | None, version: str) -> tuple[list[str], list[str]]:
+def _namespaces(as_root: bool, version: str) -> tuple[list[str], list[str]]:
     """Namespace and capability options, and the namespace names for the report.
 
     As root: no user namespace (its uid 0 would be the host's root on every bind mount);
@@ -634,7 +665,7 @@ def _namespaces(ident: tuple[int, int] | None, version: str) -> tuple[list[str],
     args = ["--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     args += ["--hostname", "sandbox", "--cap-drop", "ALL"]
     names = ["mount", "pid", "net", "ipc", "uts", "cgroup"]
-    if ident is not None:
+    if as_root:
         caps = ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP"]
         return [*args, *caps], names
     nested = ["--disable-userns"] if _version_tuple(version) >= (0, 8, 0) else []
@@ -771,3 +802,64 @@ def _blank_generated(m: _Mounts, dest: str) -> None:
 def _needed_by_worker() -> tuple[str, ...]:
     """Sandbox paths the worker cannot start without: its staged interpreter, libraries and package."""
     return (runtime.SANDBOX_ROOT,)
+
+
+def attach_user(config: ProcessSandboxConfig, slot: slots.Slot, workspace: Path) -> dict[str, Any]:
+    """Attach ``workspace`` to an unbound worker's slot for its tenant (host side of a claim).
+
+    Protected and denied entries are found and held like at spawn (:class:`TreeGuard`, by
+    descriptor, never following a symlink), passwd and group name the tenant's uid, and the
+    finished tree appears at ``/workspace`` at once. Returns what the worker's ``bind`` needs
+    (uid, gid, the mounts it must find) and the report's filesystem entries; raises, leaving
+    the slot for :meth:`slots.Slot.release`, on any failure.
+    """
+    ident = sandbox_identity(config, tenants.tenant_key(config, workspace))
+    if ident is None:
+        raise IsolationUnavailable("an unbound strict worker can only be claimed on a root host")
+    root = str(workspace.resolve())
+    if host_sockets_checked_at_launch(config):  # what the launch checks for a bound workspace
+        from sandbox_core.isolation import sockets
+
+        sockets.refuse_exposed([(root, WORKSPACE)], sockets.Identity(ident[0], frozenset({ident[1]})))
+    guard = TreeGuard(root)
+    try:
+        protected = _protect(guard, config.strict.protected_paths)
+        denied: list[str] = []
+        missing: list[str] = []
+        for path in config.strict.deny_paths:
+            dest = os.path.normpath(path)
+            if _under(dest, WORKSPACE) and dest != WORKSPACE:
+                found = guard.deny(os.path.relpath(dest, WORKSPACE))
+                (missing if found is None else denied).append(dest)
+        mounts = guard.ordered()
+        passwd, group = _passwd(ident, config.strict.sandbox_user)
+        slot.write_identity(passwd, group)
+        root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            slot.attach(root_fd, [slots.GuardMount(m.rel, m.kind, m.fd, m.is_dir) for m in mounts])
+        finally:
+            os.close(root_fd)
+    finally:
+        guard.close()
+    expect = [[f"{WORKSPACE}/{m.rel}", "ro" if m.kind in (FREEZE, DENY) else "rw"] for m in mounts]
+    return {
+        "uid": ident[0], "gid": ident[1], "workspace": WORKSPACE, "expect_mounts": expect,
+        "identity": _identity_layer(config, ident),
+        "filesystem": {"protected": protected, "denied": denied, "deny_missing": missing},
+    }  # fmt: skip
+
+
+def can_attach(config: ProcessSandboxConfig) -> str | None:
+    """Why this configuration's strict workers cannot be pre-warmed unbound (None: they can).
+
+    Everything the attach cannot express falls back to spawning a worker per user: a disk
+    quota (checked per workspace at launch), deny paths on the generated passwd/group.
+    """
+    reason = slots.unavailable()
+    if reason is not None:
+        return reason
+    if quota.configured(config):
+        return "limits.workspace_mb is set (the quota is checked per workspace at launch)"
+    if any(os.path.normpath(p) in ("/etc/passwd", "/etc/group") for p in config.strict.deny_paths):
+        return "strict.deny_paths names /etc/passwd or /etc/group, which are rewritten at claim"
+    return None

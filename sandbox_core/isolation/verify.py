@@ -18,6 +18,7 @@ recorded apart from the layers the host read itself.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping
@@ -74,6 +75,9 @@ class Expected:
     cgroups_required: bool = False
     """``strict.cgroups``: the worker must be in cgroups of its own (a plan without any is refused)."""
     landlock: bool = False
+    unbound: bool = False
+    """A pre-warmed worker before its claim: uid 0 holding only CAP_SETUID/CAP_SETGID (checked
+    instead of the identity and the empty capability sets, which are checked at claim)."""
 
     def join(self, other: Expected) -> Expected:
         """Both sets of demands; where both name a value (uid, a limit), this one's wins."""
@@ -91,6 +95,7 @@ class Expected:
             cgroups={**other.cgroups, **self.cgroups},
             cgroups_required=self.cgroups_required or other.cgroups_required,
             landlock=self.landlock or other.landlock,
+            unbound=self.unbound and other.unbound,
         )
 
 
@@ -344,6 +349,29 @@ def _cgroups(facts: Facts, want: Expected) -> str | None:
     return None if not wrong else "the worker is in " + ", ".join(wrong)
 
 
+UNBOUND_CAPS = (1 << 6) | (1 << 7)
+"""CAP_SETGID | CAP_SETUID: all an unbound worker may hold, and only until its claim."""
+
+
+def _unbound(facts: Facts, _: Expected) -> str | None:
+    held = {key: _status(facts, key) for key in CAPABILITY_SETS}
+    allowed = {"CapEff": UNBOUND_CAPS, "CapPrm": UNBOUND_CAPS}
+    bad = {}
+    for key, value in held.items():
+        try:
+            extra = int(value, 16) & ~allowed.get(key, 0)
+        except ValueError:
+            extra = -1
+        if extra:
+            bad[key] = value or "(none)"
+    uids, gids = _status(facts, "Uid").split(), _status(facts, "Gid").split()
+    if bad or uids != ["0"] * 4 or gids != ["0"] * 4 or _status(facts, "Groups").split():
+        shown = ", ".join(f"{k} {v}" for k, v in bad.items()) or "no extra capability"
+        return (f"the unbound worker holds {shown} as uid {' '.join(uids)} gid {' '.join(gids)}; "
+                "it may hold only CAP_SETUID/CAP_SETGID, as uid 0, no groups, until its claim")
+    return None
+
+
 def _landlock(facts: Facts, _: Expected) -> str | None:
     seen = facts.report.get("landlock")
     abi = seen.get("abi") if isinstance(seen, dict) else None
@@ -372,6 +400,8 @@ CHECKS: tuple[Check, ...] = (
           lambda e: e.environment is not None, _environment),
     Check("cgroups", "/proc/PID/cgroup", "the planned memory, pids (and cpu) cgroups",
           lambda e: bool(e.cgroups) or e.cgroups_required, _cgroups),
+    Check("unbound", "/proc/PID/status Cap* Uid Gid Groups", "uid 0, at most CAP_SETUID/CAP_SETGID, no bounding set",
+          lambda e: e.unbound, _unbound),
     Check("landlock", "the worker's report (Landlock has no /proc view)", "a ruleset (ABI >= 1)",
           lambda e: e.landlock, _landlock, stage="bind", by_host=False),
 )  # fmt: skip
@@ -417,15 +447,21 @@ def run_checks(stage: Stage, expected: Expected, facts: Facts, verified: Verifie
 
 
 def started(config: ProcessSandboxConfig, plan: Mapping[str, Any], spawned: int, pid_inside: object,
-            report: Mapping[str, Any]) -> Verified:  # fmt: skip
+            report: Mapping[str, Any], *, unbound: bool = False) -> Verified:  # fmt: skip
     """Verify a worker after its handshake; on any mismatch kill it and raise IsolationUnavailable.
 
     ``spawned`` is the pid the host spawned, ``pid_inside`` the pid the handshake gave.
+    ``unbound`` (decided by the host: the worker was launched without a user) checks a
+    pre-warmed strict worker: everything but the identity and the capabilities, which must
+    instead be uid 0 with at most CAP_SETUID/CAP_SETGID; :func:`claimed` checks the rest.
     """
     try:
         expected = expectations(config, plan)
     except (KeyError, TypeError, ValueError) as exc:
         raise IsolationUnavailable(f"the launch plan cannot be verified ({type(exc).__name__}: {exc})") from None
+    if unbound:
+        expected = dataclasses.replace(expected, identity=None, tenant_range=None, no_capabilities=False,
+                                       unbound=True)
     if not isinstance(pid_inside, int) or isinstance(pid_inside, bool):
         raise IsolationUnavailable(f"the worker's handshake gave no pid to verify ({pid_inside!r:.40})")
     verified = Verified(expected)
@@ -438,6 +474,13 @@ def started(config: ProcessSandboxConfig, plan: Mapping[str, Any], spawned: int,
             proc.kill()
             raise
     return verified
+
+
+def claimed(config: ProcessSandboxConfig, plan: Mapping[str, Any], spawned: int, pid_inside: object,
+            report: Mapping[str, Any], uid: int, gid: int) -> Verified:  # fmt: skip
+    """Verify a claimed worker after its ``bind``, before its first request: every layer of
+    :func:`started` again, now with the user's ``uid``/``gid`` and no capabilities at all."""
+    return started(config, {**plan, "switch_user": {"uid": uid, "gid": gid}}, spawned, pid_inside, report)
 
 
 def bound(verified: Verified, reply: Mapping[str, Any]) -> None:

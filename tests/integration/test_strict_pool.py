@@ -14,7 +14,7 @@ import pytest
 
 from sandbox_core.config import ProcessSandboxConfig, StrictIsolation
 from sandbox_core.errors import ConfigError, PoolClosed, RequestTimeout, WorkerCrashed
-from sandbox_core.isolation.launch import workspace_owner
+from sandbox_core.isolation.launch import can_prewarm, workspace_owner
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.process_tree import descendants
 from sandbox_core.requests import ExecRequest
@@ -94,14 +94,19 @@ async def test_strict_shutdown_leaves_no_process(workspace_root: Path) -> None:
 
 async def test_strict_prewarms_per_user(workspace_root: Path) -> None:
     async with SandboxOrchestrator(strict(workspace_root)) as pool:
-        with pytest.raises(ConfigError, match="name the user"):
-            await pool.launch(1)
+        if can_prewarm(pool.config):  # a root host: unbound workers any user can claim (test_strict_claim.py)
+            unbound = await pool.launch(1)
+            assert [r["user_id"] for r in pool.list_workers()] == [None]
+            await pool.stop_workers(worker_ids=unbound)
+        else:
+            with pytest.raises(ConfigError, match="name the user"):
+                await pool.launch(1)
         ids = await pool.launch(2, "frank")
         rows = {r["worker_id"]: r for r in pool.list_workers()}
         assert set(ids) == set(rows) and all(r["state"] == "idle" and r["user_id"] == "frank" for r in rows.values())
         result = await pool.execute("frank", sh("pwd"))
         assert result.worker_id in ids and result.stdout_text == "/workspace\n"
-        assert pool.get_pool_stats()["spawned"] == 2  # served warm, nothing new started
+        assert pool.get_pool_stats()["spawned"] == 2 + can_prewarm(pool.config)  # served warm, nothing new started
 
 
 CHAIN = "import os, sys\nif os.fork(): sys.exit(0)\nos.setsid()\nwhile True:\n    if os.fork(): os._exit(0)\n"

@@ -1,0 +1,250 @@
+"""Pre-warmed strict workers claimed by a new user: the claim path's safety, with real workers.
+
+A worker never serves two users; an unbound worker serves nothing before its claim; an
+attach that fails leaves no half-bound worker, no slot mount and no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sandbox_core import codes
+from sandbox_core.errors import IsolationUnavailable, RemoteError, SandboxError
+from sandbox_core.isolation import slots, strict, tenants
+from sandbox_core.isolation.launch import can_prewarm, launch_spec
+from sandbox_core.orchestrator import SandboxOrchestrator
+from sandbox_core.requests import ExecRequest
+from sandbox_core.worker import SandboxWorker
+from tests.helpers import pid_alive, process_config, wait_for
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed"),
+    pytest.mark.skipif(os.geteuid() != 0, reason="unbound strict workers need a root host (slots mount on the host)"),
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache() -> None:
+    tenants._cache.clear()
+
+
+def _config(tmp_path: Path, **changes: Any) -> Any:
+    base = process_config(tmp_path / "ws", state_dir=tmp_path / "state", min_idle=1, max_workers=6)
+    return base.replace(profile="strict", **changes)
+
+
+def _slot_mounts(tmp_path: Path) -> list[str]:
+    return [m for m in slots.mounted_slots() if m.startswith(str(tmp_path))]
+
+
+def sh(script: str) -> ExecRequest:
+    return ExecRequest(shell=script)
+
+
+async def _prewarmed(pool: SandboxOrchestrator, count: int = 1) -> None:
+    await wait_for(lambda: pool.get_pool_stats()["workers"]["prewarmed"] >= count, 30, "a pre-warmed worker")
+
+
+async def test_a_new_user_claims_a_prewarmed_worker_confined_as_their_own_uid(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    assert can_prewarm(config)
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        unbound = [w["worker_id"] for w in pool.list_workers() if w["user_id"] is None]
+        result = await pool.execute("alice", sh(
+            "id -u; pwd; echo mine > a.txt; cat /etc/passwd; grep -E '^(Cap|NoNewPrivs|Seccomp)' /proc/self/status;"
+            " echo x > .bashrc || echo frozen"))  # fmt: skip
+        assert result.exit_code == 0, result.stderr_text
+        assert result.worker_id in unbound and pool.get_pool_stats()["claimed"] == 1
+        uid = tenants.identity_for(config, "alice").uid
+        lines = result.stdout_text.splitlines()
+        assert lines[0] == str(uid) and lines[1] == "/workspace"
+        assert f"sandbox:x:{uid}:{uid}:" in result.stdout_text
+        assert all(line.endswith("0000000000000000") for line in lines if line.startswith("Cap"))
+        assert "NoNewPrivs:\t1" in result.stdout_text and "Seccomp:\t2" in result.stdout_text
+        assert lines[-1] == "frozen"
+        assert (tmp_path / "ws" / "alice" / "a.txt").stat().st_uid == uid
+        report = pool.worker_report(result.worker_id)
+        assert report is not None and report["uid"] == uid and report["capabilities_zero"] is True
+        assert {"identity", "capabilities", "seccomp", "no_new_privs"} <= set(report["verified_by_host"])
+        assert report["identity"]["uid"] == uid
+    assert _slot_mounts(tmp_path) == []
+
+
+async def test_a_worker_never_serves_two_users(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        first = await pool.execute("alice", sh("echo secret > mine.txt"))
+        alice = pool._workers[first.worker_id]
+        with pytest.raises(IsolationUnavailable):  # the host refuses a second claim of the same worker
+            await alice.bind("bob", config.workspace_for("alice"))
+        await pool.stop_workers(user_id="alice")
+        await _prewarmed(pool)
+        second = await pool.execute("bob", sh("ls -a /workspace; cat /etc/passwd; id -u"))
+        assert second.worker_id != first.worker_id
+        assert "mine.txt" not in second.stdout_text and "secret" not in second.stdout_text
+        bob_uid = tenants.identity_for(config, "bob").uid
+        assert second.stdout_text.splitlines()[-1] == str(bob_uid) != str(tenants.identity_for(config, "alice").uid)
+        assert f":{tenants.identity_for(config, 'alice').uid}:" not in second.stdout_text
+        seen = [w["worker_id"] for w in pool.list_workers()]
+        assert first.worker_id not in seen
+    assert _slot_mounts(tmp_path) == []
+
+
+async def test_an_unbound_worker_serves_nothing_before_its_claim(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    worker = SandboxWorker(config, "unbound-1", launcher=launch_spec)
+    await worker.start()
+    try:
+        assert worker.report["uid"] == 0 and worker.report["seccomp"] is True
+        assert "unbound" in worker.report["verified_by_host"]
+        with pytest.raises(RemoteError) as caught:
+            await worker.call("exec", {"argv": ["true"]})
+        assert caught.value.remote_code == codes.NOT_BOUND
+        with pytest.raises(IsolationUnavailable, match="never becomes root"):
+            await worker.call("bind", {"user_id": "mallory", "workspace": "/workspace", "uid": 0, "gid": 0})
+        with pytest.raises(SandboxError, match="never retried"):
+            await worker.call("bind", {"user_id": "mallory", "workspace": "/workspace", "uid": 201234, "gid": 201234})
+    finally:
+        await worker.stop()
+    assert _slot_mounts(tmp_path) == []
+
+
+async def test_an_attach_the_workspace_refuses_fails_closed(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    workspace = config.workspace_for("eve")
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    workspace.mkdir(mode=0o700)
+    (workspace / ".bashrc").symlink_to("/etc/shadow")  # a protected path swapped for a symlink
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        claimed = [w["worker_id"] for w in pool.list_workers() if w["user_id"] is None]
+        pids = [w["pid"] for w in pool.list_workers()]
+        with pytest.raises(IsolationUnavailable, match="symlink"):
+            await pool.execute("eve", sh("cat .bashrc"))
+        assert all(w["user_id"] is None for w in pool.list_workers())  # nothing bound to eve, half or whole
+        assert not set(claimed) & {w["worker_id"] for w in pool.list_workers()}
+        await wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "the claimed worker's exit")
+        await wait_for(lambda: not any(c in m for c in claimed for m in _slot_mounts(tmp_path)), 10, "slot detached")
+        assert pool.get_pool_stats()["claim_fallbacks"] == 1
+    assert _slot_mounts(tmp_path) == []
+
+
+async def test_a_crash_between_attach_and_bind_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path)
+    attach = strict.attach_user
+    killed: list[tuple[str, int]] = []
+
+    def attach_then_crash(cfg: Any, slot: slots.Slot, workspace: Path) -> dict[str, Any]:
+        answer = attach(cfg, slot, workspace)
+        for info in pool.list_workers():
+            if info["user_id"] == "frank" and info["pid"] is not None and not killed:
+                killed.append((info["worker_id"], info["pid"]))
+                os.kill(info["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 10  # bwrap's exit is the sandbox's end: every process in it is gone
+        while killed and pid_alive(killed[0][1]) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return answer
+
+    monkeypatch.setattr(strict, "attach_user", attach_then_crash)
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        result = await pool.execute("frank", sh("id -u"))  # the request gets another worker
+        assert result.exit_code == 0 and killed and result.worker_id != killed[0][0]
+        worker_id, pid = killed[0]
+        await wait_for(lambda: not pid_alive(pid), 10, "the crashed worker's exit")
+        assert worker_id not in {w["worker_id"] for w in pool.list_workers()}
+        await wait_for(lambda: not any(worker_id in m for m in _slot_mounts(tmp_path)), 10, "its slot detached")
+        assert not (tmp_path / "state" / "slots" / f"{os.getpid()}-{worker_id}").exists()
+    assert _slot_mounts(tmp_path) == []
+
+
+async def test_an_attach_that_fails_midway_mounts_nothing_and_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = _config(tmp_path)
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        monkeypatch.setattr(slots, "move_mount", _failing_final_move(monkeypatch))
+        before = {w["worker_id"] for w in pool.list_workers()}
+        result = await pool.execute("grace", sh("id -u; ls /workspace | wc -l"))
+        assert result.exit_code == 0 and result.worker_id not in before  # spawned for her instead
+        assert pool.get_pool_stats()["claim_fallbacks"] == 1
+        await wait_for(lambda: not any(w in m for w in before for m in _slot_mounts(tmp_path)), 10, "slot detached")
+    assert _slot_mounts(tmp_path) == []
+
+
+def _failing_final_move(monkeypatch: pytest.MonkeyPatch) -> Any:
+    original = slots.move_mount
+
+    def move(from_dfd: int, from_path: str, to_dfd: int, to_path: str, flags: int) -> None:
+        if to_dfd == slots.AT_FDCWD:  # the finished tree onto the slot: refuse it
+            raise OSError(22, "injected failure of the final move_mount")
+        original(from_dfd, from_path, to_dfd, to_path, flags)
+
+    return move
+
+
+async def test_stale_slots_of_a_dead_orchestrator_are_swept_at_start(tmp_path: Path) -> None:
+    config = _config(tmp_path, min_idle=0)
+    state = tenants.state_dir(config)
+    slot = slots.Slot.create(state, "stale")
+    dead = state / "slots" / "999999999-stale"
+    os.rename(slot.path, dead)  # as if its orchestrator (pid 999999999) had died
+    assert _slot_mounts(tmp_path)
+    async with SandboxOrchestrator(config) as pool:
+        assert "slot 999999999-stale" in pool.swept
+    assert not dead.exists() and _slot_mounts(tmp_path) == []
+
+
+async def test_refill_follows_min_idle_and_demand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sandbox_core import orchestrator
+
+    monkeypatch.setattr(orchestrator, "DEMAND_WINDOW", 600.0)  # every claim of this test counts
+    config = _config(tmp_path, min_idle=1, max_workers=5)
+    async with SandboxOrchestrator(config) as pool:
+        for i in range(3):
+            await _prewarmed(pool)
+            await pool.execute(f"u{i}", sh("true"))
+        assert pool.get_pool_stats()["claimed"] == 3
+        # three claims lately: the refill keeps more than min_idle warm, within the cap (3 + 2 = 5)
+        await _prewarmed(pool, 2)
+        stats = pool.get_pool_stats()
+        assert stats["workers"]["total"] <= config.max_workers
+        assert stats["workers"]["prewarmed"] + stats["workers"]["starting"] <= 2
+    assert _slot_mounts(tmp_path) == []
+
+
+async def test_deny_paths_in_the_workspace_are_covered_at_claim(tmp_path: Path) -> None:
+    from sandbox_core.config import StrictIsolation
+
+    config = _config(tmp_path, strict=StrictIsolation(deny_paths=("/workspace/secret", "/workspace/key.pem")))
+    assert can_prewarm(config)
+    workspace = config.workspace_for("heidi")
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    workspace.mkdir(mode=0o700)
+    (workspace / "secret").mkdir()
+    (workspace / "secret" / "token").write_text("hidden-token")
+    (workspace / "key.pem").write_text("hidden-key")
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        script = "cat secret/token key.pem; ls secret; rm -rf secret key.pem; echo done"
+        result = await pool.execute("heidi", sh(script))
+        assert result.stdout_text.endswith("done\n")
+        assert "hidden" not in result.stdout_text + result.stderr_text
+        assert pool.get_pool_stats()["claimed"] == 1
+        report = pool.worker_report(result.worker_id)
+        assert report is not None
+        assert set(report["filesystem"]["denied"]) == {"/workspace/secret", "/workspace/key.pem"}
+    assert (workspace / "secret" / "token").read_text() == "hidden-token" and (workspace / "key.pem").exists()
+    assert _slot_mounts(tmp_path) == []
