@@ -63,6 +63,8 @@ _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK
 _STEPS = 64
 """Frames (or pieces of one) a reader handles per wake-up before it lets the loop run others."""
 _F_GETPIPE_SZ = 1032
+PARK_SECONDS = 0.05
+"""How long a net pipe's reader waits for a full socket before it copies the payload instead."""
 
 
 class Mux:
@@ -71,6 +73,7 @@ class Mux:
     def __init__(self, on_violation: Callable[[str], None] | None = None) -> None:
         self.streams: dict[int, Stream] = {}
         self.out: PipeOut | None = None
+        self.reader: PipeIn | None = None
         self._on_violation = on_violation
         self.closed = False
         self.pipe_full = False
@@ -557,6 +560,8 @@ class Stream:
         self._close_when_written = False
         if sock is None:
             return
+        if self.mux.reader is not None:
+            self.mux.reader.forget(sock.fileno())
         if self._reading:
             self._loop.remove_reader(sock.fileno())
         if self._writing:
@@ -569,11 +574,14 @@ class PipeIn:
     """The reading end of the incoming net pipe, read by hand so data can skip user space.
 
     Headers are read as they are; a ``DATA`` payload whose connection's socket has nothing
-    buffered is moved from the pipe to the socket with ``splice(2)`` (no copy through this
-    process); otherwise (the socket is full, or the platform has no splice) it is read and
-    written through the socket's transport like any bytes. Both keep the connection's byte
-    order: splicing happens only while the transport holds nothing. Other frames are small
-    and read whole. At end of file (the peer is gone) every connection is closed.
+    pending is moved from the pipe to the socket with ``splice(2)`` (no copy through this
+    process). When that socket is full (its client reads slower than the bytes come), the
+    reader **parks**: it stops reading the pipe until the socket takes more, for at most
+    :data:`PARK_SECONDS`; past that (or where there is no splice) the payload is read and kept
+    for the socket like any bytes, so a stalled connection holds up the others for no longer
+    than that, and never the pipe for good. Both ways keep the connection's byte order:
+    splicing happens only while the stream holds nothing. Other frames are small and read
+    whole. At end of file (the peer is gone) every connection is closed.
     """
 
     def __init__(self, fd: int, mux: Mux) -> None:
@@ -585,15 +593,48 @@ class PipeIn:
         self._small = b""
         self._splice = hasattr(os, "splice")
         self._closed = False
+        self._parked: tuple[int, asyncio.TimerHandle] | None = None
+        """The full socket this reader waits for, and the time limit of the wait."""
+        self._copy_once = False
+        self._loop = asyncio.get_running_loop()
         os.set_blocking(fd, False)
-        asyncio.get_running_loop().add_reader(fd, self._readable)
+        self._loop.add_reader(fd, self._readable)
+        mux.reader = self
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            asyncio.get_running_loop().remove_reader(self._fd)
+            self._unpark()
+            self._loop.remove_reader(self._fd)
             os.close(self._fd)
             self._mux.close()
+
+    def _park(self, sock_fd: int) -> None:
+        """Wait for ``sock_fd`` to take more (or :data:`PARK_SECONDS`) before reading the pipe on."""
+        self._loop.remove_reader(self._fd)
+        self._loop.add_writer(sock_fd, self._resume)
+        self._parked = (sock_fd, self._loop.call_later(PARK_SECONDS, self._resume, True))
+
+    def _unpark(self) -> bool:
+        if self._parked is None:
+            return False
+        sock_fd, timer = self._parked
+        self._parked = None
+        timer.cancel()
+        self._loop.remove_writer(sock_fd)
+        if not self._closed:
+            self._loop.add_reader(self._fd, self._readable)
+        return True
+
+    def _resume(self, timed_out: bool = False) -> None:
+        if self._unpark():
+            self._copy_once = timed_out
+            self._readable()
+
+    def forget(self, sock_fd: int) -> None:
+        """Socket ``sock_fd`` is being closed: stop waiting for it."""
+        if self._parked is not None and self._parked[0] == sock_fd:
+            self._unpark()
 
     def _readable(self) -> None:
         try:
@@ -646,12 +687,14 @@ class PipeIn:
                 self._done(payload)
             return True
         stream = self._mux.streams.get(conn)
-        target = stream.splice_target() if stream is not None and self._splice else None
+        target = stream.splice_target() if stream is not None and self._splice and not self._copy_once else None
+        self._copy_once = False
         if stream is not None and target is not None:
+            full = False
             try:
                 moved = os.splice(self._fd, target, remaining, flags=_SPLICE_FLAGS)
             except BlockingIOError:  # the pipe is empty for now, or the socket is full
-                moved = -1
+                moved, full = -1, True
             except OSError:  # the socket is gone: the bytes are read and dropped below
                 moved = -1
             if moved == 0:
@@ -662,6 +705,9 @@ class PipeIn:
                 self._advance(moved)
                 return True
             if _readable_bytes(self._fd) == 0:
+                return False
+            if full:
+                self._park(target)
                 return False
         data = self._read(min(remaining, READ_BYTES))
         if not data:
