@@ -575,11 +575,12 @@ class PipeIn:
 
     Headers are read as they are; a ``DATA`` payload whose connection's socket has nothing
     pending is moved from the pipe to the socket with ``splice(2)`` (no copy through this
-    process). When that socket is full (its client reads slower than the bytes come), the
-    reader **parks**: it stops reading the pipe until the socket takes more, for at most
-    :data:`PARK_SECONDS`; past that (or where there is no splice) the payload is read and kept
-    for the socket like any bytes, so a stalled connection holds up the others for no longer
-    than that, and never the pipe for good. Both ways keep the connection's byte order:
+    process). When that socket is full (its client reads slower than the bytes come) and it is
+    the only connection, the reader **parks**: it stops reading the pipe until the socket takes
+    more, for at most :data:`PARK_SECONDS`. With other connections open (whose frames may be
+    behind in the pipe), past that limit, or where there is no splice, the payload is read and
+    kept for the socket like any bytes, so one connection never holds up another for longer
+    than that. Both ways keep the connection's byte order:
     splicing happens only while the stream holds nothing. Other frames are small and read
     whole. At end of file (the peer is gone) every connection is closed.
     """
@@ -706,7 +707,7 @@ class PipeIn:
                 return True
             if _readable_bytes(self._fd) == 0:
                 return False
-            if full:
+            if full and len(self._mux.streams) == 1:
                 self._park(target)
                 return False
         data = self._read(min(remaining, READ_BYTES))
