@@ -32,6 +32,8 @@ from sandbox_core.shared import EGRESS_OPEN, EGRESS_PROXY_PORT
 
 MAX_HEAD = 64 * 1024
 """Largest request head (request line and headers) the proxy reads."""
+ACCEPT_RETRY_SECONDS = 1.0
+"""How long the proxy stops accepting when it is out of descriptors."""
 _HOP_HEADERS = frozenset({b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive"})
 """Headers for this hop only: never sent on."""
 
@@ -129,9 +131,18 @@ class Proxy:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # out of descriptors, or the client already gone: the next one may do
+            except (ConnectionAbortedError, ConnectionResetError):  # that client is gone already
+                continue
+            except OSError:  # out of descriptors: stop accepting for a while (else the loop spins)
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listener.fileno())
+                loop.call_later(ACCEPT_RETRY_SECONDS, self._accept_again)
                 return
             self._clients.add(_Client(self, sock))
+
+    def _accept_again(self) -> None:
+        if self.listener is not None:
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._accept)
 
     def serve(self, client: _Client, head: bytes, rest: bytes) -> None:
         task = asyncio.create_task(self._serve(client, head, rest))
