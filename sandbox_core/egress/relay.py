@@ -141,7 +141,11 @@ class Relay:
         loop = asyncio.get_running_loop()
         error: OSError | None = None
         for address in allowed:
-            sock = socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock = socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as exc:  # out of descriptors: said as a failed connect, like any other
+                error = exc
+                continue
             try:
                 sock.setblocking(False)
                 await loop.sock_connect(sock, (str(address), port))
