@@ -134,9 +134,10 @@ def unix_identity() -> str:
 
 def request_body(request: Request) -> tuple[str, dict[str, Any]]:
     """The service route (``agent`` or ``exec``) and JSON body for ``request``."""
-    from sandbox_core.requests import AgentRequest, ExecRequest
+    from sandbox_core.requests import AgentRequest, ExecRequest, network_to_json
 
     body: dict[str, Any]
+    network = network_to_json(getattr(request, "network", None))
     if isinstance(request, ExecRequest):
         body = {"argv": list(request.argv)} if request.argv is not None else {"shell": request.shell}
         if isinstance(request.stdin, str):
@@ -147,6 +148,8 @@ def request_body(request: Request) -> tuple[str, dict[str, Any]]:
             body["stdin_stream"] = True  # the bytes follow in POST /v1/runs/{id}/stdin
         if request.timeout is not None:
             body["timeout"] = request.timeout
+        if network is not None:
+            body["network"] = network
         return "exec", body
     if isinstance(request, AgentRequest):
         body = {"prompt": request.prompt, "conversation_id": request.conversation_id}
@@ -158,6 +161,8 @@ def request_body(request: Request) -> tuple[str, dict[str, Any]]:
             body["tools"] = list(request.tools)
         if request.resume:
             body["resume"] = True
+        if network is not None:
+            body["network"] = network
         return "agent", body
     raise SandboxError(f"the service does not run {request.method!r} requests (use --local)")
 

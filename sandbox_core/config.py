@@ -176,7 +176,10 @@ class ModelConfig:
     user_token_budget: int = 0
     """Tokens one user may use over the life of the pool (0 = unlimited)."""
     max_body_bytes: int = 4 * 1024 * 1024
-    """Largest request body the gateway forwards."""
+    """Largest request body the gateway forwards (the model endpoint answers 413 beyond it)."""
+    max_user_calls: int = 16
+    """Model calls one user's workers may have in flight at once; more are answered 503
+    ``overloaded_error`` with ``retry-after`` (the SDK waits and retries)."""
     request_timeout: float = 600.0
     allowed_models: tuple[str, ...] = ("claude-*",)
     """Models a call from the sandbox may name (``*`` globs); any other is refused."""
@@ -290,6 +293,10 @@ class NetworkPolicy:
     """MiB one worker may relay over its life, both directions together (0 = no limit)."""
     connect_timeout: float = 10.0
     """Seconds the host gives name resolution plus the TCP connect of one connection."""
+    log_refusals: int = 20
+    """Refusals of one worker logged (and journalled) per minute; past that they are counted and
+    said in one summary line, so a sandbox looping on denied connects cannot flood the log
+    (0 = log every one)."""
 
 
 _LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
@@ -329,6 +336,10 @@ def parse_cidr(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
         return ipaddress.ip_network(entry, strict=True)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{entry!r} is not a CIDR ({exc})") from None
+
+
+FRAME_SLACK = 128 * 1024
+"""What a ``gateway.request`` frame holds besides the body's base64 (method, URL, headers)."""
 
 
 @dataclass(frozen=True)
@@ -390,6 +401,13 @@ class ProcessSandboxConfig:
 
     def replace(self, **changes: Any) -> ProcessSandboxConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def model_body_limit(self) -> int:
+        """The largest request body the in-sandbox model endpoint accepts: ``model.max_body_bytes``,
+        lowered so that its base64 (plus the request's head) fits in one ``max_frame_bytes`` frame."""
+        fits = (self.max_frame_bytes - FRAME_SLACK) // 4 * 3
+        return max(0, min(self.model.max_body_bytes, fits))
 
     def workspace_for(self, user_id: str) -> Path:
         """The workspace path of ``user_id`` (validated; not created)."""
@@ -487,7 +505,8 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
                            "socket_mb", "workspace_mb", "workspace_inodes"), "limits.", zero_ok=True)
     if cfg.model.provider not in ("auto", "anthropic", "offline"):
         raise ConfigError("model.provider", f"must be auto, anthropic or offline, got {cfg.model.provider!r}")
-    _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout", "max_tokens_limit"),
+    _positive(cfg.model, ("max_tokens", "max_turns", "max_body_bytes", "request_timeout", "max_tokens_limit",
+                          "max_user_calls"),
               "model.")
     _positive(cfg.model, ("request_token_budget", "user_token_budget"), "model.", zero_ok=True)
     _positive(cfg.service, ("keepalive_seconds", "drain_grace", "max_buffered_events", "run_buffer_mb",
@@ -510,7 +529,7 @@ def _validate_network(cfg: ProcessSandboxConfig) -> None:
         raise ConfigError("network.mode", f"'allowlist' needs the strict profile: the {cfg.profile} profile has no "
                           "network namespace of its own, so nothing would stop a direct connection")  # fmt: skip
     _positive(net, ("max_connections", "connect_timeout"), "network.")
-    _positive(net, ("max_mb",), "network.", zero_ok=True)
+    _positive(net, ("max_mb", "log_refusals"), "network.", zero_ok=True)
     lists: list[tuple[str, tuple[str, ...]]] = [("network.allow", net.allow), ("network.deny", net.deny)]
     for user, entries in net.users.items():
         try:

@@ -37,6 +37,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from sandbox_core.config import ModelConfig, ProcessSandboxConfig, validate_user_id
+from sandbox_core.egress.policy import check_narrowing
 from sandbox_core.errors import (
     CircuitOpen,
     ConfigError,
@@ -188,6 +189,7 @@ class SandboxOrchestrator:
         started from ``origin`` (default: :attr:`origin`).
         """
         validate_user_id(user_id)
+        check_narrowing(self.config.network, user_id, network_param(request))
         if not self._started:
             await self.start()
         request = self._with_defaults(request)
@@ -212,7 +214,7 @@ class SandboxOrchestrator:
 
     async def _execute(self, user_id: str, request: Request) -> AsyncGenerator[Event, None]:
         try:
-            worker = await self._acquire(user_id)
+            worker = await self._acquire_serving(user_id, network_param(request))
         except SandboxError as exc:
             self._counters["failed"] += 1  # a request that never got a worker failed too
             raise self._closing_error(exc) from exc
@@ -327,6 +329,20 @@ class SandboxOrchestrator:
                 front = True  # a pre-warmed worker that failed to bind: the turn is not lost
         finally:
             self._waiting -= 1
+
+    async def _acquire_serving(self, user_id: str, network: tuple[str, ...] | None) -> SandboxWorker:
+        """A worker for ``user_id`` that may serve a request narrowing the network to ``network``.
+
+        Workers are pooled per policy: one bound to another narrowing (wider or not) is recycled,
+        never reused, so what a request leaves running never outlives its own policy.
+        """
+        while True:
+            worker = await self._acquire(user_id)
+            if worker.serves_network(network):
+                return worker
+            self._counters["recycled"] += 1
+            self._retire(worker)
+            await self._notify()
 
     async def _wait_turn(self, user_id: str, deadline: float, *, front: bool) -> _Grant:
         """Queue behind ``user_id``'s earlier requests until the dispatcher reserves a worker

@@ -102,6 +102,29 @@ def _check_network(entries: tuple[str, ...] | None) -> None:
         parse_host_entry(entry)  # ValueError names the entry
 
 
+def network_from_json(value: object) -> tuple[str, ...] | None:
+    """The ``network`` of a JSON request body: absent, ``{"mode": "none"}`` (``()``: no network at
+    all) or ``{"allow": [ENTRY, ...]}``; ValueError for anything else (naming a bad entry)."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and value == {"mode": "none"}:
+        return ()
+    if isinstance(value, dict) and set(value) == {"allow"} and isinstance(value["allow"], list):
+        entries = value["allow"]
+        if not all(isinstance(e, str) for e in entries):
+            raise ValueError("network.allow entries must be strings (HOST or HOST:PORT)")
+        _check_network(tuple(entries))
+        return tuple(entries)
+    raise ValueError('network must be {"mode": "none"} or {"allow": ["HOST[:PORT]", ...]}')
+
+
+def network_to_json(entries: tuple[str, ...] | None) -> dict[str, Any] | None:
+    """The JSON form of a request's narrowing (see :func:`network_from_json`)."""
+    if entries is None:
+        return None
+    return {"allow": list(entries)} if entries else {"mode": "none"}
+
+
 def network_param(request: object) -> tuple[str, ...] | None:
     """The request's own narrowing of the network policy (kept on the host, never sent)."""
     entries = getattr(request, "network", None)

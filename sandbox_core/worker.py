@@ -224,6 +224,10 @@ class SandboxWorker:
         self._stopped_while_starting = False
         self.egress: Relay | None = None
         """The host's half of this worker's network (strict workers), set at spawn."""
+        self.network_bound = False
+        """Whether the worker is bound to :attr:`network` (at its first request; for its life)."""
+        self.network: tuple[str, ...] | None = None
+        """The request narrowing this worker's network is bound to (None = the configured policy)."""
         self._egress_calls: dict[RequestId, asyncio.Task[None]] = {}
         self._swept: asyncio.Future[None] | None = None
         """The clean-up after exit (session sweep, cgroups), run in a thread; stop() awaits it."""
@@ -490,12 +494,25 @@ class SandboxWorker:
             self._egress_calls[msg.id] = task
             task.add_done_callback(functools.partial(self._egress_done, msg.id))
         elif msg.id in self._host_calls or len(self._host_calls) >= MAX_HOST_CALLS:
-            why = "duplicate call id" if msg.id in self._host_calls else f"over {MAX_HOST_CALLS} host calls at once"
-            self._answer_nowait(Response(msg.id, error=GatewayError(f"refused: {why}").to_wire()))
+            if msg.id in self._host_calls:
+                refusal = GatewayError("refused: duplicate call id", data={"reason": "refused"})
+            else:  # the API's own answer when busy: the client waits and retries
+                refusal = GatewayError(f"refused: this worker has {MAX_HOST_CALLS} host calls in flight; retry "
+                                       "shortly", data={"reason": "overloaded", "retry_after": 1, "retryable": True})
+            self._answer_nowait(Response(msg.id, error=refusal.to_wire()))
         else:
             task = asyncio.create_task(self._serve_host_call(msg))
             self._host_calls[msg.id] = task
             task.add_done_callback(functools.partial(self._host_call_done, msg.id))
+
+    def serves_network(self, network: tuple[str, ...] | None) -> bool:
+        """Whether a request narrowing the network to ``network`` may run here: the worker is bound to
+        no narrowing yet, or to this one (what runs in it keeps its policy; none is ever widened)."""
+        if self.egress is None or not self.network_bound:
+            return True
+        if self.network is None or network is None:
+            return self.network is network
+        return set(self.network) == set(network)  # the same entries in another order: the same policy
 
     def _was_issued(self, msg_id: RequestId | None) -> bool:
         """Whether ``msg_id`` is one of ours (an answer that came after its caller gave up)."""
@@ -741,7 +758,8 @@ class SandboxWorker:
         ``stdin`` (``exec`` only) streams to the command as it is produced; the request's
         params then say ``"stdin": "stream"``. An ``exec`` gets ``limits.output_mb``.
         ``resize`` (a ``tty`` exec) gives the terminal's new ``(rows, cols)`` as they come.
-        ``network`` narrows the egress policy while the request runs (kept here, on the host).
+        ``network`` narrows the egress policy (kept here, on the host); the first request binds
+        the worker to its narrowing for good (see :meth:`serves_network`).
         """
         if method == "exec" and self.config.limits.output_mb:
             params = {**params, "output_limit": self.config.limits.output_mb * 1024 * 1024}
@@ -763,9 +781,13 @@ class SandboxWorker:
         resize: AsyncIterable[tuple[int, int]] | None = None,
         network: tuple[str, ...] | None = None,
     ) -> AsyncGenerator[Event, None]:
+        if emit_started and self.egress is not None:
+            if not self.serves_network(network):  # the orchestrator never asks; fail closed if anyone does
+                raise ConfigError("network", f"worker {self.worker_id} is bound to the network narrowing "
+                                  f"{self.network!r}, not {network!r}; a request needs a worker of its own policy")
+            self.network_bound, self.network = True, network
+            self.egress.request_network = network  # for the worker's life: what this request starts keeps it
         request_id = self._next_id()
-        if self.egress is not None and emit_started:
-            self.egress.request_network = network
         on_data_pipe = self._data_pipe and method == "exec"
         if on_data_pipe:
             params = {**params, "output": "data_pipe"}
@@ -828,8 +850,6 @@ class SandboxWorker:
                 return
         finally:
             timer.cancel()
-            if self.egress is not None and emit_started:
-                self.egress.request_network = None
             if watchdog is not None:
                 watchdog.cancel()
             for task in (feeder, resizer):

@@ -25,6 +25,34 @@ class ProfileName(enum.StrEnum):
     process = "process"
 
 
+class NetworkName(enum.StrEnum):
+    none = "none"
+
+
+def network_flags(network: NetworkName | str | None, allow: list[str] | None) -> tuple[str, ...] | None:
+    """``--network none`` / ``--allow HOST[:PORT]`` (repeatable) as a request's narrowing of the
+    network policy: ``()`` for none, the entries for ``--allow``, None when neither was given."""
+    from sandbox_core.config import parse_host_entry
+
+    if network is not None and allow:
+        output.fail("--network none and --allow contradict each other", code=output.EXIT_USAGE)
+    if network is not None:
+        return ()
+    if not allow:
+        return None
+    for entry in allow:
+        try:
+            parse_host_entry(entry)
+        except ValueError as exc:
+            output.fail(f"--allow {entry}: {exc}", hint="HOST, *.SUFFIX or HOST:PORT", code=output.EXIT_USAGE)
+    return tuple(allow)
+
+
+NETWORK_HELP = "'none': no network for this request (it narrows the configured policy, never widens it)."
+ALLOW_HELP = ("Reach only HOST[:PORT] (repeatable); each must be within the configured network.allow "
+              "(it narrows the policy, never widens it).")
+
+
 class ProviderName(enum.StrEnum):
     auto = "auto"
     anthropic = "anthropic"

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from cli import output
-from cli.commands.common import ProfileName, state_of
+from cli.commands.common import ALLOW_HELP, NETWORK_HELP, NetworkName, ProfileName, network_flags, state_of
 from cli.commands.exec_impl import Sink, exec_main, limit_notes, read_stdin, run_terminal_job
 
 __all__ = ["Sink", "exec_command", "exec_main", "limit_notes", "read_stdin", "register", "run_terminal_job"]
@@ -27,6 +27,8 @@ def exec_command(
                                      "when stdin and stdout are terminals).")] = None,
     interactive: Annotated[bool, typer.Option(
         "-i", "--interactive", help="With -t: send this terminal's keys (stdin) to COMMAND.")] = False,
+    network: Annotated[NetworkName | None, typer.Option("--network", help=NETWORK_HELP)] = None,
+    allow: Annotated[list[str] | None, typer.Option("--allow", metavar="HOST[:PORT]", help=ALLOW_HELP)] = None,
 ) -> None:
     """Run COMMAND in the user's sandboxed workspace.
 
@@ -41,7 +43,7 @@ def exec_command(
     the user of your credentials.
     """
     raise typer.Exit(exec_main(state_of(ctx), command, user=user, timeout=timeout, profile=profile, shell=shell,
-                               raw=raw, tty=tty, interactive=interactive))
+                               raw=raw, tty=tty, interactive=interactive, network=network_flags(network, allow)))
 
 
 def register(app: typer.Typer) -> None:

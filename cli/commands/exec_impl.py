@@ -37,6 +37,7 @@ def exec_main(
     raw: bool = False,
     tty: bool | None = None,
     interactive: bool = False,
+    network: tuple[str, ...] | None = None,
 ) -> int:
     """Run ``command`` in the user's sandbox as ``sandbox exec`` does; the exit code to leave with."""
     target = service_target(state)
@@ -45,6 +46,9 @@ def exec_main(
     user_id = state.user_id(user)
     if tty is None and not shell and output.is_tty(sys.stdin) and output.is_tty(sys.stdout) and _is_shell(command):
         tty = interactive = True  # `sandbox exec -- bash` at a terminal: an interactive shell, as expected
+    if tty and network is not None:
+        output.fail("--network and --allow do not apply to -t yet (a terminal runs with the configured policy)",
+                    code=output.EXIT_USAGE)
     if tty:
         argv = ["/bin/sh", "-c", " ".join(command)] if shell else list(command)
         return run_terminal_job(state, config, target, user_id, argv, timeout=timeout, interactive=interactive,
@@ -54,16 +58,16 @@ def exec_main(
     piped = sys.stdin is not None and not sys.stdin.isatty()
     if target is not None and not target.tcp:
         return _exec_on_service(state, target, command, shell=shell, timeout=timeout, raw=raw, piped=piped,
-                                processes=config.limits.processes, user=user)
+                                processes=config.limits.processes, user=user, network=network)
 
     async def job(pool: Pool) -> int:
         from sandbox_core.requests import ExecRequest
 
         stdin = read_stdin() if piped else None
         request = (
-            ExecRequest(shell=" ".join(command), stdin=stdin, timeout=timeout)
+            ExecRequest(shell=" ".join(command), stdin=stdin, timeout=timeout, network=network)
             if shell
-            else ExecRequest(argv=tuple(command), stdin=stdin, timeout=timeout)
+            else ExecRequest(argv=tuple(command), stdin=stdin, timeout=timeout, network=network)
         )
         printer = _Printer(raw, config.limits.processes)
         try:
@@ -102,7 +106,7 @@ class _Printer:
 
 def _exec_on_service(
     state: AppState, target: Target, command: list[str], *, shell: bool, timeout: float | None, raw: bool,
-    piped: bool, processes: int, user: str | None,
+    piped: bool, processes: int, user: str | None, network: tuple[str, ...] | None = None,
 ) -> int:
     """``exec`` on the service at a Unix socket, without an event loop (see :mod:`sandbox_core.service.blocking`).
 
@@ -128,8 +132,8 @@ def _exec_on_service(
     run_id: str | None = None
     printer = _Printer(raw, processes)
     try:
-        request = (ExecRequest(shell=" ".join(command), timeout=timeout) if shell
-                   else ExecRequest(argv=tuple(command), timeout=timeout))
+        request = (ExecRequest(shell=" ".join(command), timeout=timeout, network=network) if shell
+                   else ExecRequest(argv=tuple(command), timeout=timeout, network=network))
         _, body = request_body(request)
         if piped:
             body["stdin_stream"] = True

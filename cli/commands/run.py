@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 
 from cli import output
-from cli.commands.common import ProfileName, ProviderName, state_of
+from cli.commands.common import (
+    ALLOW_HELP,
+    NETWORK_HELP,
+    NetworkName,
+    ProfileName,
+    ProviderName,
+    network_flags,
+    state_of,
+)
 from cli.commands.run_impl import read_prompt, run_main
 
 __all__ = ["read_prompt", "register", "run_command", "run_main"]
@@ -32,6 +40,8 @@ def run_command(
         "--conversation", metavar="ID", help="Continue conversation ID (its id is printed after each run).")] = None,
     resume_last: Annotated[bool, typer.Option(
         "--continue", help="Continue your most recent conversation.")] = False,
+    network: Annotated[NetworkName | None, typer.Option("--network", help=NETWORK_HELP)] = None,
+    allow: Annotated[list[str] | None, typer.Option("--allow", metavar="HOST[:PORT]", help=ALLOW_HELP)] = None,
 ) -> None:
     """Run the Claude agent on PROMPT inside the sandbox and stream what it does.
 
@@ -48,7 +58,8 @@ def run_command(
     """
     raise typer.Exit(run_main(
         state_of(ctx), prompt, user=user, provider=provider, model=model, max_turns=max_turns, system=system,
-        timeout=timeout, profile=profile, as_json=as_json, conversation=conversation, resume_last=resume_last))
+        timeout=timeout, profile=profile, as_json=as_json, conversation=conversation, resume_last=resume_last,
+        network=network_flags(network, allow)))
 
 
 def register(app: typer.Typer) -> None:

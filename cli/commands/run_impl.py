@@ -57,6 +57,7 @@ def run_main(
     as_json: bool = False,
     conversation: str | None = None,
     resume_last: bool = False,
+    network: tuple[str, ...] | None = None,
 ) -> int:
     """Run the agent on ``prompt`` as ``sandbox run`` does; the exit code to leave with."""
     if conversation is not None and resume_last:
@@ -89,6 +90,7 @@ def run_main(
             conversation_id=(LAST_CONVERSATION if resume_last else conversation or f"run-{secrets.token_hex(4)}"),
             resume=resume_last or conversation is not None,
             timeout=timeout,
+            network=network,
         )
         renderer = JsonRenderer() if json_mode else RichRenderer(output.console())
         try:

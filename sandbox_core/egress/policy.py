@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sandbox_core.config import HOST_PATTERN, NetworkPolicy, is_ip_literal, parse_cidr, parse_host_entry
+from sandbox_core.errors import ConfigError
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -99,6 +100,42 @@ class Rule:
         if self.name.startswith("*."):
             return host.endswith(self.name[1:])  # ".github.com": whole labels, never the suffix itself
         return host == self.name
+
+
+    def covers(self, other: Rule) -> bool:
+        """Whether every destination ``other`` matches is one this rule matches too."""
+        if self.port is not None and other.port != self.port:
+            return False
+        if self.name == "*":
+            return True
+        if other.name == "*":
+            return False
+        if self.name.startswith("*."):
+            return other.name.endswith(self.name[1:])  # "a.github.com" and "*.a.github.com" under "*.github.com"
+        return other.name == self.name
+
+
+def check_narrowing(net: NetworkPolicy, user: str | None, entries: tuple[str, ...] | None) -> None:
+    """A request's network list must be a subset of what ``user`` may reach, or ConfigError naming
+    the first entry that is not (``data["entry"]``): a request narrows the policy, never widens it."""
+    if not entries:
+        return
+    for entry in entries:
+        rule = Rule.parse(entry)
+        if net.mode != "allowlist":
+            widen = "this sandbox has no network access (network.mode = none)"
+        elif not any(allowed.covers(rule) for allowed in map(Rule.parse, net.allow)):
+            widen = f"it is not within network.allow [{', '.join(net.allow)}]"
+        elif user is not None and user in net.users and not any(
+            allowed.covers(rule) for allowed in map(Rule.parse, net.users[user])
+        ):
+            widen = f"it is not within network.users.{user} [{', '.join(net.users[user])}]"
+        else:
+            continue
+        error = ConfigError("network.allow", f"the request's entry {entry!r} would widen the network policy: "
+                            f"{widen}; a request may only narrow it")  # fmt: skip
+        error.data["entry"] = entry
+        raise error
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ Bytes then flow over the worker's net pipes (:mod:`sandbox_core.netpipe`).
 Each worker has caps: ``network.max_connections`` open (or opening) at once, and
 ``network.max_mb`` relayed over its life; a connection that crosses the byte cap is
 closed, and new ones are refused. Every decision is one line on the ``sandbox_core.egress``
-logger: user, host, port, address, reason.
+logger: user, host, port, address, reason; refusals past ``network.log_refusals`` a minute
+are counted instead and said in one summary line (:mod:`sandbox_core.egress.refusals`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 from sandbox_core import netpipe
 from sandbox_core.config import NetworkPolicy
 from sandbox_core.egress.policy import Address, Decision, Policy, normal_host
+from sandbox_core.egress.refusals import RefusalLog
 
 log = logging.getLogger("sandbox_core.egress")
 MAX_CONN_ID = 2**64 - 1
@@ -57,6 +59,8 @@ class Relay:
         self._byte_cap = net.max_mb * _MiB
         self._reader: netpipe.PipeIn | None = None
         self._writer: netpipe.PipeOut | None = None
+        self.refusals = RefusalLog(net.log_refusals, self._suppressed)
+        self._summary_timer: asyncio.TimerHandle | None = None
 
     async def attach(self, read_fd: int, write_fd: int) -> None:
         """Take the host's ends of the net pipes (read worker → host, write host → worker)."""
@@ -64,7 +68,11 @@ class Relay:
         self._writer = netpipe.PipeOut(write_fd, self.mux)
 
     def close(self) -> None:
-        """The worker is gone: every connection is closed at once."""
+        """The worker is gone: every connection is closed at once (and the refusals not yet said, said)."""
+        if self._summary_timer is not None:
+            self._summary_timer.cancel()
+            self._summary_timer = None
+        self.refusals.flush()
         self.mux.close()
         if self._reader is not None:
             self._reader.close()
@@ -183,8 +191,13 @@ class Relay:
         self, user: str | None, host: str, port: int, address: Address | None, decision: Decision,
         policy: Policy | None = None,
     ) -> dict[str, Any]:  # fmt: skip
-        """Log the decision and turn it into the answer for the inside."""
+        """Log the decision (a refusal only while :attr:`refusals` admits it) and turn it into the answer."""
         where = f"user={user} host={host} port={port} address={address or '-'}"
+        if not decision.allowed:
+            self.stats["refused"] += 1
+            if not self.refusals.admit():
+                self._summarise_later()
+                return self._refusal(decision, policy)
         if self._on_decision is not None:
             self._on_decision({"worker_id": self.worker_id, "user_id": user, "host": host, "port": port,
                                "address": str(address) if address else None, "allowed": decision.allowed,
@@ -193,9 +206,12 @@ class Relay:
             self.stats["allowed"] += 1
             log.info("egress allowed worker=%s %s reason=allowed", self.worker_id, where)
             return {"ok": True, "address": str(address)}
-        self.stats["refused"] += 1
         log.warning("egress refused worker=%s %s reason=%s: %s", self.worker_id, where, decision.reason,
                     decision.message)  # fmt: skip
+        return self._refusal(decision, policy)
+
+    @staticmethod
+    def _refusal(decision: Decision, policy: Policy | None) -> dict[str, Any]:
         return {
             "ok": False,
             "status": decision.status,
@@ -203,3 +219,21 @@ class Relay:
             "message": decision.message,
             "policy": policy.describe() if policy is not None else "",
         }
+
+    def _summarise_later(self) -> None:
+        """Say the suppressed count when the window ends, even if no refusal comes after it."""
+        if self._summary_timer is None:
+            self._summary_timer = asyncio.get_running_loop().call_later(self.refusals.remaining(), self._window_ended)
+
+    def _window_ended(self) -> None:
+        self._summary_timer = None
+        self.refusals.flush()
+
+    def _suppressed(self, count: int, window: float) -> None:
+        user = self._user()
+        log.warning("egress refused worker=%s user=%s: %d more refusals suppressed in the last %g s "
+                    "(network.log_refusals = %d)", self.worker_id, user, count, window, self.net.log_refusals)
+        if self._on_decision is not None:
+            self._on_decision({"worker_id": self.worker_id, "user_id": user, "host": None, "port": None,
+                               "address": None, "allowed": False, "reason": "suppressed", "suppressed": count,
+                               "window_s": window})  # fmt: skip

@@ -32,6 +32,13 @@ reservations: ``request_token_budget`` caps the tokens of one run, the ``agent.r
 command the **host** bound the call to (``run``; whatever run id the worker claims is
 ignored), and ``user_token_budget`` those of a user; each call books its estimated input
 plus ``max_tokens`` before it is forwarded, so concurrent calls cannot overshoot.
+
+Concurrency: at most ``model.max_user_calls`` calls of one user are in flight at once (each
+worker also takes at most ``MAX_HOST_CALLS``); one more is refused at once with reason
+``overloaded`` and ``retry_after`` seconds, which the model endpoint answers as the API
+does when it is busy (503 ``overloaded_error``, ``retry-after``) and the agent runtime's
+transport as a retryable connection failure, so a client waits and retries instead of
+hanging on the host.
 """
 
 from __future__ import annotations
@@ -58,6 +65,8 @@ RESPONSE_DROP = frozenset({"content-encoding", "content-length", "transfer-encod
 MAX_CHUNK = 256 * 1024
 MAX_JSON_METERED = 16 * 1024 * 1024
 REDACTED = "[redacted]"
+RETRY_AFTER = 1
+"""Seconds a client refused for concurrency is told to wait (``retry-after``)."""
 log = logging.getLogger("sandbox_core.gateway")
 
 
@@ -176,6 +185,7 @@ class ModelGateway:
         self._transport = transport
         self._client: httpx2.AsyncClient | None = None
         self._users: dict[str, UserStats] = {}
+        self._in_flight: dict[str, int] = {}
         base = urlsplit(config.base_url)
         self._base_origin = (base.scheme, base.netloc.lower())
         self._base_prefix = base.path.rstrip("/")
@@ -221,6 +231,10 @@ class ModelGateway:
         stats = self._users.setdefault(user_id, UserStats())
         try:
             call = self._parse(params)
+            if self._in_flight.get(user_id, 0) >= self.config.max_user_calls:
+                raise refused(f"this user has {self.config.max_user_calls} model calls in flight "
+                              "(model.max_user_calls); retry shortly", "overloaded", retry_after=RETRY_AFTER,
+                              retryable=True)
             if self.provider == "anthropic" and not self.config.api_key:
                 raise GatewayError(
                     "the anthropic provider needs an API key: set ANTHROPIC_API_KEY on the host, or "
@@ -239,6 +253,7 @@ class ModelGateway:
             log.info("model call of %s: %s", user_id, "; ".join(call.notes))
         stats.calls += 1
         meter: UsageMeter | None = None
+        self._in_flight[user_id] = self._in_flight.get(user_id, 0) + 1
         try:
             source = self._offline(call) if self.provider == "offline" else self._forward(call)
             async for status, headers, data in source:
@@ -256,6 +271,9 @@ class ModelGateway:
             stats.errors += 1
             raise
         finally:
+            left = self._in_flight.pop(user_id) - 1
+            if left:
+                self._in_flight[user_id] = left
             self._settle(reservation, stats, meter)
 
     def _settle(self, reservation: Reservation, stats: UserStats, meter: UsageMeter | None) -> None:

@@ -18,9 +18,16 @@ code; an upstream stream that breaks mid-way drops the connection, as the API's 
 client that goes away (noticed at once, also while the host has nothing to send) cancels its
 host call.
 
+A host that is busy (the user's ``model.max_user_calls`` calls in flight, or the worker's
+host-call cap) refuses with reason ``overloaded``: the client gets what the API sends when it
+is busy, 503 ``overloaded_error`` with ``retry-after`` and ``x-should-retry: true``, so the
+SDK (and any client that honours ``retry-after``) waits and retries.
+
 Bounded: at most :data:`MAX_CONNECTIONS` connections (more get 503) and
 :data:`MAX_CALLS` calls to the host at once (more wait), request heads of
-:data:`MAX_HEAD` bytes, bodies of ``max_body`` bytes (413 beyond), and idle or slow clients
+:data:`MAX_HEAD` bytes, bodies of ``max_body`` bytes (the host's ``model.max_body_bytes``,
+lowered to what one channel frame carries; 413 ``request_too_large`` beyond, answered before
+the body is read, so a sandbox cannot make either side buffer more), and idle or slow clients
 are dropped after :data:`IDLE_SECONDS`.
 """
 
@@ -63,6 +70,7 @@ _STATUS_OF_REASON: dict[str, tuple[int, str, bool]] = {
     "no_api_key": (401, "authentication_error", False),
     "user_budget": (429, "rate_limit_error", False),
     "request_budget": (429, "rate_limit_error", False),
+    "overloaded": (503, "overloaded_error", True),
     "unreachable": (502, "api_error", True),
     "timeout": (504, "api_error", True),
     "internal": (500, "api_error", False),
@@ -72,9 +80,10 @@ Other refusals (a field, a tool, a model, a host the policy does not allow) are 
 
 
 class BadRequest(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.status = status
+        self.kind = kind
 
 
 class _Request:
@@ -135,7 +144,7 @@ class ModelEndpoint:
                 try:
                     request = await asyncio.wait_for(self._read(reader, writer), IDLE_SECONDS)
                 except BadRequest as exc:
-                    await _error(writer, exc.status, "invalid_request_error", str(exc), close=True)
+                    await _error(writer, exc.status, exc.kind, str(exc), close=True)
                     break
                 if request is None:
                     break
@@ -187,7 +196,7 @@ class ModelEndpoint:
             if not length.isdigit():
                 raise BadRequest(400, "malformed content-length")
             if int(length) > self._max_body:
-                raise BadRequest(413, f"request body over {self._max_body} bytes")
+                raise self._too_large(f"a request body of {int(length)} bytes")
             request.body = await reader.readexactly(int(length))
         return request
 
@@ -204,9 +213,14 @@ class ModelEndpoint:
                     pass
                 return bytes(body)
             if len(body) + size > self._max_body:
-                raise BadRequest(413, f"request body over {self._max_body} bytes")
+                raise self._too_large("a chunked request body")
             body += await reader.readexactly(size)
             await reader.readexactly(2)
+
+    def _too_large(self, what: str) -> BadRequest:
+        """413 before the body is read: the host never buffers (nor is asked to carry) more."""
+        return BadRequest(413, f"{what} is over the model endpoint's limit of {self._max_body} bytes "
+                          "(model.max_body_bytes); send a smaller request", "request_too_large")
 
     async def _relay(self, request: _Request, writer: asyncio.StreamWriter, conn: _Connection) -> bool:
         """Answer one request through the host; whether the connection may carry another."""
@@ -238,6 +252,9 @@ class ModelEndpoint:
                                                                                          False))
                     extra = [("x-sandbox-gateway-reason", str(exc.data.get("reason", "refused"))[:64]),
                              ("x-should-retry", "true" if retry else "false")]  # fmt: skip
+                    wait = exc.data.get("retry_after")
+                    if isinstance(wait, int) and not isinstance(wait, bool) and 0 < wait <= 60:
+                        extra.append(("retry-after", str(wait)))
                     await _error(writer, status, kind, exc.message, close=not keep, headers=extra)
                     return keep
                 code = first.get("status")

@@ -386,7 +386,7 @@ def strict_launch(config: ProcessSandboxConfig, worker_id: str, workspace: Path 
         },
     }
     if "net" in namespaces:  # a loopback port of the sandbox's own: no other tenant can reach it
-        plan["model_endpoint"] = {"port": MODEL_ENDPOINT_PORT, "max_body": config.model.max_body_bytes}
+        plan["model_endpoint"] = {"port": MODEL_ENDPOINT_PORT, "max_body": config.model_body_limit}
     # The network crossing: the worker's proxy on the sandbox's loopback asks the host for each
     # connection; the net pipes (the relay's bytes) exist only when the policy can allow one.
     plan["network"] = {"mode": config.network.mode, "proxy_port": EGRESS_PROXY_PORT,

@@ -45,11 +45,12 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.egress.policy import check_narrowing
 from sandbox_core.errors import BodyTooLarge, ConfigError, LimitExceeded, SandboxError, TooManyRuns
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.protocol import MAX_NESTING, too_deep
 from sandbox_core.record import Record, parse_duration
-from sandbox_core.requests import AgentRequest, ExecRequest
+from sandbox_core.requests import AgentRequest, ExecRequest, network_from_json
 from sandbox_core.service import logs
 from sandbox_core.service.auth import UNIX_PEER, Principal, TokenTable, bearer_token, principal_for_uid
 from sandbox_core.service.body_limit import BodyLimit, body_too_large
@@ -150,7 +151,17 @@ async def _json_body(request: Request) -> dict[str, Any]:
 
 
 def _bad_request(exc: Exception) -> Response:
-    return JSONResponse({"error": str(exc)}, status_code=400)
+    """400 with the message; a ConfigError also names its ``field`` (and the ``entry``, if one)."""
+    data = {k: v for k, v in exc.data.items() if k in ("field", "entry")} if isinstance(exc, ConfigError) else {}
+    return JSONResponse({"error": str(exc), **data}, status_code=400)
+
+
+def _network(body: dict[str, Any]) -> tuple[str, ...] | None:
+    """The body's ``network`` narrowing, or ConfigError (400)."""
+    try:
+        return network_from_json(body.get("network"))
+    except ValueError as exc:
+        raise ConfigError("network", str(exc)) from None
 
 
 def _limited(exc: LimitExceeded, status: int) -> Response:
@@ -200,6 +211,7 @@ def _agent_request(body: dict[str, Any]) -> AgentRequest:
         conversation_id=str(body.get("conversation_id", "default")),
         timeout=body.get("timeout"),
         resume=body.get("resume") is True,  # the history itself never comes from a client: the record has it
+        network=_network(body),
     )
 
 
@@ -217,6 +229,7 @@ def _exec_request(body: dict[str, Any]) -> ExecRequest:
             shell=shell if isinstance(shell, str) else None,
             stdin=source,
             timeout=float(body["timeout"]) if body.get("timeout") is not None else None,
+            network=_network(body),
         )
     except (ValueError, TypeError, binascii.Error) as exc:
         raise ConfigError("body", str(exc)) from None
@@ -231,6 +244,7 @@ def _start(kind: str) -> Endpoint:
         try:
             body = await _json_body(request)
             req = _agent_request(body) if kind == "agent" else _exec_request(body)
+            check_narrowing(state.config.network, who.user_id, req.network)  # narrows, never widens
         except ConfigError as exc:
             return _bad_request(exc)
         try:

@@ -83,7 +83,20 @@ def openapi_schema() -> dict[str, Any]:
                         "resume": {"type": "boolean", "description": "continue conversation_id from the record "
                                    "(`@last`: the caller's latest) when the worker does not hold it"},
                         "timeout": {"type": "number"},
+                        "network": {"$ref": "#/components/schemas/Network"},
                     },
+                },
+                "Network": {
+                    "description": "Narrow the network policy for this run (never widen it): no network at all, or "
+                                   "only these network.allow-style entries, each within what the caller may reach "
+                                   "(else 400 naming the entry in `entry`).",
+                    "oneOf": [
+                        {"type": "object", "required": ["mode"], "additionalProperties": False,
+                         "properties": {"mode": {"enum": ["none"]}}},
+                        {"type": "object", "required": ["allow"], "additionalProperties": False,
+                         "properties": {"allow": {"type": "array", "items": {"type": "string",
+                                                                             "description": "HOST[:PORT]"}}}},
+                    ],
                 },
                 "ExecRun": {
                     "type": "object",
@@ -95,6 +108,7 @@ def openapi_schema() -> dict[str, Any]:
                         "stdin_stream": {"type": "boolean",
                                          "description": "stdin follows in POST /v1/runs/{run_id}/stdin"},
                         "timeout": {"type": "number"},
+                        "network": {"$ref": "#/components/schemas/Network"},
                     },
                 },
                 "StopWorkers": {

@@ -283,14 +283,40 @@ async def test_per_user_and_per_request_policy_only_narrow(workspace_root: Path,
         bob_other = await run_json(pool, "bob", py(GET.format(url=other)))
         narrowed = await run_json(pool, "alice", py(GET.format(url=url), network=("other.test",)))
         none_at_all = await run_json(pool, "alice", py(GET.format(url=other), network=()))
-        wider = await run_json(pool, "alice", py(GET.format(url="http://evil.example/"), network=("evil.example",)))
+        with pytest.raises(ConfigError) as wider:  # refused before any worker is asked
+            await pool.execute("alice", py(GET.format(url="http://evil.example/"), network=("evil.example",)))
+        with pytest.raises(ConfigError) as bob_wider:
+            await pool.execute("bob", py(GET.format(url=url), network=("registry.test",)))
         after = await run_json(pool, "alice", py(GET.format(url=url)))  # the narrowing ended with its request
     assert alice["status"] == 200 and bob_other["status"] == 200 and after["status"] == 200
     assert bob["status"] == 403 and bob["reason"] == f"registry.test:{servers.port} is not in network.users.bob"
     assert narrowed["status"] == 403 and "is not in this request's network list" in str(narrowed["reason"])
+    assert "request network = [other.test]" in str(narrowed["body"])  # the answer names the policy
     assert none_at_all["status"] == 403
-    assert wider["status"] == 403 and wider["reason"] == "evil.example:80 is not in network.allow"
+    assert wider.value.data["entry"] == "evil.example" and "not within network.allow" in wider.value.message
+    assert bob_wider.value.data["entry"] == "registry.test" and "network.users.bob" in bob_wider.value.message
     assert servers.seen == ["/u", "/o", "/u"]
+
+
+async def test_workers_are_pooled_per_network_policy(workspace_root: Path, servers: Servers) -> None:
+    """A narrowed request never runs on a worker bound to another policy, and its worker stays narrowed."""
+    url = f"http://registry.test:{servers.port}/p"
+    async with SandboxOrchestrator(config(workspace_root).replace(max_workers_per_user=1)) as pool:
+        wide = await pool.execute("alice", py(GET.format(url=url)))
+        narrow = await pool.execute("alice", py(GET.format(url=url), network=("other.test",)))
+        again = await pool.execute("alice", py(GET.format(url=url), network=("other.test",)))
+        worker = pool._workers[again.worker_id]
+        assert worker.egress is not None and worker.egress.request_network == ("other.test",)  # also between requests
+        wide_again = await pool.execute("alice", py(GET.format(url=url)))
+        recycled = pool.get_pool_stats()
+        both = await pool.execute("alice", ExecRequest(argv=("true",), network=("other.test", "registry.test")))
+        reordered = await pool.execute("alice", ExecRequest(argv=("true",), network=("registry.test", "other.test")))
+    assert both.worker_id == reordered.worker_id  # the same entries in another order: the same policy
+    assert narrow.worker_id != wide.worker_id and again.worker_id == narrow.worker_id
+    assert wide_again.worker_id not in (wide.worker_id, narrow.worker_id)
+    assert [json.loads(r.stdout_text)["status"] for r in (wide, narrow, again, wide_again)] == [200, 403, 403, 200]
+    assert servers.seen == ["/p", "/p"]
+    assert "recycled" in json.dumps(recycled)
 
 
 HOLD = """
@@ -401,3 +427,41 @@ async def test_every_decision_goes_into_the_record(workspace_root: Path, servers
     finally:
         record.close()
     assert servers.seen == ["/ok"]
+
+
+DENIED_LOOP = """
+import socket
+for i in range({n}):
+    s = socket.create_connection(("127.0.0.1", {proxy}), timeout=20)
+    s.sendall(b"CONNECT bad.github.com:{port} HTTP/1.1\\r\\n\\r\\n")
+    assert s.recv(4096).startswith(b"HTTP/1.1 403 "), i
+    s.close()
+print("done")
+"""
+
+
+async def test_a_loop_of_denied_connects_cannot_flood_the_log(workspace_root: Path, servers: Servers, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Every refusal is answered, but past network.log_refusals only a count reaches the log and the record."""
+    from sandbox_core.record import Record
+
+    caplog.set_level(logging.INFO, logger="sandbox_core.egress")
+    record = Record(tmp_path / "record.sqlite3")
+    try:
+        async with SandboxOrchestrator(config(workspace_root, log_refusals=5), record=record) as pool:
+            code = DENIED_LOOP.format(n=60, proxy=EGRESS_PROXY_PORT, port=servers.echo_port)
+            result = await pool.execute("mallory", py(code))
+            assert result.stdout_text == "done\n", result.stderr_text
+            worker = pool._workers[result.worker_id]
+            assert worker.egress is not None and worker.egress.stats["refused"] == 60
+        assert record.flush()
+        rows = [e["detail"] for e in record.entries(kind="egress")]
+    finally:
+        record.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "sandbox_core.egress"]
+    refused = [m for m in lines if "reason=denied" in m]
+    assert len(refused) == 5 and all("user=mallory host=bad.github.com" in m for m in refused)
+    summary = [m for m in lines if "more refusals suppressed" in m]
+    assert len(summary) == 1 and "user=mallory: 55 more refusals suppressed in the last 60 s" in summary[0]
+    assert [r["reason"] for r in rows] == ["denied"] * 5 + ["suppressed"] and rows[-1]["suppressed"] == 55
+    assert servers.echo_connections == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -13,8 +14,8 @@ from sandbox_core.isolation import runtime
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.requests import AgentRequest, ExecRequest
 from sandbox_core.shared import MODEL_ENDPOINT_URL, PLACEHOLDER_API_KEY
-from tests.helpers import process_config
-from tests.messages_server import MessagesServer, Recorded, Reply, error, stream, text_reply
+from tests.helpers import process_config, wait_for
+from tests.messages_server import MessagesServer, Recorded, Reply, error, json_reply, stream, text_reply
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
 
@@ -163,3 +164,97 @@ async def test_each_command_is_a_run_of_its_own_for_the_budget(workspace_root: P
         assert 1 <= len(first) - 1 < 8 and first == second  # the same budget again: a fresh run
         stats = pool.get_pool_stats()["gateway"]["alice"]
         assert stats["refused"] == 2 and stats["input_tokens"] + stats["output_tokens"] <= 2 * 300
+
+
+BUSY = """
+import json, os, sys, threading, urllib.request, urllib.error
+import anthropic
+base, body = os.environ["ANTHROPIC_BASE_URL"] + "/v1/messages", sys.argv[1].encode()
+headers = {"content-type": "application/json", "x-api-key": os.environ["ANTHROPIC_API_KEY"]}
+out, started = {}, threading.Event()
+def held():  # the user's one call in flight (the server holds its reply)
+    with urllib.request.urlopen(urllib.request.Request(base, body, headers), timeout=60) as r:
+        started.set()
+        out["held"] = r.status, len(r.read())
+thread = threading.Thread(target=held)
+thread.start()
+assert started.wait(60)
+try:
+    urllib.request.urlopen(urllib.request.Request(base, body, headers), timeout=60)
+except urllib.error.HTTPError as exc:
+    out["urllib"] = [exc.code, exc.headers.get("retry-after"), exc.headers.get("x-should-retry"),
+                     json.loads(exc.read())]
+try:
+    anthropic.Anthropic(max_retries=0).messages.create(**json.loads(body))
+except anthropic.APIStatusError as exc:
+    out["sdk_no_retry"] = [exc.status_code, exc.body["type"], exc.body["error"]["type"]]
+# the host releases the held call after these two refusals: the SDK waits retry-after and gets through
+message = anthropic.Anthropic(max_retries=4).messages.create(**json.loads(body))
+out["sdk"] = message.content[0].text
+thread.join()
+print(json.dumps(out))
+"""
+
+
+async def test_a_busy_gateway_answers_503_overloaded_and_the_sdk_retries(workspace_root: Path) -> None:
+    """Over ``model.max_user_calls`` calls in flight: 503 overloaded_error with retry-after, at once."""
+    held = stream(text_reply("held").chunks, hold_at=2)
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": BODY["model"], "stop_reason": "end_turn",
+               "content": [{"type": "text", "text": "after the wait"}], "stop_sequence": None,
+               "usage": {"input_tokens": 3, "output_tokens": 3}}  # fmt: skip
+    with MessagesServer([held, json_reply(message)]) as server:
+        config = strict(workspace_root, provider="anthropic", api_key=Secret(KEY), base_url=server.url,
+                        max_user_calls=1)
+        async with SandboxOrchestrator(config) as pool:
+            task = asyncio.ensure_future(pool.execute("alice", python("-c", BUSY, json.dumps(BODY))))
+
+            def refused() -> bool:
+                stats = pool.get_pool_stats().get("gateway", {}).get("alice", {})
+                return bool(stats.get("refused", 0) >= 2 or task.done())
+
+            try:
+                await wait_for(refused, 90, "two refused calls")
+                server.release()
+                result = await asyncio.wait_for(task, 90)
+            finally:
+                task.cancel()
+    assert result.exit_code == 0, result.stderr_text[-2000:]
+    out = json.loads(result.stdout_text.strip().splitlines()[-1])
+    code, retry_after, should_retry, body = out["urllib"]
+    assert (code, retry_after, should_retry) == (503, "1", "true")
+    assert body["type"] == "error" and body["error"]["type"] == "overloaded_error"
+    assert "model.max_user_calls" in body["error"]["message"]
+    assert out["sdk_no_retry"] == [503, "error", "overloaded_error"]
+    assert out["sdk"] == "after the wait" and out["held"][0] == 200
+    assert len(server.requests) == 2  # the refused calls never left the host
+
+
+BIG = """
+import http.client, json, os, sys
+size = int(sys.argv[1])
+conn = http.client.HTTPConnection(os.environ["ANTHROPIC_BASE_URL"].split("//", 1)[1], timeout=30)
+conn.putrequest("POST", "/v1/messages")
+conn.putheader("content-type", "application/json")
+conn.putheader("content-length", str(size))
+conn.endheaders()
+try:
+    conn.send(b"x" * size)  # the endpoint may answer and close before it all went out
+except OSError:
+    pass
+r = conn.getresponse()
+print(json.dumps({"status": r.status, "body": json.loads(r.read())}))
+"""
+
+
+async def test_a_body_over_the_limit_is_refused_413_inside_before_it_is_read(workspace_root: Path) -> None:
+    config = strict(workspace_root, provider="offline", max_body_bytes=1024 * 1024)
+    assert config.model_body_limit == 1024 * 1024
+    assert config.replace(max_frame_bytes=512 * 1024).model_body_limit < 512 * 1024 * 3 // 4  # fits one frame
+    async with SandboxOrchestrator(config) as pool:
+        result = await pool.execute("alice", python("-c", BIG, str(8 * 1024 * 1024)))
+        answer = _answer(result.stdout_text)
+        assert answer["status"] == 413, answer
+        error_ = answer["body"]["error"]  # type: ignore[index]
+        assert error_["type"] == "request_too_large"
+        assert "limit of 1048576 bytes (model.max_body_bytes)" in error_["message"]
+        assert "alice" not in pool.get_pool_stats().get("gateway", {})  # the host was never asked

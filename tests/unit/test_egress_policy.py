@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sandbox_core.config import NetworkPolicy, ProcessSandboxConfig, load_config
-from sandbox_core.egress.policy import BLOCKED_NETWORKS, Policy, Rule, blocked_kind, normal_host
+from sandbox_core.egress.policy import BLOCKED_NETWORKS, Policy, Rule, blocked_kind, check_narrowing, normal_host
 from sandbox_core.errors import ConfigError
 from sandbox_core.requests import ExecRequest
 
@@ -144,3 +144,38 @@ def test_a_plain_request_is_sent_on_in_origin_form_naming_its_own_host() -> None
                 b"CONNECT host HTTP/1.1\r\n\r\n", b"GARBAGE\r\n\r\n"):  # fmt: skip
         with pytest.raises(BadRequest):
             parse_head(bad)
+
+
+@pytest.mark.parametrize(
+    ("outer", "inner", "covered"),
+    [
+        ("*.github.com", "api.github.com", True),
+        ("*.github.com", "*.api.github.com", True),
+        ("*.github.com", "*.github.com", True),
+        ("*.github.com", "github.com", False),
+        ("*.github.com", "github.com.evil.example", False),
+        ("*", "*.anything.example", True),
+        ("pypi.org", "*", False),
+        ("pypi.org", "pypi.org:443", True),
+        ("pypi.org:443", "pypi.org", False),
+        ("pypi.org:443", "pypi.org:80", False),
+        ("pypi.org", "*.pypi.org", False),
+    ],
+)
+def test_a_rule_covers_only_what_it_would_allow_itself(outer: str, inner: str, covered: bool) -> None:
+    assert Rule.parse(outer).covers(Rule.parse(inner)) is covered
+
+
+def test_a_request_narrowing_must_be_a_subset_of_the_users_policy() -> None:
+    net = NetworkPolicy(mode="allowlist", allow=("pypi.org", "*.github.com"), users={"bob": ("pypi.org",)})
+    check_narrowing(net, "alice", ("pypi.org:443", "api.github.com"))
+    check_narrowing(net, "alice", ())
+    check_narrowing(net, "alice", None)
+    for user, entry, why in [("alice", "github.com", "not within network.allow [pypi.org, *.github.com]"),
+                             ("bob", "api.github.com", "not within network.users.bob [pypi.org]")]:
+        with pytest.raises(ConfigError) as info:
+            check_narrowing(net, user, ("pypi.org", entry))
+        assert info.value.field == "network.allow" and info.value.data["entry"] == entry and why in info.value.message
+    with pytest.raises(ConfigError, match=r"network\.mode = none"):
+        check_narrowing(NetworkPolicy(), "alice", ("pypi.org",))
+    check_narrowing(NetworkPolicy(), "alice", ())  # "no network" narrows anything

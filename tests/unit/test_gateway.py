@@ -222,3 +222,20 @@ def test_provider_resolution() -> None:
     assert resolve_provider(ModelConfig(api_key=Secret("k"))) == "anthropic"
     assert resolve_provider(ModelConfig(provider="offline", api_key=Secret("k"))) == "offline"
     assert ModelGateway(ModelConfig(provider="anthropic")).provider == "anthropic"
+
+
+async def test_calls_over_max_user_calls_are_refused_as_overloaded_until_one_ends() -> None:
+    gateway = ModelGateway(ModelConfig(provider="offline", max_user_calls=1))
+    first = gateway.handle("u1", _params())
+    assert (await anext(first))["kind"] == "start"  # in flight
+    with pytest.raises(GatewayError) as info:
+        await _collect(gateway, _params())
+    assert info.value.data == {"reason": "overloaded", "retry_after": 1, "retryable": True}
+    assert "model.max_user_calls" in info.value.message
+    start, _ = await _collect(gateway, _params(), user="u2")  # another user's calls are their own
+    assert start["status"] == 200
+    async for _chunk in first:
+        pass
+    start, _ = await _collect(gateway, _params())
+    assert start["status"] == 200
+    assert gateway.stats()["u1"]["refused"] == 1

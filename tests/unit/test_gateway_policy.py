@@ -318,3 +318,35 @@ async def test_json_replies_are_metered_and_refusals_counted(real: Make, server:
     gateway = real()
     await _collect(gateway, _params())
     assert gateway.stats()["u1"]["input_tokens"] == 7 and gateway.ledger.used("u1") == (10, 0)
+
+
+async def test_the_agent_runtimes_sdk_retries_a_busy_gateway(real: Make, server: MessagesServer) -> None:
+    """Over model.max_user_calls, the agent runtime's transport makes the SDK retry (a connection
+    failure to it), and the call gets through once the call in flight ended."""
+    message = {"id": "msg_1", "type": "message", "role": "assistant", "model": "claude-sonnet-5-5",
+               "content": [{"type": "text", "text": "x"}], "stop_reason": "end_turn", "stop_sequence": None,
+               "usage": {"input_tokens": 1, "output_tokens": 1}}  # fmt: skip
+    held = json_reply(message)
+    held.hold_at = 0
+    server.push(held, json_reply(message))
+    gateway = real(max_user_calls=1)
+
+    def call_host(method: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return gateway.handle("u1", params, run=None)
+
+    http = httpx2.AsyncClient(transport=GatewayTransport(call_host))
+    client = anthropic.AsyncAnthropic(api_key=PLACEHOLDER_API_KEY, base_url=GATEWAY_BASE_URL, max_retries=5,
+                                      http_client=http)
+    def ask() -> Any:
+        return client.messages.create(model="claude-sonnet-5-5", max_tokens=10,
+                                      messages=[{"role": "user", "content": "hi"}])
+
+    first = asyncio.ensure_future(ask())
+    await wait_for(lambda: len(server.requests) == 1, 10, "the first call forwarded")
+    second = asyncio.ensure_future(ask())
+    await wait_for(lambda: gateway.stats()["u1"]["refused"] >= 1, 10, "the second call refused as overloaded")
+    server.release()
+    results = await asyncio.gather(first, second)
+    await client.close()
+    assert [r.content[0].text for r in results] == ["x", "x"]
+    assert len(server.requests) == 2

@@ -15,8 +15,9 @@ as the host sends it. How failures look to the SDK:
 - the gateway refuses the request (bad host/path, budget, no key): :class:`GatewayRefused`,
   an ``anthropic.AnthropicError`` that the SDK neither wraps nor retries, carrying the
   original :class:`~sandbox_core.errors.SandboxError` as ``error`` and ``__cause__``;
-- the gateway could not reach the API (``data["retryable"]``): ``httpx2.ConnectError``,
-  which the SDK turns into ``APIConnectionError`` and retries like any connection failure;
+- the gateway could not reach the API, or is busy (``data["retryable"]``: reasons
+  ``unreachable``, ``timeout``, ``overloaded``): ``httpx2.ConnectError``, which the SDK turns
+  into ``APIConnectionError`` and retries like any connection failure;
 - the call fails after the response started (a stream cut off upstream):
   ``httpx2.RemoteProtocolError`` from the SDK's stream, as a dropped connection would.
 
