@@ -861,6 +861,7 @@ async def egress_throughput(config: ProcessSandboxConfig, size: int, n: int, rou
     server = await asyncio.create_subprocess_exec(sys.executable, "-c", _BYTES_SERVER, stdout=asyncio.subprocess.PIPE)
     times: dict[str, list[float]] = {"direct": [], "plain HTTP": [], "CONNECT": []}
     cpu: dict[str, list[float]] = {"plain HTTP": [], "CONNECT": []}
+    host_cpu: dict[str, list[float]] = {"plain HTTP": [], "CONNECT": []}
     try:
         assert server.stdout is not None
         port = int((await server.stdout.readline()).decode())
@@ -886,9 +887,10 @@ async def egress_throughput(config: ProcessSandboxConfig, size: int, n: int, rou
             for _ in range(rounds):
                 times["direct"] += await host_curl(f"http://127.0.0.1:{port}/bytes/{size}", 1)
                 for how, flags in (("plain HTTP", ""), ("CONNECT", "-p")):
-                    before = time.process_time() + _cpu_seconds(worker)
+                    host_before, worker_before = time.process_time(), _cpu_seconds(worker)
                     times[how] += await inside(flags, f"/bytes/{size}", 1)
-                    cpu[how].append(time.process_time() + _cpu_seconds(worker) - before)
+                    host_cpu[how].append(time.process_time() - host_before)
+                    cpu[how].append(host_cpu[how][-1] + _cpu_seconds(worker) - worker_before)
             direct_small = await host_curl(f"http://127.0.0.1:{port}/bytes/100", n)
             small = await inside("-p", "/bytes/100", n)
     finally:
@@ -905,7 +907,9 @@ async def egress_throughput(config: ProcessSandboxConfig, size: int, n: int, rou
             baseline=round(mb / direct, 1), ratio=round(ratio, 3),
             detail={"bytes": size, "rounds": rounds, "client": "curl",
                     "baseline": "the same curl download from the host",
-                    "relay_cpu_s": round(statistics.median(cpu[how]), 3)},
+                    "relay_cpu_s": round(statistics.median(cpu[how]), 3),
+                    "host_cpu_s": round(statistics.median(host_cpu[how]), 3),
+                    "worker_cpu_s": round(statistics.median(cpu[how]) - statistics.median(host_cpu[how]), 3)},
         ))  # fmt: skip
     added = statistics.median(small) - statistics.median(direct_small)
     figures.append(Figure(

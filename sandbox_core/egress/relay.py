@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -58,18 +57,15 @@ class Relay:
         self.request_network: tuple[str, ...] | None = None
         """The running request's own narrowing (set by the host's worker handle, never by the worker)."""
         self._byte_cap = net.max_mb * _MiB
-        self._transports: list[asyncio.BaseTransport] = []
         self._reader: netpipe.PipeIn | None = None
+        self._writer: netpipe.PipeOut | None = None
         self.refusals = RefusalLog(net.log_refusals, self._suppressed)
         self._summary_timer: asyncio.TimerHandle | None = None
 
     async def attach(self, read_fd: int, write_fd: int) -> None:
         """Take the host's ends of the net pipes (read worker → host, write host → worker)."""
-        loop = asyncio.get_running_loop()
         self._reader = netpipe.PipeIn(read_fd, self.mux)
-        writer, _ = await loop.connect_write_pipe(lambda: netpipe.PipeWriter(self.mux), os.fdopen(write_fd, "wb", 0))
-        self._transports.append(writer)
-        self.mux.attach(writer)
+        self._writer = netpipe.PipeOut(write_fd, self.mux)
 
     def close(self) -> None:
         """The worker is gone: every connection is closed at once (and the refusals not yet said, said)."""
@@ -80,8 +76,8 @@ class Relay:
         self.mux.close()
         if self._reader is not None:
             self._reader.close()
-        for transport in self._transports:
-            transport.close()
+        if self._writer is not None:
+            self._writer.close()
 
     @property
     def open_connections(self) -> int:
@@ -154,14 +150,22 @@ class Relay:
         error: OSError | None = None
         for address in allowed:
             try:
-                await loop.create_connection(
-                    lambda: netpipe.Stream(self.mux, conn, count=self._count, send_window=netpipe.DOWNLOAD_WINDOW,
-                                           receive_window=netpipe.UPLOAD_WINDOW),
-                    str(address), port,
-                )
-            except OSError as exc:
+                sock = socket.socket(socket.AF_INET6 if address.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+            except OSError as exc:  # out of descriptors: said as a failed connect, like any other
                 error = exc
                 continue
+            try:
+                sock.setblocking(False)
+                await loop.sock_connect(sock, (str(address), port))
+            except OSError as exc:
+                sock.close()
+                error = exc
+                continue
+            except BaseException:  # cancelled (the connect timeout): the socket is not handed over
+                sock.close()
+                raise
+            netpipe.Stream(self.mux, conn, sock, count=self._count, send_window=netpipe.DOWNLOAD_WINDOW,
+                           receive_window=netpipe.UPLOAD_WINDOW)  # fmt: skip
             return self._answer(user, name, port, address, Decision(True, "allowed"), policy)
         why = (error.strerror or str(error)) if error is not None else "no address"
         decision = Decision.refuse("connect_failed", f"{name}:{port}: {why}", 502)

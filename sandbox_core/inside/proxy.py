@@ -17,8 +17,10 @@ requests alike, and a body naming the host, the port and the policy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,6 +32,8 @@ from sandbox_core.shared import EGRESS_OPEN, EGRESS_PROXY_PORT
 
 MAX_HEAD = 64 * 1024
 """Largest request head (request line and headers) the proxy reads."""
+ACCEPT_RETRY_SECONDS = 1.0
+"""How long the proxy stops accepting when it is out of descriptors."""
 _HOP_HEADERS = frozenset({b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive"})
 """Headers for this hop only: never sent on."""
 
@@ -96,20 +100,49 @@ def refusal(status: int, message: str, host: str, port: int, policy: str) -> byt
 
 
 class Proxy:
-    """The listening proxy of one worker; each accepted client becomes a :class:`_Client`."""
+    """The listening proxy of one worker: a plain listening socket; each client a :class:`_Client`.
+
+    Sockets are plain non-blocking sockets (not asyncio transports), so that once a request
+    is answered the client's socket can be spliced from (:mod:`sandbox_core.netpipe`)."""
 
     def __init__(self, channel: Channel, mux: netpipe.Mux | None) -> None:
         self.channel = channel
         self.mux = mux
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
-        self.server: asyncio.Server | None = None
+        self._clients: set[_Client] = set()
+        self.listener: socket.socket | None = None
         self.port = EGRESS_PROXY_PORT
 
     async def start(self, port: int = EGRESS_PROXY_PORT) -> None:
         self.port = port
-        loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _Client(self), "127.0.0.1", port, backlog=128)
+        listener = socket.create_server(("127.0.0.1", port), backlog=128)
+        listener.setblocking(False)
+        os.set_inheritable(listener.fileno(), False)
+        self.listener = listener
+        asyncio.get_running_loop().add_reader(listener.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        listener = self.listener
+        for _ in range(64):
+            if listener is None:
+                return
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except (ConnectionAbortedError, ConnectionResetError):  # that client is gone already
+                continue
+            except OSError:  # out of descriptors: stop accepting for a while (else the loop spins)
+                loop = asyncio.get_running_loop()
+                loop.remove_reader(listener.fileno())
+                loop.call_later(ACCEPT_RETRY_SECONDS, self._accept_again)
+                return
+            self._clients.add(_Client(self, sock))
+
+    def _accept_again(self) -> None:
+        if self.listener is not None:
+            asyncio.get_running_loop().add_reader(self.listener.fileno(), self._accept)
 
     def serve(self, client: _Client, head: bytes, rest: bytes) -> None:
         task = asyncio.create_task(self._serve(client, head, rest))
@@ -117,13 +150,11 @@ class Proxy:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, client: _Client, head: bytes, rest: bytes) -> None:
-        transport = client.transport
-        assert transport is not None
+        sock = client.sock
         try:
             request = parse_head(head)
         except BadRequest as exc:
-            transport.write(refusal(400, str(exc), "-", 0, ""))
-            transport.close()
+            client.refuse(refusal(400, str(exc), "-", 0, ""))
             return
         conn = next(self._ids)
         stream = None
@@ -136,90 +167,109 @@ class Proxy:
             )
         except SandboxError as exc:
             answer = {"ok": False, "status": 502, "message": f"the host did not answer: {exc.message}"}
+        except BaseException:
+            client.close()
+            if stream is not None:
+                stream.abort(tell=False)
+            raise
         if not isinstance(answer, dict):
             answer = {"ok": False, "status": 502, "message": "the host's answer was not understood"}
-        if not answer.get("ok") or stream is None or client.lost:
+        if not answer.get("ok") or stream is None:
             if stream is not None:
                 stream.abort(tell=bool(answer.get("ok")))
-            if not client.lost:
-                status = answer.get("status")
-                transport.write(refusal(
-                    status if isinstance(status, int) else 403, str(answer.get("message") or "refused"),
-                    request.host, request.port, str(answer.get("policy") or ""),
-                ))  # fmt: skip
-                transport.close()
+            status = answer.get("status")
+            client.refuse(refusal(
+                status if isinstance(status, int) else 403, str(answer.get("message") or "refused"),
+                request.host, request.port, str(answer.get("policy") or ""),
+            ))  # fmt: skip
             return
-        transport.set_protocol(stream)
-        stream.connection_made(transport)
-        stream.paused_by_caller()
+        self.forget(client)
+        stream.attach(sock)
         if request.connect:
-            transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            stream.write_local(b"HTTP/1.1 200 Connection established\r\n\r\n")
         stream.start()
         first = rest if request.connect else request.head + rest
         if first:
             stream.data_received(first)
-        if client.eof:
-            stream.eof_received()
         stream.update_reading()
 
+    def forget(self, client: _Client) -> None:
+        self._clients.discard(client)
+
     def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        if self.listener is not None:
+            asyncio.get_running_loop().remove_reader(self.listener.fileno())
+            self.listener.close()
+            self.listener = None
+        for client in list(self._clients):
+            client.close()
         for task in self._tasks:
             task.cancel()
 
 
-class _Client(asyncio.Protocol):
+class _Client:
     """A client connection until its request head is read and answered."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self, proxy: Proxy, sock: socket.socket) -> None:
         self._proxy = proxy
-        self.transport: asyncio.Transport | None = None
+        self.sock = sock
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buf = bytearray()
-        self._asked = False
-        self.lost = False
-        self.eof = False
+        self._reading = True
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self.sock.fileno())
 
-    def data_received(self, data: bytes) -> None:
-        if self._asked or self.transport is None:
+    def _readable(self) -> None:
+        try:
+            data = self.sock.recv(MAX_HEAD + 1)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()  # gone before its request head was whole
             return
         self._buf += data
         end = self._buf.find(b"\r\n\r\n")
         if end < 0:
             if len(self._buf) > MAX_HEAD:
-                self.transport.write(refusal(431, f"request head over {MAX_HEAD} bytes", "-", 0, ""))
-                self.transport.close()
+                self.refuse(refusal(431, f"request head over {MAX_HEAD} bytes", "-", 0, ""))
             return
-        self._asked = True
-        self.transport.pause_reading()
+        self._stop_reading()
         head, rest = bytes(self._buf[: end + 4]), bytes(self._buf[end + 4 :])
         self._buf = bytearray()
         self._proxy.serve(self, head, rest)
 
-    def eof_received(self) -> bool:
-        self.eof = True
-        return True
+    def refuse(self, answer: bytes) -> None:
+        """Answer and close (the answer is small: the socket's buffer takes it whole)."""
+        with contextlib.suppress(OSError):
+            self.sock.send(answer)
+        self.close()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
+    def close(self) -> None:
+        self._stop_reading()
+        self._proxy.forget(self)
+        self.sock.close()
 
 
 async def start(channel: Channel, network: dict[str, Any], net_fds: Any) -> Proxy:
     """The worker's proxy, listening, with the net pipes (if the host gave them) attached."""
     mux: netpipe.Mux | None = None
     if isinstance(net_fds, list) and len(net_fds) == 2 and all(isinstance(fd, int) for fd in net_fds):
-        mux = net = netpipe.Mux()
-        loop = asyncio.get_running_loop()
+        mux = netpipe.Mux()
         up, down = net_fds
         for fd in (up, down):
             os.set_inheritable(fd, False)  # commands never inherit them
-        writer, _ = await loop.connect_write_pipe(lambda: netpipe.PipeWriter(net), os.fdopen(up, "wb", 0))
-        netpipe.PipeIn(down, net)
-        net.attach(writer)
+        netpipe.PipeOut(up, mux)
+        netpipe.PipeIn(down, mux)
     proxy = Proxy(channel, mux)
     port = network.get("proxy_port", EGRESS_PROXY_PORT)
     await proxy.start(port if isinstance(port, int) else EGRESS_PROXY_PORT)

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sandbox_core import netpipe
 from sandbox_core.config import NetworkPolicy, ProcessSandboxConfig, load_config
 from sandbox_core.egress.policy import BLOCKED_NETWORKS, Policy, Rule, blocked_kind, check_narrowing, normal_host
 from sandbox_core.errors import ConfigError
 from sandbox_core.requests import ExecRequest
-from tests.helpers import wait_for
 
 
 def strict(**network: Any) -> ProcessSandboxConfig:
@@ -131,42 +127,6 @@ def test_mapped_addresses_and_allow_private() -> None:
 def test_a_request_network_entry_is_checked() -> None:
     with pytest.raises(ValueError, match="not a host name"):
         ExecRequest(shell="true", network=("no way",))
-
-
-class _Sink(asyncio.WriteTransport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.data = bytearray()
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.data += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-
-async def test_a_peer_past_its_window_loses_only_its_connection() -> None:
-    from sandbox_core import datapipe
-
-    mux = netpipe.Mux()
-    out = _Sink()
-    mux.attach(out)
-    greedy, other = netpipe.Stream(mux, 1, receive_window=netpipe.UPLOAD_WINDOW), netpipe.Stream(mux, 2)
-    read_end, write_end = os.pipe()
-    reader = netpipe.PipeIn(read_end, mux)
-    payload = b"x" * datapipe.MAX_PAYLOAD
-    frames = (netpipe.UPLOAD_WINDOW + netpipe.READ_BYTES) // datapipe.MAX_PAYLOAD + 1  # past a window and one read
-    with os.fdopen(write_end, "wb") as pipe:
-        writer = asyncio.create_task(asyncio.to_thread(
-            pipe.write, (datapipe.frame(1, datapipe.KIND_NET_DATA, payload) + payload) * frames))  # fmt: skip
-        await wait_for(lambda: greedy.finished, 10, "the greedy connection aborted")
-        await writer
-    assert 1 not in mux.streams and not other.finished and mux.streams[2] is other
-    assert out.data.endswith(datapipe.frame(1, datapipe.KIND_NET_CLOSE))
-    reader.close()
 
 
 def test_a_plain_request_is_sent_on_in_origin_form_naming_its_own_host() -> None:
