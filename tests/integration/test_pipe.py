@@ -285,9 +285,19 @@ async def test_host_calls_from_one_worker_are_capped(workspace_root: Path) -> No
             running -= 1
 
     worker = await _hostile_worker(workspace_root, "hostcalls", host_handler=handler)
+    answered: list[Any] = []  # what the host answers at once (the refusals), seen before release
+    answer_nowait = worker._answer_nowait
+
+    def spy(response: Any) -> None:
+        answered.append(response)
+        answer_nowait(response)
+
+    worker._answer_nowait = spy  # type: ignore[method-assign]
     try:
         call = asyncio.create_task(worker.call("ping", {}, timeout=20))
-        await wait_for(lambda: running == worker_module.MAX_HOST_CALLS, 10, "the first calls to be served")
+        # all ten frames read: four served and held, six refused (else a late one finds a free slot)
+        await wait_for(lambda: running == worker_module.MAX_HOST_CALLS
+                       and len(answered) == 10 - worker_module.MAX_HOST_CALLS, 10, "the calls to be sorted")
         release.set()
         answers = (await call)["answers"]
     finally:
