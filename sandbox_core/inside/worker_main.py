@@ -35,9 +35,10 @@ from sandbox_core.protocol import (
     RequestId,
     Response,
 )
-from sandbox_core.shared import proxy_environment
+from sandbox_core.shared import PRELOAD_METHOD, PRELOADED, proxy_environment
 
 if TYPE_CHECKING:
+    from sandbox_core.inside.agent.preload import Preload
     from sandbox_core.inside.model_endpoint import ModelEndpoint
     from sandbox_core.inside.proxy import Proxy
     from sandbox_core.inside.runner import StdinSink
@@ -93,11 +94,15 @@ class SandboxExecutor:
         """The control pipe (set by the IPCHandler), to tell the host a command closed stdin."""
         self.model_endpoint: ModelEndpoint | None = None
         """The loopback model endpoint, where the plan asks for one (strict)."""
+        self.preload_mode = "none"
+        """``agent``: load the agent once confinement is complete (asked at ``initialize`` or by ``preload``)."""
+        self._preload: Preload | None = None
         self._methods: dict[str, Handler] = {
             "initialize": self.initialize,
             "bind": self.bind,
             "exec": self.exec,
             "shutdown": self.shutdown,
+            PRELOAD_METHOD: self.preload,
             "agent.run": self._lazy("sandbox_core.inside.agent.runtime", "run"),
             "agent.reset": self._lazy("sandbox_core.inside.agent.runtime", "reset"),
             "audit.probe": self._lazy("sandbox_core.inside.probes", "probe"),
@@ -113,12 +118,15 @@ class SandboxExecutor:
         async def handler(ctx: RequestContext, params: dict[str, Any]) -> Any:
             import importlib
 
-            site_dir = self.plan.get("site_packages")
-            _enable_site_packages(site_dir if isinstance(site_dir, str) else None)
+            self._site_packages()
             fn: Handler = getattr(importlib.import_module(module), name)
             return await fn(ctx, params)
 
         return handler
+
+    def _site_packages(self) -> None:
+        site_dir = self.plan.get("site_packages")
+        _enable_site_packages(site_dir if isinstance(site_dir, str) else None)
 
     def require_workspace(self) -> Path:
         if self.workspace is None:
@@ -133,6 +141,8 @@ class SandboxExecutor:
             raise ProtocolError("already initialized")
         self.worker_id = str(params.get("worker_id", ""))
         self.plan = dict(params.get("plan") or {})
+        if params.get("preload") == "agent":
+            self.preload_mode = "agent"
         self.report = confine.apply(self.plan)
         self.initialized = True
         data_fd, stdin_fd = params.get("data_fd"), params.get("stdin_fd")
@@ -153,12 +163,14 @@ class SandboxExecutor:
         workspace = params.get("workspace")
         if isinstance(workspace, str):
             self._enter(str(params.get("user_id", "")), Path(workspace))
+        self._confinement_complete()
         return {
             "protocol": PROTOCOL_VERSION,
             "pid": os.getpid(),
             "layers": self.report,
             "data_pipe": self.output is not None,
             "stdin_pipe": self.input is not None,
+            "preload": self.preload_report(),
         }
 
     async def _start_model_endpoint(self, spec: dict[str, Any]) -> None:
@@ -191,7 +203,7 @@ class SandboxExecutor:
         if self.user_id is not None and self.user_id != user_id:
             raise SandboxError(f"worker is already bound to {self.user_id!r}")
         self._enter(user_id, Path(workspace))
-        answer: dict[str, Any] = {"user_id": user_id, "workspace": workspace}
+        answer: dict[str, Any] = {"user_id": user_id, "workspace": workspace, "preload": self.preload_report()}
         if "landlock" in self.report:  # the host checks it against the plan
             answer["landlock"] = self.report["landlock"]
         return answer
@@ -204,6 +216,46 @@ class SandboxExecutor:
         home = self.plan.get("home")
         os.environ["HOME"] = home if isinstance(home, str) else str(workspace)
         confine.after_bind(self.plan, workspace, self.report)
+        self._confinement_complete()
+
+    # ------------------------------------------------------------------ agent preload
+
+    def _confinement_complete(self) -> None:
+        """Called after each confinement step; starts the agent preload once the last one is in force.
+
+        The one place the preload thread starts. Landlock (and seccomp) restrict the thread
+        that applies them and the threads it starts later, never a thread already running;
+        under a plan with Landlock rules the last step is ``bind`` (the rules name the
+        workspace), else ``initialize``.
+        """
+        if self.preload_mode != "agent" or self._preload is not None or not self.initialized:
+            return
+        if isinstance(self.plan.get("landlock"), dict) and "landlock" not in self.report:
+            return  # not yet: Landlock comes at bind
+        if self.channel is None:
+            return
+        from sandbox_core.inside.agent import preload
+
+        self._site_packages()
+        channel = self.channel
+        self._preload = preload.start(
+            self.state, channel.call_host, channel.send,
+            lambda done: channel.send_nowait(Notification(PRELOADED, done.report())),
+        )
+
+    def preload_report(self) -> dict[str, Any]:
+        """``none`` (not asked), ``pending`` (waiting for confinement), ``running``, ``ready``, ``failed``."""
+        if self._preload is not None:
+            return self._preload.report()
+        return {"state": "pending" if self.preload_mode == "agent" else "none"}
+
+    async def preload(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
+        """``preload {mode: "agent"}``: load the agent now (or once confinement is complete)."""
+        if params.get("mode") != "agent":
+            raise ProtocolError("preload needs mode 'agent'")
+        self.preload_mode = "agent"
+        self._confinement_complete()
+        return self.preload_report()
 
     async def exec(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         from sandbox_core.inside.runner import run_command

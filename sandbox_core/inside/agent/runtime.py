@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sandbox_core.errors import ConfigError, GatewayError, SandboxError
 
 if TYPE_CHECKING:
+    from anthropic import AsyncAnthropic
     from anthropic.lib.tools import BetaAsyncStreamingToolRunner
 
     from sandbox_core.events import EventType
@@ -218,25 +219,37 @@ async def run(ctx: AgentContext, params: dict[str, Any]) -> dict[str, Any]:
         return await _run(ctx, p)
 
 
-async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
+def gateway_client(call_host: Any, send: Any) -> AsyncAnthropic:
+    """The SDK client whose HTTP goes over the control pipe to the host's gateway (placeholder key)."""
     import httpx2
     from anthropic import AsyncAnthropic
-    from anthropic.lib.streaming import ParsedBetaContentBlockStopEvent, ParsedBetaTextEvent
 
-    from sandbox_core.inside.agent.tools import BashCalls, WorkspaceShell, shell_env, workspace_tools
     from sandbox_core.inside.agent.transport import GatewayTransport
     from sandbox_core.shared import GATEWAY_BASE_URL, PLACEHOLDER_API_KEY
 
+    transport = GatewayTransport(call_host, cancel=None if send is None else _cancel_sender(send))
+    return AsyncAnthropic(api_key=PLACEHOLDER_API_KEY, base_url=GATEWAY_BASE_URL,
+                          http_client=httpx2.AsyncClient(transport=transport, trust_env=False))
+
+
+async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
+    from anthropic.lib.streaming import ParsedBetaContentBlockStopEvent, ParsedBetaTextEvent
+
+    from sandbox_core.inside.agent.preload import CLIENT, STATE
+    from sandbox_core.inside.agent.tools import BashCalls, WorkspaceShell, shell_env, workspace_tools
+
     started = time.monotonic()
+    preload = ctx.executor.state.get(STATE)
+    if preload is not None:  # still loading: the same imports, done once
+        await preload.done.wait()
     store: dict[str, list[Any]] = ctx.executor.state.setdefault(CONVERSATIONS, {})
     if p.history is not None and p.conversation_id not in store:  # a conversation this worker never had
         store[p.conversation_id] = p.history
     history = _with_prompt(store.get(p.conversation_id, []), p.prompt)
-    send = getattr(ctx.channel, "send", None)
-    cancel = None if send is None else _cancel_sender(send)
-    transport = GatewayTransport(ctx.channel.call_host, cancel=cancel)
-    client = AsyncAnthropic(api_key=PLACEHOLDER_API_KEY, base_url=GATEWAY_BASE_URL,
-                            http_client=httpx2.AsyncClient(transport=transport, trust_env=False))
+    client = ctx.executor.state.get(CLIENT)
+    own_client = client is None
+    if client is None:
+        client = gateway_client(ctx.channel.call_host, getattr(ctx.channel, "send", None))
     shell = WorkspaceShell(ctx.workspace, shell_env(os.environ))
     calls = BashCalls()
     extra = {"system": p.system} if p.system else {}
@@ -288,7 +301,8 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
         if runner is not None:
             await runner.close()
         await shell.close()
-        await client.close()
+        if own_client:
+            await client.close()
     if stop_reason == "tool_use" and turns >= p.max_turns:
         stop_reason = "max_turns"
     result: dict[str, Any] = {
