@@ -69,7 +69,7 @@ from sandbox_core.protocol import (
     encode,
 )
 from sandbox_core.requests import RequestResult
-from sandbox_core.shared import EGRESS_OPEN, HOST_CHUNK
+from sandbox_core.shared import EGRESS_OPEN, HOST_CHUNK, PRELOAD_METHOD, PRELOADED
 
 _log = logging.getLogger("sandbox_core.worker")
 HostHandler = Callable[["SandboxWorker", str, dict[str, Any]], AsyncIterator[dict[str, Any]]]
@@ -166,11 +166,20 @@ class SandboxWorker:
         host_handler: HostHandler | None = None,
         launcher: Launcher = launch_spec,
         on_egress: Callable[[dict[str, Any]], None] | None = None,
+        preload: str = "none",
+        on_preloaded: Callable[[SandboxWorker], None] | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
         self._on_egress = on_egress
         """Told each egress decision of this worker (the orchestrator's record)."""
+        self.preload = preload
+        """What the worker is asked to load at ``initialize`` (``agent`` or ``none``)."""
+        self.preload_report: dict[str, Any] = {"state": "none"}
+        """The worker's last word on its preload: ``state`` none, pending, running, ready or failed."""
+        self._on_preloaded = on_preloaded
+        self._budget_start = 0
+        """The cgroup CPU time the current request's budget counts from."""
         self.user_id = user_id
         self.workspace = workspace
         self.state = WorkerState.NEW
@@ -240,7 +249,18 @@ class SandboxWorker:
 
     @property
     def healthy(self) -> bool:
-        return self.alive and self.garbage_frames < GARBAGE_LIMIT and self.broken is None
+        """Alive, trusted, and not a worker whose preload failed (it is retired, never served)."""
+        return (self.alive and self.garbage_frames < GARBAGE_LIMIT and self.broken is None
+                and self.preload_state != "failed")
+
+    @property
+    def preload_state(self) -> str:
+        return str(self.preload_report.get("state", "none"))
+
+    @property
+    def agent_ready(self) -> bool:
+        """The SDK is imported, the client built and a canned turn run: the first text is hot."""
+        return self.preload_state == "ready" and self.healthy
 
     @property
     def sweeps_session(self) -> bool:
@@ -384,6 +404,8 @@ class SandboxWorker:
         params: dict[str, Any] = {
             "worker_id": self.worker_id, "plan": spec.plan, "data_fd": data_write, "stdin_fd": stdin_read,
         }
+        if self.preload == "agent":
+            params["preload"] = "agent"
         if len(inside_ends) == 4:
             params["net_fds"] = inside_ends[2:]
         reply = await self.call("initialize", params)
@@ -392,6 +414,7 @@ class SandboxWorker:
         self.report = dict(reply.get("layers") or {})
         self.report["pid_in_sandbox"] = reply.get("pid")
         self._data_pipe = reply.get("data_pipe") is True
+        self._note_preload(reply.get("preload"))
         if reply.get("stdin_pipe") is not True and self._stdin is not None:
             self._stdin.close()
             self._stdin = None
@@ -479,6 +502,8 @@ class SandboxWorker:
                 target = self._pending.get(msg.params.get("id"))  # type: ignore[arg-type]
                 if target is not None:
                     target.stdin_closed = True
+            elif msg.method == PRELOADED:
+                self._preloaded(msg.params)
             elif msg.method == "cancel":  # the worker gave up on one of its calls to us
                 call = self._host_calls.get(msg.params.get("id"))  # type: ignore[arg-type]
                 if call is not None:
@@ -496,6 +521,36 @@ class SandboxWorker:
             task = asyncio.create_task(self._serve_host_call(msg))
             self._host_calls[msg.id] = task
             task.add_done_callback(functools.partial(self._host_call_done, msg.id))
+
+    def _note_preload(self, report: object) -> None:
+        """Keep the preload state an answer (``initialize``, ``bind``, ``preload``) reports."""
+        if not isinstance(report, dict) or self.preload_state in ("ready", "failed"):  # an end is final
+            return
+        if report.get("state") in ("none", "pending", "running", "ready", "failed"):
+            self.preload_report = dict(report)
+
+    def _preloaded(self, params: dict[str, Any]) -> None:
+        """``worker.preloaded``: the preload ended (once per worker; a second one is garbage).
+
+        Its CPU is not the user's: a request running meanwhile counts its budget from now on.
+        """
+        if self.preload_state in ("ready", "failed") or params.get("state") not in ("ready", "failed"):
+            self._garbage("an unexpected worker.preloaded")
+            return
+        self.preload_report = dict(params)
+        usage = self._spec.cpu_usage if self._spec is not None else None
+        now = usage() if usage is not None and self._serving else None
+        if now is not None:
+            self._budget_start = max(self._budget_start, now)
+        if self.preload_state == "failed":
+            _log.warning("worker %s: agent preload failed (%s); retiring it", self.worker_id,
+                           str(params.get("error"))[:300])
+        if self._on_preloaded is not None:
+            self._on_preloaded(self)
+
+    async def preload_agent(self) -> None:
+        """Ask an idle worker to load the agent now (it answers at once; ``worker.preloaded`` follows)."""
+        self._note_preload(await self.call(PRELOAD_METHOD, {"mode": "agent"}, timeout=self.config.startup_timeout))
 
     def _was_issued(self, msg_id: RequestId | None) -> bool:
         """Whether ``msg_id`` is one of ours (an answer that came after its caller gave up)."""
@@ -855,14 +910,17 @@ class SandboxWorker:
         start = usage()
         if start is None:
             return None
-        return asyncio.create_task(self._enforce_cpu_budget(usage, start, int(budget * 1e9)))
+        self._budget_start = start
+        return asyncio.create_task(self._enforce_cpu_budget(usage, int(budget * 1e9)))
 
-    async def _enforce_cpu_budget(self, usage: Callable[[], int | None], start: int, budget_ns: int) -> None:
+    async def _enforce_cpu_budget(self, usage: Callable[[], int | None], budget_ns: int) -> None:
         """Poll the cgroup's CPU accounting; past the budget, kill the request's processes (the
-        worker itself and its init stay), and the whole worker if it keeps burning CPU itself."""
+        worker itself and its init stay), and the whole worker if it keeps burning CPU itself.
+        The count starts at the request's start, or at the end of a preload that ran into it."""
         while True:
             await asyncio.sleep(CPU_POLL)
             used = usage()
+            start = self._budget_start
             if used is None or used - start <= budget_ns:
                 continue
             if not self._budget_struck:
@@ -1006,6 +1064,7 @@ class SandboxWorker:
             raise IsolationUnavailable(f"worker {self.worker_id} was never verified by the host; not binding it")
         reply = await self.call("bind", {"user_id": user_id, "workspace": workspace})
         answer: dict[str, Any] = reply if isinstance(reply, dict) else {}
+        self._note_preload(answer.get("preload"))
         if "landlock" in answer:
             self.report["landlock"] = answer["landlock"]
         try:
