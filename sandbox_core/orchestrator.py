@@ -663,6 +663,7 @@ class SandboxOrchestrator:
         warming = sum(
             1 for w in self._workers.values()
             if w.user_id is None and w.state in (WorkerState.NEW, WorkerState.STARTING, WorkerState.IDLE)
+            and w.preload_state != "failed"
         )
         for _ in range(min(self.config.min_idle - warming, self._capacity())):
             self._in_background(self._prewarm_one())
@@ -670,6 +671,9 @@ class SandboxOrchestrator:
     async def _prewarm_one(self) -> None:
         with contextlib.suppress(SandboxError):
             worker = await self._spawn()
+            if worker.preload_state == "failed":  # it failed while starting: never served
+                self._retire(worker)
+                self._refill()
             self._preload_if_wanted(worker)
             await self._notify()
 
@@ -731,6 +735,8 @@ class SandboxOrchestrator:
                     self._crashed_users.add(worker.user_id)
                 self._workers.pop(worker.worker_id, None)
                 await worker.stop(grace=0)
+            elif worker.state is WorkerState.IDLE and worker.preload_state == "failed":
+                self._retire(worker)  # a failed preload that ended while it was busy or starting
             elif worker.state is WorkerState.IDLE and now - worker.last_used > self.config.worker_timeout:
                 if worker.user_id is None and len(self._idle_unbound()) <= self.config.min_idle:
                     continue

@@ -103,6 +103,9 @@ killed: a stopped worker must not hang its caller, its cancel or the host's shut
 CPU_POLL = 0.1
 """Seconds between reads of a worker's CPU accounting while a request with a CPU budget runs."""
 CPU_GRACE_NS = 1_000_000_000
+PRELOAD_CPU_ALLOWANCE_NS = 10_000_000_000
+"""CPU time of a worker's agent preload that no request's budget counts (at most this much,
+once per worker: a worker that claims to preload forever gets no more)."""
 """CPU past the budget (after its processes were killed) at which the whole worker is killed."""
 OUTPUT_SLACK = 1024 * 1024
 """Output past ``limits.output_mb`` the host tolerates before it stops trusting the worker."""
@@ -180,6 +183,8 @@ class SandboxWorker:
         self._on_preloaded = on_preloaded
         self._budget_start = 0
         """The cgroup CPU time the current request's budget counts from."""
+        self._preload_cpu_ns = 0
+        """CPU time spent while the preload ran that no budget counted (up to the allowance)."""
         self.user_id = user_id
         self.workspace = workspace
         self.state = WorkerState.NEW
@@ -530,18 +535,11 @@ class SandboxWorker:
             self.preload_report = dict(report)
 
     def _preloaded(self, params: dict[str, Any]) -> None:
-        """``worker.preloaded``: the preload ended (once per worker; a second one is garbage).
-
-        Its CPU is not the user's: a request running meanwhile counts its budget from now on.
-        """
+        """``worker.preloaded``: the preload ended (once per worker; a second one is garbage)."""
         if self.preload_state in ("ready", "failed") or params.get("state") not in ("ready", "failed"):
             self._garbage("an unexpected worker.preloaded")
             return
         self.preload_report = dict(params)
-        usage = self._spec.cpu_usage if self._spec is not None else None
-        now = usage() if usage is not None and self._serving else None
-        if now is not None:
-            self._budget_start = max(self._budget_start, now)
         if self.preload_state == "failed":
             _log.warning("worker %s: agent preload failed (%s); retiring it", self.worker_id,
                            str(params.get("error"))[:300])
@@ -916,17 +914,25 @@ class SandboxWorker:
     async def _enforce_cpu_budget(self, usage: Callable[[], int | None], budget_ns: int) -> None:
         """Poll the cgroup's CPU accounting; past the budget, kill the request's processes (the
         worker itself and its init stay), and the whole worker if it keeps burning CPU itself.
-        The count starts at the request's start, or at the end of a preload that ran into it."""
+        While the worker's agent preload runs, the CPU is not the request's: it is not counted
+        (up to ``PRELOAD_CPU_ALLOWANCE_NS`` per worker)."""
+        last = self._budget_start
         while True:
             await asyncio.sleep(CPU_POLL)
             used = usage()
-            start = self._budget_start
-            if used is None or used - start <= budget_ns:
+            if used is None:
+                continue
+            if self.preload_state in ("pending", "running") and self._preload_cpu_ns < PRELOAD_CPU_ALLOWANCE_NS:
+                forgiven = min(max(0, used - last), PRELOAD_CPU_ALLOWANCE_NS - self._preload_cpu_ns)
+                self._preload_cpu_ns += forgiven
+                self._budget_start += forgiven
+            last = used
+            if used - self._budget_start <= budget_ns:
                 continue
             if not self._budget_struck:
                 self._budget_struck = True
                 self._kill_request_processes()
-            elif used - start > budget_ns + CPU_GRACE_NS:  # the worker's own code (an agent loop) burns it
+            elif used - self._budget_start > budget_ns + CPU_GRACE_NS:  # the worker's own code (an agent loop) burns it
                 budget = self.config.limits.cpu_budget_seconds
                 self._break(f"CPU budget {budget:g} s exceeded by the worker itself", LimitExceeded)
                 return

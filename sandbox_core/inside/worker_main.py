@@ -241,6 +241,7 @@ class SandboxExecutor:
         self._preload = preload.start(
             self.state, channel.call_host, channel.send,
             lambda done: channel.send_nowait(Notification(PRELOADED, done.report())),
+            confined={"landlock": self.report.get("landlock", "none planned")},
         )
 
     def preload_report(self) -> dict[str, Any]:

@@ -32,17 +32,17 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-CLIENT = "agent.client"
-"""The executor state key of the preloaded client (used, never closed, by runs)."""
-STATE = "agent.preload"
-"""The executor state key of the :class:`Preload` under way or done."""
+from sandbox_core.inside.agent.runtime import CLIENT, PRELOAD
+
 _CANNED_TEXT = "ready"
 
 
 class Preload:
     """One preload: its state, and an event set (on the worker's loop) when it ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, confined: dict[str, Any]) -> None:
+        self.confined = confined
+        """The confinement in force when the thread started (``landlock``: the worker's report of it)."""
         self.state = "running"
         self.done = asyncio.Event()
         self.seconds: float | None = None
@@ -50,7 +50,7 @@ class Preload:
         self.error: str | None = None
 
     def report(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"state": self.state}
+        out: dict[str, Any] = {"state": self.state, "confined": self.confined}
         if self.seconds is not None:
             out["seconds"] = self.seconds
         if self.cpu_seconds is not None:
@@ -61,12 +61,13 @@ class Preload:
 
 
 def start(
-    state: dict[str, Any], call_host: Any, send: Any, on_done: Callable[[Preload], None]
+    state: dict[str, Any], call_host: Any, send: Any, on_done: Callable[[Preload], None],
+    confined: dict[str, Any],
 ) -> Preload:
     """Start preloading in a daemon thread; ``on_done(preload)`` runs on this loop at its end."""
     loop = asyncio.get_running_loop()
-    preload = Preload()
-    state[STATE] = preload
+    preload = Preload(confined)
+    state[PRELOAD] = preload
 
     def finish(client: Any, error: str | None, seconds: float, cpu: float) -> None:
         preload.seconds, preload.cpu_seconds = round(seconds, 3), round(cpu, 3)

@@ -53,6 +53,10 @@ CONVERSATIONS = "agent.conversations"
 HISTORY_MAX_BYTES = 4 * 1024 * 1024
 """The largest conversation returned for the host to keep (the frame limit is 8 MiB)."""
 _LOCKS = "agent.locks"
+CLIENT = "agent.client"
+"""The executor state key of the client a preload built (runs use it and never close it)."""
+PRELOAD = "agent.preload"
+"""The executor state key of the preload under way or done (:mod:`.preload`; runs wait for its end)."""
 
 
 class _Channel(Protocol):
@@ -235,11 +239,10 @@ def gateway_client(call_host: Any, send: Any) -> AsyncAnthropic:
 async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
     from anthropic.lib.streaming import ParsedBetaContentBlockStopEvent, ParsedBetaTextEvent
 
-    from sandbox_core.inside.agent.preload import CLIENT, STATE
     from sandbox_core.inside.agent.tools import BashCalls, WorkspaceShell, shell_env, workspace_tools
 
     started = time.monotonic()
-    preload = ctx.executor.state.get(STATE)
+    preload = ctx.executor.state.get(PRELOAD)
     if preload is not None:  # still loading: the same imports, done once
         await preload.done.wait()
     store: dict[str, list[Any]] = ctx.executor.state.setdefault(CONVERSATIONS, {})
@@ -309,6 +312,7 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
         "stop_reason": stop_reason, "turns": turns, "usage": usage,
         "duration_s": round(time.monotonic() - started, 6), "conversation_id": p.conversation_id,
         "model": answered_by,  # the model that answered (the offline one says "offline")
+        "preloaded": not own_client,  # on the client (and imports) an idle-time preload made
     }
     if answered_by != p.model:
         result["requested_model"] = p.model
