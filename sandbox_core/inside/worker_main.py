@@ -125,8 +125,12 @@ class SandboxExecutor:
         return handler
 
     def _site_packages(self) -> None:
+        """Third-party packages on the path, and the SDK's type packages loaded name by name."""
+        from sandbox_core.inside.agent import lazy_sdk
+
         site_dir = self.plan.get("site_packages")
         _enable_site_packages(site_dir if isinstance(site_dir, str) else None)
+        lazy_sdk.install()
 
     def require_workspace(self) -> Path:
         if self.workspace is None:
