@@ -12,6 +12,9 @@ pays that while the worker is idle, in a thread of its own:
    call, no model call, no tool call, nothing of the user's touched;
 4. collect garbage and hand freed heap back to the kernel (``malloc_trim``).
 
+The thread runs at a lower priority (``NICE``; Linux sets it per thread), so the preload of
+a refilled worker does not slow the requests other workers serve meanwhile.
+
 The thread is started by the worker once its confinement is complete
 (``SandboxExecutor._confinement_complete``): Landlock and seccomp restrict the thread that
 applies them and the threads it starts afterwards, never one that already runs.
@@ -24,6 +27,7 @@ which retires it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import threading
@@ -32,9 +36,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from sandbox_core.inside.agent.runtime import CLIENT, PRELOAD
+from sandbox_core.inside.agent.runtime import CLIENT, PRELOAD, TOOLS
 
 _CANNED_TEXT = "ready"
+NICE = 10
+"""The preload thread's nice value: it is idle-time work, and a pool refills (and preloads) just as a
+new user's request runs on another worker."""
 
 
 class Preload:
@@ -80,11 +87,13 @@ def start(
         on_done(preload)
 
     def work() -> None:
+        with contextlib.suppress(OSError):  # this thread only: requests of other workers come first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         began, cpu = time.monotonic(), time.thread_time()
         client: Any = None
         error: str | None = None
         try:
-            client = _load(call_host, send)
+            client = _load(call_host, send, state.setdefault(TOOLS, {}))
         except BaseException as exc:  # noqa: BLE001 - any failure is reported, and the worker retired
             error = f"{type(exc).__name__}: {exc}"[:500]
         _trim()
@@ -94,16 +103,17 @@ def start(
     return preload
 
 
-def _load(call_host: Any, send: Any) -> Any:
+def _load(call_host: Any, send: Any, tools: dict[Any, Any]) -> Any:
     """Import, build the real client, run the canned turn; returns the client."""
     from sandbox_core.inside.agent import runtime
 
     client = runtime.gateway_client(call_host, send)
-    asyncio.run(_canned_turn())
+    asyncio.run(_canned_turn(tools))
     return client
 
 
-async def _canned_turn() -> None:
+async def _canned_turn(tools: dict[Any, Any] | None = None) -> None:
+    """One turn through ``runtime.run``; the file tools it builds go to ``tools`` (the runs' cache)."""
     import httpx2
     from anthropic import AsyncAnthropic
 
@@ -118,7 +128,7 @@ async def _canned_turn() -> None:
 
     canned = AsyncAnthropic(api_key=PLACEHOLDER_API_KEY, base_url=GATEWAY_BASE_URL, max_retries=0,
                             http_client=httpx2.AsyncClient(transport=Canned(), trust_env=False))
-    ctx = _Context(Path(os.getcwd()), {CLIENT: canned})
+    ctx = _Context(Path(os.getcwd()), {CLIENT: canned, TOOLS: {} if tools is None else tools})
     try:
         result = await runtime.run(ctx, {"prompt": "preload"})
     finally:

@@ -55,6 +55,8 @@ HISTORY_MAX_BYTES = 4 * 1024 * 1024
 _LOCKS = "agent.locks"
 CLIENT = "agent.client"
 """The executor state key of the client a preload built (runs use it and never close it)."""
+TOOLS = "agent.tools"
+"""The executor state key of the file tools built so far (by workspace and environment)."""
 PRELOAD = "agent.preload"
 """The executor state key of the preload under way or done (:mod:`.preload`; runs wait for its end)."""
 
@@ -254,6 +256,7 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
     if client is None:
         client = gateway_client(ctx.channel.call_host, getattr(ctx.channel, "send", None))
     shell = WorkspaceShell(ctx.workspace, shell_env(os.environ))
+    tool_cache: dict[Any, Any] = ctx.executor.state.setdefault(TOOLS, {})
     calls = BashCalls()
     extra = {"system": p.system} if p.system else {}
     runner: BetaAsyncStreamingToolRunner[None] | None = None
@@ -265,7 +268,8 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
             warnings.simplefilter("always")
             runner = client.beta.messages.tool_runner(
                 model=p.model, max_tokens=p.max_tokens, messages=history, stream=True, thread=False,
-                tools=workspace_tools(ctx.workspace, shell, p.tools, calls, ctx.emit), max_iterations=p.max_turns,
+                tools=workspace_tools(ctx.workspace, shell, p.tools, calls, ctx.emit, tool_cache),
+                max_iterations=p.max_turns,
                 **extra,
             )
         if caught:  # reported once in the result; the SDK would repeat it on every request
