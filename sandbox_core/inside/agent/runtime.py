@@ -219,6 +219,9 @@ def _as_sandbox_error(exc: Exception) -> tuple[str, SandboxError]:
 
 async def run(ctx: AgentContext, params: dict[str, Any]) -> dict[str, Any]:
     """Run the agent on ``params["prompt"]``; stream events; return the ``done`` data."""
+    preload = ctx.executor.state.get(PRELOAD)
+    if preload is not None:  # a preload imports the SDK in its thread: importing it here would block the loop
+        await preload.done.wait()
     p = _Params(params)
     locks: dict[str, asyncio.Lock] = ctx.executor.state.setdefault(_LOCKS, {})
     async with locks.setdefault(p.conversation_id, asyncio.Lock()):
@@ -244,9 +247,6 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
     from sandbox_core.inside.agent.tools import BashCalls, WorkspaceShell, shell_env, workspace_tools
 
     started = time.monotonic()
-    preload = ctx.executor.state.get(PRELOAD)
-    if preload is not None:  # still loading: the same imports, done once
-        await preload.done.wait()
     store: dict[str, list[Any]] = ctx.executor.state.setdefault(CONVERSATIONS, {})
     if p.history is not None and p.conversation_id not in store:  # a conversation this worker never had
         store[p.conversation_id] = p.history
