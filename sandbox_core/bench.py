@@ -498,6 +498,111 @@ async def agent_first_text(config: ProcessSandboxConfig, n: int) -> Figure:
                   ratio=round(w / c, 3), detail={"cold_ms": _ms(c), "n_cold": len(cold), "n_warm": len(warm)})
 
 
+async def _first_text(pool: SandboxOrchestrator, user: str) -> float:
+    from sandbox_core.requests import AgentRequest
+
+    began = time.perf_counter()
+    stream = pool.execute_stream(user, AgentRequest(prompt="hello"))
+    try:
+        async for event in stream:
+            if event.type == "text":
+                return time.perf_counter() - began
+    finally:
+        await stream.aclose()
+    raise RuntimeError("no text event")
+
+
+async def _poll_until(predicate: Callable[[], bool], what: str, limit: float = 120.0) -> None:
+    deadline = time.monotonic() + limit
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"bench: no {what} within {limit:g} s")
+        await asyncio.sleep(0.005)
+
+
+async def agent_ready_first_text(config: ProcessSandboxConfig, n: int) -> Figure:
+    """A new user's first ``text`` (offline model) from a pool whose idle workers preloaded the
+    agent, against a cold worker (``preload = "none"``, spawned for the user) in the same run.
+
+    Pre-warmed: the process profile claims an unbound agent-ready worker; strict mounts the
+    workspace at spawn, so its worker is launched for the new user (``pool.launch``) and has
+    preloaded before the request. Each pool answers one agent run first (the host's gateway).
+    """
+    from sandbox_core.isolation.launch import can_prewarm
+
+    offline = config.replace(model=dataclasses.replace(config.model, provider="offline"), worker_timeout=3600)
+    unbound = can_prewarm(config)
+    warm: list[float] = []
+    async with SandboxOrchestrator(offline.replace(preload="agent", min_idle=1 if unbound else 0)) as pool:
+        await _first_text(pool, "warmup")
+        for i in range(n):
+            user = f"ready{i}"
+            if unbound:
+                await _poll_until(lambda: any(w.agent_ready for w in pool._idle_unbound()), "agent-ready worker")
+            else:
+                (worker_id,) = await pool.launch(1, user_id=user)
+                ready = pool._workers[worker_id]
+                await _poll_until(lambda w=ready: w.agent_ready, "agent-ready worker")  # type: ignore[misc]
+            warm.append(await _first_text(pool, user))
+            await pool.stop_workers(user_id=user)
+    cold: list[float] = []
+    async with SandboxOrchestrator(offline.replace(preload="none", min_idle=0)) as pool:
+        await _first_text(pool, "warmup")
+        for i in range(max(2, n // 4)):
+            cold.append(await _first_text(pool, f"cold{i}"))
+            await pool.stop_workers(user_id=f"cold{i}")
+    w, c = _pct(warm, 0.5), _pct(cold, 0.5)
+    return Figure(f"new user first agent text, pre-warmed pool ({config.profile})", _ms(w), "ms p50", "<= 30 ms",
+                  w <= 0.030, baseline=_ms(c), ratio=round(w / c, 4),
+                  detail={"p95_ms": _ms(_pct(warm, 0.95)), "cold_ms": _ms(c), "n": len(warm), "n_cold": len(cold)})
+
+
+def _tree_uss_kb(pid: int) -> int:
+    """USS of a worker's whole process tree (the launcher chain and the Python worker)."""
+    from sandbox_core.process_tree import descendants
+
+    total = 0
+    for member in [pid, *descendants(pid)]:
+        with contextlib.suppress(OSError):
+            total += _memory(member)[1]
+    return total
+
+
+async def agent_worker_memory(config: ProcessSandboxConfig) -> Figure:
+    """USS of an idle worker that preloaded the agent, against one that did not (same run)."""
+    sizes: dict[str, tuple[int, int]] = {}
+    for mode in ("none", "agent"):
+        worker = SandboxWorker(config, f"bench-agent-mem-{mode}", user_id="bench",
+                               workspace=config.workspace_for("bench"), preload=mode)
+        await worker.start()
+        try:
+            if config.profile != "strict":
+                await worker.bind("bench", config.workspace_for("bench"))
+            if mode == "agent":
+                await _poll_until(lambda w=worker: w.agent_ready, "agent-ready worker")  # type: ignore[misc]
+            sizes[mode] = _memory(_worker_python_pid(worker.pid or 0))
+        finally:
+            await worker.stop()
+    (_, base), (rss, uss) = sizes["none"], sizes["agent"]
+    return Figure(f"idle agent-ready worker memory ({config.profile})", round(uss / 1024, 1), "MB USS",
+                  "<= 60 MB USS", uss <= 60 * 1024, baseline=round(base / 1024, 1), ratio=round(uss / base, 2),
+                  detail={"rss_mb": round(rss / 1024, 1)})
+
+
+async def exec_workers_memory(config: ProcessSandboxConfig, count: int = 32) -> Figure:
+    """USS of ``count`` idle exec workers (no preload), whole process trees, summed."""
+    workers = [SandboxWorker(config, f"bench-many-{i}", user_id="bench", workspace=config.workspace_for("bench"))
+               for i in range(count)]
+    try:
+        for batch in range(0, count, 4):  # a few at a time: a 2-core machine
+            await asyncio.gather(*(w.start() for w in workers[batch:batch + 4]))
+        total = sum(_tree_uss_kb(w.pid or 0) for w in workers)
+    finally:
+        await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
+    return Figure(f"{count} pre-warmed exec workers ({config.profile})", round(total / 1024, 1), "MB USS",
+                  "<= 1024 MB USS", total <= 1024 * 1024, detail={"per_worker_mb": round(total / 1024 / count, 1)})
+
+
 def _sse_reply(deltas: int) -> bytes:
     def event(kind: str, data: dict[str, Any]) -> str:
         return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
@@ -1003,6 +1108,9 @@ def _all_steps(config: ProcessSandboxConfig, quick: bool) -> list[Step]:
         ("record cost", lambda: record_cost(config, n * 2)),
         ("idle memory", lambda: idle_memory(config)),
         ("agent first text", lambda: agent_first_text(config, n)),
+        ("agent-ready first text", lambda: agent_ready_first_text(config, n)),
+        ("agent worker memory", lambda: agent_worker_memory(config)),
+        ("exec workers memory", lambda: exec_workers_memory(config, 8 if quick else 32)),
         ("gateway overhead", lambda: gateway_overhead(config)),
         ("exec throughput", lambda: exec_throughput(config, (100 if quick else 1000) * 1024 * 1024)),
         ("files throughput", lambda: files_throughput(config, (64 if quick else 256) * 1024 * 1024)),

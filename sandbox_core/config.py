@@ -32,6 +32,7 @@ NetworkMode = Literal["none", "allowlist"]
 Provider = Literal["auto", "anthropic", "offline"]
 Source = Literal["default", "file", "env", "flag"]
 CgroupVersion = Literal["auto", "v1", "v2"]
+Preload = Literal["auto", "agent", "none"]
 
 DEFAULT_ENV_ALLOW = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -369,6 +370,10 @@ class ProcessSandboxConfig:
     """A user's concurrent requests get up to this many workers, then queue."""
     min_idle: int = 1
     """Pre-warmed unbound workers kept ready."""
+    preload: Preload = "auto"
+    """What idle workers load ahead of a request: ``agent`` imports the SDK, builds the client on
+    the gateway connection and runs one canned offline turn, so a worker's first agent text is
+    hot; ``auto`` becomes ``agent`` at the first agent request the pool sees; ``none`` never."""
     max_requests_per_worker: int = 200
     """A worker is recycled after this many requests (0 = never)."""
     acquire_timeout: float = 10.0
@@ -485,6 +490,8 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
         raise ConfigError("min_idle", f"must not exceed max_workers ({cfg.max_workers})")
     if cfg.max_frame_bytes < 1024:
         raise ConfigError("max_frame_bytes", "must be at least 1024")
+    if cfg.preload not in ("auto", "agent", "none"):
+        raise ConfigError("preload", f"must be 'auto', 'agent' or 'none', got {cfg.preload!r}")
     if cfg.profile not in ("strict", "process"):
         raise ConfigError("profile", f"must be 'strict' or 'process', got {cfg.profile!r}")
     _validate_paths(cfg)

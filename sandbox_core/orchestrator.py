@@ -13,6 +13,9 @@ Rules of the pool:
 * **Pre-warm.** ``min_idle`` unbound workers are kept ready (profiles that allow binding
   after spawn); a request claims one and binds it to the user's workspace. Refill happens
   in the background, never on the request path.
+* **Agent preload.** With ``preload = "agent"`` (or ``"auto"`` once the pool has seen an agent
+  request) workers load the agent while idle (SDK, client, one canned offline turn), agent
+  requests prefer agent-ready workers, and a worker whose preload fails is retired.
 * **Reap and recycle.** A background loop removes dead workers, stops workers idle for
   ``worker_timeout``, and a worker is retired after ``max_requests_per_worker`` requests
   or when it sent garbage on the protocol channel.
@@ -133,10 +136,17 @@ class SandboxOrchestrator:
         self._in_flight = 0
         self._counters: dict[str, int] = dict.fromkeys(
             ("ok", "failed", "timed_out", "cancelled", "crashes", "restarts", "recycled",
-             "reaped", "spawned", "start_failures", "evicted", "claimed", "claim_fallbacks"), 0)
+             "reaped", "spawned", "start_failures", "evicted", "claimed", "claim_fallbacks", "preload_failed"), 0)
         self._user_requests: dict[str, int] = {}
         self._claims: collections.deque[float] = collections.deque(maxlen=1024)
         """When pre-warmed workers were claimed lately (the demand the refill follows)."""
+        self._preload_mode = "agent" if config.preload == "agent" else "none"
+        """What workers load while idle now: ``auto`` turns to ``agent`` at the first agent request."""
+        self._preload_failures_in_row = 0
+        self._preload_off: str | None = None
+        """Why preloading stopped (``start_failure_threshold`` failures in a row), if it did."""
+        self._agent_turns: set[asyncio.Future[_Grant]] = set()
+        """Queued turns of agent requests (they prefer agent-ready workers)."""
         self.swept: list[str] = []
         """Cgroups of dead orchestrators removed at start."""
 
@@ -219,8 +229,11 @@ class SandboxOrchestrator:
             await stream.aclose()
 
     async def _execute(self, user_id: str, request: Request) -> AsyncGenerator[Event, None]:
+        agent = isinstance(request, AgentRequest)
+        if agent:
+            self._want_agents()
         try:
-            worker = await self._acquire_serving(user_id, network_param(request))
+            worker = await self._acquire_serving(user_id, network_param(request), agent=agent)
         except SandboxError as exc:
             self._counters["failed"] += 1  # a request that never got a worker failed too
             raise self._closing_error(exc) from exc
@@ -321,14 +334,15 @@ class SandboxOrchestrator:
 
     # ------------------------------------------------------------------ acquire
 
-    async def _acquire(self, user_id: str) -> SandboxWorker:
-        """A worker for ``user_id``, waiting in the fair queue for up to ``acquire_timeout``."""
+    async def _acquire(self, user_id: str, *, agent: bool = False) -> SandboxWorker:
+        """A worker for ``user_id``, waiting in the fair queue for up to ``acquire_timeout``
+        (an agent request prefers an agent-ready one)."""
         deadline = time.monotonic() + self.config.acquire_timeout
         self._waiting += 1
         try:
             front = False
             while True:
-                grant = await self._wait_turn(user_id, deadline, front=front)
+                grant = await self._wait_turn(user_id, deadline, front=front, agent=agent)
                 worker = await self._take(grant, user_id)
                 if worker is not None:
                     return worker
@@ -336,27 +350,31 @@ class SandboxOrchestrator:
         finally:
             self._waiting -= 1
 
-    async def _acquire_serving(self, user_id: str, network: tuple[str, ...] | None) -> SandboxWorker:
+    async def _acquire_serving(self, user_id: str, network: tuple[str, ...] | None, *,
+                               agent: bool = False) -> SandboxWorker:
         """A worker for ``user_id`` that may serve a request narrowing the network to ``network``.
 
         Workers are pooled per policy: one bound to another narrowing (wider or not) is recycled,
         never reused, so what a request leaves running never outlives its own policy.
         """
         while True:
-            worker = await self._acquire(user_id)
+            worker = await self._acquire(user_id, agent=agent)
             if worker.serves_network(network):
                 return worker
             self._counters["recycled"] += 1
             self._retire(worker)
             await self._notify()
 
-    async def _wait_turn(self, user_id: str, deadline: float, *, front: bool) -> _Grant:
+    async def _wait_turn(self, user_id: str, deadline: float, *, front: bool, agent: bool = False) -> _Grant:
         """Queue behind ``user_id``'s earlier requests until the dispatcher reserves a worker
         or a slot for this one; PoolExhausted at ``deadline``."""
         if self._closed:
             raise PoolClosed("the orchestrator is shutting down")
         self._check_circuit()
         turn: asyncio.Future[_Grant] = asyncio.get_running_loop().create_future()
+        if agent:
+            self._agent_turns.add(turn)
+            turn.add_done_callback(self._agent_turns.discard)
         queue = self._queue.setdefault(user_id, collections.deque())
         if front:
             queue.appendleft(turn)
@@ -415,7 +433,7 @@ class SandboxOrchestrator:
                     del self._queue[user_id]
                     continue
                 try:
-                    grant = self._reserve(user_id)
+                    grant = self._reserve(user_id, agent=queue[0] in self._agent_turns)
                 except SandboxError as exc:  # the circuit opened: fail the turn, not the ring
                     queue.popleft().set_exception(exc)
                     grant = None
@@ -429,16 +447,19 @@ class SandboxOrchestrator:
                         self._queue[user_id] = queue  # to the back of the ring
                     break
 
-    def _reserve(self, user_id: str) -> _Grant | None:
-        """What ``user_id``'s next request can have right now, reserved for it (never awaits)."""
+    def _reserve(self, user_id: str, *, agent: bool = False) -> _Grant | None:
+        """What ``user_id``'s next request can have right now, reserved for it (never awaits).
+
+        Agent requests take agent-ready workers first; other requests leave those for them.
+        """
         mine = [w for w in self._workers.values() if w.user_id == user_id]
-        for worker in mine:
+        for worker in sorted(mine, key=lambda w: w.agent_ready != agent):
             if worker.state is WorkerState.IDLE and worker.healthy:
                 worker.state = WorkerState.BUSY
                 return _Grant(worker, "idle")
         if len(mine) >= self.config.max_workers_per_user:
             return None
-        prewarmed = self._idle_unbound()
+        prewarmed = sorted(self._idle_unbound(), key=lambda w: w.agent_ready != agent)
         if prewarmed:
             prewarmed[0].state = WorkerState.BUSY
             return _Grant(prewarmed[0], "claim")
@@ -571,6 +592,8 @@ class SandboxOrchestrator:
             host_handler=self._serve_host_call,
             launcher=self._launcher,
             on_egress=self._journal_egress if self.record is not None else None,
+            preload=self._preload_mode,
+            on_preloaded=self._preloaded,
         )
         self._workers[worker.worker_id] = worker
         return worker
@@ -639,6 +662,7 @@ class SandboxOrchestrator:
             self._retire(worker)
         else:
             worker.state = WorkerState.IDLE
+            self._preload_if_wanted(worker)
         self._refill()
         await self._notify()
 
@@ -673,6 +697,7 @@ class SandboxOrchestrator:
         warming = sum(
             1 for w in self._workers.values()
             if w.user_id is None and w.state in (WorkerState.NEW, WorkerState.STARTING, WorkerState.IDLE)
+            and w.preload_state != "failed"
         )
         for _ in range(min(self._warm_target() - warming, self._capacity())):
             self._in_background(self._prewarm_one())
@@ -691,8 +716,52 @@ class SandboxOrchestrator:
 
     async def _prewarm_one(self) -> None:
         with contextlib.suppress(SandboxError):
-            await self._spawn()
+            worker = await self._spawn()
+            if worker.preload_state == "failed":  # it failed while starting: never served
+                self._retire(worker)
+                self._refill()
+            self._preload_if_wanted(worker)
             await self._notify()
+
+    # ------------------------------------------------------------------ agent preload
+
+    def _want_agents(self) -> None:
+        """An agent request: under ``preload = "auto"``, idle workers load the agent from now on."""
+        if self.config.preload != "auto" or self._preload_mode == "agent" or self._preload_off is not None:
+            return
+        self._preload_mode = "agent"
+        for worker in list(self._workers.values()):
+            self._preload_if_wanted(worker)
+
+    def _preload_if_wanted(self, worker: SandboxWorker) -> None:
+        """Ask an idle worker that has not loaded the agent to do so (in the background)."""
+        if (self._preload_mode == "agent" and not self._closed and worker.state is WorkerState.IDLE
+                and worker.healthy and worker.preload_state == "none"):
+            worker.preload_report = {"state": "pending"}  # asked once
+            self._in_background(self._ask_preload(worker))
+
+    async def _ask_preload(self, worker: SandboxWorker) -> None:
+        try:
+            await worker.preload_agent()
+        except SandboxError as exc:  # it cannot be trusted to be agent-ready: retired
+            worker.preload_report = {"state": "failed", "error": exc.message}
+            self._preloaded(worker)
+
+    def _preloaded(self, worker: SandboxWorker) -> None:
+        """A worker's preload ended: a failed one is retired (never served as agent-ready), and
+        ``start_failure_threshold`` failures in a row stop preloading for this pool."""
+        if worker.preload_state != "failed":
+            self._preload_failures_in_row = 0
+            return
+        self._counters["preload_failed"] += 1
+        self._preload_failures_in_row += 1
+        if self._preload_failures_in_row >= self.config.start_failure_threshold and self._preload_off is None:
+            self._preload_mode = "none"
+            self._preload_off = str(worker.preload_report.get("error", "preload failed"))
+        if worker.worker_id in self._workers and worker.state is WorkerState.IDLE:
+            self._retire(worker)
+            self._refill()
+            self._dispatch()
 
     async def _cleanup_loop(self) -> None:
         while not self._closed:
@@ -712,6 +781,8 @@ class SandboxOrchestrator:
                     self._crashed_users.add(worker.user_id)
                 self._workers.pop(worker.worker_id, None)
                 await worker.stop(grace=0)
+            elif worker.state is WorkerState.IDLE and worker.preload_state == "failed":
+                self._retire(worker)  # a failed preload that ended while it was busy or starting
             elif worker.state is WorkerState.IDLE and now - worker.last_used > self.config.worker_timeout:
                 if worker.user_id is None and len(self._idle_unbound()) <= self.config.min_idle:
                     continue
@@ -880,6 +951,7 @@ class SandboxOrchestrator:
                 "total": len(self._workers),
                 **by_state,
                 "prewarmed": len(self._idle_unbound()),
+                "agent_ready": sum(1 for w in self._workers.values() if w.agent_ready),
                 "max": self.config.max_workers,
             },
             "users": users,
@@ -896,6 +968,9 @@ class SandboxOrchestrator:
             "claimed": c["claimed"],
             "claim_fallbacks": c["claim_fallbacks"],
             "start_failures": c["start_failures"],
+            "preload": {"setting": self.config.preload, "mode": self._preload_mode,
+                        "failed": c["preload_failed"],
+                        **({"stopped": self._preload_off} if self._preload_off is not None else {})},
             "circuit": "open" if time.monotonic() < self._circuit_until else "closed",
             "queue_depth": self._waiting,
             "spawn_latency_ms": {

@@ -33,6 +33,11 @@ PLACEHOLDER_API_KEY = "sandbox-gateway"
 GATEWAY_METHOD = "gateway.request"
 """The worker → host JSON-RPC method that carries one HTTP request."""
 
+PRELOAD_METHOD = "preload"
+"""The host → worker request asking an idle worker to load the agent now (``{"mode": "agent"}``)."""
+PRELOADED = "worker.preloaded"
+"""The worker → host notification that its preload ended: ``{"state": "ready"|"failed", ...}``."""
+
 EGRESS_PROXY_PORT = 3128
 """The port of the network proxy on the strict sandbox's own loopback (127.0.0.1)."""
 EGRESS_OPEN = "egress.open"

@@ -69,7 +69,7 @@ from sandbox_core.protocol import (
     encode,
 )
 from sandbox_core.requests import RequestResult
-from sandbox_core.shared import EGRESS_OPEN, HOST_CHUNK
+from sandbox_core.shared import EGRESS_OPEN, HOST_CHUNK, PRELOAD_METHOD, PRELOADED
 
 _log = logging.getLogger("sandbox_core.worker")
 HostHandler = Callable[["SandboxWorker", str, dict[str, Any]], AsyncIterator[dict[str, Any]]]
@@ -107,6 +107,9 @@ NO_PROCESSES = frozenset({"ping"})
 the host reads no cgroup accounting for them (two reads of several files per request)."""
 CPU_GRACE_NS = 1_000_000_000
 """CPU past the budget (after its processes were killed) at which the whole worker is killed."""
+PRELOAD_CPU_ALLOWANCE_NS = 10_000_000_000
+"""CPU time of a worker's agent preload that no request's budget counts (at most this much,
+once per worker: a worker that claims to preload forever gets no more)."""
 OUTPUT_SLACK = 1024 * 1024
 """Output past ``limits.output_mb`` the host tolerates before it stops trusting the worker."""
 
@@ -197,11 +200,22 @@ class SandboxWorker:
         host_handler: HostHandler | None = None,
         launcher: Launcher = launch_spec,
         on_egress: Callable[[dict[str, Any]], None] | None = None,
+        preload: str = "none",
+        on_preloaded: Callable[[SandboxWorker], None] | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
         self._on_egress = on_egress
         """Told each egress decision of this worker (the orchestrator's record)."""
+        self.preload = preload
+        """What the worker is asked to load at ``initialize`` (``agent`` or ``none``)."""
+        self.preload_report: dict[str, Any] = {"state": "none"}
+        """The worker's last word on its preload: ``state`` none, pending, running, ready or failed."""
+        self._on_preloaded = on_preloaded
+        self._budget_start = 0
+        """The cgroup CPU time the current request's budget counts from."""
+        self._preload_cpu_ns = 0
+        """CPU time spent while the preload ran that no budget counted (up to the allowance)."""
         self.user_id = user_id
         self.workspace = workspace
         self.state = WorkerState.NEW
@@ -277,7 +291,18 @@ class SandboxWorker:
 
     @property
     def healthy(self) -> bool:
-        return self.alive and self.garbage_frames < GARBAGE_LIMIT and self.broken is None
+        """Alive, trusted, and not a worker whose preload failed (it is retired, never served)."""
+        return (self.alive and self.garbage_frames < GARBAGE_LIMIT and self.broken is None
+                and self.preload_state != "failed")
+
+    @property
+    def preload_state(self) -> str:
+        return str(self.preload_report.get("state", "none"))
+
+    @property
+    def agent_ready(self) -> bool:
+        """The SDK is imported, the client built and a canned turn run: the first text is hot."""
+        return self.preload_state == "ready" and self.healthy
 
     @property
     def sweeps_session(self) -> bool:
@@ -424,6 +449,8 @@ class SandboxWorker:
         params: dict[str, Any] = {
             "worker_id": self.worker_id, "plan": spec.plan, "data_fd": data_write, "stdin_fd": stdin_read,
         }
+        if self.preload == "agent":
+            params["preload"] = "agent"
         if len(inside_ends) == 4:
             params["net_fds"] = inside_ends[2:]
         bind_now = spec.bound_at_spawn and self.user_id is not None and spec.workspace_in_sandbox is not None
@@ -435,6 +462,7 @@ class SandboxWorker:
         self.report = dict(reply.get("layers") or {})
         self.report["pid_in_sandbox"] = reply.get("pid")
         self._data_pipe = reply.get("data_pipe") is True
+        self._note_preload(reply.get("preload"))
         if reply.get("stdin_pipe") is not True and self._stdin is not None:
             self._stdin.close()
             self._stdin = None
@@ -525,6 +553,8 @@ class SandboxWorker:
                 target = self._pending.get(msg.params.get("id"))  # type: ignore[arg-type]
                 if target is not None:
                     target.stdin_closed = True
+            elif msg.method == PRELOADED:
+                self._preloaded(msg.params)
             elif msg.method == "cancel":  # the worker gave up on one of its calls to us
                 call = self._host_calls.get(msg.params.get("id"))  # type: ignore[arg-type]
                 if call is not None:
@@ -555,6 +585,29 @@ class SandboxWorker:
         if self.network is None or network is None:
             return self.network is network
         return set(self.network) == set(network)  # the same entries in another order: the same policy
+
+    def _note_preload(self, report: object) -> None:
+        """Keep the preload state an answer (``initialize``, ``bind``, ``preload``) reports."""
+        if not isinstance(report, dict) or self.preload_state in ("ready", "failed"):  # an end is final
+            return
+        if report.get("state") in ("none", "pending", "running", "ready", "failed"):
+            self.preload_report = dict(report)
+
+    def _preloaded(self, params: dict[str, Any]) -> None:
+        """``worker.preloaded``: the preload ended (once per worker; a second one is garbage)."""
+        if self.preload_state in ("ready", "failed") or params.get("state") not in ("ready", "failed"):
+            self._garbage("an unexpected worker.preloaded")
+            return
+        self.preload_report = dict(params)
+        if self.preload_state == "failed":
+            _log.warning("worker %s: agent preload failed (%s); retiring it", self.worker_id,
+                           str(params.get("error"))[:300])
+        if self._on_preloaded is not None:
+            self._on_preloaded(self)
+
+    async def preload_agent(self) -> None:
+        """Ask an idle worker to load the agent now (it answers at once; ``worker.preloaded`` follows)."""
+        self._note_preload(await self.call(PRELOAD_METHOD, {"mode": "agent"}, timeout=self.config.startup_timeout))
 
     def _was_issued(self, msg_id: RequestId | None) -> bool:
         """Whether ``msg_id`` is one of ours (an answer that came after its caller gave up)."""
@@ -918,20 +971,31 @@ class SandboxWorker:
         start = usage()
         if start is None:
             return None
-        return asyncio.create_task(self._enforce_cpu_budget(usage, start, int(budget * 1e9)))
+        self._budget_start = start
+        return asyncio.create_task(self._enforce_cpu_budget(usage, int(budget * 1e9)))
 
-    async def _enforce_cpu_budget(self, usage: Callable[[], int | None], start: int, budget_ns: int) -> None:
+    async def _enforce_cpu_budget(self, usage: Callable[[], int | None], budget_ns: int) -> None:
         """Poll the cgroup's CPU accounting; past the budget, kill the request's processes (the
-        worker itself and its init stay), and the whole worker if it keeps burning CPU itself."""
+        worker itself and its init stay), and the whole worker if it keeps burning CPU itself.
+        While the worker's agent preload runs, the CPU is not the request's: it is not counted
+        (up to ``PRELOAD_CPU_ALLOWANCE_NS`` per worker)."""
+        last = self._budget_start
         while True:
             await asyncio.sleep(CPU_POLL)
             used = usage()
-            if used is None or used - start <= budget_ns:
+            if used is None:
+                continue
+            if self.preload_state in ("pending", "running") and self._preload_cpu_ns < PRELOAD_CPU_ALLOWANCE_NS:
+                forgiven = min(max(0, used - last), PRELOAD_CPU_ALLOWANCE_NS - self._preload_cpu_ns)
+                self._preload_cpu_ns += forgiven
+                self._budget_start += forgiven
+            last = used
+            if used - self._budget_start <= budget_ns:
                 continue
             if not self._budget_struck:
                 self._budget_struck = True
                 self._kill_request_processes()
-            elif used - start > budget_ns + CPU_GRACE_NS:  # the worker's own code (an agent loop) burns it
+            elif used - self._budget_start > budget_ns + CPU_GRACE_NS:  # the worker's own code (an agent loop) burns it
                 budget = self.config.limits.cpu_budget_seconds
                 self._break(f"CPU budget {budget:g} s exceeded by the worker itself", LimitExceeded)
                 return
@@ -1129,6 +1193,7 @@ class SandboxWorker:
             raise IsolationUnavailable(f"worker {self.worker_id} was never verified by the host; not binding it")
         reply = await self.call("bind", {"user_id": user_id, "workspace": workspace})
         answer: dict[str, Any] = reply if isinstance(reply, dict) else {}
+        self._note_preload(answer.get("preload"))
         if "landlock" in answer:
             self.report["landlock"] = answer["landlock"]
         try:

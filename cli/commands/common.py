@@ -92,6 +92,11 @@ def effective_config(
     return config
 
 
+def agent_preload(config: ProcessSandboxConfig) -> ProcessSandboxConfig:
+    """``sandbox run`` and ``repl`` serve agents: ``preload = "auto"`` means ``agent`` for them."""
+    return config.replace(preload="agent") if config.preload == "auto" else config
+
+
 def require_model_key(config: ProcessSandboxConfig) -> None:
     """Fail early, with the fix, when the ``anthropic`` provider has no API key on the host."""
     if config.model.provider == "anthropic" and not config.model.api_key:

@@ -12,6 +12,7 @@ from cli import output
 from cli.commands.common import (
     ProfileName,
     ProviderName,
+    agent_preload,
     apply_model_flags,
     effective_config,
     require_model_key,
@@ -46,7 +47,7 @@ def repl_command(
     state = state_of(ctx)
     target = service_target(state)
     apply_model_flags(state, target, provider, model, profile)
-    config = effective_config(state, profile, warn=target is None)
+    config = agent_preload(effective_config(state, profile, warn=target is None))
     if target is None:
         require_model_key(config)
     user_id = state.user_id(user)

@@ -10,7 +10,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from cli import output
-from cli.commands.common import apply_model_flags, effective_config, require_model_key
+from cli.commands.common import agent_preload, apply_model_flags, effective_config, require_model_key
 from cli.runtime import run_job, service_target
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def run_main(
     text = read_prompt(prompt)
     if not text.strip():
         output.fail("the prompt is empty", code=output.EXIT_USAGE)
-    config = effective_config(state, profile, min_idle=0, warn=target is None)
+    config = agent_preload(effective_config(state, profile, min_idle=0, warn=target is None))
     if target is None:
         require_model_key(config)
     user_id = state.user_id(user)

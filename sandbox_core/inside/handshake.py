@@ -48,8 +48,8 @@ MAX_NESTING = 64
 class Booted:
     """What the handshake settled, for the serving loop's executor to adopt."""
 
-    __slots__ = ("data_fd", "initialized", "input_ended", "net_fds", "pending", "plan", "report", "stdin_fd", "user_id",
-                 "worker_id", "workspace")  # fmt: skip
+    __slots__ = ("data_fd", "initialized", "input_ended", "net_fds", "pending", "plan", "preload", "report", "stdin_fd",
+                 "user_id", "worker_id", "workspace")  # fmt: skip
 
     def __init__(self) -> None:
         self.initialized = False
@@ -62,6 +62,8 @@ class Booted:
         self.stdin_fd: int | None = None
         self.net_fds: Any = None
         self.input_ended = False
+        self.preload = False
+        """The host asked for the agent preload (started by the serving loop once confinement is complete)."""
         self.pending = b""
         """Bytes read from the channel and not served here: the serving loop reads them first."""
 
@@ -163,6 +165,7 @@ def initialize(booted: Booted, params: dict[str, Any]) -> dict[str, Any]:
     booted.initialized = True
     booted.data_fd, booted.stdin_fd = _pipe_fd(params, "data_fd"), _pipe_fd(params, "stdin_fd")
     booted.net_fds = params.get("net_fds")
+    booted.preload = params.get("preload") == "agent"
     if isinstance(endpoint, dict):  # the sandbox's own loopback (shared.MODEL_ENDPOINT_HOST)
         report["model_endpoint"] = f"127.0.0.1:{endpoint['port']}"
     port = network.get("proxy_port") if isinstance(network, dict) else None
@@ -177,6 +180,7 @@ def initialize(booted: Booted, params: dict[str, Any]) -> dict[str, Any]:
         "layers": report,
         "data_pipe": booted.data_fd is not None,
         "stdin_pipe": booted.stdin_fd is not None,
+        "preload": {"state": "pending" if booted.preload else "none"},
     }
 
 
@@ -188,7 +192,8 @@ def bind(booted: Booted, params: dict[str, Any]) -> dict[str, Any]:
     if booted.user_id is not None and booted.user_id != user_id:
         raise SandboxError(f"worker is already bound to {booted.user_id!r}")
     enter(booted, user_id, workspace)
-    result: dict[str, Any] = {"user_id": user_id, "workspace": workspace}
+    result: dict[str, Any] = {"user_id": user_id, "workspace": workspace,
+                              "preload": {"state": "pending" if booted.preload else "none"}}
     if "landlock" in booted.report:  # the host checks it against the plan
         result["landlock"] = booted.report["landlock"]
     return result

@@ -14,6 +14,7 @@ matched by id and their streamed chunks arrive as ``host.chunk`` notifications.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -33,9 +34,10 @@ from sandbox_core.protocol import (
     RequestId,
     Response,
 )
-from sandbox_core.shared import proxy_environment
+from sandbox_core.shared import PRELOAD_METHOD, PRELOADED, proxy_environment
 
 if TYPE_CHECKING:
+    from sandbox_core.inside.agent.preload import Preload
     from sandbox_core.inside.handshake import Booted
     from sandbox_core.inside.model_endpoint import ModelEndpoint
     from sandbox_core.inside.proxy import Proxy
@@ -100,11 +102,15 @@ class SandboxExecutor:
         """The control pipe (set by the IPCHandler), to tell the host a command closed stdin."""
         self.model_endpoint: ModelEndpoint | None = None
         """The loopback model endpoint, where the plan asks for one (strict)."""
+        self.preload_mode = "none"
+        """``agent``: load the agent once confinement is complete (asked at ``initialize`` or by ``preload``)."""
+        self._preload: Preload | None = None
         self._methods: dict[str, Handler] = {
             "initialize": self.initialize,
             "bind": self.bind,
             "exec": self.exec,
             "shutdown": self.shutdown,
+            PRELOAD_METHOD: self.preload,
             "agent.run": self._lazy("sandbox_core.inside.agent.runtime", "run"),
             "agent.reset": self._lazy("sandbox_core.inside.agent.runtime", "reset"),
             "audit.probe": self._lazy("sandbox_core.inside.probes", "probe"),
@@ -120,12 +126,19 @@ class SandboxExecutor:
         async def handler(ctx: RequestContext, params: dict[str, Any]) -> Any:
             import importlib
 
-            site_dir = self.plan.get("site_packages")
-            _enable_site_packages(site_dir if isinstance(site_dir, str) else None)
+            self._site_packages()
             fn: Handler = getattr(importlib.import_module(module), name)
             return await fn(ctx, params)
 
         return handler
+
+    def _site_packages(self) -> None:
+        """Third-party packages on the path, and the SDK's type packages loaded name by name."""
+        from sandbox_core.inside.agent import lazy_sdk
+
+        site_dir = self.plan.get("site_packages")
+        _enable_site_packages(site_dir if isinstance(site_dir, str) else None)
+        lazy_sdk.install()
 
     def require_workspace(self) -> Path:
         if self.workspace is None:
@@ -145,6 +158,7 @@ class SandboxExecutor:
         booted = handshake.Booted()
         answer = handshake.initialize(booted, params)
         await self.adopt(booted)
+        answer["preload"] = self.preload_report()
         return answer
 
     async def adopt(self, booted: Booted) -> None:
@@ -152,6 +166,8 @@ class SandboxExecutor:
         pipes, the loopback model endpoint and the network proxy (at the ports it reported)."""
         self.worker_id, self.plan, self.report = booted.worker_id, booted.plan, booted.report
         self.awaiting_user = self.plan.get("await_user") is True
+        if booted.preload:
+            self.preload_mode = "agent"
         self.initialized = True
         if booted.data_fd is not None:
             self.output = await OutputPipe.open(booted.data_fd)
@@ -170,7 +186,8 @@ class SandboxExecutor:
         if booted.workspace is not None:
             self.user_id, self.workspace = booted.user_id, Path(booted.workspace)
         if self.awaiting_user:  # once the answer is out: a claim then finds them imported
-            asyncio.get_running_loop().call_soon(_preload_for_claim)
+            asyncio.get_running_loop().call_soon(self._preload_for_claim)
+        self._confinement_complete()
 
     async def _start_model_endpoint(self, spec: dict[str, Any]) -> None:
         """Listen on the sandbox's own loopback for model calls of any client, and point commands at it.
@@ -211,7 +228,7 @@ class SandboxExecutor:
             confine.become_user(self.plan, params, self.report)
             self.awaiting_user = False
         self._enter(user_id, Path(workspace))
-        answer: dict[str, Any] = {"user_id": user_id, "workspace": workspace}
+        answer: dict[str, Any] = {"user_id": user_id, "workspace": workspace, "preload": self.preload_report()}
         if switched:
             answer["observed"] = {k: self.report.get(k) for k in OBSERVED_AT_BIND}
         if "landlock" in self.report:  # the host checks it against the plan
@@ -226,6 +243,65 @@ class SandboxExecutor:
         home = self.plan.get("home")
         os.environ["HOME"] = home if isinstance(home, str) else str(workspace)
         confine.after_bind(self.plan, workspace, self.report)
+        self._confinement_complete()
+
+    # ------------------------------------------------------------------ agent preload
+
+    def _confinement_complete(self) -> None:
+        """Called after each confinement step; starts the agent preload once the last one is in force.
+
+        The one place the preload thread starts. Landlock (and seccomp) restrict the thread
+        that applies them and the threads it starts later, never a thread already running;
+        under a plan with Landlock rules the last step is ``bind`` (the rules name the
+        workspace), else ``initialize``.
+        """
+        if self.preload_mode != "agent" or self._preload is not None or not self.initialized:
+            return
+        if self.awaiting_user:  # unbound: the uid switch and Landlock come at bind
+            return
+        if isinstance(self.plan.get("landlock"), dict) and "landlock" not in self.report:
+            return  # not yet: Landlock comes at bind
+        if self.channel is None:
+            return
+        from sandbox_core.inside.agent import preload
+
+        self._site_packages()
+        channel = self.channel
+        self._preload = preload.start(
+            self.state, channel.call_host, channel.send,
+            lambda done: channel.send_nowait(Notification(PRELOADED, done.report())),
+            confined={"landlock": self.report.get("landlock", "none planned")},
+        )
+
+    def preload_report(self) -> dict[str, Any]:
+        """``none`` (not asked), ``pending`` (waiting for confinement), ``running``, ``ready``, ``failed``."""
+        if self._preload is not None:
+            return self._preload.report()
+        return {"state": "pending" if self.preload_mode == "agent" else "none"}
+
+    async def preload(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
+        """``preload {mode: "agent"}``: load the agent now (or once confinement is complete)."""
+        if params.get("mode") != "agent":
+            raise ProtocolError("preload needs mode 'agent'")
+        self.preload_mode = "agent"
+        if self.awaiting_user:
+            asyncio.get_running_loop().call_soon(self._preload_for_claim)
+        self._confinement_complete()
+        return self.preload_report()
+
+    def _preload_for_claim(self) -> None:
+        """An unbound worker, idle until its claim: import what the claim and its first command need,
+        and under agent preload the SDK too. On the main thread, never a thread of its own (that one
+        would escape the Landlock rules applied at bind); the thread that builds the client and runs
+        the canned turn starts after bind (:meth:`_confinement_complete`)."""
+        from sandbox_core.inside import landlock, runner  # noqa: F401
+
+        if self.preload_mode == "agent" and self.awaiting_user:
+            self._site_packages()
+            with contextlib.suppress(ImportError):  # a broken SDK fails the preload after bind, named
+                import anthropic  # noqa: F401
+
+                from sandbox_core.inside.agent import runtime  # noqa: F401
 
     async def exec(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         from sandbox_core.inside.runner import run_command
@@ -285,11 +361,6 @@ class SandboxExecutor:
     async def shutdown(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         self.stop_requested.set()
         return {}
-
-
-def _preload_for_claim() -> None:
-    """Import what a claim and its first command need (an unbound worker waits idle meanwhile)."""
-    from sandbox_core.inside import landlock, runner  # noqa: F401
 
 
 class IPCHandler:
@@ -369,7 +440,7 @@ class IPCHandler:
             error = {"code": codes.INVALID_REQUEST, "message": "initialize first"}
             await self._channel.send(Response(request.id, error=error))
             return
-        if self._executor.awaiting_user and request.method not in ("bind", "shutdown"):
+        if self._executor.awaiting_user and request.method not in ("bind", "shutdown", PRELOAD_METHOD):
             error = {"code": codes.NOT_BOUND, "message": "an unbound worker serves nothing before bind"}
             await self._channel.send(Response(request.id, error=error))
             return

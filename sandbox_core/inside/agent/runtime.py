@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sandbox_core.errors import ConfigError, GatewayError, SandboxError
 
 if TYPE_CHECKING:
+    from anthropic import AsyncAnthropic
     from anthropic.lib.tools import BetaAsyncStreamingToolRunner
 
     from sandbox_core.events import EventType
@@ -52,6 +53,12 @@ CONVERSATIONS = "agent.conversations"
 HISTORY_MAX_BYTES = 4 * 1024 * 1024
 """The largest conversation returned for the host to keep (the frame limit is 8 MiB)."""
 _LOCKS = "agent.locks"
+CLIENT = "agent.client"
+"""The executor state key of the client a preload built (runs use it and never close it)."""
+TOOLS = "agent.tools"
+"""The executor state key of the file tools built so far (by workspace and environment)."""
+PRELOAD = "agent.preload"
+"""The executor state key of the preload under way or done (:mod:`.preload`; runs wait for its end)."""
 
 
 class _Channel(Protocol):
@@ -212,32 +219,44 @@ def _as_sandbox_error(exc: Exception) -> tuple[str, SandboxError]:
 
 async def run(ctx: AgentContext, params: dict[str, Any]) -> dict[str, Any]:
     """Run the agent on ``params["prompt"]``; stream events; return the ``done`` data."""
+    preload = ctx.executor.state.get(PRELOAD)
+    if preload is not None:  # a preload imports the SDK in its thread: importing it here would block the loop
+        await preload.done.wait()
     p = _Params(params)
     locks: dict[str, asyncio.Lock] = ctx.executor.state.setdefault(_LOCKS, {})
     async with locks.setdefault(p.conversation_id, asyncio.Lock()):
         return await _run(ctx, p)
 
 
-async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
+def gateway_client(call_host: Any, send: Any) -> AsyncAnthropic:
+    """The SDK client whose HTTP goes over the control pipe to the host's gateway (placeholder key)."""
     import httpx2
     from anthropic import AsyncAnthropic
+
+    from sandbox_core.inside.agent.transport import GatewayTransport
+    from sandbox_core.shared import GATEWAY_BASE_URL, PLACEHOLDER_API_KEY
+
+    transport = GatewayTransport(call_host, cancel=None if send is None else _cancel_sender(send))
+    return AsyncAnthropic(api_key=PLACEHOLDER_API_KEY, base_url=GATEWAY_BASE_URL,
+                          http_client=httpx2.AsyncClient(transport=transport, trust_env=False))
+
+
+async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
     from anthropic.lib.streaming import ParsedBetaContentBlockStopEvent, ParsedBetaTextEvent
 
     from sandbox_core.inside.agent.tools import BashCalls, WorkspaceShell, shell_env, workspace_tools
-    from sandbox_core.inside.agent.transport import GatewayTransport
-    from sandbox_core.shared import GATEWAY_BASE_URL, PLACEHOLDER_API_KEY
 
     started = time.monotonic()
     store: dict[str, list[Any]] = ctx.executor.state.setdefault(CONVERSATIONS, {})
     if p.history is not None and p.conversation_id not in store:  # a conversation this worker never had
         store[p.conversation_id] = p.history
     history = _with_prompt(store.get(p.conversation_id, []), p.prompt)
-    send = getattr(ctx.channel, "send", None)
-    cancel = None if send is None else _cancel_sender(send)
-    transport = GatewayTransport(ctx.channel.call_host, cancel=cancel)
-    client = AsyncAnthropic(api_key=PLACEHOLDER_API_KEY, base_url=GATEWAY_BASE_URL,
-                            http_client=httpx2.AsyncClient(transport=transport, trust_env=False))
+    client = ctx.executor.state.get(CLIENT)
+    own_client = client is None
+    if client is None:
+        client = gateway_client(ctx.channel.call_host, getattr(ctx.channel, "send", None))
     shell = WorkspaceShell(ctx.workspace, shell_env(os.environ))
+    tool_cache: dict[Any, Any] = ctx.executor.state.setdefault(TOOLS, {})
     calls = BashCalls()
     extra = {"system": p.system} if p.system else {}
     runner: BetaAsyncStreamingToolRunner[None] | None = None
@@ -249,7 +268,8 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
             warnings.simplefilter("always")
             runner = client.beta.messages.tool_runner(
                 model=p.model, max_tokens=p.max_tokens, messages=history, stream=True, thread=False,
-                tools=workspace_tools(ctx.workspace, shell, p.tools, calls, ctx.emit), max_iterations=p.max_turns,
+                tools=workspace_tools(ctx.workspace, shell, p.tools, calls, ctx.emit, tool_cache),
+                max_iterations=p.max_turns,
                 **extra,
             )
         if caught:  # reported once in the result; the SDK would repeat it on every request
@@ -288,13 +308,15 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
         if runner is not None:
             await runner.close()
         await shell.close()
-        await client.close()
+        if own_client:
+            await client.close()
     if stop_reason == "tool_use" and turns >= p.max_turns:
         stop_reason = "max_turns"
     result: dict[str, Any] = {
         "stop_reason": stop_reason, "turns": turns, "usage": usage,
         "duration_s": round(time.monotonic() - started, 6), "conversation_id": p.conversation_id,
         "model": answered_by,  # the model that answered (the offline one says "offline")
+        "preloaded": not own_client,  # on the client (and imports) an idle-time preload made
     }
     if answered_by != p.model:
         result["requested_model"] = p.model

@@ -303,16 +303,32 @@ def bash_tool(shell: WorkspaceShell, calls: BashCalls | None = None, emit: Emit 
 
 def workspace_tools(
     workspace: Path, shell: WorkspaceShell, names: tuple[str, ...], calls: BashCalls | None = None,
-    emit: Emit | None = None,
+    emit: Emit | None = None, cache: dict[Any, BetaAsyncFunctionTool[Any]] | None = None,
 ) -> list[BetaAsyncFunctionTool[Any]]:
-    """The tools called ``names``, confined to ``workspace``; ``bash`` streams its output to ``emit``."""
-    ctx = AgentToolContext(workdir=str(workspace), env=shell_env(os.environ))
+    """The tools called ``names``, confined to ``workspace``; ``bash`` streams its output to ``emit``.
+
+    The file tools hold nothing of a run (only the workspace and the environment), so with a
+    ``cache`` they are built once per workspace and environment (building one costs ~1 ms).
+    """
+    env = shell_env(os.environ)
+    ctx = AgentToolContext(workdir=str(workspace), env=env)
     makers = {
-        "bash": lambda: bash_tool(shell, calls, emit),
         "read": lambda: beta_read_tool(ctx),
         "write": lambda: beta_write_tool(ctx),
         "edit": lambda: beta_edit_tool(ctx),
         "glob": lambda: beta_glob_tool(ctx),
         "grep": lambda: beta_grep_tool(ctx),
     }
-    return [makers[name]() for name in names]
+    key = (str(workspace), tuple(sorted(env.items())))
+    out: list[BetaAsyncFunctionTool[Any]] = []
+    for name in names:
+        if name == "bash":
+            out.append(bash_tool(shell, calls, emit))
+        elif cache is None:
+            out.append(makers[name]())
+        else:
+            tool = cache.get((name, key))
+            if tool is None:
+                tool = cache[(name, key)] = makers[name]()
+            out.append(tool)
+    return out
