@@ -248,3 +248,26 @@ async def test_deny_paths_in_the_workspace_are_covered_at_claim(tmp_path: Path) 
         assert set(report["filesystem"]["denied"]) == {"/workspace/secret", "/workspace/key.pem"}
     assert (workspace / "secret" / "token").read_text() == "hidden-token" and (workspace / "key.pem").exists()
     assert _slot_mounts(tmp_path) == []
+
+
+async def test_an_unbound_agent_worker_waits_unpreloaded_and_is_agent_ready_after_its_claim(tmp_path: Path) -> None:
+    """preload = "agent" with unbound strict workers: the preload request does not fail (or retire)
+    a worker awaiting its claim, the preload thread starts only after bind (its report names the
+    Landlock in force), and the claimed worker answers the new user's agent run."""
+    import dataclasses
+
+    from sandbox_core.kernel import landlock_abi
+    from sandbox_core.requests import AgentRequest
+
+    base = _config(tmp_path, preload="agent", request_timeout=90.0)
+    config = base.replace(model=dataclasses.replace(base.model, provider="offline"))
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        (unbound,) = [w for w in pool._workers.values() if w.user_id is None]
+        assert unbound.preload_state in ("none", "pending")  # not started before the claim
+        result = await pool.execute("bob", AgentRequest(prompt="hello"))
+        assert result.worker_id == unbound.worker_id and pool.get_pool_stats()["preload"]["failed"] == 0
+        await wait_for(lambda: unbound.agent_ready, 90, "the claimed worker to be agent-ready")
+        if landlock_abi() > 0:
+            assert unbound.preload_report["confined"] == {"landlock": unbound.report["landlock"]}
+    assert _slot_mounts(tmp_path) == []
