@@ -115,7 +115,7 @@ def test_bind_and_pings_are_answered_in_the_handshake_then_exec_runs(raw: RawWor
     raw.send(protocol.encode(Request(2, "ping")))
     assert raw.answer()["result"]["pong"] is True
     raw.send(protocol.encode(Request(3, "bind", {"user_id": "u", "workspace": str(raw.workspace)})))
-    assert raw.answer()["result"] == {"user_id": "u", "workspace": str(raw.workspace)}
+    assert raw.answer()["result"] == {"user_id": "u", "workspace": str(raw.workspace), "preload": {"state": "none"}}
     raw.send(protocol.encode(Request(4, "exec", {"argv": ["sh", "-c", "pwd; echo $HOME"]})))
     out = b""
     while True:
