@@ -471,28 +471,14 @@ async def cli_exec_true(config: ProcessSandboxConfig, n: int) -> list[Figure]:
 
 async def agent_first_text(config: ProcessSandboxConfig, n: int) -> Figure:
     """``agent.run`` request to first ``text`` event, offline model: cold vs warm worker."""
-    from sandbox_core.requests import AgentRequest
-
     offline = config.replace(model=dataclasses.replace(config.model, provider="offline"), min_idle=0)
-
-    async def first_text(pool: SandboxOrchestrator, user: str) -> float:
-        began = time.perf_counter()
-        stream = pool.execute_stream(user, AgentRequest(prompt="hello"))
-        try:
-            async for event in stream:
-                if event.type == "text":
-                    return time.perf_counter() - began
-        finally:
-            await stream.aclose()
-        raise RuntimeError("no text event")
-
     cold: list[float] = []
     warm: list[float] = []
     for i in range(max(2, n // 4)):
         async with SandboxOrchestrator(offline) as pool:
-            cold.append(await first_text(pool, f"agent{i}"))
+            cold.append(await _first_text(pool, f"agent{i}"))
             if i == 0:
-                warm = [await first_text(pool, "agent0") for _ in range(n)]
+                warm = [await _first_text(pool, "agent0") for _ in range(n)]
     c, w = statistics.median(cold), statistics.median(warm)
     return Figure("agent first text (offline)", _ms(w), "ms p50 warm", "", None, baseline=_ms(c),
                   ratio=round(w / c, 3), detail={"cold_ms": _ms(c), "n_cold": len(cold), "n_warm": len(warm)})
