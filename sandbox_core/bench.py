@@ -510,9 +510,10 @@ async def agent_ready_first_text(config: ProcessSandboxConfig, n: int) -> Figure
     """A new user's first ``text`` (offline model) from a pool whose idle workers preloaded the
     agent, against a cold worker (``preload = "none"``, spawned for the user) in the same run.
 
-    Pre-warmed: the process profile claims an unbound agent-ready worker; strict mounts the
-    workspace at spawn, so its worker is launched for the new user (``pool.launch``) and has
-    preloaded before the request. Each pool answers one agent run first (the host's gateway).
+    Pre-warmed: where workers can be pre-warmed unbound (the process profile; strict on a root
+    host) the new user claims an unbound worker that preloaded while it waited; elsewhere a worker
+    is launched for the new user (``pool.launch``) and has preloaded before the request. Each pool
+    answers one agent run first (the host's gateway).
     """
     from sandbox_core.isolation.launch import can_prewarm
 

@@ -459,7 +459,7 @@ class SandboxOrchestrator:
                 return _Grant(worker, "idle")
         if len(mine) >= self.config.max_workers_per_user:
             return None
-        prewarmed = sorted(self._idle_unbound(), key=lambda w: w.agent_ready != agent)
+        prewarmed = sorted(self._idle_unbound(), key=lambda w: _claim_order(w, agent))
         if prewarmed:
             prewarmed[0].state = WorkerState.BUSY
             return _Grant(prewarmed[0], "claim")
@@ -983,3 +983,12 @@ class SandboxOrchestrator:
         if self._gateway is not None:
             stats["gateway"] = self._gateway.stats()
         return stats
+
+
+def _claim_order(worker: SandboxWorker, agent: bool) -> tuple[bool, ...]:
+    """Which pre-warmed worker a claim takes first (lowest): an agent request an agent-ready one;
+    another request one that is not preloading right now (its bind would wait for the preload
+    to end), and of those one that did not preload, leaving the ready ones to agent requests."""
+    if agent:
+        return (not worker.agent_ready,)
+    return (worker.preload_state in ("pending", "running"), worker.agent_ready)

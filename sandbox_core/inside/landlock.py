@@ -143,10 +143,11 @@ def _add(ruleset: int, path: str | Path, rights: int) -> None:
 
 
 def _thread_count() -> int:
+    """This process's threads, from ``/proc/self/task``; unreadable means unverifiable (fails closed)."""
     try:
         return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return 1
+    except OSError as exc:
+        raise IsolationUnavailable(f"cannot count this worker's threads before landlock: {exc}") from None
 
 
 def _fail(what: str) -> NoReturn:

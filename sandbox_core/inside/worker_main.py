@@ -14,7 +14,6 @@ matched by id and their streamed chunks arrive as ``host.chunk`` notifications.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
 import time
@@ -49,6 +48,8 @@ ATTACH_FAILED = 70
 
 OBSERVED_AT_BIND = ("uid", "gid", "no_new_privs", "seccomp", "capabilities_zero", "rlimits", "umask", "open_fds")
 """What an unbound worker reports again after its uid switch at ``bind``."""
+PRELOAD_END_LIMIT = 60.0
+"""How long a claimed unbound worker's ``bind`` waits for a preload still running (then it fails)."""
 
 Handler = Callable[["RequestContext", dict[str, Any]], Awaitable[Any]]
 
@@ -225,6 +226,8 @@ class SandboxExecutor:
             if self.user_id is not None:
                 raise SandboxError("a failed bind is never retried: this worker only awaits its shutdown")
             self.user_id = user_id  # one attempt: a failure leaves it refusing everything
+            if self._preload is not None:  # single-threaded again before the per-thread layers
+                await self._preload.ended(PRELOAD_END_LIMIT)
             confine.become_user(self.plan, params, self.report)
             self.awaiting_user = False
         self._enter(user_id, Path(workspace))
@@ -261,6 +264,9 @@ class SandboxExecutor:
             return
         if isinstance(self.plan.get("landlock"), dict) and "landlock" not in self.report:
             return  # not yet: Landlock comes at bind
+        self._start_preload({"landlock": self.report.get("landlock", "none planned")})
+
+    def _start_preload(self, confined: dict[str, Any]) -> None:
         if self.channel is None:
             return
         from sandbox_core.inside.agent import preload
@@ -270,7 +276,7 @@ class SandboxExecutor:
         self._preload = preload.start(
             self.state, channel.call_host, channel.send,
             lambda done: channel.send_nowait(Notification(PRELOADED, done.report())),
-            confined={"landlock": self.report.get("landlock", "none planned")},
+            confined=confined,
         )
 
     def preload_report(self) -> dict[str, Any]:
@@ -291,17 +297,16 @@ class SandboxExecutor:
 
     def _preload_for_claim(self) -> None:
         """An unbound worker, idle until its claim: import what the claim and its first command need,
-        and under agent preload the SDK too. On the main thread, never a thread of its own (that one
-        would escape the Landlock rules applied at bind); the thread that builds the client and runs
-        the canned turn starts after bind (:meth:`_confinement_complete`)."""
+        and under agent preload run the whole preload now, so that the claim finds it agent-ready.
+
+        The preload thread runs before ``bind`` and must be gone by then (:meth:`bind` waits for
+        it, then Landlock refuses a process with a second thread): the uid switch, the capability
+        drop and Landlock come after it, to a single-threaded worker.
+        """
         from sandbox_core.inside import landlock, runner  # noqa: F401
 
-        if self.preload_mode == "agent" and self.awaiting_user:
-            self._site_packages()
-            with contextlib.suppress(ImportError):  # a broken SDK fails the preload after bind, named
-                import anthropic  # noqa: F401
-
-                from sandbox_core.inside.agent import runtime  # noqa: F401
+        if self.preload_mode == "agent" and self.awaiting_user and self._preload is None:
+            self._start_preload({"before_bind": "the thread ended before the uid switch and Landlock"})
 
     async def exec(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         from sandbox_core.inside.runner import run_command

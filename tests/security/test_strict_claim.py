@@ -250,10 +250,10 @@ async def test_deny_paths_in_the_workspace_are_covered_at_claim(tmp_path: Path) 
     assert _slot_mounts(tmp_path) == []
 
 
-async def test_an_unbound_agent_worker_waits_unpreloaded_and_is_agent_ready_after_its_claim(tmp_path: Path) -> None:
-    """preload = "agent" with unbound strict workers: the preload request does not fail (or retire)
-    a worker awaiting its claim, the preload thread starts only after bind (its report names the
-    Landlock in force), and the claimed worker answers the new user's agent run."""
+async def test_an_unbound_agent_worker_preloads_before_its_claim_and_binds_single_threaded(tmp_path: Path) -> None:
+    """preload = "agent" with unbound strict workers: the worker runs the whole preload while it
+    waits (the claim finds it agent-ready), its preload thread is gone before bind switches the
+    uid and applies Landlock, and the claimed worker answers the new user's agent run."""
     import dataclasses
 
     from sandbox_core.kernel import landlock_abi
@@ -264,10 +264,12 @@ async def test_an_unbound_agent_worker_waits_unpreloaded_and_is_agent_ready_afte
     async with SandboxOrchestrator(config) as pool:
         await _prewarmed(pool)
         (unbound,) = [w for w in pool._workers.values() if w.user_id is None]
-        assert unbound.preload_state in ("none", "pending")  # not started before the claim
+        await wait_for(lambda: unbound.agent_ready, 90, "the unbound worker to be agent-ready before its claim")
+        assert unbound.user_id is None and set(unbound.preload_report["confined"]) == {"before_bind"}
         result = await pool.execute("bob", AgentRequest(prompt="hello"))
         assert result.worker_id == unbound.worker_id and pool.get_pool_stats()["preload"]["failed"] == 0
-        await wait_for(lambda: unbound.agent_ready, 90, "the claimed worker to be agent-ready")
+        assert "".join(e.data.get("text", "") for e in result.events if e.type == "text")
+        assert unbound.report["uid"] != 0
         if landlock_abi() > 0:
-            assert unbound.preload_report["confined"] == {"landlock": unbound.report["landlock"]}
+            assert unbound.report["landlock"]["abi"] > 0  # applied at bind: refused with a second thread
     assert _slot_mounts(tmp_path) == []

@@ -17,7 +17,12 @@ a refilled worker does not slow the requests other workers serve meanwhile.
 
 The thread is started by the worker once its confinement is complete
 (``SandboxExecutor._confinement_complete``): Landlock and seccomp restrict the thread that
-applies them and the threads it starts afterwards, never one that already runs.
+applies them and the threads it starts afterwards, never one that already runs. An unbound
+strict worker (pre-warmed, not yet any user's) is the exception: it preloads while it waits, so
+that a claim finds it agent-ready, and its ``bind`` first waits for the thread to be gone
+(:meth:`Preload.ended`); the uid switch, the capability drop and Landlock then apply to a
+single-threaded process, and Landlock refuses to apply otherwise. Nothing of a user exists in
+the sandbox before ``bind``: the canned turn touches nothing but the SDK's own objects.
 
 The outcome reaches the event loop with ``call_soon_threadsafe``: ``ready`` (the client is
 kept in the executor's state for the runs to use) or ``failed`` (the worker tells the host,
@@ -55,6 +60,28 @@ class Preload:
         self.seconds: float | None = None
         self.cpu_seconds: float | None = None
         self.error: str | None = None
+        self.thread: threading.Thread | None = None
+
+    async def ended(self, limit: float) -> None:
+        """Wait until the preload is over and its thread has left the process (``/proc/self/task``).
+
+        An unbound worker preloads before its claim and must be single-threaded again before
+        ``bind`` drops its capabilities and applies Landlock (both per thread): a thread that
+        outlived them would run unconfined. Fails closed after ``limit`` seconds.
+        """
+        from sandbox_core.errors import IsolationUnavailable
+
+        deadline = time.monotonic() + limit
+        try:
+            await asyncio.wait_for(self.done.wait(), limit)
+        except TimeoutError:
+            raise IsolationUnavailable(f"the agent preload did not end within {limit:g}s of the claim") from None
+        if self.thread is not None:
+            self.thread.join(max(0.0, deadline - time.monotonic()))
+        while len(os.listdir("/proc/self/task")) > 1:  # the joined thread's task is gone a moment later
+            if time.monotonic() > deadline:
+                raise IsolationUnavailable("a thread is still running in the worker after its preload ended")
+            await asyncio.sleep(0.001)
 
     def report(self) -> dict[str, Any]:
         out: dict[str, Any] = {"state": self.state, "confined": self.confined}
@@ -99,7 +126,8 @@ def start(
         _trim()
         loop.call_soon_threadsafe(finish, client, error, time.monotonic() - began, time.thread_time() - cpu)
 
-    threading.Thread(target=work, name="sandbox-preload", daemon=True).start()
+    preload.thread = threading.Thread(target=work, name="sandbox-preload", daemon=True)
+    preload.thread.start()
     return preload
 
 
