@@ -270,9 +270,11 @@ class RemotePool:
     # ------------------------------------------------------------------ requests
 
     def terminal(self, user_id: str, argv: list[str] | tuple[str, ...], *, rows: int = 24, cols: int = 80,
-                 term: str | None = None, timeout: float | None = None, stdin: bool = True) -> Any:
+                 term: str | None = None, timeout: float | None = None, stdin: bool = True,
+                 network: tuple[str, ...] | None = None) -> Any:
         """A terminal session on the service (``WS /v1/terminal``); ``user_id`` is the service's call."""
-        return self.client.terminal(argv, rows=rows, cols=cols, term=term, timeout=timeout, stdin=stdin)
+        return self.client.terminal(argv, rows=rows, cols=cols, term=term, timeout=timeout, stdin=stdin,
+                                    network=network)
 
     async def execute_stream(self, user_id: str, request: Request) -> AsyncGenerator[Event, None]:
         """Run ``request`` on the service and yield its events (``user_id`` is the service's call).

@@ -92,7 +92,7 @@ class PoolFiles:
         """A tar stream of ``src`` (a file, or a directory recursively; symlinks as symlinks)."""
         _parts(src)
         args = ["get", src, *(["--max-bytes", str(self._limit)] if self._limit else [])]
-        request = ExecRequest(argv=files_argv(self._pool.config, *args))
+        request = ExecRequest(argv=files_argv(self._pool.config, *args), any_network=True)
         stream = self._pool.execute_stream(user_id, request)
         err = bytearray()
         sent = 0
@@ -156,7 +156,7 @@ class PoolFiles:
     async def _run(self, user_id: str, args: builtins.list[str], *, stdin: AsyncIterable[bytes] | None = None
                    ) -> tuple[bytes, bytes]:  # fmt: skip
         _parts(args[1])
-        request = ExecRequest(argv=files_argv(self._pool.config, *args), stdin=stdin)
+        request = ExecRequest(argv=files_argv(self._pool.config, *args), stdin=stdin, any_network=True)
         out, err = bytearray(), bytearray()
         stream = self._pool.execute_stream(user_id, request)
         try:

@@ -61,6 +61,7 @@ from sandbox_core.requests import (
     ExecRequest,
     Request,
     RequestResult,
+    any_network,
     network_param,
 )
 from sandbox_core.terminal import LOGIN_SHELL, TerminalSession, terminal_session
@@ -233,7 +234,8 @@ class SandboxOrchestrator:
         if agent:
             self._want_agents()
         try:
-            worker = await self._acquire_serving(user_id, network_param(request), agent=agent)
+            worker = await self._acquire_serving(user_id, network_param(request), agent=agent,
+                                                 any_policy=any_network(request))
         except SandboxError as exc:
             self._counters["failed"] += 1  # a request that never got a worker failed too
             raise self._closing_error(exc) from exc
@@ -245,7 +247,7 @@ class SandboxOrchestrator:
             resize = request.resize if isinstance(request, ExecRequest) else None
             stream = worker.execute_stream(
                 request.method, request.params(), request.timeout, stdin=stdin, resize=resize,
-                network=network_param(request),
+                network=network_param(request), bind_network=not any_network(request),
             )
             try:
                 async for event in stream:
@@ -277,19 +279,22 @@ class SandboxOrchestrator:
         term: str | None = None,
         timeout: float | None = None,
         stdin: bool = True,
+        network: tuple[str, ...] | None = None,
     ) -> TerminalSession:
         """An interactive session of ``argv`` (default: the login shell) on a pty in ``user_id``'s
         sandbox: ``async with pool.terminal(...) as t`` (see :mod:`sandbox_core.terminal`).
 
         It holds one of the user's workers busy while open and ends at ``timeout`` (default
-        ``terminal_timeout``, else ``request_timeout``) like any request.
+        ``terminal_timeout``, else ``request_timeout``) like any request; ``network`` narrows
+        the network policy for it as for any request (a widening entry: ConfigError, at once).
         """
         validate_user_id(user_id)
+        check_narrowing(self.config.network, user_id, network)
         if timeout is None and self.config.terminal_timeout > 0:
             timeout = self.config.terminal_timeout
         return terminal_session(
             lambda request: self.execute_stream(user_id, request),
-            argv, rows=rows, cols=cols, term=term, timeout=timeout, stdin=stdin,
+            argv, rows=rows, cols=cols, term=term, timeout=timeout, stdin=stdin, network=network,
         )
 
     def _closing_error(self, exc: SandboxError) -> SandboxError:
@@ -351,15 +356,16 @@ class SandboxOrchestrator:
             self._waiting -= 1
 
     async def _acquire_serving(self, user_id: str, network: tuple[str, ...] | None, *,
-                               agent: bool = False) -> SandboxWorker:
+                               agent: bool = False, any_policy: bool = False) -> SandboxWorker:
         """A worker for ``user_id`` that may serve a request narrowing the network to ``network``.
 
         Workers are pooled per policy: one bound to another narrowing (wider or not) is recycled,
-        never reused, so what a request leaves running never outlives its own policy.
+        never reused, so what a request leaves running never outlives its own policy. A request
+        that needs no network (``any_policy``: a file transfer) takes any of them.
         """
         while True:
             worker = await self._acquire(user_id, agent=agent)
-            if worker.serves_network(network):
+            if any_policy or worker.serves_network(network):
                 return worker
             self._counters["recycled"] += 1
             self._retire(worker)

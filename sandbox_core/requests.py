@@ -40,11 +40,17 @@ class ExecRequest:
     network: tuple[str, ...] | None = None
     """Narrow the network policy for this request (``network.allow`` entries; a connection must
     pass these *and* the configured policy; ``()`` = none at all). It never widens the policy."""
+    any_network: bool = False
+    """The command needs no network and leaves nothing running (the file transfers' inside half):
+    it runs on a worker of any network policy, narrowed or not, and binds none. It widens
+    nothing: a narrowed worker keeps its narrowing, and an unbound one the configured policy."""
 
     method = "exec"
 
     def __post_init__(self) -> None:
         _check_network(self.network)
+        if self.any_network and self.network is not None:
+            raise ValueError("any_network is for a command that needs no network: it takes no network list")
         if (self.argv is None) == (self.shell is None):
             raise ValueError("ExecRequest needs exactly one of argv and shell")
         if self.argv is not None and not self.argv:
@@ -129,6 +135,11 @@ def network_param(request: object) -> tuple[str, ...] | None:
     """The request's own narrowing of the network policy (kept on the host, never sent)."""
     entries = getattr(request, "network", None)
     return tuple(entries) if entries is not None else None
+
+
+def any_network(request: object) -> bool:
+    """Whether the request may run on a worker of any network policy (see :attr:`ExecRequest.any_network`)."""
+    return getattr(request, "any_network", False) is True
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -169,12 +169,14 @@ def terminal_session(
     term: str | None = None,
     timeout: float | None = None,
     stdin: bool = True,
+    network: tuple[str, ...] | None = None,
 ) -> TerminalSession:
-    """A terminal session running ``argv`` through ``open_stream`` (a pool's ``execute_stream``)."""
+    """A terminal session running ``argv`` through ``open_stream`` (a pool's ``execute_stream``);
+    ``network`` narrows the network policy as :attr:`ExecRequest.network`."""
     keys: asyncio.Queue[bytes | None] | None = asyncio.Queue(AHEAD) if stdin else None
     sizes: asyncio.Queue[Window | None] = asyncio.Queue(AHEAD)
     request = ExecRequest(
         argv=tuple(argv), tty=(rows, cols), term=term, timeout=timeout,
-        stdin=_until_none(keys) if keys is not None else None, resize=_until_none(sizes),
+        stdin=_until_none(keys) if keys is not None else None, resize=_until_none(sizes), network=network,
     )
     return TerminalSession(open_stream, request, keys, sizes)

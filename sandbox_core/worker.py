@@ -847,6 +847,7 @@ class SandboxWorker:
         stdin: StdinSource | None = None,
         resize: AsyncIterable[tuple[int, int]] | None = None,
         network: tuple[str, ...] | None = None,
+        bind_network: bool = True,
     ) -> AsyncGenerator[Event, None]:
         """Send a request and yield ``started``, its events, then ``done`` (or raise).
 
@@ -854,11 +855,13 @@ class SandboxWorker:
         params then say ``"stdin": "stream"``. An ``exec`` gets ``limits.output_mb``.
         ``resize`` (a ``tty`` exec) gives the terminal's new ``(rows, cols)`` as they come.
         ``network`` narrows the egress policy (kept here, on the host); the first request binds
-        the worker to its narrowing for good (see :meth:`serves_network`).
+        the worker to its narrowing for good (see :meth:`serves_network`); ``bind_network=False``
+        (a command that needs no network) runs under whatever the worker is bound to and binds nothing.
         """
         if method == "exec" and self.config.limits.output_mb:
             params = {**params, "output_limit": self.config.limits.output_mb * 1024 * 1024}
-        return self._stream(method, params, timeout, emit_started=True, stdin=stdin, resize=resize, network=network)
+        return self._stream(method, params, timeout, emit_started=True, stdin=stdin, resize=resize, network=network,
+                            bind_network=bind_network)
 
     def _next_id(self) -> int:
         self._last_id += 1
@@ -875,8 +878,9 @@ class SandboxWorker:
         stdin: StdinSource | None = None,
         resize: AsyncIterable[tuple[int, int]] | None = None,
         network: tuple[str, ...] | None = None,
+        bind_network: bool = True,
     ) -> AsyncGenerator[Event, None]:
-        if emit_started and self.egress is not None:
+        if emit_started and self.egress is not None and bind_network:
             if not self.serves_network(network):  # the orchestrator never asks; fail closed if anyone does
                 raise ConfigError("network", f"worker {self.worker_id} is bound to the network narrowing "
                                   f"{self.network!r}, not {network!r}; a request needs a worker of its own policy")

@@ -46,13 +46,10 @@ def exec_main(
     user_id = state.user_id(user)
     if tty is None and not shell and output.is_tty(sys.stdin) and output.is_tty(sys.stdout) and _is_shell(command):
         tty = interactive = True  # `sandbox exec -- bash` at a terminal: an interactive shell, as expected
-    if tty and network is not None:
-        output.fail("--network and --allow do not apply to -t yet (a terminal runs with the configured policy)",
-                    code=output.EXIT_USAGE)
     if tty:
         argv = ["/bin/sh", "-c", " ".join(command)] if shell else list(command)
         return run_terminal_job(state, config, target, user_id, argv, timeout=timeout, interactive=interactive,
-                                user=user)
+                                user=user, network=network)
     if interactive:
         output.warn("-i only matters with -t (without it, piped stdin streams to the command anyway)")
     piped = sys.stdin is not None and not sys.stdin.isatty()
@@ -202,13 +199,14 @@ def run_terminal_job(
     timeout: float | None,
     interactive: bool,
     user: str | None,
+    network: tuple[str, ...] | None = None,
 ) -> int:
     """Run ``argv`` on a sandbox pty attached to this terminal (``exec -t``, ``shell``); its exit code."""
     from cli.terminal import attach
 
     async def job(pool: Pool) -> int:
         def open_session(**window: Any) -> Any:
-            return pool.terminal(user_id, argv, timeout=timeout, **window)
+            return pool.terminal(user_id, argv, timeout=timeout, network=network, **window)
 
         return await attach(open_session, interactive=interactive)
 

@@ -193,11 +193,16 @@ class ServiceClient:
 
     def terminal(
         self, argv: Sequence[str] | None = None, *, rows: int = 24, cols: int = 80, term: str | None = None,
-        timeout: float | None = None, stdin: bool = True,
+        timeout: float | None = None, stdin: bool = True, network: tuple[str, ...] | None = None,
     ) -> RemoteTerminalSession:
         """A terminal session over ``WS /v1/terminal`` (``argv`` None: the login shell), in the
-        sandbox of the user the credentials name; ``async with`` it for a :class:`RemoteTerminal`."""
+        sandbox of the user the credentials name; ``async with`` it for a :class:`RemoteTerminal`.
+        ``network`` narrows the network policy (as a run's ``network``)."""
         opening: dict[str, Any] = {"rows": rows, "cols": cols, "stdin": stdin}
+        if network is not None:
+            from sandbox_core.requests import network_to_json
+
+            opening["network"] = network_to_json(network)
         if argv is not None:
             opening["argv"] = list(argv)
         if term is not None:

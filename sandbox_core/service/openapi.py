@@ -165,6 +165,7 @@ def openapi_schema() -> dict[str, Any]:
                         "timeout": {"type": "number", "exclusiveMinimum": 0,
                                     "description": "seconds before the session is ended (default request_timeout)"},
                         "stdin": {"type": "boolean", "default": True, "description": "false: keys are not sent"},
+                        "network": {"$ref": "#/components/schemas/Network"},
                         "user_id": {"type": "string", "description": "refused (close 4403) unless it is the "
                                                                      "caller's own: the user comes from the "
                                                                      "credentials"},

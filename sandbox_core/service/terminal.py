@@ -4,7 +4,8 @@ The WebSocket carries the terminal's bytes both ways as binary messages, and JSO
 messages for the rest:
 
     client → service   first message (text): {"argv"?: [...], "shell"?: "...", "rows": R,
-                       "cols": C, "term"?: "xterm-256color", "timeout"?: S, "stdin"?: true}
+                       "cols": C, "term"?: "xterm-256color", "timeout"?: S, "stdin"?: true,
+                       "network"?: {"mode": "none"} | {"allow": ["HOST[:PORT]", ...]}}
                        then binary messages: keys; text: {"type": "resize", "rows", "cols"},
                        {"type": "eof"} (no more keys)
     service → client   binary messages: what the terminal wrote; once, at the end (text):
@@ -32,7 +33,7 @@ from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from sandbox_core.errors import ConfigError, SandboxError
-from sandbox_core.requests import TERM_NAME, check_window
+from sandbox_core.requests import TERM_NAME, check_window, network_from_json
 from sandbox_core.terminal import LOGIN_SHELL, Terminal
 
 OPEN_TIMEOUT = 10.0
@@ -78,6 +79,10 @@ class _Opening:
             raise ConfigError("timeout", "must be a positive number of seconds")
         self.timeout = float(timeout) if timeout is not None else None
         self.stdin = body.get("stdin", True) is not False
+        try:
+            self.network = network_from_json(body.get("network"))
+        except ValueError as exc:
+            raise ConfigError("network", str(exc)) from None
 
 
 def _control(text: str) -> dict[str, Any]:
@@ -113,8 +118,12 @@ async def serve_terminal(websocket: WebSocket, user_id: str, pool: Any) -> None:
         return
     except WebSocketDisconnect:
         return
-    session = pool.terminal(user_id, opening.argv, rows=opening.rows, cols=opening.cols, term=opening.term,
-                            timeout=opening.timeout, stdin=opening.stdin)
+    try:
+        session = pool.terminal(user_id, opening.argv, rows=opening.rows, cols=opening.cols, term=opening.term,
+                                timeout=opening.timeout, stdin=opening.stdin, network=opening.network)
+    except ConfigError as exc:  # a narrowing that would widen the policy
+        await _refuse(websocket, INVALID, str(exc))
+        return
     async with session as term:
         output = asyncio.create_task(_output(websocket, term))
         keys = asyncio.create_task(_keys(websocket, term, opening.stdin))

@@ -156,6 +156,35 @@ def test_exec_t_runs_on_a_terminal_and_passes_the_exit_code(session: Callable[..
     assert s.finish() == 5
 
 
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed: no egress proxy")
+def test_exec_t_takes_network_narrowing(session: Callable[..., Session], tmp_path: Path) -> None:
+    """``exec -t --allow`` narrows a terminal's network as it does a plain exec (refused with a
+    usage error before): the program on the pty gets the narrowing's 403; ``--network none`` too."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = tmp_path / "sandbox.toml"
+        config.write_text('[network]\nmode = "allowlist"\nallow = ["registry.test", "other.test"]\n'
+                          'allow_private = ["127.0.0.1/32"]\n'
+                          'hosts = { "registry.test" = "127.0.0.1", "other.test" = "127.0.0.1" }\n')
+        url = f"http://registry.test:{server.server_address[1]}/"
+        get = (f"import urllib.request as u, urllib.error as e\ntry: u.urlopen({url!r}, timeout=20)\n"
+               "except e.HTTPError as x: print('STATUS', x.code, x.reason)")
+        for flags, why in ((("--allow", "other.test"), "not in this request's network list"),
+                           (("--network", "none"), "")):
+            s = session("--config", str(config), "--profile", "strict", "exec", "-t", *flags, "--user", "alice",
+                        "--", "python3", "-c", get)
+            line = s.expect(r"STATUS \d+ [^\r\n]*")
+            assert line.startswith("STATUS 403") and why in line, line
+            assert s.finish() == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_exec_of_a_shell_at_a_terminal_is_interactive_by_default(session: Callable[..., Session]) -> None:
     s = session("exec", "--user", "alice", "--", "sh")
     s.expect(r"[$#] ")

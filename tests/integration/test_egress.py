@@ -319,6 +319,28 @@ async def test_workers_are_pooled_per_network_policy(workspace_root: Path, serve
     assert "recycled" in json.dumps(recycled)
 
 
+async def test_file_transfers_take_a_narrowed_worker_and_bind_no_policy(workspace_root: Path, servers: Servers) -> None:
+    """A file transfer needs no network: it takes the user's worker whatever its narrowing (no
+    recycle), and on a worker bound to no narrowing yet it binds none (the next request's policy
+    binds it)."""
+    url = f"http://registry.test:{servers.port}/f"
+    async with SandboxOrchestrator(config(workspace_root).replace(max_workers_per_user=1)) as pool:
+        narrow = await pool.execute("alice", py(GET.format(url=url), network=("other.test",)))
+        await pool.files.put("alice", "note.txt", b"kept")
+        assert await pool.files.get("alice", "note.txt") == b"kept"
+        after = await pool.execute("alice", py(GET.format(url=url), network=("other.test",)))
+        assert after.worker_id == narrow.worker_id and pool.get_pool_stats()["recycled"] == 0
+        assert json.loads(after.stdout_text)["status"] == 403  # still narrowed: the transfer widened nothing
+        await pool.stop_workers(user_id="alice")
+        await pool.files.put("alice", "first.txt", b"a transfer first")
+        (fresh,) = [w for w in pool._workers.values() if w.user_id == "alice"]
+        assert fresh.egress is not None and not fresh.network_bound
+        wide = await pool.execute("alice", py(GET.format(url=url)))
+        assert wide.worker_id == fresh.worker_id and json.loads(wide.stdout_text)["status"] == 200
+        assert pool.get_pool_stats()["recycled"] == 0
+    assert servers.seen == ["/f"]
+
+
 HOLD = """
 import socket, sys, time
 socks = []

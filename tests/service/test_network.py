@@ -98,3 +98,36 @@ async def test_a_request_narrows_the_network_and_never_widens_it(
             answer = await http.post("/v1/runs/agent", json={"prompt": "hi", "network": bad})
             assert answer.status_code == 400 and answer.json()["field"] == "network", bad
     assert registry.seen == ["/n", "/n"]  # type: ignore[attr-defined]
+
+
+async def test_a_terminal_narrows_the_network_and_a_widening_opening_is_refused(
+    service: Live, registry: http.server.ThreadingHTTPServer
+) -> None:
+    """``WS /v1/terminal`` takes the same ``network`` as a run: a narrowed terminal's program gets
+    the 403 of its narrowing; an opening that would widen the policy is refused (4400) before any
+    worker is asked."""
+    from websockets.asyncio.client import unix_connect
+
+    url = f"http://registry.test:{registry.server_address[1]}/t"
+    async with ServiceClient(service.target) as client:
+        async with client.terminal(["python3", "-c", GET, url], network=("other.test",)) as term:
+            seen = bytearray()
+            while chunk := await term.read():
+                seen += chunk
+            assert await term.wait() == 0
+        narrowed = json.loads(bytes(seen).decode().strip().splitlines()[-1])
+        assert narrowed["status"] == 403 and "request network = [other.test]" in str(narrowed["body"])
+        async with client.terminal(["python3", "-c", GET, url]) as term:  # the configured policy
+            seen = bytearray()
+            while chunk := await term.read():
+                seen += chunk
+        assert json.loads(bytes(seen).decode().strip().splitlines()[-1])["status"] == 200
+    assert service.socket_path is not None
+    for opening, field in (({"allow": ["evil.example"]}, "would widen"), ({"mode": "open"}, "network")):
+        async with unix_connect(str(service.socket_path), "ws://x/v1/terminal") as ws:
+            await ws.send(json.dumps({"argv": ["true"], "network": opening}))
+            refusal = json.loads(await ws.recv())
+            assert refusal["type"] == "error" and field in refusal["error"]["message"], refusal
+            await ws.wait_closed()
+            assert ws.close_code == 4400
+    assert registry.seen == ["/t"]  # type: ignore[attr-defined]
