@@ -7,7 +7,15 @@ from typing import Annotated
 import typer
 
 from cli import output
-from cli.commands.common import ProfileName, effective_config, state_of
+from cli.commands.common import (
+    ALLOW_HELP,
+    NETWORK_HELP,
+    NetworkName,
+    ProfileName,
+    effective_config,
+    network_flags,
+    state_of,
+)
 from cli.commands.exec_cmd import run_terminal_job
 from cli.runtime import service_target, warn_ignored
 
@@ -18,6 +26,8 @@ def shell_command(
     timeout: Annotated[float | None, typer.Option(
         "--timeout", help="Seconds before the session ends (default: terminal_timeout, else request_timeout).")] = None,
     profile: Annotated[ProfileName | None, typer.Option("--profile", help="Isolation profile.")] = None,
+    network: Annotated[NetworkName | None, typer.Option("--network", help=NETWORK_HELP)] = None,
+    allow: Annotated[list[str] | None, typer.Option("--allow", metavar="HOST[:PORT]", help=ALLOW_HELP)] = None,
 ) -> None:
     """Open a login shell (bash if the sandbox has it, else sh) in the user's /workspace.
 
@@ -29,11 +39,12 @@ def shell_command(
     from sandbox_core.terminal import LOGIN_SHELL
 
     state = state_of(ctx)
+    narrowing = network_flags(network, allow)
     target = service_target(state)
     warn_ignored(target, profile=profile)
     config = effective_config(state, profile, min_idle=0, warn=target is None)
     code = run_terminal_job(state, config, target, state.user_id(user), list(LOGIN_SHELL), timeout=timeout,
-                            interactive=True, user=user)
+                            interactive=True, user=user, network=narrowing)
     raise typer.Exit(code)
 
 

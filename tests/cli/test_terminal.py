@@ -157,9 +157,10 @@ def test_exec_t_runs_on_a_terminal_and_passes_the_exit_code(session: Callable[..
 
 
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed: no egress proxy")
-def test_exec_t_takes_network_narrowing(session: Callable[..., Session], tmp_path: Path) -> None:
+def test_terminals_take_network_narrowing(session: Callable[..., Session], tmp_path: Path) -> None:
     """``exec -t --allow`` narrows a terminal's network as it does a plain exec (refused with a
-    usage error before): the program on the pty gets the narrowing's 403; ``--network none`` too."""
+    usage error before): the program on the pty gets the narrowing's 403; ``--network none`` too,
+    and ``sandbox shell --allow``."""
     import http.server
     import threading
 
@@ -180,6 +181,16 @@ def test_exec_t_takes_network_narrowing(session: Callable[..., Session], tmp_pat
             line = s.expect(r"STATUS \d+ [^\r\n]*")
             assert line.startswith("STATUS 403") and why in line, line
             assert s.finish() == 0
+        s = session("--config", str(config), "--profile", "strict", "shell", "--allow", "other.test", "--user", "alice")
+        s.ready()
+        s.line("python3 - <<'EOF'")
+        for code in get.splitlines():
+            s.line(code)
+        s.line("EOF")
+        line = s.expect(r"STATUS \d+ [^\r\n]*")
+        assert line.startswith("STATUS 403") and "not in this request's network list" in line, line
+        s.line("exit")
+        assert s.finish() == 0
     finally:
         server.shutdown()
         server.server_close()
