@@ -36,9 +36,9 @@ plus ``max_tokens`` before it is forwarded, so concurrent calls cannot overshoot
 Concurrency: at most ``model.max_user_calls`` calls of one user are in flight at once (each
 worker also takes at most ``MAX_HOST_CALLS``); one more is refused at once with reason
 ``overloaded`` and ``retry_after`` seconds, which the model endpoint answers as the API
-does when it is busy (503 ``overloaded_error``, ``retry-after``) and the agent runtime's
-transport as a retryable connection failure, so a client waits and retries instead of
-hanging on the host.
+does when it is busy (503 ``overloaded_error``, ``retry-after``), and so does the agent
+runtime's transport to its SDK client, so a client waits and retries instead of hanging on
+the host.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ through the transport and the gateway exactly as from a worker, minus the pipe.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import subprocess
 import sys
@@ -264,6 +265,41 @@ async def test_gateway_refusal_is_not_retried(workspace: Path) -> None:
         await runtime.run(ctx, {"prompt": "hi", "model": MODEL})
     assert ctx.of("error")[0]["code"] == "no_api_key"
     assert gateway.stats()["alice"]["refused"] == 1
+
+
+async def test_a_busy_gateway_is_a_503_the_sdk_retries_after_retry_after(workspace: Path) -> None:
+    """The gateway's ``overloaded`` refusal reaches the SDK as the API's busy answer (503
+    ``overloaded_error``, ``retry-after``): retried, and in the end a typed 503, not a lost
+    connection."""
+    from sandbox_core.errors import SandboxError
+
+    gateway = ModelGateway(ModelConfig(provider="offline"))
+    ctx = FakeContext(gateway, workspace)
+    calls: list[float] = []
+
+    def busy(method: str, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        async def refuse() -> AsyncIterator[dict[str, Any]]:
+            calls.append(time.monotonic())
+            if len(calls) <= 3:
+                raise SandboxError("over model.max_user_calls", data={"reason": "overloaded", "retry_after": 1,
+                                                                      "retryable": True})  # fmt: skip
+            async for chunk in gateway.handle("alice", params):
+                yield chunk
+
+        return refuse()
+
+    ctx.channel.call_host = busy  # type: ignore[method-assign]
+    with pytest.raises(GatewayError) as caught:
+        await runtime.run(ctx, {"prompt": "hi", "model": MODEL})
+    assert caught.value.data == {"status": 503, "error_type": "overloaded_error"}
+    assert len(calls) == 3  # the first try and the SDK's two retries
+    assert min(b - a for a, b in itertools.pairwise(calls)) >= 0.9  # it waited what retry-after said
+    calls.clear()
+    calls.append(0.0)  # one more refusal, then the gateway answers
+    calls.append(0.0)
+    result = await runtime.run(ctx, {"prompt": "hi", "model": MODEL})
+    assert result["stop_reason"] == "end_turn" and len(calls) == 4
+    await gateway.aclose()
 
 
 LIVE = "echo first; while [ ! -e go ]; do sleep 0.05; done; echo second"

@@ -15,9 +15,13 @@ as the host sends it. How failures look to the SDK:
 - the gateway refuses the request (bad host/path, budget, no key): :class:`GatewayRefused`,
   an ``anthropic.AnthropicError`` that the SDK neither wraps nor retries, carrying the
   original :class:`~sandbox_core.errors.SandboxError` as ``error`` and ``__cause__``;
-- the gateway could not reach the API, or is busy (``data["retryable"]``: reasons
-  ``unreachable``, ``timeout``, ``overloaded``): ``httpx2.ConnectError``, which the SDK turns
-  into ``APIConnectionError`` and retries like any connection failure;
+- the gateway is busy (reason ``overloaded``: a user's or a worker's cap on calls in flight):
+  the answer the API gives when it is busy, 503 ``overloaded_error`` with ``retry-after`` and
+  ``x-should-retry: true``, so the SDK waits what the host asks, then retries (and in the end
+  raises the 503 as ``InternalServerError``);
+- the gateway could not reach the API (``data["retryable"]``: reasons ``unreachable``,
+  ``timeout``): ``httpx2.ConnectError``, which the SDK turns into ``APIConnectionError`` and
+  retries like any connection failure;
 - the call fails after the response started (a stream cut off upstream):
   ``httpx2.RemoteProtocolError`` from the SDK's stream, as a dropped connection would.
 
@@ -73,10 +77,31 @@ class GatewayTransport(httpx2.AsyncBaseTransport):
         stream = _HostBody(chunks, request, self._cancel)
         try:
             first = await stream.first()
+        except _Busy as busy:
+            await stream.aclose()
+            return busy.response(request)
         except BaseException:
             await stream.aclose()
             raise
         return httpx2.Response(first[0], headers=first[1], stream=stream, request=request)
+
+
+class _Busy(Exception):
+    """The gateway refused a call as ``overloaded``: answered as the API answers when busy."""
+
+    def __init__(self, error: SandboxError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+    def response(self, request: httpx2.Request) -> httpx2.Response:
+        import json
+
+        headers = [("content-type", "application/json"), ("x-should-retry", "true")]
+        wait = self.error.data.get("retry_after")
+        if isinstance(wait, int) and not isinstance(wait, bool) and 0 < wait <= 60:
+            headers.append(("retry-after", str(wait)))
+        body = {"type": "error", "error": {"type": "overloaded_error", "message": self.error.message}}
+        return httpx2.Response(503, headers=headers, content=json.dumps(body).encode(), request=request)
 
 
 class _HostBody(httpx2.AsyncByteStream):
@@ -106,6 +131,8 @@ class _HostBody(httpx2.AsyncByteStream):
         try:
             chunk = await self._next()
         except SandboxError as exc:
+            if exc.data.get("reason") == "overloaded":
+                raise _Busy(exc) from exc
             if exc.data.get("retryable"):
                 raise httpx2.ConnectError(f"model gateway: {exc.message}", request=self._request) from exc
             raise GatewayRefused(exc) from exc
