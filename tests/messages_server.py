@@ -266,5 +266,7 @@ class MessagesServer:
         if gone in done:
             waiter.set()  # frees the helper thread
             return False
-        gone.cancel()
+        gone.cancel()  # and wait until it is gone: the next request's readline() would find it still reading
+        with contextlib.suppress(asyncio.CancelledError):
+            await gone
         return True
