@@ -115,13 +115,17 @@ def _show(rows: list[dict[str, Any]], as_json: bool, title: str) -> None:
 def launch_command(
     ctx: typer.Context,
     count: Annotated[int, typer.Argument(min=1, help="How many workers to pre-warm.")],
-    user: Annotated[str | None, typer.Option("--user", help="Pre-warm for this user (strict needs one).")] = None,
+    user: Annotated[str | None, typer.Option(
+        "--user", help="Pre-warm for this user (default: unbound workers any user can claim, where the "
+                       "profile allows them; else the current user).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the workers as JSON.")] = False,
 ) -> None:
     """Pre-warm COUNT workers and show them.
 
-    Unbound workers in the process profile; in strict (which mounts the workspace at
-    spawn) workers warm for --user (default: the current user).
+    Unbound workers, claimed by the next new user, where the profile allows them (process;
+    strict on a root host, which attaches the workspace at the claim); elsewhere (strict on a
+    non-root host mounts the workspace at spawn) workers warm for --user (default: the
+    current user).
     """
     state = state_of(ctx)
     target, config = _pool_for_command(ctx, prewarm=False)
