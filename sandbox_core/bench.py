@@ -506,6 +506,13 @@ async def _poll_until(predicate: Callable[[], bool], what: str, limit: float = 1
         await asyncio.sleep(0.005)
 
 
+def _quiet(pool: SandboxOrchestrator) -> bool:
+    """An agent-ready pre-warmed worker is waiting, and no worker is starting or preloading."""
+    idle = pool._idle_unbound()
+    starting = pool.get_pool_stats()["workers"]["starting"]
+    return bool(idle) and not starting and all(w.agent_ready for w in idle)
+
+
 async def agent_ready_first_text(config: ProcessSandboxConfig, n: int) -> Figure:
     """A new user's first ``text`` (offline model) from a pool whose idle workers preloaded the
     agent, against a cold worker (``preload = "none"``, spawned for the user) in the same run.
@@ -524,8 +531,8 @@ async def agent_ready_first_text(config: ProcessSandboxConfig, n: int) -> Figure
         await _first_text(pool, "warmup")
         for i in range(n):
             user = f"ready{i}"
-            if unbound:
-                await _poll_until(lambda: any(w.agent_ready for w in pool._idle_unbound()), "agent-ready worker")
+            if unbound:  # off the clock: the refill started and preloaded, the pool is quiet again
+                await _poll_until(lambda: _quiet(pool), "agent-ready worker")
             else:
                 (worker_id,) = await pool.launch(1, user_id=user)
                 ready = pool._workers[worker_id]
