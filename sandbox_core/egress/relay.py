@@ -49,6 +49,7 @@ MAX_CONN_ID = 2**64 - 1
 MAX_FIRST = 256 * 1024
 """Largest ``first`` of an ``egress.open`` (a request head, at most the proxy's, plus what followed it)."""
 _MiB = 1024 * 1024
+_RECORDS_PER_WAKE = 64
 _FD_SPACE = socket.CMSG_SPACE(array.array("i").itemsize)
 """Room for one descriptor: any more a record carries are discarded by the kernel (MSG_CTRUNC)."""
 
@@ -124,7 +125,9 @@ class Relay:
     def _handed(self) -> None:
         """Read handoff records: each pairs one waiting upstream socket with the client's socket."""
         handoff = self._handoff
-        while handoff is not None:
+        for _ in range(_RECORDS_PER_WAKE):  # a worker that floods the socketpair cannot hold the loop
+            if handoff is None:
+                return
             try:
                 data, ancillary, flags, _ = handoff.recvmsg(EGRESS_HANDOFF.size - len(self._record), _FD_SPACE,
                                                            socket.MSG_CMSG_CLOEXEC)  # fmt: skip
