@@ -15,9 +15,9 @@ spawn: one record of the connection id (u64, big-endian) with the socket attache
 sandbox's own: the sandbox has loopback only), and splices upstream and client sockets into
 each other itself (:mod:`sandbox_core.egress.tunnel`), counting every byte. The worker is never
 given the upstream socket, and a connection the worker does not hand over within
-``network.connect_timeout`` is closed. A record that is not exactly an id of a connection
-waiting for its socket with one descriptor attached ends the worker's network (every
-connection closed, the descriptors received closed).
+``network.connect_timeout`` is closed. A record that does not carry exactly one TCP socket
+ends the worker's network (every connection closed, the descriptors received closed); one for
+a connection that waits for none (its wait timed out) has its socket closed.
 
 Each worker has caps: ``network.max_connections`` open (or opening) at once, and
 ``network.max_mb`` relayed over its life; a connection that crosses the byte cap is
@@ -160,22 +160,24 @@ class Relay:
             handoff = self._handoff
 
     def _start(self, conn: int, fd: int) -> None:
-        """The client's socket for waiting connection ``conn``: checked, then tunnelled to its upstream."""
+        """The client's socket for waiting connection ``conn``: checked, then tunnelled to its upstream.
+
+        Anything but a TCP socket ends the worker's network; a socket for a connection that is
+        not waiting (its wait timed out, say) is closed alone."""
         try:
             client = socket.socket(fileno=fd)
-        except OSError:
+        except OSError:  # not a socket
             os.close(fd)
-            client = None
-        if client is not None and (client.family not in (socket.AF_INET, socket.AF_INET6)
-                                   or client.type != socket.SOCK_STREAM):  # fmt: skip
+            self._violation(f"connection {conn} was handed something that is not a socket")
+            return
+        if client.family not in (socket.AF_INET, socket.AF_INET6) or client.type != socket.SOCK_STREAM:
             client.close()
-            client = None
-        if conn not in self._waiting or client is None:
-            if client is not None:
-                client.close()
-            self._drop_waiting(conn)
-            log.warning("egress worker=%s handed over %s for connection %s; refused", self.worker_id,
-                        "no TCP socket" if client is None else "a socket", conn)  # fmt: skip
+            self._violation(f"connection {conn} was handed a socket that is not TCP")
+            return
+        if conn not in self._waiting:
+            client.close()
+            log.warning("egress worker=%s handed a socket for connection %s, which waits for none; closed",
+                        self.worker_id, conn)  # fmt: skip
             return
         upstream, timer = self._waiting.pop(conn)
         timer.cancel()
@@ -187,11 +189,13 @@ class Relay:
             waiting[1].cancel()
             waiting[0].close()
 
-    def _count(self, n: int) -> bool:
-        """Add ``n`` relayed bytes (from the tunnels' threads too); False once past the byte cap."""
+    def _count(self, n: int) -> int:
+        """How many of ``n`` bytes read may be relayed (from the tunnels' threads too): all, or what
+        is left of the byte cap; those are added to :attr:`relayed`."""
         with self._counting:
-            self.relayed += n
-            return not self._byte_cap or self.relayed <= self._byte_cap
+            allowed = n if not self._byte_cap else max(0, min(n, self._byte_cap - self.relayed))
+            self.relayed += allowed
+            return allowed
 
     async def open(self, params: dict[str, Any]) -> dict[str, Any]:
         """Decide one ``egress.open`` and, if allowed, connect; the answer for the inside."""
@@ -268,9 +272,8 @@ class Relay:
             try:
                 sock.setblocking(False)
                 await loop.sock_connect(sock, (str(address), port))
-                if head:  # counted like the tunnel's bytes: one that crosses the cap ends at its first read
-                    self._count(len(head))
-                    await loop.sock_sendall(sock, head)
+                if head:  # counted like the tunnel's bytes (the cap is not reached: checked above)
+                    await loop.sock_sendall(sock, head[: self._count(len(head))])
             except OSError as exc:
                 sock.close()
                 error = exc

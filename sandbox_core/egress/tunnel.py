@@ -10,8 +10,8 @@ the ceiling of one relay process, ~0.5x). A direction reads its source only once
 empty, so what the host holds per direction is one pipe (at most :data:`PIPE_BYTES`); a side
 that stops reading stops the other side's socket, whose bytes then wait in the kernel's socket
 buffers (each side's own memory). End of file on one side is a half close of the other
-(``shutdown(SHUT_WR)``); an error on either socket, or a byte count the relay refuses (its byte
-cap), ends both at once.
+(``shutdown(SHUT_WR)``); an error on either socket ends both at once, and so does the relay's
+byte cap, once the bytes within it are passed on (exact to the byte).
 
 Ending is by ``shutdown(SHUT_RDWR)``, which wakes both threads; the sockets are closed only by
 the last thread to leave (under the lock :meth:`Tunnel.abort` takes too), so no descriptor is
@@ -40,15 +40,16 @@ _FLAGS = getattr(os, "SPLICE_F_MOVE", 0)
 class Tunnel:
     """Both directions of one connection; :meth:`abort`, an error or the end of both closes everything.
 
-    ``count`` is called (from the directions' threads) with every byte count read; False ends
-    the connection. ``on_closed`` is called on the event loop once every descriptor is closed."""
+    ``count`` is called (from the directions' threads) with every byte count read and answers
+    how many of them may pass; fewer than all ends the connection once those are passed on.
+    ``on_closed`` is called on the event loop once every descriptor is closed."""
 
     def __init__(
         self,
         upstream: socket.socket,
         client: socket.socket,
         *,
-        count: Callable[[int], bool],
+        count: Callable[[int], int],
         on_closed: Callable[[Tunnel], None],
     ) -> None:
         self._loop = asyncio.get_running_loop()
@@ -87,11 +88,13 @@ class Tunnel:
                     with contextlib.suppress(OSError):
                         dst.shutdown(socket.SHUT_WR)
                     break
-                if not self._count(n):
+                allowed = self._count(n)
+                left = allowed
+                while left:
+                    left -= os.splice(read_end, dst.fileno(), left, flags=_FLAGS)
+                if allowed < n:  # the cap falls inside this read: what is within it is passed on
                     self.abort()
                     break
-                while n:
-                    n -= os.splice(read_end, dst.fileno(), n, flags=_FLAGS)
         except OSError:
             self.abort()
         finally:

@@ -50,9 +50,9 @@ async def test_bytes_cross_both_ways_with_half_closes_and_every_descriptor_is_cl
     closed = asyncio.Event()
     counted: list[int] = []
 
-    def count(n: int) -> bool:
+    def count(n: int) -> int:
         counted.append(n)
-        return True
+        return n
 
     Tunnel(upstream, client, count=count, on_closed=lambda _: closed.set())
     down, up = os.urandom(5_000_000), os.urandom(300_000)
@@ -74,21 +74,22 @@ async def test_bytes_cross_both_ways_with_half_closes_and_every_descriptor_is_cl
     assert _fds() == before
 
 
-async def test_a_refused_count_ends_both_sides_at_once() -> None:
+async def test_the_cap_passes_the_bytes_within_it_then_ends_both_sides() -> None:
     server, upstream = _pair()
     curl, client = _pair()
     closed = asyncio.Event()
     budget = [1_000_000]
 
-    def count(n: int) -> bool:
-        budget[0] -= n
-        return budget[0] >= 0
+    def count(n: int) -> int:
+        allowed = min(n, budget[0])
+        budget[0] -= allowed
+        return allowed
 
     Tunnel(upstream, client, count=count, on_closed=lambda _: closed.set())
     sender = asyncio.ensure_future(asyncio.to_thread(_send_until_broken, server, 50_000_000))
     got = await asyncio.to_thread(_drain_until_reset, curl)
     await asyncio.wait_for(closed.wait(), 20)
-    assert got <= 1_000_000 + 2 * 1024 * 1024  # past the cap by at most the read that crossed it
+    assert got == 1_000_000  # exactly what the cap allows, then the end
     assert await asyncio.wait_for(sender, 20) < 50_000_000  # the remote side was cut off too
     server.close()
     curl.close()
@@ -190,3 +191,8 @@ async def test_a_handoff_that_is_not_one_tcp_socket_of_a_waiting_connection_is_r
     for fd in (read_end, write_end):
         os.close(fd)
     await wait_for(lambda: _fds() <= before, 20, "every descriptor received is closed")
+    answer = await host.relay.open({"conn": 5, "host": "registry.test", "port": host.listener.getsockname()[1]})
+    if what == "unknown id":
+        assert answer["ok"] is True  # the network goes on
+    else:
+        assert answer["ok"] is False and "no egress socketpair" in answer["message"]
