@@ -52,9 +52,21 @@ _GLOBAL_VALUES: dict[str, tuple[str, Value]] = {
 }
 _EXEC_FLAGS = {"--shell": ("shell", True), "--raw": ("raw", True), "-t": ("tty", True), "--tty": ("tty", True),
                "--no-tty": ("tty", False), "-i": ("interactive", True), "--interactive": ("interactive", True)}
+def _host_entry(value: str) -> str:
+    from sandbox_core.config import parse_host_entry
+
+    parse_host_entry(value)  # ValueError for a bad entry: typer's command says what is wrong
+    return value
+
+
+_NETWORK_VALUES: dict[str, tuple[str, Value]] = {
+    "--network": ("network", lambda v: _choice(v, "none")), "--allow": ("allow", _host_entry),
+}
+_REPEATABLE = frozenset({"allow"})
+"""Options that may be given more than once (their values are collected in order)."""
 _EXEC_VALUES: dict[str, tuple[str, Value]] = {
     "--user": ("user", str), "--timeout": ("timeout", float),
-    "--profile": ("profile", lambda v: _choice(v, "strict", "process")),
+    "--profile": ("profile", lambda v: _choice(v, "strict", "process")), **_NETWORK_VALUES,
 }
 _RUN_FLAGS = {"--json": ("as_json", True), "--continue": ("resume_last", True)}
 _RUN_VALUES: dict[str, tuple[str, Value]] = {
@@ -62,6 +74,7 @@ _RUN_VALUES: dict[str, tuple[str, Value]] = {
     "--model": ("model", str), "--max-turns": ("max_turns", lambda v: _at_least(int(v), 1)),
     "--system": ("system", str), "--timeout": ("timeout", lambda v: _at_least(float(v), 0.001)),
     "--profile": ("profile", lambda v: _choice(v, "strict", "process")), "--conversation": ("conversation", str),
+    **_NETWORK_VALUES,
 }
 
 
@@ -71,7 +84,8 @@ def _options(
     """Click's reading of ``args`` for these options: (options, positional arguments).
 
     ``--`` ends the options; without ``interspersed`` so does the first positional argument.
-    An unknown option, a repeated one, a bad value or a missing one is :class:`_Unsure`.
+    An unknown option, a repeated one (but those of :data:`_REPEATABLE`, collected in a list),
+    a bad value or a missing one is :class:`_Unsure`.
     """
     options: dict[str, Any] = {}
     positional: list[str] = []
@@ -101,6 +115,9 @@ def _options(
             key, value = flags[arg]
         else:
             raise _Unsure
+        if key in _REPEATABLE:
+            options.setdefault(key, []).append(value)
+            continue
         if key in options:
             raise _Unsure
         options[key] = value
@@ -129,11 +146,23 @@ def _state(options: dict[str, Any]) -> Any:
     return state
 
 
+def _network(options: dict[str, Any]) -> dict[str, Any]:
+    """``--network none`` / ``--allow`` as the request's narrowing (``network``), as typer's command does."""
+    network, allow = options.pop("network", None), options.pop("allow", None)
+    if network is not None and allow:
+        raise _Unsure  # the two contradict: typer's command says so
+    if network is not None:
+        options["network"] = ()
+    elif allow:
+        options["network"] = tuple(allow)
+    return options
+
+
 def _exec_args(args: Sequence[str]) -> dict[str, Any]:
     options, command = _options(args, _EXEC_FLAGS, _EXEC_VALUES, interspersed=False)
     if not command:
         raise _Unsure
-    return {"command": command, **options}
+    return {"command": command, **_network(options)}
 
 
 def _run_args(args: Sequence[str]) -> dict[str, Any]:
@@ -146,7 +175,7 @@ def _run_args(args: Sequence[str]) -> dict[str, Any]:
         options["provider"] = ProviderName(options["provider"])
     if "profile" in options:
         options["profile"] = ProfileName(options["profile"])
-    return {"prompt": prompt[0], **options}
+    return {"prompt": prompt[0], **_network(options)}
 
 
 _COMMANDS: dict[str, Callable[[Sequence[str]], dict[str, Any]]] = {"exec": _exec_args, "run": _run_args}

@@ -951,8 +951,13 @@ async def egress_throughput(config: ProcessSandboxConfig, size: int, n: int, rou
     (a small request through the proxy against one straight from the host).
 
     The server is a separate process on 127.0.0.1, reached inside by a ``network.hosts`` name.
-    The three downloads run in turn, ``rounds`` times; each ratio is the median of the rounds'
-    ratios, so a machine whose load changes during the run skews both sides alike."""
+    Through the proxy the bytes take one more loopback TCP hop and one relay: the worker hands
+    curl's socket to the host, which splices the upstream socket into it (a thread per
+    direction, :mod:`sandbox_core.egress.tunnel`); so the relay's CPU is nearly all the host's
+    (``host_cpu_s``: this process, its tunnel threads included) and the worker's is the
+    request head and the handover (``worker_cpu_s``). The three downloads run in turn,
+    ``rounds`` times; each ratio is the median of the rounds' ratios, so a machine whose load
+    changes during the run skews both sides alike."""
     from sandbox_core.config import NetworkPolicy
 
     if shutil.which("curl") is None:

@@ -33,9 +33,6 @@ MAX_PAYLOAD = 1024 * 1024
 KIND_END, KIND_STDOUT, KIND_STDERR, KIND_STDIN = 0, 1, 2, 3
 STREAMS: dict[int, Literal["stdout", "stderr"]] = {KIND_STDOUT: "stdout", KIND_STDERR: "stderr"}
 _KINDS = frozenset({KIND_END, KIND_STDOUT, KIND_STDERR, KIND_STDIN})
-KIND_NET_DATA, KIND_NET_EOF, KIND_NET_CREDIT, KIND_NET_CLOSE = 16, 17, 18, 19
-"""Kinds of the network pipes (:mod:`sandbox_core.netpipe`), keyed by a connection id."""
-NET_KINDS = frozenset({KIND_NET_DATA, KIND_NET_EOF, KIND_NET_CREDIT, KIND_NET_CLOSE})
 PIPE_BYTES = 1024 * 1024
 """Capacity asked of the data pipe (F_SETPIPE_SZ): fewer, larger reads and writes."""
 F_SETPIPE_SZ = 1031

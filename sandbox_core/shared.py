@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import re
+import struct
 from collections.abc import Iterator
 
 WORKER_ENTRY = "sandbox_core.inside.boot"
@@ -41,6 +42,8 @@ PRELOADED = "worker.preloaded"
 EGRESS_PROXY_PORT = 3128
 """The port of the network proxy on the strict sandbox's own loopback (127.0.0.1)."""
 EGRESS_OPEN = "egress.open"
+EGRESS_HANDOFF = struct.Struct(">Q")
+"""A record on the egress socketpair: the connection id, with the client's socket attached (SCM_RIGHTS)."""
 """The worker → host JSON-RPC method asking for one outbound connection (the host decides)."""
 NO_PROXY = "localhost,127.0.0.1,::1"
 """Names commands reach directly, never through the proxy (the sandbox's own loopback)."""

@@ -33,6 +33,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
@@ -405,12 +406,11 @@ class SandboxWorker:
         net = spec.plan.get("network")
         if isinstance(net, dict):
             self.egress = Relay(self.config.network, self.worker_id, lambda: self.user_id, self._on_egress)
-        if isinstance(net, dict) and net.get("pipes"):  # worker -> host, host -> worker
-            (up_read, up_write), (down_read, down_write) = os.pipe2(os.O_CLOEXEC), os.pipe2(os.O_CLOEXEC)
-            inside_ends += [up_write, down_read]
-            host_ends += [up_read, down_write]
-        writing_ends = [data_write, stdin_write, *([inside_ends[2], host_ends[3]] if len(inside_ends) == 4 else [])]
-        for fd in writing_ends:
+        if isinstance(net, dict) and net.get("handoff"):  # the worker hands client sockets over it
+            host_end, inside_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            inside_ends.append(inside_end.detach())
+            host_ends.append(host_end.detach())
+        for fd in (data_write, stdin_write):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
         try:
@@ -442,8 +442,8 @@ class SandboxWorker:
             asyncio.streams.FlowControlMixin, os.fdopen(stdin_write, "wb", buffering=0)
         )
         self._stdin = asyncio.StreamWriter(stdin_transport, stdin_protocol, None, loop)
-        if len(host_ends) == 4 and self.egress is not None:
-            await self.egress.attach(host_ends[2], host_ends[3])
+        if len(host_ends) == 3 and self.egress is not None:
+            await self.egress.attach(host_ends[2])
         if spec.after_spawn is not None:  # e.g. into its cgroups: file writes, off the loop
             await asyncio.to_thread(spec.after_spawn, self._pid)
         params: dict[str, Any] = {
@@ -451,8 +451,8 @@ class SandboxWorker:
         }
         if self.preload == "agent":
             params["preload"] = "agent"
-        if len(inside_ends) == 4:
-            params["net_fds"] = inside_ends[2:]
+        if len(inside_ends) == 3:
+            params["handoff_fd"] = inside_ends[2]
         bind_now = spec.bound_at_spawn and self.user_id is not None and spec.workspace_in_sandbox is not None
         if bind_now:  # the worker answers the bind too before it imports its serving loop
             params["bind_follows"] = True

@@ -196,12 +196,12 @@ def _fds_command(ctx: Evidence) -> Verdict:
 def _fds_worker(ctx: Evidence) -> Verdict:
     fds: list[dict[str, Any]] = ctx.get("worker_fds")["fds"]
     # control in and out, output and input pipes; the model endpoint's loopback listener (strict);
-    # the proxy's listening socket (strict) and the two net pipes when the policy allows network
+    # the proxy's listening socket (strict) and the egress socketpair when the policy allows network
     budget = {"pipe": 4, "eventpoll": 1, "socketpair": 2, "model endpoint": 1}
     if ctx.config.profile == "strict":
         budget["proxy"] = 1
         if ctx.config.network.mode == "allowlist":
-            budget["pipe"] += 2
+            budget["socketpair"] += 1
     counts: dict[str, int] = {}
     unexpected: list[str] = []
     for entry in fds:

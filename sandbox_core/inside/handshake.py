@@ -48,8 +48,8 @@ MAX_NESTING = 64
 class Booted:
     """What the handshake settled, for the serving loop's executor to adopt."""
 
-    __slots__ = ("data_fd", "initialized", "input_ended", "net_fds", "pending", "plan", "preload", "report", "stdin_fd",
-                 "user_id", "worker_id", "workspace")  # fmt: skip
+    __slots__ = ("data_fd", "handoff_fd", "initialized", "input_ended", "pending", "plan", "preload", "report",
+                 "stdin_fd", "user_id", "worker_id", "workspace")  # fmt: skip
 
     def __init__(self) -> None:
         self.initialized = False
@@ -60,7 +60,7 @@ class Booted:
         self.workspace: str | None = None
         self.data_fd: int | None = None
         self.stdin_fd: int | None = None
-        self.net_fds: Any = None
+        self.handoff_fd: Any = None
         self.input_ended = False
         self.preload = False
         """The host asked for the agent preload (started by the serving loop once confinement is complete)."""
@@ -164,7 +164,7 @@ def initialize(booted: Booted, params: dict[str, Any]) -> dict[str, Any]:
     booted.plan, booted.report = plan, report
     booted.initialized = True
     booted.data_fd, booted.stdin_fd = _pipe_fd(params, "data_fd"), _pipe_fd(params, "stdin_fd")
-    booted.net_fds = params.get("net_fds")
+    booted.handoff_fd = params.get("handoff_fd")
     booted.preload = params.get("preload") == "agent"
     if isinstance(endpoint, dict):  # the sandbox's own loopback (shared.MODEL_ENDPOINT_HOST)
         report["model_endpoint"] = f"127.0.0.1:{endpoint['port']}"

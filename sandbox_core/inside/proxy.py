@@ -7,15 +7,18 @@ npm, git, curl and urllib use it unchanged. It speaks ``CONNECT host:port`` (tun
 goes end to end) and plain HTTP with an absolute URI (``GET http://host/path``, sent on as
 origin form with ``Connection: close``: one request per connection).
 
-The proxy decides nothing: it asks the host (``egress.open``) for each connection, and the
-host checks its policy, resolves the name, connects and relays the bytes over the net pipes
-(:mod:`sandbox_core.netpipe`). A refusal is answered ``403`` (``502`` when the host could
-not connect) with the host's reason as the status line's phrase, for ``CONNECT`` and plain
-requests alike, and a body naming the host, the port and the policy.
+The proxy decides nothing and relays nothing: it asks the host (``egress.open``) for each
+connection, and the host checks its policy, resolves the name and connects; the proxy then
+answers ``CONNECT`` with ``200`` and hands the client's socket to the host over the egress
+socketpair (``SCM_RIGHTS``, :mod:`sandbox_core.egress.relay`), which splices it to the upstream
+socket itself, and closes its own copy. A refusal is answered ``403`` (``502`` when the host
+could not connect) with the host's reason as the status line's phrase, for ``CONNECT`` and
+plain requests alike, and a body naming the host, the port and the policy.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import itertools
@@ -25,10 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sandbox_core import netpipe
 from sandbox_core.errors import SandboxError
 from sandbox_core.inside.channel import Channel
-from sandbox_core.shared import EGRESS_OPEN, EGRESS_PROXY_PORT
+from sandbox_core.shared import EGRESS_HANDOFF, EGRESS_OPEN, EGRESS_PROXY_PORT
 
 MAX_HEAD = 64 * 1024
 """Largest request head (request line and headers) the proxy reads."""
@@ -102,12 +104,12 @@ def refusal(status: int, message: str, host: str, port: int, policy: str) -> byt
 class Proxy:
     """The listening proxy of one worker: a plain listening socket; each client a :class:`_Client`.
 
-    Sockets are plain non-blocking sockets (not asyncio transports), so that once a request
-    is answered the client's socket can be spliced from (:mod:`sandbox_core.netpipe`)."""
+    Sockets are plain non-blocking sockets (not asyncio transports), so that once a request is
+    answered the client's socket can be handed to the host with nothing of it kept here."""
 
-    def __init__(self, channel: Channel, mux: netpipe.Mux | None) -> None:
+    def __init__(self, channel: Channel, handoff: socket.socket | None) -> None:
         self.channel = channel
-        self.mux = mux
+        self.handoff = handoff
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task[None]] = set()
         self._clients: set[_Client] = set()
@@ -157,41 +159,34 @@ class Proxy:
             client.refuse(refusal(400, str(exc), "-", 0, ""))
             return
         conn = next(self._ids)
-        stream = None
-        if self.mux is not None:
-            stream = netpipe.Stream(self.mux, conn, started=False, send_window=netpipe.UPLOAD_WINDOW,
-                                    receive_window=netpipe.DOWNLOAD_WINDOW)  # fmt: skip
+        first = b"" if request.connect else request.head
+        first += rest
         try:
-            answer: Any = await self.channel.ask_host(
-                EGRESS_OPEN, {"conn": conn, "host": request.host, "port": request.port}
-            )
+            params = {"conn": conn, "host": request.host, "port": request.port, "first": first.decode("latin-1")}
+            answer: Any = await self.channel.ask_host(EGRESS_OPEN, params)
         except SandboxError as exc:
             answer = {"ok": False, "status": 502, "message": f"the host did not answer: {exc.message}"}
         except BaseException:
             client.close()
-            if stream is not None:
-                stream.abort(tell=False)
             raise
         if not isinstance(answer, dict):
             answer = {"ok": False, "status": 502, "message": "the host's answer was not understood"}
-        if not answer.get("ok") or stream is None:
-            if stream is not None:
-                stream.abort(tell=bool(answer.get("ok")))
+        if not answer.get("ok") or self.handoff is None:
             status = answer.get("status")
             client.refuse(refusal(
                 status if isinstance(status, int) else 403, str(answer.get("message") or "refused"),
                 request.host, request.port, str(answer.get("policy") or ""),
             ))  # fmt: skip
             return
-        self.forget(client)
-        stream.attach(sock)
-        if request.connect:
-            stream.write_local(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        stream.start()
-        first = rest if request.connect else request.head + rest
-        if first:
-            stream.data_received(first)
-        stream.update_reading()
+        if request.connect:  # before the handover: the host's bytes come after it
+            with contextlib.suppress(OSError):
+                sock.send(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        fds = array.array("i", [sock.fileno()])
+        try:  # one small record: the socketpair's buffer takes it whole
+            self.handoff.sendmsg([EGRESS_HANDOFF.pack(conn)], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+        except OSError:
+            pass  # the host is gone or busy: it closes the connection it holds after its timeout
+        client.close()
 
     def forget(self, client: _Client) -> None:
         self._clients.discard(client)
@@ -260,17 +255,14 @@ class _Client:
         self.sock.close()
 
 
-async def start(channel: Channel, network: dict[str, Any], net_fds: Any) -> Proxy:
-    """The worker's proxy, listening, with the net pipes (if the host gave them) attached."""
-    mux: netpipe.Mux | None = None
-    if isinstance(net_fds, list) and len(net_fds) == 2 and all(isinstance(fd, int) for fd in net_fds):
-        mux = netpipe.Mux()
-        up, down = net_fds
-        for fd in (up, down):
-            os.set_inheritable(fd, False)  # commands never inherit them
-        netpipe.PipeOut(up, mux)
-        netpipe.PipeIn(down, mux)
-    proxy = Proxy(channel, mux)
+async def start(channel: Channel, network: dict[str, Any], handoff_fd: Any) -> Proxy:
+    """The worker's proxy, listening, with the egress socketpair (if the host gave one)."""
+    handoff: socket.socket | None = None
+    if isinstance(handoff_fd, int) and not isinstance(handoff_fd, bool):
+        os.set_inheritable(handoff_fd, False)  # commands never inherit it
+        handoff = socket.socket(fileno=handoff_fd)
+        handoff.setblocking(False)
+    proxy = Proxy(channel, handoff)
     port = network.get("proxy_port", EGRESS_PROXY_PORT)
     await proxy.start(port if isinstance(port, int) else EGRESS_PROXY_PORT)
     return proxy

@@ -181,7 +181,7 @@ class SandboxExecutor:
         if isinstance(network, dict) and self.channel is not None:
             from sandbox_core.inside import proxy
 
-            self.proxy = await proxy.start(self.channel, network, booted.net_fds)
+            self.proxy = await proxy.start(self.channel, network, booted.handoff_fd)
             os.environ.update(proxy_environment(self.proxy.port))
             self.report["network"] = {"proxy": f"127.0.0.1:{self.proxy.port}", "mode": network.get("mode")}
         if booted.workspace is not None:

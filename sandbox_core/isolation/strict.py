@@ -406,9 +406,10 @@ def strict_launch(
     if "net" in namespaces:  # a loopback port of the sandbox's own: no other tenant can reach it
         plan["model_endpoint"] = {"port": MODEL_ENDPOINT_PORT, "max_body": config.model_body_limit}
     # The network crossing: the worker's proxy on the sandbox's loopback asks the host for each
-    # connection; the net pipes (the relay's bytes) exist only when the policy can allow one.
+    # connection; the egress socketpair (client sockets handed to the host) exists only when the
+    # policy can allow one.
     plan["network"] = {"mode": config.network.mode, "proxy_port": EGRESS_PROXY_PORT,
-                       "pipes": config.network.mode == "allowlist"}  # fmt: skip
+                       "handoff": config.network.mode == "allowlist"}  # fmt: skip
     if ident is not None:
         plan["switch_user"] = {"uid": ident[0], "gid": ident[1]}
     if slot is not None:

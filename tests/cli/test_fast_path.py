@@ -47,6 +47,13 @@ def test_in_process_exec_loads_no_cli_framework_and_no_sdk(cli_env: dict[str, st
     assert "sandbox_core.service.client" not in modules and "httpx2" not in top_levels(modules)
 
 
+def test_an_exec_narrowing_the_network_loads_no_cli_framework(cli_env: dict[str, str]) -> None:
+    result, modules = imported(cli_env, "--local", "exec", "--network", "none", "--", "sh", "-c", "echo narrowed")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "narrowed\n"
+    assert not top_levels(modules) & set(HEAVY)
+
+
 def test_a_client_of_the_service_is_thin(unix_server: Server, tmp_path: Path) -> None:  # noqa: F811
     env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
     result, modules = imported(env, "--connect", unix_server.address, "exec", "--", "sh", "-c", "echo remote; exit 3")
@@ -80,6 +87,13 @@ def test_a_client_of_the_service_is_thin(unix_server: Server, tmp_path: Path) ->
         (["run", "a", "b"], False),
         (["run", "--max-turns", "0", "hi"], False),
         (["run", "--provider", "nope", "hi"], False),
+        (["exec", "--network", "none", "--", "true"], True),
+        (["exec", "--allow", "pypi.org", "--allow=*.github.com:443", "--", "true"], True),
+        (["run", "hi", "--allow", "pypi.org"], True),
+        (["exec", "--network", "all", "--", "true"], False),  # not a value typer takes
+        (["exec", "--network", "none", "--allow", "pypi.org", "--", "true"], False),  # contradict: typer says so
+        (["exec", "--allow", "bad host", "--", "true"], False),
+        (["exec", "--allow", "pypi.org:99999", "--", "true"], False),
     ],
 )
 def test_the_fast_path_takes_plain_forms_and_leaves_the_rest_to_typer(argv: list[str], taken: bool) -> None:
@@ -98,6 +112,17 @@ def test_what_the_fast_path_parsed_is_what_runs() -> None:
     options, name, arguments = fast_command(["--json", "run", "hi", "--provider", "offline", "--continue"])
     assert (options, name) == ({"json": True}, "run")
     assert arguments == {"prompt": "hi", "provider": "offline", "resume_last": True}
+    _, _, arguments = fast_command(["exec", "--allow", "pypi.org", "--allow", "*.github.com:443", "--", "true"])
+    assert arguments == {"command": ["true"], "network": ("pypi.org", "*.github.com:443")}
+    _, _, arguments = fast_command(["run", "--network=none", "hi"])
+    assert arguments == {"prompt": "hi", "network": ()}
+
+
+def test_network_flags_on_the_fast_path_reach_the_request(run_cli: Run) -> None:
+    refused = run_cli("exec", "-t", "--network", "none", "--", "true")  # the fast path took it: exec_main's check
+    assert refused.returncode == 2 and "do not apply to -t" in refused.stderr
+    contradiction = run_cli("exec", "--network", "none", "--allow", "pypi.org", "--", "true")  # typer's
+    assert contradiction.returncode == 2 and "contradict" in contradiction.stderr
 
 
 def test_what_it_declines_gets_typer_answers(run_cli: Run) -> None:

@@ -65,7 +65,7 @@ async def test_descriptors_return_to_baseline_after_many_connections(workspace_r
         def many(rounds: int) -> ExecRequest:
             return py(MANY.format(proxy=EGRESS_PROXY_PORT, port=servers.port, echo=servers.echo_port, rounds=rounds))
 
-        warm = await pool.execute("alice", many(1))  # the staging pipes are made once per side
+        warm = await pool.execute("alice", many(1))  # what is made once (the proxy, its first tasks) is made
         assert warm.stdout_text.strip() == "ok", warm.stderr_text
         worker = _worker_python_pid(pool.list_workers()[0]["pid"])
         host_before, worker_before = _fds("self"), _fds(worker)
