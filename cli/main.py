@@ -12,6 +12,7 @@ so the errors and help stay typer's.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -222,10 +223,31 @@ def main() -> None:
             _pacify()
             sys.exit(1)
         else:
-            sys.exit(code)
+            _leave_now(code)
     from cli.app import main as typer_main
 
     typer_main()
+
+
+def _leave_now(code: int) -> None:
+    """Exit with ``code`` once our output is flushed, skipping the interpreter's teardown.
+
+    By now the command is over: the pool was shut down (workers stopped and their cgroups
+    removed, the record closed) or the service's answer was read to its end, and every
+    thread still alive is a daemon (a stdin reader). What is left for a normal exit is
+    freeing every module and object one by one, 15-40 ms that nobody waits for; nothing in
+    this process registers an exit hook that matters (the only finalizers close descriptors,
+    which the kernel closes anyway).
+    """
+    try:
+        sys.stdout.flush()
+    except OSError as exc:
+        if exc.errno != errno.EPIPE:
+            raise
+        code = code or 1
+    with contextlib.suppress(OSError):
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def _pacify() -> None:

@@ -13,7 +13,6 @@ import contextlib
 import os
 import signal
 import sys
-import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, overload
 
@@ -135,6 +134,8 @@ def report(exc: BaseException, *, verbose: bool = False, err: Console | None = N
 
 def print_details(exc: BaseException, err: Console) -> None:
     """The traceback of ``exc`` and the worker's stderr lines it carries (for ``-v``), escaped."""
+    import traceback
+
     from sandbox_core.errors import SandboxError
 
     err.print(output.visible("".join(traceback.format_exception(exc))), markup=False, highlight=False)

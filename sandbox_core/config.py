@@ -13,11 +13,9 @@ in the environment the dot becomes a double underscore (``SANDBOX_LIMITS__CPU_SE
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import os
 import re
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
@@ -760,6 +758,8 @@ def _from_environ(environ: Mapping[str, str], known: Mapping[str, Any]) -> tuple
             continue
         key = var[len("SANDBOX_"):].lower().replace("__", ".")
         if key not in known:
+            import difflib  # only for this message
+
             close = difflib.get_close_matches(var, [env_variable(k) for k in known], n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             raise ConfigError(var, f"no such setting{hint} (a setting is SANDBOX_ and its dotted key, "
@@ -811,6 +811,8 @@ def load_config(
     used_path: Path | None = None
     file_path = path if path is not None else default_config_path(env)
     if path is not None or file_path.is_file():
+        import tomllib  # only with a config file: a command without one does not pay for the parser
+
         try:
             text = file_path.read_text()
             data = tomllib.loads(text)

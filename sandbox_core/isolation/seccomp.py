@@ -31,6 +31,7 @@ import errno
 import functools
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +98,8 @@ class Program:
 def program(unix_sockets: bool = True) -> Program:
     """Compile the filter once per process and setting (about a millisecond) and cache its bytes."""
     try:
-        import pyseccomp as sc
+        with _loader_sonames():
+            import pyseccomp as sc
     except (ImportError, OSError) as exc:
         raise IsolationUnavailable(
             f"seccomp needs the PyPI package 'pyseccomp' and libseccomp.so.2 ({exc}); "
@@ -107,6 +109,40 @@ def program(unix_sockets: bool = True) -> Program:
         return _compile(sc, unix_sockets)
     except OSError as exc:
         raise IsolationUnavailable(f"cannot build the seccomp filter: {exc}") from None
+
+
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+"""What ``ctypes.util.find_library`` answers for the libraries pyseccomp loads, on glibc."""
+
+
+@contextlib.contextmanager
+def _loader_sonames() -> Iterator[None]:
+    """While pyseccomp is imported, ``find_library("c")`` and ``find_library("seccomp")`` answer
+    with the soname when the dynamic loader itself resolves it (the same answer, from the same
+    ``ld.so.cache``) instead of running ``/sbin/ldconfig -p`` twice: two fork+execs that every
+    host process paid before its first strict worker. Any other name, or a soname that does not
+    load, goes to the real lookup."""
+    import ctypes
+    import ctypes.util
+
+    real = ctypes.util.find_library
+
+    def find_library(name: str) -> str | None:
+        soname = _SONAMES.get(name)
+        if soname is not None:
+            try:
+                ctypes.CDLL(soname)
+            except OSError:
+                pass
+            else:
+                return soname
+        return real(name)
+
+    ctypes.util.find_library = find_library
+    try:
+        yield
+    finally:
+        ctypes.util.find_library = real
 
 
 def _compile(sc: Any, unix_sockets: bool) -> Program:

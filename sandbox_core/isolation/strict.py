@@ -32,7 +32,7 @@ from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError, IsolationUnavailable
-from sandbox_core.isolation import cgroups, quota, runtime, slots, tenants
+from sandbox_core.isolation import cgroups, probes, quota, runtime, slots, tenants
 from sandbox_core.isolation.protect import DENY, FREEZE, TreeGuard
 from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
@@ -133,15 +133,29 @@ def find_bwrap(config: ProcessSandboxConfig) -> str:
     return found
 
 
-@functools.cache
-def bwrap_version(bwrap: str) -> str:
-    """``bwrap --version`` (cached; also proves the binary runs)."""
+def _probe_cache(config: ProcessSandboxConfig) -> Path | None:
+    """Where this host keeps bwrap's probe answers (None: probe every process; the state
+    directory's own check then fails the launch with its reason)."""
     try:
-        out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise IsolationUnavailable(f"{bwrap} does not run ({exc}); {INSTALL_HINT}",
-                                   data={"field": "strict.bwrap", "value": bwrap, "reason": "no_bwrap"}) from None
-    return out.stdout.strip() or "bubblewrap (unknown version)"
+        return probes.cache_dir(tenants.state_dir(config))
+    except (IsolationUnavailable, OSError):
+        return None
+
+
+@functools.cache
+def bwrap_version(bwrap: str, cache: Path | None = None) -> str:
+    """``bwrap --version`` (cached in this process, and in ``cache`` for the same binary:
+    :mod:`probes`; a run also proves the binary runs)."""
+
+    def run() -> str:
+        try:
+            out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise IsolationUnavailable(f"{bwrap} does not run ({exc}); {INSTALL_HINT}",
+                                       data={"field": "strict.bwrap", "value": bwrap, "reason": "no_bwrap"}) from None
+        return out.stdout.strip() or "bubblewrap (unknown version)"
+
+    return probes.probe_output(cache, [bwrap, "--version"], run)
 
 
 class _Fds:
@@ -309,12 +323,13 @@ def strict_launch(
     through a slot (:mod:`slots`, :func:`attach_user`); it keeps CAP_SETUID/CAP_SETGID until then.
     """
     bwrap = find_bwrap(config)
-    version = bwrap_version(bwrap)
+    cache = _probe_cache(config)
+    version = bwrap_version(bwrap, cache)
     if _version_tuple(version) < MIN_BWRAP:
         need = ".".join(map(str, MIN_BWRAP))
         raise IsolationUnavailable(f"{version} is too old for the strict profile (need {need}+); {INSTALL_HINT}",
                                    data={"field": "strict.bwrap", "value": bwrap, "reason": "no_bwrap"})
-    _require_options(bwrap, version)
+    _require_options(bwrap, version, cache)
     if unbound and (workspace is not None or os.geteuid() != 0):
         raise IsolationUnavailable("an unbound strict worker needs a root host and no workspace")
     key = tenants.tenant_key(config, workspace)
@@ -474,18 +489,21 @@ def launch_args(spec: LaunchSpec) -> list[str]:
 
 
 @functools.cache
-def _bwrap_help(bwrap: str) -> str:
-    try:
-        out = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise IsolationUnavailable(f"{bwrap} does not run ({exc}); {INSTALL_HINT}") from None
-    return out.stdout + out.stderr
+def _bwrap_help(bwrap: str, cache: Path | None = None) -> str:
+    def run() -> str:
+        try:
+            out = subprocess.run([bwrap, "--help"], capture_output=True, text=True, timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise IsolationUnavailable(f"{bwrap} does not run ({exc}); {INSTALL_HINT}") from None
+        return out.stdout + out.stderr
+
+    return probes.probe_output(cache, [bwrap, "--help"], run)
 
 
-def _require_options(bwrap: str, version: str) -> None:
+def _require_options(bwrap: str, version: str, cache: Path | None = None) -> None:
     """Fail closed unless bwrap has the options the profile is built on (``--args`` hides
     the argv from the sandbox, ``--bind-fd`` holds workspace entries in place)."""
-    text = _bwrap_help(bwrap)
+    text = _bwrap_help(bwrap, cache)
     missing = [o for o in BWRAP_OPTIONS if o not in text]
     if missing:
         raise IsolationUnavailable(

@@ -11,13 +11,11 @@ The user id of a run always comes from these credentials, never from a request b
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pwd
 import re
 import socket
 import struct
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,6 +41,8 @@ class Principal:
 
 
 def _digest(token: str) -> str:
+    import hashlib  # libcrypto: only the service digests tokens, never a client
+
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -58,6 +58,8 @@ class TokenTable:
     @classmethod
     def from_file(cls, path: Path) -> TokenTable:
         """Load ``[[token]]`` tables with ``token`` or ``sha256``, ``user``, ``role``."""
+        import tomllib
+
         try:
             data = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from tests.cli.conftest import Run
+from tests.cli.conftest import SANDBOX, Run
 
 
 def test_help_is_instant_and_documents_exit_codes(run_cli: Run) -> None:
@@ -80,7 +80,6 @@ BLOB = bytes(range(256)) * 512 + b"\xff\xfe\x00 tail"
 
 
 def _raw(cli_env: dict[str, str], *args: str, data: bytes) -> subprocess.CompletedProcess[bytes]:
-    from tests.cli.conftest import SANDBOX
 
     return subprocess.run([SANDBOX, *args], input=data, capture_output=True, timeout=60, env=cli_env, check=False)
 
@@ -96,3 +95,20 @@ def test_exec_says_which_limit_killed_the_command(run_cli: Run) -> None:
     result = run_cli("exec", "--", "yes", env={"SANDBOX_LIMITS__OUTPUT_MB": "1"})
     assert result.returncode == 137 and len(result.stdout) == 1024 * 1024
     assert "killed: output limit 1 MB" in result.stderr
+
+
+def test_a_one_shot_exits_at_once_yet_whole_and_cleaned_up(cli_env: dict[str, str]) -> None:
+    """The fast path leaves without the interpreter's teardown: output still arrives whole
+    (flushed first), the exit code is the command's, and the pool was shut down before it
+    (the worker's cgroups, named after this CLI's pid, are gone)."""
+    import glob
+
+    env = {**cli_env, "SANDBOX_PROFILE": "strict"}
+    script = "head -c 3000000 /dev/zero; echo end >&2; exit 5"
+    proc = subprocess.Popen([SANDBOX, "--local", "exec", "--", "sh", "-c", script], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 5, err
+    assert out == bytes(3000000) and err.endswith(b"end\n")
+    assert glob.glob(f"/sys/fs/cgroup/*/sandbox/o{proc.pid}.*") == []
+    assert glob.glob(f"/sys/fs/cgroup/*/*/*/sandbox/o{proc.pid}.*") == []

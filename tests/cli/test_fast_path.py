@@ -65,6 +65,8 @@ def test_a_client_of_the_service_is_thin(unix_server: Server, tmp_path: Path) ->
         assert module not in loaded, module
     heavy = top_levels(modules) & {*HEAVY, "httpx2", "httpcore2", "anyio", "asyncio", "ssl"}
     assert not heavy, sorted(heavy)  # a blocking request: not even an event loop
+    unneeded = modules & {"hashlib", "tomllib", "difflib", "traceback"}  # no config file, no token, no error
+    assert not unneeded, sorted(unneeded)
 
 
 @pytest.mark.parametrize(

@@ -352,7 +352,7 @@ def test_the_worker_runtime_has_its_packages_but_no_dev_tools(tmp_path: Path) ->
 
 
 def test_bwrap_without_args_fails_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(strict, "_bwrap_help", lambda bwrap: "--bind SRC DEST\n--ro-bind-fd FD DEST\n")
+    monkeypatch.setattr(strict, "_bwrap_help", lambda bwrap, cache=None: "--bind SRC DEST\n--ro-bind-fd FD DEST\n")
     with pytest.raises(IsolationUnavailable, match=r"lacks --args, --bind-fd.*install bubblewrap"):
         strict_launch(_config(tmp_path), "w", None)
 
