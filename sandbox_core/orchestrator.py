@@ -692,7 +692,9 @@ class SandboxOrchestrator:
 
     def _refill(self) -> None:
         """Start pre-warmed workers in the background up to ``min_idle`` (off the request path)."""
-        if self._closed or not can_prewarm(self.config) or time.monotonic() < self._circuit_until:
+        if self._closed or self.config.min_idle == 0 or time.monotonic() < self._circuit_until:
+            return  # min_idle = 0 turns pre-warming off (see _warm_target): nothing to check
+        if not can_prewarm(self.config):
             return
         warming = sum(
             1 for w in self._workers.values()
