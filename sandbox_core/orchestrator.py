@@ -187,7 +187,10 @@ class SandboxOrchestrator:
     async def execute(self, user_id: str, request: Request) -> RequestResult:
         """Run ``request`` for ``user_id`` and collect every event."""
         events: list[Event] = []
-        stream = self.execute_stream(user_id, request)
+        if self.record is not None:
+            stream = self.execute_stream(user_id, request)
+        else:  # nothing to record: the request's own stream, one generator fewer on every event
+            stream = self._execute(user_id, await self._prepare(user_id, request))
         try:
             async for event in stream:
                 events.append(event)
@@ -205,13 +208,7 @@ class SandboxOrchestrator:
         With a :attr:`record`, the request is recorded as run ``run_id`` (default: a new id)
         started from ``origin`` (default: :attr:`origin`).
         """
-        validate_user_id(user_id)
-        check_narrowing(self.config.network, user_id, network_param(request))
-        if not self._started:
-            await self.start()
-        request = self._with_defaults(request)
-        if self.record is not None and isinstance(request, AgentRequest):
-            request = await self._with_history(user_id, request)
+        request = await self._prepare(user_id, request)
         log = None
         if self.record is not None:
             log = RunLog(self.record, run_id or new_run_id(), user_id, request, origin or self.origin)
@@ -228,6 +225,17 @@ class SandboxOrchestrator:
                 log.finished(None)
         finally:
             await stream.aclose()
+
+    async def _prepare(self, user_id: str, request: Request) -> Request:
+        """Check ``request`` for ``user_id`` and fill in its defaults (and its history, when recorded)."""
+        validate_user_id(user_id)
+        check_narrowing(self.config.network, user_id, network_param(request))
+        if not self._started:
+            await self.start()
+        request = self._with_defaults(request)
+        if self.record is not None and isinstance(request, AgentRequest):
+            request = await self._with_history(user_id, request)
+        return request
 
     async def _execute(self, user_id: str, request: Request) -> AsyncGenerator[Event, None]:
         agent = isinstance(request, AgentRequest)
@@ -377,6 +385,10 @@ class SandboxOrchestrator:
         if self._closed:
             raise PoolClosed("the orchestrator is shutting down")
         self._check_circuit()
+        if not self._queue:  # nobody waits: the dispatcher would grant this turn at once, so grant it here
+            grant = self._reserve(user_id, agent=agent)
+            if grant is not None:
+                return grant
         turn: asyncio.Future[_Grant] = asyncio.get_running_loop().create_future()
         if agent:
             self._agent_turns.add(turn)
@@ -698,7 +710,9 @@ class SandboxOrchestrator:
 
     def _refill(self) -> None:
         """Start pre-warmed workers in the background up to ``min_idle`` (off the request path)."""
-        if self._closed or not can_prewarm(self.config) or time.monotonic() < self._circuit_until:
+        if self._closed or self.config.min_idle == 0 or time.monotonic() < self._circuit_until:
+            return  # min_idle = 0 turns pre-warming off (see _warm_target): nothing to check
+        if not can_prewarm(self.config):
             return
         warming = sum(
             1 for w in self._workers.values()

@@ -88,9 +88,15 @@ class Malformed:
 Message = Request | Notification | Response | Malformed
 
 
+_DECODER = json.JSONDecoder()
+"""Frames are UTF-8 (never UTF-16/32, which ``json.loads`` of bytes would guess): decoded as such."""
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+"""One encoder for every frame: ``json.dumps`` with options builds a new one per call."""
+
+
 def encode(msg: Request | Notification | Response) -> bytes:
     """One NDJSON frame for ``msg`` (compact JSON, newline-terminated)."""
-    return json.dumps(msg.to_wire(), separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return (_ENCODER.encode(msg.to_wire()) + "\n").encode()
 
 
 def _valid_id(value: Any) -> bool:
@@ -138,7 +144,7 @@ def _decode(line: bytes) -> Message:
     if too_deep(line):
         return Malformed(codes.PARSE_ERROR, f"frame nests deeper than {MAX_NESTING}", head_id(line[:_HEAD]))
     try:
-        obj = json.loads(line)
+        obj = _DECODER.decode(line.decode())
     except (ValueError, UnicodeDecodeError) as exc:
         return Malformed(codes.PARSE_ERROR, f"parse error: {str(exc)[:200]}")
     if isinstance(obj, list):
@@ -200,6 +206,8 @@ class FrameSplitter:
     def frames(self, data: bytes) -> list[bytes | Malformed]:
         """The frames ``data`` completes, not decoded yet (an oversized one already as
         :class:`Malformed`): a reader can stop decoding part way, a worker it stopped trusting."""
+        if not self._buf and self._discarding is None and data.find(b"\n") == len(data) - 1 and len(data) <= self._max:
+            return [data[:-1]] if data.strip() else []  # the usual read: one whole frame
         out: list[bytes | Malformed] = []
         if self._discarding is not None:
             nl = data.find(b"\n")

@@ -136,9 +136,48 @@ class _Deadline:
 _DEADLINE = _Deadline()
 
 
+_Item = Event | Response | SandboxError | _Deadline
+
+
+class _Inbox:
+    """What arrives for one request, in order, for its one reader (the stream that sent it).
+
+    A deque and at most one waiting future: lighter than :class:`asyncio.Queue` on the path
+    every answer takes (a ``ping`` makes one of these per call).
+    """
+
+    __slots__ = ("_items", "_waiter")
+
+    def __init__(self) -> None:
+        self._items: collections.deque[_Item] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put_nowait(self, item: _Item) -> None:
+        self._items.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self) -> _Item:
+        while not self._items:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                if self._waiter is waiter:
+                    self._waiter = None
+        return self._items.popleft()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def get_nowait(self) -> _Item:
+        return self._items.popleft()
+
+
 class _Pending:
     def __init__(self, *, output_on_data_pipe: bool = False) -> None:
-        self.queue: asyncio.Queue[Event | Response | SandboxError | _Deadline] = asyncio.Queue()
+        self.queue = _Inbox()
         self.output = 0
         """Bytes of command output this request has produced."""
         self.output_pending = output_on_data_pipe
@@ -435,6 +474,9 @@ class SandboxWorker:
                 os.close(fd)
         self._transport = transport
         self._pid = transport.get_pid()
+        control = transport.get_pipe_transport(1)
+        if isinstance(control, asyncio.ReadTransport):
+            control.set_protocol(_ControlPipe(self, control.get_protocol()))
         self._data, _ = await loop.connect_read_pipe(
             lambda: _DataPipe(self), os.fdopen(data_read, "rb", buffering=0)
         )
@@ -1298,6 +1340,26 @@ class _DataPipe(asyncio.Protocol):
         self._worker._on_data(data)
 
 
+class _ControlPipe(asyncio.Protocol):
+    """The reading end of the control pipe: frames reach the worker in the read's own callback.
+
+    asyncio's subprocess transport hands each pipe's data on one loop turn later (``call_soon``);
+    the control pipe carries every answer, so its data skips that turn. The process's own pipe
+    protocol still learns when the pipe closes: the exit (:meth:`SandboxWorker._on_exit`) waits
+    for it, and so comes after the last frame, as before.
+    """
+
+    def __init__(self, worker: SandboxWorker, inner: asyncio.BaseProtocol) -> None:
+        self._worker = worker
+        self._inner = inner
+
+    def data_received(self, data: bytes) -> None:
+        self._worker._on_stdout(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._inner.connection_lost(exc)
+
+
 class _WorkerPipes(asyncio.SubprocessProtocol):
     """Feeds the worker's pipes to its handle as bytes arrive (no reader tasks)."""
 
@@ -1315,7 +1377,7 @@ class _WorkerPipes(asyncio.SubprocessProtocol):
 
     def pipe_data_received(self, fd: int, data: bytes | str) -> None:
         raw = data.encode() if isinstance(data, str) else data
-        if fd == 1:
+        if fd == 1:  # only what came before the control pipe was taken over (see _ControlPipe)
             self._worker._on_stdout(raw)
         elif fd == 2:
             self._worker._on_stderr(raw)

@@ -469,24 +469,46 @@ class IPCHandler:
         await self._channel.send(response)
 
 
-class _Inbound(asyncio.Protocol):
-    """The protocol pipe's reading end: frames are split and dispatched as bytes arrive."""
+READ_BYTES = 64 * 1024
+"""Bytes asked of each read of the protocol pipe: what a pipe holds. (asyncio's pipe transport
+asks 256 KiB, a buffer past malloc's mmap threshold: a fresh mapping for every frame.)"""
+
+
+class _Inbound:
+    """The protocol pipe's reading end: read in the loop's own callback, frames dispatched as bytes arrive."""
 
     def __init__(self, handler: IPCHandler, max_frame: int) -> None:
         self._handler = handler
         self._splitter = FrameSplitter(max_frame)
+        self._fd = -1
+
+    def attach(self, fd: int) -> None:
+        """Read ``fd`` from now on, until its end."""
+        os.set_blocking(fd, False)
+        self._fd = fd
+        asyncio.get_running_loop().add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._fd, READ_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.data_received(data)
+            return
+        asyncio.get_running_loop().remove_reader(self._fd)
+        os.close(self._fd)
+        self.eof_received()
 
     def data_received(self, data: bytes) -> None:
         for msg in self._splitter.feed(data):
             self._handler.dispatch(msg)
 
-    def eof_received(self) -> bool:
+    def eof_received(self) -> None:
         for msg in self._splitter.close():
             self._handler.dispatch(msg)
-        self._handler.closed.set()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
         self._handler.closed.set()
 
 
@@ -507,7 +529,7 @@ async def _amain(proto_in: int, proto_out: int, max_frame: int, booted: Booted |
     inbound = _Inbound(handler, max_frame)
     if booted is not None and booted.pending:
         inbound.data_received(booted.pending)  # read by the handshake, not served there
-    await loop.connect_read_pipe(lambda: inbound, os.fdopen(proto_in, "rb", 0))
+    inbound.attach(proto_in)
     try:
         await handler.serve()
     finally:

@@ -73,6 +73,9 @@ def abuse(msg_id: int) -> None:
                 if len(answers) == 10:
                     break
         answer(msg_id, {"answers": answers})
+    elif MODE == "lastword":  # the answer, then gone at once: the answer must win over the exit
+        answer(msg_id, {"pong": True})
+        os._exit(0)
     elif MODE == "forge":  # an error only the host may raise
         send({"jsonrpc": "2.0", "id": msg_id, "error": {"code": -32007, "message": "the pool closed (forged)"}})
     else:

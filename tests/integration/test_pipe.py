@@ -269,6 +269,19 @@ async def test_an_event_of_the_wrong_shape_is_dropped_and_the_answer_still_arriv
         await worker.stop(grace=0)
 
 
+async def test_an_answer_written_just_before_the_exit_is_delivered_and_the_exit_is_seen(workspace_root: Path) -> None:
+    """The control pipe's frames reach the caller in the read's own callback, its end still
+    reaches the process's exit handling: the answer comes first, then the worker is gone."""
+    worker = await _hostile_worker(workspace_root, "lastword")
+    try:
+        assert await worker.call("ping", {}, timeout=10) == {"pong": True}
+        await wait_for(lambda: not worker.alive, 10, "the exit to be seen")
+        with pytest.raises(WorkerCrashed):
+            await worker.call("ping", {}, timeout=10)
+    finally:
+        await worker.stop(grace=0)
+
+
 async def test_host_calls_from_one_worker_are_capped(workspace_root: Path) -> None:
     running = 0
     most = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import textwrap
@@ -72,3 +73,83 @@ def test_the_sdk_loads_fewer_modules_and_keeps_every_name() -> None:
                                   text=True, timeout=120).stdout.split() for mode in ("eager", "lazy"))
     assert eager[1:] == lazy[1:]  # the same public names, the same classes
     assert int(lazy[0]) < int(eager[0])
+
+
+DEFERRING = (
+    "from __future__ import annotations\n"
+    "from .heavy import Heavy, make as build\n"
+    "from .._base import Base\n"
+    "class Holder(Base):\n"
+    "    def get(self, n: int = 1) -> Heavy:\n"
+    "        return Heavy(build(n))\n"
+)
+
+
+def test_sibling_imports_read_only_in_function_bodies_are_deferred() -> None:
+    tree = lazy_sdk._defer(ast.parse(DEFERRING), "pkg.sub")
+    assert tree is not None
+    code = ast.unparse(tree)
+    assert "from .heavy" not in code and "from .._base import Base" in code
+    assert "_sdk_deferred('pkg.sub.heavy', 'Heavy')(_sdk_deferred('pkg.sub.heavy', 'make')(n))" in code
+    assert "-> Heavy:" in code  # annotations are never evaluated: left as written
+
+
+@pytest.mark.parametrize("source", [
+    DEFERRING.replace("from __future__ import annotations\n", ""),  # annotations would be evaluated
+    DEFERRING + "DEFAULT = Heavy\n",  # read while the module runs
+    DEFERRING + "class Other(Heavy):\n    pass\n",  # a base class
+    DEFERRING.replace("    def get", "    @build\n    def get"),  # a decorator runs at definition
+    DEFERRING.replace("n: int = 1", "n: int = build"),  # so does a default
+    DEFERRING + "def set_it() -> None:\n    global Heavy\n    Heavy = None\n",  # assigned
+    "from __future__ import annotations\nfrom .heavy import *\n",
+])
+def test_any_other_use_runs_the_module_as_it_is(source: str) -> None:
+    assert lazy_sdk._defer(ast.parse(source), "pkg.sub") is None
+
+
+def test_a_deferring_module_imports_a_sibling_when_a_function_first_needs_it(tmp_path: Path) -> None:
+    pkg = tmp_path / "deferpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "heavy.py").write_text("class Heavy:\n    def __init__(self, n):\n        self.n = n\n")
+    (pkg / "light.py").write_text(
+        "from __future__ import annotations\nfrom .heavy import Heavy\n"
+        "def make(n: int) -> Heavy:\n    return Heavy(n)\n"
+    )
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from sandbox_core.inside.agent import lazy_sdk
+        lazy_sdk.DEFERRED = frozenset({{"deferpkg.light"}})
+        lazy_sdk.install()
+        import deferpkg.light as light
+        assert "deferpkg.heavy" not in sys.modules
+        made = light.make(3)
+        import deferpkg.heavy
+        assert type(made) is deferpkg.heavy.Heavy and made.n == 3
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+
+
+def test_the_sdk_defers_the_beta_resources_an_agent_does_not_build() -> None:
+    script = textwrap.dedent("""
+        import inspect, sys
+        from sandbox_core.inside.agent import lazy_sdk
+        if sys.argv[1] == "lazy":
+            lazy_sdk.install()
+        import anthropic
+        imported = len(sys.modules)
+        files_loaded = "anthropic.resources.beta.files" in sys.modules
+        client = anthropic.AsyncAnthropic(api_key="placeholder", base_url="http://127.0.0.1:9")
+        built = []
+        for beta in (client.beta, client.beta.with_raw_response, client.beta.with_streaming_response):
+            for name, value in sorted(inspect.getmembers(type(beta))):
+                if type(value).__name__ == "cached_property" and not name.startswith("with_"):
+                    built.append(f"{name}={type(getattr(beta, name)).__qualname__}")
+        print(imported, files_loaded, " ".join(built))
+    """)
+    eager, lazy = (subprocess.run([sys.executable, "-c", script, mode], check=True, capture_output=True,
+                                  text=True, timeout=120).stdout.split(" ", 2) for mode in ("eager", "lazy"))
+    assert lazy[2] == eager[2] and "messages=AsyncMessages" in lazy[2]  # every resource, the same classes
+    assert (eager[1], lazy[1]) == ("True", "False")
+    assert int(lazy[0]) < int(eager[0]) - 500
