@@ -226,6 +226,8 @@ class SandboxWorker:
         self.last_used = self.created
         self.spawn_seconds: float | None = None
         self.claim_seconds: dict[str, float] = {}
+        self.claimed_spare = False
+        """Claimed by a new user who took the spare workspace staged for this worker."""
         """Where a claim's time went (``attach``, ``bind`` round trip, ``verify``), for the benchmark."""
         self.exit_status: int | None = None
         self.exit_signal: int | None = None
@@ -471,10 +473,22 @@ class SandboxWorker:
             functools.partial(verify.started, unbound=unbound),
             self.config, spec.plan, self._pid, reply.get("pid"), self.report)
         self.report["verified_by_host"] = self._verified.by_host
+        if unbound and spec.stage is not None:
+            await self._stage_spare(spec.stage)
         # Bound only now, after the check: the workspace's layers (landlock) are checked at bind.
         if bind_now:
             assert self.user_id is not None and spec.workspace_in_sandbox is not None
             await self._enter(self.user_id, spec.workspace_in_sandbox)
+
+    async def _stage_spare(self, stage: Callable[[], None]) -> None:
+        """Make and attach the spare workspace a new user will take (off the request path); a
+        failure only costs the claim its head start (the user's workspace is attached then)."""
+        try:
+            await asyncio.to_thread(stage)
+        except (SandboxError, OSError) as exc:
+            self.report["spare"] = f"not staged: {exc}"
+        else:
+            self.report["spare"] = "staged"
 
     # ------------------------------------------------------------------ I/O
 
@@ -1127,15 +1141,18 @@ class SandboxWorker:
         """Whether the workspace was fixed when the sandbox was made (no ``bind`` follows)."""
         return self._spec is not None and self._spec.bound_at_spawn
 
-    async def bind(self, user_id: str, workspace: Path) -> None:
-        """Assign a pre-warmed worker to ``user_id``'s workspace."""
+    async def bind(self, user_id: str, workspace: Path, prepare: Callable[[], object] | None = None) -> None:
+        """Assign a pre-warmed worker to ``user_id``'s workspace (``prepare`` creates it, when
+        given: an unbound strict worker may instead be handed a spare made for a new user)."""
         if self._spec is not None and self._spec.attach is not None:
-            await self._claim(user_id, workspace)
+            await self._claim(user_id, workspace, prepare or (lambda: None))
         else:
+            if prepare is not None:
+                await asyncio.to_thread(prepare)
             await self._enter(user_id, str(workspace))
         self.user_id, self.workspace = user_id, workspace
 
-    async def _claim(self, user_id: str, workspace: Path) -> None:
+    async def _claim(self, user_id: str, workspace: Path, prepare: Callable[[], object]) -> None:
         """Attach ``workspace`` to this unbound worker's sandbox, switch it to the user's uid, verify.
 
         Once: the worker is marked as the user's before the first step, so that whatever
@@ -1152,7 +1169,7 @@ class SandboxWorker:
         began = time.perf_counter()
         try:
             try:
-                attached = await asyncio.to_thread(spec.attach, workspace)
+                attached = await asyncio.to_thread(spec.attach, workspace, prepare)
             except SandboxError as exc:
                 exc.data.setdefault("claim", "attach")
                 raise
@@ -1184,6 +1201,7 @@ class SandboxWorker:
         self._verified = verified
         self.report["verified_by_host"] = verified.by_host
         self.report["verified_from_report"] = verified.from_report
+        self.claimed_spare = attached.get("spare") is True
         self.claim_seconds = {"attach": attached_at - began, "bind": bound_at - attached_at,
                               "verify": time.perf_counter() - bound_at}  # fmt: skip
 

@@ -49,10 +49,14 @@ class LaunchSpec:
     """CPU nanoseconds the worker has used so far (its cgroup's accounting), for CPU budgets."""
     cgroup_pids: Callable[[], set[int]] | None = None
     """Every process in the worker's cgroups (to kill a request's processes)."""
-    attach: Callable[[Path], dict[str, Any]] | None = None
-    """Unbound strict workers: attaches a user's workspace (host path) at claim and returns
-    what the worker's ``bind`` needs (``uid``, ``gid``, ``workspace``, ``expect_mounts``) and
-    the report's entries; None when the worker is bound at spawn or binds by itself."""
+    attach: Callable[[Path, Callable[[], object]], dict[str, Any]] | None = None
+    """Unbound strict workers: attaches a user's workspace (host path; the callable creates it
+    when it is to be used) at claim and returns what the worker's ``bind`` needs (``uid``,
+    ``gid``, ``workspace``, ``expect_mounts``) and the report's entries; None when the worker is
+    bound at spawn or binds by itself."""
+    stage: Callable[[], None] | None = None
+    """Unbound strict workers with per-user uids: makes and attaches a spare workspace for a
+    new user after the start, off the request path (:mod:`sandbox_core.isolation.spares`)."""
 
 
 def worker_env(
