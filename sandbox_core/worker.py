@@ -764,6 +764,8 @@ class SandboxWorker:
             self.exit_status = code
         self._exited.set()
         self._writable.set()
+        if self._verified is not None:
+            self._verified.release()
         if self._data is not None:
             self._data.close()
         if self._stdin is not None:
@@ -1190,9 +1192,8 @@ class SandboxWorker:
                 self.report.update(observed)
             if "landlock" in answer:
                 self.report["landlock"] = answer["landlock"]
-            verified = await asyncio.to_thread(
-                verify.claimed, self.config, spec.plan, self._pid, self.report.get("pid_in_sandbox"), self.report,
-                attached["uid"], attached["gid"])  # fmt: skip
+            verified = verify.claimed(self.config, spec.plan, self._verified, self.report,
+                                      attached["uid"], attached["gid"])  # fmt: skip
             verify.bound(verified, answer)
         except BaseException as exc:
             why = exc.message if isinstance(exc, SandboxError) else f"{type(exc).__name__}: {exc}"
