@@ -1169,21 +1169,26 @@ class SandboxWorker:
             raise IsolationUnavailable(f"worker {self.worker_id} cannot be claimed (not verified, or claimed before)")
         self.user_id, self.workspace = user_id, workspace
         began = time.perf_counter()
+        handover: asyncio.Future[dict[str, Any] | None] | None = None
         try:
-            try:
-                attached = await asyncio.to_thread(spec.attach, workspace, prepare)
-            except SandboxError as exc:
-                exc.data.setdefault("claim", "attach")
-                raise
-            except OSError as exc:
-                raise IsolationUnavailable(f"cannot attach the workspace of {user_id!r}: {exc}",
-                                           data={"claim": "attach"}) from None
+            spare = spec.spare
+            promised = spare.promise(workspace) if spare is not None else None
+            if spare is not None and promised is not None:  # a new user: handed over while the worker switches uid
+                attached = promised
+                handover = asyncio.ensure_future(asyncio.to_thread(spare.claim, workspace))
+            else:
+                attached = await self._attach(spec.attach, workspace, prepare)
             self.workspace_in_sandbox = str(attached["workspace"])
             params = {"user_id": user_id, "workspace": self.workspace_in_sandbox, "uid": attached["uid"],
                       "gid": attached["gid"], "expect_mounts": attached["expect_mounts"]}
             attached_at = time.perf_counter()
-            reply = await self.call("bind", params)
-            bound_at = time.perf_counter()
+            try:
+                reply = await self.call("bind", params)
+            finally:
+                bound_at = time.perf_counter()
+                if handover is not None:  # never left running: its outcome decides the spare's fate
+                    await asyncio.shield(self._handed_over(handover, user_id))
+            handed_at = time.perf_counter()
             answer: dict[str, Any] = reply if isinstance(reply, dict) else {}
             self.report["identity"] = attached["identity"]
             self.report.setdefault("filesystem", {}).update(attached["filesystem"])
@@ -1204,7 +1209,34 @@ class SandboxWorker:
         self.report["verified_from_report"] = verified.from_report
         self.claimed_spare = attached.get("spare") is True
         self.claim_seconds = {"attach": attached_at - began, "bind": bound_at - attached_at,
-                              "verify": time.perf_counter() - bound_at}  # fmt: skip
+                              "handover": handed_at - bound_at, "verify": time.perf_counter() - handed_at}  # fmt: skip
+
+    async def _attach(self, attach: Callable[[Path, Callable[[], object]], dict[str, Any]], workspace: Path,
+                      prepare: Callable[[], object]) -> dict[str, Any]:  # fmt: skip
+        try:
+            return await asyncio.to_thread(attach, workspace, prepare)
+        except SandboxError as exc:
+            exc.data.setdefault("claim", "attach")
+            raise
+        except OSError as exc:
+            raise IsolationUnavailable(f"cannot attach the workspace of {self.user_id!r}: {exc}",
+                                       data={"claim": "attach"}) from None
+
+    @staticmethod
+    async def _handed_over(handover: asyncio.Future[dict[str, Any] | None], user_id: str) -> None:
+        """Wait for the spare's hand-over; the claim fails (attach: the user gets a worker of
+        their own) when the user turned out to have a uid or a workspace after all."""
+        try:
+            taken = await handover
+        except OSError as exc:
+            raise IsolationUnavailable(f"cannot hand the spare workspace to {user_id!r}: {exc}",
+                                       data={"claim": "attach"}) from None
+        except SandboxError as exc:
+            exc.data.setdefault("claim", "attach")
+            raise
+        if taken is None:
+            raise IsolationUnavailable(f"{user_id!r} got a uid or a workspace while the spare was handed over",
+                                       data={"claim": "attach"})
 
     async def _enter(self, user_id: str, workspace: str) -> None:
         """Bind the worker inside and check the layers binding brings (a mismatch kills it)."""

@@ -53,6 +53,8 @@ class Spare:
         """Attached to the slot and waiting for a new user."""
         self.taken = False
         """A user took it (its uid and directory are the user's now)."""
+        self.promised = False
+        """The worker was told to switch to its uid (:meth:`promise`): the uid is never given back."""
         self._attached: dict[str, Any] | None = None
         self._made = False
 
@@ -74,6 +76,18 @@ class Spare:
             os.close(root_fd)
         self._attached = attach(self.root / self.name)
         self.staged = True
+
+    def promise(self, workspace: Path) -> dict[str, Any] | None:
+        """What the worker's ``bind`` needs when ``workspace`` is a new user's (it does not exist
+        and the user has no uid), so that the worker can switch to the spare's uid while
+        :meth:`claim` hands the spare over; None otherwise. Quick enough for the event loop (a
+        ``stat`` and a read of the uid map); :meth:`claim` re-checks under the map's lock."""
+        if not self.staged or self._attached is None or workspace.parent != self.root:
+            return None
+        if os.path.lexists(workspace) or workspace.name in tenants.assigned(self.config):
+            return None
+        self.promised = True
+        return {**self._attached, "spare": True}
 
     def claim(self, workspace: Path) -> dict[str, Any] | None:
         """Make the staged spare ``workspace`` (a user's that does not exist yet) and return what
@@ -113,7 +127,7 @@ class Spare:
             gone = remove_tree(root_fd, self.name)
         finally:
             os.close(root_fd)
-        if gone:
+        if gone and not self.promised:
             tenants.forget(self.config, self.name)
 
 

@@ -7,11 +7,14 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox_core.config import ProcessSandboxConfig, ResourceLimits
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.shared import WORKER_ENTRY
+
+if TYPE_CHECKING:
+    from sandbox_core.isolation.spares import Spare
 
 _MB = 1024 * 1024
 
@@ -54,6 +57,8 @@ class LaunchSpec:
     when it is to be used) at claim and returns what the worker's ``bind`` needs (``uid``,
     ``gid``, ``workspace``, ``expect_mounts``) and the report's entries; None when the worker is
     bound at spawn or binds by itself."""
+    spare: Spare | None = None
+    """The spare workspace a new user takes at claim (see ``stage``)."""
     stage: Callable[[], None] | None = None
     """Unbound strict workers with per-user uids: makes and attaches a spare workspace for a
     new user after the start, off the request path (:mod:`sandbox_core.isolation.spares`)."""

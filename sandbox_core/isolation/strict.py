@@ -459,6 +459,7 @@ def strict_launch(
         bound_at_spawn=slot is None,
         attach=(lambda ws, prepare: claim_slot(config, slot, spare, ws, prepare)) if slot is not None else None,
         stage=stage if spare is not None else None,
+        spare=spare,
         pass_fds=tuple(fds.fds),
         after_spawn=after_spawn,
         cleanup=cleanup,

@@ -137,6 +137,31 @@ async def test_a_returning_user_gets_their_own_workspace_and_the_spare_is_given_
     assert _slot_mounts(tmp_path) == []
 
 
+async def test_a_spare_promised_to_a_user_who_turns_out_to_have_a_uid_fails_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker switches to the spare's uid while the host hands the spare over; when the hand-over
+    finds the user has a uid after all (another orchestrator gave one), the worker is retired, the
+    user gets a worker of their own uid, and the spare's uid (which a process ran as) is never reused."""
+    from sandbox_core.isolation import spares
+
+    config = _config(tmp_path)
+    kim = tenants.identity_for(config, "kim").uid  # a uid, but no workspace yet
+    monkeypatch.setattr(spares.tenants, "assigned", lambda cfg: {})  # the promise's quick look misses it
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        (unbound,) = [w for w in pool._workers.values() if w.user_id is None]
+        (name,), _keys = _spares(config)
+        result = await pool.execute("kim", sh("id -u"))
+        assert result.exit_code == 0 and result.stdout_text.strip() == str(kim)
+        assert result.worker_id != unbound.worker_id and pool.get_pool_stats()["claim_fallbacks"] == 1
+        await wait_for(lambda: unbound.pid is None or not pid_alive(unbound.pid), 10, "the retired worker's exit")
+        await wait_for(lambda: name not in os.listdir(config.workspace_root), 10, "the spare removed")
+        monkeypatch.undo()
+        assert name in tenants.assigned(config)  # burned: never given to anyone
+    assert _slot_mounts(tmp_path) == []
+
+
 async def test_stale_spares_of_a_dead_orchestrator_are_swept_at_start(tmp_path: Path) -> None:
     config = _config(tmp_path, min_idle=0)
     name = f"{tenants.SPARE_PREFIX}999999999-stale"  # as if its orchestrator (pid 999999999) had died
@@ -218,12 +243,9 @@ async def test_a_crash_between_attach_and_bind_leaves_nothing_behind(
     config = _config(tmp_path)
     if returning:
         _existing_workspace(config, "frank")
-    claim = strict.claim_slot
     killed: list[tuple[str, int]] = []
 
-    def attach_then_crash(cfg: Any, slot: slots.Slot, spare: Any, workspace: Path, prepare: Any) -> dict[str, Any]:
-        answer = claim(cfg, slot, spare, workspace, prepare)
-        assert answer.get("spare", False) is not returning
+    def crash() -> None:
         for info in pool.list_workers():
             if info["user_id"] == "frank" and info["pid"] is not None and not killed:
                 killed.append((info["worker_id"], info["pid"]))
@@ -231,9 +253,29 @@ async def test_a_crash_between_attach_and_bind_leaves_nothing_behind(
         deadline = time.monotonic() + 10  # bwrap's exit is the sandbox's end: every process in it is gone
         while killed and pid_alive(killed[0][1]) and time.monotonic() < deadline:
             time.sleep(0.005)
-        return answer
 
-    monkeypatch.setattr(strict, "claim_slot", attach_then_crash)
+    if returning:  # her own workspace is attached, then the worker dies
+        claim = strict.claim_slot
+
+        def attach_then_crash(cfg: Any, slot: slots.Slot, spare: Any, workspace: Path, prepare: Any) -> dict[str, Any]:
+            answer = claim(cfg, slot, spare, workspace, prepare)
+            assert "spare" not in answer
+            crash()
+            return answer
+
+        monkeypatch.setattr(strict, "claim_slot", attach_then_crash)
+    else:  # the spare is handed over to him, then the worker dies
+        from sandbox_core.isolation import spares
+
+        hand_over = spares.Spare.claim
+
+        def hand_over_then_crash(self: Any, workspace: Path) -> dict[str, Any] | None:
+            answer = hand_over(self, workspace)
+            assert answer is not None
+            crash()
+            return answer
+
+        monkeypatch.setattr(spares.Spare, "claim", hand_over_then_crash)
     async with SandboxOrchestrator(config) as pool:
         await _prewarmed(pool)
         result = await pool.execute("frank", sh("id -u"))  # the request gets another worker
