@@ -143,11 +143,9 @@ async def test_a_spare_promised_to_a_user_who_turns_out_to_have_a_uid_fails_clos
     """The worker switches to the spare's uid while the host hands the spare over; when the hand-over
     finds the user has a uid after all (another orchestrator gave one), the worker is retired, the
     user gets a worker of their own uid, and the spare's uid (which a process ran as) is never reused."""
-    from sandbox_core.isolation import spares
-
     config = _config(tmp_path)
     kim = tenants.identity_for(config, "kim").uid  # a uid, but no workspace yet
-    monkeypatch.setattr(spares.tenants, "assigned", lambda cfg: {})  # the promise's quick look misses it
+    monkeypatch.setattr(tenants, "assigned", lambda cfg: {})  # the promise's quick look misses it
     async with SandboxOrchestrator(config) as pool:
         await _prewarmed(pool)
         (unbound,) = [w for w in pool._workers.values() if w.user_id is None]
