@@ -13,7 +13,8 @@ to the user's key without waiting for the disk: the uid was already durably rese
 spare's key, so either map a crash leaves holds it under one key only (the old map: the
 spare's, never given to anyone else; the new one: the user's), and the durable write follows
 off the request path (:func:`flush`). Removing a spare's key (:func:`forget`) is allowed only
-once its tree is gone and no process ever ran as its uid.
+once its tree is gone and no process ever ran as its uid (and needs no flush either: a crash
+that loses it leaves the uid reserved for good).
 
 A uid is never 0, never ``nobody`` (65534), never one the host's passwd or group database
 knows (an account's processes could otherwise read the tenant's workspace), and the range
@@ -232,8 +233,9 @@ def flush(config: ProcessSandboxConfig) -> None:
 
 
 def forget(config: ProcessSandboxConfig, key: str) -> None:
-    """Remove a spare's key from the map (durably): only for a spare whose tree is gone and
-    whose uid never ran a process, so nothing of it can outlive the assignment."""
+    """Remove a spare's key from the map: only for a spare whose tree is gone and whose uid
+    never ran a process, so nothing of it can outlive the assignment. Not flushed: a crash that
+    loses it leaves the uid reserved for good, which is safe."""
     if not key.startswith(SPARE_PREFIX):
         raise IsolationUnavailable(f"only a spare's uid can be given back, not {key!r}'s")
     state = state_dir(config)
@@ -241,7 +243,7 @@ def forget(config: ProcessSandboxConfig, key: str) -> None:
         path = state / MAP_NAME
         users = _load(path)
         if users.pop(key, None) is not None:
-            _store(path, users)
+            _store(path, users, durable=False)
         _cache.pop((str(state), key), None)
 
 
