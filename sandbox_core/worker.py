@@ -475,6 +475,8 @@ class SandboxWorker:
         self.report["verified_by_host"] = self._verified.by_host
         if unbound and spec.stage is not None:
             await self._stage_spare(spec.stage)
+        if unbound:  # answered once the imports it does while it waits are done: ready means ready
+            await self.call("ping", {}, timeout=self.config.startup_timeout)
         # Bound only now, after the check: the workspace's layers (landlock) are checked at bind.
         if bind_now:
             assert self.user_id is not None and spec.workspace_in_sandbox is not None
