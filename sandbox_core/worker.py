@@ -226,9 +226,10 @@ class SandboxWorker:
         self.last_used = self.created
         self.spawn_seconds: float | None = None
         self.claim_seconds: dict[str, float] = {}
+        """Where a claim's time went (``attach``, ``bind`` round trip, ``handover``: what the spare's
+        hand-over still needed after the bind, ``verify``), for the benchmark."""
         self.claimed_spare = False
         """Claimed by a new user who took the spare workspace staged for this worker."""
-        """Where a claim's time went (``attach``, ``bind`` round trip, ``verify``), for the benchmark."""
         self.exit_status: int | None = None
         self.exit_signal: int | None = None
         self.workspace_in_sandbox: str | None = None

@@ -135,7 +135,9 @@ def sweep(config: ProcessSandboxConfig) -> list[str]:
     """Remove the spares of orchestrators that no longer run, giving back their uids; their names.
 
     A spare whose directory still has its spare name was never a user's (the claim renames the
-    map key first, then the directory), so no process ran as its uid.
+    map key first, then the directory), so nothing of a user's ever ran as its uid: at most our
+    own worker code did, between a ``bind`` and a hand-over that failed, in a sandbox that died
+    with its orchestrator (a live worker's spare keeps its uid for good, see :meth:`Spare.discard`).
     """
     try:
         names = [n for n in os.listdir(config.workspace_root) if n.startswith(tenants.SPARE_PREFIX)]
