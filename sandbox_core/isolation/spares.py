@@ -18,7 +18,7 @@ the user's (:func:`tenants.rename`) and the directory is renamed to the user's w
 sees it at ``/workspace``, protections in place. Any other claim (the user has a workspace or a
 uid) first detaches the spare from the slot (:meth:`Spare.detach`) and attaches the user's own
 workspace as before. A spare that no user took is removed after its worker exited
-(:meth:`Spare.discard`), by descriptor, and its uid given back: no process ever ran as it.
+(:meth:`Spare.close`), by descriptor, and its uid given back: no process ever ran as it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import ctypes
 import errno
 import os
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,9 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Spare:
-    """The spare workspace of one unbound worker (host side; every method runs off the event loop)."""
+    """The spare workspace of one unbound worker (host side; all but :meth:`promise` run off the
+    event loop, and one at a time: a worker stopped while its spare is being staged has it
+    removed once the staging is done, never half-way)."""
 
     def __init__(self, config: ProcessSandboxConfig, slot: slots.Slot, worker_id: str) -> None:
         self.config, self.slot = config, slot
@@ -57,9 +60,17 @@ class Spare:
         """The worker was told to switch to its uid (:meth:`promise`): the uid is never given back."""
         self._attached: dict[str, Any] | None = None
         self._made = False
+        self._closed = False
+        self._lock = threading.Lock()
 
     def stage(self, attach: Callable[[Path], dict[str, Any]]) -> None:
         """Make the spare (its uid durably reserved, 0700) and ``attach`` it to the slot."""
+        with self._lock:
+            if self._closed:
+                raise IsolationUnavailable("the worker stopped before its spare workspace was made")
+            self._stage(attach)
+
+    def _stage(self, attach: Callable[[Path], dict[str, Any]]) -> None:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         ident = tenants.identity_for(self.config, self.name)  # durable: fsync'd before any claim
         root_fd = _open_dir(self.root)
@@ -92,6 +103,10 @@ class Spare:
     def claim(self, workspace: Path) -> dict[str, Any] | None:
         """Make the staged spare ``workspace`` (a user's that does not exist yet) and return what
         the worker's ``bind`` needs; None when it cannot be (then :meth:`detach` and attach as usual)."""
+        with self._lock:
+            return self._claim(workspace) if not self._closed else None
+
+    def _claim(self, workspace: Path) -> dict[str, Any] | None:
         if not self.staged or self._attached is None or workspace.parent != self.root:
             return None
         user = workspace.name
@@ -113,12 +128,22 @@ class Spare:
 
     def detach(self) -> None:
         """Take the spare off the slot (before another workspace is attached there)."""
-        if self.staged:
-            self.slot.detach()
-            self.staged = False
+        with self._lock:
+            if self.staged:
+                self.slot.detach()
+                self.staged = False
 
-    def discard(self) -> None:
-        """After the worker exited: remove a spare no user took and give its uid back."""
+    def close(self, release_slot: Callable[[], None]) -> None:
+        """After the worker exited: ``release_slot``, then remove a spare no user took and give its
+        uid back (unless the worker was told to switch to it)."""
+        with self._lock:
+            self._closed = True
+            try:
+                release_slot()
+            finally:
+                self._discard()
+
+    def _discard(self) -> None:
         if not self._made or self.taken:
             return
         self._made = False
@@ -137,7 +162,7 @@ def sweep(config: ProcessSandboxConfig) -> list[str]:
     A spare whose directory still has its spare name was never a user's (the claim renames the
     map key first, then the directory), so nothing of a user's ever ran as its uid: at most our
     own worker code did, between a ``bind`` and a hand-over that failed, in a sandbox that died
-    with its orchestrator (a live worker's spare keeps its uid for good, see :meth:`Spare.discard`).
+    with its orchestrator (a live worker's spare keeps its uid for good, see :meth:`Spare.close`).
     """
     try:
         names = [n for n in os.listdir(config.workspace_root) if n.startswith(tenants.SPARE_PREFIX)]

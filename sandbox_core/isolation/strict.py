@@ -441,12 +441,10 @@ def strict_launch(
             if cgroup is not None:
                 cgroup.cleanup()
         finally:
-            if slot is not None:
-                try:
-                    slot.release()
-                finally:
-                    if spare is not None:
-                        spare.discard()
+            if spare is not None:
+                spare.close(slot.release)  # type: ignore[union-attr]
+            elif slot is not None:
+                slot.release()
 
     env = worker_env(config, home=HOME)
     env["PATH"] = _inside_path(m, env.get("PATH", ""), config.env.default_path)
