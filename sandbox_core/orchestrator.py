@@ -33,6 +33,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import functools
 import itertools
 import secrets
 import time
@@ -52,6 +53,7 @@ from sandbox_core.errors import (
     SandboxError,
 )
 from sandbox_core.events import Event
+from sandbox_core.isolation import tenants
 from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace, sweep_leftovers
 from sandbox_core.process_tree import kill_session
 from sandbox_core.record import Record, RunLog, new_run_id
@@ -555,8 +557,10 @@ class SandboxOrchestrator:
         """
         worker.state = WorkerState.BUSY
         try:
-            workspace = await asyncio.to_thread(prepare_workspace, self.config, user_id)
-            await worker.bind(user_id, workspace)
+            workspace = self.config.workspace_for(user_id)
+            await worker.bind(user_id, workspace, functools.partial(prepare_workspace, self.config, user_id))
+            if worker.claimed_spare:  # the uid map's rename, made durable off the request path
+                self._in_background(asyncio.to_thread(tenants.flush, self.config))
         except SandboxError as exc:
             self._retire(worker)
             if exc.data.get("claim") == "attach" and not self._closed:

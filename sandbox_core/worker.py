@@ -266,7 +266,10 @@ class SandboxWorker:
         self.last_used = self.created
         self.spawn_seconds: float | None = None
         self.claim_seconds: dict[str, float] = {}
-        """Where a claim's time went (``attach``, ``bind`` round trip, ``verify``), for the benchmark."""
+        """Where a claim's time went (``attach``, ``bind`` round trip, ``handover``: what the spare's
+        hand-over still needed after the bind, ``verify``), for the benchmark."""
+        self.claimed_spare = False
+        """Claimed by a new user who took the spare workspace staged for this worker."""
         self.exit_status: int | None = None
         self.exit_signal: int | None = None
         self.workspace_in_sandbox: str | None = None
@@ -513,10 +516,24 @@ class SandboxWorker:
             functools.partial(verify.started, unbound=unbound),
             self.config, spec.plan, self._pid, reply.get("pid"), self.report)
         self.report["verified_by_host"] = self._verified.by_host
+        if unbound and spec.stage is not None:
+            await self._stage_spare(spec.stage)
+        if unbound:  # answered once the imports it does while it waits are done: ready means ready
+            await self.call("ping", {}, timeout=self.config.startup_timeout)
         # Bound only now, after the check: the workspace's layers (landlock) are checked at bind.
         if bind_now:
             assert self.user_id is not None and spec.workspace_in_sandbox is not None
             await self._enter(self.user_id, spec.workspace_in_sandbox)
+
+    async def _stage_spare(self, stage: Callable[[], None]) -> None:
+        """Make and attach the spare workspace a new user will take (off the request path); a
+        failure only costs the claim its head start (the user's workspace is attached then)."""
+        try:
+            await asyncio.to_thread(stage)
+        except (SandboxError, OSError) as exc:
+            self.report["spare"] = f"not staged: {exc}"
+        else:
+            self.report["spare"] = "staged"
 
     # ------------------------------------------------------------------ I/O
 
@@ -792,6 +809,8 @@ class SandboxWorker:
             self.exit_status = code
         self._exited.set()
         self._writable.set()
+        if self._verified is not None:
+            self._verified.release()
         if self._data is not None:
             self._data.close()
         if self._stdin is not None:
@@ -1173,15 +1192,18 @@ class SandboxWorker:
         """Whether the workspace was fixed when the sandbox was made (no ``bind`` follows)."""
         return self._spec is not None and self._spec.bound_at_spawn
 
-    async def bind(self, user_id: str, workspace: Path) -> None:
-        """Assign a pre-warmed worker to ``user_id``'s workspace."""
+    async def bind(self, user_id: str, workspace: Path, prepare: Callable[[], object] | None = None) -> None:
+        """Assign a pre-warmed worker to ``user_id``'s workspace (``prepare`` creates it, when
+        given: an unbound strict worker may instead be handed a spare made for a new user)."""
         if self._spec is not None and self._spec.attach is not None:
-            await self._claim(user_id, workspace)
+            await self._claim(user_id, workspace, prepare or (lambda: None))
         else:
+            if prepare is not None:
+                await asyncio.to_thread(prepare)
             await self._enter(user_id, str(workspace))
         self.user_id, self.workspace = user_id, workspace
 
-    async def _claim(self, user_id: str, workspace: Path) -> None:
+    async def _claim(self, user_id: str, workspace: Path, prepare: Callable[[], object]) -> None:
         """Attach ``workspace`` to this unbound worker's sandbox, switch it to the user's uid, verify.
 
         Once: the worker is marked as the user's before the first step, so that whatever
@@ -1196,21 +1218,26 @@ class SandboxWorker:
             raise IsolationUnavailable(f"worker {self.worker_id} cannot be claimed (not verified, or claimed before)")
         self.user_id, self.workspace = user_id, workspace
         began = time.perf_counter()
+        handover: asyncio.Future[dict[str, Any] | None] | None = None
         try:
-            try:
-                attached = await asyncio.to_thread(spec.attach, workspace)
-            except SandboxError as exc:
-                exc.data.setdefault("claim", "attach")
-                raise
-            except OSError as exc:
-                raise IsolationUnavailable(f"cannot attach the workspace of {user_id!r}: {exc}",
-                                           data={"claim": "attach"}) from None
+            spare = spec.spare
+            promised = spare.promise(workspace) if spare is not None else None
+            if spare is not None and promised is not None:  # a new user: handed over while the worker switches uid
+                attached = promised
+                handover = asyncio.ensure_future(asyncio.to_thread(spare.claim, workspace))
+            else:
+                attached = await self._attach(spec.attach, workspace, prepare)
             self.workspace_in_sandbox = str(attached["workspace"])
             params = {"user_id": user_id, "workspace": self.workspace_in_sandbox, "uid": attached["uid"],
                       "gid": attached["gid"], "expect_mounts": attached["expect_mounts"]}
             attached_at = time.perf_counter()
-            reply = await self.call("bind", params)
-            bound_at = time.perf_counter()
+            try:
+                reply = await self.call("bind", params)
+            finally:
+                bound_at = time.perf_counter()
+                if handover is not None:  # never left running: its outcome decides the spare's fate
+                    await asyncio.shield(self._handed_over(handover, user_id))
+            handed_at = time.perf_counter()
             answer: dict[str, Any] = reply if isinstance(reply, dict) else {}
             self.report["identity"] = attached["identity"]
             self.report.setdefault("filesystem", {}).update(attached["filesystem"])
@@ -1219,9 +1246,8 @@ class SandboxWorker:
                 self.report.update(observed)
             if "landlock" in answer:
                 self.report["landlock"] = answer["landlock"]
-            verified = await asyncio.to_thread(
-                verify.claimed, self.config, spec.plan, self._pid, self.report.get("pid_in_sandbox"), self.report,
-                attached["uid"], attached["gid"])  # fmt: skip
+            verified = verify.claimed(self.config, spec.plan, self._verified, self.report,
+                                      attached["uid"], attached["gid"])  # fmt: skip
             verify.bound(verified, answer)
         except BaseException as exc:
             why = exc.message if isinstance(exc, SandboxError) else f"{type(exc).__name__}: {exc}"
@@ -1230,8 +1256,36 @@ class SandboxWorker:
         self._verified = verified
         self.report["verified_by_host"] = verified.by_host
         self.report["verified_from_report"] = verified.from_report
+        self.claimed_spare = attached.get("spare") is True
         self.claim_seconds = {"attach": attached_at - began, "bind": bound_at - attached_at,
-                              "verify": time.perf_counter() - bound_at}  # fmt: skip
+                              "handover": handed_at - bound_at, "verify": time.perf_counter() - handed_at}  # fmt: skip
+
+    async def _attach(self, attach: Callable[[Path, Callable[[], object]], dict[str, Any]], workspace: Path,
+                      prepare: Callable[[], object]) -> dict[str, Any]:  # fmt: skip
+        try:
+            return await asyncio.to_thread(attach, workspace, prepare)
+        except SandboxError as exc:
+            exc.data.setdefault("claim", "attach")
+            raise
+        except OSError as exc:
+            raise IsolationUnavailable(f"cannot attach the workspace of {self.user_id!r}: {exc}",
+                                       data={"claim": "attach"}) from None
+
+    @staticmethod
+    async def _handed_over(handover: asyncio.Future[dict[str, Any] | None], user_id: str) -> None:
+        """Wait for the spare's hand-over; the claim fails (attach: the user gets a worker of
+        their own) when the user turned out to have a uid or a workspace after all."""
+        try:
+            taken = await handover
+        except OSError as exc:
+            raise IsolationUnavailable(f"cannot hand the spare workspace to {user_id!r}: {exc}",
+                                       data={"claim": "attach"}) from None
+        except SandboxError as exc:
+            exc.data.setdefault("claim", "attach")
+            raise
+        if taken is None:
+            raise IsolationUnavailable(f"{user_id!r} got a uid or a workspace while the spare was handed over",
+                                       data={"claim": "attach"})
 
     async def _enter(self, user_id: str, workspace: str) -> None:
         """Bind the worker inside and check the layers binding brings (a mismatch kills it)."""

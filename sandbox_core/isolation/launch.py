@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError
-from sandbox_core.isolation import cgroups, quota, runtime, slots, tenants
+from sandbox_core.isolation import cgroups, quota, runtime, slots, spares, tenants
 from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, process_launch
 from sandbox_core.isolation.strict import can_attach, host_sockets_checked_at_launch, sandbox_identity, strict_launch
 
@@ -85,12 +85,15 @@ def workspace_owner(config: ProcessSandboxConfig, user_id: str) -> tuple[int, in
 
 
 def sweep_leftovers(config: ProcessSandboxConfig) -> list[str]:
-    """Remove the worker cgroups and slots orchestrators that died (SIGKILL, a crash) left behind."""
+    """Remove the worker cgroups, slots and spare workspaces orchestrators that died (SIGKILL, a
+    crash) left behind."""
     if config.profile != "strict":
         return []
     swept: list[str] = []
     if slots.unavailable() is None and (config.state_dir / slots.SLOTS_DIR).is_dir():  # even if no longer used
         swept += [f"slot {name}" for name in slots.sweep(tenants.state_dir(config))]
+    if os.geteuid() == 0:
+        swept += [f"spare {name}" for name in spares.sweep(config)]
     if config.strict.cgroups:
         swept += cgroups.sweep(cgroups.sweep_bases(config.limits, config.strict.cgroup_parent))
     return swept

@@ -207,6 +207,15 @@ class Slot:
         finally:
             os.close(tree)
 
+    def detach(self) -> None:
+        """Take the attached tree (a spare, :mod:`spares`: nobody's) off ``ws`` again, so that a
+        user's workspace can be attached; the slot's own mount stays."""
+        if not self.attached or self._released:
+            return
+        if not _umount(self.ws):
+            raise IsolationUnavailable(f"slot {self.path.name} had nothing attached to detach")
+        self.attached = False
+
     def _mount_guard(self, tree: int, guard: GuardMount) -> None:
         if guard.kind == "deny":
             void = str(self.path / (VOID_DIR if guard.is_dir else VOID))

@@ -7,11 +7,14 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox_core.config import ProcessSandboxConfig, ResourceLimits
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.shared import WORKER_ENTRY
+
+if TYPE_CHECKING:
+    from sandbox_core.isolation.spares import Spare
 
 _MB = 1024 * 1024
 
@@ -49,10 +52,16 @@ class LaunchSpec:
     """CPU nanoseconds the worker has used so far (its cgroup's accounting), for CPU budgets."""
     cgroup_pids: Callable[[], set[int]] | None = None
     """Every process in the worker's cgroups (to kill a request's processes)."""
-    attach: Callable[[Path], dict[str, Any]] | None = None
-    """Unbound strict workers: attaches a user's workspace (host path) at claim and returns
-    what the worker's ``bind`` needs (``uid``, ``gid``, ``workspace``, ``expect_mounts``) and
-    the report's entries; None when the worker is bound at spawn or binds by itself."""
+    attach: Callable[[Path, Callable[[], object]], dict[str, Any]] | None = None
+    """Unbound strict workers: attaches a user's workspace (host path; the callable creates it
+    when it is to be used) at claim and returns what the worker's ``bind`` needs (``uid``,
+    ``gid``, ``workspace``, ``expect_mounts``) and the report's entries; None when the worker is
+    bound at spawn or binds by itself."""
+    spare: Spare | None = None
+    """The spare workspace a new user takes at claim (see ``stage``)."""
+    stage: Callable[[], None] | None = None
+    """Unbound strict workers with per-user uids: makes and attaches a spare workspace for a
+    new user after the start, off the request path (:mod:`sandbox_core.isolation.spares`)."""
 
 
 def worker_env(

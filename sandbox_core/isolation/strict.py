@@ -27,12 +27,13 @@ import shutil
 import subprocess
 import sys
 import weakref
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError, IsolationUnavailable
-from sandbox_core.isolation import cgroups, probes, quota, runtime, slots, tenants
+from sandbox_core.isolation import cgroups, probes, quota, runtime, slots, spares, tenants
 from sandbox_core.isolation.protect import DENY, FREEZE, TreeGuard
 from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
@@ -444,13 +445,21 @@ def strict_launch(
         if cgroup is not None:
             cgroup.after_spawn(pid)
 
+    spare = spares.Spare(config, slot, worker_id) if slot is not None and shared_identity(config) is None else None
+
+    def stage() -> None:
+        assert spare is not None
+        spare.stage(lambda ws: attach_user(config, spare.slot, ws))
+
     def cleanup() -> None:
         fds.close()
         try:
             if cgroup is not None:
                 cgroup.cleanup()
         finally:
-            if slot is not None:
+            if spare is not None:
+                spare.close(slot.release)  # type: ignore[union-attr]
+            elif slot is not None:
                 slot.release()
 
     env = worker_env(config, home=HOME)
@@ -462,7 +471,9 @@ def strict_launch(
         plan=plan,
         workspace_in_sandbox=WORKSPACE if workspace is not None else None,
         bound_at_spawn=slot is None,
-        attach=(lambda ws: attach_user(config, slot, ws)) if slot is not None else None,
+        attach=(lambda ws, prepare: claim_slot(config, slot, spare, ws, prepare)) if slot is not None else None,
+        stage=stage if spare is not None else None,
+        spare=spare,
         pass_fds=tuple(fds.fds),
         after_spawn=after_spawn,
         cleanup=cleanup,
@@ -821,6 +832,19 @@ def _blank_generated(m: _Mounts, dest: str) -> None:
 def _needed_by_worker() -> tuple[str, ...]:
     """Sandbox paths the worker cannot start without: its staged interpreter, libraries and package."""
     return (runtime.SANDBOX_ROOT,)
+
+
+def claim_slot(config: ProcessSandboxConfig, slot: slots.Slot, spare: spares.Spare | None,
+               workspace: Path, prepare: Callable[[], object]) -> dict[str, Any]:  # fmt: skip
+    """The host side of a claim: a new user takes the slot's staged spare (:mod:`spares`) when
+    there is one; anyone else gets their own workspace (``prepare``) attached (:func:`attach_user`)."""
+    if spare is not None:
+        attached = spare.claim(workspace)
+        if attached is not None:
+            return {**attached, "spare": True}
+        spare.detach()
+    prepare()
+    return attach_user(config, slot, workspace)
 
 
 def attach_user(config: ProcessSandboxConfig, slot: slots.Slot, workspace: Path) -> dict[str, Any]:

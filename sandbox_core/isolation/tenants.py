@@ -7,6 +7,15 @@ them. Two orchestrators on one host share the file: an assignment takes an exclu
 ``fsync``, ``rename``, ``fsync`` of the directory), so a crash leaves the old map or the new
 one, never half of one, and no uid is ever handed out twice.
 
+A *spare* (:mod:`spares`) holds a uid under a key no user id can be (``.spare-...``), assigned
+durably before any user asks for it. Claiming it for a new user (:func:`rename`) moves the uid
+to the user's key without waiting for the disk: the uid was already durably reserved under the
+spare's key, so either map a crash leaves holds it under one key only (the old map: the
+spare's, never given to anyone else; the new one: the user's), and the durable write follows
+off the request path (:func:`flush`). Removing a spare's key (:func:`forget`) is allowed only
+once its tree is gone and no process ever ran as its uid (and needs no flush either: a crash
+that loses it leaves the uid reserved for good).
+
 A uid is never 0, never ``nobody`` (65534), never one the host's passwd or group database
 knows (an account's processes could otherwise read the tenant's workspace), and the range
 must not overlap ``/etc/subuid`` or ``/etc/subgid`` (a user's rootless containers run as
@@ -27,6 +36,7 @@ import os
 import pwd
 import stat
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +46,8 @@ from sandbox_core.errors import IsolationUnavailable
 NOBODY = 65534
 MAP_NAME = "uids.json"
 LOCK_NAME = "uids.lock"
+SPARE_PREFIX = ".spare-"
+"""The map keys (and workspace names) of spares: a user id never starts with a dot."""
 UNBOUND = "-"
 """The map key of workers with no workspace (not a valid user id, so never a user's)."""
 SUBID_FILES = ("/etc/subuid", "/etc/subgid")
@@ -167,9 +179,7 @@ def _check_uid(uid: int, lo: int, hi: int, key: str) -> None:
 
 def _assign(state: Path, key: str, lo: int, hi: int) -> int:
     """Under the lock: the key's uid from the map, or the lowest free one written to it."""
-    lock = os.open(state / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(state):
         path = state / MAP_NAME
         try:
             users = _load(path)
@@ -188,6 +198,61 @@ def _assign(state: Path, key: str, lo: int, hi: int) -> int:
         users[key] = uid
         _store(path, users)
         return uid
+
+
+def rename(config: ProcessSandboxConfig, old: str, new: str) -> Tenant | None:
+    """Move ``old``'s uid (a spare's) to ``new``, which has none yet; None (nothing changed) when
+    ``new`` already has a uid. Not flushed to disk: see the module docstring and :func:`flush`."""
+    lo, hi = parse_uid_range(config.strict.uid_range)
+    state = state_dir(config)
+    with _cache_lock, _locked(state):
+        path = state / MAP_NAME
+        users = _load(path)
+        if new in users:
+            return None
+        if old not in users:
+            raise IsolationUnavailable(f"the spare {old!r} has no uid in the uid map any more")
+        uid = users.pop(old)
+        users[new] = uid
+        _store(path, users, durable=False)
+        _cache.pop((str(state), old), None)
+        _cache[(str(state), new)] = uid
+    _check_uid(uid, lo, hi, new)
+    return Tenant(new, uid, uid)
+
+
+def flush(config: ProcessSandboxConfig) -> None:
+    """Make the map's last write durable (``fsync`` of the map and of its directory)."""
+    state = state_dir(config)
+    fd = os.open(state / MAP_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _fsync_dir(state)
+
+
+def forget(config: ProcessSandboxConfig, key: str) -> None:
+    """Remove a spare's key from the map: only for a spare whose tree is gone and whose uid
+    never ran a process, so nothing of it can outlive the assignment. Not flushed: a crash that
+    loses it leaves the uid reserved for good, which is safe."""
+    if not key.startswith(SPARE_PREFIX):
+        raise IsolationUnavailable(f"only a spare's uid can be given back, not {key!r}'s")
+    state = state_dir(config)
+    with _cache_lock, _locked(state):
+        path = state / MAP_NAME
+        users = _load(path)
+        if users.pop(key, None) is not None:
+            _store(path, users, durable=False)
+        _cache.pop((str(state), key), None)
+
+
+@contextlib.contextmanager
+def _locked(state: Path) -> Iterator[None]:
+    lock = os.open(state / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
     finally:
         os.close(lock)
 
@@ -211,7 +276,7 @@ def _load(path: Path) -> dict[str, int]:
     return dict(users)
 
 
-def _store(path: Path, users: dict[str, int]) -> None:
+def _store(path: Path, users: dict[str, int], *, durable: bool = True) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     data = json.dumps({"version": 1, "users": users}, indent=1, sort_keys=True).encode()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -219,11 +284,17 @@ def _store(path: Path, users: dict[str, int]) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(dir_fd)
     finally:

@@ -418,8 +418,17 @@ class Verified:
     expected: Expected
     worker_pid: int | None = None
     """The worker's host pid, as located at start."""
+    process: procfs.WorkerProcess | None = None
+    """An unbound worker's process, kept pinned from its start for the re-check at claim
+    (:func:`claimed`); closed by whoever holds the worker (:meth:`release`)."""
     by_host: list[str] = field(default_factory=list)
     from_report: list[str] = field(default_factory=list)
+
+    def release(self) -> None:
+        """Close the pinned process, if any (idempotent)."""
+        if self.process is not None:
+            self.process.close()
+            self.process = None
 
 
 def run_checks(stage: Stage, expected: Expected, facts: Facts, verified: Verified) -> None:
@@ -465,22 +474,52 @@ def started(config: ProcessSandboxConfig, plan: Mapping[str, Any], spawned: int,
     if not isinstance(pid_inside, int) or isinstance(pid_inside, bool):
         raise IsolationUnavailable(f"the worker's handshake gave no pid to verify ({pid_inside!r:.40})")
     verified = Verified(expected)
-    with procfs.locate(spawned, pid_inside) as proc:
+    proc = procfs.locate(spawned, pid_inside)
+    try:
         verified.worker_pid = proc.pid
-        try:
-            facts = Facts(proc.snapshot(), _host_namespaces(), os.getsid(0), report)
-            run_checks("start", expected, facts, verified)
-        except BaseException:
-            proc.kill()
-            raise
+        _check(proc, expected, report, verified)
+    except BaseException:
+        proc.close()
+        raise
+    if unbound:
+        verified.process = proc  # pinned: the claim re-reads this very process, no second search
+    else:
+        proc.close()
     return verified
 
 
-def claimed(config: ProcessSandboxConfig, plan: Mapping[str, Any], spawned: int, pid_inside: object,
+def _check(proc: procfs.WorkerProcess, expected: Expected, report: Mapping[str, Any], verified: Verified) -> None:
+    """Run the start checks on ``proc``; kill it on any mismatch."""
+    try:
+        facts = Facts(proc.snapshot(), _host_namespaces(), os.getsid(0), report)
+        run_checks("start", expected, facts, verified)
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def claimed(config: ProcessSandboxConfig, plan: Mapping[str, Any], at_start: Verified,
             report: Mapping[str, Any], uid: int, gid: int) -> Verified:  # fmt: skip
     """Verify a claimed worker after its ``bind``, before its first request: every layer of
-    :func:`started` again, now with the user's ``uid``/``gid`` and no capabilities at all."""
-    return started(config, {**plan, "switch_user": {"uid": uid, "gid": gid}}, spawned, pid_inside, report)
+    :func:`started` again, now with the user's ``uid``/``gid`` and no capabilities at all.
+
+    Reads the process pinned at start (``at_start.process``: its /proc directory and pidfd,
+    so a process that exited, or a reused pid, fails the reads) and closes it: a few small
+    /proc reads, done on the caller's thread.
+    """
+    proc = at_start.process
+    if proc is None:
+        raise IsolationUnavailable("the claimed worker's process was not kept from its start; not verifying it")
+    at_start.process = None
+    try:
+        expected = expectations(config, {**plan, "switch_user": {"uid": uid, "gid": gid}})
+        verified = Verified(expected, worker_pid=proc.pid)
+        _check(proc, expected, report, verified)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IsolationUnavailable(f"the launch plan cannot be verified ({type(exc).__name__}: {exc})") from None
+    finally:
+        proc.close()
+    return verified
 
 
 def bound(verified: Verified, reply: Mapping[str, Any]) -> None:

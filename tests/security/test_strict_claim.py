@@ -40,6 +40,19 @@ def _config(tmp_path: Path, **changes: Any) -> Any:
     return base.replace(profile="strict", **changes)
 
 
+def _existing_workspace(config: Any, user: str) -> Path:
+    workspace: Path = config.workspace_for(user)
+    workspace.parent.mkdir(parents=True, exist_ok=True)
+    workspace.mkdir(mode=0o700)
+    return workspace
+
+
+def _spares(config: Any) -> tuple[list[str], list[str]]:
+    """Spare workspaces left in the workspace root, and spare keys left in the uid map."""
+    names = sorted(n for n in os.listdir(config.workspace_root) if n.startswith(tenants.SPARE_PREFIX))
+    return names, sorted(k for k in tenants.assigned(config) if k.startswith(tenants.SPARE_PREFIX))
+
+
 def _slot_mounts(tmp_path: Path) -> list[str]:
     return [m for m in slots.mounted_slots() if m.startswith(str(tmp_path))]
 
@@ -76,6 +89,89 @@ async def test_a_new_user_claims_a_prewarmed_worker_confined_as_their_own_uid(tm
         assert {"identity", "capabilities", "seccomp", "no_new_privs"} <= set(report["verified_by_host"])
         assert report["identity"]["uid"] == uid
     assert _slot_mounts(tmp_path) == []
+
+
+async def test_a_new_user_takes_the_spare_workspace_staged_for_the_worker(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        (unbound,) = [w for w in pool._workers.values() if w.user_id is None]
+        assert unbound.report["spare"] == "staged"
+        (name,), (key,) = _spares(config)
+        assert name == key and unbound.worker_id in name
+        spare_uid, spare_ino = tenants.assigned(config)[name], os.stat(config.workspace_root / name).st_ino
+        assert os.stat(config.workspace_root / name).st_uid == spare_uid
+        result = await pool.execute("ivan", sh("id -u; echo hi > f; cat /etc/passwd"))
+        assert result.exit_code == 0, result.stderr_text
+        assert result.worker_id == unbound.worker_id and unbound.claimed_spare
+        uid = tenants.identity_for(config, "ivan").uid
+        assert result.stdout_text.splitlines()[0] == str(uid) == str(spare_uid)
+        assert f"sandbox:x:{uid}:{uid}:" in result.stdout_text
+        workspace = config.workspace_for("ivan")
+        assert os.stat(workspace).st_ino == spare_ino and (workspace / "f").stat().st_uid == uid
+        assert name not in os.listdir(config.workspace_root) and name not in tenants.assigned(config)
+        report = pool.worker_report(result.worker_id)
+        assert report is not None and report["uid"] == uid and "/workspace/.bashrc" in report["filesystem"]["protected"]
+    assert _spares(config) == ([], [])  # the refill's spares were removed and their uids given back
+    assert set(tenants.assigned(config)) == {"ivan"}
+    assert _slot_mounts(tmp_path) == []
+
+
+async def test_a_returning_user_gets_their_own_workspace_and_the_spare_is_given_back(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    workspace = _existing_workspace(config, "judy")
+    (workspace / "old.txt").write_text("judy's")
+    judy = tenants.identity_for(config, "judy").uid
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        (name,), _keys = _spares(config)
+        spare_uid = tenants.assigned(config)[name]
+        result = await pool.execute("judy", sh("ls -a; id -u"))
+        assert result.exit_code == 0, result.stderr_text
+        assert "old.txt" in result.stdout_text and result.stdout_text.splitlines()[-1] == str(judy) != str(spare_uid)
+        assert not pool._workers[result.worker_id].claimed_spare
+        await pool.stop_workers(user_id="judy")
+        await wait_for(lambda: name not in os.listdir(config.workspace_root), 10, "the spare removed")
+        assert name not in tenants.assigned(config)
+    assert (workspace / "old.txt").read_text() == "judy's" and _spares(config) == ([], [])
+    assert _slot_mounts(tmp_path) == []
+
+
+async def test_a_spare_promised_to_a_user_who_turns_out_to_have_a_uid_fails_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker switches to the spare's uid while the host hands the spare over; when the hand-over
+    finds the user has a uid after all (another orchestrator gave one), the worker is retired, the
+    user gets a worker of their own uid, and the spare's uid (which a process ran as) is never reused."""
+    config = _config(tmp_path)
+    kim = tenants.identity_for(config, "kim").uid  # a uid, but no workspace yet
+    monkeypatch.setattr(tenants, "assigned", lambda cfg: {})  # the promise's quick look misses it
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        (unbound,) = [w for w in pool._workers.values() if w.user_id is None]
+        (name,), _keys = _spares(config)
+        result = await pool.execute("kim", sh("id -u"))
+        assert result.exit_code == 0 and result.stdout_text.strip() == str(kim)
+        assert result.worker_id != unbound.worker_id and pool.get_pool_stats()["claim_fallbacks"] == 1
+        await wait_for(lambda: unbound.pid is None or not pid_alive(unbound.pid), 10, "the retired worker's exit")
+        await wait_for(lambda: name not in os.listdir(config.workspace_root), 10, "the spare removed")
+        monkeypatch.undo()
+        assert name in tenants.assigned(config)  # burned: never given to anyone
+    assert _slot_mounts(tmp_path) == []
+
+
+async def test_stale_spares_of_a_dead_orchestrator_are_swept_at_start(tmp_path: Path) -> None:
+    config = _config(tmp_path, min_idle=0)
+    name = f"{tenants.SPARE_PREFIX}999999999-stale"  # as if its orchestrator (pid 999999999) had died
+    stale = config.workspace_root / name
+    stale.mkdir(parents=True)
+    (stale / "dir").mkdir()
+    (stale / "dir" / "file").write_text("x")
+    (stale / "link").symlink_to("/etc")  # removed as a link, never followed
+    tenants.identity_for(config, name)
+    async with SandboxOrchestrator(config) as pool:
+        assert f"spare {name}" in pool.swept
+    assert not stale.exists() and name not in tenants.assigned(config) and os.path.isfile("/etc/passwd")
 
 
 async def test_a_worker_never_serves_two_users(tmp_path: Path) -> None:
@@ -138,15 +234,16 @@ async def test_an_attach_the_workspace_refuses_fails_closed(tmp_path: Path) -> N
     assert _slot_mounts(tmp_path) == []
 
 
+@pytest.mark.parametrize("returning", [False, True], ids=["new user: the spare", "returning user: attach"])
 async def test_a_crash_between_attach_and_bind_leaves_nothing_behind(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, returning: bool
 ) -> None:
     config = _config(tmp_path)
-    attach = strict.attach_user
+    if returning:
+        _existing_workspace(config, "frank")
     killed: list[tuple[str, int]] = []
 
-    def attach_then_crash(cfg: Any, slot: slots.Slot, workspace: Path) -> dict[str, Any]:
-        answer = attach(cfg, slot, workspace)
+    def crash() -> None:
         for info in pool.list_workers():
             if info["user_id"] == "frank" and info["pid"] is not None and not killed:
                 killed.append((info["worker_id"], info["pid"]))
@@ -154,9 +251,29 @@ async def test_a_crash_between_attach_and_bind_leaves_nothing_behind(
         deadline = time.monotonic() + 10  # bwrap's exit is the sandbox's end: every process in it is gone
         while killed and pid_alive(killed[0][1]) and time.monotonic() < deadline:
             time.sleep(0.005)
-        return answer
 
-    monkeypatch.setattr(strict, "attach_user", attach_then_crash)
+    if returning:  # her own workspace is attached, then the worker dies
+        claim = strict.claim_slot
+
+        def attach_then_crash(cfg: Any, slot: slots.Slot, spare: Any, workspace: Path, prepare: Any) -> dict[str, Any]:
+            answer = claim(cfg, slot, spare, workspace, prepare)
+            assert "spare" not in answer
+            crash()
+            return answer
+
+        monkeypatch.setattr(strict, "claim_slot", attach_then_crash)
+    else:  # the spare is handed over to him, then the worker dies
+        from sandbox_core.isolation import spares
+
+        hand_over = spares.Spare.claim
+
+        def hand_over_then_crash(self: Any, workspace: Path) -> dict[str, Any] | None:
+            answer = hand_over(self, workspace)
+            assert answer is not None
+            crash()
+            return answer
+
+        monkeypatch.setattr(spares.Spare, "claim", hand_over_then_crash)
     async with SandboxOrchestrator(config) as pool:
         await _prewarmed(pool)
         result = await pool.execute("frank", sh("id -u"))  # the request gets another worker
@@ -167,12 +284,14 @@ async def test_a_crash_between_attach_and_bind_leaves_nothing_behind(
         await wait_for(lambda: not any(worker_id in m for m in _slot_mounts(tmp_path)), 10, "its slot detached")
         assert not (tmp_path / "state" / "slots" / f"{os.getpid()}-{worker_id}").exists()
     assert _slot_mounts(tmp_path) == []
+    assert _spares(config) == ([], [])
 
 
 async def test_an_attach_that_fails_midway_mounts_nothing_and_falls_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = _config(tmp_path)
+    _existing_workspace(config, "grace")  # a returning user: her own workspace is attached (a new one takes a spare)
     async with SandboxOrchestrator(config) as pool:
         await _prewarmed(pool)
         monkeypatch.setattr(slots, "move_mount", _failing_final_move(monkeypatch))

@@ -55,16 +55,26 @@ def test_the_unbound_check_runs_only_for_unbound_workers_and_never_survives_a_jo
 def test_claimed_checks_the_tenants_identity_and_no_capabilities(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: dict[str, Any] = {}
 
-    def started(config: Any, plan: Any, spawned: int, pid_inside: object, report: Any, **kw: Any) -> Any:
-        seen.update(plan=plan, kw=kw)
-        return verify.Verified(verify.expectations(config, plan))
+    class Pinned:
+        pid = 4242
+        closed = False
 
-    monkeypatch.setattr(verify, "started", started)
+        def close(self) -> None:
+            self.closed = True
+
+    def check(proc: Any, expected: Any, report: Any, verified: Any) -> None:
+        seen.update(proc=proc, expected=expected)
+
+    monkeypatch.setattr(verify, "_check", check)
     config = process_config(Path("/nonexistent")).replace(profile="strict")
-    verified = verify.claimed(config, {"profile": "strict"}, 10, 2, {}, 201000, 201000)
-    assert seen["plan"]["switch_user"] == {"uid": 201000, "gid": 201000} and seen["kw"] == {}
+    pinned = Pinned()
+    at_start = verify.Verified(verify.Expected(unbound=True), worker_pid=4242, process=pinned)  # type: ignore[arg-type]
+    verified = verify.claimed(config, {"profile": "strict"}, at_start, {}, 201000, 201000)
+    assert seen["proc"] is pinned and pinned.closed and at_start.process is None  # the process pinned at start
     assert verified.expected.identity == (201000, 201000) and verified.expected.no_capabilities
-    assert not verified.expected.unbound
+    assert not verified.expected.unbound and verified.worker_pid == 4242
+    with pytest.raises(IsolationUnavailable, match="not kept"):  # a second claim has nothing to read
+        verify.claimed(config, {"profile": "strict"}, at_start, {}, 201000, 201000)
 
 
 def test_what_the_attach_cannot_express_falls_back_to_spawn_per_user(
