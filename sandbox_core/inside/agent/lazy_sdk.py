@@ -191,13 +191,17 @@ class _Finder(importlib.abc.MetaPathFinder):
         return spec
 
 
-class _TableLoader(importlib.abc.Loader):
+class _WrappingLoader(importlib.abc.Loader):
+    """A loader that runs a module from the source its original loader finds, its own way."""
+
     def __init__(self, original: importlib.machinery.SourceFileLoader) -> None:
         self._original = original
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
         return None
 
+
+class _TableLoader(_WrappingLoader):
     def exec_module(self, module: types.ModuleType) -> None:
         source = self._original.get_source(module.__name__)
         table = _table(source, module.__name__) if source is not None else None
@@ -222,13 +226,7 @@ class _TableLoader(importlib.abc.Loader):
         module.__all__ = names  # type: ignore[attr-defined]
 
 
-class _DeferringLoader(importlib.abc.Loader):
-    def __init__(self, original: importlib.machinery.SourceFileLoader) -> None:
-        self._original = original
-
-    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
-        return None
-
+class _DeferringLoader(_WrappingLoader):
     def exec_module(self, module: types.ModuleType) -> None:
         source = self._original.get_source(module.__name__)
         package = module.__name__.rpartition(".")[0]
