@@ -277,6 +277,8 @@ class SandboxWorker:
         self._launcher = launcher
         self._spec: LaunchSpec | None = None
         self._verified: verify.Verified | None = None
+        self._claim_expected: verify.Prepared | None = None
+        """What the claim's verify expects of the staged spare's uid, worked out before the claim."""
         """What the host checked of this worker itself (set once the handshake is verified)."""
         self._transport: asyncio.SubprocessTransport | None = None
         self._pid: int | None = None
@@ -532,8 +534,13 @@ class SandboxWorker:
             await asyncio.to_thread(stage)
         except (SandboxError, OSError) as exc:
             self.report["spare"] = f"not staged: {exc}"
-        else:
-            self.report["spare"] = "staged"
+            return
+        self.report["spare"] = "staged"
+        spec = self._spec
+        ids = spec.spare.ids if spec is not None and spec.spare is not None else None
+        if spec is not None and ids is not None:  # the claim's verify then only reads /proc
+            with contextlib.suppress(KeyError, TypeError, ValueError):  # worked out again at the claim
+                self._claim_expected = verify.claim_expectations(self.config, spec.plan, *ids)
 
     # ------------------------------------------------------------------ I/O
 
@@ -1247,7 +1254,7 @@ class SandboxWorker:
             if "landlock" in answer:
                 self.report["landlock"] = answer["landlock"]
             verified = verify.claimed(self.config, spec.plan, self._verified, self.report,
-                                      attached["uid"], attached["gid"])  # fmt: skip
+                                      attached["uid"], attached["gid"], self._claim_expected)  # fmt: skip
             verify.bound(verified, answer)
         except BaseException as exc:
             why = exc.message if isinstance(exc, SandboxError) else f"{type(exc).__name__}: {exc}"

@@ -538,4 +538,7 @@ async def _amain(proto_in: int, proto_out: int, max_frame: int, booted: Booted |
 
 def serve(proto_in: int, proto_out: int, max_frame: int, booted: Booted | None = None) -> None:
     """Serve the channel until ``shutdown`` or end of input, after :mod:`handshake` (``booted``)."""
+    from sandbox_core.inside.children import watch_with_pidfds
+
+    watch_with_pidfds()
     asyncio.run(_amain(proto_in, proto_out, max_frame, booted))

@@ -88,6 +88,12 @@ class Spare:
         self._attached = attach(self.root / self.name)
         self.staged = True
 
+    @property
+    def ids(self) -> tuple[int, int] | None:
+        """The staged spare's uid and gid (a new user's claim switches the worker to them)."""
+        attached = self._attached
+        return (int(attached["uid"]), int(attached["gid"])) if self.staged and attached is not None else None
+
     def promise(self, workspace: Path) -> dict[str, Any] | None:
         """What the worker's ``bind`` needs when ``workspace`` is a new user's (it does not exist
         and the user has no uid), so that the worker can switch to the spare's uid while

@@ -411,6 +411,15 @@ CHECKS: tuple[Check, ...] = (
 # ---------------------------------------------------------------- running the table
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """The expectations of a claim as ``uid``/``gid``, worked out ahead (:func:`claim_expectations`)."""
+
+    uid: int
+    gid: int
+    expected: Expected
+
+
 @dataclass
 class Verified:
     """The outcome of the checks so far, for the worker's report."""
@@ -498,21 +507,30 @@ def _check(proc: procfs.WorkerProcess, expected: Expected, report: Mapping[str, 
         raise
 
 
+def claim_expectations(config: ProcessSandboxConfig, plan: Mapping[str, Any], uid: int, gid: int) -> Prepared:
+    """What a worker claimed as ``uid``/``gid`` must show (for :func:`claimed`); worked out
+    before the claim where the uid is known then (a staged spare's), off the request path."""
+    return Prepared(uid, gid, expectations(config, {**plan, "switch_user": {"uid": uid, "gid": gid}}))
+
+
 def claimed(config: ProcessSandboxConfig, plan: Mapping[str, Any], at_start: Verified,
-            report: Mapping[str, Any], uid: int, gid: int) -> Verified:  # fmt: skip
+            report: Mapping[str, Any], uid: int, gid: int, prepared: Prepared | None = None) -> Verified:  # fmt: skip
     """Verify a claimed worker after its ``bind``, before its first request: every layer of
     :func:`started` again, now with the user's ``uid``/``gid`` and no capabilities at all.
 
-    Reads the process pinned at start (``at_start.process``: its /proc directory and pidfd,
-    so a process that exited, or a reused pid, fails the reads) and closes it: a few small
-    /proc reads, done on the caller's thread.
+    ``prepared`` (from :func:`claim_expectations`) is used when it is for this ``uid`` and
+    ``gid``; otherwise the expectations are worked out here. Reads the process pinned at start
+    (``at_start.process``: its /proc directory and pidfd, so a process that exited, or a reused
+    pid, fails the reads) and closes it: a few small /proc reads, done on the caller's thread.
     """
     proc = at_start.process
     if proc is None:
         raise IsolationUnavailable("the claimed worker's process was not kept from its start; not verifying it")
     at_start.process = None
     try:
-        expected = expectations(config, {**plan, "switch_user": {"uid": uid, "gid": gid}})
+        if prepared is None or (prepared.uid, prepared.gid) != (uid, gid):
+            prepared = claim_expectations(config, plan, uid, gid)
+        expected = prepared.expected
         verified = Verified(expected, worker_pid=proc.pid)
         _check(proc, expected, report, verified)
     except (KeyError, TypeError, ValueError) as exc:

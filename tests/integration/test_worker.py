@@ -80,6 +80,21 @@ async def test_exec_stdin_argv_and_missing_command(workspace_root: Path) -> None
         await worker.stop()
 
 
+async def test_a_command_exit_is_watched_by_pidfd_not_by_a_thread(workspace_root: Path) -> None:
+    """The worker learns of a command's exit from a pidfd on its loop: while the command runs,
+    the worker has no waiter thread (asyncio's default starts one per command)."""
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("os.pidfd_open is missing here")
+    worker = await _bound(workspace_root)
+    try:
+        for _ in range(2):
+            result = await worker.execute("exec", ExecRequest(shell="grep -E '^Threads:' /proc/$PPID/status").params())
+            assert result.exit_code == 0, result.stderr_text
+            assert result.stdout_text.split() == ["Threads:", "1"]
+    finally:
+        await worker.stop()
+
+
 async def test_env_is_built_from_allowlist(workspace_root: Path, host_canary: str) -> None:
     worker = await _bound(workspace_root)
     try:

@@ -392,3 +392,31 @@ async def test_an_unbound_agent_worker_preloads_before_its_claim_and_binds_singl
         if landlock_abi() > 0:
             assert unbound.report["landlock"]["abi"] > 0  # applied at bind: refused with a second thread
     assert _slot_mounts(tmp_path) == []
+
+
+async def test_the_first_command_on_a_claimed_worker_starts_no_waiter_thread(tmp_path: Path) -> None:
+    """A claimed worker's first command is watched by a pidfd on the worker's loop (seccomp
+    allows ``pidfd_open``): the worker stays single-threaded while it runs."""
+    async with SandboxOrchestrator(_config(tmp_path)) as pool:
+        await _prewarmed(pool)
+        result = await pool.execute("olga", sh("grep -E '^Threads:' /proc/$PPID/status"))
+        assert result.exit_code == 0, result.stderr_text
+        assert pool.get_pool_stats()["claimed"] == 1
+        assert result.stdout_text.split() == ["Threads:", "1"]
+    assert _slot_mounts(tmp_path) == []
+
+
+async def test_the_claims_expectations_are_worked_out_for_the_staged_spares_uid(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    async with SandboxOrchestrator(config) as pool:
+        await _prewarmed(pool)
+        (unbound,) = [w for w in pool._workers.values() if w.user_id is None]
+        (name,), _keys = _spares(config)
+        spare_uid = tenants.assigned(config)[name]
+        prepared = unbound._claim_expected
+        assert prepared is not None and (prepared.uid, prepared.gid) == (spare_uid, spare_uid)
+        assert prepared.expected.identity == (spare_uid, spare_uid) and prepared.expected.no_capabilities
+        result = await pool.execute("petra", sh("id -u"))
+        assert result.exit_code == 0 and result.stdout_text.strip() == str(spare_uid)
+        report = pool.worker_report(result.worker_id)
+        assert report is not None and "identity" in report["verified_by_host"]

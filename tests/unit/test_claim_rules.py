@@ -77,6 +77,29 @@ def test_claimed_checks_the_tenants_identity_and_no_capabilities(monkeypatch: py
         verify.claimed(config, {"profile": "strict"}, at_start, {}, 201000, 201000)
 
 
+def test_claimed_uses_expectations_worked_out_ahead_only_for_the_same_uid(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Any] = []
+
+    class Pinned:
+        pid = 4242
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(verify, "_check", lambda proc, expected, report, verified: seen.append(expected))
+    config = process_config(Path("/nonexistent")).replace(profile="strict")
+    plan = {"profile": "strict"}
+    prepared = verify.claim_expectations(config, plan, 201000, 201000)
+    assert prepared.expected == verify.claim_expectations(config, plan, 201000, 201000).expected
+
+    def at_start() -> verify.Verified:
+        return verify.Verified(verify.Expected(unbound=True), worker_pid=4242, process=Pinned())  # type: ignore[arg-type]
+
+    assert verify.claimed(config, plan, at_start(), {}, 201000, 201000, prepared).expected is prepared.expected
+    other = verify.claimed(config, plan, at_start(), {}, 201001, 201001, prepared)  # another uid: worked out anew
+    assert other.expected.identity == (201001, 201001) and seen[-1] is other.expected
+
+
 def test_what_the_attach_cannot_express_falls_back_to_spawn_per_user(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
