@@ -54,7 +54,7 @@ _GLOBAL_VALUES: dict[str, tuple[str, Value]] = {
 _EXEC_FLAGS = {"--shell": ("shell", True), "--raw": ("raw", True), "-t": ("tty", True), "--tty": ("tty", True),
                "--no-tty": ("tty", False), "-i": ("interactive", True), "--interactive": ("interactive", True)}
 def _host_entry(value: str) -> str:
-    from sandbox_core.config import parse_host_entry
+    from sandbox_core.names import parse_host_entry
 
     parse_host_entry(value)  # ValueError for a bad entry: typer's command says what is wrong
     return value

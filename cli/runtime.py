@@ -161,10 +161,10 @@ def service_target(state: AppState) -> Target | None:
     if state.local:
         return None
     try:
-        config = state.loaded().config
+        settings = state.client_settings()
     except ConfigError:
-        config = None  # the command reports it when it loads the config
-    server_uids = config.service.server_uids if config is not None else ()
+        settings = None  # the command reports it when it loads the config
+    server_uids = settings.server_uids if settings is not None else ()
     if state.connect:
         from cli.remote import normalize_address
 
@@ -174,12 +174,12 @@ def service_target(state: AppState) -> Target | None:
             output.fail(str(exc), hint="e.g. --connect unix:/run/user/1000/sandbox/sandbox.sock or "
                                        "--connect http://127.0.0.1:8765", code=output.EXIT_USAGE)
     else:
-        if config is None:
+        if settings is None:
             return None
         from cli.remote import socket_answers
-        from sandbox_core.service.paths import default_socket_path
+        from sandbox_core.service.paths import socket_path_for
 
-        path = default_socket_path(config)
+        path = socket_path_for(settings.socket_path)
         try:
             answers = socket_answers(path, server_uids)
         except UntrustedService as exc:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sandbox_core.client_config import ClientSettings
     from sandbox_core.config import LoadedConfig, ProcessSandboxConfig
 
 
@@ -33,11 +34,29 @@ class AppState:
         if self._loaded is None:
             from sandbox_core.config import load_config
 
-            overrides = dict(self.overrides)
-            if self.profile is not None:
-                overrides["profile"] = self.profile
-            self._loaded = load_config(self.config_path, overrides=overrides)
+            self._loaded = load_config(self.config_path, overrides=self._overrides())
         return self._loaded
+
+    def client_settings(self) -> ClientSettings:
+        """What a client of the service reads from the config, without building the config when it can.
+
+        The same values as :meth:`loaded` gives; where the light reader is unsure, the full
+        config decides, and its ConfigError is the one :meth:`loaded` raises.
+        """
+        from sandbox_core.client_config import ClientSettings, read_client_settings
+
+        if self._loaded is None:
+            settings = read_client_settings(self.config_path, overrides=self._overrides())
+            if settings is not None:
+                return settings
+        config = self.loaded().config
+        return ClientSettings(config.service.server_uids, config.service.socket_path, config.limits.processes)
+
+    def _overrides(self) -> dict[str, Any]:
+        overrides = dict(self.overrides)
+        if self.profile is not None:
+            overrides["profile"] = self.profile
+        return overrides
 
     def set_override(self, key: str, value: Any) -> None:
         """Set a dotted config key as a flag (``model.provider``); the config reloads on next use."""

@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from sandbox_core.client_config import (
+    CLIENT_VARIABLES,
+    DEFAULT_PROCESSES,
+    ENV_ALIASES,
+    default_config_path,
+    path_problem,
+)
 from sandbox_core.errors import ConfigError
+from sandbox_core.names import is_ip_literal, parse_host_entry, validate_user_id
 
 Profile = Literal["strict", "process"]
 NetworkMode = Literal["none", "allowlist"]
@@ -50,7 +58,6 @@ DEFAULT_ALLOWED_BETAS = (
 )  # fmt: skip
 """``anthropic-beta`` values a call from the sandbox may carry by default: none of them lets
 the provider reach anything (no MCP connector, code execution, files or skills)."""
-_USER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\*?$")
 
 
@@ -91,7 +98,7 @@ class ResourceLimits:
     """RLIMIT_CPU per process."""
     open_files: int = 256
     """RLIMIT_NOFILE."""
-    processes: int = 128
+    processes: int = DEFAULT_PROCESSES
     """RLIMIT_NPROC (per uid) and the cgroup pids limit."""
     file_size_mb: int = 1024
     """RLIMIT_FSIZE: largest file a process may write."""
@@ -298,37 +305,6 @@ class NetworkPolicy:
     (0 = log every one)."""
 
 
-_LABEL = r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?"
-HOST_PATTERN = re.compile(rf"^(\*|(\*\.)?{_LABEL}(\.{_LABEL})*)$")
-"""A host name (lower case, labels of letters, digits, ``-``, ``_``), ``*.SUFFIX`` or ``*``."""
-
-
-def parse_host_entry(entry: str) -> tuple[str, int | None]:
-    """``NAME[:PORT]`` as (name, port or None), or ValueError saying what is wrong."""
-    if not isinstance(entry, str) or entry != entry.strip() or not entry:
-        raise ValueError(f"{entry!r} is not a host name")
-    name, sep, port_text = entry.lower().rpartition(":") if ":" in entry else (entry.lower(), "", "")
-    port: int | None = None
-    if sep:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"{entry!r}: the port must be 1-65535")
-        port = int(port_text)
-    name = name.rstrip(".") if name != "." else name
-    if is_ip_literal(name.strip("[]")):
-        raise ValueError(f"{entry!r} is an IP address: addresses are allowed by network.allow_private")
-    if len(name) > 253 or not HOST_PATTERN.match(name):
-        raise ValueError(f"{entry!r} is not a host name, '*.SUFFIX' or '*' (with an optional ':PORT')")
-    return name, port
-
-
-def is_ip_literal(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
 def parse_cidr(entry: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """A CIDR (or one address) of ``allow_private``, or ValueError."""
     try:
@@ -460,17 +436,6 @@ def parse_uid_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-def validate_user_id(user_id: str) -> str:
-    """A user id names exactly one directory below the workspace root, or ConfigError."""
-    if not isinstance(user_id, str) or not _USER_ID.match(user_id) or user_id in {".", ".."}:
-        raise ConfigError(
-            "user_id",
-            f"{user_id!r} is not a valid user id (letters, digits, '_', '.', '@', '-'; "
-            "1-64 chars; must not start with a symbol)",
-        )
-    return user_id
-
-
 def _positive(cfg: object, names: tuple[str, ...], prefix: str = "", zero_ok: bool = False) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -564,19 +529,6 @@ def _validate_network(cfg: ProcessSandboxConfig) -> None:
             raise ConfigError("network.allow_private", str(exc)) from None
 
 
-def _path_problem(path: str) -> str | None:
-    """Why ``path`` cannot name one fixed place on the host, or None (absolute and plain)."""
-    if path == "":
-        return "is empty (it would mean whatever the current directory is)"
-    if "\0" in path:
-        return "holds a NUL byte"
-    if not path.startswith("/"):
-        return "is relative (it would depend on the current directory): write an absolute path"
-    if ".." in path.split("/"):
-        return "has a '..' component: write the path it means"
-    return None
-
-
 def _validate_paths(cfg: ProcessSandboxConfig) -> None:
     """Every path setting names one absolute place, or ConfigError naming the setting and the entry.
 
@@ -584,9 +536,9 @@ def _validate_paths(cfg: ProcessSandboxConfig) -> None:
     strict worker is planned (:mod:`sandbox_core.isolation.strict`), not here.
     """
     root = str(cfg.workspace_root)
-    if (problem := _path_problem(root)) is not None:
+    if (problem := path_problem(root)) is not None:
         raise ConfigError("workspace_root", f"{root!r} {problem}")
-    if (problem := _path_problem(str(cfg.state_dir))) is not None:
+    if (problem := path_problem(str(cfg.state_dir))) is not None:
         raise ConfigError("state_dir", f"{str(cfg.state_dir)!r} {problem}")
     if cfg.workspace_root == Path("/"):
         raise ConfigError("workspace_root", "'/' would make each user's workspace a top-level directory "
@@ -595,18 +547,18 @@ def _validate_paths(cfg: ProcessSandboxConfig) -> None:
         for entry in getattr(cfg.strict, setting):
             src, sep, dest = entry.partition(":")
             for part, value in (("source", src), ("destination", dest)) if sep else (("source", src),):
-                if (problem := _path_problem(value)) is not None:
+                if (problem := path_problem(value)) is not None:
                     raise ConfigError(f"strict.{setting}", f"{entry!r}: its {part} {value!r} {problem}")
     for entry in cfg.strict.deny_paths:
-        if (problem := _path_problem(entry)) is not None:
+        if (problem := path_problem(entry)) is not None:
             raise ConfigError("strict.deny_paths", f"{entry!r} {problem}")
     bwrap = cfg.strict.bwrap  # a bare name is looked up on PATH; anything with a slash is a path
-    if (problem := _path_problem(bwrap) if bwrap == "" or "/" in bwrap else None) is not None:
+    if (problem := path_problem(bwrap) if bwrap == "" or "/" in bwrap else None) is not None:
         raise ConfigError("strict.bwrap", f"{bwrap!r} {problem} (or give a bare name looked up on PATH)")
     _positive(cfg.record, ("retention_days", "max_mb", "preview_bytes"), "record.")
     for name in ("socket_path", "tokens_file"):
         value = getattr(cfg.service, name)
-        if value is not None and (problem := _path_problem(str(value))) is not None:
+        if value is not None and (problem := path_problem(str(value))) is not None:
             raise ConfigError(f"service.{name}", f"{str(value)!r} {problem}")
 
 
@@ -621,15 +573,6 @@ _SECTIONS: dict[str, type[Any]] = {
     "record": RecordConfig,
     "network": NetworkPolicy,
 }
-_ENV_ALIASES = {"ANTHROPIC_API_KEY": "model.api_key", "ANTHROPIC_BASE_URL": "model.base_url"}
-
-
-def default_config_path(environ: Mapping[str, str]) -> Path:
-    """``$SANDBOX_CONFIG``, else ``$XDG_CONFIG_HOME/sandbox/config.toml``."""
-    if environ.get("SANDBOX_CONFIG"):
-        return Path(environ["SANDBOX_CONFIG"])
-    base = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "sandbox" / "config.toml"
 
 
 def field_types() -> dict[str, Any]:
@@ -732,12 +675,6 @@ def _flatten_toml(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-CLIENT_VARIABLES = frozenset({"SANDBOX_CONFIG", "SANDBOX_URL", "SANDBOX_TOKEN", "SANDBOX_TOKEN_FILE",
-                              "SANDBOX_AUDIT_CANARY"})  # fmt: skip
-"""``SANDBOX_*`` names that are not settings: the config file, the CLI's service client, and
-the canary ``sandbox audit-env`` plants in its own environment while it runs."""
-
-
 def env_variable(key: str) -> str:
     """The ``SANDBOX_*`` variable of dotted ``key`` (``limits.cpu_seconds`` → ``SANDBOX_LIMITS__CPU_SECONDS``)."""
     return "SANDBOX_" + key.upper().replace(".", "__")
@@ -750,7 +687,7 @@ def _from_environ(environ: Mapping[str, str], known: Mapping[str, Any]) -> tuple
     """
     out: dict[str, str] = {}
     origin: dict[str, str] = {}
-    for var, key in _ENV_ALIASES.items():
+    for var, key in ENV_ALIASES.items():
         if environ.get(var):
             out[key], origin[key] = environ[var], var
     for var, value in sorted(environ.items()):

@@ -40,7 +40,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from sandbox_core.config import ModelConfig, ProcessSandboxConfig, validate_user_id
+from sandbox_core.config import ModelConfig, ProcessSandboxConfig
 from sandbox_core.egress.policy import check_narrowing
 from sandbox_core.errors import (
     CircuitOpen,
@@ -55,6 +55,7 @@ from sandbox_core.errors import (
 from sandbox_core.events import Event
 from sandbox_core.isolation import tenants
 from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace, sweep_leftovers
+from sandbox_core.names import validate_user_id
 from sandbox_core.process_tree import kill_session
 from sandbox_core.record import Record, RunLog, new_run_id
 from sandbox_core.requests import (

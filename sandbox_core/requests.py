@@ -8,8 +8,8 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sandbox_core.config import parse_host_entry
 from sandbox_core.events import Event
+from sandbox_core.names import parse_host_entry
 
 INLINE_STDIN = 64 * 1024
 """Stdin up to this size travels inside the ``exec`` request; more is streamed in chunks."""

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     import typer
 
     from cli.remote import Target
+    from sandbox_core.client_config import ClientSettings
     from sandbox_core.config import ProcessSandboxConfig
 
 PROCESS_WARNING = (
@@ -32,7 +33,7 @@ class NetworkName(enum.StrEnum):
 def network_flags(network: NetworkName | str | None, allow: list[str] | None) -> tuple[str, ...] | None:
     """``--network none`` / ``--allow HOST[:PORT]`` (repeatable) as a request's narrowing of the
     network policy: ``()`` for none, the entries for ``--allow``, None when neither was given."""
-    from sandbox_core.config import parse_host_entry
+    from sandbox_core.names import parse_host_entry
 
     if network is not None and allow:
         output.fail("--network none and --allow contradict each other", code=output.EXIT_USAGE)
@@ -90,6 +91,17 @@ def effective_config(
     if warn and config.profile == "strict" and not config.strict.cgroups:
         output.warn(RLIMITS_ONLY_WARNING)
     return config
+
+
+def client_settings(state: AppState) -> ClientSettings:
+    """What a client of the service reads from the config (:meth:`~cli.state.AppState.client_settings`);
+    a bad config fails the command as :func:`effective_config` does."""
+    from sandbox_core.errors import ConfigError
+
+    try:
+        return state.client_settings()
+    except ConfigError as exc:
+        output.fail(str(exc), hint="check your config file, SANDBOX_* variables and flags", code=output.EXIT_USAGE)
 
 
 def agent_preload(config: ProcessSandboxConfig) -> ProcessSandboxConfig:

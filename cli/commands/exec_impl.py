@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from cli import output
-from cli.commands.common import effective_config
+from cli.commands.common import client_settings, effective_config
 from cli.runtime import run_job, service_target, warn_ignored
 
 if TYPE_CHECKING:
@@ -42,17 +42,22 @@ def exec_main(
     """Run ``command`` in the user's sandbox as ``sandbox exec`` does; the exit code to leave with."""
     target = service_target(state)
     warn_ignored(target, profile=profile)
-    config = effective_config(state, profile, min_idle=0, warn=target is None)
-    user_id = state.user_id(user)
     if tty is None and not shell and output.is_tty(sys.stdin) and output.is_tty(sys.stdout) and _is_shell(command):
         tty = interactive = True  # `sandbox exec -- bash` at a terminal: an interactive shell, as expected
+    piped = sys.stdin is not None and not sys.stdin.isatty()
+    if target is not None and not target.tcp and not tty and profile is None:
+        if interactive:
+            output.warn("-i only matters with -t (without it, piped stdin streams to the command anyway)")
+        return _exec_on_service(state, target, command, shell=shell, timeout=timeout, raw=raw, piped=piped,
+                                processes=client_settings(state).processes, user=user, network=network)
+    config = effective_config(state, profile, min_idle=0, warn=target is None)
+    user_id = state.user_id(user)
     if tty:
         argv = ["/bin/sh", "-c", " ".join(command)] if shell else list(command)
         return run_terminal_job(state, config, target, user_id, argv, timeout=timeout, interactive=interactive,
                                 user=user, network=network)
     if interactive:
         output.warn("-i only matters with -t (without it, piped stdin streams to the command anyway)")
-    piped = sys.stdin is not None and not sys.stdin.isatty()
     if target is not None and not target.tcp:
         return _exec_on_service(state, target, command, shell=shell, timeout=timeout, raw=raw, piped=piped,
                                 processes=config.limits.processes, user=user, network=network)

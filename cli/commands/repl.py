@@ -53,8 +53,8 @@ def repl_command(
     user_id = state.user_id(user)
 
     from cli.repl.session import Repl
-    from sandbox_core.config import validate_user_id
     from sandbox_core.errors import ConfigError, SandboxError
+    from sandbox_core.names import validate_user_id
 
     try:
         validate_user_id(user_id)

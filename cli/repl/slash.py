@@ -117,8 +117,8 @@ async def _workers(repl: Repl, args: list[str], raw: str) -> None:
 
 
 async def _user(repl: Repl, args: list[str], raw: str) -> None:
-    from sandbox_core.config import validate_user_id
     from sandbox_core.errors import ConfigError
+    from sandbox_core.names import validate_user_id
 
     if not args:
         repl.console.print(f"user {repl.user_id}")

@@ -48,9 +48,10 @@ from sandbox_core.audit.plant import (
     planted,
 )
 from sandbox_core.audit.report import CHECK_NAMES, AuditReport
-from sandbox_core.config import ProcessSandboxConfig, Secret, validate_user_id
+from sandbox_core.config import ProcessSandboxConfig, Secret
 from sandbox_core.errors import SandboxError
 from sandbox_core.isolation.launch import launch_spec, worker_python
+from sandbox_core.names import validate_user_id
 from sandbox_core.shared import EGRESS_PROXY_PORT, LIMIT_PROBES, PROBE_COMMAND_ENTRY, STATIC_PROBES
 
 

@@ -20,8 +20,9 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from sandbox_core.config import HOST_PATTERN, NetworkPolicy, is_ip_literal, parse_cidr, parse_host_entry
+from sandbox_core.config import NetworkPolicy, parse_cidr
 from sandbox_core.errors import ConfigError
+from sandbox_core.names import HOST_PATTERN, is_ip_literal, parse_host_entry
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from sandbox_core.config import validate_user_id
 from sandbox_core.errors import ConfigError
+from sandbox_core.names import validate_user_id
 
 Role = Literal["user", "operator"]
 UNIX_PEER = "unix-peer"

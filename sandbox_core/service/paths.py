@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sandbox_core.config import ProcessSandboxConfig
+if TYPE_CHECKING:
+    from sandbox_core.config import ProcessSandboxConfig
 
 SYSTEM_SOCKET = Path("/run/sandbox/sandbox.sock")
 """The socket of a system-wide service (root's, or a service account's with ``/run/sandbox``)."""
@@ -18,8 +20,13 @@ def default_socket_path(config: ProcessSandboxConfig, environ: Mapping[str, str]
     Never a path under ``/tmp``: there another user can create the directory first and
     listen where the service is expected. The server and the client agree on this path.
     """
-    if config.service.socket_path is not None:
-        return config.service.socket_path
+    return socket_path_for(config.service.socket_path, environ)
+
+
+def socket_path_for(configured: Path | None, environ: Mapping[str, str] | None = None) -> Path:
+    """:func:`default_socket_path` from the setting alone (``service.socket_path``, None when unset)."""
+    if configured is not None:
+        return configured
     env = os.environ if environ is None else environ
     if env.get("XDG_RUNTIME_DIR"):
         return Path(env["XDG_RUNTIME_DIR"]) / "sandbox" / "sandbox.sock"

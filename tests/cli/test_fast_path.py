@@ -47,6 +47,16 @@ def test_in_process_exec_loads_no_cli_framework_and_no_sdk(cli_env: dict[str, st
     assert "sandbox_core.service.client" not in modules and "httpx2" not in top_levels(modules)
 
 
+def test_a_client_of_the_service_still_fails_on_a_bad_setting_it_reads(
+    unix_server: Server, tmp_path: Path  # noqa: F811
+) -> None:
+    env = {**base_env(tmp_path), "SANDBOX_LIMITS__PROCESSES": "many"}
+    result = subprocess.run([SANDBOX, "--connect", unix_server.address, "exec", "--", "true"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr  # EXIT_USAGE, named as the full config names it
+    assert "limits.processes" in result.stderr and "must be an integer" in result.stderr, result.stderr
+
+
 def test_an_exec_narrowing_the_network_loads_no_cli_framework(cli_env: dict[str, str]) -> None:
     result, modules = imported(cli_env, "--local", "exec", "--network", "none", "--", "sh", "-c", "echo narrowed")
     assert result.returncode == 0, result.stderr
@@ -61,8 +71,8 @@ def test_a_client_of_the_service_is_thin(unix_server: Server, tmp_path: Path) ->
     assert result.stdout == "remote\n"
     loaded = {m for m in modules if m.startswith("sandbox_core.")}
     for module in ("sandbox_core.orchestrator", "sandbox_core.worker", "sandbox_core.isolation",
-                   "sandbox_core.gateway", "sandbox_core.record"):
-        assert module not in loaded, module
+                   "sandbox_core.gateway", "sandbox_core.record", "sandbox_core.config"):
+        assert module not in loaded, module  # the config's classes too: it reads its three settings light
     heavy = top_levels(modules) & {*HEAVY, "httpx2", "httpcore2", "anyio", "asyncio", "ssl"}
     assert not heavy, sorted(heavy)  # a blocking request: not even an event loop
     unneeded = modules & {"hashlib", "tomllib", "difflib", "traceback"}  # no config file, no token, no error

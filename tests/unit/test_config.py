@@ -8,10 +8,10 @@ from sandbox_core.config import (
     ProcessSandboxConfig,
     Secret,
     load_config,
-    validate_user_id,
 )
 from sandbox_core.errors import ConfigError
 from sandbox_core.isolation.spec import worker_env
+from sandbox_core.names import validate_user_id
 
 
 def test_defaults_are_strict_and_minimal() -> None:
