@@ -144,6 +144,11 @@ def _file_layer(path: Path | None, environ: Mapping[str, str]) -> dict[str, Any]
         data = tomllib.loads(file_path.read_text())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         raise _Doubt from None
+    return flatten_toml(data)
+
+
+def flatten_toml(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A config file's tables as dotted keys (``[limits] processes`` → ``limits.processes``)."""
     flat: dict[str, Any] = {}
     for key, value in data.items():
         if key in SECTIONS and isinstance(value, dict):

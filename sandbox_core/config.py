@@ -28,6 +28,7 @@ from sandbox_core.client_config import (
     DEFAULT_PROCESSES,
     ENV_ALIASES,
     default_config_path,
+    flatten_toml,
     path_problem,
 )
 from sandbox_core.errors import ConfigError
@@ -664,17 +665,6 @@ def _fail(key: str, what: str, value: Any) -> typing.NoReturn:
     raise ConfigError(key, f"must be {what}, got {value!r}")
 
 
-def _flatten_toml(data: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in _SECTIONS and isinstance(value, dict):
-            for sub, subval in value.items():
-                out[f"{key}.{sub}"] = subval
-        else:
-            out[key] = value
-    return out
-
-
 def env_variable(key: str) -> str:
     """The ``SANDBOX_*`` variable of dotted ``key`` (``limits.cpu_seconds`` → ``SANDBOX_LIMITS__CPU_SECONDS``)."""
     return "SANDBOX_" + key.upper().replace(".", "__")
@@ -757,7 +747,7 @@ def load_config(
             raise ConfigError("config", f"config file not found: {file_path}") from None
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError("config", f"cannot read {file_path}: {exc}") from None
-        flat = _flatten_toml(data)
+        flat = flatten_toml(data)
         lines = _toml_lines(text)
         for key in flat:
             line = lines.get(key)

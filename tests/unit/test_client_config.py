@@ -28,6 +28,15 @@ def test_it_knows_every_key_and_section_the_config_has() -> None:
 FILE = '[service]\nserver_uids = ["1001"]\nsocket_path = "/run/thin/s.sock"\n[limits]\nprocesses = 64\n'
 
 
+def _layers(tmp_path: Path, text: str | None, env: dict[str, str]) -> tuple[Path | None, dict[str, str]]:
+    """The config file (written from ``text``, if any) and an environment with no user config."""
+    path = None
+    if text is not None:
+        path = tmp_path / "c.toml"
+        path.write_text(text)
+    return path, {"XDG_CONFIG_HOME": str(tmp_path / "none"), **env}
+
+
 @pytest.mark.parametrize(
     ("text", "env", "overrides", "want"),
     [
@@ -47,11 +56,7 @@ FILE = '[service]\nserver_uids = ["1001"]\nsocket_path = "/run/thin/s.sock"\n[li
 def test_it_reads_what_load_config_gives(
     tmp_path: Path, text: str | None, env: dict[str, str], overrides: dict[str, Any] | None, want: ClientSettings,
 ) -> None:
-    env = {"XDG_CONFIG_HOME": str(tmp_path / "none"), **env}
-    path = None
-    if text is not None:
-        path = tmp_path / "c.toml"
-        path.write_text(text)
+    path, env = _layers(tmp_path, text, env)
     got = read_client_settings(path, environ=env, overrides=overrides)
     assert got == expected(path, env, overrides) == want
 
@@ -88,11 +93,7 @@ def test_the_default_file_is_read_like_load_config_reads_it(tmp_path: Path) -> N
 def test_a_bad_value_it_reads_defers_to_the_full_config(
     tmp_path: Path, text: str | None, env: dict[str, str], overrides: dict[str, Any] | None,
 ) -> None:
-    env = {"XDG_CONFIG_HOME": str(tmp_path / "none"), **env}
-    path = None
-    if text is not None:
-        path = tmp_path / "c.toml"
-        path.write_text(text)
+    path, env = _layers(tmp_path, text, env)
     assert read_client_settings(path, environ=env, overrides=overrides) is None
     with pytest.raises(ConfigError):
         full.load_config(path, environ=env, overrides=overrides)
