@@ -482,6 +482,7 @@ class SandboxWorker:
         control = transport.get_pipe_transport(1)
         if isinstance(control, asyncio.ReadTransport):
             control.set_protocol(_ControlPipe(self, control.get_protocol()))
+            control.max_size = CONTROL_READ  # type: ignore[attr-defined]
         self._data, _ = await loop.connect_read_pipe(
             lambda: _DataPipe(self), os.fdopen(data_read, "rb", buffering=0)
         )
@@ -1399,6 +1400,13 @@ class _DataPipe(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._worker._on_data(data)
+
+
+CONTROL_READ = 64 * 1024
+"""The control pipe's read size. asyncio reads 256 KiB at a time, and a buffer that size is
+above malloc's mmap threshold: every answer cost an ``mmap``, an ``mremap`` down to the frame's
+size and a ``munmap`` (seen with strace, one of each per ``ping``). Frames are small; a big one
+takes a few more reads."""
 
 
 class _ControlPipe(asyncio.Protocol):
