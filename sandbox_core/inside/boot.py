@@ -3,7 +3,7 @@
 Started by the launcher as ``python -I -S -c "... from sandbox_core.inside.boot import main;
 main()" [MAX_FRAME_BYTES]`` (:data:`sandbox_core.shared.WORKER_ENTRY`). :mod:`handshake`
 answers ``initialize`` (and ``bind``) with blocking reads; only then is :mod:`worker_main`,
-with asyncio, imported to serve the rest.
+with asyncio, imported to serve the rest (:func:`serving_loop`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ import sys
 
 from sandbox_core.inside import handshake
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing before the handshake
+if TYPE_CHECKING:
+    from types import ModuleType
+
 
 def main() -> None:
     proto_in, proto_out = handshake.take_protocol_fds()
@@ -19,9 +23,28 @@ def main() -> None:
     booted = handshake.serve_handshake(proto_in, proto_out, max_frame)
     if booted.input_ended and not booted.pending.strip():
         return  # the host went away during the handshake: nothing to serve
-    from sandbox_core.inside import worker_main
+    serving_loop().serve(proto_in, proto_out, max_frame, booted)
 
-    worker_main.serve(proto_in, proto_out, max_frame, booted)
+
+def serving_loop() -> ModuleType:
+    """:mod:`worker_main`, imported without the ``ssl`` module that asyncio would load with it.
+
+    asyncio imports ``ssl`` (a tenth of its import time) only to offer TLS on the connections
+    it opens or serves itself, and the worker has none: its channel is pipes, its listeners
+    (the model endpoint, the network proxy) speak plain HTTP on the sandbox's loopback and
+    relay TLS as opaque bytes. So ``ssl`` is kept out while asyncio loads (its modules then
+    say ``ssl = None``, their documented fallback) and is importable again right after: the
+    agent's SDK (httpx) imports it itself and uses it directly, never through asyncio.
+    """
+    blocked = "ssl" not in sys.modules
+    if blocked:
+        sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` raises ImportError
+    try:
+        from sandbox_core.inside import worker_main
+    finally:
+        if blocked and sys.modules.get("ssl", False) is None:
+            del sys.modules["ssl"]
+    return worker_main
 
 
 if __name__ == "__main__":
