@@ -32,10 +32,16 @@ from dataclasses import dataclass, field
 from typing import IO
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_CHUNK = 256 * 1024
-STREAM_BUFFER = 1024 * 1024
-"""Bytes tarfile moves per read or write of the stream (its default, 10 KiB, costs a system call
-per 10 KiB on the worker's pipes)."""
+STREAM_BUFFER = 64 * 1024
+"""Bytes tarfile moves per read or write of the stream, and the size of every read of a
+member's data (:data:`_CHUNK`). tarfile's default, 10 KiB, costs a system call per 10 KiB on
+the worker's pipes; but bigger is not better: a stream-mode read joins tarfile's read-ahead
+with what it reads and slices both apart again, so a read size other than this buffer copies
+the read-ahead over and over, and a buffer above malloc's mmap threshold (128 KiB) is fresh
+memory on every copy, paid in page faults. Measured on 256 MiB through the inside helper:
+put 0.73 s with 256 KiB reads of a 1 MiB buffer, 0.23 s at 64 KiB for both; get 0.69 s with
+a 1 MiB buffer, 0.20 s at 64 KiB (``cat`` through a pipe: 0.36 s)."""
+_CHUNK = STREAM_BUFFER
 QUOTA_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
