@@ -15,9 +15,11 @@ to ``preview_bytes`` and scrubbed of the secrets the record is given (the API ke
 tokens) before it is queued.
 
 Writes never block the event loop: they go on a bounded queue to one writer thread, which
-commits them in batches. A full queue drops the row and counts it (``dropped``): the record
-never grows the host without bound and never slows a request. Reads use their own
-connection (call them in a thread from async code). Retention: rows older than
+commits them in batches: the rows that come within :data:`COMMIT_EVERY` of the first one
+together (a flush, a read or close commits at once). A full queue drops the row and counts
+it (``dropped``): the record never grows the host without bound and never slows a request.
+Reads commit what is queued first, then use their own connection (call them in a thread
+from async code), so they see every row written before them. Retention: rows older than
 ``retention_days`` go, and when the file outgrows ``max_mb`` the oldest journal rows and runs
 go first; both checked at open and every :data:`PRUNE_EVERY` writes.
 """
@@ -79,6 +81,11 @@ RUN_COLUMNS = ("run_id", "user_id", "kind", "origin", "summary", "worker_id", "s
 QUEUE_MAX = 10_000
 """Rows waiting for the writer; beyond it new rows are dropped (and counted)."""
 BATCH = 500
+COMMIT_EVERY = 0.05
+"""Seconds the writer gathers rows after the first of a burst before it commits them. A
+commit per row woke the writer thread and ran it (a transaction, a WAL write) inside every
+request: the record cost 1.2-1.35x on a warm ``exec true``; gathered, a burst of requests
+shares one commit. A host that dies loses at most this much of the record."""
 PRUNE_EVERY = 2_000
 REDACTED = "[redacted]"
 _STOP = object()
@@ -104,6 +111,8 @@ class Record:
         self.dropped = 0
         """Rows refused because the writer was behind (the queue was full)."""
         self._queue: queue.Queue[Any] = queue.Queue(QUEUE_MAX)
+        self._urgent = threading.Event()
+        """Set by a flush or close: the writer commits what is queued without gathering more."""
         self._since_prune = 0
         self._closed = False
         _create(path)
@@ -174,6 +183,7 @@ class Record:
             self._queue.put((None, done), timeout=timeout)
         except queue.Full:
             return False
+        self._urgent.set()
         return done.wait(timeout)
 
     def close(self) -> None:
@@ -184,6 +194,7 @@ class Record:
         self.flush()
         with contextlib.suppress(queue.Full):
             self._queue.put(_STOP, timeout=5)
+        self._urgent.set()
         self._writer.join(10)
 
     def _put(self, sql: str, params: tuple[Any, ...]) -> None:
@@ -201,6 +212,9 @@ class Record:
                 item = self._queue.get()
                 if item is _STOP:
                     return
+                if item[0] is not None and self._queue.qsize() < BATCH:  # a row: gather its burst
+                    self._urgent.wait(COMMIT_EVERY)
+                self._urgent.clear()  # a flush that set it put its waiter before: it is in this batch
                 batch = [item]
                 while len(batch) < BATCH:
                     try:
@@ -269,6 +283,8 @@ class Record:
 
     @contextlib.contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
+        if not self._closed:
+            self.flush()  # what was written before this read is read back
         db = self._connect()
         db.row_factory = sqlite3.Row
         try:

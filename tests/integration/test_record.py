@@ -161,3 +161,23 @@ def test_durations(text: str, seconds: float) -> None:
 def test_bad_durations(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         parse_duration(text)
+
+
+def test_rows_of_a_burst_share_a_commit_and_a_read_sees_them_at_once(tmp_path: Path) -> None:
+    record = Record(tmp_path / "r.sqlite3")
+    try:
+        commits: list[int] = []
+        commit = record._commit
+
+        def counted(db: sqlite3.Connection, batch: list[object]) -> None:
+            commits.append(sum(1 for sql, _ in batch if sql is not None))  # type: ignore[misc]
+            commit(db, batch)  # type: ignore[arg-type]
+
+        record._commit = counted  # type: ignore[method-assign]
+        for i in range(20):
+            record.journal("exec", {"i": i})
+        # read without a flush: the read itself commits what was written before it
+        assert [e["detail"]["i"] for e in record.entries()] == list(range(20))
+        assert sum(commits) == 20 and len(commits) <= 2  # gathered, not one transaction a row
+    finally:
+        record.close()
