@@ -14,7 +14,8 @@ sys.path.insert(0, sys.argv[1])
 from sandbox_core.inside.boot import serving_loop
 serving_loop()
 import asyncio.base_events, asyncio.sslproto
-seen = {"ssl_loaded": "ssl" in sys.modules, "asyncio_ssl": asyncio.base_events.ssl is not None or asyncio.sslproto.ssl is not None}
+seen = {"ssl_loaded": "ssl" in sys.modules,
+        "asyncio_ssl": asyncio.base_events.ssl is not None or asyncio.sslproto.ssl is not None}
 import ssl
 seen["ssl_after"] = hasattr(ssl, "SSLContext")
 print(json.dumps(seen))
