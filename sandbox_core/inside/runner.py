@@ -295,6 +295,22 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
     proc.stdin.close()
 
 
+async def _undo_spawn(spawn: asyncio.Future[Any], since: int, alone: bool) -> None:
+    """The request was cancelled while its command was being started (a timeout, a cancel).
+
+    The process is forked before ``subprocess_exec`` returns, and an abandoned start would
+    only kill the process itself (``sh``), not what it started: ``sleep`` in ``sh -c 'sleep
+    60'`` ran on for its minute. So the start is finished, then its group and its strays are
+    killed like those of any command that ends."""
+    try:
+        transport, _ = await spawn
+    except BaseException:  # noqa: BLE001 - it failed to start: nothing runs
+        return
+    kill_group(transport.get_pid())
+    kill_strays(since, frozenset({transport.get_pid()}), alone=alone)
+    transport.close()
+
+
 def own_limit_reason(returncode: int) -> str | None:
     """The rlimit that killed a command, from the signal it died of."""
     if returncode == -signal.SIGXCPU:
@@ -363,16 +379,20 @@ async def _run(
     since = boot_ticks()
     loop = asyncio.get_running_loop()
     piped = data is not None or sink is not None
+    spawn = asyncio.ensure_future(loop.subprocess_exec(
+        lambda: ExitWatch(loop),
+        *argv,
+        stdin=asyncio.subprocess.PIPE if piped else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ctx.workspace,
+        process_group=0,
+    ))
     try:
-        transport, protocol = await loop.subprocess_exec(
-            lambda: ExitWatch(loop),
-            *argv,
-            stdin=asyncio.subprocess.PIPE if piped else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            cwd=ctx.workspace,
-            process_group=0,
-        )
+        transport, protocol = await asyncio.shield(spawn)
+    except asyncio.CancelledError:
+        await _undo_spawn(spawn, since, alone)
+        raise
     except FileNotFoundError:
         await ctx.emit("stderr", {"data": f"{argv[0]}: command not found\n"})
         return {"exit_code": NOT_FOUND, "duration_s": 0.0}
