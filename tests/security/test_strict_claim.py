@@ -20,6 +20,7 @@ from sandbox_core.errors import IsolationUnavailable, RemoteError, SandboxError
 from sandbox_core.isolation import slots, strict, tenants
 from sandbox_core.isolation.launch import can_prewarm, launch_spec
 from sandbox_core.orchestrator import SandboxOrchestrator
+from sandbox_core.process_tree import descendants
 from sandbox_core.requests import ExecRequest
 from sandbox_core.worker import SandboxWorker
 from tests.helpers import pid_alive, process_config, wait_for
@@ -244,12 +245,17 @@ async def test_a_crash_between_attach_and_bind_leaves_nothing_behind(
     killed: list[tuple[str, int]] = []
 
     def crash() -> None:
+        inside: list[int] = []
         for info in pool.list_workers():
             if info["user_id"] == "frank" and info["pid"] is not None and not killed:
                 killed.append((info["worker_id"], info["pid"]))
+                inside = descendants(info["pid"])
                 os.kill(info["pid"], signal.SIGKILL)
-        deadline = time.monotonic() + 10  # bwrap's exit is the sandbox's end: every process in it is gone
-        while killed and pid_alive(killed[0][1]) and time.monotonic() < deadline:
+        # bwrap's exit ends the sandbox, but its processes die a moment later (the pid namespace's
+        # init is killed by its parent's death, then takes the rest): wait for every one of them,
+        # or a loaded machine lets the worker answer the bind first
+        deadline = time.monotonic() + 10
+        while killed and any(pid_alive(p) for p in (killed[0][1], *inside)) and time.monotonic() < deadline:
             time.sleep(0.005)
 
     if returning:  # her own workspace is attached, then the worker dies
