@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import SOCKET_DIRS
 
 os.environ.setdefault("NO_COLOR", "1")
 
@@ -21,6 +24,14 @@ def tenant_state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ.pop("SANDBOX_STATE_DIR", None)
     else:
         os.environ["SANDBOX_STATE_DIR"] = old
+
+
+@pytest.fixture(scope="session", autouse=True)
+def short_socket_dirs() -> Iterator[None]:
+    """The /tmp directories of the session's service sockets go when it ends (they piled up)."""
+    yield
+    for folder in SOCKET_DIRS:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -58,3 +59,15 @@ def pid_alive(pid: int) -> bool:
 
 def live_session_members(sid: int) -> list[int]:
     return [p for p in session_members(sid) if pid_alive(p) and p != os.getpid()]
+
+
+SOCKET_DIRS: list[Path] = []
+"""The directories :func:`short_socket_path` named; the session removes them at its end (conftest)."""
+
+
+def short_socket_path(kind: str) -> Path:
+    """A Unix socket path short enough for ``sun_path`` (pytest's ``tmp_path`` is not), in a
+    directory of its own under /tmp that the service makes; removed when the session ends."""
+    folder = Path(f"/tmp/sbx-{kind}-{os.getpid()}-{secrets.token_hex(3)}")
+    SOCKET_DIRS.append(folder)
+    return folder / "s.sock"

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,7 +11,7 @@ import pytest
 
 from sandbox_core.config import ProcessSandboxConfig, ServiceConfig
 from sandbox_core.service.server import serve
-from tests.helpers import process_config, wait_for
+from tests.helpers import process_config, short_socket_path, wait_for
 
 
 @dataclass
@@ -66,7 +65,7 @@ async def unix_service_with(tmp_path: Path, **service: object) -> AsyncIterator[
     """A service on a private Unix socket, with ``service`` settings over the test defaults
     (and ``profile``, default process)."""
     profile = str(service.pop("profile", "process"))
-    sock = Path(f"/tmp/sbx-test-{os.getpid()}-{secrets.token_hex(3)}") / "s.sock"
+    sock = short_socket_path("test")
     config = service_config(tmp_path, profile, socket_path=sock, **service)
     async for where in _run(config, None):
         await wait_for(sock.exists, 5, "socket")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import os
-import secrets
 import shutil
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -16,7 +14,7 @@ import pytest
 
 from sandbox_core.config import NetworkPolicy
 from sandbox_core.service.client import ServiceClient
-from tests.helpers import wait_for
+from tests.helpers import short_socket_path, wait_for
 from tests.service.conftest import Live, _run, service_config
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed")
@@ -57,7 +55,7 @@ def registry() -> Iterator[http.server.ThreadingHTTPServer]:
 
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[Live]:
-    sock = Path(f"/tmp/sbx-test-{os.getpid()}-{secrets.token_hex(3)}") / "s.sock"
+    sock = short_socket_path("test")
     network = NetworkPolicy(mode="allowlist", allow=("registry.test", "other.test"), allow_private=("127.0.0.1/32",),
                             hosts={"registry.test": "127.0.0.1", "other.test": "127.0.0.1"})  # fmt: skip
     config = service_config(tmp_path, "strict", socket_path=sock).replace(network=network)

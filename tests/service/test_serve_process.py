@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -14,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from sandbox_core.service.client import ServiceClient, ServiceError
-from tests.helpers import live_session_members, wait_for
+from tests.helpers import live_session_members, short_socket_path, wait_for
 
 SANDBOX = str(Path(sys.executable).with_name("sandbox"))
 
 
 def start_serve(tmp_path: Path, **settings: str) -> tuple[subprocess.Popen[str], Path, Path]:
     """``sandbox serve`` (process profile) on a private socket; ``settings`` are SANDBOX_* variables."""
-    sock = Path(f"/tmp/sbx-serve-{os.getpid()}-{secrets.token_hex(3)}") / "s.sock"
+    sock = short_socket_path("serve")
     ws = tmp_path / "ws"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SANDBOX_")}
     env.update(SANDBOX_WORKSPACE_ROOT=str(ws), SANDBOX_STATE_DIR=str(tmp_path / "state"), SANDBOX_MIN_IDLE="0",
