@@ -295,19 +295,24 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
     proc.stdin.close()
 
 
+def _end_command(pid: int, since: int, alone: bool) -> None:
+    """Kill what the command ``pid`` started: its process group, and the strays that left it."""
+    kill_group(pid)
+    kill_strays(since, frozenset({pid}), alone=alone)
+
+
 async def _undo_spawn(spawn: asyncio.Future[Any], since: int, alone: bool) -> None:
     """The request was cancelled while its command was being started (a timeout, a cancel).
 
     The process is forked before ``subprocess_exec`` returns, and an abandoned start would
     only kill the process itself (``sh``), not what it started: ``sleep`` in ``sh -c 'sleep
-    60'`` ran on for its minute. So the start is finished, then its group and its strays are
-    killed like those of any command that ends."""
+    60; true'`` ran on for its minute. So the start is finished, then what it started is
+    killed like that of any command that ends."""
     try:
         transport, _ = await spawn
     except BaseException:  # noqa: BLE001 - it failed to start: nothing runs
         return
-    kill_group(transport.get_pid())
-    kill_strays(since, frozenset({transport.get_pid()}), alone=alone)
+    _end_command(transport.get_pid(), since, alone)
     transport.close()
 
 
@@ -415,16 +420,14 @@ async def _run(
     try:
         await protocol.exited  # not proc.wait(): on 3.11 that also waits for every pipe to close
         returncode = transport.get_returncode()
-        kill_group(proc.pid)  # background children must not outlive the request
-        kill_strays(since, frozenset({proc.pid}), alone=alone)
+        _end_command(proc.pid, since, alone)  # background children must not outlive the request
         if sink is not None:
             sink.close()
         _done, pending = await asyncio.wait(tasks, timeout=_DRAIN_AFTER_EXIT)
         for task in pending:  # a process that left the group still holds the pipe
             task.cancel()
     except BaseException:
-        kill_group(proc.pid)
-        kill_strays(since, frozenset({proc.pid}), alone=alone)
+        _end_command(proc.pid, since, alone)
         for task in tasks:
             task.cancel()
         transport.close()
