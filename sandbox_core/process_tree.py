@@ -122,6 +122,41 @@ def _descendants_by_scan(root: int, started_since: int | None) -> list[int]:
     return out
 
 
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (a scan of /proc where the kernel lacks the children files)."""
+    kids = _children(pid)
+    if kids is not None:
+        return kids
+    out: list[int] = []
+    for name in os.listdir("/proc"):
+        fields = _stat_fields(name) if name.isdigit() else None
+        if fields is not None and len(fields) > 1 and int(fields[1]) == pid:
+            out.append(int(name))
+    return out
+
+
+def kill_group_and_children(leader: int) -> None:
+    """SIGKILL the process group ``leader`` leads, and its direct children outside that group.
+
+    The children matter for bwrap: its sandbox's init runs in a session of its own and is
+    bound to die with bwrap only once it has armed ``PR_SET_PDEATHSIG``, a moment after the
+    ``clone()``; bwrap killed in that moment leaves the whole sandbox running, re-parented to
+    init (seen: a start cancelled at spawn). So the leader is stopped first: a stopped process
+    cannot fork (the kernel restarts a ``clone()`` that a pending signal interrupts, and adds a
+    child to the parent's list under the lock that signal delivery takes), so the children read
+    after the stop are all it will ever have, and they stay its children (zombies, at worst: a
+    stopped parent reaps nothing), so their pids cannot be reused meanwhile. Killing the init
+    of a pid namespace takes everything in the namespace with it.
+    """
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(leader, signal.SIGSTOP)
+        for child in children(leader):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(child, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(leader, signal.SIGKILL)
+
+
 def kill_session(sid: int) -> int:
     """SIGKILL every process in session ``sid``; returns how many were signalled."""
     killed = 0

@@ -58,7 +58,7 @@ from sandbox_core.errors import (
 from sandbox_core.events import EVENT_METHOD, Event
 from sandbox_core.isolation import verify
 from sandbox_core.isolation.launch import LaunchSpec, launch_spec
-from sandbox_core.process_tree import kill_session, parent
+from sandbox_core.process_tree import kill_group_and_children, kill_session, parent
 from sandbox_core.protocol import (
     PROTOCOL_VERSION,
     FrameSplitter,
@@ -457,22 +457,25 @@ class SandboxWorker:
         for fd in (data_write, stdin_write):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
+        spawn = asyncio.ensure_future(loop.subprocess_exec(
+            lambda: _WorkerPipes(self),
+            *spec.argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=spec.env,
+            cwd=spec.cwd,
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=(*spec.pass_fds, *inside_ends),
+        ))
         try:
-            transport, _ = await loop.subprocess_exec(
-                lambda: _WorkerPipes(self),
-                *spec.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=spec.env,
-                cwd=spec.cwd,
-                start_new_session=True,
-                close_fds=True,
-                pass_fds=(*spec.pass_fds, *inside_ends),
-            )
+            transport, _ = await asyncio.shield(spawn)
         except BaseException:
             for fd in host_ends:
                 os.close(fd)
+            if not spawn.done():  # cancelled while the process is being started
+                await self._adopt_cancelled_spawn(spawn)
             raise
         finally:
             for fd in inside_ends:
@@ -527,6 +530,22 @@ class SandboxWorker:
         if bind_now:
             assert self.user_id is not None and spec.workspace_in_sandbox is not None
             await self._enter(self.user_id, spec.workspace_in_sandbox)
+
+    async def _adopt_cancelled_spawn(self, spawn: asyncio.Future[tuple[asyncio.SubprocessTransport, Any]]) -> None:
+        """A start cancelled while ``subprocess_exec`` runs: the process is already forked.
+
+        Left to itself, asyncio's clean-up of a cancelled spawn kills only the direct child
+        (bwrap) and then waits for the process's pipes to close. A sandbox whose init outlived
+        bwrap (see :func:`kill_group_and_children`) holds them open, and that wait never ended
+        (seen in the test suite: a shutdown hung for good, the sandbox left running). So the
+        spawn is let finish (it only connects the pipes) and the process is adopted, to be
+        killed the way every worker is (``_kill_now``, by the caller's clean-up).
+        """
+        await asyncio.wait([spawn])
+        if not spawn.cancelled() and spawn.exception() is None:
+            transport, _ = spawn.result()
+            self._transport = transport
+            self._pid = transport.get_pid()
 
     async def _stage_spare(self, stage: Callable[[], None]) -> None:
         """Make and attach the spare workspace a new user will take (off the request path); a
@@ -1376,6 +1395,9 @@ class SandboxWorker:
 
     def _signal_group(self, sig: signal.Signals) -> None:
         if self._pid is None or self._exited.is_set():
+            return
+        if sig is signal.SIGKILL:  # bwrap's sandbox init may not yet be bound to die with it
+            kill_group_and_children(self._pid)
             return
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._pid, sig)

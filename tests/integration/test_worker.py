@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,6 +173,60 @@ async def test_handshake_timeout_kills_the_process(workspace_root: Path) -> None
         await worker.start()
     assert worker.pid is not None
     await wait_for(lambda: not pid_alive(worker.pid or 0), 5, "hung worker to be killed")
+
+
+_STRAY = """
+import os, sys, time
+if os.fork() == 0:  # a child in a session of its own, holding the pipes, bound to nothing
+    os.setsid()
+    with open(sys.argv[1] + ".tmp", "w") as fh:
+        fh.write(str(os.getpid()))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(300)
+"""
+
+
+async def test_a_start_cancelled_while_its_process_is_spawned_leaves_nothing(
+    workspace_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start is cancelled after the fork, while asyncio still connects the process's pipes.
+
+    The process stands in for bwrap in the moment after its ``clone()``: a child in a session
+    of its own, not yet bound to die with its parent, holding stdout and stderr. asyncio's own
+    clean-up of the cancelled spawn killed only the parent and then waited for the pipes for
+    good (a suite run hung so, its sandbox left running); the worker now lets the spawn finish
+    and kills what it started, child included.
+    """
+    marker = workspace_root / "stray.pid"
+
+    def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
+        spec = process_launch(cfg, ws)
+        return LaunchSpec([sys.executable, "-c", _STRAY, str(marker)], spec.env, spec.cwd, spec.plan)
+
+    loop = asyncio.get_running_loop()
+    connect, gate = loop.connect_read_pipe, asyncio.Event()
+
+    async def gated(*args: Any, **kwargs: Any) -> Any:  # holds subprocess_exec between fork and return
+        await gate.wait()
+        return await connect(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "connect_read_pipe", gated)
+    worker = SandboxWorker(process_config(workspace_root), "wcancel", launcher=launcher)
+    start = asyncio.ensure_future(worker.start())
+    await wait_for(marker.exists, 10, "the stray child to start")
+    stray = int(marker.read_text())
+    try:
+        start.cancel()
+        gate.set()
+        done, _ = await asyncio.wait([start], timeout=10)
+        assert start in done, "the cancelled start never returned"
+        assert start.cancelled()
+        assert worker.pid is not None
+        await wait_for(lambda: not pid_alive(stray), 5, "the stray child to be killed")
+        assert not pid_alive(worker.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stray, signal.SIGKILL)
 
 
 async def test_garbage_on_the_channel_is_survived_and_counted(workspace_root: Path) -> None:
