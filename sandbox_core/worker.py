@@ -474,8 +474,7 @@ class SandboxWorker:
         except BaseException:
             for fd in host_ends:
                 os.close(fd)
-            if not spawn.done():  # cancelled while the process is being started
-                await self._adopt_cancelled_spawn(spawn)
+            await self._adopt_cancelled_spawn(spawn)  # cancelled while, or just as, the process started
             raise
         finally:
             for fd in inside_ends:
@@ -539,9 +538,11 @@ class SandboxWorker:
         bwrap (see :func:`kill_group_and_children`) holds them open, and that wait never ended
         (seen in the test suite: a shutdown hung for good, the sandbox left running). So the
         spawn is let finish (it only connects the pipes) and the process is adopted, to be
-        killed the way every worker is (``_kill_now``, by the caller's clean-up).
+        killed the way every worker is (``_kill_now``, by the caller's clean-up); so is one
+        whose spawn had just finished when the cancel came.
         """
-        await asyncio.wait([spawn])
+        if not spawn.done():
+            await asyncio.wait([spawn])
         if not spawn.cancelled() and spawn.exception() is None:
             transport, _ = spawn.result()
             self._transport = transport
