@@ -28,12 +28,10 @@ import asyncio
 import collections
 import contextlib
 import enum
-import fcntl
 import functools
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
@@ -71,6 +69,7 @@ from sandbox_core.protocol import (
 )
 from sandbox_core.requests import RequestResult
 from sandbox_core.shared import EGRESS_OPEN, HOST_CHUNK, PRELOAD_METHOD, PRELOADED
+from sandbox_core.worker_process import Spawned, WorkerProcess, spawn
 
 _log = logging.getLogger("sandbox_core.worker")
 HostHandler = Callable[["SandboxWorker", str, dict[str, Any]], AsyncIterator[dict[str, Any]]]
@@ -280,7 +279,7 @@ class SandboxWorker:
         self._claim_expected: verify.Prepared | None = None
         """What the claim's verify expects of the staged spare's uid, worked out before the claim."""
         """What the host checked of this worker itself (set once the handshake is verified)."""
-        self._transport: asyncio.SubprocessTransport | None = None
+        self._process: WorkerProcess | None = None
         self._pid: int | None = None
         self._last_id = 0
         self._limits_at_start: dict[str, int] = {}
@@ -443,66 +442,28 @@ class SandboxWorker:
         spec = await self._build_spec()
         self._spec = spec
         self.workspace_in_sandbox = spec.workspace_in_sandbox
-        loop = asyncio.get_running_loop()
-        data_read, data_write = os.pipe2(os.O_CLOEXEC)
-        stdin_read, stdin_write = os.pipe2(os.O_CLOEXEC)
-        inside_ends, host_ends = [data_write, stdin_read], [data_read, stdin_write]
         net = spec.plan.get("network")
         if isinstance(net, dict):
             self.egress = Relay(self.config.network, self.worker_id, lambda: self.user_id, self._on_egress)
-        if isinstance(net, dict) and net.get("handoff"):  # the worker hands client sockets over it
-            host_end, inside_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            inside_ends.append(inside_end.detach())
-            host_ends.append(host_end.detach())
-        for fd in (data_write, stdin_write):
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(fd, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
-        spawn = asyncio.ensure_future(loop.subprocess_exec(
-            lambda: _WorkerPipes(self),
-            *spec.argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=spec.env,
-            cwd=spec.cwd,
-            start_new_session=True,
-            close_fds=True,
-            pass_fds=(*spec.pass_fds, *inside_ends),
-        ))
+        spawned = spawn(spec, handoff=isinstance(net, dict) and bool(net.get("handoff")))
+        self._process = spawned.process
+        self._pid = spawned.process.pid
+        attach = asyncio.ensure_future(spawned.process.attach(_Pipes(self)))
         try:
-            transport, _ = await asyncio.shield(spawn)
-        except BaseException:
-            for fd in host_ends:
-                os.close(fd)
-            await self._adopt_cancelled_spawn(spawn)  # cancelled while, or just as, the process started
+            await asyncio.shield(attach)  # a cancel lets it finish: the exit is then watched and heard
+        except asyncio.CancelledError:
+            await asyncio.wait([attach])
+            spawned.close()
             raise
-        finally:
-            for fd in inside_ends:
-                os.close(fd)
-        self._transport = transport
-        self._pid = transport.get_pid()
-        control = transport.get_pipe_transport(1)
-        if isinstance(control, asyncio.ReadTransport):
-            control.set_protocol(_ControlPipe(self, control.get_protocol()))
-            control.max_size = CONTROL_READ  # type: ignore[attr-defined]
-        self._data, _ = await loop.connect_read_pipe(
-            lambda: _DataPipe(self), os.fdopen(data_read, "rb", buffering=0)
-        )
-        stdin_transport, stdin_protocol = await loop.connect_write_pipe(
-            asyncio.streams.FlowControlMixin, os.fdopen(stdin_write, "wb", buffering=0)
-        )
-        self._stdin = asyncio.StreamWriter(stdin_transport, stdin_protocol, None, loop)
-        if len(host_ends) == 3 and self.egress is not None:
-            await self.egress.attach(host_ends[2])
+        except BaseException:
+            spawned.close()
+            raise
+        await self._connect_channel(spawned)
         if spec.after_spawn is not None:  # e.g. into its cgroups: file writes, off the loop
             await asyncio.to_thread(spec.after_spawn, self._pid)
-        params: dict[str, Any] = {
-            "worker_id": self.worker_id, "plan": spec.plan, "data_fd": data_write, "stdin_fd": stdin_read,
-        }
+        params: dict[str, Any] = {"worker_id": self.worker_id, "plan": spec.plan, **spawned.inside}
         if self.preload == "agent":
             params["preload"] = "agent"
-        if len(inside_ends) == 3:
-            params["handoff_fd"] = inside_ends[2]
         bind_now = spec.bound_at_spawn and self.user_id is not None and spec.workspace_in_sandbox is not None
         if bind_now:  # the worker answers the bind too before it imports its serving loop
             params["bind_follows"] = True
@@ -530,23 +491,25 @@ class SandboxWorker:
             assert self.user_id is not None and spec.workspace_in_sandbox is not None
             await self._enter(self.user_id, spec.workspace_in_sandbox)
 
-    async def _adopt_cancelled_spawn(self, spawn: asyncio.Future[tuple[asyncio.SubprocessTransport, Any]]) -> None:
-        """A start cancelled while ``subprocess_exec`` runs: the process is already forked.
-
-        Left to itself, asyncio's clean-up of a cancelled spawn kills only the direct child
-        (bwrap) and then waits for the process's pipes to close. A sandbox whose init outlived
-        bwrap (see :func:`kill_group_and_children`) holds them open, and that wait never ended
-        (seen in the test suite: a shutdown hung for good, the sandbox left running). So the
-        spawn is let finish (it only connects the pipes) and the process is adopted, to be
-        killed the way every worker is (``_kill_now``, by the caller's clean-up); so is one
-        whose spawn had just finished when the cancel came.
-        """
-        if not spawn.done():
-            await asyncio.wait([spawn])
-        if not spawn.cancelled() and spawn.exception() is None:
-            transport, _ = spawn.result()
-            self._transport = transport
-            self._pid = transport.get_pid()
+    async def _connect_channel(self, spawned: Spawned) -> None:
+        """The host's ends of the worker's data and input pipes, and its handoff socket, on the loop."""
+        loop = asyncio.get_running_loop()
+        data = os.fdopen(spawned.data_read, "rb", buffering=0)
+        stdin = os.fdopen(spawned.stdin_write, "wb", buffering=0)
+        handoff = spawned.handoff
+        try:
+            self._data, _ = await loop.connect_read_pipe(lambda: _DataPipe(self), data)
+            stdin_transport, stdin_protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, stdin)
+            self._stdin = asyncio.StreamWriter(stdin_transport, stdin_protocol, None, loop)
+            if handoff is not None and self.egress is not None:
+                fd, handoff = handoff, None  # the relay owns it from here, whatever attach does
+                await self.egress.attach(fd)
+        except BaseException:
+            data.close()  # those a transport took are closed by it (a second close does nothing)
+            stdin.close()
+            if handoff is not None:
+                os.close(handoff)
+            raise
 
     async def _stage_spare(self, stage: Callable[[], None]) -> None:
         """Make and attach the spare workspace a new user will take (off the request path); a
@@ -566,7 +529,7 @@ class SandboxWorker:
     # ------------------------------------------------------------------ I/O
 
     async def _send(self, msg: Request | Notification | Response) -> None:
-        stdin = self._transport.get_pipe_transport(0) if self._transport is not None else None
+        stdin = self._process.stdin if self._process is not None else None
         if stdin is None or stdin.is_closing() or self._exited.is_set():
             raise self._crash_error("worker is not running")
         frame = encode(msg)
@@ -576,7 +539,6 @@ class SandboxWorker:
                 f"{self.config.max_frame_bytes}-byte frame limit and was not sent",
                 data={"frame_bytes": len(frame), "max_frame_bytes": self.config.max_frame_bytes},
             )
-        assert isinstance(stdin, asyncio.WriteTransport)
         stdin.write(frame)
         if not self._writable.is_set():  # the worker is not reading: wait for the pipe, not forever
             try:
@@ -701,8 +663,8 @@ class SandboxWorker:
         return isinstance(msg_id, int) and 0 < msg_id <= self._last_id
 
     def _answer_nowait(self, response: Response) -> None:
-        stdin = self._transport.get_pipe_transport(0) if self._transport is not None else None
-        if isinstance(stdin, asyncio.WriteTransport) and not stdin.is_closing():
+        stdin = self._process.stdin if self._process is not None else None
+        if stdin is not None and not stdin.is_closing():
             stdin.write(encode(response))
 
     def _egress_done(self, call_id: RequestId, _task: asyncio.Task[None]) -> None:
@@ -771,9 +733,9 @@ class SandboxWorker:
             self._set_reading(paused=False)
 
     def _set_reading(self, *, paused: bool) -> None:
-        control = self._transport.get_pipe_transport(1) if self._transport is not None else None
+        control = self._process.stdout if self._process is not None else None
         for pipe in (control, self._data):
-            if isinstance(pipe, asyncio.ReadTransport) and not pipe.is_closing():
+            if pipe is not None and not pipe.is_closing():
                 if paused:
                     pipe.pause_reading()
                 else:
@@ -830,7 +792,7 @@ class SandboxWorker:
         if self._stderr_partial:
             self._stderr.append(self._stderr_partial.decode(errors="replace"))
             self._stderr_partial = b""
-        code = self._transport.get_returncode() if self._transport is not None else None
+        code = self._process.returncode if self._process is not None else None
         if code is not None and code < 0:
             self.exit_signal = -code
         else:
@@ -1348,21 +1310,20 @@ class SandboxWorker:
             self._stopped_while_starting = True  # a stop wins over a start: nothing may outlive it
             self._starting.cancel()
             await asyncio.wait([self._starting])
-        if self._transport is None:
+        if self._process is None:
             self.state = WorkerState.STOPPED
             return
         if not self._exited.is_set():
             if self.state is not WorkerState.CRASHED:
                 self.state = WorkerState.STOPPING
-            stdin = self._transport.get_pipe_transport(0)
-            if stdin is not None:
-                stdin.close()
+            if self._process.stdin is not None:
+                self._process.stdin.close()
             if not await self._wait_exit(grace):
                 self._signal_group(signal.SIGTERM)
                 if not await self._wait_exit(grace):
                     self._signal_group(signal.SIGKILL)
                     await self._wait_exit(None)
-        self._transport.close()
+        self._process.close()
         await self._cleaned()
         if self.state is not WorkerState.CRASHED:
             self.state = WorkerState.STOPPED
@@ -1374,7 +1335,7 @@ class SandboxWorker:
                 await self._swept
 
     async def _kill_now(self) -> None:
-        if self._transport is None:  # never spawned: release what the launch spec prepared
+        if self._process is None:  # never spawned: release what the launch spec prepared
             if self._spec is not None and self._spec.cleanup is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self._spec.cleanup)
@@ -1382,7 +1343,7 @@ class SandboxWorker:
         if not self._exited.is_set():
             self._signal_group(signal.SIGKILL)
             await self._wait_exit(None)
-        self._transport.close()
+        self._process.close()
         await self._cleaned()
 
     async def _wait_exit(self, timeout: float | None) -> bool:
@@ -1425,64 +1386,17 @@ class _DataPipe(asyncio.Protocol):
         self._worker._on_data(data)
 
 
-CONTROL_READ = 64 * 1024
-"""The control pipe's read size. asyncio reads 256 KiB at a time, and a buffer that size is
-above malloc's mmap threshold: every answer cost an ``mmap``, an ``mremap`` down to the frame's
-size and a ``munmap`` (seen with strace, one of each per ``ping``). Frames are small; a big one
-takes a few more reads."""
-
-
-class _ControlPipe(asyncio.Protocol):
-    """The reading end of the control pipe: frames reach the worker in the read's own callback.
-
-    asyncio's subprocess transport hands each pipe's data on one loop turn later (``call_soon``);
-    the control pipe carries every answer, so its data skips that turn. The process's own pipe
-    protocol still learns when the pipe closes: the exit (:meth:`SandboxWorker._on_exit`) waits
-    for it, and so comes after the last frame, as before.
-    """
-
-    def __init__(self, worker: SandboxWorker, inner: asyncio.BaseProtocol) -> None:
-        self._worker = worker
-        self._inner = inner
-
-    def data_received(self, data: bytes) -> None:
-        self._worker._on_stdout(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._inner.connection_lost(exc)
-
-
-class _WorkerPipes(asyncio.SubprocessProtocol):
-    """Feeds the worker's pipes to its handle as bytes arrive (no reader tasks)."""
-
-    EXIT_DRAIN = 1.0
-    """Seconds to wait for the pipes to close after the process exited (a leaked
-    descriptor must not keep pending calls waiting)."""
+class _Pipes:
+    """What the worker's process does, to its handle (:class:`sandbox_core.worker_process.Sink`)."""
 
     def __init__(self, worker: SandboxWorker) -> None:
-        self._worker = worker
-        self._transport: asyncio.SubprocessTransport | None = None
+        self.on_stdout = worker._on_stdout
+        self.on_stderr = worker._on_stderr
+        self.on_exit = worker._on_exit
+        self._writable = worker._writable
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.SubprocessTransport)
-        self._transport = transport
-
-    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
-        raw = data.encode() if isinstance(data, str) else data
-        if fd == 1:  # only what came before the control pipe was taken over (see _ControlPipe)
-            self._worker._on_stdout(raw)
-        elif fd == 2:
-            self._worker._on_stderr(raw)
-
-    def pause_writing(self) -> None:
-        self._worker._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._worker._writable.set()
-
-    def process_exited(self) -> None:
-        if self._transport is not None:
-            asyncio.get_running_loop().call_later(self.EXIT_DRAIN, self._transport.close)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._worker._on_exit()
+    def on_writable(self, writable: bool) -> None:
+        if writable:
+            self._writable.set()
+        else:
+            self._writable.clear()
