@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from cli.state import AppState
     from sandbox_core.config import ProcessSandboxConfig
+    from sandbox_core.head_start import HeadStart
     from sandbox_core.orchestrator import SandboxOrchestrator
     from sandbox_core.record import Record
 
@@ -316,6 +317,7 @@ def run_job(
     target: None = None,
     user: str | None = None,
     thin: bool = False,
+    head_start: HeadStart | None = None,
 ) -> T: ...
 
 
@@ -328,6 +330,7 @@ def run_job(
     target: Target | None,
     user: str | None = None,
     thin: bool = False,
+    head_start: HeadStart | None = None,
 ) -> T: ...
 
 
@@ -339,11 +342,14 @@ def run_job(
     target: Target | None = None,
     user: str | None = None,
     thin: bool = False,
+    head_start: HeadStart | None = None,
 ) -> T:
     """Run ``job`` on the service at ``target``, else on a fresh orchestrator; errors become exits.
 
     ``user`` is an explicit ``--user``: in client mode the service decides the user, and a
     different one is warned about. ``thin``: the job is one run (see :meth:`RemotePool.connect`).
+    ``head_start``: the in-process pool's first worker, already spawned; discarded on return if
+    the pool did not adopt it.
     """
     import asyncio
 
@@ -362,7 +368,8 @@ def run_job(
 
             record = open_record_or_warn(config)
             try:
-                async with SandboxOrchestrator(config, record=record, origin="cli") as orchestrator:
+                async with SandboxOrchestrator(config, record=record, origin="cli",
+                                               head_start=head_start) as orchestrator:
                     return await job(orchestrator)
             finally:
                 if record is not None:
@@ -380,3 +387,6 @@ def run_job(
     except KeyboardInterrupt:
         output.console(stderr=True).print("interrupted", style="dim")
         output.leave(output.EXIT_INTERRUPTED)
+    finally:
+        if head_start is not None:  # the pool did not get as far as taking it (a no-op if it did)
+            head_start.discard()

@@ -421,7 +421,8 @@ def _srt_argv() -> list[str] | None:
 async def cli_exec_true(config: ProcessSandboxConfig, n: int) -> list[Figure]:
     """Whole-process ``sandbox exec -- true``, one shot in-process and against a running service.
 
-    The baseline is ``python3 -c pass`` run by the CLI's own interpreter (the same venv and
+    The one shot runs with its head start (the default) and without it (``head_start = false``),
+    in the same rounds. The baseline is ``python3 -c pass`` run by the CLI's own interpreter (the same venv and
     ``site``; not a pyenv shim, which is a shell script), in the same rounds; and, when
     ``srt`` is installed (:func:`_srt_argv`), ``srt -c true`` (its default settings, in a
     directory of its own) in the same rounds too.
@@ -439,9 +440,11 @@ async def cli_exec_true(config: ProcessSandboxConfig, n: int) -> list[Figure]:
         local = [*cli, "--local", "exec", "--", "true"]
         remote = [*cli, "--connect", f"unix:{sock}", "exec", "--", "true"]
         await _whole_process(remote, env)  # the service's worker for the user is warm from here on
+        no_head = {**env, "SANDBOX_HEAD_START": "false"}
         runs: dict[str, Callable[[], Awaitable[float]]] = {
             "python3": lambda: _whole_process([python3, "-c", "pass"]),
             "local": lambda: _whole_process(local, env),
+            "local_no_head": lambda: _whole_process(local, no_head),
             "service": lambda: _whole_process(remote, env),
         }
         srt = _srt_argv()
@@ -472,6 +475,9 @@ async def cli_exec_true(config: ProcessSandboxConfig, n: int) -> list[Figure]:
     figures = [
         Figure("sandbox exec -- true, one shot in-process", _ms(medians["local"]), "ms p50",
                "<= 6x python3 -c pass", local_ratio <= 6, baseline=_ms(base), ratio=round(local_ratio, 2),
+               detail=dict(detail)),
+        Figure("sandbox exec -- true, one shot: head start vs none", _ms(medians["local"]), "ms p50",
+               baseline=_ms(medians["local_no_head"]), ratio=round(medians["local"] / medians["local_no_head"], 2),
                detail=dict(detail)),
         Figure("sandbox exec -- true, against a running service", _ms(medians["service"]), "ms p50",
                "<= 2.5x python3 -c pass", remote_ratio <= 2.5, baseline=_ms(base), ratio=round(remote_ratio, 2),

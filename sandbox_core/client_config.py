@@ -30,7 +30,7 @@ SECTIONS = frozenset({"env", "limits", "strict", "model", "service", "record", "
 
 ALL_KEYS = frozenset({
     "acquire_timeout", "allow_root_process", "cancel_grace", "circuit_reset", "cleanup_interval",
-    "default_user", "env.allow", "env.default_path", "env.fixed", "limits.address_space_mb",
+    "default_user", "env.allow", "env.default_path", "env.fixed", "head_start", "limits.address_space_mb",
     "limits.core_dumps", "limits.cpu_budget_seconds", "limits.cpu_seconds", "limits.cpus",
     "limits.file_size_mb", "limits.memory_mb", "limits.open_files", "limits.output_mb", "limits.processes",
     "limits.socket_mb", "limits.transfer_mb", "limits.workspace_inodes", "limits.workspace_mb",

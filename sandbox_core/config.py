@@ -349,6 +349,10 @@ class ProcessSandboxConfig:
     """What idle workers load ahead of a request: ``agent`` imports the SDK, builds the client on
     the gateway connection and runs one canned offline turn, so a worker's first agent text is
     hot; ``auto`` becomes ``agent`` at the first agent request the pool sees; ``none`` never."""
+    head_start: bool = True
+    """One-shot in-process commands (``sandbox exec`` without a service) spawn their worker as
+    soon as the config is read, while the host still loads the pool (:mod:`sandbox_core.head_start`);
+    off, the pool spawns it when the request comes, as a library pool always does."""
     max_requests_per_worker: int = 200
     """A worker is recycled after this many requests (0 = never)."""
     acquire_timeout: float = 10.0

@@ -73,6 +73,7 @@ from sandbox_core.worker import Launcher, SandboxWorker, WorkerState
 if TYPE_CHECKING:
     from sandbox_core.files import PoolFiles
     from sandbox_core.gateway import ModelGateway
+    from sandbox_core.head_start import HeadStart
 
 
 DEMAND_WINDOW = 10.0
@@ -107,6 +108,7 @@ class SandboxOrchestrator:
         gateway: ModelGateway | None = None,
         record: Record | None = None,
         origin: str = "library",
+        head_start: HeadStart | None = None,
     ) -> None:
         self.config = config
         self.record = record
@@ -120,7 +122,10 @@ class SandboxOrchestrator:
         self._workers: dict[str, SandboxWorker] = {}
         self._changed = asyncio.Condition()
         self._ids = itertools.count(1)
-        self._tag = secrets.token_hex(2)
+        self._tag = head_start.tag if head_start is not None else secrets.token_hex(2)
+        self._head_start = head_start
+        """A process spawned for the first worker of one user before this pool existed (adopted by
+        that user's first spawn; discarded at shutdown otherwise)."""
         self._closed = False
         self._started = False
         self._cleanup_task: asyncio.Task[None] | None = None
@@ -581,7 +586,9 @@ class SandboxOrchestrator:
     async def _start_for(self, worker: SandboxWorker, user_id: str) -> SandboxWorker:
         """Start ``worker``, registered for ``user_id`` (it holds its slot), and bind it."""
         try:
-            workspace = await asyncio.to_thread(prepare_workspace, self.config, user_id)
+            prepared = worker.workspace  # a head start's was prepared when it was spawned
+            workspace = prepared if prepared is not None else await asyncio.to_thread(
+                prepare_workspace, self.config, user_id)
         except BaseException:
             self._workers.pop(worker.worker_id, None)
             await self._notify()
@@ -608,10 +615,17 @@ class SandboxOrchestrator:
         return worker
 
     def _new_worker(self, user_id: str | None) -> SandboxWorker:
+        head = self._head_start
+        if head is not None and head.pending and user_id == head.user_id:
+            self._head_start = None
+        else:
+            head = None
         worker = SandboxWorker(
             self.config,
-            f"w{next(self._ids)}-{self._tag}",
+            head.worker_id if head is not None else f"w{next(self._ids)}-{self._tag}",
             user_id=user_id,
+            workspace=head.workspace if head is not None else None,
+            head_start=head,
             host_handler=self._serve_host_call,
             launcher=self._launcher,
             on_egress=self._journal_egress if self.record is not None else None,
@@ -945,6 +959,9 @@ class SandboxOrchestrator:
         await asyncio.shield(asyncio.gather(*(w.stop(grace=0) for w in workers), return_exceptions=True))
         while self._stopping:  # retired workers finish stopping before we return
             await asyncio.gather(*list(self._stopping), return_exceptions=True)
+        if self._head_start is not None:  # never adopted: nobody asked for that user's worker
+            head, self._head_start = self._head_start, None
+            await asyncio.shield(asyncio.to_thread(head.discard))
         sessions = [w.pid for w in workers if w.pid is not None and w.sweeps_session]
         if sessions:  # belt and braces after each stop's own sweep; a /proc scan, off the loop
             await asyncio.to_thread(lambda: [kill_session(pid) for pid in sessions])

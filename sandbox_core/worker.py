@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sandbox_core import datapipe
 from sandbox_core.config import ProcessSandboxConfig
@@ -70,6 +70,9 @@ from sandbox_core.protocol import (
 from sandbox_core.requests import RequestResult
 from sandbox_core.shared import EGRESS_OPEN, HOST_CHUNK, PRELOAD_METHOD, PRELOADED
 from sandbox_core.worker_process import Spawned, WorkerProcess, spawn
+
+if TYPE_CHECKING:
+    from sandbox_core.head_start import HeadStart
 
 _log = logging.getLogger("sandbox_core.worker")
 HostHandler = Callable[["SandboxWorker", str, dict[str, Any]], AsyncIterator[dict[str, Any]]]
@@ -241,6 +244,7 @@ class SandboxWorker:
         on_egress: Callable[[dict[str, Any]], None] | None = None,
         preload: str = "none",
         on_preloaded: Callable[[SandboxWorker], None] | None = None,
+        head_start: HeadStart | None = None,
     ) -> None:
         self.config = config
         self.worker_id = worker_id
@@ -280,6 +284,7 @@ class SandboxWorker:
         """What the claim's verify expects of the staged spare's uid, worked out before the claim."""
         """What the host checked of this worker itself (set once the handshake is verified)."""
         self._process: WorkerProcess | None = None
+        self._head_start = head_start
         self._pid: int | None = None
         self._last_id = 0
         self._limits_at_start: dict[str, int] = {}
@@ -439,13 +444,19 @@ class SandboxWorker:
             raise
 
     async def _spawn_and_handshake(self) -> None:
-        spec = await self._build_spec()
+        head = self._head_start
+        self._head_start = None
+        if head is not None:  # spawned before the event loop existed: adopted, not spawned again
+            spec, spawned = head.take()
+        else:
+            spec = await self._build_spec()
         self._spec = spec
         self.workspace_in_sandbox = spec.workspace_in_sandbox
         net = spec.plan.get("network")
         if isinstance(net, dict):
             self.egress = Relay(self.config.network, self.worker_id, lambda: self.user_id, self._on_egress)
-        spawned = spawn(spec, handoff=isinstance(net, dict) and bool(net.get("handoff")))
+        if head is None:
+            spawned = spawn(spec, handoff=isinstance(net, dict) and bool(net.get("handoff")))
         self._process = spawned.process
         self._pid = spawned.process.pid
         attach = asyncio.ensure_future(spawned.process.attach(_Pipes(self)))
@@ -459,7 +470,9 @@ class SandboxWorker:
             spawned.close()
             raise
         await self._connect_channel(spawned)
-        if spec.after_spawn is not None:  # e.g. into its cgroups: file writes, off the loop
+        if spawned.placement is not None:  # started with the process (a head start)
+            await asyncio.to_thread(spawned.placement)
+        elif spec.after_spawn is not None:  # e.g. into its cgroups: file writes, off the loop
             await asyncio.to_thread(spec.after_spawn, self._pid)
         params: dict[str, Any] = {"worker_id": self.worker_id, "plan": spec.plan, **spawned.inside}
         if self.preload == "agent":

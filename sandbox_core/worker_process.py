@@ -61,7 +61,7 @@ class Sink(Protocol):
 class Spawned:
     """A worker process just spawned, and the host's ends of its private channel."""
 
-    __slots__ = ("data_read", "handoff", "inside", "process", "stdin_write")
+    __slots__ = ("data_read", "handoff", "inside", "placement", "process", "stdin_write")
 
     def __init__(self, process: WorkerProcess, data_read: int, stdin_write: int, handoff: int | None,
                  inside: dict[str, int]) -> None:  # fmt: skip
@@ -75,6 +75,9 @@ class Spawned:
         self.inside = inside
         """The worker's ends by ``initialize`` parameter (``data_fd``, ``stdin_fd``, ``handoff_fd``):
         descriptor numbers in the worker, closed on the host."""
+        self.placement: Callable[[], None] | None = None
+        """Set when the spec's ``after_spawn`` (its cgroups) was started already: waits for it
+        to finish (blocking) and raises what it raised."""
 
     def close(self) -> None:
         """Close the host's ends (a process that will not be attached)."""

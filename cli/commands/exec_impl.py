@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from cli.termfilter import TerminalFilter
     from sandbox_core.config import ProcessSandboxConfig
     from sandbox_core.events import Event
+    from sandbox_core.head_start import HeadStart
 
 
 def exec_main(
@@ -62,6 +63,8 @@ def exec_main(
         return _exec_on_service(state, target, command, shell=shell, timeout=timeout, raw=raw, piped=piped,
                                 processes=config.limits.processes, user=user, network=network)
 
+    head = head_start(config, user_id) if target is None and network is None else None
+
     async def job(pool: Pool) -> int:
         from sandbox_core.requests import ExecRequest
 
@@ -79,7 +82,24 @@ def exec_main(
             printer.close()
         return printer.code
 
-    return run_job(config, job, verbose=state.verbose, target=target, user=user or state.user)
+    return run_job(config, job, verbose=state.verbose, target=target, user=user or state.user, head_start=head)
+
+
+def head_start(config: ProcessSandboxConfig, user_id: str) -> HeadStart | None:
+    """The one worker of this in-process command, spawned now (:mod:`sandbox_core.head_start`).
+
+    None when the ``head_start`` setting is off or it cannot be spawned here: the pool then
+    starts the worker itself and reports the same error the usual way.
+    """
+    if not config.head_start:
+        return None
+    from sandbox_core import head_start as early
+    from sandbox_core.errors import SandboxError
+
+    try:
+        return early.begin(config, user_id)
+    except (SandboxError, OSError):
+        return None
 
 
 class _Printer:

@@ -3,7 +3,8 @@
 Started by the launcher as ``python -I -S -c "... from sandbox_core.inside.boot import main;
 main()" [MAX_FRAME_BYTES]`` (:data:`sandbox_core.shared.WORKER_ENTRY`). :mod:`handshake`
 answers ``initialize`` (and ``bind``) with blocking reads; only then is :mod:`worker_main`,
-with asyncio, imported to serve the rest (:func:`serving_loop`).
+with asyncio, imported to serve the rest (:func:`serving_loop`), unless the host is not
+ready when the worker is (:func:`_frame_waiting`): then the import comes first.
 """
 
 from __future__ import annotations
@@ -19,11 +20,29 @@ if TYPE_CHECKING:
 
 def main() -> None:
     proto_in, proto_out = handshake.take_protocol_fds()
+    if not _frame_waiting(proto_in):  # the host is still loading (a head start): import meanwhile
+        serving_loop()
     max_frame = int(sys.argv[1]) if len(sys.argv) > 1 else handshake.DEFAULT_MAX_FRAME
     booted = handshake.serve_handshake(proto_in, proto_out, max_frame)
     if booted.input_ended and not booted.pending.strip():
         return  # the host went away during the handshake: nothing to serve
     serving_loop().serve(proto_in, proto_out, max_frame, booted)
+
+
+def _frame_waiting(fd: int) -> bool:
+    """Whether the host has written to the channel already (its ``initialize``, usually).
+
+    The host writes ``initialize`` right after the spawn, and a worker that finds it waiting
+    answers first and imports its serving loop after (the answer is what the pool waits for).
+    A worker spawned ahead of its pool (:mod:`sandbox_core.head_start`) finds nothing: the host
+    is still importing, so the worker imports too instead of sitting idle. Only our own modules
+    run then, before any request of the host's, so nothing untrusted runs unconfined.
+    """
+    import select
+
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLHUP)
+    return bool(poller.poll(0))
 
 
 def serving_loop() -> ModuleType:

@@ -189,13 +189,13 @@ time.sleep(300)
 async def test_a_start_cancelled_while_its_process_is_spawned_leaves_nothing(
     workspace_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The start is cancelled after the fork, while asyncio still connects the process's pipes.
+    """The start is cancelled after the fork, while the process's pipes are being connected.
 
     The process stands in for bwrap in the moment after its ``clone()``: a child in a session
     of its own, not yet bound to die with its parent, holding stdout and stderr. asyncio's own
-    clean-up of the cancelled spawn killed only the parent and then waited for the pipes for
-    good (a suite run hung so, its sandbox left running); the worker now lets the spawn finish
-    and kills what it started, child included.
+    clean-up of a cancelled ``subprocess_exec`` killed only the parent and then waited for the
+    pipes for good (a suite run hung so, its sandbox left running); the worker now spawns the
+    process itself, lets the attach finish and kills what it started, child included.
     """
     marker = workspace_root / "stray.pid"
 
@@ -206,7 +206,7 @@ async def test_a_start_cancelled_while_its_process_is_spawned_leaves_nothing(
     loop = asyncio.get_running_loop()
     connect, gate = loop.connect_read_pipe, asyncio.Event()
 
-    async def gated(*args: Any, **kwargs: Any) -> Any:  # holds subprocess_exec between fork and return
+    async def gated(*args: Any, **kwargs: Any) -> Any:  # holds the attach between fork and its pipes
         await gate.wait()
         return await connect(*args, **kwargs)
 
