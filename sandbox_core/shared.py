@@ -8,7 +8,6 @@ the standard library, so importing it costs nothing on either side.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import re
 import struct
@@ -72,6 +71,8 @@ LIMIT_PROBES = ("fork_bomb", "memory_hog")
 
 def sha256_hex(data: bytes | str) -> str:
     """The hex SHA-256 of ``data`` (text is UTF-8): how canaries are named across the pipe."""
+    import hashlib  # only here: the worker imports this module to serve, and hashlib costs ~5 ms
+
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
 

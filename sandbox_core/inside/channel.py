@@ -14,13 +14,15 @@ import itertools
 import os
 import stat
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sandbox_core import datapipe
 from sandbox_core.errors import ProtocolError, from_wire
 from sandbox_core.events import EVENT_METHOD, EventType
 from sandbox_core.protocol import Notification, Request, RequestId, Response, encode
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class Executor(Protocol):
@@ -28,7 +30,7 @@ class Executor(Protocol):
 
     state: dict[str, Any]
 
-    def require_workspace(self) -> Path: ...
+    def require_workspace(self) -> str: ...
 
 
 class OutputPipe:
@@ -197,4 +199,12 @@ class RequestContext:
 
     @property
     def workspace(self) -> Path:
+        """The user's workspace (pathlib is imported here, for the requests that want it)."""
+        from pathlib import Path
+
+        return Path(self.executor.require_workspace())
+
+    @property
+    def cwd(self) -> str:
+        """The user's workspace as a string, for a command's working directory."""
         return self.executor.require_workspace()

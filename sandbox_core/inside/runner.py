@@ -390,7 +390,7 @@ async def _run(
         stdin=asyncio.subprocess.PIPE if piped else asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        cwd=ctx.workspace,
+        cwd=ctx.cwd,
         process_group=0,
     ))
     try:

@@ -208,7 +208,7 @@ async def _run(
                 stdin=slave,
                 stdout=slave,
                 stderr=slave,
-                cwd=ctx.workspace,
+                cwd=ctx.cwd,
                 env=_environment(tty if isinstance(tty, dict) else {}),
                 start_new_session=True,
                 preexec_fn=_take_terminal,

@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandbox_core import codes
@@ -76,7 +75,8 @@ class SandboxExecutor:
     def __init__(self) -> None:
         self.worker_id = ""
         self.user_id: str | None = None
-        self.workspace: Path | None = None
+        self.workspace: str | None = None
+        """The user's workspace as the worker sees it (a plain string: pathlib is not imported to serve)."""
         self.initialized = False
         self.awaiting_user = False
         """An unbound strict worker before its ``bind``: it serves nothing but ``bind`` and ``shutdown``."""
@@ -141,7 +141,7 @@ class SandboxExecutor:
         _enable_site_packages(site_dir if isinstance(site_dir, str) else None)
         lazy_sdk.install()
 
-    def require_workspace(self) -> Path:
+    def require_workspace(self) -> str:
         if self.workspace is None:
             raise SandboxError("worker is not bound to a user yet", data={"code": codes.NOT_BOUND})
         return self.workspace
@@ -185,7 +185,7 @@ class SandboxExecutor:
             os.environ.update(proxy_environment(self.proxy.port))
             self.report["network"] = {"proxy": f"127.0.0.1:{self.proxy.port}", "mode": network.get("mode")}
         if booted.workspace is not None:
-            self.user_id, self.workspace = booted.user_id, Path(booted.workspace)
+            self.user_id, self.workspace = booted.user_id, booted.workspace
         if self.awaiting_user:  # once the answer is out: a claim then finds them imported
             asyncio.get_running_loop().call_soon(self._preload_for_claim)
         self._confinement_complete()
@@ -230,7 +230,7 @@ class SandboxExecutor:
                 await self._preload.ended(PRELOAD_END_LIMIT)
             confine.become_user(self.plan, params, self.report)
             self.awaiting_user = False
-        self._enter(user_id, Path(workspace))
+        self._enter(user_id, workspace)
         answer: dict[str, Any] = {"user_id": user_id, "workspace": workspace, "preload": self.preload_report()}
         if switched:
             answer["observed"] = {k: self.report.get(k) for k in OBSERVED_AT_BIND}
@@ -238,13 +238,13 @@ class SandboxExecutor:
             answer["landlock"] = self.report["landlock"]
         return answer
 
-    def _enter(self, user_id: str, workspace: Path) -> None:
+    def _enter(self, user_id: str, workspace: str) -> None:
         from sandbox_core.inside import confine
 
         os.chdir(workspace)
         self.user_id, self.workspace = user_id, workspace
         home = self.plan.get("home")
-        os.environ["HOME"] = home if isinstance(home, str) else str(workspace)
+        os.environ["HOME"] = home if isinstance(home, str) else workspace
         confine.after_bind(self.plan, workspace, self.report)
         self._confinement_complete()
 
