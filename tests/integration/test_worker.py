@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -316,3 +317,24 @@ async def test_process_profile_as_root_refuses_without_the_explicit_opt_in(works
         assert info.value.data["reason"] == "process_as_root"
     async with SandboxOrchestrator(config.replace(allow_root_process=True)) as pool:
         assert (await pool.execute("rooty", ExecRequest(argv=("id", "-u")))).stdout == b"0\n"  # what it lets in
+
+
+async def test_without_pidfds_a_thread_waits_for_the_worker_and_its_exit_is_heard(
+    workspace_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel before 5.3 has no pidfd_open: the process's exit is then waited for by a thread."""
+    def no_pidfds(pid: int, flags: int = 0) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+    worker = await _bound(workspace_root)
+    pid = worker.pid
+    assert pid is not None
+    assert any(t.name == f"sandbox-reap-{pid}" for t in threading.enumerate())
+    result = await worker.execute("exec", {"argv": ["sh", "-c", "echo ok"]})
+    assert result.stdout == b"ok\n"
+    await worker.stop()
+    assert worker.state is WorkerState.STOPPED and worker.exit_status == 0
+    assert not pid_alive(pid)
+    await wait_for(lambda: not any(t.name == f"sandbox-reap-{pid}" for t in threading.enumerate()), 5,
+                   "the waiting thread to end")
