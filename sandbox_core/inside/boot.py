@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def main() -> None:
     proto_in, proto_out = handshake.take_protocol_fds()
     if not _frame_waiting(proto_in):  # the host is still loading (a head start): import meanwhile
-        serving_loop()
+        _first_request_modules()
     max_frame = int(sys.argv[1]) if len(sys.argv) > 1 else handshake.DEFAULT_MAX_FRAME
     booted = handshake.serve_handshake(proto_in, proto_out, max_frame)
     if booted.input_ended and not booted.pending.strip():
@@ -43,6 +43,13 @@ def _frame_waiting(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLHUP)
     return bool(poller.poll(0))
+
+
+def _first_request_modules() -> None:
+    """The serving loop and what it loads before its first command runs: the listeners it
+    attaches after the handshake (model endpoint, network proxy) and the command runner."""
+    serving_loop()
+    from sandbox_core.inside import model_endpoint, proxy, runner  # noqa: F401
 
 
 def serving_loop() -> ModuleType:

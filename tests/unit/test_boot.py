@@ -1,5 +1,6 @@
 """The worker's serving loop is imported without ``ssl`` (inside/boot.py), and ``ssl`` stays importable;
-nor does it load ``pathlib`` or ``hashlib``, which serving does not need (~10 ms of a worker's boot)."""
+nor do it and what the first command needs load ``pathlib``, ``hashlib`` or ``urllib.parse``, which
+serving does not need (~20 ms of a worker's boot)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from sandbox_core.isolation.spec import PACKAGE_ROOT
 _PROBE = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from sandbox_core.inside.boot import serving_loop
-serving_loop()
+from sandbox_core.inside.boot import _first_request_modules
+_first_request_modules()
 import asyncio.base_events, asyncio.sslproto
-seen = {"ssl_loaded": "ssl" in sys.modules, "unneeded": sorted({"pathlib", "hashlib"} & set(sys.modules)),
+seen = {"ssl_loaded": "ssl" in sys.modules,
+        "unneeded": sorted({"pathlib", "hashlib", "urllib.parse"} & set(sys.modules)),
         "asyncio_ssl": asyncio.base_events.ssl is not None or asyncio.sslproto.ssl is not None}
 import ssl
 seen["ssl_after"] = hasattr(ssl, "SSLContext")
