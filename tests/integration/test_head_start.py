@@ -50,17 +50,21 @@ async def test_the_pool_adopts_the_head_start_as_its_users_worker_and_verifies_i
     config = _strict(tmp_path)
     head = begin(config, "alice")
     pid = head.pid
-    assert pid is not None and pid_alive(pid)
-    assert _worker_cgroups(head.worker_id), "the head start is placed in its cgroups"
-    async with SandboxOrchestrator(config, head_start=head) as pool:
-        result = await pool.execute("alice", ExecRequest(shell="echo ok; id -u"))
-        assert result.stdout.split(b"\n")[0] == b"ok"
-        workers = pool.list_workers()
-        assert [(w["worker_id"], w["pid"], w["user_id"]) for w in workers] == [(head.worker_id, pid, "alice")]
-        assert pool.get_pool_stats()["spawned"] == 1  # adopted, not spawned again
-        report = pool.worker_report(head.worker_id)
-        assert report is not None and report["verified_by_host"]
-        assert not head.pending
+    try:
+        assert pid is not None and pid_alive(pid)
+        # placed from a thread while the host goes on: its cgroups appear meanwhile
+        await wait_for(lambda: bool(_worker_cgroups(head.worker_id)), 10, "the head start's cgroups")
+        async with SandboxOrchestrator(config, head_start=head) as pool:
+            result = await pool.execute("alice", ExecRequest(shell="echo ok; id -u"))
+            assert result.stdout.split(b"\n")[0] == b"ok"
+            workers = pool.list_workers()
+            assert [(w["worker_id"], w["pid"], w["user_id"]) for w in workers] == [(head.worker_id, pid, "alice")]
+            assert pool.get_pool_stats()["spawned"] == 1  # adopted, not spawned again
+            report = pool.worker_report(head.worker_id)
+            assert report is not None and report["verified_by_host"]
+            assert not head.pending
+    finally:
+        head.discard()  # a failed assertion must not leave the process to the next test
     assert not pid_alive(pid)
     assert _worker_cgroups(head.worker_id) == []
     assert mounted_slots() == []
@@ -71,12 +75,15 @@ async def test_a_head_start_for_another_user_is_not_adopted_and_is_discarded_at_
     config = _strict(tmp_path)
     head = begin(config, "bob")
     pid = head.pid
-    assert pid is not None
-    async with SandboxOrchestrator(config, head_start=head) as pool:
-        await pool.execute("alice", ExecRequest(argv=("true",)))
-        assert [w["user_id"] for w in pool.list_workers()] == ["alice"]
-        assert head.pending and pid_alive(pid)
-    assert head.pid is None  # discarded
+    try:
+        assert pid is not None
+        async with SandboxOrchestrator(config, head_start=head) as pool:
+            await pool.execute("alice", ExecRequest(argv=("true",)))
+            assert [w["user_id"] for w in pool.list_workers()] == ["alice"]
+            assert head.pending and pid_alive(pid)
+        assert head.pid is None  # discarded
+    finally:
+        head.discard()
     assert not pid_alive(pid)
     assert _worker_cgroups(head.worker_id) == []
     assert mounted_slots() == []
@@ -104,12 +111,15 @@ async def test_a_head_start_that_died_before_adoption_fails_the_start_and_leaves
 
     head = begin(config, "dave", launcher=launcher)
     pid = head.pid
-    assert pid is not None
-    await wait_for(lambda: _zombie(pid), 10, "the head start's process to exit")
-    async with SandboxOrchestrator(config, launcher=launcher, head_start=head) as pool:
-        with pytest.raises(WorkerStartError, match=r"failed to start|exited"):
-            await pool.execute("dave", ExecRequest(argv=("true",)))
-        assert pool.list_workers() == []
+    try:
+        assert pid is not None
+        await wait_for(lambda: _zombie(pid), 10, "the head start's process to exit")
+        async with SandboxOrchestrator(config, launcher=launcher, head_start=head) as pool:
+            with pytest.raises(WorkerStartError, match=r"failed to start|exited"):
+                await pool.execute("dave", ExecRequest(argv=("true",)))
+            assert pool.list_workers() == []
+    finally:
+        head.discard()
     assert not pid_alive(pid) and not _zombie(pid)  # reaped
     assert cleaned == [True]
 
@@ -128,11 +138,14 @@ async def test_a_head_start_that_cannot_be_placed_fails_the_start_with_that_erro
 
     head = begin(config, "erin", launcher=launcher)
     pid = head.pid
-    assert pid is not None
-    async with SandboxOrchestrator(config, launcher=launcher, head_start=head) as pool:
-        with pytest.raises(IsolationUnavailable, match="no cgroup for this worker"):
-            await pool.execute("erin", ExecRequest(argv=("true",)))
-        assert pool.list_workers() == []
+    try:
+        assert pid is not None
+        async with SandboxOrchestrator(config, launcher=launcher, head_start=head) as pool:
+            with pytest.raises(IsolationUnavailable, match="no cgroup for this worker"):
+                await pool.execute("erin", ExecRequest(argv=("true",)))
+            assert pool.list_workers() == []
+    finally:
+        head.discard()
     assert not pid_alive(pid) and not _zombie(pid)
     assert cleaned == [True]
 
