@@ -57,7 +57,7 @@ def files_argv(config: ProcessSandboxConfig, *args: str) -> tuple[str, ...]:
 
     python, package_root = worker_python(config)
     boot = f"import sys; sys.path.insert(0, {package_root!r}); from {FILES_ENTRY} import main; main()"
-    return (python, "-I", "-S", "-c", boot, *args)
+    return (python, "-I", "-S", "-B", "-c", boot, *args)  # -B: as the worker (spec.python_argv)
 
 
 class PoolFiles:

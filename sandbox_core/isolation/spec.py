@@ -118,11 +118,14 @@ def python_argv(
 
     ``-S`` skips ``site`` at start-up (~25 ms of .pth processing); the worker adds
     site-packages itself only when a method needs a third-party package (the agent).
+    ``-B``: the worker never writes bytecode into the tree it runs from (the strict stage is
+    read-only anyway; a ``process`` worker, umask 077, rewrote an edited module's ``.pyc``
+    0600 in the host's tree, which strict workers, another uid, then could not read).
     ``executable`` and ``root`` (the directory holding ``sandbox_core``) are as the worker
     sees them: the host's own for the ``process`` profile.
     """
     boot = _BOOT.format(root=root, entry=WORKER_ENTRY)
-    return [executable, "-I", "-S", "-c", boot, str(config.max_frame_bytes)]
+    return [executable, "-I", "-S", "-B", "-c", boot, str(config.max_frame_bytes)]
 
 
 def process_launch(config: ProcessSandboxConfig, workspace: Path | None) -> LaunchSpec:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -16,7 +17,7 @@ import pytest
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import RequestTimeout, WorkerCrashed, WorkerStartError
 from sandbox_core.events import Event
-from sandbox_core.isolation.spec import LaunchSpec, process_launch
+from sandbox_core.isolation.spec import PACKAGE_ROOT, LaunchSpec, process_launch, python_argv
 from sandbox_core.requests import ExecRequest
 from sandbox_core.worker import SandboxWorker, WorkerState
 from tests.helpers import live_session_members, pid_alive, process_config, wait_for
@@ -338,3 +339,27 @@ async def test_without_pidfds_a_thread_waits_for_the_worker_and_its_exit_is_hear
     assert not pid_alive(pid)
     await wait_for(lambda: not any(t.name == f"sandbox-reap-{pid}" for t in threading.enumerate()), 5,
                    "the waiting thread to end")
+
+
+async def test_the_worker_writes_no_bytecode_into_the_tree_it_runs_from(workspace_root: Path) -> None:
+    """A ``process`` worker runs the host's own tree with umask 077: a ``.pyc`` it wrote there was
+    0600, unreadable to strict workers (another uid), which then compiled that module at every boot."""
+    tree = workspace_root.parent / "tree"
+    shutil.copytree(Path(PACKAGE_ROOT) / "sandbox_core", tree / "sandbox_core",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+
+    def launcher(cfg: ProcessSandboxConfig, wid: str, ws: Path | None) -> LaunchSpec:
+        spec = process_launch(cfg, ws)
+        return LaunchSpec(python_argv(cfg, root=str(tree)), spec.env, spec.cwd, spec.plan)
+
+    worker = SandboxWorker(process_config(workspace_root), "wbytes", launcher=launcher)
+    await worker.start()
+    try:
+        ws = workspace_root / "u"
+        ws.mkdir(exist_ok=True)
+        await worker.bind("u", ws)
+        result = await worker.execute("exec", {"argv": ["sh", "-c", "echo ok"]})
+        assert result.stdout == b"ok\n"  # the serving loop and the runner were imported from the copy
+    finally:
+        await worker.stop()
+    assert sorted(tree.rglob("*.pyc")) == []
