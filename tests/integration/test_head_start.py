@@ -6,16 +6,19 @@ is not adopted, or whose process died or could not be placed, leaves nothing beh
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import IsolationUnavailable, WorkerStartError
-from sandbox_core.head_start import begin
+from sandbox_core.head_start import HeadStart, begin
 from sandbox_core.inside.boot import _frame_waiting
 from sandbox_core.isolation import cgroups
 from sandbox_core.isolation.launch import LaunchSpec
@@ -35,6 +38,19 @@ def _strict(tmp_path: Path) -> ProcessSandboxConfig:
     return process_config(tmp_path / "ws", state_dir=tmp_path / "state").replace(profile="strict")
 
 
+@contextlib.contextmanager
+def _begun(config: ProcessSandboxConfig, user: str, **kwargs: Any) -> Iterator[tuple[HeadStart, int]]:
+    """A head start and its pid; discarded at the end whatever the test did (a failed assertion
+    must not leave the process to the garbage collector and the next test)."""
+    head = begin(config, user, **kwargs)
+    pid = head.pid
+    assert pid is not None
+    try:
+        yield head, pid
+    finally:
+        head.discard()
+
+
 def _worker_cgroups(worker_id: str) -> list[Path]:
     """This process's cgroup directories of ``worker_id`` (v1 controllers)."""
     found: list[Path] = []
@@ -48,10 +64,8 @@ def _worker_cgroups(worker_id: str) -> list[Path]:
 @needs_strict
 async def test_the_pool_adopts_the_head_start_as_its_users_worker_and_verifies_it(tmp_path: Path) -> None:
     config = _strict(tmp_path)
-    head = begin(config, "alice")
-    pid = head.pid
-    try:
-        assert pid is not None and pid_alive(pid)
+    with _begun(config, "alice") as (head, pid):
+        assert pid_alive(pid)
         # placed from a thread while the host goes on: its cgroups appear meanwhile
         await wait_for(lambda: bool(_worker_cgroups(head.worker_id)), 10, "the head start's cgroups")
         async with SandboxOrchestrator(config, head_start=head) as pool:
@@ -63,8 +77,6 @@ async def test_the_pool_adopts_the_head_start_as_its_users_worker_and_verifies_i
             report = pool.worker_report(head.worker_id)
             assert report is not None and report["verified_by_host"]
             assert not head.pending
-    finally:
-        head.discard()  # a failed assertion must not leave the process to the next test
     assert not pid_alive(pid)
     assert _worker_cgroups(head.worker_id) == []
     assert mounted_slots() == []
@@ -73,17 +85,12 @@ async def test_the_pool_adopts_the_head_start_as_its_users_worker_and_verifies_i
 @needs_strict
 async def test_a_head_start_for_another_user_is_not_adopted_and_is_discarded_at_shutdown(tmp_path: Path) -> None:
     config = _strict(tmp_path)
-    head = begin(config, "bob")
-    pid = head.pid
-    try:
-        assert pid is not None
+    with _begun(config, "bob") as (head, pid):
         async with SandboxOrchestrator(config, head_start=head) as pool:
             await pool.execute("alice", ExecRequest(argv=("true",)))
             assert [w["user_id"] for w in pool.list_workers()] == ["alice"]
             assert head.pending and pid_alive(pid)
         assert head.pid is None  # discarded
-    finally:
-        head.discard()
     assert not pid_alive(pid)
     assert _worker_cgroups(head.worker_id) == []
     assert mounted_slots() == []
@@ -109,17 +116,12 @@ async def test_a_head_start_that_died_before_adoption_fails_the_start_and_leaves
         return LaunchSpec([sys.executable, "-c", "import sys; sys.exit(3)"], spec.env, spec.cwd, spec.plan,
                           cleanup=lambda: cleaned.append(True))  # fmt: skip
 
-    head = begin(config, "dave", launcher=launcher)
-    pid = head.pid
-    try:
-        assert pid is not None
+    with _begun(config, "dave", launcher=launcher) as (head, pid):
         await wait_for(lambda: _zombie(pid), 10, "the head start's process to exit")
         async with SandboxOrchestrator(config, launcher=launcher, head_start=head) as pool:
             with pytest.raises(WorkerStartError, match=r"failed to start|exited"):
                 await pool.execute("dave", ExecRequest(argv=("true",)))
             assert pool.list_workers() == []
-    finally:
-        head.discard()
     assert not pid_alive(pid) and not _zombie(pid)  # reaped
     assert cleaned == [True]
 
@@ -136,16 +138,11 @@ async def test_a_head_start_that_cannot_be_placed_fails_the_start_with_that_erro
         return LaunchSpec(spec.argv, spec.env, spec.cwd, spec.plan, after_spawn=refuse,
                           cleanup=lambda: cleaned.append(True))  # fmt: skip
 
-    head = begin(config, "erin", launcher=launcher)
-    pid = head.pid
-    try:
-        assert pid is not None
+    with _begun(config, "erin", launcher=launcher) as (head, pid):
         async with SandboxOrchestrator(config, launcher=launcher, head_start=head) as pool:
             with pytest.raises(IsolationUnavailable, match="no cgroup for this worker"):
                 await pool.execute("erin", ExecRequest(argv=("true",)))
             assert pool.list_workers() == []
-    finally:
-        head.discard()
     assert not pid_alive(pid) and not _zombie(pid)
     assert cleaned == [True]
 
