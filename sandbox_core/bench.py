@@ -1145,11 +1145,40 @@ def _all_steps(config: ProcessSandboxConfig, quick: bool) -> list[Step]:
     return steps
 
 
+def cpu_ticks(stat: str | None = None) -> tuple[int, int] | None:
+    """(steal, all) CPU time so far, in ticks, from ``/proc/stat``'s ``cpu`` line (or ``stat``);
+    None where it cannot be read."""
+    try:
+        if stat is None:
+            with open("/proc/stat") as fh:
+                stat = fh.readline()
+        fields = stat.split()
+        if not fields or fields[0] != "cpu":
+            return None
+        ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    return (ticks[7] if len(ticks) == 8 else 0), sum(ticks)
+
+
+def machine_figure(before: tuple[int, int] | None, after: tuple[int, int] | None,
+                   load: tuple[float, float]) -> Figure:  # fmt: skip
+    """What the hypervisor took while the suite ran (steal time, as a share of all CPU time) and
+    the load average at its start and end: the context every other figure of the run needs."""
+    share = None
+    if before is not None and after is not None and after[1] > before[1]:
+        share = round(100 * (after[0] - before[0]) / (after[1] - before[1]), 2)
+    return Figure("machine during the run", share if share is not None else -1.0, "% steal",
+                  detail={"load_start": round(load[0], 2), "load_end": round(load[1], 2), "cpus": os.cpu_count(),
+                          **({} if share is not None else {"steal": "unknown (no /proc/stat)"})})
+
+
 async def run_suite(
     config: ProcessSandboxConfig, quick: bool = False, progress: Callable[[str], None] | None = None,
     only: tuple[str, ...] = (),
 ) -> list[Figure]:
-    """Run every step on a private temporary workspace root; returns the figures."""
+    """Run every step on a private temporary workspace root; returns the figures, the machine's
+    steal time and load during the run last (:func:`machine_figure`)."""
     root = Path(tempfile.mkdtemp(prefix="sandbox-bench-"))
     os.chmod(root, 0o711)
     try:
@@ -1160,11 +1189,13 @@ async def run_suite(
         config = config.replace(workspace_root=root / "ws", allow_root_process=True)
         prepare_workspace(config, "bench")
         figures = []
+        ticks, load = cpu_ticks(), os.getloadavg()[0]
         for name, step in suite(config, quick, only):
             if progress is not None:
                 progress(name)
             result = await step()
             figures.extend(result if isinstance(result, list) else [result])
+        figures.append(machine_figure(ticks, cpu_ticks(), (load, os.getloadavg()[0])))
         return figures
     finally:
         shutil.rmtree(root, ignore_errors=True)

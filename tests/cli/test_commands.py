@@ -147,7 +147,8 @@ def test_bench_quick_json_piped(run_cli: Run) -> None:
     assert result.returncode == 0, result.stderr
     figures = json.loads(result.stdout)
     names = " ".join(f["name"] for f in figures)
-    for name in ("cold start", "warm claim", "ping round trip", "exec true", "idle worker memory"):
+    for name in ("cold start", "warm claim", "ping round trip", "exec true", "idle worker memory",
+                 "machine during the run"):
         assert name in names
     assert "bench: cold start" in result.stderr  # plain progress lines when piped, no bar
     assert_plain(result.stdout + result.stderr)

@@ -1,0 +1,23 @@
+"""The bench's last figure: the hypervisor's steal time and the load during the run."""
+
+from __future__ import annotations
+
+from sandbox_core.bench import cpu_ticks, machine_figure
+
+LINE = "cpu  89471 19710 34407 455287 1711 0 991 715 0 0\n"
+
+
+def test_steal_and_all_ticks_are_read_from_the_cpu_line() -> None:
+    assert cpu_ticks(LINE) == (715, 89471 + 19710 + 34407 + 455287 + 1711 + 0 + 991 + 715)
+    assert cpu_ticks("cpu0 1 2 3 4 5 6 7 8\n") is None  # one CPU's line, not the sum
+    assert cpu_ticks("cpu 1 2 x\n") is None
+    steal, total = cpu_ticks() or (0, 0)  # this machine's own
+    assert 0 <= steal <= total
+
+
+def test_the_share_is_the_steal_of_the_run_over_all_of_its_cpu_time() -> None:
+    figure = machine_figure((700, 10_000), (750, 12_000), (0.5, 1.25))
+    assert (figure.name, figure.value, figure.unit) == ("machine during the run", 2.5, "% steal")
+    assert figure.detail["load_start"] == 0.5 and figure.detail["load_end"] == 1.25
+    unknown = machine_figure(None, (750, 12_000), (0.5, 1.25))
+    assert unknown.value == -1.0 and "unknown" in unknown.detail["steal"]
