@@ -739,7 +739,9 @@ class SandboxOrchestrator:
             and w.preload_state != "failed"
         )
         for _ in range(min(self._warm_target() - warming, self._capacity())):
-            self._in_background(self._prewarm_one())
+            # registered now, not when the task first runs: a second refill in the same loop turn
+            # (a release and the cleanup loop, say) counts it, and the pool stays within max_workers
+            self._in_background(self._prewarm_one(self._new_worker(None)))
 
     def _warm_target(self) -> int:
         """How many unbound workers to keep warm: ``min_idle``, or as many as were claimed in the
@@ -753,9 +755,11 @@ class SandboxOrchestrator:
             return 0
         return max(self.config.min_idle, len(self._claims))
 
-    async def _prewarm_one(self) -> None:
+    async def _prewarm_one(self, worker: SandboxWorker) -> None:
+        if worker.state is not WorkerState.NEW or self._workers.get(worker.worker_id) is not worker:
+            return  # stopped or dropped (a stop of all workers) before its start came up
         with contextlib.suppress(SandboxError):
-            worker = await self._spawn()
+            await self._start(worker)
             if worker.preload_state == "failed":  # it failed while starting: never served
                 self._retire(worker)
                 self._refill()

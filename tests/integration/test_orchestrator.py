@@ -349,3 +349,17 @@ async def test_operator_controls(workspace_root: Path) -> None:
         assert await pool.stop_workers(user_id="pat") == 1
         assert await pool.stop_workers(everything=True) == 1
         assert pool.list_workers() == []
+
+
+async def test_two_refills_in_one_loop_turn_stay_within_max_workers(workspace_root: Path) -> None:
+    """A refill counts the pre-warms it already scheduled: before, each counted only workers whose
+    start task had run, so a second refill in the same turn (a release and the cleanup loop, say)
+    scheduled them again (a fresh-clone CI run saw 6 workers under max_workers = 5)."""
+    config = process_config(workspace_root, min_idle=2, max_workers=2)
+    async with SandboxOrchestrator(config) as pool:
+        pool._refill()  # the same turn as the start's own refill: nothing of it has run yet
+        pool._refill()
+        assert pool.get_pool_stats()["workers"]["total"] == 2
+        await wait_for(lambda: pool.get_pool_stats()["workers"]["prewarmed"] == 2, 15, "two pre-warmed workers")
+        assert pool.get_pool_stats()["workers"]["total"] == 2
+        assert pool.get_pool_stats()["spawned"] == 2
