@@ -88,15 +88,17 @@ async def test_a_worker_whose_preload_fails_is_retired_and_preloading_stops(
     workspace_root: Path, tmp_path: Path
 ) -> None:
     config = _offline(process_config(workspace_root, min_idle=1, preload="agent", start_failure_threshold=2))
-    async with SandboxOrchestrator(config, launcher=_failing_sdk(tmp_path)) as pool:
-        failed: list[SandboxWorker] = []
-        record = pool._preloaded
+    pool = SandboxOrchestrator(config, launcher=_failing_sdk(tmp_path))
+    failed: list[SandboxWorker] = []
+    record = pool._preloaded
 
-        def noted(worker: SandboxWorker) -> None:
-            failed.append(worker)
-            record(worker)
+    def noted(worker: SandboxWorker) -> None:
+        failed.append(worker)
+        record(worker)
 
-        pool._preloaded = noted  # type: ignore[method-assign]
+    # before the start: its first pre-warm is registered (and given this callback) as it is scheduled
+    pool._preloaded = noted  # type: ignore[method-assign]
+    async with pool:
         await wait_for(lambda: "stopped" in pool.get_pool_stats()["preload"], PRELOAD_WAIT, "preloading to stop")
         stats = pool.get_pool_stats()
         assert stats["preload"]["failed"] >= 2 and stats["preload"]["mode"] == "none"
