@@ -104,8 +104,7 @@ def begin(config: ProcessSandboxConfig, user_id: str, *, launcher: Launcher = la
     workspace = prepare_workspace(config, user_id)
     spec = launcher(config, f"w0-{tag}", workspace)
     try:
-        net = spec.plan.get("network")
-        spawned = spawn(spec, handoff=isinstance(net, dict) and bool(net.get("handoff")))
+        spawned = spawn(spec)
     except BaseException:
         if spec.cleanup is not None:
             spec.cleanup()

@@ -456,17 +456,14 @@ class SandboxWorker:
         if isinstance(net, dict):
             self.egress = Relay(self.config.network, self.worker_id, lambda: self.user_id, self._on_egress)
         if head is None:
-            spawned = spawn(spec, handoff=isinstance(net, dict) and bool(net.get("handoff")))
+            spawned = spawn(spec)
         self._process = spawned.process
         self._pid = spawned.process.pid
         attach = asyncio.ensure_future(spawned.process.attach(_Pipes(self)))
         try:
-            await asyncio.shield(attach)  # a cancel lets it finish: the exit is then watched and heard
-        except asyncio.CancelledError:
-            await asyncio.wait([attach])
-            spawned.close()
-            raise
+            await asyncio.shield(attach)
         except BaseException:
+            await asyncio.wait([attach])  # a cancel lets it finish: the exit is then watched and heard
             spawned.close()
             raise
         await self._connect_channel(spawned)

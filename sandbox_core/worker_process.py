@@ -87,8 +87,9 @@ class Spawned:
                     os.close(fd)
 
 
-def spawn(spec: LaunchSpec, *, handoff: bool) -> Spawned:
-    """Start ``spec``'s command with its private pipes (and the handoff socket when ``handoff``).
+def spawn(spec: LaunchSpec) -> Spawned:
+    """Start ``spec``'s command with its private pipes (and the handoff socket when its plan's
+    network asks for one: the worker hands client connections over it).
 
     The process gets its own session (its group is what the host signals) and only the
     descriptors named here and in ``spec.pass_fds``. Raises ``OSError`` when it cannot be
@@ -99,7 +100,8 @@ def spawn(spec: LaunchSpec, *, handoff: bool) -> Spawned:
     inside = {"data_fd": data_write, "stdin_fd": stdin_read}
     host_ends: list[int] = [data_read, stdin_write]
     handoff_host: int | None = None
-    if handoff:
+    net = spec.plan.get("network")
+    if isinstance(net, dict) and net.get("handoff"):
         host_sock, inside_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         handoff_host = host_sock.detach()
         host_ends.append(handoff_host)
