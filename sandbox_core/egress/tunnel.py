@@ -15,7 +15,12 @@ byte cap, once the bytes within it are passed on (exact to the byte).
 
 Ending is by ``shutdown(SHUT_RDWR)``, which wakes both threads; the sockets are closed only by
 the last thread to leave (under the lock :meth:`Tunnel.abort` takes too), so no descriptor is
-closed while a thread may still use its number.
+closed while a thread may still use its number. A connection that ends by an error (or by
+:meth:`Tunnel.abort`) is *reset* on both sides (``SO_LINGER`` zero, so the close sends RST), and
+the side whose bytes crossed the cap is reset: a peer that is still sending learns at once.
+A plain close would leave it a FIN, which a sender blocked on a zero window may never see
+(measured: a server writing a download the sandbox dropped sat in CLOSE_WAIT until the orphaned
+socket timed out, holding its thread and descriptor).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import struct
 import threading
 from collections.abc import Callable
 
@@ -35,6 +41,8 @@ CHUNK = 1024 * 1024
 PIPE_BYTES = 1024 * 1024
 """Capacity asked of each direction's pipe (F_SETPIPE_SZ; the default 64 KiB if refused)."""
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0)
+_RESET = struct.pack("ii", 1, 0)
+"""``SO_LINGER`` on with a zero time: ``close`` sends RST and drops what is unsent."""
 
 
 class Tunnel:
@@ -62,16 +70,20 @@ class Tunnel:
         self._on_closed = on_closed
         self._lock = threading.Lock()
         self._running = 2
+        self._reset: set[socket.socket] = set()
         self.closed = False
         """Every descriptor of the connection is closed."""
         for src, dst, name in ((upstream, client, "down"), (client, upstream, "up")):
             threading.Thread(target=self._pump, args=(src, dst), name=f"egress-{name}", daemon=True).start()
 
-    def abort(self) -> None:
-        """End the connection at once (from any thread): both sockets shut down, so both threads leave."""
+    def abort(self, reset: tuple[socket.socket, ...] | None = None) -> None:
+        """End the connection at once (from any thread): both sockets shut down, so both threads leave.
+
+        ``reset`` (default: both) are the sockets whose close sends RST."""
         with self._lock:
             if self.closed:
                 return
+            self._reset.update(self._sockets if reset is None else reset)
             for sock in self._sockets:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
@@ -93,7 +105,7 @@ class Tunnel:
                 while left:
                     left -= os.splice(read_end, dst.fileno(), left, flags=_FLAGS)
                 if allowed < n:  # the cap falls inside this read: what is within it is passed on
-                    self.abort()
+                    self.abort(reset=(src,))
                     break
         except OSError:
             self.abort()
@@ -109,6 +121,9 @@ class Tunnel:
                 return
             self.closed = True
             for sock in self._sockets:
+                if sock in self._reset:
+                    with contextlib.suppress(OSError):
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
                 sock.close()
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits for the news
             self._loop.call_soon_threadsafe(self._on_closed, self)

@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import os
 import socket
+import struct
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -93,6 +94,27 @@ async def test_the_cap_passes_the_bytes_within_it_then_ends_both_sides() -> None
     assert await asyncio.wait_for(sender, 20) < 50_000_000  # the remote side was cut off too
     server.close()
     curl.close()
+
+
+async def test_a_client_that_resets_resets_the_remote_too() -> None:
+    """A connection that ends by an error is reset upstream: a remote that waits, or is blocked on a
+    full window, learns at once (TCP_CLOSE), where a half close would leave it in CLOSE_WAIT."""
+    server, upstream = _pair()
+    curl, client = _pair()
+    closed = asyncio.Event()
+    Tunnel(upstream, client, count=lambda n: n, on_closed=lambda _: closed.set())
+    curl.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    curl.close()  # the client resets its connection
+    await asyncio.wait_for(closed.wait(), 20)
+    await wait_for(lambda: _tcp_state(server) == TCP_CLOSE, 10, "the remote's connection reset")
+    server.close()
+
+
+TCP_CLOSE = 7
+
+
+def _tcp_state(sock: socket.socket) -> int:
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
 
 
 def _send_until_broken(sock: socket.socket, size: int) -> int:
