@@ -13,6 +13,7 @@ import sys
 
 from sandbox_core.bench import Figure, run_suite
 from sandbox_core.config import load_config
+from sandbox_core.errors import ConfigError
 
 
 def _line(f: Figure) -> str:
@@ -34,8 +35,11 @@ def main() -> None:
     args = parser.parse_args()
     overrides = {"profile": args.profile} if args.profile else {}
     config = load_config(overrides=overrides).config
-    figures = asyncio.run(run_suite(config, args.quick, lambda n: print(f"... {n}", file=sys.stderr),
-                                    only=tuple(args.only)))
+    try:
+        figures = asyncio.run(run_suite(config, args.quick, lambda n: print(f"... {n}", file=sys.stderr),
+                                        only=tuple(args.only)))
+    except ConfigError as exc:
+        parser.error(exc.message)
     if args.json:
         print(json.dumps([f.to_dict() for f in figures], indent=2))
     else:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
+from sandbox_core.errors import ConfigError
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.requests import ExecRequest, RawRequest
 from sandbox_core.worker import SandboxWorker
@@ -1111,8 +1112,14 @@ Step = tuple[str, Callable[[], Awaitable[Figure | list[Figure]]]]
 
 
 def suite(config: ProcessSandboxConfig, quick: bool = False, only: tuple[str, ...] = ()) -> list[Step]:
-    """The benchmark steps for ``config`` (a private workspace root is used); ``only`` keeps the named ones."""
+    """The benchmark steps for ``config`` (a private workspace root is used); ``only`` keeps the
+    named ones (a name that is no step: ConfigError, naming the steps there are)."""
     steps = _all_steps(config, quick)
+    names = [name for name, _ in steps]
+    unknown = [name for name in only if name not in names]
+    if unknown:
+        raise ConfigError("only", f"no benchmark step {', '.join(map(repr, unknown))}; "
+                          f"the steps ({config.profile}): {', '.join(names)}")  # fmt: skip
     return [step for step in steps if step[0] in only] if only else steps
 
 
@@ -1165,12 +1172,14 @@ def machine_figure(before: tuple[int, int] | None, after: tuple[int, int] | None
                    load: tuple[float, float]) -> Figure:  # fmt: skip
     """What the hypervisor took while the suite ran (steal time, as a share of all CPU time) and
     the load average at its start and end: the context every other figure of the run needs."""
-    share = None
-    if before is not None and after is not None and after[1] > before[1]:
-        share = round(100 * (after[0] - before[0]) / (after[1] - before[1]), 2)
+    share, unknown = None, "unknown (no /proc/stat)"
+    if before is not None and after is not None:
+        unknown = "unknown (no CPU time passed)"
+        if after[1] > before[1]:
+            share = round(100 * (after[0] - before[0]) / (after[1] - before[1]), 2)
     return Figure("machine during the run", share if share is not None else -1.0, "% steal",
                   detail={"load_start": round(load[0], 2), "load_end": round(load[1], 2), "cpus": os.cpu_count(),
-                          **({} if share is not None else {"steal": "unknown (no /proc/stat)"})})
+                          **({} if share is not None else {"steal": unknown})})
 
 
 async def run_suite(

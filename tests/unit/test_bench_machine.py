@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from sandbox_core.bench import cpu_ticks, machine_figure
+from pathlib import Path
+
+import pytest
+
+from sandbox_core.bench import cpu_ticks, machine_figure, suite
+from sandbox_core.errors import ConfigError
+from tests.helpers import process_config
 
 LINE = "cpu  89471 19710 34407 455287 1711 0 991 715 0 0\n"
 
@@ -21,3 +27,13 @@ def test_the_share_is_the_steal_of_the_run_over_all_of_its_cpu_time() -> None:
     assert figure.detail["load_start"] == 0.5 and figure.detail["load_end"] == 1.25
     unknown = machine_figure(None, (750, 12_000), (0.5, 1.25))
     assert unknown.value == -1.0 and "unknown" in unknown.detail["steal"]
+    idle = machine_figure((700, 10_000), (700, 10_000), (0.5, 0.5))  # nothing ran: not "no /proc/stat"
+    assert idle.value == -1.0 and idle.detail["steal"] == "unknown (no CPU time passed)"
+
+
+def test_a_step_name_that_is_no_step_is_a_config_error_naming_the_steps(tmp_path: Path) -> None:
+    config = process_config(tmp_path)
+    assert [name for name, _ in suite(config, only=("ping vs pipe",))] == ["ping vs pipe"]
+    with pytest.raises(ConfigError) as caught:
+        suite(config, only=("ping",))
+    assert "'ping'" in caught.value.message and "ping vs pipe" in caught.value.message
