@@ -212,6 +212,11 @@ def main() -> None:
     """``sandbox``: the fast path for plain ``exec`` and ``run``, typer for everything else."""
     argv = sys.argv[1:]
     if os.environ.get("_SANDBOX_COMPLETE") is None and "_TYPER_COMPLETE_ARGS" not in os.environ:
+        if argv == ["--version"]:  # typer's eager option prints the same, after ~90 ms of imports
+            from sandbox_core import __version__
+
+            print(f"sandbox {__version__}")
+            _leave_now(0)
         try:
             options, name, arguments = fast_command(argv)
             code = _run_command(name, _state(options), arguments)

@@ -79,6 +79,15 @@ def test_a_client_of_the_service_is_thin(unix_server: Server, tmp_path: Path) ->
     assert not unneeded, sorted(unneeded)
 
 
+def test_version_is_answered_without_the_cli_framework_and_as_typer_answers_it(cli_env: dict[str, str]) -> None:
+    result, modules = imported(cli_env, "--version")
+    assert result.returncode == 0, result.stderr
+    assert not top_levels(modules) & set(HEAVY)
+    typer_said = subprocess.run([SANDBOX, "--json", "--version"], env=cli_env, capture_output=True, text=True,
+                                timeout=60, check=True)  # another form: typer's eager option
+    assert result.stdout == typer_said.stdout and result.stdout.startswith("sandbox ")
+
+
 @pytest.mark.parametrize(
     ("argv", "taken"),
     [
