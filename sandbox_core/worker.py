@@ -999,7 +999,7 @@ class SandboxWorker:
                     raise item
                 if item.error is not None:
                     raise from_worker(item.error)
-                if emit_started:  # control calls (bind, ping) are not requests
+                if accounted:  # control calls (bind) and a user's ping run nothing: no wear to recycle for
                     self.requests_served += 1
                 self.last_used = time.monotonic()
                 if raw is not None:

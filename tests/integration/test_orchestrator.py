@@ -195,6 +195,17 @@ async def test_workers_are_recycled_after_max_requests(workspace_root: Path) -> 
         assert pool.get_pool_stats()["recycled"] == 1
 
 
+async def test_pings_do_not_wear_a_worker_out(workspace_root: Path) -> None:
+    """A health check's pings run nothing in the worker: they never bring on its recycle."""
+    config = process_config(workspace_root, max_requests_per_worker=2)
+    async with SandboxOrchestrator(config) as pool:
+        first = (await pool.execute("gina", sh("true"))).worker_id
+        pongs = [(await pool.execute("gina", RawRequest("ping"))).worker_id for _ in range(5)]
+        assert set(pongs) == {first} and pool.get_pool_stats()["recycled"] == 0
+        assert (await pool.execute("gina", sh("true"))).worker_id == first  # the second request of its two
+        assert pool.get_pool_stats()["recycled"] == 1
+
+
 async def test_crash_of_busy_worker_then_recovery(workspace_root: Path) -> None:
     config = process_config(workspace_root)
     async with SandboxOrchestrator(config) as pool:
