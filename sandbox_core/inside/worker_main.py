@@ -266,7 +266,7 @@ class SandboxExecutor:
             return  # not yet: Landlock comes at bind
         self._start_preload({"landlock": self.report.get("landlock", "none planned")})
 
-    def _start_preload(self, confined: dict[str, Any]) -> None:
+    def _start_preload(self, confined: dict[str, Any], claim: tuple[str, str] | None = None) -> None:
         if self.channel is None:
             return
         from sandbox_core.inside.agent import preload
@@ -276,8 +276,16 @@ class SandboxExecutor:
         self._preload = preload.start(
             self.state, channel.call_host, channel.send,
             lambda done: channel.send_nowait(Notification(PRELOADED, done.report())),
-            confined=confined,
+            confined=confined, claim=claim,
         )
+
+    def _claim_to_come(self) -> tuple[str, str] | None:
+        """The workspace and ``HOME`` an unbound worker's claim binds (``claim_workspace`` in its
+        plan: the same path for every user), as :meth:`_enter` will set them; None if unknown."""
+        workspace, home = self.plan.get("claim_workspace"), self.plan.get("home")
+        if not isinstance(workspace, str):
+            return None
+        return workspace, home if isinstance(home, str) else workspace
 
     def preload_report(self) -> dict[str, Any]:
         """``none`` (not asked), ``pending`` (waiting for confinement), ``running``, ``ready``, ``failed``."""
@@ -306,7 +314,8 @@ class SandboxExecutor:
         from sandbox_core.inside import landlock, runner  # noqa: F401
 
         if self.preload_mode == "agent" and self.awaiting_user and self._preload is None:
-            self._start_preload({"before_bind": "the thread ended before the uid switch and Landlock"})
+            self._start_preload({"before_bind": "the thread ended before the uid switch and Landlock"},
+                                claim=self._claim_to_come())
 
     async def exec(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         from sandbox_core.inside.runner import run_command

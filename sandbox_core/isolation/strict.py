@@ -430,6 +430,7 @@ def strict_launch(
         plan["switch_user"] = {"uid": ident[0], "gid": ident[1]}
     if slot is not None:
         plan["await_user"] = True
+        plan["claim_workspace"] = WORKSPACE  # where every claim attaches its user's workspace
         plan["host_layers"]["identity"] = {"mode": identity_mode(config), "uid": None,
                                            "note": "unbound: the user's uid is set at claim"}
     if config.strict.landlock:

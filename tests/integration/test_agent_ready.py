@@ -51,6 +51,7 @@ async def test_a_prewarmed_worker_is_agent_ready_and_its_first_run_uses_the_prel
         assert any(e.type == "text" for e in result.events)
         again = await pool.execute("alice", AgentRequest(prompt="and again"))
         assert again.worker_id == ready.worker_id and again.result["preloaded"] is True
+        assert again.result["tools_built"] == 0  # the first run's file tools, cached for the workspace
 
 
 async def test_auto_turns_to_agent_at_the_first_agent_request(workspace_root: Path) -> None:

@@ -394,6 +394,7 @@ async def test_an_unbound_agent_worker_preloads_before_its_claim_and_binds_singl
         result = await pool.execute("bob", AgentRequest(prompt="hello"))
         assert result.worker_id == unbound.worker_id and pool.get_pool_stats()["preload"]["failed"] == 0
         assert "".join(e.data.get("text", "") for e in result.events if e.type == "text")
+        assert result.result["tools_built"] == 0  # the preload built them for the claim's workspace and HOME
         assert unbound.report["uid"] != 0
         if landlock_abi() > 0:
             assert unbound.report["landlock"]["abi"] > 0  # applied at bind: refused with a second thread

@@ -96,9 +96,13 @@ class Preload:
 
 def start(
     state: dict[str, Any], call_host: Any, send: Any, on_done: Callable[[Preload], None],
-    confined: dict[str, Any],
+    confined: dict[str, Any], claim: tuple[str, str] | None = None,
 ) -> Preload:
-    """Start preloading in a daemon thread; ``on_done(preload)`` runs on this loop at its end."""
+    """Start preloading in a daemon thread; ``on_done(preload)`` runs on this loop at its end.
+
+    ``claim`` (an unbound worker): the workspace and ``HOME`` its claim will give it, for which
+    the file tools are built too, so that the first run after the claim finds them in the cache
+    (measured: that run built them, ~6 ms before its request went out)."""
     loop = asyncio.get_running_loop()
     preload = Preload(confined)
     state[PRELOAD] = preload
@@ -120,7 +124,7 @@ def start(
         client: Any = None
         error: str | None = None
         try:
-            client = _load(call_host, send, state.setdefault(TOOLS, {}))
+            client = _load(call_host, send, state.setdefault(TOOLS, {}), claim)
         except BaseException as exc:  # noqa: BLE001 - any failure is reported, and the worker retired
             error = f"{type(exc).__name__}: {exc}"[:500]
         _trim()
@@ -131,13 +135,28 @@ def start(
     return preload
 
 
-def _load(call_host: Any, send: Any, tools: dict[Any, Any]) -> Any:
-    """Import, build the real client, run the canned turn; returns the client."""
+def _load(call_host: Any, send: Any, tools: dict[Any, Any], claim: tuple[str, str] | None = None) -> Any:
+    """Import, build the real client, run the canned turn (and build the claim's file tools);
+    returns the client."""
     from sandbox_core.inside.agent import runtime
 
     client = runtime.gateway_client(call_host, send)
     asyncio.run(_canned_turn(tools))
+    if claim is not None:
+        _claim_tools(tools, *claim)
     return client
+
+
+def _claim_tools(tools: dict[Any, Any], workspace: str, home: str) -> None:
+    """The file tools a run will want once the claim has bound ``workspace`` and set ``HOME``
+    (nothing else of the environment changes at bind). They only hold the path and the
+    environment: nothing is resolved, opened or run until a tool is called."""
+    from sandbox_core.inside.agent.tools import TOOL_NAMES, WorkspaceShell, shell_env, workspace_tools
+
+    environ = {**os.environ, "HOME": home}
+    path = Path(workspace)
+    workspace_tools(path, WorkspaceShell(path, shell_env(environ)), tuple(n for n in TOOL_NAMES if n != "bash"),
+                    cache=tools, environ=environ)  # fmt: skip
 
 
 async def _canned_turn(tools: dict[Any, Any] | None = None) -> None:

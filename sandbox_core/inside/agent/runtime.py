@@ -257,9 +257,11 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
         client = gateway_client(ctx.channel.call_host, getattr(ctx.channel, "send", None))
     shell = WorkspaceShell(ctx.workspace, shell_env(os.environ))
     tool_cache: dict[Any, Any] = ctx.executor.state.setdefault(TOOLS, {})
+    cached = len(tool_cache)
     calls = BashCalls()
     extra = {"system": p.system} if p.system else {}
     runner: BetaAsyncStreamingToolRunner[None] | None = None
+    built = 0
     usage = {"input_tokens": 0, "output_tokens": 0}
     turns, stop_reason = 0, ""
     answered_by = p.model
@@ -272,6 +274,7 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
                 max_iterations=p.max_turns,
                 **extra,
             )
+        built = len(tool_cache) - cached
         if caught:  # reported once in the result; the SDK would repeat it on every request
             warnings.filterwarnings("ignore", message=rf"The model '{re.escape(p.model)}' is deprecated")
         async for stream in runner:
@@ -317,6 +320,7 @@ async def _run(ctx: AgentContext, p: _Params) -> dict[str, Any]:
         "duration_s": round(time.monotonic() - started, 6), "conversation_id": p.conversation_id,
         "model": answered_by,  # the model that answered (the offline one says "offline")
         "preloaded": not own_client,  # on the client (and imports) an idle-time preload made
+        "tools_built": built,  # file tools this run had to build (0: a cache the preload or a run before filled)
     }
     if answered_by != p.model:
         result["requested_model"] = p.model

@@ -304,13 +304,15 @@ def bash_tool(shell: WorkspaceShell, calls: BashCalls | None = None, emit: Emit 
 def workspace_tools(
     workspace: Path, shell: WorkspaceShell, names: tuple[str, ...], calls: BashCalls | None = None,
     emit: Emit | None = None, cache: dict[Any, BetaAsyncFunctionTool[Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> list[BetaAsyncFunctionTool[Any]]:
     """The tools called ``names``, confined to ``workspace``; ``bash`` streams its output to ``emit``.
 
     The file tools hold nothing of a run (only the workspace and the environment), so with a
     ``cache`` they are built once per workspace and environment (building one costs ~1 ms).
+    ``environ`` is the worker's environment they are for (default: the present one).
     """
-    env = shell_env(os.environ)
+    env = shell_env(os.environ if environ is None else environ)
     ctx = AgentToolContext(workdir=str(workspace), env=env)
     makers = {
         "read": lambda: beta_read_tool(ctx),
