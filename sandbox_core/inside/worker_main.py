@@ -243,8 +243,7 @@ class SandboxExecutor:
 
         os.chdir(workspace)
         self.user_id, self.workspace = user_id, workspace
-        home = self.plan.get("home")
-        os.environ["HOME"] = home if isinstance(home, str) else workspace
+        os.environ["HOME"] = self._home_for(workspace)
         confine.after_bind(self.plan, workspace, self.report)
         self._confinement_complete()
 
@@ -282,10 +281,13 @@ class SandboxExecutor:
     def _claim_to_come(self) -> tuple[str, str] | None:
         """The workspace and ``HOME`` an unbound worker's claim binds (``claim_workspace`` in its
         plan: the same path for every user), as :meth:`_enter` will set them; None if unknown."""
-        workspace, home = self.plan.get("claim_workspace"), self.plan.get("home")
-        if not isinstance(workspace, str):
-            return None
-        return workspace, home if isinstance(home, str) else workspace
+        workspace = self.plan.get("claim_workspace")
+        return (workspace, self._home_for(workspace)) if isinstance(workspace, str) else None
+
+    def _home_for(self, workspace: str) -> str:
+        """The ``HOME`` a bind to ``workspace`` sets: the plan's, else the workspace."""
+        home = self.plan.get("home")
+        return home if isinstance(home, str) else workspace
 
     def preload_report(self) -> dict[str, Any]:
         """``none`` (not asked), ``pending`` (waiting for confinement), ``running``, ``ready``, ``failed``."""

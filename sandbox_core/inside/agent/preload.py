@@ -151,12 +151,11 @@ def _claim_tools(tools: dict[Any, Any], workspace: str, home: str) -> None:
     """The file tools a run will want once the claim has bound ``workspace`` and set ``HOME``
     (nothing else of the environment changes at bind). They only hold the path and the
     environment: nothing is resolved, opened or run until a tool is called."""
-    from sandbox_core.inside.agent.tools import TOOL_NAMES, WorkspaceShell, shell_env, workspace_tools
+    from sandbox_core.inside.agent.tools import TOOL_NAMES, WorkspaceShell, workspace_tools
 
-    environ = {**os.environ, "HOME": home}
     path = Path(workspace)
-    workspace_tools(path, WorkspaceShell(path, shell_env(environ)), tuple(n for n in TOOL_NAMES if n != "bash"),
-                    cache=tools, environ=environ)  # fmt: skip
+    file_tools = tuple(n for n in TOOL_NAMES if n != "bash")  # the shell is for bash only: never started here
+    workspace_tools(path, WorkspaceShell(path, {}), file_tools, cache=tools, environ={**os.environ, "HOME": home})
 
 
 async def _canned_turn(tools: dict[Any, Any] | None = None) -> None:
