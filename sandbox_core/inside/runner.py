@@ -30,8 +30,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from sandbox_core import datapipe
+from sandbox_core.chunks import OutputEncoder
 from sandbox_core.errors import ProtocolError
-from sandbox_core.events import OutputEncoder
 from sandbox_core.process_tree import alive, boot_ticks, descendants, parent
 
 if TYPE_CHECKING:

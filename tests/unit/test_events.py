@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from sandbox_core.events import Event, OutputEncoder, output_bytes, output_data
+from sandbox_core.chunks import OutputEncoder, output_bytes, output_data
+from sandbox_core.events import Event
 
 
 def _through(encoder: OutputEncoder, data: bytes, size: int) -> list[dict[str, object]]:

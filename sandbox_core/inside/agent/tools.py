@@ -45,7 +45,7 @@ from anthropic.lib.tools.agent_toolset import (
 )
 from anthropic.types.beta import BetaManagedAgentsAgentToolset20260401BashInput
 
-from sandbox_core.events import OutputEncoder
+from sandbox_core.chunks import OutputEncoder
 from sandbox_core.inside.runner import kill_group, kill_strays
 from sandbox_core.process_tree import boot_ticks
 from sandbox_core.shared import MODEL_ENDPOINT_HOST, PLACEHOLDER_API_KEY
