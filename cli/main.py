@@ -12,15 +12,17 @@ so the errors and help stay typer's.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
 
-Value = Callable[[str], Any]
-"""How an option's value is parsed; one that raises ``ValueError`` sends argv to typer."""
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: `exec` on a service loads little else
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    Value = Callable[[str], Any]
+    """How an option's value is parsed; one that raises ``ValueError`` sends argv to typer."""
 
 
 class _Unsure(Exception):
@@ -198,14 +200,19 @@ def fast_command(argv: Sequence[str]) -> tuple[dict[str, Any], str, dict[str, An
     return options, argv[i], _COMMANDS[argv[i]](argv[i + 1:])
 
 
-def _run_command(name: str, state: Any, arguments: dict[str, Any]) -> int:
+def _run_command(name: str, options: dict[str, Any], arguments: dict[str, Any]) -> int:
     if name == "exec":
+        from cli.service_exec import exec_fast
+
+        code = exec_fast(options, arguments)  # on a running service, before anything heavy is loaded
+        if code is not None:
+            return code
         from cli.commands.exec_impl import exec_main
 
-        return exec_main(state, **arguments)
+        return exec_main(_state(options), **arguments)
     from cli.commands.run_impl import run_main
 
-    return run_main(state, **arguments)
+    return run_main(_state(options), **arguments)
 
 
 def main() -> None:
@@ -219,7 +226,7 @@ def main() -> None:
             _leave_now(0)
         try:
             options, name, arguments = fast_command(argv)
-            code = _run_command(name, _state(options), arguments)
+            code = _run_command(name, options, arguments)
         except _Unsure:
             pass
         except OSError as exc:
@@ -250,8 +257,10 @@ def _leave_now(code: int) -> None:
         if exc.errno != errno.EPIPE:
             raise
         code = code or 1
-    with contextlib.suppress(OSError):
+    try:
         sys.stderr.flush()
+    except OSError:
+        pass
     os._exit(code)
 
 

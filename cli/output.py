@@ -8,13 +8,13 @@ the service or an upstream API, and must not be able to drive the operator's ter
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the fast paths print with this module
 if TYPE_CHECKING:
+    from typing import Any, NoReturn, TextIO
+
     from rich.console import Console
 
 EXIT_OK = 0
@@ -33,22 +33,21 @@ EXIT_CODES_HELP = (
 )
 
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+def _caret(code: int) -> str:
+    if code == 0x7F:
+        return "^?"
+    if code < 0x20:
+        return "^" + chr(code + 64)
+    return f"\\x{code:02x}"
+
+
+_CARETS = {code: _caret(code) for code in (*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0))}
+"""Control characters (all but tab and newline) and what a terminal is shown instead."""
 
 
 def visible(text: str) -> str:
     """``text`` safe for a terminal: CR/LF normalised, other control characters as ``^X``."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-
-    def caret(match: re.Match[str]) -> str:
-        code = ord(match.group())
-        if code == 0x7F:
-            return "^?"
-        if code < 0x20:
-            return "^" + chr(code + 64)
-        return f"\\x{code:02x}"
-
-    return _CONTROL.sub(caret, text)
+    return text.replace("\r\n", "\n").replace("\r", "\n").translate(_CARETS)
 
 
 def is_tty(stream: object) -> bool:
@@ -84,12 +83,16 @@ def console(stderr: bool = False, stream: TextIO | None = None) -> Console:
 
 def print_json(obj: Any) -> None:
     """Pretty JSON on stdout (paths and other objects as strings)."""
+    import json
+
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     sys.stdout.flush()
 
 
 def json_line(obj: Any) -> None:
     """One compact JSON object per line on stdout (NDJSON), flushed at once."""
+    import json
+
     sys.stdout.write(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
     sys.stdout.flush()
 
@@ -100,6 +103,15 @@ def warn(message: str) -> None:
         return
     sys.stderr.write(f"warning: {visible(message)}\n")
     sys.stderr.flush()
+
+
+def note(message: str) -> None:
+    """One dim line on stderr (plain text off a terminal, without loading rich)."""
+    if _plain_stderr():
+        sys.stderr.write(f"{visible(message)}\n")
+        sys.stderr.flush()
+        return
+    console(stderr=True).print(visible(message), style="dim", markup=False, highlight=False)
 
 
 def _plain_stderr() -> bool:

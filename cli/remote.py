@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import re
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,6 @@ TOKEN_FILE_ENV = "SANDBOX_TOKEN_FILE"
 CANCEL_TIMEOUT = 10.0
 """Seconds to wait for the service to confirm a cancelled run has stopped."""
 
-_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$")
 
 
 @dataclass(frozen=True)
@@ -54,29 +52,6 @@ class Target:
     @property
     def tcp(self) -> bool:
         return self.address.startswith(("http://", "https://"))
-
-
-def normalize_address(text: str) -> str:
-    """``unix:/abs/path`` or an ``http(s)://`` URL from what a user may type.
-
-    Accepted: ``unix:PATH``, a socket path (relative ones are made absolute),
-    ``http(s)://HOST:PORT`` and a bare ``HOST:PORT`` (TCP).
-    """
-    text = text.strip()
-    if text.startswith(("http://", "https://")):
-        return text.rstrip("/")
-    if "://" in text:
-        raise ConfigError("--connect", f"unsupported address {text!r}: use unix:PATH, a socket path or "
-                                       "http(s)://HOST:PORT")
-    if text.startswith("unix:"):
-        path = text[len("unix:"):]
-    elif _HOST_PORT.match(text) and not Path(text).exists():
-        return f"http://{text}"
-    else:
-        path = text
-    if not path:
-        raise ConfigError("--connect", "empty socket path")
-    return "unix:" + str(Path(path).expanduser().absolute())
 
 
 def socket_answers(path: Path, server_uids: tuple[str, ...] = (), timeout: float = 1.0) -> bool:
@@ -139,17 +114,16 @@ def request_body(request: Request) -> tuple[str, dict[str, Any]]:
     body: dict[str, Any]
     network = network_to_json(getattr(request, "network", None))
     if isinstance(request, ExecRequest):
-        body = {"argv": list(request.argv)} if request.argv is not None else {"shell": request.shell}
+        from cli.service_exec import exec_body
+
+        command = list(request.argv) if request.argv is not None else [request.shell or ""]
+        body = exec_body(command, shell=request.argv is None, timeout=request.timeout, network=request.network)
         if isinstance(request.stdin, str):
             body["stdin"] = request.stdin
         elif isinstance(request.stdin, bytes):
             body["stdin_b64"] = base64.b64encode(request.stdin).decode()
         elif request.stdin is not None:
             body["stdin_stream"] = True  # the bytes follow in POST /v1/runs/{id}/stdin
-        if request.timeout is not None:
-            body["timeout"] = request.timeout
-        if network is not None:
-            body["network"] = network
         return "exec", body
     if isinstance(request, AgentRequest):
         body = {"prompt": request.prompt, "conversation_id": request.conversation_id}
@@ -209,7 +183,8 @@ class RemotePool:
         :class:`~sandbox_core.service.thin.ThinClient` (no HTTP library to import); the REPL
         and the operator commands, which poll and page, keep the full client.
         """
-        from sandbox_core.service.thin import ServiceUnreachable, ThinClient
+        from sandbox_core.service.thin import ThinClient
+        from sandbox_core.service.wire import ServiceUnreachable
 
         client: ServiceClient | ThinClient
         if target.tcp or not thin:

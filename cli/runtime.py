@@ -40,9 +40,9 @@ UNREACHABLE_HINT = (
 
 def _service_error(exc: BaseException) -> tuple[bool, int | None]:
     """Whether ``exc`` says the service is unreachable, and its HTTP status (if it answered one)."""
-    if "sandbox_core.service.thin" not in sys.modules:  # in-process: no need to load the client
+    if "sandbox_core.service.wire" not in sys.modules:  # in-process: no service error can be here
         return False, None
-    from sandbox_core.service.thin import ServiceError, ServiceUnreachable
+    from sandbox_core.service.wire import ServiceError, ServiceUnreachable
 
     if isinstance(exc, ServiceUnreachable):
         return True, None
@@ -167,7 +167,7 @@ def service_target(state: AppState) -> Target | None:
         settings = None  # the command reports it when it loads the config
     server_uids = settings.server_uids if settings is not None else ()
     if state.connect:
-        from cli.remote import normalize_address
+        from sandbox_core.service.paths import normalize_address
 
         try:
             target = Target(normalize_address(state.connect), explicit=True, server_uids=server_uids)
@@ -177,10 +177,12 @@ def service_target(state: AppState) -> Target | None:
     else:
         if settings is None:
             return None
-        from cli.remote import socket_answers
-        from sandbox_core.service.paths import socket_path_for
+        from pathlib import Path
 
-        path = socket_path_for(settings.socket_path)
+        from cli.remote import socket_answers
+        from sandbox_core.service.paths import socket_file
+
+        path = Path(socket_file(settings.socket_path))
         try:
             answers = socket_answers(path, server_uids)
         except UntrustedService as exc:

@@ -50,7 +50,9 @@ class AppState:
             if settings is not None:
                 return settings
         config = self.loaded().config
-        return ClientSettings(config.service.server_uids, config.service.socket_path, config.limits.processes)
+        socket_path = config.service.socket_path
+        return ClientSettings(config.service.server_uids, None if socket_path is None else str(socket_path),
+                              config.limits.processes)
 
     def _overrides(self) -> dict[str, Any]:
         overrides = dict(self.overrides)

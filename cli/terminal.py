@@ -25,8 +25,6 @@ import tty
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
-SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "fish", "csh", "tcsh", "busybox"})
-"""Commands that get a terminal by default when the CLI runs on one (``exec`` without -t)."""
 DEFAULT_WINDOW = (24, 80)
 EOF_KEY = b"\x04"
 _ENDING = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
@@ -50,11 +48,6 @@ class TerminalLike(Protocol):
 
 class SessionOpener(Protocol):
     def __call__(self, *, rows: int, cols: int, term: str | None, stdin: bool) -> Any: ...
-
-
-def is_shell(argv: list[str]) -> bool:
-    """Whether ``argv`` starts an interactive shell (``bash``, ``/bin/sh``, ... without a script)."""
-    return bool(argv) and os.path.basename(argv[0]) in SHELLS and not any(a in ("-c",) for a in argv[1:])
 
 
 def _term_name() -> str | None:

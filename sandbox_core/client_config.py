@@ -18,9 +18,11 @@ environment variables and config files, and the full one takes its shared parts 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, NamedTuple
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: a one-shot client starts faster
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 DEFAULT_PROCESSES = 128
 """The default of ``limits.processes`` (:class:`~sandbox_core.config.ResourceLimits` uses it)."""
@@ -64,12 +66,29 @@ ENV_ALIASES = {"ANTHROPIC_API_KEY": "model.api_key", "ANTHROPIC_BASE_URL": "mode
 """Variables that set a setting under another name than ``SANDBOX_*``."""
 
 
-class ClientSettings(NamedTuple):
-    """What a client of the service reads from the config."""
+class ClientSettings:
+    """What a client of the service reads from the config (a plain class: no ``typing`` to import)."""
 
-    server_uids: tuple[str, ...] = ()
-    socket_path: Path | None = None
-    processes: int = DEFAULT_PROCESSES
+    __slots__ = ("processes", "server_uids", "socket_path")
+
+    def __init__(self, server_uids: tuple[str, ...] = (), socket_path: str | None = None,
+                 processes: int = DEFAULT_PROCESSES) -> None:  # fmt: skip
+        self.server_uids = server_uids
+        self.socket_path = socket_path
+        """``service.socket_path`` (None: the default place, see :mod:`sandbox_core.service.paths`)."""
+        self.processes = processes
+
+    def _values(self) -> tuple[tuple[str, ...], str | None, int]:
+        return self.server_uids, self.socket_path, self.processes
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClientSettings) and self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        return f"ClientSettings{self._values()!r}"
 
 
 class _Doubt(Exception):
@@ -89,12 +108,12 @@ def path_problem(path: str) -> str | None:
     return None
 
 
-def default_config_path(environ: Mapping[str, str]) -> Path:
-    """``$SANDBOX_CONFIG``, else ``$XDG_CONFIG_HOME/sandbox/config.toml``."""
+def default_config_path(environ: Mapping[str, str]) -> str:
+    """``$SANDBOX_CONFIG``, else ``$XDG_CONFIG_HOME/sandbox/config.toml`` (``~/.config`` without it)."""
     if environ.get("SANDBOX_CONFIG"):
-        return Path(environ["SANDBOX_CONFIG"])
-    base = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "sandbox" / "config.toml"
+        return environ["SANDBOX_CONFIG"]
+    base = environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "sandbox", "config.toml")
 
 
 def _uids(value: Any, from_text: bool) -> tuple[str, ...]:
@@ -105,15 +124,15 @@ def _uids(value: Any, from_text: bool) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _socket_path(value: Any, from_text: bool) -> Path | None:
+def _socket_path(value: Any, from_text: bool) -> str | None:
     if value is None or (from_text and value in ("", "none", "None")):
         return None
-    if not isinstance(value, str | Path) or str(value) == "":
+    if not isinstance(value, str | os.PathLike) or os.fspath(value) == "":
         raise _Doubt
-    path = Path(os.path.expanduser(str(value)))
-    if path_problem(str(path)) is not None:
+    path = os.path.expanduser(os.fspath(value))
+    if path_problem(path) is not None:
         raise _Doubt
-    return path
+    return os.path.normpath(path)
 
 
 def _processes(value: Any, from_text: bool) -> int:
@@ -133,15 +152,16 @@ _FIELD = {"service.server_uids": "server_uids", "service.socket_path": "socket_p
           "limits.processes": "processes"}  # fmt: skip
 
 
-def _file_layer(path: Path | None, environ: Mapping[str, str]) -> dict[str, Any]:
+def _file_layer(path: str | os.PathLike[str] | None, environ: Mapping[str, str]) -> dict[str, Any]:
     """The flattened settings of the config file (none without one), or :class:`_Doubt`."""
-    file_path = path if path is not None else default_config_path(environ)
-    if path is None and not file_path.is_file():
+    file_path = os.fspath(path) if path is not None else default_config_path(environ)
+    if path is None and not os.path.isfile(file_path):
         return {}
     import tomllib
 
     try:
-        data = tomllib.loads(file_path.read_text())
+        with open(file_path) as file:  # as the full config reads it
+            data = tomllib.loads(file.read())
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
         raise _Doubt from None
     return flatten_toml(data)
@@ -168,7 +188,7 @@ def _env_layer(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def read_client_settings(
-    path: Path | None = None,
+    path: str | os.PathLike[str] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,

@@ -740,7 +740,7 @@ def load_config(
     where: dict[str, str] = {}
     """dotted key -> how a message names its origin (``in FILE line N``, ``by SANDBOX_X``)."""
     used_path: Path | None = None
-    file_path = path if path is not None else default_config_path(env)
+    file_path = path if path is not None else Path(default_config_path(env))
     if path is not None or file_path.is_file():
         import tomllib  # only with a config file: a command without one does not pay for the parser
 

@@ -8,9 +8,9 @@ import typer
 
 from cli import output
 from cli.commands.common import ALLOW_HELP, NETWORK_HELP, NetworkName, ProfileName, network_flags, state_of
-from cli.commands.exec_impl import Sink, exec_main, limit_notes, read_stdin, run_terminal_job
+from cli.commands.exec_impl import exec_main, read_stdin, run_terminal_job
 
-__all__ = ["Sink", "exec_command", "exec_main", "limit_notes", "read_stdin", "register", "run_terminal_job"]
+__all__ = ["exec_command", "exec_main", "read_stdin", "register", "run_terminal_job"]
 
 
 def exec_command(

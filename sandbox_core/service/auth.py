@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import pwd
 import re
-import socket
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -98,15 +96,6 @@ def bearer_token(header: str | None) -> str | None:
     if scheme.lower() != "bearer" or not value.strip():
         return None
     return value.strip()
-
-
-def peer_uid(sock: socket.socket) -> int | None:
-    """The uid of the process at the other end of a Unix socket (Linux SO_PEERCRED)."""
-    if sock.family != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
-        return None
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
-    return int(uid)
 
 
 def principal_for_uid(uid: int, operator_uids: tuple[str, ...] = ()) -> Principal:

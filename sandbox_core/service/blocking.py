@@ -6,19 +6,21 @@ event loop: blocking sockets and one thread for stdin do. The protocol and its c
 those of :class:`~sandbox_core.service.thin.ThinClient` (HTTP/1.1, one connection per
 request, ``Connection: close``; every connection passes the trust checks of
 :mod:`sandbox_core.service.trust` before a byte is written on it).
+
+A fresh process pays for every module it imports before the run can start, so this one
+imports only C-level pieces and the light modules of the wire: no ``socket`` (its enum
+constants), no ``json`` (see :mod:`sandbox_core.service.wire`), no ``pathlib``, no
+``typing`` and no :class:`~sandbox_core.events.Event` (a dataclass): a run's events come
+as ``(type, data)`` pairs.
 """
 
 from __future__ import annotations
 
-import json
-import socket
-from collections.abc import Iterable, Iterator
-from pathlib import Path
-from typing import IO, Any
+import os
 
 from sandbox_core.errors import from_wire
-from sandbox_core.events import Event
-from sandbox_core.service.thin import (
+from sandbox_core.service.trust import connect_unix, trusted_uids
+from sandbox_core.service.wire import (
     MAX_BODY,
     MAX_LINE,
     LineSplitter,
@@ -26,27 +28,63 @@ from sandbox_core.service.thin import (
     ServiceUnreachable,
     SseReader,
     check_status,
+    json_text,
+    json_value,
 )
-from sandbox_core.service.trust import connect_checked, trusted_uids
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
+if TYPE_CHECKING:
+    import _socket
+    from collections.abc import Iterable, Iterator
+    from typing import Any
 
 REQUEST_TIMEOUT = 30.0
 """Seconds a plain request (not a run's stream) may take."""
+_READ = 256 * 1024
 
 
 class _Answer:
     """One HTTP/1.1 answer on a blocking socket: status and headers read, then the body."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
-        self._file: IO[bytes] = sock.makefile("rb")
+        self._buffer = bytearray()
+        self._scanned = 0
+        """How much of the buffer is known to hold no newline."""
         self.status = 0
         self.headers: dict[str, str] = {}
 
+    def _fill(self) -> bool:
+        data = self.sock.recv(_READ)
+        self._buffer += data
+        return bool(data)
+
+    def _take(self, size: int) -> bytes:
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        self._scanned = 0
+        return out
+
     def _line(self) -> bytes:
-        line = self._file.readline(MAX_LINE + 1)
-        if len(line) > MAX_LINE:
-            raise ServiceError(f"a line from the service is over {MAX_LINE} bytes")
-        return line
+        """The next line with its newline (what is left, at the end of the stream)."""
+        while (end := self._buffer.find(b"\n", self._scanned)) < 0:
+            self._scanned = len(self._buffer)
+            if self._scanned > MAX_LINE:
+                raise ServiceError(f"a line from the service is over {MAX_LINE} bytes")
+            if not self._fill():
+                return self._take(len(self._buffer))
+        return self._take(end + 1)
+
+    def _exactly(self, size: int) -> bytes:
+        while len(self._buffer) < size:
+            if not self._fill():
+                raise ServiceError("the service closed the connection mid-answer")
+        return self._take(size)
+
+    def _some(self, limit: int) -> bytes:
+        if not self._buffer:
+            self._fill()
+        return self._take(min(limit, len(self._buffer)))
 
     def start(self) -> None:
         status = self._line().decode("latin-1").split()
@@ -67,20 +105,18 @@ class _Answer:
                     raise ServiceError("a malformed chunk from the service") from None
                 if size == 0:
                     return
-                data = self._file.read(size)
-                if len(data) != size or len(self._file.read(2)) != 2:
-                    raise ServiceError("the service closed the connection mid-answer")
-                yield data
+                data = self._exactly(size + 2)
+                yield data[:-2]
         elif "content-length" in self.headers:
             left = int(self.headers["content-length"])
             while left > 0:
-                data = self._file.read1(min(left, 256 * 1024))  # type: ignore[attr-defined]
+                data = self._some(min(left, _READ))
                 if not data:
                     raise ServiceError("the service closed the connection mid-answer")
                 left -= len(data)
                 yield data
         else:
-            while data := self._file.read1(256 * 1024):  # type: ignore[attr-defined]
+            while data := self._some(_READ):
                 yield data
 
     def body(self) -> bytes:
@@ -98,7 +134,6 @@ class _Answer:
         yield from splitter.end()
 
     def close(self) -> None:
-        self._file.close()
         self.sock.close()
 
 
@@ -113,18 +148,26 @@ def parse_sse(lines: Iterable[str]) -> Iterator[tuple[int | None, str, str]]:
 class BlockingClient:
     """``sandbox serve`` on a Unix socket: a run's events, its stdin, cancel; no event loop."""
 
-    def __init__(self, path: Path, *, server_uids: Iterable[str | int] = ()) -> None:
-        self.path = path
+    def __init__(self, path: str | os.PathLike[str], *, server_uids: Iterable[str | int] = ()) -> None:
+        self.path = os.fspath(path)
         self._trusted = trusted_uids(server_uids)
+
+    def connect(self, timeout: float | None = REQUEST_TIMEOUT) -> _socket.socket:
+        """A new connection to the service, checked (:class:`ServiceUnreachable` if none answers).
+
+        :class:`~sandbox_core.errors.UntrustedService` when something is there that cannot be
+        trusted; either way nothing was sent.
+        """
+        try:
+            return connect_unix(self.path, self._trusted, timeout or REQUEST_TIMEOUT)
+        except OSError as exc:
+            raise ServiceUnreachable(f"cannot reach the service at unix:{self.path}: {exc.strerror or exc}") from None
 
     def _request(
         self, method: str, path: str, body: dict[str, Any] | None = None, stream: Iterable[bytes] | None = None,
-        timeout: float | None = REQUEST_TIMEOUT,
+        timeout: float | None = REQUEST_TIMEOUT, sock: _socket.socket | None = None,
     ) -> _Answer:
-        try:
-            sock = connect_checked(self.path, self._trusted, timeout or REQUEST_TIMEOUT)
-        except OSError as exc:
-            raise ServiceUnreachable(f"cannot reach the service at unix:{self.path}: {exc.strerror or exc}") from None
+        sock = self.connect(timeout) if sock is None else sock
         sock.settimeout(timeout)
         answer = _Answer(sock)
         try:
@@ -137,7 +180,7 @@ class BlockingClient:
                         sock.sendall(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                 sock.sendall(b"0\r\n\r\n")
             else:
-                payload = b"" if body is None else json.dumps(body).encode()
+                payload = b"" if body is None else json_text(body).encode()
                 if body is not None:
                     head += "Content-Type: application/json\r\n"
                 sock.sendall(f"{head}Content-Length: {len(payload)}\r\n\r\n".encode("latin-1") + payload)
@@ -161,7 +204,7 @@ class BlockingClient:
             answer.close()
         check_status(answer.status, text)
         try:
-            return json.loads(text)
+            return json_value(text)
         except ValueError:
             raise ServiceError(f"the service answered {text[:200]!r}, not JSON") from None
 
@@ -172,17 +215,24 @@ class BlockingClient:
         """Stream ``chunks`` as the stdin of a run started with ``stdin_stream: true``."""
         self.json("POST", f"/v1/runs/{run_id}/stdin", stream=chunks, timeout=None)
 
-    def events(self, kind: str, body: dict[str, Any]) -> Iterator[Event]:
-        """Start a run (``exec`` or ``agent``) and yield its events; errors raise typed."""
-        answer = self._request("POST", f"/v1/runs/{kind}", body, timeout=None)
+    def events(self, kind: str, body: dict[str, Any], sock: _socket.socket | None = None,
+               ) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
+        """Start a run (``exec`` or ``agent``) and yield its events as ``(type, data)``; errors raise typed.
+
+        ``sock``: a connection from :meth:`connect` to send it on (else a new one).
+        """
+        answer = self._request("POST", f"/v1/runs/{kind}", body, timeout=None, sock=sock)
         try:
             if answer.status != 200:
                 check_status(answer.status, answer.body().decode(errors="replace"))
-            for seq, event, data in parse_sse(answer.lines()):
-                payload = json.loads(data)
+            for _, event, data in parse_sse(answer.lines()):
+                try:
+                    payload = json_value(data)
+                except ValueError:
+                    raise ServiceError(f"the service sent an event that is not JSON: {data[:80]!r}") from None
                 if event == "error":
                     raise from_wire(payload)
-                yield Event.from_dict({"type": event, "seq": seq or 0, "data": payload})
+                yield event, payload if isinstance(payload, dict) else {}
         except OSError as exc:
             raise ServiceError(f"lost the service connection: {exc}") from None
         finally:

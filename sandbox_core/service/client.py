@@ -25,8 +25,9 @@ from sandbox_core.errors import (
     from_wire,
 )
 from sandbox_core.events import Event
-from sandbox_core.service.thin import ServiceError, ServiceUnreachable, check_status, parse_sse
+from sandbox_core.service.thin import parse_sse
 from sandbox_core.service.trust import check_peer, connect_checked, open_checked, trusted_uids
+from sandbox_core.service.wire import ServiceError, ServiceUnreachable, check_status
 
 __all__ = ["RemoteTerminal", "RemoteTerminalSession", "ServiceClient", "ServiceError", "ServiceUnreachable",
            "parse_sse"]

@@ -33,8 +33,9 @@ from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.record import open_record
 from sandbox_core.service import logs
 from sandbox_core.service.app import ServiceState, create_app
-from sandbox_core.service.auth import UNIX_PEER, TokenTable, peer_uid
+from sandbox_core.service.auth import UNIX_PEER, TokenTable
 from sandbox_core.service.paths import default_socket_path
+from sandbox_core.service.trust import peer_uid
 
 WS_MAX_MESSAGE = 1024 * 1024
 """Largest WebSocket message a client may send (terminal keys come in far smaller ones)."""

@@ -8,8 +8,8 @@ client's (:mod:`sandbox_core.service.trust`) before a byte is written on it. The
 client (:class:`~sandbox_core.service.client.ServiceClient`) is built on first use of
 anything else (stats, workers, terminals).
 
-The error classes and the SSE parser live here so that the clients share them without the
-thin ones loading the full one (asyncio, too, is imported only when this client is used).
+The error classes and the SSE parser it shares with the other clients are in
+:mod:`sandbox_core.service.wire` (asyncio is imported only when this client is used).
 """
 
 from __future__ import annotations
@@ -19,102 +19,21 @@ from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callab
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandbox_core.errors import BodyTooLarge, LimitExceeded, PoolClosed, SandboxError, TooManyRuns, from_wire
+from sandbox_core.errors import from_wire
 from sandbox_core.events import Event
 from sandbox_core.service.trust import check_peer, open_checked, trusted_uids
+from sandbox_core.service.wire import (
+    MAX_BODY,
+    MAX_LINE,
+    LineSplitter,
+    ServiceError,
+    ServiceUnreachable,
+    SseReader,
+    check_status,
+)
 
 if TYPE_CHECKING:
     import asyncio
-
-MAX_LINE = 64 * 1024 * 1024
-"""Longest line (status, header or SSE) the thin client takes from the service."""
-MAX_BODY = 16 * 1024 * 1024
-"""Largest JSON answer it reads."""
-
-
-class ServiceError(SandboxError):
-    """The service answered with an error status, or the connection to it broke."""
-
-
-class ServiceUnreachable(ServiceError):
-    """No service answered at the target (nothing listening, wrong address, refused)."""
-
-
-_LIMITS: dict[int, type[LimitExceeded]] = {413: BodyTooLarge, 429: TooManyRuns}
-
-
-def _limit_error(cls: type[LimitExceeded], text: str, status: int) -> LimitExceeded:
-    """The typed error of a bound's refusal (413, 429) from its JSON body."""
-    try:
-        body = json.loads(text)
-    except ValueError:
-        body = None
-    if not isinstance(body, dict):
-        return cls(f"service error {status}: {text[:200]}", data={"status": status})
-    data = {"status": status, "setting": body.get("setting"), "limit": body.get("limit")}
-    return cls(str(body.get("error", f"service error {status}")), data=data)
-
-
-def check_status(status: int, text: str) -> None:
-    """Raise the typed error of an error status (``text`` is the answer's body)."""
-    data = {"status": status}
-    if status == 401:
-        raise ServiceError("the service refused the credentials (401); set SANDBOX_TOKEN", data=data)
-    if status == 403:
-        raise ServiceError("this needs the operator role (403)", data=data)
-    if status == 503:
-        raise PoolClosed("the service is draining", data=data)
-    if status in _LIMITS:
-        raise _limit_error(_LIMITS[status], text, status)
-    if status >= 400:
-        raise ServiceError(f"service error {status}: {text[:200]}", data=data)
-
-
-class LineSplitter:
-    """Text lines from a body that comes in chunks; a line over :data:`MAX_LINE` is an error."""
-
-    def __init__(self) -> None:
-        self._pending = bytearray()
-
-    def feed(self, data: bytes) -> list[str]:
-        self._pending += data
-        *complete, rest = self._pending.split(b"\n")
-        if len(rest) > MAX_LINE:
-            raise ServiceError(f"a line from the service is over {MAX_LINE} bytes")
-        self._pending = bytearray(rest)
-        return [line.decode("utf-8", errors="replace") for line in complete]
-
-    def end(self) -> list[str]:
-        """What is left after the last newline (a last line without one)."""
-        return [self._pending.decode("utf-8", errors="replace")] if self._pending else []
-
-
-class SseReader:
-    """Server-sent events from their lines, one line at a time: :meth:`feed` answers
-    ``(id, event, data)`` at the blank line that ends an event (comments skipped)."""
-
-    def __init__(self) -> None:
-        self._id: int | None = None
-        self._kind = "message"
-        self._data: list[str] = []
-
-    def feed(self, raw: str) -> tuple[int | None, str, str] | None:
-        line = raw.rstrip("\r")
-        if not line:
-            done = (self._id, self._kind, "\n".join(self._data)) if self._data else None
-            self._id, self._kind, self._data = None, "message", []
-            return done
-        if line.startswith(":"):
-            return None
-        field, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if field == "id" and value.isdigit():
-            self._id = int(value)
-        elif field == "event":
-            self._kind = value
-        elif field == "data":
-            self._data.append(value)
-        return None
 
 
 async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[tuple[int | None, str, str]]:

@@ -29,7 +29,8 @@ import pexpect
 import pytest
 
 from cli.commands.stats import compute_rates
-from cli.remote import normalize_address, socket_answers
+from cli.remote import socket_answers
+from sandbox_core.service.paths import normalize_address
 from tests.cli.conftest import (
     AGENT_AVAILABLE,
     SANDBOX,
@@ -414,6 +415,10 @@ def test_addresses_and_rates() -> None:
     assert normalize_address("127.0.0.1:8765") == "http://127.0.0.1:8765"
     assert normalize_address("https://example.org/") == "https://example.org"
     assert normalize_address("rel.sock") == f"unix:{Path.cwd() / 'rel.sock'}"
+    assert normalize_address("[::1]:8765") == "http://[::1]:8765"
+    assert normalize_address("sandbox-host.example:99") == "http://sandbox-host.example:99"
+    for path in ("host:123456", "[]:80", "bad_host:80", ":80", "host:8o"):
+        assert normalize_address(path) == f"unix:{Path.cwd() / path}", path  # not HOST:PORT: a socket path
 
     def sample(uptime: float, ok: int, user_requests: int, calls: int) -> dict[str, Any]:
         return {"uptime_s": uptime, "requests": {"ok": ok, "failed": 0, "timed_out": 0, "cancelled": 0},

@@ -24,10 +24,12 @@ from tests.helpers import pid_alive
 HEAVY = ("typer", "click", "rich", "pydantic", "anthropic", "prompt_toolkit", "starlette", "uvicorn")
 
 
-def imported(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+def imported(
+    env: dict[str, str], *args: str, stdin: int | None = None
+) -> tuple[subprocess.CompletedProcess[str], set[str]]:
     """Run the console script under ``-X importtime``; its result and every module it imported."""
     result = subprocess.run([sys.executable, "-X", "importtime", SANDBOX, *args], env=env, capture_output=True,
-                            text=True, timeout=60, check=False)
+                            text=True, timeout=60, check=False, stdin=stdin)
     modules = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
                if line.startswith("import time:") and "|" in line}
     return result, modules
@@ -77,6 +79,21 @@ def test_a_client_of_the_service_is_thin(unix_server: Server, tmp_path: Path) ->
     assert not heavy, sorted(heavy)  # a blocking request: not even an event loop
     unneeded = modules & {"hashlib", "tomllib", "difflib", "traceback"}  # no config file, no token, no error
     assert not unneeded, sorted(unneeded)
+
+
+def test_a_client_exec_on_the_service_loads_none_of_the_costly_stdlib(
+    unix_server: Server, tmp_path: Path,  # noqa: F811
+) -> None:
+    """The plain case (:mod:`cli.service_exec`): each of these costs a fresh process 5-15 ms here."""
+    env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
+    result, modules = imported(env, "--connect", unix_server.address, "exec", "--", "sh", "-c",
+                               "test -c /dev/stdin && echo null-stdin", stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "null-stdin\n"  # /dev/null here is /dev/null there: no stdin stream, no thread
+    costly = modules & {"typing", "dataclasses", "pathlib", "json", "socket", "re", "enum", "contextlib",
+                        "threading", "asyncio", "inspect", "base64", "sandbox_core.events", "cli.state"}
+    assert not costly, sorted(costly)
+    assert "cli.service_exec" in modules and "cli.commands.exec_impl" not in modules
 
 
 def test_version_is_answered_without_the_cli_framework_and_as_typer_answers_it(cli_env: dict[str, str]) -> None:

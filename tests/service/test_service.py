@@ -210,7 +210,8 @@ def test_the_default_socket_is_never_under_tmp(tmp_path: Path) -> None:
     from sandbox_core.service.paths import SYSTEM_SOCKET, default_socket_path
     from sandbox_core.service.server import bind_unix
 
-    assert default_socket_path(ProcessSandboxConfig(), environ={}) == SYSTEM_SOCKET == Path("/run/sandbox/sandbox.sock")
+    assert default_socket_path(ProcessSandboxConfig(), environ={}) == Path(SYSTEM_SOCKET)
+    assert SYSTEM_SOCKET == "/run/sandbox/sandbox.sock"
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match=r"set XDG_RUNTIME_DIR, or service.socket_path \(--socket\)") as info:
         bind_unix(tmp_path / "file" / "sandbox" / "sandbox.sock")

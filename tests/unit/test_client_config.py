@@ -15,7 +15,9 @@ from sandbox_core.errors import ConfigError
 
 def expected(path: Path | None, env: dict[str, str], overrides: dict[str, Any] | None = None) -> ClientSettings:
     cfg = full.load_config(path, environ=env, overrides=overrides).config
-    return ClientSettings(cfg.service.server_uids, cfg.service.socket_path, cfg.limits.processes)
+    socket_path = cfg.service.socket_path
+    return ClientSettings(cfg.service.server_uids, None if socket_path is None else str(socket_path),
+                          cfg.limits.processes)
 
 
 def test_it_knows_every_key_and_section_the_config_has() -> None:
@@ -41,15 +43,15 @@ def _layers(tmp_path: Path, text: str | None, env: dict[str, str]) -> tuple[Path
     ("text", "env", "overrides", "want"),
     [
         (None, {}, None, ClientSettings()),
-        (FILE, {}, None, ClientSettings(("1001",), Path("/run/thin/s.sock"), 64)),
+        (FILE, {}, None, ClientSettings(("1001",), "/run/thin/s.sock", 64)),
         (FILE, {"SANDBOX_SERVICE__SERVER_UIDS": " 1002, 1003 ,", "SANDBOX_LIMITS__PROCESSES": "32",
                 "SANDBOX_SERVICE__SOCKET_PATH": "none", "SANDBOX_PROFILE": "process", "SANDBOX_MIN_IDLE": "0"},
          None, ClientSettings(("1002", "1003"), None, 32)),
         (FILE, {"SANDBOX_LIMITS__PROCESSES": "32"}, {"limits.processes": 16, "allow_root_process": True,
                                                       "service.socket_path": None},
-         ClientSettings(("1001",), Path("/run/thin/s.sock"), 16)),
+         ClientSettings(("1001",), "/run/thin/s.sock", 16)),
         ("[limits]\nprocesses = 0\n", {"SANDBOX_SERVICE__SOCKET_PATH": "~/s.sock"}, None,
-         ClientSettings((), Path("~/s.sock").expanduser(), 0)),
+         ClientSettings((), str(Path("~/s.sock").expanduser()), 0)),
     ],
     ids=["defaults", "file", "env-over-file", "flag-over-env", "home-and-zero"],
 )
@@ -67,7 +69,7 @@ def test_the_default_file_is_read_like_load_config_reads_it(tmp_path: Path) -> N
     for env in ({"XDG_CONFIG_HOME": str(tmp_path)},
                 {"XDG_CONFIG_HOME": "/nonexistent-thin", "SANDBOX_CONFIG": str(tmp_path / "sandbox" / "config.toml")}):
         got = read_client_settings(None, environ=env)
-        assert got == expected(None, env) == ClientSettings(("1001",), Path("/run/thin/s.sock"), 64)
+        assert got == expected(None, env) == ClientSettings(("1001",), "/run/thin/s.sock", 64)
 
 
 @pytest.mark.parametrize(
