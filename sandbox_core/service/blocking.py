@@ -16,6 +16,7 @@ as ``(type, data)`` pairs.
 
 from __future__ import annotations
 
+import io
 import os
 
 from sandbox_core.errors import from_wire
@@ -43,48 +44,34 @@ REQUEST_TIMEOUT = 30.0
 _READ = 256 * 1024
 
 
+class _SocketReader(io.RawIOBase):
+    """A C-level socket as a raw stream, for ``io.BufferedReader`` (what ``socket.makefile`` does)."""
+
+    def __init__(self, sock: _socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._sock.recv_into(buffer)
+
+
 class _Answer:
     """One HTTP/1.1 answer on a blocking socket: status and headers read, then the body."""
 
     def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
-        self._buffer = bytearray()
-        self._scanned = 0
-        """How much of the buffer is known to hold no newline."""
+        self._file = io.BufferedReader(_SocketReader(sock), _READ)
         self.status = 0
         self.headers: dict[str, str] = {}
 
-    def _fill(self) -> bool:
-        data = self.sock.recv(_READ)
-        self._buffer += data
-        return bool(data)
-
-    def _take(self, size: int) -> bytes:
-        out = bytes(self._buffer[:size])
-        del self._buffer[:size]
-        self._scanned = 0
-        return out
-
     def _line(self) -> bytes:
-        """The next line with its newline (what is left, at the end of the stream)."""
-        while (end := self._buffer.find(b"\n", self._scanned)) < 0:
-            self._scanned = len(self._buffer)
-            if self._scanned > MAX_LINE:
-                raise ServiceError(f"a line from the service is over {MAX_LINE} bytes")
-            if not self._fill():
-                return self._take(len(self._buffer))
-        return self._take(end + 1)
-
-    def _exactly(self, size: int) -> bytes:
-        while len(self._buffer) < size:
-            if not self._fill():
-                raise ServiceError("the service closed the connection mid-answer")
-        return self._take(size)
-
-    def _some(self, limit: int) -> bytes:
-        if not self._buffer:
-            self._fill()
-        return self._take(min(limit, len(self._buffer)))
+        line = self._file.readline(MAX_LINE + 1)
+        if len(line) > MAX_LINE:
+            raise ServiceError(f"a line from the service is over {MAX_LINE} bytes")
+        return line
 
     def start(self) -> None:
         status = self._line().decode("latin-1").split()
@@ -105,18 +92,20 @@ class _Answer:
                     raise ServiceError("a malformed chunk from the service") from None
                 if size == 0:
                     return
-                data = self._exactly(size + 2)
-                yield data[:-2]
+                data = self._file.read(size)
+                if len(data) != size or len(self._file.read(2)) != 2:
+                    raise ServiceError("the service closed the connection mid-answer")
+                yield data
         elif "content-length" in self.headers:
             left = int(self.headers["content-length"])
             while left > 0:
-                data = self._some(min(left, _READ))
+                data = self._file.read1(min(left, _READ))
                 if not data:
                     raise ServiceError("the service closed the connection mid-answer")
                 left -= len(data)
                 yield data
         else:
-            while data := self._some(_READ):
+            while data := self._file.read1(_READ):
                 yield data
 
     def body(self) -> bytes:
@@ -134,6 +123,7 @@ class _Answer:
         yield from splitter.end()
 
     def close(self) -> None:
+        self._file.close()
         self.sock.close()
 
 
