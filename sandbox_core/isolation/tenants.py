@@ -54,6 +54,9 @@ SUBID_FILES = ("/etc/subuid", "/etc/subgid")
 
 _cache: dict[tuple[str, str], int] = {}
 _cache_lock = threading.Lock()
+_snapshots: dict[str, tuple[tuple[int, ...], dict[str, int]]] = {}
+"""The map as this process last wrote or read it, by path, with the file's identity then: for
+:func:`assigned` only (a hint; every change of the map reads the file under its lock)."""
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,31 @@ def identity_for(config: ProcessSandboxConfig, key: str) -> Tenant:
 
 
 def assigned(config: ProcessSandboxConfig) -> dict[str, int]:
-    """Every assignment so far (for ``audit-env`` and diagnostics); {} when there is no map."""
+    """Every assignment so far (for ``audit-env``, diagnostics and a claim's quick check); {} when
+    there is no map.
+
+    Not under the map's lock, so already a snapshot: it is answered from the last one this process
+    read or wrote while the file is the same (its inode, size, mtime and ctime), without parsing
+    the whole map again (a claim asked on the event loop: 0.7 ms for 830 users, growing with them).
+    Nothing that assigns a uid trusts it: those read the file under the lock.
+    """
     path = state_dir(config, create=False) / MAP_NAME
     try:
-        return _load(path)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return {}
+    with os.fdopen(fd) as fh:
+        identity = _identity(os.fstat(fd))
+        known = _snapshots.get(str(path))
+        if known is not None and known[0] == identity:
+            return dict(known[1])
+        users = _parse(fh.read(), path)
+    _snapshots[str(path)] = (identity, users)
+    return dict(users)
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
 def state_dir(config: ProcessSandboxConfig, *, create: bool = True) -> Path:
@@ -260,7 +282,10 @@ def _locked(state: Path) -> Iterator[None]:
 def _load(path: Path) -> dict[str, int]:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     with os.fdopen(fd) as fh:
-        text = fh.read()
+        return _parse(fh.read(), path)
+
+
+def _parse(text: str, path: Path) -> dict[str, int]:
     try:
         data = json.loads(text)
         users = data["users"]
@@ -291,6 +316,7 @@ def _store(path: Path, users: dict[str, int], *, durable: bool = True) -> None:
     finally:
         os.close(fd)
     os.rename(tmp, path)
+    _snapshots[str(path)] = (_identity(os.lstat(path)), dict(users))  # under the map's lock: ours
     if durable:
         _fsync_dir(path.parent)
 

@@ -29,6 +29,7 @@ needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewr
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> None:
     tenants._cache.clear()
+    tenants._snapshots.clear()
 
 
 def _config(tmp_path: Path, **strict: Any) -> ProcessSandboxConfig:
@@ -87,6 +88,35 @@ def test_orchestrators_assigning_at_once_never_collide(tmp_path: Path) -> None:
     assert len(set(mine)) == len(mine) == 60 and not shared & set(mine)
     users = json.loads((state / "uids.json").read_text())["users"]
     assert len(users) == 61 and len(set(users.values())) == 61
+
+
+def test_the_map_read_without_its_lock_is_never_older_than_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """assigned() answers from its snapshot only while the file is the one it read or wrote."""
+    config = _config(tmp_path)
+    alice = tenants.identity_for(config, "alice").uid
+    parsed: list[Path] = []
+    real_parse = tenants._parse
+
+    def parse(text: str, path: Path) -> dict[str, int]:
+        parsed.append(path)
+        return real_parse(text, path)
+
+    monkeypatch.setattr(tenants, "_parse", parse)
+    assert tenants.assigned(config) == {"alice": alice} and not parsed  # what this process wrote
+    assert tenants.assigned(config) == {"alice": alice} and not parsed
+    path = tmp_path / "state" / "uids.json"
+    other = json.loads(path.read_text())
+    other["users"]["bob"] = alice + 1  # another process's write: a new file renamed over the map
+    (tmp_path / "state" / "other.tmp").write_text(json.dumps(other))
+    os.rename(tmp_path / "state" / "other.tmp", path)
+    assert tenants.assigned(config) == {"alice": alice, "bob": alice + 1} and len(parsed) == 1
+    assert tenants.assigned(config) == {"alice": alice, "bob": alice + 1} and len(parsed) == 1
+    tenants.assigned(config)["mallory"] = 1  # a caller's copy: the snapshot does not change
+    assert "mallory" not in tenants.assigned(config)
+    path.unlink()
+    assert tenants.assigned(config) == {}
 
 
 def test_the_range_must_stay_clear_of_subordinate_ids(tmp_path: Path) -> None:
