@@ -54,6 +54,7 @@ from sandbox_core.requests import AgentRequest, ExecRequest, network_from_json
 from sandbox_core.service import logs
 from sandbox_core.service.auth import UNIX_PEER, Principal, TokenTable, bearer_token, principal_for_uid
 from sandbox_core.service.body_limit import BodyLimit, body_too_large
+from sandbox_core.service.buffer import data_json
 from sandbox_core.service.openapi import openapi_schema
 from sandbox_core.service.runs import MIB, Run, RunRegistry
 from sandbox_core.service.stdin import StdinRelay
@@ -173,8 +174,7 @@ def sse(seq: int | None, event: dict[str, Any] | None) -> bytes:
     """One SSE frame (or a keep-alive comment)."""
     if event is None:
         return b": keep-alive\n\n"
-    data = json.dumps(event["data"], separators=(",", ":"))
-    return f"id: {seq}\nevent: {event['type']}\ndata: {data}\n\n".encode()
+    return f"id: {seq}\nevent: {event['type']}\ndata: {data_json(event)}\n\n".encode()
 
 
 def _stream(state: ServiceState, run: Run, after: int, owns_run: bool) -> StreamingResponse:

@@ -23,15 +23,38 @@ import json
 from typing import Any
 
 Item = tuple[int, dict[str, Any]]
-"""``(seq, event)``: an event is ``{"type": ..., "data": {...}}``."""
+"""``(seq, event)``: an event is ``{"type": ..., "data": {...}}``, or ``{"type": ..., "data_json": "..."}``
+(:func:`encoded`: its data as compact JSON)."""
 
 _DROP_ORDER = ({"stdout", "stderr"}, {"text"})
 """Which event types go first when the buffer is over its bound; other types go last."""
 
 
+DATA_JSON = "data_json"
+"""Where an event may carry its ``data`` already encoded (compact JSON), by :func:`encoded`."""
+
+
+def encoded(kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The event of ``kind`` with ``data`` kept as its compact JSON only, encoded once.
+
+    A run's output chunk is measured for the buffer and then written to every reader's SSE
+    stream: encoding it once instead of twice is a quarter of the service's CPU per byte of
+    output (a 350 KB base64 chunk takes ~1.2 ms to encode on these machines). The text replaces
+    the data (the buffer's bound counts an event's bytes once, so it must hold them once).
+    """
+    return {"type": kind, DATA_JSON: json.dumps(data, separators=(",", ":"))}
+
+
+def data_json(event: dict[str, Any]) -> str:
+    """The compact JSON of ``event["data"]`` (the kept one, if :func:`encoded` made the event)."""
+    text = event.get(DATA_JSON)
+    return text if isinstance(text, str) else json.dumps(event.get("data"), separators=(",", ":"))
+
+
 def event_size(event: dict[str, Any]) -> int:
-    """Bytes of ``event``'s compact JSON (ASCII-escaped: never less than its size in memory)."""
-    return len(json.dumps(event, separators=(",", ":")))
+    """Bytes of ``{"type": ..., "data": ...}`` as compact JSON (ASCII-escaped: never less than its
+    size in memory)."""
+    return len('{"type":') + len(json.dumps(event.get("type"))) + len(',"data":') + len(data_json(event)) + 1
 
 
 def _drop_class(kind: str) -> int:

@@ -36,7 +36,7 @@ from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.requests import ExecRequest, Request
 from sandbox_core.service import logs
 from sandbox_core.service.auth import Principal
-from sandbox_core.service.buffer import EventBuffer, Item, event_size
+from sandbox_core.service.buffer import EventBuffer, Item, encoded, event_size
 from sandbox_core.service.stdin import StdinRelay
 
 MIB = 1024 * 1024
@@ -177,7 +177,7 @@ class RunRegistry:
                     data["run_id"] = run.run_id
                 elif event.type == "done":
                     run.exit_code = data.get("exit_code")
-                await self._append(run, {"type": event.type, "data": data})
+                await self._append(run, encoded(event.type, data))
             run.state = "ok"
         except asyncio.CancelledError:
             if run.cut_by is not None:

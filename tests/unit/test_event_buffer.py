@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import pytest
 
 from sandbox_core.service.buffer import EventBuffer, event_size
 
@@ -92,3 +95,27 @@ def test_would_drop_names_the_newest_id_an_append_drops() -> None:
     assert buffer.would_drop(2 * size) == 2
     buffer.append(chunk, size)
     assert buffer.gap_seq == 1 and buffer.bytes == 3 * size
+
+
+def test_an_event_is_encoded_once_for_its_size_and_every_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's chunk is measured for the buffer and written to each reader's SSE: one encoding."""
+    from sandbox_core.service import buffer as module
+    from sandbox_core.service.app import sse
+
+    data = {"b64": "QUJD" * 1000, "tool_use_id": "t\u00e9\"1"}
+    plain = {"type": "stdout", "data": data}
+    event = module.encoded("stdout", data)
+    assert event_size(event) == event_size(plain) == len(json.dumps(plain, separators=(",", ":")))
+    calls: list[object] = []
+    real = json.dumps
+
+    def counting(obj: object, **kw: Any) -> str:
+        calls.append(obj)
+        return real(obj, **kw)
+
+    monkeypatch.setattr(json, "dumps", counting)  # the json module the buffer and sse() use
+    buffer = EventBuffer(max_events=10, max_bytes=1 << 20)
+    seq = buffer.append(event, event_size(event))
+    frames = [sse(*item) for item in walk(buffer)] * 3  # three readers
+    assert calls == [] or all(obj == "stdout" for obj in calls)  # only the type name, never the data again
+    assert frames[0] == f"id: {seq}\nevent: stdout\ndata: {real(data, separators=(',', ':'))}\n\n".encode()
