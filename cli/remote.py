@@ -112,7 +112,6 @@ def request_body(request: Request) -> tuple[str, dict[str, Any]]:
     from sandbox_core.requests import AgentRequest, ExecRequest, network_to_json
 
     body: dict[str, Any]
-    network = network_to_json(getattr(request, "network", None))
     if isinstance(request, ExecRequest):
         from cli.service_exec import exec_body
 
@@ -135,6 +134,7 @@ def request_body(request: Request) -> tuple[str, dict[str, Any]]:
             body["tools"] = list(request.tools)
         if request.resume:
             body["resume"] = True
+        network = network_to_json(request.network)
         if network is not None:
             body["network"] = network
         return "agent", body

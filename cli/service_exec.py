@@ -42,6 +42,12 @@ def is_shell(argv: list[str]) -> bool:
     return bool(argv) and os.path.basename(argv[0]) in SHELLS and not any(a in ("-c",) for a in argv[1:])
 
 
+def shell_at_terminal(command: list[str], *, tty: bool | None, shell: bool) -> bool:
+    """``sandbox exec -- bash`` at a terminal, no ``-t``/``--no-tty`` given: it gets a terminal."""
+    return (tty is None and not shell and output.is_tty(sys.stdin) and output.is_tty(sys.stdout)
+            and is_shell(command))  # fmt: skip
+
+
 def exec_fast(options: dict[str, Any], arguments: dict[str, Any]) -> int | None:
     """Run ``sandbox exec`` on the service when it goes to one and nothing needs the full command.
 
@@ -59,9 +65,8 @@ def exec_fast(options: dict[str, Any], arguments: dict[str, Any]) -> int | None:
         return None  # in-process, or something to say first
     if arguments.get("tty") or arguments.get("interactive") or arguments.get("profile") is not None:
         return None
-    if (arguments.get("tty") is None and not arguments.get("shell") and output.is_tty(sys.stdin)
-            and output.is_tty(sys.stdout) and is_shell(command)):
-        return None  # an interactive shell at a terminal: it gets a terminal
+    if shell_at_terminal(command, tty=arguments.get("tty"), shell=bool(arguments.get("shell"))):
+        return None
     timeout = arguments.get("timeout")
     if timeout is not None and not 0 < timeout < float("inf"):
         return None

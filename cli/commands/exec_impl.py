@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from cli import output
 from cli.commands.common import client_settings, effective_config
 from cli.runtime import run_job, service_target, warn_ignored
-from cli.service_exec import Printer, exec_body, is_shell, run_on_service, stdin_to_stream
+from cli.service_exec import Printer, exec_body, run_on_service, shell_at_terminal, stdin_to_stream
 
 if TYPE_CHECKING:
     from cli.remote import Target
@@ -41,7 +41,7 @@ def exec_main(
     """Run ``command`` in the user's sandbox as ``sandbox exec`` does; the exit code to leave with."""
     target = service_target(state)
     warn_ignored(target, profile=profile)
-    if tty is None and not shell and output.is_tty(sys.stdin) and output.is_tty(sys.stdout) and is_shell(command):
+    if shell_at_terminal(command, tty=tty, shell=shell):
         tty = interactive = True  # `sandbox exec -- bash` at a terminal: an interactive shell, as expected
     if target is not None and not target.tcp and not tty and profile is None:
         if interactive:
