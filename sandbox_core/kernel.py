@@ -6,18 +6,21 @@ The host reads them to plan a sandbox; the worker reads them to apply its own la
 from __future__ import annotations
 
 import ctypes
-import functools
 
 SYS_LANDLOCK_CREATE_RULESET = 444
 """The same number on every architecture (asm-generic table)."""
 _LANDLOCK_CREATE_RULESET_VERSION = 1
+_loaded: list[ctypes.CDLL] = []
 
 
-@functools.cache
 def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return libc
+    """libc, loaded once (a list, not ``functools.cache``: functools and the collections it
+    imports are ~5 ms of a worker's bind, which asks this before its first command)."""
+    if not _loaded:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        _loaded.append(libc)
+    return _loaded[0]
 
 
 def landlock_abi() -> int:

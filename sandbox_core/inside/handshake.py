@@ -17,20 +17,21 @@ as it always did. A layer that cannot be applied fails ``initialize`` here, as i
 plan in the sandbox's own network namespace, so only a broken sandbox gets there) ends the
 worker with a message on stderr instead of serving without it.
 
-Frames are read and written with :mod:`json` alone, in the exact wire form of
-:func:`sandbox_core.protocol.encode`, so this phase does not import the protocol module
-(dataclasses, regular expressions) either.
+Frames are read and written through :mod:`sandbox_core.wirejson` (the ``json`` module's own C
+scanner and quoting, without ``json``: its ``re`` and ``enum`` were a fifth of a strict
+worker's spawn-to-ready), in the exact wire form of :func:`sandbox_core.protocol.encode`, so
+this phase does not import the protocol module (dataclasses, regular expressions) either.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import sys
 
 from sandbox_core import codes
 from sandbox_core.errors import ProtocolError, SandboxError
+from sandbox_core.wirejson import json_text, json_value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms of the boot)
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def take_protocol_fds() -> tuple[int, int]:
 
 def frame(obj: dict[str, Any]) -> bytes:
     """One NDJSON frame, byte for byte what :func:`sandbox_core.protocol.encode` writes."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    return json_text(obj, ascii=False).encode() + b"\n"
 
 
 def answer(request_id: int | str, result: Any) -> bytes:
@@ -103,7 +104,7 @@ def refusal(request_id: int | str, exc: Exception) -> bytes:
 def request(line: bytes) -> tuple[int | str, str, dict[str, Any]] | None:
     """``(id, method, params)`` of a well-formed request, else None (the serving loop judges it)."""
     try:
-        obj = json.loads(line)
+        obj = json_value(line.decode())  # a frame is UTF-8 (ValueError when it is not)
     except (ValueError, RecursionError):
         return None
     brackets = line.count(b"[") + line.count(b"{")

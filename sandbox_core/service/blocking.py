@@ -29,9 +29,8 @@ from sandbox_core.service.wire import (
     ServiceUnreachable,
     SseReader,
     check_status,
-    json_text,
-    json_value,
 )
+from sandbox_core.wirejson import json_text, json_value
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:

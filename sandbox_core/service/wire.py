@@ -5,21 +5,13 @@ Shared by the asyncio thin client (:mod:`sandbox_core.service.thin`), the full o
 (:mod:`sandbox_core.service.blocking`). It imports nothing a one-shot ``sandbox exec``
 would not otherwise load: on these machines ``import json`` (with the ``re`` and ``enum``
 it brings) costs a fresh process ~15 ms, three times what the service takes to run
-``true`` in a warm worker. So JSON goes through CPython's C accelerator, the one the
-``json`` module itself uses (:func:`json_text`, :func:`json_value`).
+``true`` in a warm worker. So JSON goes through :mod:`sandbox_core.wirejson`.
 """
 
 from __future__ import annotations
 
-from _json import encode_basestring_ascii as _quote
-from _json import make_scanner as _make_scanner
-
 from sandbox_core.errors import BodyTooLarge, LimitExceeded, PoolClosed, SandboxError, TooManyRuns
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: a one-shot client starts faster
-if TYPE_CHECKING:
-    from collections.abc import Callable
-    from typing import Any
+from sandbox_core.wirejson import json_value
 
 MAX_LINE = 64 * 1024 * 1024
 """Longest line (status, header or SSE) a client takes from the service."""
@@ -33,60 +25,6 @@ class ServiceError(SandboxError):
 
 class ServiceUnreachable(ServiceError):
     """No service answered at the target (nothing listening, wrong address, refused)."""
-
-
-# ---------------------------------------------------------------- JSON
-
-
-class _Strict:
-    """The settings of ``json.loads`` with no hooks, as the C scanner reads them."""
-
-    strict = True
-    object_hook = None
-    object_pairs_hook = None
-    parse_float = float
-    parse_int = int
-    parse_constant = float  # NaN, Infinity, -Infinity, as json.loads takes them
-
-
-_scan: Callable[[str, int], tuple[Any, int]] = _make_scanner(_Strict())  # type: ignore[arg-type]  # duck-typed
-_SPACE = " \t\n\r"
-_INF = float("inf")
-
-
-def json_value(text: str) -> Any:
-    """``json.loads(text)``: ValueError for anything that is not one JSON document."""
-    text = text.strip(_SPACE)
-    try:
-        value, end = _scan(text, 0)
-    except StopIteration:
-        raise ValueError(f"not JSON: {text[:80]!r}") from None
-    if end != len(text):
-        raise ValueError(f"extra data after JSON: {text[end:end + 80]!r}")
-    return value
-
-
-def json_text(value: Any) -> str:
-    """Compact JSON of dicts (str keys), lists, tuples, str, int, finite float, bool and None (ASCII only)."""
-    if value is None:
-        return "null"
-    if value is True or value is False:
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return str(_quote(value))
-    if isinstance(value, int):
-        return int.__repr__(value)
-    if isinstance(value, float):
-        if not -_INF < value < _INF:  # NaN and the infinities
-            raise ValueError(f"{value!r} is not JSON")
-        return float.__repr__(value)
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(json_text(item) for item in value) + "]"
-    if isinstance(value, dict):
-        if not all(isinstance(key, str) for key in value):
-            raise TypeError("JSON object keys must be str")
-        return "{" + ",".join(f"{_quote(key)}:{json_text(item)}" for key, item in value.items()) + "}"
-    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 # ---------------------------------------------------------------- statuses

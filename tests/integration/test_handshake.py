@@ -177,14 +177,15 @@ out_r, out_w = os.pipe()
 os.write(w, sys.stdin.buffer.read())
 os.close(w)
 booted = handshake.serve_handshake(r, out_w, 1 << 20)
-heavy = sorted(m for m in ("asyncio", "dataclasses", "sandbox_core.protocol", "sandbox_core.inside.worker_main")
+heavy = sorted(m for m in ("asyncio", "dataclasses", "json", "re", "enum", "typing", "sandbox_core.protocol",
+                          "sandbox_core.inside.worker_main")
                if m in sys.modules)
 sys.stdout.write(repr((heavy, booted.user_id, booted.pending)) + "\n")
 sys.stdout.write(os.read(out_r, 1 << 20).decode())
 """
 
 
-def test_the_handshake_imports_neither_asyncio_nor_the_protocol_module(workspace_root: Path) -> None:
+def test_the_handshake_imports_neither_asyncio_nor_json_nor_the_protocol_module(workspace_root: Path) -> None:
     workspace = workspace_root / "u"
     workspace.mkdir()
     frames = (

@@ -1,4 +1,4 @@
-"""The service wire's JSON (:mod:`sandbox_core.service.wire`): what ``json`` reads and writes, without it."""
+"""The wire's JSON (:mod:`sandbox_core.wirejson`): what ``json`` reads and writes, without it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sandbox_core.service.wire import json_text, json_value
+from sandbox_core.wirejson import json_text, json_value
 
 VALUES: list[Any] = [
     None, True, False, 0, -7, 2**70, 1.5, -0.0, 1e300, "", "plain", "quote \" and \\ and /",
