@@ -54,6 +54,27 @@ def test_v2_plan_creates_limits_and_enables_controllers_down_the_path(tmp_path: 
     assert group.cpu_usage_ns() == 2_500_000_000
 
 
+def test_counters_are_read_from_held_descriptors_and_fresh_each_time(tmp_path: Path) -> None:
+    mount, mountinfo = _v2_tree(tmp_path)
+    group = cgroups.plan("w1", ResourceLimits(), "auto", root=tmp_path / "nov1", proc_cgroup="0::/\n",
+                         mountinfo=mountinfo, euid=0)  # fmt: skip
+    group.create()
+    path = group.paths["unified"]
+    (path / "memory.events").write_text("oom_kill 0\n")
+    (path / "pids.events").write_text("max 0\n")
+    (path / "cpu.stat").write_text("usage_usec 1\n")
+    assert group.limit_events() == {"memory": 0, "processes": 0} and group.cpu_usage_ns() == 1000
+    fds = len(os.listdir("/proc/self/fd"))
+    (path / "memory.events").write_text("oom_kill 2\n")  # the same file, rewritten in place
+    (path / "cpu.stat").write_text("usage_usec 5\n")
+    for _ in range(50):
+        assert group.limit_events() == {"memory": 2, "processes": 0} and group.cpu_usage_ns() == 5000
+    assert len(os.listdir("/proc/self/fd")) == fds  # held, not opened per read
+    group.counters.close()  # what cleanup does first: nothing reads a closed descriptor after
+    assert group.limit_events() == {} and group.cpu_usage_ns() is None
+    assert len(os.listdir("/proc/self/fd")) == fds - 3
+
+
 def test_v2_needs_the_controllers_root_or_a_delegated_parent(tmp_path: Path) -> None:
     _, mountinfo = _v2_tree(tmp_path, "hugetlb")  # this machine's v2 hierarchy
     with pytest.raises(IsolationUnavailable, match="offers hugetlb, not memory pids cpu") as refused:
