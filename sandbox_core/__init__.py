@@ -6,8 +6,6 @@ Public names are imported lazily so that a worker process (which imports
 
 from __future__ import annotations
 
-import importlib
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (a worker boots faster)
 if TYPE_CHECKING:
     from typing import Any
@@ -91,4 +89,6 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'sandbox_core' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+    # __import__, not importlib.import_module: importlib (and the warnings module it loads) is
+    # ~1 ms of every worker's boot, which imports this package before anything else
+    return getattr(__import__(module, fromlist=[name]), name)

@@ -488,18 +488,31 @@ class SandboxWorker:
             self._stdin.close()
             self._stdin = None
         unbound = spec.attach is not None and self.workspace is None
-        self._verified = await asyncio.to_thread(  # reads /proc of the worker: off the loop
+        checked = asyncio.ensure_future(asyncio.to_thread(  # reads /proc of the worker: off the loop
             functools.partial(verify.started, unbound=unbound),
-            self.config, spec.plan, self._pid, reply.get("pid"), self.report)
+            self.config, spec.plan, self._pid, reply.get("pid"), self.report))
+        # A worker bound at spawn has seen its workspace since bwrap mounted it, so its bind (a
+        # chdir and Landlock, inside) goes out while the host checks /proc; the answer is
+        # judged, and the worker started, only once that check has passed.
+        binding = None
+        if bind_now:
+            assert self.user_id is not None and spec.workspace_in_sandbox is not None
+            binding = asyncio.ensure_future(self.call("bind", {"user_id": self.user_id,
+                                                               "workspace": spec.workspace_in_sandbox}))
+        try:
+            self._verified = await checked
+        except BaseException:
+            if binding is not None:
+                binding.cancel()
+                await asyncio.wait([binding])
+            raise
         self.report["verified_by_host"] = self._verified.by_host
         if unbound and spec.stage is not None:
             await self._stage_spare(spec.stage)
         if unbound:  # answered once the imports it does while it waits are done: ready means ready
             await self.call("ping", {}, timeout=self.config.startup_timeout)
-        # Bound only now, after the check: the workspace's layers (landlock) are checked at bind.
-        if bind_now:
-            assert self.user_id is not None and spec.workspace_in_sandbox is not None
-            await self._enter(self.user_id, spec.workspace_in_sandbox)
+        if binding is not None:  # the workspace's layers (landlock) are checked against the plan
+            self._check_bound(await binding)
 
     async def _connect_channel(self, spawned: Spawned) -> None:
         """The host's ends of the worker's data and input pipes, and its handoff socket, on the loop."""
@@ -1291,7 +1304,11 @@ class SandboxWorker:
         """Bind the worker inside and check the layers binding brings (a mismatch kills it)."""
         if self._verified is None:
             raise IsolationUnavailable(f"worker {self.worker_id} was never verified by the host; not binding it")
-        reply = await self.call("bind", {"user_id": user_id, "workspace": workspace})
+        self._check_bound(await self.call("bind", {"user_id": user_id, "workspace": workspace}))
+
+    def _check_bound(self, reply: object) -> None:
+        """Take a ``bind`` answer: the layers it reports must match the plan (a mismatch kills the worker)."""
+        assert self._verified is not None
         answer: dict[str, Any] = reply if isinstance(reply, dict) else {}
         self._note_preload(answer.get("preload"))
         if "landlock" in answer:

@@ -55,7 +55,7 @@ def test_v2_plan_creates_limits_and_enables_controllers_down_the_path(tmp_path: 
 
 
 def test_counters_are_read_from_held_descriptors_and_fresh_each_time(tmp_path: Path) -> None:
-    mount, mountinfo = _v2_tree(tmp_path)
+    _, mountinfo = _v2_tree(tmp_path)
     group = cgroups.plan("w1", ResourceLimits(), "auto", root=tmp_path / "nov1", proc_cgroup="0::/\n",
                          mountinfo=mountinfo, euid=0)  # fmt: skip
     group.create()
