@@ -169,15 +169,10 @@ def _exec_args(args: Sequence[str]) -> dict[str, Any]:
 
 
 def _run_args(args: Sequence[str]) -> dict[str, Any]:
-    from cli.commands.common import ProfileName, ProviderName
-
+    """``run``'s arguments (``provider`` and ``profile`` as strings: their enums are the full command's)."""
     options, prompt = _options(args, _RUN_FLAGS, _RUN_VALUES, interspersed=True)
     if len(prompt) != 1:
         raise _Unsure
-    if "provider" in options:
-        options["provider"] = ProviderName(options["provider"])
-    if "profile" in options:
-        options["profile"] = ProfileName(options["profile"])
     return {"prompt": prompt[0], **_network(options)}
 
 
@@ -210,8 +205,18 @@ def _run_command(name: str, options: dict[str, Any], arguments: dict[str, Any]) 
         from cli.commands.exec_impl import exec_main
 
         return exec_main(_state(options), **arguments)
+    from cli.service_run import run_fast
+
+    code = run_fast(options, arguments)  # on a running service, without the event loop or the config
+    if code is not None:
+        return code
+    from cli.commands.common import ProfileName, ProviderName
     from cli.commands.run_impl import run_main
 
+    if "provider" in arguments:
+        arguments["provider"] = ProviderName(arguments["provider"])
+    if "profile" in arguments:
+        arguments["profile"] = ProfileName(arguments["profile"])
     return run_main(_state(options), **arguments)
 
 

@@ -413,6 +413,19 @@ def _status(result: dict[str, Any] | None, *, live: bool = False) -> tuple[str, 
     return status, "red" if failed else "green"
 
 
+def finish_run(outcome: Outcome, *, json_mode: bool) -> int:
+    """What ``sandbox run`` says after its events, and its exit code: in JSON mode the error the
+    rich renderer would have shown, else how to continue the conversation (on stderr)."""
+    if outcome.exit_code != output.EXIT_OK and outcome.error and json_mode:
+        output.error(outcome.error)
+    said = outcome.done.get("conversation_id") if outcome.done else None
+    if isinstance(said, str) and not json_mode:
+        output.console(stderr=True).print(
+            f"conversation {output.visible(said)}: continue it with `sandbox run --conversation {said} ...` "
+            "or `--continue`", style="dim", markup=False, highlight=False)  # fmt: skip
+    return outcome.exit_code
+
+
 async def drive(pool: Pool, user_id: str, request: Request, renderer: Renderer) -> Outcome:
     """Stream ``request`` for ``user_id`` into ``renderer``; errors propagate after it closes.
 

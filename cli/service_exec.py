@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from typing import Any, BinaryIO
 
     from cli.termfilter import TerminalFilter
+    from sandbox_core.client_config import ClientSettings
     from sandbox_core.service.blocking import BlockingClient
 
 CANCEL_TIMEOUT = 10.0
@@ -55,14 +56,7 @@ def exec_fast(options: dict[str, Any], arguments: dict[str, Any]) -> int | None:
     of :mod:`cli.main` gives them. None: not taken (in-process, a TCP service, a case with
     something to warn about or to report), and nothing was sent.
     """
-    from sandbox_core.client_config import read_client_settings
-    from sandbox_core.errors import ConfigError, SandboxError
-    from sandbox_core.service.blocking import BlockingClient
-    from sandbox_core.service.paths import normalize_address, socket_file
-
     command: list[str] = arguments["command"]
-    if options.get("local") or options.get("verbose") or options.get("user") or arguments.get("user"):
-        return None  # in-process, or something to say first
     if arguments.get("tty") or arguments.get("interactive") or arguments.get("profile") is not None:
         return None
     if shell_at_terminal(command, tty=arguments.get("tty"), shell=bool(arguments.get("shell"))):
@@ -70,6 +64,28 @@ def exec_fast(options: dict[str, Any], arguments: dict[str, Any]) -> int | None:
     timeout = arguments.get("timeout")
     if timeout is not None and not 0 < timeout < float("inf"):
         return None
+    connected = service_connection(options, arguments)
+    if connected is None:
+        return None
+    client, sock, settings = connected
+    body = exec_body(command, shell=bool(arguments.get("shell")), timeout=timeout, network=arguments.get("network"))
+    return run_on_service(client, body, raw=bool(arguments.get("raw")), processes=settings.processes, sock=sock)
+
+
+def service_connection(options: dict[str, Any], arguments: dict[str, Any],
+                       ) -> tuple[BlockingClient, Any, ClientSettings] | None:  # fmt: skip
+    """A checked connection to the service the command goes to, when it is on a Unix socket that
+    answers and nothing needs the full command first: ``(client, socket, settings)``, else None
+    (in-process, ``-v``, a ``--user`` to compare, a TCP service, a setting this reader is unsure
+    of, nothing or no one to trust at the socket). Nothing is sent on the connection yet.
+    """
+    from sandbox_core.client_config import read_client_settings
+    from sandbox_core.errors import ConfigError, SandboxError
+    from sandbox_core.service.blocking import BlockingClient
+    from sandbox_core.service.paths import normalize_address, socket_file
+
+    if options.get("local") or options.get("verbose") or options.get("user") or arguments.get("user"):
+        return None  # in-process, or something to say first
     overrides: dict[str, Any] = {"profile": options.get("profile")}
     if options.get("allow_root_process"):
         overrides["allow_root_process"] = True
@@ -84,14 +100,12 @@ def exec_fast(options: dict[str, Any], arguments: dict[str, Any]) -> int | None:
         return None
     if not address.startswith("unix:"):
         return None
-
     client = BlockingClient(address.removeprefix("unix:"), server_uids=settings.server_uids)
     try:
         sock = client.connect()
     except SandboxError:  # nothing answers there, or not one to trust: the full command decides
         return None
-    body = exec_body(command, shell=bool(arguments.get("shell")), timeout=timeout, network=arguments.get("network"))
-    return run_on_service(client, body, raw=bool(arguments.get("raw")), processes=settings.processes, sock=sock)
+    return client, sock, settings
 
 
 def exec_body(command: list[str], *, shell: bool, timeout: float | None,
@@ -125,7 +139,7 @@ def run_on_service(client: BlockingClient, body: dict[str, Any], *, raw: bool, p
     run_id: str | None = None
     printer = Printer(raw, processes)
     try:
-        for kind, data in client.events("exec", body, sock=sock):
+        for _, kind, data in client.events("exec", body, sock=sock):
             if kind == "started" and run_id is None:
                 run_id = str(data.get("run_id") or "") or None
                 if run_id is not None and piped:
@@ -139,12 +153,12 @@ def run_on_service(client: BlockingClient, body: dict[str, Any], *, raw: bool, p
     except KeyboardInterrupt:
         printer.close()
         if run_id is not None:
-            _cancel_quietly(client, run_id, CANCEL_TIMEOUT)
+            cancel_quietly(client, run_id, CANCEL_TIMEOUT)
         output.note("interrupted")
         return output.EXIT_INTERRUPTED
     except BaseException:  # our stdout went away (EPIPE), say: the run must not go on without us
         if run_id is not None:
-            _cancel_quietly(client, run_id, CANCEL_TIMEOUT)
+            cancel_quietly(client, run_id, CANCEL_TIMEOUT)
         raise
     finally:
         printer.close()
@@ -166,7 +180,7 @@ def stdin_to_stream() -> bool:
     return (mine.st_rdev, mine.st_mode & 0o170000) != (null.st_rdev, null.st_mode & 0o170000)
 
 
-def _cancel_quietly(client: BlockingClient, run_id: str, timeout: float) -> None:
+def cancel_quietly(client: BlockingClient, run_id: str, timeout: float) -> None:
     try:
         client.cancel(run_id, timeout)
     except Exception:  # noqa: BLE001 - the run ends with the connection anyway; Ctrl-C must not raise

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import pwd
 import shutil
 import statistics
 import sys
@@ -441,17 +442,23 @@ async def cli_exec_true(config: ProcessSandboxConfig, n: int) -> list[Figure]:
     env = _cli_env(config, state)
     python3 = sys.executable
     sock = state / "run" / "bench.sock"
-    server = await _serve(cli, env, sock)
+    server = await _serve(cli, {**env, "SANDBOX_MODEL__PROVIDER": "offline"}, sock)  # no model call leaves the host
     try:
         local = [*cli, "--local", "exec", "--", "true"]
         remote = [*cli, "--connect", f"unix:{sock}", "exec", "--", "true"]
+        agent = [*cli, "--connect", f"unix:{sock}", "run", "hello"]
+        # a --user the service agrees with (our login name): the same run, through the full command
+        agent_full = [*cli, "--connect", f"unix:{sock}", "--user", pwd.getpwuid(os.getuid()).pw_name, "run", "hello"]
         await _whole_process(remote, env)  # the service's worker for the user is warm from here on
+        await _whole_process(agent, env)  # and has run the agent once
         no_head = {**env, "SANDBOX_HEAD_START": "false"}
         runs: dict[str, Callable[[], Awaitable[float]]] = {
             "python3": lambda: _whole_process([python3, "-c", "pass"]),
             "local": lambda: _whole_process(local, env),
             "local_no_head": lambda: _whole_process(local, no_head),
             "service": lambda: _whole_process(remote, env),
+            "agent": lambda: _whole_process(agent, env),
+            "agent_full": lambda: _whole_process(agent_full, env),
         }
         srt = _srt_argv()
         srt_skipped: str | None = None
@@ -488,6 +495,10 @@ async def cli_exec_true(config: ProcessSandboxConfig, n: int) -> list[Figure]:
         Figure("sandbox exec -- true, against a running service", _ms(medians["service"]), "ms p50",
                "<= 2.5x python3 -c pass", remote_ratio <= 2.5, baseline=_ms(base), ratio=round(remote_ratio, 2),
                detail=dict(detail)),
+        Figure("sandbox run hello (offline model), against a running service", _ms(medians["agent"]), "ms p50",
+               baseline=_ms(base), ratio=round(medians["agent"] / base, 2),
+               detail={**detail, "full_client_ms": _ms(medians["agent_full"]),
+                       "ratio_vs_full_client": round(medians["agent"] / medians["agent_full"], 2)}),
     ]
     if "srt" in medians:
         srt_ratio = medians["local"] / medians["srt"]

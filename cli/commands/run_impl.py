@@ -75,7 +75,7 @@ def run_main(
     local = target is None
 
     async def job(pool: Pool) -> int:
-        from cli.render import JsonRenderer, RichRenderer, drive
+        from cli.render import JsonRenderer, RichRenderer, drive, finish_run
         from cli.runtime import exit_code_for
         from sandbox_core.errors import SandboxError
         from sandbox_core.requests import LAST_CONVERSATION, AgentRequest
@@ -106,13 +106,6 @@ def run_main(
             if hint is not None:
                 output.console(stderr=True).print(f"hint: {hint}", style="dim", markup=False, highlight=False)
             return exit_code_for(exc)
-        if outcome.exit_code != output.EXIT_OK and outcome.error and json_mode:
-            output.error(outcome.error)  # the rich renderer has shown it already
-        said = outcome.done.get("conversation_id") if outcome.done else None
-        if isinstance(said, str) and not json_mode:
-            output.console(stderr=True).print(
-                f"conversation {output.visible(said)}: continue it with `sandbox run --conversation {said} ...` "
-                "or `--continue`", style="dim", markup=False, highlight=False)  # fmt: skip
-        return outcome.exit_code
+        return finish_run(outcome, json_mode=json_mode)
 
     return run_job(config, job, verbose=state.verbose, target=target, user=user or state.user, thin=True)

@@ -205,8 +205,8 @@ class BlockingClient:
         self.json("POST", f"/v1/runs/{run_id}/stdin", stream=chunks, timeout=None)
 
     def events(self, kind: str, body: dict[str, Any], sock: _socket.socket | None = None,
-               ) -> Iterator[tuple[str, dict[str, Any]]]:  # fmt: skip
-        """Start a run (``exec`` or ``agent``) and yield its events as ``(type, data)``; errors raise typed.
+               ) -> Iterator[tuple[int, str, dict[str, Any]]]:  # fmt: skip
+        """Start a run (``exec`` or ``agent``) and yield its events as ``(seq, type, data)``; errors raise typed.
 
         ``sock``: a connection from :meth:`connect` to send it on (else a new one).
         """
@@ -214,14 +214,14 @@ class BlockingClient:
         try:
             if answer.status != 200:
                 check_status(answer.status, answer.body().decode(errors="replace"))
-            for _, event, data in parse_sse(answer.lines()):
+            for seq, event, data in parse_sse(answer.lines()):
                 try:
                     payload = json_value(data)
                 except ValueError:
                     raise ServiceError(f"the service sent an event that is not JSON: {data[:80]!r}") from None
                 if event == "error":
                     raise from_wire(payload)
-                yield event, payload if isinstance(payload, dict) else {}
+                yield seq or 0, event, payload if isinstance(payload, dict) else {}
         except OSError as exc:
             raise ServiceError(f"lost the service connection: {exc}") from None
         finally:

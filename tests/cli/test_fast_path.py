@@ -9,6 +9,9 @@ loaded are read from that report.
 from __future__ import annotations
 
 import hashlib
+import os
+import pwd
+import re
 import signal
 import subprocess
 import sys
@@ -217,3 +220,66 @@ def test_piped_stdin_reaches_a_client_exec_byte_for_byte(unix_server: Server, tm
                             input=data, capture_output=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+@needs_agent
+def test_a_client_run_on_the_service_loads_no_event_loop_and_no_config(
+    unix_server: Server, tmp_path: Path,  # noqa: F811
+) -> None:
+    """The plain ``run`` (:mod:`cli.service_run`): blocking sockets, the renderers, nothing of the full command."""
+    env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
+    result, modules = imported(env, "--connect", unix_server.address, "run", "run: echo thin-run")
+    assert result.returncode == 0, result.stderr
+    assert "thin-run" in result.stdout and "continue it with `sandbox run --conversation run-" in result.stderr
+    unneeded = modules & {"asyncio", "ssl", "cli.state", "cli.commands.common", "cli.commands.run_impl",
+                          "cli.runtime", "sandbox_core.config", "sandbox_core.requests", "secrets", "typer"}
+    assert not unneeded, sorted(unneeded)
+    assert "cli.service_run" in modules and "cli.render" in modules
+
+
+def _comparable(text: str) -> str:
+    """A run's output with what differs between two runs of the same prompt (ids, times) blanked."""
+    for pattern, blank in ((r"run-[0-9a-f]{8}", "run-ID"), (r"run_[0-9a-f]{16}", "run_ID"), (r"\d+\.\d+ s", "T s"),
+                           (r"toolu_offline_[0-9a-f_]+", "toolu_ID"), (r'"pid":\d+', '"pid":N'),
+                           (r'"duration_s":[0-9.e-]+', '"duration_s":T')):  # fmt: skip
+        text = re.sub(pattern, blank, text)
+    return text
+
+
+@needs_agent
+@pytest.mark.parametrize("json_flag", [[], ["--json"]], ids=["rich", "json"])
+def test_the_thin_and_the_full_client_run_print_the_same(
+    unix_server: Server, tmp_path: Path, json_flag: list[str],  # noqa: F811
+) -> None:
+    env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
+    me = pwd.getpwuid(os.getuid()).pw_name  # the service's name for us: a --user that matches (and sends the full path)
+    prompt = "run: printf 'one\\ntwo\\n'; echo err >&2; exit 3"
+    thin, thin_modules = imported(env, "--connect", unix_server.address, "run", *json_flag, prompt)
+    full, full_modules = imported(env, "--connect", unix_server.address, "--user", me, "run", *json_flag, prompt)
+    assert "cli.service_run" in thin_modules and "cli.commands.run_impl" not in thin_modules
+    assert "cli.commands.run_impl" in full_modules
+    assert thin.returncode == full.returncode == 0, (thin.stderr, full.stderr)
+    assert _comparable(thin.stdout) == _comparable(full.stdout), (thin.stdout, full.stdout)
+    assert _comparable(_no_importtime(thin.stderr)) == _comparable(_no_importtime(full.stderr))
+
+
+def _no_importtime(stderr: str) -> str:
+    return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("import time:"))
+
+
+@needs_agent
+def test_ctrl_c_on_a_client_run_cancels_it_on_the_service(unix_server: Server, tmp_path: Path) -> None:  # noqa: F811
+    env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
+    cli = subprocess.Popen([SANDBOX, "--connect", unix_server.address, "run", "run: sleep 3018"], env=env,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        sleeper = poll(lambda: find_process(["sleep", "3018"], unix_server.proc.pid), 15, "sleep on the service")
+        cli.send_signal(signal.SIGINT)
+        _, err = cli.communicate(timeout=20)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert cli.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    poll(lambda: not pid_alive(sleeper), 10, "the cancelled command to die on the service")
