@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import signal
 import threading
 import time
@@ -366,7 +365,7 @@ def plan(worker_id: str, limits: ResourceLimits, version: Version = "auto", *, p
     Nothing is created until :meth:`WorkerCgroup.after_spawn`, so a worker that never
     spawns leaves nothing behind.
     """
-    name = f"{_SAFE.sub('_', worker_id)[:48] or 'worker'}.{secrets.token_hex(4)}"
+    name = f"{_SAFE.sub('_', worker_id)[:48] or 'worker'}.{os.urandom(4).hex()}"
     owner = owner_name()
     cpu_quota = int(limits.cpus * CPU_PERIOD_US) if limits.cpus else 0
     socket_mb = limits.socket_mb or limits.memory_mb

@@ -16,12 +16,27 @@ probe that fails is never cached: it runs (and fails closed) again next time.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
+    from hashlib import sha256 as _sha256
+else:
+    try:  # CPython's own SHA-256: hashlib would load OpenSSL for it (~8 ms of a one-shot CLI before its spawn)
+        from _sha256 import sha256 as _sha256
+    except ImportError:  # pragma: no cover - an interpreter without it
+        from hashlib import sha256 as _sha256
+
+
+def sha256(data: bytes = b"") -> _Hash:
+    """``hashlib.sha256(data)``, the same digest, without loading OpenSSL."""
+    return _sha256(data)
+
 
 MAX_BYTES = 256 * 1024
 """A cache file larger than this is not read (``bwrap --help`` is about 4 KiB)."""
@@ -46,7 +61,7 @@ def probe_output(directory: Path | None, argv: Sequence[str], run: Callable[[], 
     except OSError:
         return run()
     record = {"binary": binary, "identity": identity, "argv": list(argv[1:])}
-    name = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
+    name = sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
     path = directory / f"{name}.json"
     cached = _read(directory, path)
     if cached is not None and {k: cached.get(k) for k in record} == record and isinstance(cached.get("output"), str):

@@ -26,7 +26,6 @@ import contextlib
 import errno
 import fcntl
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandbox_core.errors import IsolationUnavailable
+from sandbox_core.isolation.probes import sha256
 from sandbox_core.isolation.spec import PACKAGE_ROOT
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def runtime() -> Runtime:
 def _check_file(stage: Path) -> Path:
     """Where this interpreter, venv, search path and checkout remember their last plan's key."""
     whose = f"{_FORMAT}\0{sys.version}\0{os.path.realpath(sys.executable)}\0{sys.prefix}\0{PACKAGE_ROOT}\0{sys.path}"
-    return stage / f"plan-{hashlib.sha256(whose.encode()).hexdigest()[:24]}.json"
+    return stage / f"plan-{sha256(whose.encode()).hexdigest()[:24]}.json"
 
 
 def _remember(stage: Path, key: str, paths: list[str]) -> None:
@@ -276,7 +276,7 @@ def _requirement_name(requirement: str) -> str:
 
 def _key(plan: _Plan, stage: Path) -> tuple[str, list[str]]:
     """The stage's name for ``plan``, and the sources it copies (keyed by their identity)."""
-    digest = hashlib.sha256(f"{_FORMAT}\0{sys.version}\0".encode())
+    digest = sha256(f"{_FORMAT}\0{sys.version}\0".encode())
     linkable = _Linkable(stage.stat().st_dev)
     copied = []
     for dest, src in sorted(plan.links):
