@@ -119,7 +119,7 @@ def exec_body(command: list[str], *, shell: bool, timeout: float | None,
     if timeout is not None:
         body["timeout"] = timeout
     if network is not None:
-        body["network"] = {"allow": list(network)} if network else {"mode": "none"}
+        body["network"] = network_body(network)
     return body
 
 
@@ -136,14 +136,12 @@ def run_on_service(client: BlockingClient, body: dict[str, Any], *, raw: bool, p
     piped = stdin_to_stream()
     if piped:
         body = {**body, "stdin_stream": True}
-    run_id: str | None = None
+    run = ServiceRun(client)
     printer = Printer(raw, processes)
     try:
-        for _, kind, data in client.events("exec", body, sock=sock):
-            if kind == "started" and run_id is None:
-                run_id = str(data.get("run_id") or "") or None
-                if run_id is not None and piped:
-                    _send_stdin(client, run_id)
+        for _, kind, data in run.events("exec", body, sock):
+            if kind == "started" and run.run_id is not None and piped:
+                _send_stdin(client, run.run_id)
             printer.show(kind, data)
     except SandboxError as exc:
         printer.close()
@@ -152,17 +150,44 @@ def run_on_service(client: BlockingClient, body: dict[str, Any], *, raw: bool, p
         return report(exc, verbose=verbose)
     except KeyboardInterrupt:
         printer.close()
-        if run_id is not None:
-            cancel_quietly(client, run_id, CANCEL_TIMEOUT)
-        output.note("interrupted")
-        return output.EXIT_INTERRUPTED
+        return run.interrupted()
     except BaseException:  # our stdout went away (EPIPE), say: the run must not go on without us
-        if run_id is not None:
-            cancel_quietly(client, run_id, CANCEL_TIMEOUT)
+        run.stop()
         raise
     finally:
         printer.close()
     return printer.code
+
+
+class ServiceRun:
+    """One run on the service, as a command follows it: its events, and its cancel if we stop first."""
+
+    def __init__(self, client: BlockingClient) -> None:
+        self.client = client
+        self.run_id: str | None = None
+        """Known from the ``started`` event on."""
+
+    def events(self, kind: str, body: dict[str, Any], sock: Any = None) -> Iterator[tuple[int, str, dict[str, Any]]]:
+        for seq, event, data in self.client.events(kind, body, sock=sock):
+            if event == "started" and self.run_id is None:
+                self.run_id = str(data.get("run_id") or "") or None
+            yield seq, event, data
+
+    def stop(self) -> None:
+        """Cancel the run on the service (if it started) and wait, up to :data:`CANCEL_TIMEOUT`, for it to end."""
+        if self.run_id is not None:
+            cancel_quietly(self.client, self.run_id, CANCEL_TIMEOUT)
+
+    def interrupted(self) -> int:
+        """Ctrl-C: the run is stopped, the user told; the exit code to leave with."""
+        self.stop()
+        output.note("interrupted")
+        return output.EXIT_INTERRUPTED
+
+
+def network_body(network: tuple[str, ...]) -> dict[str, Any]:
+    """A request's network narrowing as the service's JSON takes it (``()``: no network at all)."""
+    return {"allow": list(network)} if network else {"mode": "none"}
 
 
 def stdin_to_stream() -> bool:

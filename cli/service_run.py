@@ -58,6 +58,8 @@ def agent_body(text: str, arguments: dict[str, Any]) -> dict[str, Any]:
     """The JSON body of ``POST /v1/runs/agent``, as :func:`cli.remote.request_body` writes it for the
     full command's request: in client mode only what was asked for explicitly (the service's
     config fills in the rest)."""
+    from cli.service_exec import network_body
+
     conversation = arguments.get("conversation")
     body: dict[str, Any] = {"prompt": text, "conversation_id": conversation or f"run-{os.urandom(4).hex()}"}
     for key in ("system", "model", "max_turns", "timeout"):
@@ -67,7 +69,7 @@ def agent_body(text: str, arguments: dict[str, Any]) -> dict[str, Any]:
         body["resume"] = True
     network = arguments.get("network")
     if network is not None:
-        body["network"] = {"allow": list(network)} if network else {"mode": "none"}
+        body["network"] = network_body(network)
     return body
 
 
@@ -75,24 +77,22 @@ def render_on_service(client: BlockingClient, body: dict[str, Any], *, json_mode
     """Run the agent ``body`` on the service and show it as ``sandbox run`` does; its exit code.
 
     Ctrl-C cancels the run on the service and waits (up to
-    :data:`cli.service_exec.CANCEL_TIMEOUT`) for it to stop.
+    :data:`cli.service_exec.CANCEL_TIMEOUT`) for it to stop (:class:`cli.service_exec.ServiceRun`).
     """
     from cli.render import JsonRenderer, RichRenderer, finish_run
-    from cli.service_exec import CANCEL_TIMEOUT, cancel_quietly
+    from cli.service_exec import ServiceRun
     from sandbox_core.errors import SandboxError
     from sandbox_core.events import Event
     from sandbox_core.service.wire import ServiceError
 
     renderer: JsonRenderer | RichRenderer = JsonRenderer() if json_mode else RichRenderer(output.console())
-    run_id: str | None = None
+    run = ServiceRun(client)
     try:
-        for seq, kind, data in client.events("agent", body, sock=sock):
+        for seq, kind, data in run.events("agent", body, sock):
             try:
                 event = Event.from_dict({"type": kind, "seq": seq, "data": data})
             except ValueError as exc:
                 raise ServiceError(f"the service sent an event that is not one: {exc}") from None
-            if kind == "started" and run_id is None:
-                run_id = str(data.get("run_id") or "") or None
             renderer.handle(event)
     except SandboxError as exc:
         renderer.close()
@@ -105,13 +105,9 @@ def render_on_service(client: BlockingClient, body: dict[str, Any], *, json_mode
         return exit_code_for(exc) if renderer.outcome.error else report(exc)
     except KeyboardInterrupt:
         renderer.close()
-        if run_id is not None:
-            cancel_quietly(client, run_id, CANCEL_TIMEOUT)
-        output.note("interrupted")
-        return output.EXIT_INTERRUPTED
+        return run.interrupted()
     except BaseException:  # our stdout went away (EPIPE), say: the run must not go on without us
-        if run_id is not None:
-            cancel_quietly(client, run_id, CANCEL_TIMEOUT)
+        run.stop()
         raise
     finally:
         renderer.close()

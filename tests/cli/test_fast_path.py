@@ -194,14 +194,18 @@ def test_a_run_against_the_service_loads_neither_the_pool_nor_an_http_library(
     assert not {m for m in modules if m.startswith(("sandbox_core.orchestrator", "sandbox_core.worker"))}
 
 
-def test_ctrl_c_on_a_client_exec_cancels_the_run_on_the_service(
-    unix_server: Server, tmp_path: Path,  # noqa: F811
+@pytest.mark.parametrize(("command", "marker"), [
+    pytest.param(["exec", "--", "sleep", "3017"], ["sleep", "3017"], id="exec"),
+    pytest.param(["run", "run: sleep 3018"], ["sleep", "3018"], marks=needs_agent, id="run"),
+])
+def test_ctrl_c_on_a_client_command_cancels_the_run_on_the_service(
+    unix_server: Server, tmp_path: Path, command: list[str], marker: list[str],  # noqa: F811
 ) -> None:
     env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
-    cli = subprocess.Popen([SANDBOX, "--connect", unix_server.address, "exec", "--", "sleep", "3017"], env=env,
+    cli = subprocess.Popen([SANDBOX, "--connect", unix_server.address, *command], env=env,
                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        sleeper = poll(lambda: find_process(["sleep", "3017"], unix_server.proc.pid), 15, "sleep on the service")
+        sleeper = poll(lambda: find_process(marker, unix_server.proc.pid), 15, "sleep on the service")
         cli.send_signal(signal.SIGINT)
         _, err = cli.communicate(timeout=20)
     finally:
@@ -265,21 +269,3 @@ def test_the_thin_and_the_full_client_run_print_the_same(
 
 def _no_importtime(stderr: str) -> str:
     return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith("import time:"))
-
-
-@needs_agent
-def test_ctrl_c_on_a_client_run_cancels_it_on_the_service(unix_server: Server, tmp_path: Path) -> None:  # noqa: F811
-    env = {**base_env(tmp_path), "SANDBOX_WORKSPACE_ROOT": str(tmp_path / "local-ws")}
-    cli = subprocess.Popen([SANDBOX, "--connect", unix_server.address, "run", "run: sleep 3018"], env=env,
-                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        sleeper = poll(lambda: find_process(["sleep", "3018"], unix_server.proc.pid), 15, "sleep on the service")
-        cli.send_signal(signal.SIGINT)
-        _, err = cli.communicate(timeout=20)
-    finally:
-        if cli.poll() is None:
-            cli.kill()
-            cli.wait()
-    assert cli.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
-    poll(lambda: not pid_alive(sleeper), 10, "the cancelled command to die on the service")
