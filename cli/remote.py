@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cli.service_exec import CANCEL_TIMEOUT  # one wait for a cancelled run, in every client of the service
 from sandbox_core.errors import ConfigError, SandboxError
 
 if TYPE_CHECKING:
@@ -34,9 +35,6 @@ if TYPE_CHECKING:
 URL_ENV = "SANDBOX_URL"
 TOKEN_ENV = "SANDBOX_TOKEN"
 TOKEN_FILE_ENV = "SANDBOX_TOKEN_FILE"
-CANCEL_TIMEOUT = 10.0
-"""Seconds to wait for the service to confirm a cancelled run has stopped."""
-
 
 
 @dataclass(frozen=True)
@@ -109,12 +107,11 @@ def unix_identity() -> str:
 
 def request_body(request: Request) -> tuple[str, dict[str, Any]]:
     """The service route (``agent`` or ``exec``) and JSON body for ``request``."""
-    from sandbox_core.requests import AgentRequest, ExecRequest, network_to_json
+    from cli.service_exec import exec_body, network_body
+    from sandbox_core.requests import AgentRequest, ExecRequest
 
     body: dict[str, Any]
     if isinstance(request, ExecRequest):
-        from cli.service_exec import exec_body
-
         command = list(request.argv) if request.argv is not None else [request.shell or ""]
         body = exec_body(command, shell=request.argv is None, timeout=request.timeout, network=request.network)
         if isinstance(request.stdin, str):
@@ -134,9 +131,8 @@ def request_body(request: Request) -> tuple[str, dict[str, Any]]:
             body["tools"] = list(request.tools)
         if request.resume:
             body["resume"] = True
-        network = network_to_json(request.network)
-        if network is not None:
-            body["network"] = network
+        if request.network is not None:
+            body["network"] = network_body(request.network)
         return "agent", body
     raise SandboxError(f"the service does not run {request.method!r} requests (use --local)")
 
