@@ -101,7 +101,7 @@ class Spare:
         ``stat`` and a read of the uid map); :meth:`claim` re-checks under the map's lock."""
         if not self.staged or self._attached is None or workspace.parent != self.root:
             return None
-        if os.path.lexists(workspace) or workspace.name in tenants.assigned(self.config):
+        if os.path.lexists(workspace) or tenants.has_uid(self.config, workspace.name):
             return None
         self.promised = True
         return {**self._attached, "spare": True}

@@ -33,7 +33,7 @@ pytestmark = [
 
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> None:
-    tenants._cache.clear()
+    tenants.close_maps()
 
 
 def _config(tmp_path: Path, **changes: Any) -> Any:
@@ -146,7 +146,7 @@ async def test_a_spare_promised_to_a_user_who_turns_out_to_have_a_uid_fails_clos
     user gets a worker of their own uid, and the spare's uid (which a process ran as) is never reused."""
     config = _config(tmp_path)
     kim = tenants.identity_for(config, "kim").uid  # a uid, but no workspace yet
-    monkeypatch.setattr(tenants, "assigned", lambda cfg: {})  # the promise's quick look misses it
+    monkeypatch.setattr(tenants, "has_uid", lambda cfg, key: False)  # the promise's quick look misses it
     async with SandboxOrchestrator(config) as pool:
         await _prewarmed(pool)
         (unbound,) = [w for w in pool._workers.values() if w.user_id is None]

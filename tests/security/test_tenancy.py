@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
 import shutil
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -28,8 +30,7 @@ needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewr
 
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> None:
-    tenants._cache.clear()
-    tenants._snapshots.clear()
+    tenants.close_maps()
 
 
 def _config(tmp_path: Path, **strict: Any) -> ProcessSandboxConfig:
@@ -45,12 +46,15 @@ def test_each_user_gets_a_stable_uid_of_their_own(tmp_path: Path) -> None:
     alice, bob = tenants.identity_for(config, "alice"), tenants.identity_for(config, "bob")
     assert alice.uid != bob.uid and {alice.uid, bob.uid}.isdisjoint({0, 65534})
     assert alice.gid == alice.uid and 200000 <= alice.uid <= 299999
-    tenants._cache.clear()  # a restarted orchestrator reads the map back
+    tenants.close_maps()  # a restarted orchestrator reads the map back
     assert tenants.identity_for(config, "bob") == bob and tenants.identity_for(config, "alice") == alice
     state = tmp_path / "state"
     assert oct(state.stat().st_mode & 0o777) == "0o700"
-    assert json.loads((state / "uids.json").read_text())["users"] == {"alice": alice.uid, "bob": bob.uid}
-    assert [p.name for p in state.iterdir() if p.name.endswith(".tmp")] == []
+    assert oct((state / "uids.sqlite3").stat().st_mode & 0o777) == "0o600"
+    with contextlib.closing(sqlite3.connect(state / "uids.sqlite3")) as db:  # what another process reads
+        assert dict(db.execute("SELECT key, uid FROM tenants")) == {"alice": alice.uid, "bob": bob.uid}
+    assert tenants.assigned(config) == {"alice": alice.uid, "bob": bob.uid}
+    assert oct((state / "uids.sqlite3-wal").stat().st_mode & 0o777) == "0o600"
 
 
 def test_uids_known_to_the_host_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,37 +90,73 @@ def test_orchestrators_assigning_at_once_never_collide(tmp_path: Path) -> None:
     assert len(shared) == 1  # every process got the same uid for the same user
     mine = [u for r in results for u in r[:-1]]
     assert len(set(mine)) == len(mine) == 60 and not shared & set(mine)
-    users = json.loads((state / "uids.json").read_text())["users"]
+    users = tenants.assigned(ProcessSandboxConfig(profile="strict", state_dir=state))
     assert len(users) == 61 and len(set(users.values())) == 61
 
 
-def test_the_map_read_without_its_lock_is_never_older_than_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """assigned() answers from its snapshot only while the file is the one it read or wrote."""
+def test_a_change_touches_one_row_and_others_see_it_at_once(tmp_path: Path) -> None:
+    """A spare's hand-over is one row's update; another process's change is read at the next look."""
     config = _config(tmp_path)
-    alice = tenants.identity_for(config, "alice").uid
-    parsed: list[Path] = []
-    real_parse = tenants._parse
+    spare = tenants.identity_for(config, ".spare-1-w1").uid
+    assert tenants.rename(config, ".spare-1-w1", "carol") == tenants.Tenant("carol", spare, spare)
+    assert tenants.rename(config, ".spare-1-w1", "carol") is None  # carol has a uid now: nothing changes
+    assert tenants.assigned(config) == {"carol": spare} and tenants.has_uid(config, "carol")
+    tenants.flush(config)
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "uids.sqlite3", isolation_level=None)) as db:
+        db.execute("INSERT INTO tenants VALUES ('dave', ?)", (spare + 7,))  # another orchestrator's assignment
+        with pytest.raises(sqlite3.IntegrityError):  # the schema itself refuses a uid given twice
+            db.execute("INSERT INTO tenants VALUES ('eve', ?)", (spare,))
+    assert tenants.has_uid(config, "dave") and tenants.assigned(config)["dave"] == spare + 7
+    assert tenants.identity_for(config, "eve").uid not in (spare, spare + 7)
+    with pytest.raises(IsolationUnavailable, match="only a spare's uid"):
+        tenants.forget(config, "carol")
+    assert not tenants.has_uid(_config(tmp_path / "other"), "carol")  # no map there: nothing made
+    assert not (tmp_path / "other" / "state" / "uids.sqlite3").exists()
 
-    def parse(text: str, path: Path) -> dict[str, int]:
-        parsed.append(path)
-        return real_parse(text, path)
 
-    monkeypatch.setattr(tenants, "_parse", parse)
-    assert tenants.assigned(config) == {"alice": alice} and not parsed  # what this process wrote
-    assert tenants.assigned(config) == {"alice": alice} and not parsed
-    path = tmp_path / "state" / "uids.json"
-    other = json.loads(path.read_text())
-    other["users"]["bob"] = alice + 1  # another process's write: a new file renamed over the map
-    (tmp_path / "state" / "other.tmp").write_text(json.dumps(other))
-    os.rename(tmp_path / "state" / "other.tmp", path)
-    assert tenants.assigned(config) == {"alice": alice, "bob": alice + 1} and len(parsed) == 1
-    assert tenants.assigned(config) == {"alice": alice, "bob": alice + 1} and len(parsed) == 1
-    tenants.assigned(config)["mallory"] = 1  # a caller's copy: the snapshot does not change
-    assert "mallory" not in tenants.assigned(config)
-    path.unlink()
+def test_an_earlier_versions_json_map_is_imported_and_left_unusable_to_it(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "uids.json").write_text(json.dumps({"version": 1, "users": {"alice": 200000, ".spare-9-w0": 200003}}))
+    assert tenants.identity_for(config, "alice").uid == 200000
+    assert tenants.identity_for(config, "bob").uid == 200001  # the lowest free one: 200003 is taken
+    assert tenants.assigned(config) == {"alice": 200000, ".spare-9-w0": 200003, "bob": 200001}
+    note = json.loads((state / "uids.json").read_text())
+    assert "users" not in note and note["moved_to"] == "uids.sqlite3"  # the earlier version fails closed on it
+    tenants.close_maps()
+    assert tenants.assigned(config)["bob"] == 200001  # the note is not imported again
+    (state / "uids.json").write_text(json.dumps({"version": 1, "users": {"mallory": 200001}}))
+    tenants.close_maps()
+    with pytest.raises(IsolationUnavailable, match=r"gives uid 200001 to 'mallory'.* to 'bob'"):
+        tenants.assigned(config)
+
+
+def test_a_corrupt_or_foreign_map_fails_closed(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    (state / "uids.sqlite3").write_bytes(b"not a database, just bytes" * 100)
+    (state / "uids.sqlite3").chmod(0o600)
+    with pytest.raises(IsolationUnavailable, match="corrupt"):
+        tenants.identity_for(config, "alice")
+    (state / "uids.sqlite3").unlink()
+    (state / "uids.sqlite3").write_bytes(b"")
+    (state / "uids.sqlite3").chmod(0o644)
+    with pytest.raises(IsolationUnavailable, match="that only it can read"):
+        tenants.identity_for(config, "alice")
+
+
+def test_a_map_replaced_behind_the_process_is_opened_again(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    state = tmp_path / "state"
+    first = tenants.identity_for(config, "alice").uid
+    for name in ("uids.sqlite3", "uids.sqlite3-wal", "uids.sqlite3-shm"):
+        (state / name).unlink(missing_ok=True)  # e.g. an operator restored an (empty) backup
+    tenants._cache.clear()
     assert tenants.assigned(config) == {}
+    assert tenants.identity_for(config, "bob").uid == first  # assigned in the new file, not the removed one
+    assert tenants.assigned(config) == {"bob": first}
 
 
 def test_the_range_must_stay_clear_of_subordinate_ids(tmp_path: Path) -> None:
@@ -181,7 +221,7 @@ def test_workspaces_belong_to_their_users_uid(tmp_path: Path) -> None:
 def test_the_shared_sandbox_user_is_an_explicit_opt_out(tmp_path: Path) -> None:
     config = _config(tmp_path, sandbox_user="nobody")
     assert prepare_workspace(config, "alice").stat().st_uid == prepare_workspace(config, "bob").stat().st_uid == 65534
-    assert not (tmp_path / "state" / "uids.json").exists()
+    assert not (tmp_path / "state" / "uids.sqlite3").exists()
 
 
 def _as_uid(uid: int, script: str) -> subprocess.CompletedProcess[str]:
