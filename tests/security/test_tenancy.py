@@ -9,6 +9,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +131,31 @@ def test_an_earlier_versions_json_map_is_imported_and_left_unusable_to_it(tmp_pa
     tenants.close_maps()
     with pytest.raises(IsolationUnavailable, match=r"gives uid 200001 to 'mallory'.* to 'bob'"):
         tenants.assigned(config)
+
+
+def test_a_process_killed_inside_a_change_leaves_the_map_whole(tmp_path: Path) -> None:
+    """Another orchestrator dies holding the map's write lock, mid-change: the lock goes with
+    it, its change is rolled back, and readers never saw it."""
+    config = _config(tmp_path)
+    alice = tenants.identity_for(config, "alice").uid
+    script = (
+        "import sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('BEGIN IMMEDIATE')\n"
+        "db.execute('INSERT INTO tenants VALUES (?, ?)', ('mallory', int(sys.argv[2])))\n"
+        "print('inside', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "state" / "uids.sqlite3"), str(alice + 1)],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as child:  # fmt: skip
+        try:
+            assert child.stdout is not None and child.stdout.readline() == "inside\n"
+            assert tenants.assigned(config) == {"alice": alice}  # a reader is not blocked, nor sees it
+        finally:
+            child.kill()
+            child.wait(timeout=30)
+    assert tenants.identity_for(config, "bob").uid == alice + 1  # the dead change left nothing behind
+    assert tenants.assigned(config) == {"alice": alice, "bob": alice + 1}
 
 
 def test_a_corrupt_or_foreign_map_fails_closed(tmp_path: Path) -> None:
