@@ -106,9 +106,10 @@ def identity_for(config: ProcessSandboxConfig, key: str) -> Tenant:
     state = state_dir(config)
     cache_key = (str(state), key)
     with _lock:
+        found = _open(state)  # first: a map replaced behind us (a restored backup) drops what we cached of it
         uid = _cache.get(cache_key)
         if uid is None:
-            uid = _assign(_open(state), key, lo, hi)
+            uid = _assign(found, key, lo, hi)
             _cache[cache_key] = uid
     _check_uid(uid, lo, hi, key)
     return Tenant(key, uid, uid)
@@ -322,6 +323,8 @@ def _open(state: Path) -> _Map:
             return known
         if known.pid == os.getpid():  # replaced or removed behind our back (never use a fork's)
             known.db.close()
+        for cached in [k for k in _cache if k[0] == str(state)]:  # uids read from the file that is gone
+            del _cache[cached]
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:

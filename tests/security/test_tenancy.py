@@ -179,10 +179,10 @@ def test_a_map_replaced_behind_the_process_is_opened_again(tmp_path: Path) -> No
     first = tenants.identity_for(config, "alice").uid
     for name in ("uids.sqlite3", "uids.sqlite3-wal", "uids.sqlite3-shm"):
         (state / name).unlink(missing_ok=True)  # e.g. an operator restored an (empty) backup
-    tenants._cache.clear()
     assert tenants.assigned(config) == {}
     assert tenants.identity_for(config, "bob").uid == first  # assigned in the new file, not the removed one
-    assert tenants.assigned(config) == {"bob": first}
+    assert tenants.identity_for(config, "alice").uid == first + 1  # not the uid cached from the old file
+    assert tenants.assigned(config) == {"bob": first, "alice": first + 1}
 
 
 def test_the_range_must_stay_clear_of_subordinate_ids(tmp_path: Path) -> None:
