@@ -402,19 +402,14 @@ def _import_legacy(found: _Map, legacy: Path) -> None:
     if users:
         with _writing(found, durable=True) as db:
             for key, uid in users.items():
-                row = db.execute("SELECT key FROM tenants WHERE uid = ?", (uid,)).fetchone()
-                if row is not None and row[0] != key:
-                    raise IsolationUnavailable(
-                        f"{legacy} gives uid {uid} to {key!r}, the uid map {found.path} to "
-                        f"{row[0]!r}: resolve it by hand (a uid must never serve two users)",
-                        data={"field": "state_dir", "value": str(legacy.parent)})
-                mine = db.execute("SELECT uid FROM tenants WHERE key = ?", (key,)).fetchone()
-                if mine is not None and mine[0] != uid:
-                    raise IsolationUnavailable(
-                        f"{legacy} gives {key!r} uid {uid}, the uid map {found.path} uid "
-                        f"{mine[0]}: resolve it by hand (a user's files belong to one uid)",
-                        data={"field": "state_dir", "value": str(legacy.parent)})
-                if row is None:
+                held = db.execute("SELECT key, uid FROM tenants WHERE key = ? OR uid = ?", (key, uid)).fetchall()
+                for other_key, other_uid in held:
+                    if (other_key, other_uid) != (key, uid):
+                        raise IsolationUnavailable(
+                            f"{legacy} gives uid {uid} to {key!r}, the uid map {found.path} gives uid {other_uid} "
+                            f"to {other_key!r}: resolve it by hand (a uid serves one user, a user's files "
+                            "belong to one uid)", data={"field": "state_dir", "value": str(legacy.parent)})
+                if not held:
                     db.execute("INSERT INTO tenants (key, uid) VALUES (?, ?)", (key, uid))
     if users is not None:
         note = {"version": 2, "moved_to": MAP_NAME, "note": "the uid map is a SQLite database now: no users here"}
