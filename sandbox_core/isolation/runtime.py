@@ -56,7 +56,7 @@ _FORMAT = "1"
 """Bumped when the layout of a stage changes."""
 _STDLIB_SKIP_TOP = frozenset({"site-packages", "dist-packages", "idlelib", "tkinter", "turtledemo", "ensurepip"})
 _SKIP_ANYWHERE = frozenset({"test", "tests", "idle_test"})
-_TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"
 _STALE_TMP_SECONDS = 24 * 3600
 STAGE_KEEP_SECONDS = 3600
 """How long an unheld stage is kept after a process last took it: two checkouts (or an old and
@@ -107,19 +107,19 @@ def runtime() -> Runtime:
     process whose last plan's directories are all unchanged (:func:`_unchanged_key`) takes
     that plan's key instead, which is what a fresh plan would have given.
     """
-    stage = _stage_root()
+    stage = stage_root()
     key = _unchanged_key(stage)
     if key is not None:
-        _hold(stage / f"{key}.lock")
+        hold(stage / f"{key}.lock")
         if (stage / key).is_dir():
             return Runtime(str(stage / key), inside_executable(), app_dir(), f"{SANDBOX_ROOT}/lib")
     plan = _plan()
     key, copied = _key(plan, stage)
     final = stage / key
-    _hold(stage / f"{key}.lock")
+    hold(stage / f"{key}.lock")
     if not final.is_dir():
         _build(plan, stage, final)
-        _collect_garbage(stage, keep=key)
+        collect_garbage(stage, keep=key)
     _remember(stage, key, [*plan.dirs, plan.interpreter[1], *copied])
     return Runtime(str(final), inside_executable(), app_dir(), f"{SANDBOX_ROOT}/lib")
 
@@ -136,9 +136,9 @@ def _check_file(stage: Path) -> Path:
 def _remember(stage: Path, key: str, paths: list[str]) -> None:
     """Note ``key`` with the identity of every directory (and copied file) its plan read."""
     try:
-        check = {"key": key, "paths": {path: _identity(path).decode() for path in sorted(set(paths))}}
+        check = {"key": key, "paths": {path: identity(path).decode() for path in sorted(set(paths))}}
         target = _check_file(stage)
-        tmp = target.with_name(f"{_TMP_PREFIX}{target.name}-{os.getpid()}")
+        tmp = target.with_name(f"{TMP_PREFIX}{target.name}-{os.getpid()}")
         tmp.write_text(json.dumps(check))
         tmp.replace(target)
     except OSError:
@@ -159,7 +159,7 @@ def _unchanged_key(stage: Path) -> str | None:
         if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{32}", key) or not isinstance(paths, dict):
             return None
         for path, identity in paths.items():
-            if _identity(path).decode() != identity:
+            if identity(path).decode() != identity:
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -277,25 +277,26 @@ def _requirement_name(requirement: str) -> str:
 def _key(plan: _Plan, stage: Path) -> tuple[str, list[str]]:
     """The stage's name for ``plan``, and the sources it copies (keyed by their identity)."""
     digest = sha256(f"{_FORMAT}\0{sys.version}\0".encode())
-    linkable = _Linkable(stage.stat().st_dev)
+    linkable = Linkable(stage.stat().st_dev)
     copied = []
     for dest, src in sorted(plan.links):
         digest.update(f"{dest}\0{src}\0".encode())
         if not linkable(src):
-            digest.update(_identity(src))
+            digest.update(identity(src))
             copied.append(src)
-    digest.update(_identity(plan.interpreter[1]))
+    digest.update(identity(plan.interpreter[1]))
     for path in sorted(plan.dirs):
-        digest.update(path.encode() + b"\0" + _identity(path))
+        digest.update(path.encode() + b"\0" + identity(path))
     return digest.hexdigest()[:32], copied
 
 
-def _identity(path: str) -> bytes:
-    st = os.stat(path)
+def identity(path: str, *, follow: bool = True) -> bytes:
+    """What changes when ``path`` (or, not following, the link itself) is replaced or edited."""
+    st = os.stat(path, follow_symlinks=follow)
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}\0".encode()
 
 
-class _Linkable:
+class Linkable:
     """Whether a hard link will stand for a source file: same filesystem as the stage, and
     root (``fs.protected_hardlinks`` lets other users link only files they own; they copy)."""
 
@@ -313,7 +314,7 @@ class _Linkable:
 # ---------------------------------------------------------------- building
 
 
-def _stage_root() -> Path:
+def stage_root() -> Path:
     """The directory stages live in, which no other uid can write or swap (checked up to ``/``).
 
     The worker's own code runs from it, before it confines itself: whoever could replace a
@@ -339,7 +340,7 @@ def _stage_root() -> Path:
 
 
 def _build(plan: _Plan, stage: Path, final: Path) -> None:
-    tmp = stage / f"{_TMP_PREFIX}{final.name}-{os.getpid()}-{os.urandom(4).hex()}"
+    tmp = stage / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         _populate(plan, tmp)
         try:
@@ -357,14 +358,14 @@ def _populate(plan: _Plan, tmp: Path) -> None:
     made: set[str] = set()
     for dest, src in plan.links:
         target = tmp / dest
-        _mkdirs(target.parent, made)
+        mkdirs(target.parent, made)
         try:
             os.link(src, target, follow_symlinks=False)
         except OSError:  # another filesystem, or protected_hardlinks: a copy (keyed by identity)
             shutil.copy2(src, target, follow_symlinks=False)
     exe_dest, exe_src = plan.interpreter
     target = tmp / exe_dest
-    _mkdirs(target.parent, made)
+    mkdirs(target.parent, made)
     image = bytearray(Path(exe_src).read_bytes())
     if plan.libdir is not None:
         lib_dest, lib_host = plan.libdir
@@ -374,7 +375,7 @@ def _populate(plan: _Plan, tmp: Path) -> None:
     tmp.chmod(0o755)
 
 
-def _mkdirs(path: Path, made: set[str]) -> None:
+def mkdirs(path: Path, made: set[str]) -> None:
     if str(path) in made:
         return
     path.mkdir(mode=0o755, parents=True, exist_ok=True)
@@ -440,7 +441,7 @@ _held: list[int] = []
 """Lock descriptors this process holds for its life (its stage must not be collected)."""
 
 
-def _hold(lock: Path) -> None:
+def hold(lock: Path) -> None:
     """Take a shared lock on ``lock`` and keep it (retried if the file was replaced meanwhile)."""
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -462,12 +463,12 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
-def _collect_garbage(stage: Path, keep: str) -> None:
+def collect_garbage(stage: Path, keep: str) -> None:
     """Remove stages no process holds nor took lately, and temporary trees left by builds that died."""
     now = time.time()
     for entry in _entries(stage):
         name = entry.name
-        if name.startswith(_TMP_PREFIX):
+        if name.startswith(TMP_PREFIX):
             if now - entry.lstat().st_mtime > _STALE_TMP_SECONDS:
                 shutil.rmtree(entry, ignore_errors=True)
         elif not name.endswith(".lock") and name != keep and entry.is_dir():

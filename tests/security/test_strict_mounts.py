@@ -373,6 +373,6 @@ def test_a_stage_that_others_could_swap_is_refused(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))
     with pytest.raises(IsolationUnavailable, match=f"no one else can write; {home} is not"):
-        runtime._stage_root()
+        runtime.stage_root()
     home.chmod(0o755)
-    assert runtime._stage_root() == home / ".cache" / "sandbox" / "runtime"
+    assert runtime.stage_root() == home / ".cache" / "sandbox" / "runtime"

@@ -31,7 +31,7 @@ def test_garbage_spares_held_and_recently_taken_stages(tmp_path: Path) -> None:
     fd = os.open(tmp_path / f"{held.name}.lock", os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)  # a live process still runs on it
-        runtime._collect_garbage(tmp_path, keep=kept.name)
+        runtime.collect_garbage(tmp_path, keep=kept.name)
     finally:
         os.close(fd)
     assert recent.is_dir() and held.is_dir() and kept.is_dir()
@@ -46,7 +46,7 @@ def test_taking_a_stage_marks_it_recently_taken(tmp_path: Path) -> None:
     os.utime(lock, (then, then))
     held_before = list(runtime._held)
     try:
-        runtime._hold(lock)
+        runtime.hold(lock)
         assert time.time() - lock.stat().st_mtime < runtime.STAGE_KEEP_SECONDS
     finally:
         for fd in runtime._held[len(held_before):]:
