@@ -33,7 +33,7 @@ from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import ConfigError, IsolationUnavailable
-from sandbox_core.isolation import cgroups, probes, quota, runtime, slots, spares, tenants
+from sandbox_core.isolation import cgroups, etc_stage, probes, quota, runtime, slots, spares, tenants
 from sandbox_core.isolation.protect import DENY, FREEZE, TreeGuard
 from sandbox_core.isolation.spec import LaunchSpec, python_argv, rlimit_plan, worker_env
 from sandbox_core.kernel import landlock_abi
@@ -228,6 +228,15 @@ class _Mounts:
         self.covered.append(dest)
         self.dest_to_host.append((dest, src))
 
+    def bind_staged(self, src: str, dest: str, names: list[str]) -> None:
+        """Bind stage ``src`` read-only at ``dest``, a directory of only ``names`` (for
+        :meth:`host_path`, any other path below ``dest`` is bound from nowhere)."""
+        self.parents(dest, "0755")
+        self.args += ["--ro-bind", src, dest]
+        self.covered.append(dest)
+        self.made.add(dest)
+        self.dest_to_host += [(f"{dest}/{name}", f"{src}/{name}") for name in names]
+
     def symlink(self, target: str, dest: str) -> None:
         if self.is_covered(dest) or dest in self.made:
             return
@@ -346,12 +355,13 @@ def strict_launch(
     slot = slots.Slot.create(tenants.state_dir(config), worker_id) if unbound else None
     try:
         m = _static_view().copy(fds)
+        _etc_view(m, config)
         # The private /tmp comes first: an interpreter or checkout that lives under /tmp on
         # the host (a CI clone, say) is then bound on top of it instead of hidden by it.
         m.args[:0] = ["--perms", "1777", *_tmpfs_size(config), "--tmpfs", "/tmp"]
         if slot is not None:  # rewritten in place for the user's uid at claim
-            m.bind(str(slot.path / slots.PASSWD), "/etc/passwd", mode="0755")
-            m.bind(str(slot.path / slots.GROUP), "/etc/group", mode="0755")
+            m.bind(str(slot.path / slots.PASSWD), "/etc/passwd", mode="0755", force=True)
+            m.bind(str(slot.path / slots.GROUP), "/etc/group", mode="0755", force=True)
         else:
             passwd, group = _passwd(ident, config.strict.sandbox_user)
             m.data(passwd, "/etc/passwd")
@@ -552,7 +562,7 @@ def _static_view() -> _Mounts:
 
 
 def _system_view(m: _Mounts) -> None:
-    """/usr (minus :data:`HIDDEN`), the /bin and /lib* links, and selected /etc entries."""
+    """/usr (minus :data:`HIDDEN`) and the /bin and /lib* links (/etc is per launch: :func:`_etc_view`)."""
     for tree in SYSTEM_TREES:
         if os.path.islink(tree):
             m.symlink(os.readlink(tree), tree)
@@ -561,8 +571,28 @@ def _system_view(m: _Mounts) -> None:
     for path in HIDDEN:
         if os.path.isdir(path) and m.host_path(path) == path:
             m.args += ["--perms", "0755", "--size", "4096", "--tmpfs", path, "--remount-ro", path]
+
+
+@functools.cache
+def _etc_entries() -> tuple[tuple[str, str], ...]:
+    """The host's /etc entries the view shows: (name below /etc, host path)."""
+    paths = [f"/etc/{entry}" for entry in ETC_ENTRIES] + sorted(glob.glob("/etc/python3*"))
+    return tuple((path[len("/etc/"):], path) for path in paths)
+
+
+def _etc_view(m: _Mounts, config: ProcessSandboxConfig) -> None:
+    """The selected /etc entries: their stage bound as one directory (:mod:`etc_stage`), or,
+    where a configured bind goes below /etc (its mount point would have to be made in the
+    read-only stage) or staging fails, each entry bound on its own."""
+    binds = (*config.strict.ro_binds, *config.strict.rw_binds)
+    below_etc = any(_under(os.path.normpath(_split_bind(spec)[1]), "/etc") for spec in binds)
+    staged = None if below_etc else etc_stage.staged_etc(_etc_entries())
+    if staged is not None:
+        names = [name for name, path in _etc_entries() if os.path.lexists(path)]
+        m.bind_staged(staged, "/etc", [*names, *etc_stage.MOUNT_POINTS])
+        return
     m.dir("/etc", "0755")
-    for path in [f"/etc/{entry}" for entry in ETC_ENTRIES] + sorted(glob.glob("/etc/python3*")):
+    for _name, path in _etc_entries():
         if os.path.exists(path):
             m.bind(os.path.realpath(path), path, mode="0755")
 
@@ -792,12 +822,12 @@ def _deny_kind(m: _Mounts, path: str, dest: str, host: str | None) -> str | None
     needed = _needed_by_worker()
     if dest == "/" or dest in SANDBOX_FILESYSTEMS or any(_under(p, dest) or _under(dest, p) for p in needed):
         raise ConfigError("strict.deny_paths", f"{path!r} would hide what the worker needs to run")
+    if dest in _generated(m):  # before the bind below it (a staged /etc holds its mount point)
+        return "generated"
     if host is not None:  # shown through a bind: hide what is there now
         if not os.path.lexists(host):
             return None
         return "dir" if os.path.isdir(host) else "file"
-    if dest in _generated(m):
-        return "generated"
     if dest in m.made:
         return "dir"
     inside = next((root for root in SANDBOX_FILESYSTEMS if _under(dest, root)), None)

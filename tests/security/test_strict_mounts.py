@@ -8,11 +8,13 @@ does, then try what an attacker in the sandbox would.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,7 @@ from sandbox_core.inside import confine
 from sandbox_core.isolation import runtime, strict
 from sandbox_core.isolation.launch import PACKAGE_ROOT, prepare_workspace
 from sandbox_core.isolation.runtime import SANDBOX_ROOT
+from sandbox_core.isolation.spec import LaunchSpec
 from sandbox_core.isolation.strict import launch_args, strict_launch
 from tests.security import test_strict_engine
 from tests.security.test_strict_engine import AS_ROOT, _config, launched, run
@@ -376,3 +379,57 @@ def test_a_stage_that_others_could_swap_is_refused(tmp_path: Path, monkeypatch: 
         runtime.stage_root()
     home.chmod(0o755)
     assert runtime.stage_root() == home / ".cache" / "sandbox" / "runtime"
+
+
+ETC_VIEW = """
+import hashlib
+out["mounts"] = sorted(line.split(" ")[4] for line in open("/proc/self/mountinfo")
+                       if line.split(" ")[4] == "/etc" or line.split(" ")[4].startswith("/etc/"))
+out["digests"] = {p: hashlib.sha256(open(p, "rb").read()).hexdigest() for p in FILES}
+out["listing"] = sorted(os.listdir("/etc"))
+out["certs"] = sorted(os.listdir("/etc/ssl/certs")) if os.path.isdir("/etc/ssl/certs") else None
+out["append"] = attempt(open, "/etc/nsswitch.conf", "a")
+out["create"] = attempt(open, "/etc/planted", "w")
+out["extra"] = open("/etc/extra.conf").read() if os.path.exists("/etc/extra.conf") else None
+"""
+
+
+def _etc_probe(spec: LaunchSpec, files: list[str]) -> dict[str, Any]:
+    return run(spec, ETC_VIEW.replace("FILES", repr(files)))
+
+
+def _host_etc() -> tuple[list[str], list[str]]:
+    names = [name for name, path in strict._etc_entries() if os.path.lexists(path)]
+    files = [f"/etc/{n}" for n in names if os.path.isfile(f"/etc/{n}")]
+    return names, files
+
+
+def test_etc_is_one_read_only_mount_showing_the_host_entries(tmp_path: Path) -> None:
+    """The selected /etc entries are one bind of their stage (plus the generated passwd,
+    group and hosts), byte for byte the host's, and the sandbox can change none of it."""
+    names, files = _host_etc()
+    with launched(tmp_path) as spec:
+        out = _etc_probe(spec, files)
+    assert out["mounts"] == ["/etc", "/etc/group", "/etc/hosts", "/etc/passwd"]
+    assert out["digests"] == {f: hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in files}
+    tops = {n.split("/")[0] for n in names}
+    assert set(out["listing"]) == tops | {"passwd", "group", "hosts"}
+    if os.path.isdir("/etc/ssl/certs"):
+        host_certs = sorted(e.name for e in os.scandir("/etc/ssl/certs") if e.is_symlink() or e.is_file()
+                            or e.is_dir(follow_symlinks=False))  # fmt: skip
+        assert out["certs"] == host_certs
+    assert out["append"] in (errno.EROFS, errno.EACCES) and out["create"] in (errno.EROFS, errno.EACCES)
+
+
+def test_a_bind_below_etc_binds_the_entries_one_by_one(tmp_path: Path) -> None:
+    """A configured bind whose mount point is below /etc cannot go into the read-only stage:
+    the entries are bound one by one, as before staging, and the bind shows."""
+    extra = tmp_path / "extra.conf"
+    extra.write_text("operator's\n")
+    names, files = _host_etc()
+    with launched(tmp_path, ro_binds=(f"{extra}:/etc/extra.conf",)) as spec:
+        out = _etc_probe(spec, files)
+    assert out["extra"] == "operator's\n"
+    assert "/etc" not in out["mounts"] and "/etc/extra.conf" in out["mounts"]
+    assert {f"/etc/{n}" for n in names} <= set(out["mounts"])
+    assert out["create"] in (errno.EROFS, errno.EACCES)
