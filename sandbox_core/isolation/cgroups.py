@@ -367,6 +367,8 @@ def plan(worker_id: str, limits: ResourceLimits, version: Version = "auto", *, p
     """
     name = f"{_SAFE.sub('_', worker_id)[:48] or 'worker'}.{os.urandom(4).hex()}"
     owner = owner_name()
+    if proc_cgroup is None and version != "v2":  # read once, not once per controller (~0.4 ms a launch)
+        proc_cgroup = _read("/proc/self/cgroup")
     cpu_quota = int(limits.cpus * CPU_PERIOD_US) if limits.cpus else 0
     socket_mb = limits.socket_mb or limits.memory_mb
     why_v1 = available(limits, proc_cgroup=proc_cgroup, root=root) if version != "v2" else "not asked for"

@@ -355,7 +355,7 @@ def strict_launch(
     slot = slots.Slot.create(tenants.state_dir(config), worker_id) if unbound else None
     try:
         m = _static_view().copy(fds)
-        _etc_view(m, config)
+        etc_staged = _etc_view(m, config)
         # The private /tmp comes first: an interpreter or checkout that lives under /tmp on
         # the host (a CI clone, say) is then bound on top of it instead of hidden by it.
         m.args[:0] = ["--perms", "1777", *_tmpfs_size(config), "--tmpfs", "/tmp"]
@@ -368,7 +368,7 @@ def strict_launch(
             m.data(group, "/etc/group")
         m.data(HOSTS, "/etc/hosts")
         trees = _sandbox_view(m, config, workspace, slot.ws if slot is not None else None)
-        unix_layer = _unix_sockets(config, ident, trees)
+        unix_layer = _unix_sockets(config, ident, trees, etc_staged=etc_staged)
         guards.update((dest, TreeGuard(src)) for dest, src in trees.items() if os.path.isdir(src))
         protected = _protect(guards.get(WORKSPACE) if workspace is not None else None, config.strict.protected_paths)
         deny_paths = config.strict.deny_paths
@@ -580,21 +580,22 @@ def _etc_entries() -> tuple[tuple[str, str], ...]:
     return tuple((path[len("/etc/"):], path) for path in paths)
 
 
-def _etc_view(m: _Mounts, config: ProcessSandboxConfig) -> None:
+def _etc_view(m: _Mounts, config: ProcessSandboxConfig) -> bool:
     """The selected /etc entries: their stage bound as one directory (:mod:`etc_stage`), or,
     where a configured bind goes below /etc (its mount point would have to be made in the
-    read-only stage) or staging fails, each entry bound on its own."""
+    read-only stage) or staging fails, each entry bound on its own. True when staged."""
     binds = (*config.strict.ro_binds, *config.strict.rw_binds)
     below_etc = any(_under(os.path.normpath(_split_bind(spec)[1]), "/etc") for spec in binds)
     staged = None if below_etc else etc_stage.staged_etc(_etc_entries())
     if staged is not None:
         names = [name for name, path in _etc_entries() if os.path.lexists(path)]
         m.bind_staged(staged, "/etc", [*names, *etc_stage.MOUNT_POINTS])
-        return
+        return True
     m.dir("/etc", "0755")
     for _name, path in _etc_entries():
         if os.path.exists(path):
             m.bind(os.path.realpath(path), path, mode="0755")
+    return False
 
 
 def _python_view(m: _Mounts) -> None:
@@ -653,12 +654,14 @@ def host_sockets_checked_at_launch(config: ProcessSandboxConfig) -> bool:
 
 
 def _unix_sockets(
-    config: ProcessSandboxConfig, ident: tuple[int, int] | None, trees: dict[str, str]
+    config: ProcessSandboxConfig, ident: tuple[int, int] | None, trees: dict[str, str], *, etc_staged: bool
 ) -> dict[str, Any] | bool:
     """How host Unix sockets stay out of reach when the sandbox may use AF_UNIX (its report).
 
     Landlock ABI 9 refuses them all; on older kernels (or with Landlock off) the mounted
-    host trees are checked now and the launch fails closed while one exposes a socket.
+    host trees are checked now and the launch fails closed while one exposes a socket. A
+    staged /etc holds no socket (only files, directories and symlinks are staged): only the
+    entries bound one by one are checked.
     """
     if config.strict.seccomp and not config.strict.unix_sockets:
         return False  # seccomp denies AF_UNIX (socketpair(AF_UNIX, SOCK_STREAM) aside)
@@ -674,7 +677,8 @@ def _unix_sockets(
     for spec in config.strict.ro_binds:
         src, dest = _split_bind(spec)
         bound.append((src, dest))
-    bound += [(os.path.realpath(f"/etc/{e}"), f"/etc/{e}") for e in ETC_ENTRIES]
+    if not etc_staged:
+        bound += [(os.path.realpath(path), path) for _name, path in _etc_entries()]
     sockets.refuse_exposed(bound, who)
     return {"allowed": True, "host_path_sockets": "none in the mounted trees at launch (checked by the host; "
             f"Landlock ABI {landlock_abi()} < {LANDLOCK_RESOLVE_UNIX_ABI} cannot refuse one created later)"}
