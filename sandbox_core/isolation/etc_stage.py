@@ -18,6 +18,11 @@ edited in place is also seen at once through its hard link, as through a bind. W
 running worker the one difference from binds: a directory entry (``ssl/certs``) stays as
 it was at the worker's spawn, where a bind showed files added later.
 
+Surveying walks the directory entries (``ssl/certs`` and ``alternatives`` hold ~700 symlinks
+on a Debian host: ~10 ms); the survey's checks are remembered in ``etcplan-<digest>.json``
+beside the stages, so a new process (a one-shot ``sandbox exec``) checks them (~0.3 ms) and
+takes the stage they name instead of walking again.
+
 A stage is built under a temporary name and renamed into place, complete or not at all; a
 source that changes while it is built makes the build start over (three times, then the
 launch binds the entries one by one). Each process holds a shared lock on every stage it
@@ -26,7 +31,9 @@ has launched workers with; unheld stages go with the runtime's (:func:`runtime.c
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import stat
 import threading
@@ -94,6 +101,13 @@ def staged_etc(entries: Sequence[tuple[str, str]], root: Path | None = None) -> 
         if last is not None and last.entries == wanted and last.survey.unchanged():
             return last.path
         try:
+            recalled = _recall(stage, wanted) if last is None else None
+            if recalled is not None:  # a new process: the last survey of these entries still holds
+                name, survey = recalled
+                runtime.hold(stage / f"{name}.lock")  # before the look: no collection after it
+                if (stage / name).is_dir():
+                    _last[str(stage)] = _Staged(wanted, str(stage / name), survey)
+                    return str(stage / name)
             for _ in range(_ATTEMPTS):
                 survey = _survey(wanted, stage)
                 final = stage / f"{PREFIX}{survey.key(wanted)}"
@@ -103,10 +117,47 @@ def staged_etc(entries: Sequence[tuple[str, str]], root: Path | None = None) -> 
                 if final.name != (last.path.rsplit("/", 1)[-1] if last is not None else None):
                     runtime.collect_garbage(stage, keep=final.name)
                 _last[str(stage)] = _Staged(wanted, str(final), survey)
+                _remember(stage, wanted, final.name, survey)
                 return str(final)
         except OSError:
             pass
         return None
+
+
+# ---------------------------------------------------------------- the last survey, remembered
+
+
+def _check_file(stage: Path, entries: tuple[tuple[str, str], ...]) -> Path:
+    """Where the last survey of ``entries`` is remembered (a walk of /etc/ssl/certs and
+    /etc/alternatives, ~700 symlinks, is ~10 ms; checking what it found, ~0.2 ms)."""
+    return stage / f"etcplan-{sha256(repr(entries).encode()).hexdigest()[:24]}.json"
+
+
+def _remember(stage: Path, entries: tuple[tuple[str, str], ...], name: str, survey: _Survey) -> None:
+    checks = [[path, follow, identity.decode()] for (path, follow), identity in sorted(survey.checks.items())]
+    target = _check_file(stage, entries)
+    tmp = target.with_name(f"{runtime.TMP_PREFIX}{target.name}-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"stage": name, "checks": checks}))
+        tmp.replace(target)
+    except OSError:
+        pass  # only a cache: the next process surveys again
+
+
+def _recall(stage: Path, entries: tuple[tuple[str, str], ...]) -> tuple[str, _Survey] | None:
+    try:
+        saved = json.loads(_check_file(stage, entries).read_text())
+        name, checks = saved["stage"], saved["checks"]
+        if not isinstance(name, str) or not re.fullmatch(rf"{PREFIX}[0-9a-f]{{32}}", name):
+            return None
+        survey = _Survey()
+        for path, follow, identity in checks:
+            if not isinstance(path, str) or not isinstance(follow, bool) or not isinstance(identity, str):
+                return None
+            survey.checks[(path, follow)] = identity.encode()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return (name, survey) if survey.checks and survey.unchanged() else None
 
 
 def _survey(entries: tuple[tuple[str, str], ...], stage: Path) -> _Survey:

@@ -76,6 +76,32 @@ def test_unchanged_sources_give_the_same_stage(host: Path, root: Path) -> None:
     assert len([p for p in root.iterdir() if p.is_dir()]) == 1
 
 
+def test_a_new_process_takes_the_remembered_stage_only_while_its_sources_hold(
+    host: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = etc_stage.staged_etc(_entries(host), root)
+    assert list(root.glob("etcplan-*.json"))
+    walked: list[object] = []
+    real = etc_stage._survey
+
+    def survey(entries: tuple[tuple[str, str], ...], stage: Path) -> etc_stage._Survey:
+        walked.append(entries)
+        return real(entries, stage)
+
+    monkeypatch.setattr(etc_stage, "_survey", survey)
+    etc_stage._last.clear()  # a new process
+    assert etc_stage.staged_etc(_entries(host), root) == first and not walked  # checked, not walked
+    etc_stage._last.clear()
+    (host / "ssl/certs/ca2.pem").write_text("cert two\n")
+    second = etc_stage.staged_etc(_entries(host), root)
+    assert walked and second != first and (Path(second or "") / "ssl/certs/ca2.pem").is_file()
+    for check in root.glob("etcplan-*.json"):
+        check.write_text("{not json")
+    etc_stage._last.clear()
+    walked.clear()
+    assert etc_stage.staged_etc(_entries(host), root) == second and walked  # a corrupt note: walked again
+
+
 @pytest.mark.parametrize("change", ["replace a file", "edit a file", "add to a directory", "repoint a symlink",
                                     "remove from a directory"])  # fmt: skip
 def test_a_changed_source_gives_a_new_stage(host: Path, root: Path, change: str) -> None:
