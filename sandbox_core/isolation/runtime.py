@@ -158,8 +158,8 @@ def _unchanged_key(stage: Path) -> str | None:
         key, paths = check["key"], check["paths"]
         if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{32}", key) or not isinstance(paths, dict):
             return None
-        for path, identity in paths.items():
-            if identity(path).decode() != identity:
+        for path, seen in paths.items():
+            if identity(path).decode() != seen:
                 return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
