@@ -48,35 +48,54 @@ class FrameError(ValueError):
 
 
 class DataSplitter:
-    """Feed bytes from the data pipe; each complete frame goes to ``deliver`` as it is found."""
+    """Feed bytes from the data pipe; each complete frame goes to ``deliver`` as it is found.
+
+    Reads and frames do not line up (a read ends inside a payload): a payload is kept as
+    views of the reads it spans and joined once it is complete, so its bytes are copied once
+    on their way to ``deliver``, whether it came in one read or several. What is held is at
+    most one payload (:data:`MAX_PAYLOAD`) and one read.
+    """
 
     def __init__(self, deliver: Callable[[int, int, bytes], None], kinds: frozenset[int] = _KINDS) -> None:
         self._deliver = deliver
         self._kinds = kinds
-        self._buf = bytearray()
+        self._head = bytearray()
+        """A header split between reads."""
+        self._frame: tuple[int, int, int] | None = None
+        """(request id, kind, length) of the payload being read."""
+        self._parts: list[memoryview] = []
+        self._have = 0
 
     def feed(self, data: bytes) -> None:
         """Deliver the frames ``data`` completes; FrameError for bytes that are not frames."""
-        if self._buf:
-            self._buf += data
-            with memoryview(self._buf) as view:
-                used = self._scan(view)
-            del self._buf[:used]
-        else:  # the common case: whole frames straight from the read, no copy into the buffer
-            with memoryview(data) as view:
-                used = self._scan(view)
-                self._buf += view[used:]
-
-    def _scan(self, view: memoryview) -> int:
-        """Deliver the complete frames at the start of ``view``; how many bytes they took."""
-        at = 0
-        while len(view) - at >= HEADER.size:
-            request_id, kind, length = HEADER.unpack_from(view, at)
-            if kind not in self._kinds or length > MAX_PAYLOAD or (kind == KIND_END and length):
-                raise FrameError(f"not an output frame (kind {kind}, length {length})")
-            end = at + HEADER.size + length
-            if end > len(view):
-                break
-            self._deliver(request_id, kind, bytes(view[at + HEADER.size : end]))
-            at = end
-        return at
+        view = memoryview(data)
+        at, end = 0, len(view)
+        while at < end:
+            if self._frame is None:
+                if not self._head and end - at >= HEADER.size:
+                    request_id, kind, length = HEADER.unpack_from(view, at)
+                    at += HEADER.size
+                else:
+                    take = min(HEADER.size - len(self._head), end - at)
+                    self._head += view[at : at + take]
+                    at += take
+                    if len(self._head) < HEADER.size:
+                        return
+                    request_id, kind, length = HEADER.unpack(self._head)
+                    self._head.clear()
+                if kind not in self._kinds or length > MAX_PAYLOAD or (kind == KIND_END and length):
+                    raise FrameError(f"not an output frame (kind {kind}, length {length})")
+                if end - at >= length:  # the whole payload is in this read: one copy
+                    self._deliver(request_id, kind, bytes(view[at : at + length]))
+                    at += length
+                    continue
+                self._frame = (request_id, kind, length)
+            request_id, kind, length = self._frame
+            take = min(length - self._have, end - at)
+            self._parts.append(view[at : at + take])
+            self._have += take
+            at += take
+            if self._have == length:
+                payload = b"".join(self._parts)
+                self._frame, self._parts, self._have = None, [], 0
+                self._deliver(request_id, kind, payload)
