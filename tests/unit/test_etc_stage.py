@@ -140,3 +140,20 @@ def test_a_source_that_keeps_changing_while_staged_is_bound_unstaged(
 
 def test_a_stage_root_it_cannot_write_means_no_stage(host: Path, tmp_path: Path) -> None:
     assert etc_stage.staged_etc(_entries(host), tmp_path / "absent") is None
+
+
+def test_copies_are_checked_file_by_file(host: Path, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where a link is impossible (another filesystem; a host that is not root) the files are
+    copied, and a copy does not follow its source: every copied file is among the checks."""
+    monkeypatch.setattr(runtime.Linkable, "__call__", lambda self, src: False)
+    monkeypatch.setattr(os, "link", _no_link)
+    before = Path(etc_stage.staged_etc(_entries(host), root) or "")
+    assert (before / "ssl/certs/ca.pem").stat().st_ino != (host / "ssl/certs/ca.pem").stat().st_ino
+    (host / "ssl/certs/ca.pem").write_text("cert 1!\n")  # same size, in place: its directory is unchanged
+    os.utime(host / "ssl/certs/ca.pem", ns=(1, 10**9))
+    after = Path(etc_stage.staged_etc(_entries(host), root) or "")
+    assert after != before and (after / "ssl/certs/ca.pem").read_text() == "cert 1!\n"
+
+
+def _no_link(src: str, dst: object, **kwargs: object) -> None:
+    raise OSError(18, "Invalid cross-device link")
