@@ -79,46 +79,50 @@ class _Survey:
             return False
 
 
-class _Staged:
+class Staged:
+    """A stage to bind at /etc: its host directory and the entries it holds (names below /etc)."""
+
     def __init__(self, entries: tuple[tuple[str, str], ...], path: str, survey: _Survey) -> None:
         self.entries = entries
         self.path = path
         self.survey = survey
+        self.names = [name for name, host in entries if (host, False) in survey.checks]
+        """The entries that existed when it was staged (a missing one is not in the stage)."""
 
 
 _lock = threading.Lock()
-_last: dict[str, _Staged] = {}
+_last: dict[str, Staged] = {}
 """The stage each stage root last gave, by root."""
 
 
-def staged_etc(entries: Sequence[tuple[str, str]], root: Path | None = None) -> str | None:
-    """The host directory to bind at /etc for ``entries`` ((name below /etc, host path)), or
-    None when it cannot be staged now (the caller binds the entries one by one)."""
+def staged_etc(entries: Sequence[tuple[str, str]], root: Path | None = None) -> Staged | None:
+    """The stage to bind at /etc for ``entries`` ((name below /etc, host path)), or None when
+    it cannot be staged now (the caller binds the entries one by one)."""
     wanted = tuple(entries)
     with _lock:
         stage = root if root is not None else runtime.stage_root()
         last = _last.get(str(stage))
         if last is not None and last.entries == wanted and last.survey.unchanged():
-            return last.path
+            return last
         try:
             recalled = _recall(stage, wanted) if last is None else None
             if recalled is not None:  # a new process: the last survey of these entries still holds
                 name, survey = recalled
                 runtime.hold(stage / f"{name}.lock")  # before the look: no collection after it
                 if (stage / name).is_dir():
-                    _last[str(stage)] = _Staged(wanted, str(stage / name), survey)
-                    return str(stage / name)
+                    _last[str(stage)] = Staged(wanted, str(stage / name), survey)
+                    return _last[str(stage)]
             for _ in range(_ATTEMPTS):
                 survey = _survey(wanted, stage)
                 final = stage / f"{PREFIX}{survey.key(wanted)}"
                 runtime.hold(stage / f"{final.name}.lock")
                 if not final.is_dir() and not _build(survey, stage, final):
                     continue  # a source changed while it was staged: look again
-                if final.name != (last.path.rsplit("/", 1)[-1] if last is not None else None):
+                if last is None or last.path != str(final):
                     runtime.collect_garbage(stage, keep=final.name)
-                _last[str(stage)] = _Staged(wanted, str(final), survey)
+                _last[str(stage)] = Staged(wanted, str(final), survey)
                 _remember(stage, wanted, final.name, survey)
-                return str(final)
+                return _last[str(stage)]
         except OSError:
             pass
         return None
@@ -135,13 +139,7 @@ def _check_file(stage: Path, entries: tuple[tuple[str, str], ...]) -> Path:
 
 def _remember(stage: Path, entries: tuple[tuple[str, str], ...], name: str, survey: _Survey) -> None:
     checks = [[path, follow, identity.decode()] for (path, follow), identity in sorted(survey.checks.items())]
-    target = _check_file(stage, entries)
-    tmp = target.with_name(f"{runtime.TMP_PREFIX}{target.name}-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps({"stage": name, "checks": checks}))
-        tmp.replace(target)
-    except OSError:
-        pass  # only a cache: the next process surveys again
+    runtime.write_note(_check_file(stage, entries), {"stage": name, "checks": checks})
 
 
 def _recall(stage: Path, entries: tuple[tuple[str, str], ...]) -> tuple[str, _Survey] | None:
@@ -198,33 +196,26 @@ def _survey_tree(survey: _Survey, top: str, name: str, linkable: runtime.Linkabl
 
 def _build(survey: _Survey, stage: Path, final: Path) -> bool:
     """Stage ``survey`` at ``final``; False (and nothing left) when a source changed meanwhile."""
-    tmp = stage / f"{runtime.TMP_PREFIX}{final.name}-{os.getpid()}-{os.urandom(4).hex()}"
-    try:
-        tmp.mkdir(mode=0o755)
-        made: set[str] = {str(tmp)}
-        for name, mode in sorted(survey.dirs):
-            runtime.mkdirs((tmp / name).parent, made)
-            (tmp / name).mkdir(mode=0o700, exist_ok=True)
-            os.chmod(tmp / name, mode & 0o755)
-        for name, target in survey.links:
-            os.symlink(target, tmp / name)
-        for name, source in survey.files:
-            runtime.mkdirs((tmp / name).parent, made)
-            try:
-                os.link(source, tmp / name, follow_symlinks=False)
-            except OSError:  # another filesystem, or protected_hardlinks: a copy (checked by identity)
-                shutil.copy2(source, tmp / name, follow_symlinks=False)
-        for name in MOUNT_POINTS:
-            if not (tmp / name).exists():
-                (tmp / name).touch(mode=0o644)
-        tmp.chmod(0o755)
-        if not survey.unchanged():
-            return False
+    return runtime.build_stage(stage, final, lambda tmp: _populate(survey, tmp))
+
+
+def _populate(survey: _Survey, tmp: Path) -> bool:
+    tmp.mkdir(mode=0o755)
+    made: set[str] = {str(tmp)}
+    for name, mode in sorted(survey.dirs):
+        runtime.mkdirs((tmp / name).parent, made)
+        (tmp / name).mkdir(mode=0o700, exist_ok=True)
+        os.chmod(tmp / name, mode & 0o755)
+    for name, target in survey.links:
+        os.symlink(target, tmp / name)
+    for name, source in survey.files:
+        runtime.mkdirs((tmp / name).parent, made)
         try:
-            tmp.rename(final)
-        except OSError as exc:  # another process staged the same key first: that one is as good
-            if not final.is_dir():
-                raise exc from None
-        return True
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            os.link(source, tmp / name, follow_symlinks=False)
+        except OSError:  # another filesystem, or protected_hardlinks: a copy (checked by identity)
+            shutil.copy2(source, tmp / name, follow_symlinks=False)
+    for name in MOUNT_POINTS:
+        if not (tmp / name).exists():
+            (tmp / name).touch(mode=0o644)
+    tmp.chmod(0o755)
+    return survey.unchanged()

@@ -36,7 +36,7 @@ import struct
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -137,12 +137,21 @@ def _remember(stage: Path, key: str, paths: list[str]) -> None:
     """Note ``key`` with the identity of every directory (and copied file) its plan read."""
     try:
         check = {"key": key, "paths": {path: identity(path).decode() for path in sorted(set(paths))}}
-        target = _check_file(stage)
-        tmp = target.with_name(f"{TMP_PREFIX}{target.name}-{os.getpid()}")
-        tmp.write_text(json.dumps(check))
+    except OSError:
+        return  # only a cache: the next process plans again
+    write_note(_check_file(stage), check)
+
+
+def write_note(target: Path, data: object) -> None:
+    """Replace the JSON note ``target`` whole (a temporary file renamed over it); a note that
+    cannot be written is skipped: notes only spare the next process a look it can take again."""
+    tmp = target.with_name(f"{TMP_PREFIX}{target.name}-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data))
         tmp.replace(target)
     except OSError:
-        pass  # only a cache: the next process plans again
+        with contextlib.suppress(OSError):
+            tmp.unlink()
 
 
 def _unchanged_key(stage: Path) -> str | None:
@@ -340,21 +349,31 @@ def stage_root() -> Path:
 
 
 def _build(plan: _Plan, stage: Path, final: Path) -> None:
+    try:
+        build_stage(stage, final, functools.partial(_populate, plan))
+    except OSError as exc:
+        raise IsolationUnavailable(f"cannot stage the worker's runtime in {stage}: {exc}") from None
+
+
+def build_stage(stage: Path, final: Path, populate: Callable[[Path], bool]) -> bool:
+    """Build a stage at ``final``, complete or not at all: ``populate`` fills a temporary tree
+    (False: do not keep it), which is then renamed into place. A stage another process put at
+    ``final`` first is as good. Raises OSError; nothing temporary is left either way."""
     tmp = stage / f"{TMP_PREFIX}{final.name}-{os.getpid()}-{os.urandom(4).hex()}"
     try:
-        _populate(plan, tmp)
+        if not populate(tmp):
+            return False
         try:
             tmp.rename(final)
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-    except OSError as exc:
-        raise IsolationUnavailable(f"cannot stage the worker's runtime in {stage}: {exc}") from None
+        return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _populate(plan: _Plan, tmp: Path) -> None:
+def _populate(plan: _Plan, tmp: Path) -> bool:
     made: set[str] = set()
     for dest, src in plan.links:
         target = tmp / dest
@@ -373,6 +392,7 @@ def _populate(plan: _Plan, tmp: Path) -> None:
     target.write_bytes(image)
     target.chmod(0o755)
     tmp.chmod(0o755)
+    return True
 
 
 def mkdirs(path: Path, made: set[str]) -> None:

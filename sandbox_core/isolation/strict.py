@@ -588,8 +588,7 @@ def _etc_view(m: _Mounts, config: ProcessSandboxConfig) -> bool:
     below_etc = any(_under(os.path.normpath(_split_bind(spec)[1]), "/etc") for spec in binds)
     staged = None if below_etc else etc_stage.staged_etc(_etc_entries())
     if staged is not None:
-        names = [name for name, path in _etc_entries() if os.path.lexists(path)]
-        m.bind_staged(staged, "/etc", [*names, *etc_stage.MOUNT_POINTS])
+        m.bind_staged(staged.path, "/etc", [*staged.names, *etc_stage.MOUNT_POINTS])
         return True
     m.dir("/etc", "0755")
     for _name, path in _etc_entries():

@@ -47,12 +47,19 @@ def root(tmp_path: Path) -> Path:
     return stage
 
 
+def _path(entries: list[tuple[str, str]], root: Path) -> str | None:
+    staged = etc_stage.staged_etc(entries, root)
+    return staged.path if staged is not None else None
+
+
 def _entries(etc: Path) -> list[tuple[str, str]]:
     return [(name, str(etc / name)) for name in ("nsswitch.conf", "localtime", "ssl/certs", "missing")]
 
 
 def test_a_stage_holds_the_entries_as_links_and_the_mount_points(host: Path, root: Path) -> None:
-    staged = Path(etc_stage.staged_etc(_entries(host), root) or "")
+    stage = etc_stage.staged_etc(_entries(host), root)
+    assert stage is not None and stage.names == ["nsswitch.conf", "localtime", "ssl/certs"]  # not "missing"
+    staged = Path(stage.path)
     assert staged.parent == root and staged.name.startswith(etc_stage.PREFIX)
     assert (staged / "nsswitch.conf").read_text() == "hosts: files\n"
     assert (staged / "localtime").read_text() == "TZif\n" and not (staged / "localtime").is_symlink()
@@ -69,17 +76,17 @@ def test_a_stage_holds_the_entries_as_links_and_the_mount_points(host: Path, roo
 
 
 def test_unchanged_sources_give_the_same_stage(host: Path, root: Path) -> None:
-    first = etc_stage.staged_etc(_entries(host), root)
+    first = _path(_entries(host), root)
     etc_stage._last.clear()  # a new process: looks again, finds the same stage
-    assert etc_stage.staged_etc(_entries(host), root) == first
-    assert etc_stage.staged_etc(_entries(host), root) == first
+    assert _path(_entries(host), root) == first
+    assert _path(_entries(host), root) == first
     assert len([p for p in root.iterdir() if p.is_dir()]) == 1
 
 
 def test_a_new_process_takes_the_remembered_stage_only_while_its_sources_hold(
     host: Path, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = etc_stage.staged_etc(_entries(host), root)
+    first = _path(_entries(host), root)
     assert list(root.glob("etcplan-*.json"))
     walked: list[object] = []
     real = etc_stage._survey
@@ -90,22 +97,22 @@ def test_a_new_process_takes_the_remembered_stage_only_while_its_sources_hold(
 
     monkeypatch.setattr(etc_stage, "_survey", survey)
     etc_stage._last.clear()  # a new process
-    assert etc_stage.staged_etc(_entries(host), root) == first and not walked  # checked, not walked
+    assert _path(_entries(host), root) == first and not walked  # checked, not walked
     etc_stage._last.clear()
     (host / "ssl/certs/ca2.pem").write_text("cert two\n")
-    second = etc_stage.staged_etc(_entries(host), root)
+    second = _path(_entries(host), root)
     assert walked and second != first and (Path(second or "") / "ssl/certs/ca2.pem").is_file()
     for check in root.glob("etcplan-*.json"):
         check.write_text("{not json")
     etc_stage._last.clear()
     walked.clear()
-    assert etc_stage.staged_etc(_entries(host), root) == second and walked  # a corrupt note: walked again
+    assert _path(_entries(host), root) == second and walked  # a corrupt note: walked again
 
 
 @pytest.mark.parametrize("change", ["replace a file", "edit a file", "add to a directory", "repoint a symlink",
                                     "remove from a directory"])  # fmt: skip
 def test_a_changed_source_gives_a_new_stage(host: Path, root: Path, change: str) -> None:
-    before = Path(etc_stage.staged_etc(_entries(host), root) or "")
+    before = Path(_path(_entries(host), root) or "")
     if change == "replace a file":
         (host / "new").write_text("hosts: dns\n")
         (host / "new").rename(host / "nsswitch.conf")
@@ -121,7 +128,7 @@ def test_a_changed_source_gives_a_new_stage(host: Path, root: Path, change: str)
         (host / "lt").rename(host / "localtime")
     else:
         (host / "ssl/certs/ca.pem").unlink()
-    after = Path(etc_stage.staged_etc(_entries(host), root) or "")
+    after = Path(_path(_entries(host), root) or "")
     assert after != before and after.is_dir() and before.is_dir()  # the old one stays: workers bind it
     assert (after / "nsswitch.conf").read_text() == (host / "nsswitch.conf").read_text()
     assert (after / "localtime").read_text() == (host / "localtime").read_text()
@@ -133,13 +140,13 @@ def test_a_source_that_keeps_changing_while_staged_is_bound_unstaged(
     host: Path, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(etc_stage._Survey, "unchanged", lambda self: False)
-    assert etc_stage.staged_etc(_entries(host), root) is None
+    assert _path(_entries(host), root) is None
     assert not list(root.glob(f"{etc_stage.PREFIX}*[!k]"))  # no stage half built, no temporary tree
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_a_stage_root_it_cannot_write_means_no_stage(host: Path, tmp_path: Path) -> None:
-    assert etc_stage.staged_etc(_entries(host), tmp_path / "absent") is None
+    assert _path(_entries(host), tmp_path / "absent") is None
 
 
 def test_copies_are_checked_file_by_file(host: Path, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -147,11 +154,11 @@ def test_copies_are_checked_file_by_file(host: Path, root: Path, monkeypatch: py
     copied, and a copy does not follow its source: every copied file is among the checks."""
     monkeypatch.setattr(runtime.Linkable, "__call__", lambda self, src: False)
     monkeypatch.setattr(os, "link", _no_link)
-    before = Path(etc_stage.staged_etc(_entries(host), root) or "")
+    before = Path(_path(_entries(host), root) or "")
     assert (before / "ssl/certs/ca.pem").stat().st_ino != (host / "ssl/certs/ca.pem").stat().st_ino
     (host / "ssl/certs/ca.pem").write_text("cert 1!\n")  # same size, in place: its directory is unchanged
     os.utime(host / "ssl/certs/ca.pem", ns=(1, 10**9))
-    after = Path(etc_stage.staged_etc(_entries(host), root) or "")
+    after = Path(_path(_entries(host), root) or "")
     assert after != before and (after / "ssl/certs/ca.pem").read_text() == "cert 1!\n"
 
 
