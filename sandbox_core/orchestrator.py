@@ -97,6 +97,25 @@ class _Grant:
     """``idle`` (the user's own), ``claim`` (a pre-warmed one to bind) or ``spawn`` (a slot)."""
 
 
+class _Served:
+    """``async with _Served(pool, user_id, request) as worker``: a worker of the user's for one
+    request, counted in flight while it runs, its outcome counted and the worker given back after."""
+
+    __slots__ = ("_pool", "_request", "_user_id", "_worker")
+
+    def __init__(self, pool: SandboxOrchestrator, user_id: str, request: Request) -> None:
+        self._pool, self._user_id, self._request = pool, user_id, request
+        self._worker: SandboxWorker | None = None
+
+    async def __aenter__(self) -> SandboxWorker:
+        self._worker = await self._pool._serve_begin(self._user_id, self._request)
+        return self._worker
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        assert self._worker is not None
+        await self._pool._serve_end(self._worker, exc)
+
+
 class SandboxOrchestrator:
     """Async pool of :class:`SandboxWorker` processes; use as ``async with``."""
 
@@ -194,16 +213,20 @@ class SandboxOrchestrator:
 
     async def execute(self, user_id: str, request: Request) -> RequestResult:
         """Run ``request`` for ``user_id`` and collect every event."""
-        events: list[Event] = []
-        if self.record is not None:
+        if self.record is not None or (isinstance(request, ExecRequest) and request.resize is not None):
             stream = self.execute_stream(user_id, request)
-        else:  # nothing to record: the request's own stream, one generator fewer on every event
-            stream = self._execute(user_id, await self._prepare(user_id, request))
-        try:
-            async for event in stream:
-                events.append(event)
-        finally:
-            await stream.aclose()
+            try:
+                events = [event async for event in stream]
+            finally:
+                await stream.aclose()
+        else:  # nothing to record or to stream: the worker's answers straight into a list
+            request = await self._prepare(user_id, request)
+            async with _Served(self, user_id, request) as worker:
+                events = await worker.collect(
+                    request.method, request.params(), request.timeout,
+                    stdin=request.stdin_stream() if isinstance(request, ExecRequest) else None,
+                    network=network_param(request), bind_network=not any_network(request),
+                )
         done = events[-1].data if events and events[-1].type == "done" else {}
         worker_id = str(done.get("worker_id", ""))
         return RequestResult(events, dict(done), worker_id)
@@ -246,6 +269,21 @@ class SandboxOrchestrator:
         return request
 
     async def _execute(self, user_id: str, request: Request) -> AsyncGenerator[Event, None]:
+        async with _Served(self, user_id, request) as worker:
+            stream = worker.execute_stream(
+                request.method, request.params(), request.timeout,
+                stdin=request.stdin_stream() if isinstance(request, ExecRequest) else None,
+                resize=request.resize if isinstance(request, ExecRequest) else None,
+                network=network_param(request), bind_network=not any_network(request),
+            )
+            try:
+                async for event in stream:
+                    yield event
+            finally:
+                await stream.aclose()
+
+    async def _serve_begin(self, user_id: str, request: Request) -> SandboxWorker:
+        """A worker for ``request``, counted in flight (see :class:`_Served`)."""
         agent = isinstance(request, AgentRequest)
         if agent:
             self._want_agents()
@@ -257,29 +295,19 @@ class SandboxOrchestrator:
             raise self._closing_error(exc) from exc
         self._in_flight += 1
         self._user_requests[user_id] = self._user_requests.get(user_id, 0) + 1
-        outcome = "cancelled"
+        return worker
+
+    async def _serve_end(self, worker: SandboxWorker, exc: BaseException | None) -> None:
+        """Count how the request on ``worker`` ended and give the worker back; raise what the
+        caller should see instead of ``exc`` (PoolClosed when the pool shut down under it)."""
+        outcome = "ok" if exc is None else "timed_out" if isinstance(exc, RequestTimeout) else "cancelled"
+        if isinstance(exc, SandboxError) and not isinstance(exc, RequestTimeout | RequestCancelled):
+            outcome = "failed"
         try:
-            stdin = request.stdin_stream() if isinstance(request, ExecRequest) else None
-            resize = request.resize if isinstance(request, ExecRequest) else None
-            stream = worker.execute_stream(
-                request.method, request.params(), request.timeout, stdin=stdin, resize=resize,
-                network=network_param(request), bind_network=not any_network(request),
-            )
-            try:
-                async for event in stream:
-                    yield event
-            finally:
-                await stream.aclose()
-            outcome = "ok"
-        except RequestTimeout:
-            outcome = "timed_out"
-            raise
-        except SandboxError as exc:
-            outcome = "cancelled" if isinstance(exc, RequestCancelled) else "failed"
-            closing = self._closing_error(exc)
-            if closing is exc:
-                raise
-            raise closing from exc
+            if isinstance(exc, SandboxError) and not isinstance(exc, RequestTimeout):
+                closing = self._closing_error(exc)
+                if closing is not exc:
+                    raise closing from exc
         finally:
             self._counters[outcome] += 1
             self._in_flight -= 1
@@ -717,8 +745,9 @@ class SandboxOrchestrator:
 
     async def _notify(self) -> None:
         self._dispatch()
-        async with self._changed:
-            self._changed.notify_all()
+        if self._closed:  # only a shutdown waits for changes (and it closes the pool first)
+            async with self._changed:
+                self._changed.notify_all()
 
     def _in_background(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)

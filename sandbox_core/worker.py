@@ -148,11 +148,13 @@ class _Inbox:
     every answer takes (a ``ping`` makes one of these per call).
     """
 
-    __slots__ = ("_items", "_waiter")
+    __slots__ = ("_items", "_waiter", "loop")
 
     def __init__(self) -> None:
         self._items: collections.deque[_Item] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        """The loop its reader runs on, once known (asking for the running loop costs a getpid)."""
 
     def put_nowait(self, item: _Item) -> None:
         self._items.append(item)
@@ -162,7 +164,7 @@ class _Inbox:
 
     async def get(self) -> _Item:
         while not self._items:
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            waiter = self._waiter = (self.loop or asyncio.get_running_loop()).create_future()
             try:
                 await waiter
             finally:
@@ -190,6 +192,153 @@ class _Pending:
         """The command closed its stdin: stop sending it."""
         self.source_failed = False
         """The caller's stdin source raised: the request fails, and is cancelled in the worker."""
+
+
+class _Call:
+    """One request's life on the host: sent, its answers taken one by one, then cleaned up.
+
+    ``open`` sends it (and returns the ``started`` event when one is wanted), ``next`` returns
+    each event in turn until ``over`` (the last is ``done``; a failure raises), and ``close``
+    (always, once) cancels what is still running in the worker and forgets the request.
+    A generator (``execute_stream``) and a plain loop (``collect``, ``call``) share it.
+    """
+
+    __slots__ = (
+        "_accounted",
+        "_began",
+        "_emit_started",
+        "_finished",
+        "_id",
+        "_limit",
+        "_method",
+        "_params",
+        "_pending",
+        "_resize",
+        "_seq",
+        "_stdin",
+        "_tasks",
+        "_timer",
+        "_watchdog",
+        "_worker",
+        "over",
+        "result",
+    )
+
+    def __init__(
+        self,
+        worker: SandboxWorker,
+        method: str,
+        params: dict[str, Any],
+        timeout: float | None,
+        *,
+        emit_started: bool,
+        stdin: StdinSource | None = None,
+        resize: AsyncIterable[tuple[int, int]] | None = None,
+        network: tuple[str, ...] | None = None,
+        bind_network: bool = True,
+    ) -> None:
+        self._worker, self._method, self._emit_started = worker, method, emit_started
+        self._stdin, self._resize = stdin, resize
+        if emit_started and worker.egress is not None and bind_network:
+            if not worker.serves_network(network):  # the orchestrator never asks; fail closed if anyone does
+                raise ConfigError("network", f"worker {worker.worker_id} is bound to the network narrowing "
+                                  f"{worker.network!r}, not {network!r}; a request needs a worker of its own policy")
+            worker.network_bound, worker.network = True, network
+            worker.egress.request_network = network  # for the worker's life: what this request starts keeps it
+        self._id = worker._next_id()
+        on_data_pipe = worker._data_pipe and method == "exec"
+        if on_data_pipe:
+            params = {**params, "output": "data_pipe"}
+        if stdin is not None:
+            params = {**params, "stdin": "stream"}
+        self._params = params
+        self._pending = _Pending(output_on_data_pipe=on_data_pipe)
+        self._limit = worker.config.request_timeout if timeout is None else timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._began = time.monotonic()
+        self._finished = False
+        """The worker has answered (or was abandoned): nothing to cancel there."""
+        self._seq = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._watchdog: asyncio.Task[None] | None = None
+        self._accounted = emit_started and method not in NO_PROCESSES
+        self.over = False
+        """No event follows: ``done`` was returned, or a failure raised."""
+        self.result: Any = None
+        """The worker's result, once ``done``."""
+
+    async def open(self) -> Event | None:
+        """Send the request; the ``started`` event, if it was asked for."""
+        worker, pending = self._worker, self._pending
+        worker._pending[self._id] = pending
+        loop = pending.queue.loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._limit, pending.queue.put_nowait, _DEADLINE)
+        if self._accounted:
+            worker._limits_at_start = worker.limit_counts()
+            worker._serving[self._id] = f"{worker.worker_id}/{self._id}"
+            worker._budget_struck = False
+            self._watchdog = worker._watch_cpu_budget()
+        await worker._send(Request(self._id, self._method, self._params))
+        if self._stdin is not None:
+            self._tasks.append(asyncio.create_task(worker._feed_stdin(self._id, pending, self._stdin)))
+        if self._resize is not None:
+            self._tasks.append(asyncio.create_task(worker._feed_resize(self._id, self._resize)))
+        return Event("started", worker._started_data(self._method), 0) if self._emit_started else None
+
+    async def next(self) -> Event:
+        """The request's next event (``done`` last, then :attr:`over`); raises what failed it."""
+        worker, pending = self._worker, self._pending
+        item = await pending.queue.get()
+        if isinstance(item, Event):
+            worker._taken(output_size(item))
+            self._seq += 1
+            return Event(item.type, item.data, self._seq)
+        self.over = True
+        if isinstance(item, _Deadline):
+            await worker._abandon(self._id, pending)
+            self._finished = True
+            limit = self._limit
+            raise RequestTimeout(
+                f"{self._method} timed out after {limit:g}s and was killed",
+                data={"worker_id": worker.worker_id, "timeout": limit, "kill_reason": f"timeout {limit:g} s"},
+            )
+        self._finished = True
+        if isinstance(item, SandboxError):
+            # a failing stdin source fails the request on the host; the command in the
+            # worker must not run on (waiting for stdin, then killing what started since)
+            self._finished = not pending.source_failed
+            raise item
+        if item.error is not None:
+            raise from_worker(item.error)
+        if self._accounted:  # control calls (bind) and a user's ping run nothing: no wear to recycle for
+            worker.requests_served += 1
+        worker.last_used = time.monotonic()
+        self.result = item.result
+        done = worker._done_data(item.result, self._began)
+        if self._accounted:
+            worker._name_kill(done)
+        return Event("done", done, self._seq + 1)
+
+    async def close(self) -> None:
+        """Stop what runs for the request on the host, cancel it in the worker if it still
+        runs there, and give back what its unread output held."""
+        worker, pending = self._worker, self._pending
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(task)
+        if not self._finished and self._timer is not None:
+            await asyncio.shield(worker._abandon(self._id, pending))
+        worker._pending.pop(self._id, None)
+        worker._serving.pop(self._id, None)
+        while not pending.queue.empty():  # output nobody will take no longer holds the pipe
+            item = pending.queue.get_nowait()
+            if isinstance(item, Event):
+                worker._taken(output_size(item))
 
 
 class _SpecClaim:
@@ -899,18 +1048,47 @@ class SandboxWorker:
 
     async def call(self, method: str, params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         """A request whose events are ignored; returns the result or raises."""
-        raw: list[Any] = []
-        async for _event in self._stream(method, params or {}, timeout, emit_started=False, raw=raw):
-            pass
-        return raw[0] if raw else None
+        call = _Call(self, method, params or {}, timeout, emit_started=False)
+        try:
+            await call.open()
+            while not call.over:
+                await call.next()
+        finally:
+            await call.close()
+        return call.result
 
     async def execute(
         self, method: str, params: dict[str, Any], timeout: float | None = None, *, stdin: StdinSource | None = None
     ) -> RequestResult:
         """``execute_stream`` collected into a :class:`RequestResult`."""
-        events = [e async for e in self.execute_stream(method, params, timeout, stdin=stdin)]
+        events = await self.collect(method, params, timeout, stdin=stdin)
         done = events[-1].data if events and events[-1].type == "done" else {}
         return RequestResult(events, dict(done), self.worker_id)
+
+    async def collect(
+        self,
+        method: str,
+        params: dict[str, Any],
+        timeout: float | None = None,
+        *,
+        stdin: StdinSource | None = None,
+        network: tuple[str, ...] | None = None,
+        bind_network: bool = True,
+    ) -> list[Event]:
+        """Every event of ``execute_stream``, as a list: the same request, without a generator
+        between the answer and its caller (what a ``ping`` or a short ``exec`` pays for)."""
+        call = _Call(self, method, self._exec_params(method, params), timeout, emit_started=True, stdin=stdin,
+                     network=network, bind_network=bind_network)
+        events: list[Event] = []
+        try:
+            started = await call.open()
+            if started is not None:
+                events.append(started)
+            while not call.over:
+                events.append(await call.next())
+        finally:
+            await call.close()
+        return events
 
     def execute_stream(
         self,
@@ -932,113 +1110,28 @@ class SandboxWorker:
         the worker to its narrowing for good (see :meth:`serves_network`); ``bind_network=False``
         (a command that needs no network) runs under whatever the worker is bound to and binds nothing.
         """
+        return self._stream(_Call(self, method, self._exec_params(method, params), timeout, emit_started=True,
+                                  stdin=stdin, resize=resize, network=network, bind_network=bind_network))
+
+    def _exec_params(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
         if method == "exec" and self.config.limits.output_mb:
-            params = {**params, "output_limit": self.config.limits.output_mb * 1024 * 1024}
-        return self._stream(method, params, timeout, emit_started=True, stdin=stdin, resize=resize, network=network,
-                            bind_network=bind_network)
+            return {**params, "output_limit": self.config.limits.output_mb * 1024 * 1024}
+        return params
 
     def _next_id(self) -> int:
         self._last_id += 1
         return self._last_id
 
-    async def _stream(
-        self,
-        method: str,
-        params: dict[str, Any],
-        timeout: float | None,
-        *,
-        emit_started: bool,
-        raw: list[Any] | None = None,
-        stdin: StdinSource | None = None,
-        resize: AsyncIterable[tuple[int, int]] | None = None,
-        network: tuple[str, ...] | None = None,
-        bind_network: bool = True,
-    ) -> AsyncGenerator[Event, None]:
-        if emit_started and self.egress is not None and bind_network:
-            if not self.serves_network(network):  # the orchestrator never asks; fail closed if anyone does
-                raise ConfigError("network", f"worker {self.worker_id} is bound to the network narrowing "
-                                  f"{self.network!r}, not {network!r}; a request needs a worker of its own policy")
-            self.network_bound, self.network = True, network
-            self.egress.request_network = network  # for the worker's life: what this request starts keeps it
-        request_id = self._next_id()
-        on_data_pipe = self._data_pipe and method == "exec"
-        if on_data_pipe:
-            params = {**params, "output": "data_pipe"}
-        pending = _Pending(output_on_data_pipe=on_data_pipe)
-        self._pending[request_id] = pending
-        limit = self.config.request_timeout if timeout is None else timeout
-        timer = asyncio.get_running_loop().call_later(limit, pending.queue.put_nowait, _DEADLINE)
-        began = time.monotonic()
-        finished = False
-        seq = 0
-        feeder: asyncio.Task[None] | None = None
-        resizer: asyncio.Task[None] | None = None
-        watchdog: asyncio.Task[None] | None = None
-        accounted = emit_started and method not in NO_PROCESSES
-        if accounted:
-            self._limits_at_start = self.limit_counts()
-            self._serving[request_id] = f"{self.worker_id}/{request_id}"
-            self._budget_struck = False
-            watchdog = self._watch_cpu_budget()
+    @staticmethod
+    async def _stream(call: _Call) -> AsyncGenerator[Event, None]:
         try:
-            if stdin is not None:
-                params = {**params, "stdin": "stream"}
-            await self._send(Request(request_id, method, params))
-            if stdin is not None:
-                feeder = asyncio.create_task(self._feed_stdin(request_id, pending, stdin))
-            if resize is not None:
-                resizer = asyncio.create_task(self._feed_resize(request_id, resize))
-            if emit_started:
-                yield Event("started", self._started_data(method), 0)
-            while True:
-                item = await pending.queue.get()
-                if isinstance(item, _Deadline):
-                    await self._abandon(request_id, pending)
-                    finished = True
-                    raise RequestTimeout(
-                        f"{method} timed out after {limit:g}s and was killed",
-                        data={"worker_id": self.worker_id, "timeout": limit, "kill_reason": f"timeout {limit:g} s"},
-                    )
-                if isinstance(item, Event):
-                    self._taken(output_size(item))
-                    seq += 1
-                    yield Event(item.type, item.data, seq)
-                    continue
-                finished = True
-                if isinstance(item, SandboxError):
-                    # a failing stdin source fails the request on the host; the command in the
-                    # worker must not run on (waiting for stdin, then killing what started since)
-                    finished = not pending.source_failed
-                    raise item
-                if item.error is not None:
-                    raise from_worker(item.error)
-                if accounted:  # control calls (bind) and a user's ping run nothing: no wear to recycle for
-                    self.requests_served += 1
-                self.last_used = time.monotonic()
-                if raw is not None:
-                    raw.append(item.result)
-                done = self._done_data(item.result, began)
-                if accounted:
-                    self._name_kill(done)
-                yield Event("done", done, seq + 1)
-                return
+            started = await call.open()
+            if started is not None:
+                yield started
+            while not call.over:
+                yield await call.next()
         finally:
-            timer.cancel()
-            if watchdog is not None:
-                watchdog.cancel()
-            for task in (feeder, resizer):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(BaseException):
-                        await asyncio.shield(task)
-            if not finished:
-                await asyncio.shield(self._abandon(request_id, pending))
-            self._pending.pop(request_id, None)
-            self._serving.pop(request_id, None)
-            while not pending.queue.empty():  # output nobody will take no longer holds the pipe
-                item = pending.queue.get_nowait()
-                if isinstance(item, Event):
-                    self._taken(output_size(item))
+            await call.close()
 
     def _watch_cpu_budget(self) -> asyncio.Task[None] | None:
         """Start watching this request's CPU time in the worker's cgroup (``limits.cpu_budget_seconds``)."""
