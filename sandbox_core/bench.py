@@ -17,7 +17,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,22 +208,72 @@ async def ping_vs_pipe(config: ProcessSandboxConfig, n: int, blocks: int = 10) -
     in turns, ``blocks`` blocks of ``n / blocks`` round trips each, so that a change of pace
     on the machine during the step (this VM's small figures move by 2x between phases) hits
     the baseline and the figure alike; each is the median of all its round trips.
+
+    Where the scheduler puts the two ends decides most of the spread: a round trip between
+    two CPUs pays two cross-CPU wake-ups (on a VM whose idle vCPUs halt, tens of microseconds
+    each), one on a single CPU pays only the code on both ends. So the step also times ping and
+    the Python echo again with the host's thread and the other end pinned to one CPU (the
+    ``same_cpu`` detail): that ratio is the code's cost, not the wake-ups'.
     """
     per_block = max(1, n // blocks)
     samples: dict[str, list[float]] = {"python": [], "cat": [], "ping": []}
+    pinned: dict[str, list[float]] = {"python": [], "ping": []}
     async with (_PipeEcho([sys.executable, "-c", _ECHO]) as python, _PipeEcho(["cat"]) as cat,
                 SandboxOrchestrator(config.replace(min_idle=0)) as pool):  # fmt: skip
-        await pool.execute("bench", RawRequest("ping"))
+        result = await pool.execute("bench", RawRequest("ping"))
+
+        def ping() -> Awaitable[object]:
+            return pool.execute("bench", RawRequest("ping"))
+
         for _ in range(blocks):
             samples["python"] += await _timed(python.round_trip, per_block)
             samples["cat"] += await _timed(cat.round_trip, per_block)
-            samples["ping"] += await _timed(lambda: pool.execute("bench", RawRequest("ping")), per_block)
+            samples["ping"] += await _timed(ping, per_block)
+        worker = pool._workers.get(result.worker_id)
+        ends = {"python": python.proc.pid if python.proc is not None else 0,
+                "ping": _worker_python_pid(worker.pid or 0) if worker is not None else 0}  # fmt: skip
+        for _ in range(blocks // 2):
+            for name, fn in (("python", python.round_trip), ("ping", ping)):
+                with _one_cpu(ends[name]) as held:
+                    timed = await _timed(fn, per_block)
+                if held:
+                    pinned[name] += timed
     base, cat_echo, ours = (statistics.median(samples[k]) for k in ("python", "cat", "ping"))
     ratio = ours / base
+    same_cpu = {}
+    if pinned["python"] and pinned["ping"]:
+        p_base, p_ours = statistics.median(pinned["python"]), statistics.median(pinned["ping"])
+        same_cpu = {"same_cpu_ping_ms": _ms(p_ours), "same_cpu_echo_ms": _ms(p_base),
+                    "same_cpu_ratio": round(p_ours / p_base, 2)}  # fmt: skip
     return Figure("ping round trip", _ms(ours), "ms p50", "< 3x raw pipe echo", ratio < 3,
                   baseline=_ms(base), ratio=round(ratio, 2),
                   detail={"n": per_block * blocks, "blocks": blocks, "cat_echo_ms": _ms(cat_echo),
-                          "ratio_vs_cat": round(ours / cat_echo, 2)})
+                          "ratio_vs_cat": round(ours / cat_echo, 2), **same_cpu})
+
+
+@contextlib.contextmanager
+def _one_cpu(pid: int) -> Iterator[bool]:
+    """Pin this thread and every thread of process ``pid`` to one CPU (the first this thread
+    may use), restoring both after; yields whether the pins held (none is left when one failed)."""
+    mine = os.sched_getaffinity(0)
+    cpu = {min(mine)}
+    pinned: dict[int, set[int]] = {}
+    held = pid > 0
+    try:
+        for tid in map(int, os.listdir(f"/proc/{pid}/task") if held else []):
+            before = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpu)
+            pinned[tid] = before
+        os.sched_setaffinity(0, cpu)
+    except OSError:
+        held = False
+    try:
+        yield held
+    finally:
+        os.sched_setaffinity(0, mine)
+        for tid, cpus in pinned.items():
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, cpus)
 
 
 IDLE_GAP = 0.02
