@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
+    from sandbox_core.inside import landlock
+
 RLIMITS: dict[str, int] = {
     "as": resource.RLIMIT_AS,
     "cpu": resource.RLIMIT_CPU,
@@ -72,18 +74,51 @@ def become_user(plan: dict[str, Any], params: dict[str, Any], report: dict[str, 
 
 
 def after_bind(plan: dict[str, Any], workspace: str | Path, report: dict[str, Any]) -> None:
-    """Layers that need the workspace (landlock rules); updates ``report`` in place."""
+    """Layers that need the workspace (landlock rules); updates ``report`` in place.
+
+    An unbound worker's rules that do not name the workspace were added while it waited
+    (:func:`prepare_landlock`): only the workspace's is added here, then the ruleset is in force.
+    """
+    global _prepared
     landlock_rules = plan.get("landlock")
     if isinstance(landlock_rules, dict):
         from sandbox_core.inside import landlock
 
-        abi = landlock.restrict(
-            read_only=[str(p) for p in landlock_rules.get("read_only", [])],
-            read_write=[str(workspace), *(str(p) for p in landlock_rules.get("read_write", []))],
-        )
+        prepared, _prepared = _prepared, None
+        if prepared is not None:
+            prepared.allow_write([str(workspace)])
+            abi = prepared.restrict_self()
+        else:
+            abi = landlock.restrict(
+                read_only=[str(p) for p in landlock_rules.get("read_only", [])],
+                read_write=[str(workspace), *(str(p) for p in landlock_rules.get("read_write", []))],
+            )
         if abi == 0 and landlock_rules.get("required"):
             raise IsolationUnavailable("landlock was required but the kernel does not support it")
         report["landlock"] = {"abi": abi} if abi else False
+
+
+_prepared: landlock.Ruleset | None = None
+"""The unbound worker's ruleset, built while it waits for its claim (see :func:`after_bind`)."""
+
+
+def prepare_landlock(plan: dict[str, Any]) -> None:
+    """Build the landlock rules of an unbound worker that do not name its workspace (every
+    one but the workspace's: system trees, ``/tmp``, ``/dev``, ``/home``), off the claim's path.
+
+    Only our own code runs until the claim, and the ruleset's descriptor is close-on-exec
+    and closed when it is put in force; a worker never claimed drops it when it exits.
+    """
+    global _prepared
+    landlock_rules = plan.get("landlock")
+    if not isinstance(landlock_rules, dict) or _prepared is not None:
+        return
+    from sandbox_core.inside import landlock
+
+    _prepared = landlock.Ruleset.build(
+        read_only=[str(p) for p in landlock_rules.get("read_only", [])],
+        read_write=[str(p) for p in landlock_rules.get("read_write", [])],
+    )
 
 
 def check_mounts(expected: list[list[str]], mountinfo: str | None = None) -> None:

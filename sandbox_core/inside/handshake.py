@@ -161,6 +161,8 @@ def initialize(booted: Booted, params: dict[str, Any]) -> dict[str, Any]:
                                            and isinstance(endpoint.get("max_body"), int)):  # fmt: skip
         raise ProtocolError("model_endpoint needs an int port and max_body")
     report = confine.apply(plan)
+    if plan.get("await_user"):  # unbound: the rules that do not name the workspace, before the claim
+        confine.prepare_landlock(plan)
     booted.worker_id = str(params.get("worker_id", ""))
     booted.plan, booted.report = plan, report
     booted.initialized = True

@@ -427,3 +427,26 @@ async def test_the_claims_expectations_are_worked_out_for_the_staged_spares_uid(
         assert result.exit_code == 0 and result.stdout_text.strip() == str(spare_uid)
         report = pool.worker_report(result.worker_id)
         assert report is not None and "identity" in report["verified_by_host"]
+
+
+async def test_a_claimed_worker_runs_under_the_ruleset_it_built_while_it_waited(tmp_path: Path) -> None:
+    """An unbound worker adds every Landlock rule but its workspace's while it waits; the claim
+    adds that one (after the attach: a rule holds the mount it was added on) and puts the
+    ruleset in force. The user's command writes its workspace, /tmp and HOME and reads the
+    system; what only the mounts would allow stays shut (proc is mounted read-write, and a
+    process may write its own /proc/self/comm: Landlock gives /proc read rights only)."""
+    from sandbox_core.kernel import landlock_abi
+
+    if landlock_abi() == 0:
+        pytest.skip("this kernel has no Landlock")
+    async with SandboxOrchestrator(_config(tmp_path)) as pool:
+        await _prewarmed(pool)
+        (unbound,) = [w for w in pool._workers.values() if w.user_id is None]
+        script = ('echo a > ws && echo b > /tmp/t && echo c > "$HOME/h" && cat ws /tmp/t "$HOME/h" '
+                  '&& head -c1 /usr/bin/env > /dev/null && echo read; '
+                  '(echo x > /proc/self/comm) 2> /dev/null && echo comm-written || echo comm-refused')
+        result = await pool.execute("nina", sh(script))
+        assert result.worker_id == unbound.worker_id and pool.get_pool_stats()["claimed"] == 1
+        assert result.stdout_text == "a\nb\nc\nread\ncomm-refused\n", result.stderr_text
+        assert unbound.report["landlock"]["abi"] == landlock_abi()
+    assert _slot_mounts(tmp_path) == []
