@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sandbox_core import datapipe
 from sandbox_core.errors import ProtocolError, from_wire
 from sandbox_core.events import EVENT_METHOD, EventType
-from sandbox_core.inside.ready import fd_ready
 from sandbox_core.protocol import Notification, Request, RequestId, Response, encode
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ class OutputPipe:
             while self._queue:
                 frame = self._queue[0]
                 while not frame.advance(self._fd):
-                    await fd_ready(loop, self._fd, write=True)
+                    await _writable(loop, self._fd)
                 self._queue.popleft()
                 frame.finished()
         except OSError as exc:  # the host closed its end: nothing more can be sent
@@ -161,6 +160,21 @@ class _Frame:
 _JOIN_BELOW = 4096
 """Payloads smaller than this are copied behind their header (one write instead of two)."""
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Until ``fd`` can be written."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
 
 
 class InputPipe(asyncio.Protocol):

@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from sandbox_core import datapipe
 from sandbox_core.chunks import OutputEncoder
 from sandbox_core.errors import ProtocolError
-from sandbox_core.inside.ready import fd_ready
 from sandbox_core.process_tree import alive, boot_ticks, descendants, parent
 
 if TYPE_CHECKING:
@@ -302,7 +301,7 @@ class _Output(OutputBudget):
         count = array.array("i", [0])
         try:
             while True:
-                await fd_ready(loop, fd)
+                await _readable(loop, fd)
                 fcntl.ioctl(fd, termios.FIONREAD, count)
                 size = min(count[0], datapipe.MAX_PAYLOAD)
                 if size == 0:  # the end of the stream (or a wake-up with nothing to read)
@@ -337,6 +336,21 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
             proc.stdin.write(data)
             await proc.stdin.drain()
     proc.stdin.close()
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Until ``fd`` has something to read (or its writers are gone)."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 def _discard(fd: int, size: int) -> None:

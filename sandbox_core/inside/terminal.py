@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING, Any
 
 from sandbox_core import datapipe
 from sandbox_core.errors import ProtocolError
-from sandbox_core.inside.ready import fd_ready
 from sandbox_core.inside.runner import (
     NOT_EXECUTABLE,
     NOT_FOUND,
@@ -110,6 +109,20 @@ class Terminals:
         self._masters.pop(request_id, None)
 
 
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
 class _Pump(OutputBudget):
     """The master's bytes to the host until the pty hangs up (EIO once no slave is open), and
     ``limits.output_mb``: past it the program's group is killed and the output stops there."""
@@ -123,7 +136,7 @@ class _Pump(OutputBudget):
             try:
                 chunk = os.read(self._master, _READ)
             except BlockingIOError:
-                await fd_ready(loop, self._master)
+                await _readable(loop, self._master)
                 continue
             except OSError as exc:
                 if exc.errno == errno.EIO:
