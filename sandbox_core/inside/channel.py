@@ -9,7 +9,6 @@ method handler gets: its request, a way to emit events, and the executor's state
 from __future__ import annotations
 
 import asyncio
-import collections
 import fcntl
 import itertools
 import os
@@ -35,22 +34,10 @@ class Executor(Protocol):
 
 
 class OutputPipe:
-    """The worker's end of the data pipe: output frames, each written whole, in order.
+    """The worker's end of the data pipe: output frames, each written whole, in order."""
 
-    A frame is a header and a payload that is either bytes (:meth:`send`) or moved from
-    another pipe without passing through the worker (:meth:`splice`: a command's output goes
-    from its pipe to this one page by page, never copied into Python). The pipe is written
-    without blocking the loop: what the pipe does not take at once waits for it to drain, in
-    order, and a frame once begun is always finished, even when the request that sent it is
-    cancelled meanwhile (a frame cut short would leave the host reading a payload as headers).
-    """
-
-    def __init__(self, fd: int) -> None:
-        os.set_blocking(fd, False)
-        self._fd = fd
-        self._queue: collections.deque[_Frame] = collections.deque()
-        self._writer: asyncio.Task[None] | None = None
-        self._failed: OSError | None = None
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
 
     @classmethod
     async def open(cls, fd: int) -> OutputPipe:
@@ -62,119 +49,16 @@ class OutputPipe:
             fcntl.fcntl(fd, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
         except OSError:
             pass
-        return cls(fd)
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", 0))
+        return cls(asyncio.StreamWriter(transport, protocol, None, loop))
 
     async def send(self, request_id: int, kind: int, payload: bytes = b"") -> None:
         """One frame; waits while the host is not reading (that slows the command)."""
-        await self._write(_Frame(datapipe.frame(request_id, kind, payload), payload))
-
-    async def splice(self, request_id: int, kind: int, source: int, count: int) -> None:
-        """One frame of the next ``count`` bytes of pipe ``source``, which holds at least that
-        many and is read by nobody else until this returns (or, when cancelled, until
-        :meth:`close_source` closes it, after the frame)."""
-        await self._write(_Frame(datapipe.HEADER.pack(request_id, kind, count), b"", source, count))
-
-    def close_source(self, source: int) -> None:
-        """Close pipe ``source`` now, or once the frame still moving its bytes is written."""
-        for frame in self._queue:
-            if frame.source == source:
-                frame.close_source = True
-                return
-        os.close(source)
-
-    async def _write(self, frame: _Frame) -> None:
-        if self._failed is not None:
-            raise self._failed
-        if not self._queue and frame.advance(self._fd):  # the pipe took it all at once: the common case
-            frame.finished()
-            return
-        frame.done = asyncio.get_running_loop().create_future()
-        self._queue.append(frame)
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._drain())
-        await asyncio.shield(frame.done)
-
-    async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._queue:
-                frame = self._queue[0]
-                while not frame.advance(self._fd):
-                    await _writable(loop, self._fd)
-                self._queue.popleft()
-                frame.finished()
-        except OSError as exc:  # the host closed its end: nothing more can be sent
-            self._failed = exc
-            while self._queue:
-                self._queue.popleft().finished(exc)
-        finally:
-            self._writer = None
-
-
-class _Frame:
-    """One frame on its way into the data pipe: what of it is still to be written."""
-
-    __slots__ = ("close_source", "count", "done", "parts", "source")
-
-    def __init__(self, header: bytes, payload: bytes, source: int = -1, count: int = 0) -> None:
-        # a small payload goes out in one write with its header; a large one after it, not copied
-        joined = len(payload) < _JOIN_BELOW
-        self.parts = [memoryview(header + payload)] if joined else [memoryview(header), memoryview(payload)]
-        self.source, self.count = source, count
-        """The pipe the rest of the payload is moved from, and how many bytes of it are still to go."""
-        self.close_source = False
-        self.done: asyncio.Future[None] | None = None
-        """Set once the frame is queued behind others (or behind a full pipe)."""
-
-    def advance(self, fd: int) -> bool:
-        """Write what the pipe takes now; whether the frame is complete (OSError: it cannot be)."""
-        try:
-            while self.parts:
-                part = self.parts[0]
-                written = os.write(fd, part)
-                if written == len(part):
-                    del self.parts[0]
-                else:
-                    self.parts[0] = part[written:]
-            while self.count:
-                moved = os.splice(self.source, fd, self.count, flags=_SPLICE_FLAGS)
-                if moved == 0:
-                    raise OSError(f"pipe {self.source} ran dry with {self.count} bytes of a frame to go")
-                self.count -= moved
-        except BlockingIOError:
-            return False
-        return True
-
-    def finished(self, error: OSError | None = None) -> None:
-        """The frame is written (or cannot be): close its source if asked, wake its sender."""
-        if self.close_source:
-            self.close_source = False
-            os.close(self.source)
-        if self.done is not None and not self.done.done():
-            if error is None:
-                self.done.set_result(None)
-            else:
-                self.done.set_exception(error)
-
-
-_JOIN_BELOW = 4096
-"""Payloads smaller than this are copied behind their header (one write instead of two)."""
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-
-
-async def _writable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    """Until ``fd`` can be written."""
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_writer(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_writer(fd)
+        self._writer.write(datapipe.frame(request_id, kind, payload))
+        if payload:
+            self._writer.write(payload)  # a second write, not a copy of the payload
+        await self._writer.drain()
 
 
 class InputPipe(asyncio.Protocol):

@@ -16,7 +16,6 @@ while that is full. A command killed by one of its own limits says which
 
 from __future__ import annotations
 
-import array
 import asyncio
 import base64
 import binascii
@@ -26,7 +25,6 @@ import functools
 import os
 import resource
 import signal
-import termios
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
@@ -234,18 +232,14 @@ class OutputBudget:
 
     def take(self, chunk: bytes) -> bytes:
         """The part of ``chunk`` to send (empty once the limit is hit)."""
-        return chunk[: self.allow(len(chunk))]
-
-    def allow(self, size: int) -> int:
-        """How many of the next ``size`` bytes may be sent (0 once the limit is hit)."""
         if self.limited:
-            return 0
-        if self.limit and self.total + size > self.limit:
-            size = self.limit - self.total
+            return b""
+        if self.limit and self.total + len(chunk) > self.limit:
+            chunk = chunk[: self.limit - self.total]
             self.limited = True
             kill_group(self.pgid)
-        self.total += size
-        return size
+        self.total += len(chunk)
+        return chunk
 
 
 def exit_result(returncode: int, started: float, budget: OutputBudget) -> dict[str, Any]:
@@ -271,11 +265,6 @@ class _Output(OutputBudget):
         self._ctx = ctx
         self._pipe = pipe if isinstance(ctx.request.id, int) else None
 
-    @property
-    def direct(self) -> bool:
-        """The output goes to the data pipe (moved there with splice), not into events."""
-        return self._pipe is not None
-
     async def pump(self, stream: asyncio.StreamReader, event: Literal["stdout", "stderr"]) -> None:
         encoder = OutputEncoder()
         kind = datapipe.KIND_STDOUT if event == "stdout" else datapipe.KIND_STDERR
@@ -289,38 +278,6 @@ class _Output(OutputBudget):
         tail = encoder.flush()
         if tail is not None:
             await self._ctx.emit(event, tail)
-
-    async def pump_pipe(self, fd: int, event: Literal["stdout", "stderr"]) -> None:
-        """Move one output stream from the command's pipe ``fd`` to the data pipe, a frame per
-        read's worth, without copying it through the worker (:meth:`OutputPipe.splice`);
-        closes ``fd`` at its end (or, when cancelled, once its last frame is written)."""
-        assert self._pipe is not None
-        pipe, request_id = self._pipe, int(self._ctx.request.id)
-        kind = datapipe.KIND_STDOUT if event == "stdout" else datapipe.KIND_STDERR
-        loop = asyncio.get_running_loop()
-        count = array.array("i", [0])
-        try:
-            while True:
-                await _readable(loop, fd)
-                fcntl.ioctl(fd, termios.FIONREAD, count)
-                size = min(count[0], datapipe.MAX_PAYLOAD)
-                if size == 0:  # the end of the stream (or a wake-up with nothing to read)
-                    try:
-                        raw = os.read(fd, _READ)
-                    except BlockingIOError:
-                        continue
-                    if not raw:
-                        return
-                    if chunk := self.take(raw):
-                        await pipe.send(request_id, kind, chunk)
-                    continue
-                allowed = self.allow(size)
-                if allowed:
-                    await pipe.splice(request_id, kind, fd, allowed)
-                if allowed < size:  # past the limit: drained unsent
-                    _discard(fd, size - allowed)
-        finally:
-            pipe.close_source(fd)
 
     async def end(self) -> None:
         """Tell the host this request's output is complete (before its answer)."""
@@ -336,33 +293,6 @@ async def _feed(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
             proc.stdin.write(data)
             await proc.stdin.drain()
     proc.stdin.close()
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    """Until ``fd`` has something to read (or its writers are gone)."""
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
-
-
-def _discard(fd: int, size: int) -> None:
-    """Read ``size`` bytes (that are there) of ``fd`` and drop them."""
-    while size > 0:
-        try:
-            dropped = len(os.read(fd, min(size, _READ)))
-        except BlockingIOError:
-            return
-        if not dropped:
-            return
-        size -= dropped
 
 
 def _end_command(pid: int, since: int, alone: bool) -> None:
@@ -433,32 +363,6 @@ def output_limit(params: dict[str, Any]) -> int:
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0
 
 
-def _output_pipes() -> tuple[tuple[int, int], tuple[int, int]]:
-    """(read, write) pipes for a command's stdout and stderr: the reads ours (non-blocking, kept
-    from every command), the writes the command's (its fd 1 and 2 once it runs), both widened."""
-    made: list[tuple[int, int]] = []
-    try:
-        for _ in range(2):
-            read, write = os.pipe2(os.O_CLOEXEC)
-            made.append((read, write))
-            os.set_blocking(read, False)
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(write, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
-    except BaseException:
-        for pair in made:
-            for fd in pair:
-                os.close(fd)
-        raise
-    return made[0], made[1]
-
-
-def _close_pipes(ours: tuple[tuple[int, int], tuple[int, int]] | None) -> None:
-    """Both ends of both output pipes of a command that did not start."""
-    for pair in ours or ():
-        for fd in pair:
-            os.close(fd)
-
-
 def _widen(pipe: asyncio.BaseTransport | None) -> None:
     """Ask for a larger pipe buffer (fewer, larger reads); the kernel may refuse."""
     handle = pipe.get_extra_info("pipe") if pipe is not None else None
@@ -480,51 +384,35 @@ async def _run(
     since = boot_ticks()
     loop = asyncio.get_running_loop()
     piped = data is not None or sink is not None
-    # On the data pipe, the command's output goes through pipes of our own, moved with splice;
-    # otherwise through asyncio's, read into events.
-    ours = _output_pipes() if output.direct else None
     spawn = asyncio.ensure_future(loop.subprocess_exec(
         lambda: ExitWatch(loop),
         *argv,
         stdin=asyncio.subprocess.PIPE if piped else asyncio.subprocess.DEVNULL,
-        stdout=ours[0][1] if ours else asyncio.subprocess.PIPE,
-        stderr=ours[1][1] if ours else asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
         cwd=ctx.cwd,
         process_group=0,
     ))
     try:
         transport, protocol = await asyncio.shield(spawn)
     except asyncio.CancelledError:
-        try:
-            await _undo_spawn(spawn, since, alone)
-        finally:  # only once the spawn is over: a descriptor closed before its fork could be reused
-            _close_pipes(ours)
+        await _undo_spawn(spawn, since, alone)
         raise
     except FileNotFoundError:
-        _close_pipes(ours)
         await ctx.emit("stderr", {"data": f"{argv[0]}: command not found\n"})
         return {"exit_code": NOT_FOUND, "duration_s": 0.0}
     except PermissionError:
-        _close_pipes(ours)
         await ctx.emit("stderr", {"data": f"{argv[0]}: permission denied\n"})
         return {"exit_code": NOT_EXECUTABLE, "duration_s": 0.0}
-    except BaseException:
-        _close_pipes(ours)
-        raise
-    if ours:  # the command's ends are its own now
-        os.close(ours[0][1])
-        os.close(ours[1][1])
     proc = asyncio.subprocess.Process(transport, protocol, loop)
+    assert proc.stdout is not None and proc.stderr is not None
     for fd in (0, 1, 2):
         _widen(transport.get_pipe_transport(fd))
     output.pgid = proc.pid
-    if ours:
-        tasks = [asyncio.create_task(output.pump_pipe(ours[0][0], "stdout")),
-                 asyncio.create_task(output.pump_pipe(ours[1][0], "stderr"))]  # fmt: skip
-    else:
-        assert proc.stdout is not None and proc.stderr is not None
-        tasks = [asyncio.create_task(output.pump(proc.stdout, "stdout")),
-                 asyncio.create_task(output.pump(proc.stderr, "stderr"))]  # fmt: skip
+    tasks = [
+        asyncio.create_task(output.pump(proc.stdout, "stdout")),
+        asyncio.create_task(output.pump(proc.stderr, "stderr")),
+    ]
     if sink is not None and proc.stdin is not None:
         sink.attach(proc.stdin)
     elif data is not None:
