@@ -57,21 +57,22 @@ def probe_output(directory: Path | None, argv: Sequence[str], run: Callable[[], 
         return run()
     try:
         binary = os.path.realpath(argv[0])
-        identity = _identity(binary)
+        identity = identity_of(binary)
     except OSError:
         return run()
     record = {"binary": binary, "identity": identity, "argv": list(argv[1:])}
     name = sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]
     path = directory / f"{name}.json"
-    cached = _read(directory, path)
+    cached = read_record(directory, path)
     if cached is not None and {k: cached.get(k) for k in record} == record and isinstance(cached.get("output"), str):
         return str(cached["output"])
     output = run()
-    _write(path, {**record, "output": output})
+    write_record(path, {**record, "output": output})
     return output
 
 
-def _identity(path: str) -> str:
+def identity_of(path: str) -> str:
+    """A file's device, inode, size, mtime and ctime: changed by any upgrade, replacement or touch."""
     st = os.stat(path)
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
@@ -84,7 +85,8 @@ def _private_dir(path: Path) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
-def _read(directory: Path, path: Path) -> dict[str, object] | None:
+def read_record(directory: Path, path: Path) -> dict[str, object] | None:
+    """The record in ``path`` when it can be trusted (see the module's docstring), else None."""
     if not _private_dir(directory):
         return None
     try:
@@ -104,7 +106,7 @@ def _read(directory: Path, path: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def _write(path: Path, record: dict[str, object]) -> None:
+def write_record(path: Path, record: dict[str, object]) -> None:
     """Write ``record`` to ``path`` atomically (a new 0600 file renamed over whatever was there)."""
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{os.urandom(4).hex()}")
     try:

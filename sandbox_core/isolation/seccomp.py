@@ -33,9 +33,12 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sandbox_core.errors import IsolationUnavailable
+from sandbox_core.isolation import probes
+from sandbox_core.isolation.probes import sha256
 
 # fmt: off
 DENY: tuple[str, ...] = (
@@ -95,8 +98,23 @@ class Program:
 
 
 @functools.cache
-def program(unix_sockets: bool = True) -> Program:
-    """Compile the filter once per process and setting (about a millisecond) and cache its bytes."""
+def program(unix_sockets: bool = True, cache: Path | None = None) -> Program:
+    """The filter for this setting, compiled once per process, and kept in ``cache`` (a
+    :func:`probes.cache_dir`) for the next one.
+
+    Compiling means loading pyseccomp, ctypes and libseccomp first: 8-15 ms of every fresh host
+    process before its first strict spawn (a one-shot ``sandbox exec`` pays them before its
+    worker can start). A kept program is believed only from a file :func:`probes.read_record`
+    trusts, made from this very module's source (its digest), for the same setting and machine,
+    by the same pyseccomp and libseccomp files (their identities, checked again on every read:
+    an upgraded library compiles anew).
+    """
+    source = _source_digest()
+    path = cache / f"seccomp-{source[:24]}-{int(unix_sockets)}.json" if cache is not None else None
+    if cache is not None and path is not None:
+        kept = _kept(cache, path, source, unix_sockets)
+        if kept is not None:
+            return kept
     try:
         with _loader_sonames():
             import pyseccomp as sc
@@ -106,9 +124,65 @@ def program(unix_sockets: bool = True) -> Program:
             "install them with `pip install pyseccomp` and `apt-get install libseccomp2`"
         ) from None
     try:
-        return _compile(sc, unix_sockets)
+        compiled = _compile(sc, unix_sockets)
     except OSError as exc:
         raise IsolationUnavailable(f"cannot build the seccomp filter: {exc}") from None
+    if path is not None:
+        _keep(path, source, unix_sockets, [str(sc.__file__), *_loaded("libseccomp.so")], compiled)
+    return compiled
+
+
+def _source_digest() -> str:
+    with open(__file__, "rb") as fh:
+        return sha256(fh.read()).hexdigest()
+
+
+def _loaded(name: str) -> list[str]:
+    """The files of this process's mapped shared objects whose name starts with ``name``."""
+    found: set[str] = set()
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.rstrip("\n").partition("/")[2]
+            if path and os.path.basename("/" + path).startswith(name):
+                found.add("/" + path)
+    return sorted(found)
+
+
+def _key(source: str, unix_sockets: bool) -> dict[str, object]:
+    return {"kind": "seccomp", "source": source, "unix_sockets": unix_sockets, "machine": os.uname().machine}
+
+
+def _keep(path: Path, source: str, unix_sockets: bool, files: list[str], compiled: Program) -> None:
+    if len(files) < 2:  # no libseccomp among the mappings: nothing to tie the program to
+        return
+    try:
+        identities = {name: probes.identity_of(name) for name in files}
+    except OSError:
+        return
+    probes.write_record(path, {**_key(source, unix_sockets), "files": identities, "bpf": compiled.bpf.hex(),
+                               "denied": list(compiled.denied), "unknown": list(compiled.unknown),
+                               "rules": compiled.rules, "sockets": compiled.sockets})  # fmt: skip
+
+
+def _kept(directory: Path, path: Path, source: str, unix_sockets: bool) -> Program | None:
+    record = probes.read_record(directory, path)
+    if record is None or {k: record.get(k) for k in _key(source, unix_sockets)} != _key(source, unix_sockets):
+        return None
+    files, bpf, denied, unknown = record.get("files"), record.get("bpf"), record.get("denied"), record.get("unknown")
+    rules, sockets = record.get("rules"), record.get("sockets")
+    if not (isinstance(files, dict) and len(files) >= 2 and isinstance(bpf, str) and isinstance(denied, list)
+            and isinstance(unknown, list) and isinstance(rules, int) and isinstance(sockets, str)):  # fmt: skip
+        return None
+    try:
+        if any(probes.identity_of(str(name)) != identity for name, identity in files.items()):
+            return None
+        program = bytes.fromhex(bpf)
+    except (OSError, ValueError):
+        return None
+    if not program or len(program) % 8:  # whole sock_filter instructions, or it was not ours
+        return None
+    return Program(bpf=program, denied=tuple(map(str, denied)), unknown=tuple(map(str, unknown)), rules=rules,
+                   sockets=sockets)  # fmt: skip
 
 
 _SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}

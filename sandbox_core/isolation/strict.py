@@ -377,7 +377,7 @@ def strict_launch(
         denied, deny_missing = _deny(m, deny_paths, guards)
         held = _hold_in_place(m, guards, fds)
         m.args += ["--remount-ro", "/"]
-        seccomp_args, seccomp_info = _seccomp(config, fds)
+        seccomp_args, seccomp_info = _seccomp(config, fds, cache)
         ns_args, namespaces = _namespaces(ident is not None or slot is not None, version)
         strict = config.strict
         cgroup = (cgroups.plan(worker_id, config.limits, strict.cgroup_version, parent=strict.cgroup_parent)
@@ -708,13 +708,13 @@ def _hold_in_place(m: _Mounts, guards: dict[str, TreeGuard], fds: _Fds) -> list[
     return expect
 
 
-def _seccomp(config: ProcessSandboxConfig, fds: _Fds) -> tuple[list[str], dict[str, Any] | bool]:
-    """``--seccomp FD`` with the compiled filter, and its summary for the report."""
+def _seccomp(config: ProcessSandboxConfig, fds: _Fds, cache: Path | None) -> tuple[list[str], dict[str, Any] | bool]:
+    """``--seccomp FD`` with the compiled filter (kept in ``cache``), and its summary for the report."""
     if not config.strict.seccomp:
         return [], False
     from sandbox_core.isolation import seccomp
 
-    program = seccomp.program(config.strict.unix_sockets)
+    program = seccomp.program(config.strict.unix_sockets, cache)
     return ["--seccomp", str(fds.add(data_fd("sandbox-seccomp", program.bpf)))], program.summary()
 
 
