@@ -5,32 +5,15 @@ The host reads them to plan a sandbox; the worker reads them to apply its own la
 
 from __future__ import annotations
 
-import ctypes
+from sandbox_core.ffi import c_long, c_size_t, c_uint32, libc
 
 SYS_LANDLOCK_CREATE_RULESET = 444
 """The same number on every architecture (asm-generic table)."""
 _LANDLOCK_CREATE_RULESET_VERSION = 1
-_loaded: list[ctypes.CDLL] = []
-
-
-def _libc() -> ctypes.CDLL:
-    """libc, loaded once (a list, not ``functools.cache``: functools and the collections it
-    imports are ~5 ms of a worker's bind, which asks this before its first command)."""
-    if not _loaded:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.syscall.restype = ctypes.c_long
-        _loaded.append(libc)
-    return _loaded[0]
 
 
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version, or 0 when Landlock is absent or disabled."""
-    res = int(
-        _libc().syscall(
-            ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET),
-            None,
-            ctypes.c_size_t(0),
-            ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION),
-        )
-    )
+    res = int(libc().syscall(c_long(SYS_LANDLOCK_CREATE_RULESET), None, c_size_t(0),
+                             c_uint32(_LANDLOCK_CREATE_RULESET_VERSION)))  # fmt: skip
     return max(res, 0)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 from sandbox_core.errors import IsolationUnavailable
+from sandbox_core.ffi import Structure, byref, c_int, c_uint32, get_errno, libc
 
 _PR_SET_NO_NEW_PRIVS = 38
 _PR_SET_CHILD_SUBREAPER = 36
@@ -43,12 +43,11 @@ def await_user() -> None:
     and permitted) for the one switch to the user's uid at ``bind`` (:func:`become_user`)."""
     drop_bounding_set()
     keep = (1 << CAP_SETUID) | (1 << CAP_SETGID)
-    libc = ctypes.CDLL(None, use_errno=True)
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     data[0].effective = data[0].permitted = keep
-    if libc.capset(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
+    if libc().capset(byref(header), data) != 0:
+        err = get_errno()
         raise IsolationUnavailable(f"capset (keeping only CAP_SETUID/CAP_SETGID) failed: {os.strerror(err)}")
 
 
@@ -58,24 +57,23 @@ _CAP_LAST_FALLBACK = 63
 
 def drop_bounding_set() -> None:
     """Drop every capability from the bounding set (needs CAP_SETPCAP; bwrap leaves it to us)."""
-    libc = ctypes.CDLL(None, use_errno=True)
     try:
         with open("/proc/sys/kernel/cap_last_cap") as fh:
             last = int(fh.read())
     except (OSError, ValueError):
         last = _CAP_LAST_FALLBACK
     for cap in range(last + 1):
-        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-            err = ctypes.get_errno()
+        if libc().prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            err = get_errno()
             raise IsolationUnavailable(f"cannot drop capability {cap} from the bounding set: {os.strerror(err)}")
 
 
-class _CapHeader(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+class _CapHeader(Structure):
+    _fields_ = (("version", c_uint32), ("pid", c_int))
 
 
-class _CapData(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32), ("inheritable", ctypes.c_uint32)]
+class _CapData(Structure):
+    _fields_ = (("effective", c_uint32), ("permitted", c_uint32), ("inheritable", c_uint32))
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -83,33 +81,29 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 def clear_capabilities() -> None:
     """Empty the effective, permitted and inheritable sets (lowering needs no privilege)."""
-    libc = ctypes.CDLL(None, use_errno=True)
     header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
-    if libc.capset(ctypes.byref(header), data) != 0:
-        err = ctypes.get_errno()
+    if libc().capset(byref(header), data) != 0:
+        err = get_errno()
         raise IsolationUnavailable(f"capset (clearing capabilities) failed: {os.strerror(err)}")
 
 
 def set_no_new_privs() -> None:
     """Set PR_SET_NO_NEW_PRIVS so exec can never gain privileges (setuid bits, caps)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
+    if libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        err = get_errno()
         raise IsolationUnavailable(f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(err)}")
 
 
 def become_subreaper() -> None:
     """Orphans of our descendants are re-parented to us (not to init), so the worker can
     find and kill what a command left behind after ``setsid`` or a double fork."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        err = ctypes.get_errno()
+    if libc().prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = get_errno()
         raise IsolationUnavailable(f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(err)}")
 
 
 def is_subreaper() -> bool:
     """Whether this process is a child subreaper (true in a worker after initialize)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    flag = ctypes.c_int(0)
-    return libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value != 0
+    flag = c_int(0)
+    return libc().prctl(_PR_GET_CHILD_SUBREAPER, byref(flag), 0, 0, 0) == 0 and bool(flag.value)

@@ -15,10 +15,10 @@ must run before the worker starts any thread; :func:`restrict` refuses otherwise
 
 from __future__ import annotations
 
-import ctypes
 import os
 import stat
 
+from sandbox_core import ffi
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.kernel import landlock_abi
 
@@ -42,25 +42,21 @@ FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV
 READ_RIGHTS = EXECUTE | READ_FILE | READ_DIR
 
 
-class _RulesetAttr(ctypes.Structure):
+class _RulesetAttr(ffi.Structure):
     _fields_ = (
-        ("handled_access_fs", ctypes.c_uint64),
-        ("handled_access_net", ctypes.c_uint64),
-        ("scoped", ctypes.c_uint64),
+        ("handled_access_fs", ffi.c_uint64),
+        ("handled_access_net", ffi.c_uint64),
+        ("scoped", ffi.c_uint64),
     )
 
 
-class _PathBeneathAttr(ctypes.Structure):
+class _PathBeneathAttr(ffi.Structure):
     _pack_ = 1
-    _fields_ = (("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32))
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+    _fields_ = (("allowed_access", ffi.c_uint64), ("parent_fd", ffi.c_int32))
 
 
 def _syscall(*args: object) -> int:
-    return int(_libc.syscall(*args))
+    return int(ffi.libc().syscall(*args))
 
 
 def abi_version() -> int:
@@ -120,7 +116,7 @@ class Ruleset:
         size = 8 if abi < 4 else 16 if abi < 6 else 24
         if abi >= 6:
             attr.scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
-        fd = _syscall(ctypes.c_long(SYS_CREATE_RULESET), ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
+        fd = _syscall(ffi.c_long(SYS_CREATE_RULESET), ffi.byref(attr), ffi.c_size_t(size), ffi.c_uint32(0))
         if fd < 0:
             _fail("landlock_create_ruleset")
         ruleset = cls(abi, fd)
@@ -155,7 +151,7 @@ class Ruleset:
             from sandbox_core.inside.identity import set_no_new_privs
 
             set_no_new_privs()
-            if _syscall(ctypes.c_long(SYS_RESTRICT_SELF), ctypes.c_int(self._fd), ctypes.c_uint32(0)) != 0:
+            if _syscall(ffi.c_long(SYS_RESTRICT_SELF), ffi.c_int(self._fd), ffi.c_uint32(0)) != 0:
                 _fail("landlock_restrict_self")
         finally:
             self.close()
@@ -179,11 +175,11 @@ def _add(ruleset: int, path: str | Path, rights: int) -> None:
         rule = _PathBeneathAttr(allowed_access=rights, parent_fd=fd)
         if (
             _syscall(
-                ctypes.c_long(SYS_ADD_RULE),
-                ctypes.c_int(ruleset),
-                ctypes.c_int(_RULE_PATH_BENEATH),
-                ctypes.byref(rule),
-                ctypes.c_uint32(0),
+                ffi.c_long(SYS_ADD_RULE),
+                ffi.c_int(ruleset),
+                ffi.c_int(_RULE_PATH_BENEATH),
+                ffi.byref(rule),
+                ffi.c_uint32(0),
             )
             != 0
         ):
@@ -201,5 +197,5 @@ def _thread_count() -> int:
 
 
 def _fail(what: str) -> NoReturn:
-    err = ctypes.get_errno()
+    err = ffi.get_errno()
     raise IsolationUnavailable(f"{what} failed: {os.strerror(err)}")

@@ -1,6 +1,7 @@
 """The worker's serving loop is imported without ``ssl`` (inside/boot.py), and ``ssl`` stays importable;
 nor do it and what the first command needs load ``pathlib``, ``hashlib`` or ``urllib.parse``, which
-serving does not need (~20 ms of a worker's boot)."""
+serving does not need (~20 ms of a worker's boot), nor the ``ctypes`` package (its C calls go
+through :mod:`sandbox_core.ffi`: 3 ms)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from sandbox_core.inside.boot import _first_request_modules
 _first_request_modules()
 import asyncio.base_events, asyncio.sslproto
 seen = {"ssl_loaded": "ssl" in sys.modules,
-        "unneeded": sorted({"pathlib", "hashlib", "urllib.parse"} & set(sys.modules)),
+        "unneeded": sorted({"pathlib", "hashlib", "urllib.parse", "ctypes"} & set(sys.modules)),
         "asyncio_ssl": asyncio.base_events.ssl is not None or asyncio.sslproto.ssl is not None}
 import ssl
 seen["ssl_after"] = hasattr(ssl, "SSLContext")
