@@ -53,7 +53,7 @@ def _first_request_modules() -> None:
 
 
 def serving_loop() -> ModuleType:
-    """:mod:`worker_main`, imported without the ``ssl`` module that asyncio would load with it.
+    """:mod:`worker_main`, imported without the ``ssl`` and ``logging`` modules asyncio would load with it.
 
     asyncio imports ``ssl`` (a tenth of its import time) only to offer TLS on the connections
     it opens or serves itself, and the worker has none: its channel is pipes, its listeners
@@ -61,16 +61,59 @@ def serving_loop() -> ModuleType:
     relay TLS as opaque bytes. So ``ssl`` is kept out while asyncio loads (its modules then
     say ``ssl = None``, their documented fallback) and is importable again right after: the
     agent's SDK (httpx) imports it itself and uses it directly, never through asyncio.
+
+    asyncio and concurrent.futures import ``logging`` (3-4 ms of its own) only to make their
+    loggers, which speak only when something goes wrong (an exception nobody retrieved, a
+    transport left open). While they load, ``logging`` is a stand-in (:class:`_LazyLogging`):
+    its ``getLogger`` hands out loggers that load the real module at their first use and are
+    then that module's logger of the same name, so what they say, and where it goes, is what
+    it was. The real ``logging`` is importable right after, as ``ssl`` is.
     """
-    blocked = "ssl" not in sys.modules
-    if blocked:
-        sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` raises ImportError
+    blocked = [name for name in ("ssl", "logging") if name not in sys.modules]
+    stand_ins: dict[str, object] = {"ssl": None, "logging": _LazyLogging("logging")}
+    for name in blocked:
+        sys.modules[name] = stand_ins[name]  # type: ignore[assignment]  # None: `import ssl` raises ImportError
     try:
         from sandbox_core.inside import worker_main
     finally:
-        if blocked and sys.modules.get("ssl", False) is None:
-            del sys.modules["ssl"]
+        for name in blocked:
+            if sys.modules.get(name, False) is stand_ins[name]:
+                del sys.modules[name]
     return worker_main
+
+
+class _LazyLogging(type(sys)):  # type: ignore[misc]  # a module object, without importing types
+    """``logging`` while asyncio loads: its level numbers and ``getLogger``; anything else it
+    is asked for comes from the real module (imported then)."""
+
+    DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
+
+    @staticmethod
+    def getLogger(name: str | None = None) -> _LazyLogger:  # logging's own name
+        return _LazyLogger(name)
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(_real_logging(), attr)
+
+
+class _LazyLogger:
+    """A logger by name that becomes ``logging.getLogger(name)`` at its first use."""
+
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str | None) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(_real_logging().getLogger(self._name), attr)
+
+
+def _real_logging() -> ModuleType:
+    if isinstance(sys.modules.get("logging"), _LazyLogging):
+        del sys.modules["logging"]
+    import logging
+
+    return logging
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The worker's serving loop is imported without ``ssl`` (inside/boot.py), and ``ssl`` stays importable;
+"""The worker's serving loop is imported without ``ssl`` or ``logging`` (inside/boot.py), both stay
+importable, and the loggers asyncio made meanwhile are the real ones;
 nor do it and what the first command needs load ``pathlib``, ``hashlib`` or ``urllib.parse``, which
 serving does not need (~20 ms of a worker's boot), nor the ``ctypes`` package (its C calls go
 through :mod:`sandbox_core.ffi`: 3 ms)."""
@@ -16,19 +17,38 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 from sandbox_core.inside.boot import _first_request_modules
 _first_request_modules()
-import asyncio.base_events, asyncio.sslproto
-seen = {"ssl_loaded": "ssl" in sys.modules,
+import asyncio.base_events, asyncio.log, asyncio.sslproto, concurrent.futures._base
+seen = {"ssl_loaded": "ssl" in sys.modules, "logging_loaded": "logging" in sys.modules,
         "unneeded": sorted({"pathlib", "hashlib", "urllib.parse", "ctypes"} & set(sys.modules)),
         "asyncio_ssl": asyncio.base_events.ssl is not None or asyncio.sslproto.ssl is not None}
 import ssl
 seen["ssl_after"] = hasattr(ssl, "SSLContext")
+import logging
+heard = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        heard.append([record.name, record.levelname, record.getMessage(), record.exc_info is not None])
+for name in ("asyncio", "concurrent.futures"):
+    logging.getLogger(name).addHandler(Keep())
+asyncio.log.logger.warning("loop %s", "said")
+try:
+    raise KeyError("boom")
+except KeyError:
+    concurrent.futures._base.LOGGER.exception("callback raised")
+seen["heard"] = heard
+seen["same_logger"] = asyncio.log.logger.getChild("x") is logging.getLogger("asyncio.x")
+seen["real_logging"] = hasattr(logging, "Handler") and type(logging).__name__ == "module"
 print(json.dumps(seen))
 """
 
 
-def test_the_serving_loop_loads_without_ssl_and_ssl_still_imports_after() -> None:
+def test_the_serving_loop_loads_without_ssl_or_logging_and_both_work_after() -> None:
     # a fresh interpreter as the worker starts (-I -S): what the import leaves behind is all its own
     out = subprocess.run([sys.executable, "-I", "-S", "-c", _PROBE, str(PACKAGE_ROOT)], capture_output=True,
                          text=True, timeout=60, check=True)  # fmt: skip
-    assert json.loads(out.stdout) == {"ssl_loaded": False, "unneeded": [], "asyncio_ssl": False,
-                                      "ssl_after": True}
+    assert json.loads(out.stdout) == {
+        "ssl_loaded": False, "logging_loaded": False, "unneeded": [], "asyncio_ssl": False, "ssl_after": True,
+        # asyncio's and concurrent.futures' loggers, made while logging was a stand-in, are the real ones
+        "heard": [["asyncio", "WARNING", "loop said", False], ["concurrent.futures", "ERROR", "callback raised", True]],
+        "same_logger": True, "real_logging": True,
+    }
