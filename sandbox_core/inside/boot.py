@@ -97,15 +97,34 @@ class _LazyLogging(type(sys)):  # type: ignore[misc]  # a module object, without
 
 
 class _LazyLogger:
-    """A logger by name that becomes ``logging.getLogger(name)`` at its first use."""
+    """A logger by name that is ``logging.getLogger(name)`` from its first use that can say anything.
+
+    ``debug`` and ``info`` while nothing has imported the real ``logging`` are dropped here,
+    as the real module would drop them: nobody can have configured it yet, and its default
+    (the root logger at WARNING, no handler but the last-resort one at WARNING) says nothing
+    below WARNING. asyncio calls ``debug`` on every event loop it makes.
+    """
 
     __slots__ = ("_name",)
 
     def __init__(self, name: str | None) -> None:
         self._name = name
 
+    def debug(self, *args: object, **kwargs: object) -> None:
+        if _logging_loaded():
+            _real_logging().getLogger(self._name).debug(*args, **kwargs)
+
+    def info(self, *args: object, **kwargs: object) -> None:
+        if _logging_loaded():
+            _real_logging().getLogger(self._name).info(*args, **kwargs)
+
     def __getattr__(self, attr: str) -> object:
         return getattr(_real_logging().getLogger(self._name), attr)
+
+
+def _logging_loaded() -> bool:
+    module = sys.modules.get("logging")
+    return module is not None and not isinstance(module, _LazyLogging)
 
 
 def _real_logging() -> ModuleType:

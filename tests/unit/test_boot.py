@@ -23,7 +23,11 @@ seen = {"ssl_loaded": "ssl" in sys.modules, "logging_loaded": "logging" in sys.m
         "asyncio_ssl": asyncio.base_events.ssl is not None or asyncio.sslproto.ssl is not None}
 import ssl
 seen["ssl_after"] = hasattr(ssl, "SSLContext")
+asyncio.new_event_loop().close()  # says debug() twice: dropped without loading logging, as logging would drop it
+asyncio.log.logger.info("nobody configured logging")
+seen["logging_after_loop"] = "logging" in sys.modules
 import logging
+logging.getLogger("asyncio").setLevel(logging.DEBUG)
 heard = []
 class Keep(logging.Handler):
     def emit(self, record):
@@ -31,6 +35,7 @@ class Keep(logging.Handler):
 for name in ("asyncio", "concurrent.futures"):
     logging.getLogger(name).addHandler(Keep())
 asyncio.log.logger.warning("loop %s", "said")
+asyncio.log.logger.debug("now %s", "heard")  # configured: debug reaches it
 try:
     raise KeyError("boom")
 except KeyError:
@@ -48,7 +53,9 @@ def test_the_serving_loop_loads_without_ssl_or_logging_and_both_work_after() -> 
                          text=True, timeout=60, check=True)  # fmt: skip
     assert json.loads(out.stdout) == {
         "ssl_loaded": False, "logging_loaded": False, "unneeded": [], "asyncio_ssl": False, "ssl_after": True,
+        "logging_after_loop": False,
         # asyncio's and concurrent.futures' loggers, made while logging was a stand-in, are the real ones
-        "heard": [["asyncio", "WARNING", "loop said", False], ["concurrent.futures", "ERROR", "callback raised", True]],
+        "heard": [["asyncio", "WARNING", "loop said", False], ["asyncio", "DEBUG", "now heard", False],
+                  ["concurrent.futures", "ERROR", "callback raised", True]],
         "same_logger": True, "real_logging": True,
     }
