@@ -13,10 +13,10 @@ gives the command's output byte for byte (the forms themselves are :mod:`sandbox
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Literal, cast, get_args
 
 from sandbox_core.chunks import output_bytes, output_data
+from sandbox_core.frozen import Frozen
 
 EventType = Literal[
     "started", "text", "tool_use", "tool_result", "stdout", "stderr", "usage", "error", "gap", "done"
@@ -25,8 +25,7 @@ EVENT_TYPES: frozenset[str] = frozenset(get_args(EventType))
 EVENT_METHOD = "event"
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(Frozen):
     """One thing that happened during a request.
 
     ``data`` by type: ``text`` {text}; ``stdout``/``stderr`` {data | b64, tool_use_id?}; ``tool_use``
@@ -37,9 +36,13 @@ class Event:
     duration_s, worker_id, ...}.
     """
 
+    __slots__ = ("data", "seq", "type")
     type: EventType
-    data: dict[str, Any] = field(default_factory=dict)
-    seq: int = 0
+    data: dict[str, Any]
+    seq: int
+
+    def __init__(self, type: EventType, data: dict[str, Any] | None = None, seq: int = 0) -> None:
+        self._set(type=type, data={} if data is None else data, seq=seq)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (output bytes become ``data`` text or ``b64``)."""

@@ -17,10 +17,10 @@ import collections
 import json
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from sandbox_core import codes
+from sandbox_core.frozen import Frozen
 
 PROTOCOL_VERSION = "1"
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
@@ -36,36 +36,45 @@ _HEAD_ID = re.compile(rb'\A\s*\{\s*"jsonrpc"\s*:\s*"2\.0"\s*,\s*"id"\s*:\s*(-?\d
 RequestId = int | str
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(Frozen):
     """A call that expects exactly one response with the same ``id``."""
 
+    __slots__ = ("id", "method", "params")
     id: RequestId
     method: str
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any]
+
+    def __init__(self, id: RequestId, method: str, params: dict[str, Any] | None = None) -> None:
+        self._set(id=id, method=method, params={} if params is None else params)
 
     def to_wire(self) -> dict[str, Any]:
         return {"jsonrpc": "2.0", "id": self.id, "method": self.method, "params": self.params}
 
 
-@dataclass(frozen=True, slots=True)
-class Notification:
+class Notification(Frozen):
     """A one-way message (events, ``cancel``, gateway chunks)."""
 
+    __slots__ = ("method", "params")
     method: str
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any]
+
+    def __init__(self, method: str, params: dict[str, Any] | None = None) -> None:
+        self._set(method=method, params={} if params is None else params)
 
     def to_wire(self) -> dict[str, Any]:
         return {"jsonrpc": "2.0", "method": self.method, "params": self.params}
 
 
-@dataclass(frozen=True, slots=True)
-class Response:
+class Response(Frozen):
     """The answer to a request: exactly one of ``result`` and ``error`` is meaningful."""
 
+    __slots__ = ("error", "id", "result")
     id: RequestId | None
-    result: Any = None
-    error: dict[str, Any] | None = None
+    result: Any
+    error: dict[str, Any] | None
+
+    def __init__(self, id: RequestId | None, result: Any = None, error: dict[str, Any] | None = None) -> None:
+        self._set(id=id, result=result, error=error)
 
     def to_wire(self) -> dict[str, Any]:
         if self.error is not None:
@@ -73,13 +82,16 @@ class Response:
         return {"jsonrpc": "2.0", "id": self.id, "result": self.result}
 
 
-@dataclass(frozen=True, slots=True)
-class Malformed:
+class Malformed(Frozen):
     """A frame that could not be understood; ``code`` says why, ``id`` if one was readable."""
 
+    __slots__ = ("code", "id", "message")
     code: int
     message: str
-    id: RequestId | None = None
+    id: RequestId | None
+
+    def __init__(self, code: int, message: str, id: RequestId | None = None) -> None:
+        self._set(code=code, message=message, id=id)
 
     def error_object(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message}

@@ -24,10 +24,10 @@ import contextlib
 import itertools
 import os
 import socket
-from dataclasses import dataclass
 from typing import Any
 
 from sandbox_core.errors import SandboxError
+from sandbox_core.frozen import Frozen
 from sandbox_core.inside.channel import Channel
 from sandbox_core.shared import EGRESS_HANDOFF, EGRESS_OPEN, EGRESS_PROXY_PORT
 
@@ -43,13 +43,18 @@ class BadRequest(ValueError):
     """The client's request is not one the proxy speaks."""
 
 
-@dataclass(frozen=True)
-class ProxyRequest:
+class ProxyRequest(Frozen):
+    """Where one request goes; ``head``, for plain HTTP: the head to send upstream (origin form,
+    ``Connection: close``)."""
+
+    __slots__ = ("connect", "head", "host", "port")
     connect: bool
     host: str
     port: int
-    head: bytes = b""
-    """For plain HTTP: the head to send upstream (origin form, ``Connection: close``)."""
+    head: bytes
+
+    def __init__(self, connect: bool, host: str, port: int, head: bytes = b"") -> None:
+        self._set(connect=connect, host=host, port=port, head=head)
 
 
 def parse_head(head: bytes) -> ProxyRequest:
