@@ -24,7 +24,6 @@ workspace as before. A spare that no user took is removed after its worker exite
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import stat
@@ -35,12 +34,11 @@ from typing import Any
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import IsolationUnavailable
+from sandbox_core.ffi import get_errno, libc
 from sandbox_core.isolation import slots, tenants
 
 RENAME_NOREPLACE = 1
 _MAX_DEPTH = 16
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class Spare:
@@ -123,8 +121,8 @@ class Spare:
         self.taken = True  # the uid is the user's from here on, whatever follows
         root_fd = _open_dir(self.root)
         try:
-            if _libc.renameat2(root_fd, self.name.encode(), root_fd, user.encode(), RENAME_NOREPLACE) != 0:
-                err = ctypes.get_errno()
+            if libc().renameat2(root_fd, self.name.encode(), root_fd, user.encode(), RENAME_NOREPLACE) != 0:
+                err = get_errno()
                 raise IsolationUnavailable(f"cannot make the spare workspace {user!r}'s: {os.strerror(err)}",
                                            data={"claim": "attach"})  # fmt: skip
         finally:
