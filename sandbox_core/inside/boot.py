@@ -53,7 +53,7 @@ def _first_request_modules() -> None:
 
 
 def serving_loop() -> ModuleType:
-    """:mod:`worker_main`, imported without the ``ssl`` and ``logging`` modules asyncio would load with it.
+    """:mod:`worker_main`, imported without the ``ssl``, ``logging`` and ``inspect`` modules asyncio would load with it.
 
     asyncio imports ``ssl`` (a tenth of its import time) only to offer TLS on the connections
     it opens or serves itself, and the worker has none: its channel is pipes, its listeners
@@ -68,9 +68,15 @@ def serving_loop() -> ModuleType:
     its ``getLogger`` hands out loggers that load the real module at their first use and are
     then that module's logger of the same name, so what they say, and where it goes, is what
     it was. The real ``logging`` is importable right after, as ``ssl`` is.
+
+    ``inspect`` (with the ``ast`` and ``dis`` it loads, 4-6 ms) is asked by asyncio only
+    whether a function is a coroutine function (debug checks, its public
+    ``iscoroutinefunction``), how to name a callback (reprs) and, in its pure-Python task
+    step, never taken with the C tasks, about generators. Its stand-in (:class:`_LazyModule`)
+    imports the real module at the first such question and answers with it.
     """
-    blocked = [name for name in ("ssl", "logging") if name not in sys.modules]
-    stand_ins: dict[str, object] = {"ssl": None, "logging": _LazyLogging("logging")}
+    blocked = [name for name in ("ssl", "logging", "inspect") if name not in sys.modules]
+    stand_ins: dict[str, object] = {"ssl": None, "logging": _LazyLogging("logging"), "inspect": _LazyModule("inspect")}
     for name in blocked:
         sys.modules[name] = stand_ins[name]  # type: ignore[assignment]  # None: `import ssl` raises ImportError
     try:
@@ -82,18 +88,22 @@ def serving_loop() -> ModuleType:
     return worker_main
 
 
-class _LazyLogging(type(sys)):  # type: ignore[misc]  # a module object, without importing types
-    """``logging`` while asyncio loads: its level numbers and ``getLogger``; anything else it
-    is asked for comes from the real module (imported then)."""
+class _LazyModule(type(sys)):  # type: ignore[misc]  # a module object, without importing types
+    """A module's stand-in while asyncio loads: anything asked of it comes from the real module,
+    imported at the first question (and from then on in ``sys.modules`` instead of this)."""
+
+    def __getattr__(self, attr: str) -> object:
+        return getattr(_real(str(self.__name__)), attr)
+
+
+class _LazyLogging(_LazyModule):
+    """``logging`` while asyncio loads: its level numbers and ``getLogger`` without loading it."""
 
     DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
 
     @staticmethod
     def getLogger(name: str | None = None) -> _LazyLogger:  # logging's own name
         return _LazyLogger(name)
-
-    def __getattr__(self, attr: str) -> object:
-        return getattr(_real_logging(), attr)
 
 
 class _LazyLogger:
@@ -124,15 +134,19 @@ class _LazyLogger:
 
 def _logging_loaded() -> bool:
     module = sys.modules.get("logging")
-    return module is not None and not isinstance(module, _LazyLogging)
+    return module is not None and not isinstance(module, _LazyModule)
+
+
+def _real(name: str) -> ModuleType:
+    """The real module ``name`` (a top-level one), its stand-in taken out of ``sys.modules`` first."""
+    if isinstance(sys.modules.get(name), _LazyModule):
+        del sys.modules[name]
+    __import__(name)
+    return sys.modules[name]
 
 
 def _real_logging() -> ModuleType:
-    if isinstance(sys.modules.get("logging"), _LazyLogging):
-        del sys.modules["logging"]
-    import logging
-
-    return logging
+    return _real("logging")
 
 
 if __name__ == "__main__":

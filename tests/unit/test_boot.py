@@ -1,5 +1,6 @@
-"""The worker's serving loop is imported without ``ssl`` or ``logging`` (inside/boot.py), both stay
-importable, and the loggers asyncio made meanwhile are the real ones;
+"""The worker's serving loop is imported without ``ssl``, ``logging`` or ``inspect`` (inside/boot.py),
+all stay importable, asyncio's questions to ``inspect`` are answered, and the loggers asyncio
+made meanwhile are the real ones;
 nor do it and what the first command needs load ``pathlib``, ``hashlib`` or ``urllib.parse``, which
 serving does not need (~20 ms of a worker's boot), nor the ``ctypes`` package (its C calls go
 through :mod:`sandbox_core.ffi`: 3 ms)."""
@@ -19,6 +20,7 @@ from sandbox_core.inside.boot import _first_request_modules
 _first_request_modules()
 import asyncio.base_events, asyncio.log, asyncio.sslproto, concurrent.futures._base
 seen = {"ssl_loaded": "ssl" in sys.modules, "logging_loaded": "logging" in sys.modules,
+        "inspect_loaded": "inspect" in sys.modules,
         "unneeded": sorted({"pathlib", "hashlib", "urllib.parse", "ctypes"} & set(sys.modules)),
         "asyncio_ssl": asyncio.base_events.ssl is not None or asyncio.sslproto.ssl is not None}
 import ssl
@@ -26,6 +28,13 @@ seen["ssl_after"] = hasattr(ssl, "SSLContext")
 asyncio.new_event_loop().close()  # says debug() twice: dropped without loading logging, as logging would drop it
 asyncio.log.logger.info("nobody configured logging")
 seen["logging_after_loop"] = "logging" in sys.modules
+async def job():
+    return 1
+def plain():
+    return 1
+seen["coroutine_function"] = [asyncio.iscoroutinefunction(job), asyncio.iscoroutinefunction(plain)]
+import inspect
+seen["real_inspect"] = hasattr(inspect, "signature") and sys.modules["inspect"] is inspect
 import logging
 logging.getLogger("asyncio").setLevel(logging.DEBUG)
 heard = []
@@ -47,13 +56,13 @@ print(json.dumps(seen))
 """
 
 
-def test_the_serving_loop_loads_without_ssl_or_logging_and_both_work_after() -> None:
+def test_the_serving_loop_loads_without_ssl_logging_or_inspect_and_all_work_after() -> None:
     # a fresh interpreter as the worker starts (-I -S): what the import leaves behind is all its own
     out = subprocess.run([sys.executable, "-I", "-S", "-c", _PROBE, str(PACKAGE_ROOT)], capture_output=True,
                          text=True, timeout=60, check=True)  # fmt: skip
     assert json.loads(out.stdout) == {
-        "ssl_loaded": False, "logging_loaded": False, "unneeded": [], "asyncio_ssl": False, "ssl_after": True,
-        "logging_after_loop": False,
+        "ssl_loaded": False, "logging_loaded": False, "inspect_loaded": False, "unneeded": [], "asyncio_ssl": False,
+        "ssl_after": True, "logging_after_loop": False, "coroutine_function": [True, False], "real_inspect": True,
         # asyncio's and concurrent.futures' loggers, made while logging was a stand-in, are the real ones
         "heard": [["asyncio", "WARNING", "loop said", False], ["asyncio", "DEBUG", "now heard", False],
                   ["concurrent.futures", "ERROR", "callback raised", True]],
