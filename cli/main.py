@@ -229,6 +229,9 @@ def main() -> None:
 
             print(f"sandbox {__version__}")
             _leave_now(0)
+        from sandbox_core import standin
+
+        standin.defer("inspect")  # loaded by dataclasses and asyncio, used by neither on these paths
         try:
             options, name, arguments = fast_command(argv)
             code = _run_command(name, options, arguments)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from sandbox_core import standin
 from sandbox_core.inside import handshake
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing before the handshake
@@ -72,31 +73,25 @@ def serving_loop() -> ModuleType:
     ``inspect`` (with the ``ast`` and ``dis`` it loads, 4-6 ms) is asked by asyncio only
     whether a function is a coroutine function (debug checks, its public
     ``iscoroutinefunction``), how to name a callback (reprs) and, in its pure-Python task
-    step, never taken with the C tasks, about generators. Its stand-in (:class:`_LazyModule`)
-    imports the real module at the first such question and answers with it.
+    step, never taken with the C tasks, about generators. Its stand-in
+    (:class:`sandbox_core.standin.Deferred`) imports the real module at the first such question.
     """
-    blocked = [name for name in ("ssl", "logging", "inspect") if name not in sys.modules]
-    stand_ins: dict[str, object] = {"ssl": None, "logging": _LazyLogging("logging"), "inspect": _LazyModule("inspect")}
-    for name in blocked:
-        sys.modules[name] = stand_ins[name]  # type: ignore[assignment]  # None: `import ssl` raises ImportError
+    blocked = "ssl" not in sys.modules
+    if blocked:
+        sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` raises ImportError
+    deferred = {"logging": standin.defer("logging", _LazyLogging("logging")), "inspect": standin.defer("inspect")}
     try:
         from sandbox_core.inside import worker_main
     finally:
-        for name in blocked:
-            if sys.modules.get(name, False) is stand_ins[name]:
+        if blocked and sys.modules.get("ssl", False) is None:
+            del sys.modules["ssl"]
+        for name, stand_in in deferred.items():  # the real modules import as usual from here on
+            if stand_in is not None and sys.modules.get(name) is stand_in:
                 del sys.modules[name]
     return worker_main
 
 
-class _LazyModule(type(sys)):  # type: ignore[misc]  # a module object, without importing types
-    """A module's stand-in while asyncio loads: anything asked of it comes from the real module,
-    imported at the first question (and from then on in ``sys.modules`` instead of this)."""
-
-    def __getattr__(self, attr: str) -> object:
-        return getattr(_real(str(self.__name__)), attr)
-
-
-class _LazyLogging(_LazyModule):
+class _LazyLogging(standin.Deferred):
     """``logging`` while asyncio loads: its level numbers and ``getLogger`` without loading it."""
 
     DEBUG, INFO, WARNING, ERROR, CRITICAL = 10, 20, 30, 40, 50
@@ -122,31 +117,18 @@ class _LazyLogger:
 
     def debug(self, *args: object, **kwargs: object) -> None:
         if _logging_loaded():
-            _real_logging().getLogger(self._name).debug(*args, **kwargs)
+            standin.real("logging").getLogger(self._name).debug(*args, **kwargs)
 
     def info(self, *args: object, **kwargs: object) -> None:
         if _logging_loaded():
-            _real_logging().getLogger(self._name).info(*args, **kwargs)
+            standin.real("logging").getLogger(self._name).info(*args, **kwargs)
 
     def __getattr__(self, attr: str) -> object:
-        return getattr(_real_logging().getLogger(self._name), attr)
+        return getattr(standin.real("logging").getLogger(self._name), attr)
 
 
 def _logging_loaded() -> bool:
-    module = sys.modules.get("logging")
-    return module is not None and not isinstance(module, _LazyModule)
-
-
-def _real(name: str) -> ModuleType:
-    """The real module ``name`` (a top-level one), its stand-in taken out of ``sys.modules`` first."""
-    if isinstance(sys.modules.get(name), _LazyModule):
-        del sys.modules[name]
-    __import__(name)
-    return sys.modules[name]
-
-
-def _real_logging() -> ModuleType:
-    return _real("logging")
+    return sys.modules.get("logging") is not None and not standin.deferred("logging")
 
 
 if __name__ == "__main__":

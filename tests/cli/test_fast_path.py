@@ -54,6 +54,20 @@ def test_in_process_exec_loads_no_cli_framework_and_no_sdk(cli_env: dict[str, st
     assert "sandbox_core.service.client" not in modules and "httpx2" not in top_levels(modules)
 
 
+def test_in_process_exec_defers_inspect_past_the_spawn(cli_env: dict[str, str]) -> None:
+    """dataclasses (for the config) would import inspect with it; nothing before the worker is
+    spawned (sandbox_core.head_start: before asyncio is imported) asks it anything
+    (sandbox_core.standin), so it is not loaded before asyncio is."""
+    result = subprocess.run([sys.executable, "-X", "importtime", SANDBOX, "--local", "exec", "--", "true"],
+                            env=cli_env, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    order = [line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+             if line.startswith("import time:") and "|" in line]  # fmt: skip
+    before_loop = order[: order.index("asyncio.base_events")]
+    assert "dataclasses" in before_loop and "sandbox_core.head_start" in before_loop
+    assert "inspect" not in before_loop and "ast" not in before_loop
+
+
 def test_a_client_of_the_service_still_fails_on_a_bad_setting_it_reads(
     unix_server: Server, tmp_path: Path  # noqa: F811
 ) -> None:
