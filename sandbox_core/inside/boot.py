@@ -54,7 +54,8 @@ def _first_request_modules() -> None:
 
 
 def serving_loop() -> ModuleType:
-    """:mod:`worker_main`, imported without the ``ssl``, ``logging`` and ``inspect`` modules asyncio would load with it.
+    """:mod:`worker_main`, imported without the ``ssl``, ``logging``, ``inspect`` and ``traceback`` modules
+    asyncio would load with it.
 
     asyncio imports ``ssl`` (a tenth of its import time) only to offer TLS on the connections
     it opens or serves itself, and the worker has none: its channel is pipes, its listeners
@@ -75,11 +76,18 @@ def serving_loop() -> ModuleType:
     ``iscoroutinefunction``), how to name a callback (reprs) and, in its pure-Python task
     step, never taken with the C tasks, about generators. Its stand-in
     (:class:`sandbox_core.standin.Deferred`) imports the real module at the first such question.
+    ``traceback`` and ``linecache`` (with ``tokenize`` and ``textwrap``, ~4 ms) likewise:
+    asyncio reads and formats stacks with them only in debug mode (a future's source
+    traceback), for ``Task.print_stack`` and in the reports of its exception handler. Its C
+    accelerator takes ``traceback.extract_stack`` when it loads, so that stand-in has one of
+    its own (:class:`_LazyTraceback`) that loads the real module when called.
     """
     blocked = "ssl" not in sys.modules
     if blocked:
         sys.modules["ssl"] = None  # type: ignore[assignment]  # `import ssl` raises ImportError
-    deferred = {"logging": standin.defer("logging", _LazyLogging("logging")), "inspect": standin.defer("inspect")}
+    deferred = {"logging": standin.defer("logging", _LazyLogging("logging")), "inspect": standin.defer("inspect"),
+                "traceback": standin.defer("traceback", _LazyTraceback("traceback")),
+                "linecache": standin.defer("linecache")}
     try:
         from sandbox_core.inside import worker_main
     finally:
@@ -89,6 +97,15 @@ def serving_loop() -> ModuleType:
             if stand_in is not None and sys.modules.get(name) is stand_in:
                 del sys.modules[name]
     return worker_main
+
+
+class _LazyTraceback(standin.Deferred):
+    """``traceback`` while asyncio loads: ``extract_stack`` (which ``_asyncio`` keeps) without loading it."""
+
+    @staticmethod
+    def extract_stack(f: object = None, limit: int | None = None) -> object:
+        """The real ``extract_stack``, of the caller's frame when none is given (as if called directly)."""
+        return standin.real("traceback").extract_stack(sys._getframe(1) if f is None else f, limit)
 
 
 class _LazyLogging(standin.Deferred):

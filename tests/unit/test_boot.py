@@ -1,6 +1,7 @@
-"""The worker's serving loop is imported without ``ssl``, ``logging`` or ``inspect`` (inside/boot.py),
-all stay importable, asyncio's questions to ``inspect`` are answered, and the loggers asyncio
-made meanwhile are the real ones;
+"""The worker's serving loop is imported without ``ssl``, ``logging``, ``inspect``, ``traceback`` or
+``linecache`` (inside/boot.py), all stay importable, asyncio's questions to them are answered
+(as before: a debug future's source traceback ends in the frames that made it), and the
+loggers asyncio made meanwhile are the real ones;
 nor do it and what the first command needs load ``pathlib``, ``hashlib`` or ``urllib.parse``, which
 serving does not need (~20 ms of a worker's boot), nor the ``ctypes`` package (its C calls go
 through :mod:`sandbox_core.ffi`: 3 ms)."""
@@ -21,6 +22,7 @@ _first_request_modules()
 import asyncio.base_events, asyncio.log, asyncio.sslproto, concurrent.futures._base
 seen = {"ssl_loaded": "ssl" in sys.modules, "logging_loaded": "logging" in sys.modules,
         "inspect_loaded": "inspect" in sys.modules,
+        "traceback_loaded": sorted({"traceback", "linecache", "tokenize", "textwrap"} & set(sys.modules)),
         "unneeded": sorted({"pathlib", "hashlib", "urllib.parse", "ctypes"} & set(sys.modules)),
         "asyncio_ssl": asyncio.base_events.ssl is not None or asyncio.sslproto.ssl is not None}
 import ssl
@@ -33,6 +35,19 @@ async def job():
 def plain():
     return 1
 seen["coroutine_function"] = [asyncio.iscoroutinefunction(job), asyncio.iscoroutinefunction(plain)]
+import io
+async def stacked():
+    task = asyncio.current_task()
+    out = io.StringIO()
+    task.print_stack(file=out)  # asyncio's own use of traceback: loads the real one
+    return out.getvalue()
+seen["print_stack"] = "stacked" in asyncio.run(stacked())
+loop = asyncio.new_event_loop()
+loop.set_debug(True)
+def made_here():
+    return loop.create_future()  # debug: the C future keeps its source traceback (extract_stack)
+seen["source_traceback"] = [f.name for f in made_here()._source_traceback][-2:]
+loop.close()
 import inspect
 seen["real_inspect"] = hasattr(inspect, "signature") and sys.modules["inspect"] is inspect
 import logging
@@ -56,13 +71,15 @@ print(json.dumps(seen))
 """
 
 
-def test_the_serving_loop_loads_without_ssl_logging_or_inspect_and_all_work_after() -> None:
+def test_the_serving_loop_loads_without_what_asyncio_only_asks_later_and_all_work_after() -> None:
     # a fresh interpreter as the worker starts (-I -S): what the import leaves behind is all its own
     out = subprocess.run([sys.executable, "-I", "-S", "-c", _PROBE, str(PACKAGE_ROOT)], capture_output=True,
                          text=True, timeout=60, check=True)  # fmt: skip
     assert json.loads(out.stdout) == {
-        "ssl_loaded": False, "logging_loaded": False, "inspect_loaded": False, "unneeded": [], "asyncio_ssl": False,
-        "ssl_after": True, "logging_after_loop": False, "coroutine_function": [True, False], "real_inspect": True,
+        "ssl_loaded": False, "logging_loaded": False, "inspect_loaded": False, "traceback_loaded": [],
+        "unneeded": [], "asyncio_ssl": False, "ssl_after": True, "logging_after_loop": False,
+        "coroutine_function": [True, False], "print_stack": True, "source_traceback": ["made_here", "create_future"],
+        "real_inspect": True,
         # asyncio's and concurrent.futures' loggers, made while logging was a stand-in, are the real ones
         "heard": [["asyncio", "WARNING", "loop said", False], ["asyncio", "DEBUG", "now heard", False],
                   ["concurrent.futures", "ERROR", "callback raised", True]],
