@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Literal, cast, get_args
 
 from sandbox_core.chunks import output_bytes, output_data
-from sandbox_core.frozen import Frozen
+from sandbox_core.frozen import Frozen, init_field
 
 EventType = Literal[
     "started", "text", "tool_use", "tool_result", "stdout", "stderr", "usage", "error", "gap", "done"
@@ -42,7 +42,9 @@ class Event(Frozen):
     seq: int
 
     def __init__(self, type: EventType, data: dict[str, Any] | None = None, seq: int = 0) -> None:
-        self._set(type=type, data={} if data is None else data, seq=seq)
+        init_field(self, "type", type)
+        init_field(self, "data", {} if data is None else data)
+        init_field(self, "seq", seq)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (output bytes become ``data`` text or ``b64``)."""

@@ -16,16 +16,17 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+init_field = object.__setattr__
+"""How a value class's ``__init__`` sets a field: ``init_field(self, "name", value)`` (plain
+assignment raises), as a frozen dataclass's generated ``__init__`` does."""
+
+
 class Frozen:
-    """Base of a value class: list its fields in ``__slots__`` and set them in ``__init__``
-    with :meth:`_set` (plain assignment raises)."""
+    """Base of a value class: list its fields in ``__slots__`` and set each in ``__init__``
+    with :data:`init_field`."""
 
     __slots__ = ()
     __hash__ = None  # type: ignore[assignment]  # equal by value, and the values are dicts
-
-    def _set(self, **values: Any) -> None:
-        for name, value in values.items():
-            object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"cannot assign to field {name!r} of a {type(self).__name__}")

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sandbox_core import codes
-from sandbox_core.frozen import Frozen
+from sandbox_core.frozen import Frozen, init_field
 
 PROTOCOL_VERSION = "1"
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
@@ -45,7 +45,9 @@ class Request(Frozen):
     params: dict[str, Any]
 
     def __init__(self, id: RequestId, method: str, params: dict[str, Any] | None = None) -> None:
-        self._set(id=id, method=method, params={} if params is None else params)
+        init_field(self, "id", id)
+        init_field(self, "method", method)
+        init_field(self, "params", {} if params is None else params)
 
     def to_wire(self) -> dict[str, Any]:
         return {"jsonrpc": "2.0", "id": self.id, "method": self.method, "params": self.params}
@@ -59,7 +61,8 @@ class Notification(Frozen):
     params: dict[str, Any]
 
     def __init__(self, method: str, params: dict[str, Any] | None = None) -> None:
-        self._set(method=method, params={} if params is None else params)
+        init_field(self, "method", method)
+        init_field(self, "params", {} if params is None else params)
 
     def to_wire(self) -> dict[str, Any]:
         return {"jsonrpc": "2.0", "method": self.method, "params": self.params}
@@ -74,7 +77,9 @@ class Response(Frozen):
     error: dict[str, Any] | None
 
     def __init__(self, id: RequestId | None, result: Any = None, error: dict[str, Any] | None = None) -> None:
-        self._set(id=id, result=result, error=error)
+        init_field(self, "id", id)
+        init_field(self, "result", result)
+        init_field(self, "error", error)
 
     def to_wire(self) -> dict[str, Any]:
         if self.error is not None:
@@ -91,7 +96,9 @@ class Malformed(Frozen):
     id: RequestId | None
 
     def __init__(self, code: int, message: str, id: RequestId | None = None) -> None:
-        self._set(code=code, message=message, id=id)
+        init_field(self, "code", code)
+        init_field(self, "message", message)
+        init_field(self, "id", id)
 
     def error_object(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message}

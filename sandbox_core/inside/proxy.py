@@ -27,7 +27,7 @@ import socket
 from typing import Any
 
 from sandbox_core.errors import SandboxError
-from sandbox_core.frozen import Frozen
+from sandbox_core.frozen import Frozen, init_field
 from sandbox_core.inside.channel import Channel
 from sandbox_core.shared import EGRESS_HANDOFF, EGRESS_OPEN, EGRESS_PROXY_PORT
 
@@ -54,7 +54,10 @@ class ProxyRequest(Frozen):
     head: bytes
 
     def __init__(self, connect: bool, host: str, port: int, head: bytes = b"") -> None:
-        self._set(connect=connect, host=host, port=port, head=head)
+        init_field(self, "connect", connect)
+        init_field(self, "host", host)
+        init_field(self, "port", port)
+        init_field(self, "head", head)
 
 
 def parse_head(head: bytes) -> ProxyRequest:
