@@ -450,3 +450,25 @@ async def test_a_claimed_worker_runs_under_the_ruleset_it_built_while_it_waited(
         assert result.stdout_text == "a\nb\nc\nread\ncomm-refused\n", result.stderr_text
         assert unbound.report["landlock"]["abi"] == landlock_abi()
     assert _slot_mounts(tmp_path) == []
+
+
+async def test_a_worker_bound_at_spawn_is_confined_as_a_claimed_one(tmp_path: Path) -> None:
+    """A worker spawned for its user (its workspace mounted by bwrap, Landlock put in force by
+    the bind the handshake answers) gives its command the same confinement as a claimed
+    worker's: its workspace, /tmp and HOME writable, the system readable, what only the mounts
+    would allow shut (/proc/self/comm, and /etc, which is read-only anyway)."""
+    from sandbox_core.kernel import landlock_abi
+
+    if landlock_abi() == 0:
+        pytest.skip("this kernel has no Landlock")
+    async with SandboxOrchestrator(_config(tmp_path, min_idle=0)) as pool:
+        script = ('echo a > ws && echo b > /tmp/t && echo c > "$HOME/h" && cat ws /tmp/t "$HOME/h" '
+                  '&& head -c1 /usr/bin/env > /dev/null && echo read; '
+                  '(echo x > /proc/self/comm) 2> /dev/null && echo comm-written || echo comm-refused; '
+                  '(echo y > /etc/hostname) 2> /dev/null && echo etc-written || echo etc-refused')
+        result = await pool.execute("otto", sh(script))
+        assert pool.get_pool_stats()["claimed"] == 0  # spawned for the user, not claimed
+        assert result.stdout_text == "a\nb\nc\nread\ncomm-refused\netc-refused\n", result.stderr_text
+        report = pool.worker_report(result.worker_id)
+        assert report is not None and report["landlock"]["abi"] == landlock_abi()
+    assert (_config(tmp_path).workspace_for("otto") / "ws").read_text() == "a\n"
