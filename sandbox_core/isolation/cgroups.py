@@ -244,19 +244,28 @@ class WorkerCgroup:
 
 
 def remove_groups(paths: list[Path], kill: object, timeout: float) -> None:
+    """Remove the cgroup directories ``paths``; while any is still busy, ``kill()`` what is in
+    them and try again, for up to ``timeout`` seconds.
+
+    The removal is tried first: the kernel removes a cgroup only once no process is left in it,
+    so a worker whose processes are all gone (its pid namespace ended with its init) costs one
+    ``rmdir`` per directory, not a read of every ``cgroup.procs`` (four files on a v1 host, half
+    a millisecond each here) before it.
+    """
     deadline = time.monotonic() + timeout
-    while True:
+    while not _removed(paths):
         kill()  # type: ignore[operator]
-        for path in paths:
-            try:
-                path.rmdir()
-            except FileNotFoundError:
-                pass
-            except OSError:
-                continue
-        if not any(p.exists() for p in paths) or time.monotonic() > deadline:
+        if _removed(paths) or time.monotonic() > deadline:
             return
         time.sleep(0.005)
+
+
+def _removed(paths: list[Path]) -> bool:
+    """Try to remove each of ``paths``; whether none is left."""
+    for path in paths:
+        with contextlib.suppress(OSError):  # busy (EBUSY), or gone already
+            path.rmdir()
+    return not any(p.exists() for p in paths)
 
 
 # ---------------------------------------------------------------- where, and whether

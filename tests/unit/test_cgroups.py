@@ -146,3 +146,27 @@ def test_owner_name_tells_a_reused_pid(tmp_path: Path) -> None:
     pid, start = name[1:].split(".")
     assert int(pid) == os.getpid() and cgroups._owner_alive(int(pid), int(start))
     assert not cgroups._owner_alive(int(pid), int(start) + 1)
+
+
+def test_removal_is_tried_first_and_what_is_still_busy_is_killed_then_removed(tmp_path: Path) -> None:
+    """remove_groups: empty groups go without a kill (no cgroup.procs read); a busy one (here a
+    directory that is not empty, as a cgroup with a process in it refuses rmdir) gets kill(),
+    then goes."""
+    from sandbox_core.isolation.cgroups import remove_groups
+
+    empty = [tmp_path / "pids", tmp_path / "memory"]
+    for path in empty:
+        path.mkdir()
+    kills: list[int] = []
+    remove_groups(empty, lambda: kills.append(1), 1.0)
+    assert kills == [] and not any(p.exists() for p in empty)
+
+    busy = tmp_path / "cpu"
+    (busy / "task").mkdir(parents=True)
+
+    def kill() -> None:
+        kills.append(1)
+        (busy / "task").rmdir()  # the process is gone: the group can be removed
+
+    remove_groups([busy], kill, 1.0)
+    assert kills == [1] and not busy.exists()
