@@ -28,6 +28,24 @@ def main() -> None:
     if booted.input_ended and not booted.pending.strip():
         return  # the host went away during the handshake: nothing to serve
     serving_loop().serve(proto_in, proto_out, max_frame, booted)
+    _leave()
+
+
+def _leave() -> None:
+    """End the worker once its serving loop has returned, without the interpreter's teardown.
+
+    By then every request was answered or cancelled and the channel is closed; what a normal
+    exit would add is freeing every module and object one by one (more with the agent's SDK
+    loaded), which nobody waits for but the host stopping this worker, and no exit hook of the
+    worker's matters (its commands end with its sandbox). Output is flushed first."""
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
 
 
 def _frame_waiting(fd: int) -> bool:

@@ -85,3 +85,24 @@ def test_the_serving_loop_loads_without_what_asyncio_only_asks_later_and_all_wor
                   ["concurrent.futures", "ERROR", "callback raised", True]],
         "same_logger": True, "real_logging": True,
     }
+
+
+_LEAVE = """
+import atexit, sys
+sys.path.insert(0, sys.argv[1])
+from sandbox_core.inside import boot
+atexit.register(lambda: print("teardown ran", flush=True))
+sys.stdout.write("written before")  # buffered (a pipe): only a flush gets it out
+sys.stderr.write("said on stderr")
+boot._leave()
+print("never", flush=True)
+"""
+
+
+def test_a_worker_that_served_leaves_at_once_with_its_output_flushed() -> None:
+    """boot._leave, after the serving loop: exit status 0, buffered output out, and none of the
+    interpreter's teardown (an exit hook does not run: neither do the module clean-ups)."""
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", _LEAVE, str(PACKAGE_ROOT)], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.returncode == 0
+    assert out.stdout == "written before" and out.stderr == "said on stderr"
