@@ -11,7 +11,8 @@ extension's own), ``byref``, ``sizeof``, ``get_errno``, and :func:`libc`, whose 
 are called as ``ctypes.CDLL(None, use_errno=True)``'s are (cdecl, errno saved, an ``int``
 result unless told otherwise).
 
-Shared by both sides: the worker's modules and :mod:`sandbox_core.kernel` use it; it
+Shared by both sides: the worker's modules, :mod:`sandbox_core.kernel` and the host's mount calls
+(:mod:`sandbox_core.isolation.slots`) use it; it
 imports nothing of ours.
 """
 
@@ -27,7 +28,7 @@ else:
     _Int = _ctypes._SimpleCData
 
 __all__ = ["Library", "Structure", "byref", "c_int", "c_int32", "c_long", "c_size_t", "c_uint32", "c_uint64",
-           "get_errno", "libc", "sizeof"]  # fmt: skip
+           "c_ulong", "get_errno", "libc", "sizeof"]  # fmt: skip
 
 
 # ctypes' own names, so that a call reads as it would with ctypes
@@ -52,6 +53,7 @@ class c_uint64(_Int):
 
 
 c_int32 = c_int
+c_ulong = c_size_t
 
 
 class _Function(_ctypes.CFuncPtr):

@@ -33,17 +33,13 @@ removes the slots of orchestrators that are gone.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from sandbox_core import ffi
 from sandbox_core.errors import IsolationUnavailable
-
-if TYPE_CHECKING:
-    import ctypes
 
 SLOTS_DIR = "slots"
 WS, PASSWD, GROUP, VOID, VOID_DIR = "ws", "passwd", "group", "void", "voiddir"
@@ -72,65 +68,46 @@ UMOUNT_NOFOLLOW = 8
 AT_FDCWD = -100
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL:
-    """libc through ctypes, loaded at the first mount call: a process that never attaches a user
-    (a one-shot CLI, before its spawn) does not pay for importing ctypes (2-3 ms)."""
-    import ctypes
+class _MountAttr(ffi.Structure):
+    """``struct mount_attr`` of ``mount_setattr(2)``."""
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    return libc
+    _fields_ = (("attr_set", ffi.c_uint64), ("attr_clr", ffi.c_uint64),
+                ("propagation", ffi.c_uint64), ("userns_fd", ffi.c_uint64))  # fmt: skip
 
 
 def _check(result: int, what: str) -> int:
     if result < 0:
-        import ctypes
-
-        err = ctypes.get_errno()
+        err = ffi.get_errno()
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return result
 
 
 def open_tree(dfd: int, path: str, flags: int) -> int:
-    from ctypes import c_int, c_uint
-
-    return _check(_libc().syscall(SYS_OPEN_TREE, c_int(dfd), path.encode(), c_uint(flags)), "open_tree")
+    return _check(ffi.libc().syscall(ffi.c_long(SYS_OPEN_TREE), ffi.c_int(dfd), path.encode(),
+                                     ffi.c_uint32(flags)), "open_tree")  # fmt: skip
 
 
 def move_mount(from_dfd: int, from_path: str, to_dfd: int, to_path: str, flags: int) -> None:
-    from ctypes import c_int, c_uint
-
-    _check(_libc().syscall(SYS_MOVE_MOUNT, c_int(from_dfd), from_path.encode(), c_int(to_dfd),
-                           to_path.encode(), c_uint(flags)), "move_mount")  # fmt: skip
+    _check(ffi.libc().syscall(ffi.c_long(SYS_MOVE_MOUNT), ffi.c_int(from_dfd), from_path.encode(),
+                              ffi.c_int(to_dfd), to_path.encode(), ffi.c_uint32(flags)), "move_mount")  # fmt: skip
 
 
 def mount_setattr(dfd: int, flags: int, attr_set: int, propagation: int = 0) -> None:
-    import ctypes
-
-    class MountAttr(ctypes.Structure):
-        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]  # fmt: skip
-
-    attr = MountAttr(attr_set, 0, propagation, 0)
-    _check(_libc().syscall(SYS_MOUNT_SETATTR, ctypes.c_int(dfd), b"", ctypes.c_uint(flags | AT_EMPTY_PATH),
-                           ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")  # fmt: skip
+    attr = _MountAttr(attr_set, 0, propagation, 0)
+    _check(ffi.libc().syscall(ffi.c_long(SYS_MOUNT_SETATTR), ffi.c_int(dfd), b"", ffi.c_uint32(flags | AT_EMPTY_PATH),
+                              ffi.byref(attr), ffi.c_size_t(ffi.sizeof(attr))), "mount_setattr")  # fmt: skip
 
 
 def _mount(source: str | None, target: str, flags: int) -> None:
-    from ctypes import c_ulong
-
     src = source.encode() if source is not None else None
-    _check(_libc().mount(src, target.encode(), None, c_ulong(flags), None), f"mount {target}")
+    _check(ffi.libc().mount(src, target.encode(), None, ffi.c_ulong(flags), None), f"mount {target}")
 
 
 def _umount(target: str) -> bool:
     """Lazily unmount the top mount at ``target`` (never following a symlink); False when none is left."""
-    import ctypes
-
-    if _libc().umount2(target.encode(), MNT_DETACH | UMOUNT_NOFOLLOW) == 0:
+    if ffi.libc().umount2(target.encode(), ffi.c_int(MNT_DETACH | UMOUNT_NOFOLLOW)) == 0:
         return True
-    err = ctypes.get_errno()
+    err = ffi.get_errno()
     if err in (22, 2):  # EINVAL: not a mount point (any more); ENOENT: gone
         return False
     raise OSError(err, f"umount {target}: {os.strerror(err)}")
