@@ -640,6 +640,8 @@ class SandboxWorker:
         checked = asyncio.ensure_future(asyncio.to_thread(  # reads /proc of the worker: off the loop
             functools.partial(verify.started, unbound=unbound),
             self.config, spec.plan, self._pid, reply.get("pid"), self.report))
+        if spec.after_handshake is not None:  # bwrap is done with what the host built for it
+            checked = asyncio.ensure_future(self._after_handshake(spec.after_handshake, checked))
         # A worker bound at spawn has seen its workspace since bwrap mounted it, so its bind (a
         # chdir and Landlock, inside) goes out while the host checks /proc; the answer is
         # judged, and the worker started, only once that check has passed.
@@ -662,6 +664,19 @@ class SandboxWorker:
             await self.call("ping", {}, timeout=self.config.startup_timeout)
         if binding is not None:  # the workspace's layers (landlock) are checked against the plan
             self._check_bound(await binding)
+
+    @staticmethod
+    async def _after_handshake(
+        release: Callable[[], None], checked: asyncio.Future[verify.Verified]
+    ) -> verify.Verified:
+        """``checked``'s outcome once ``release`` has run beside it (in its own thread); either's
+        failure fails the start."""
+        released = asyncio.ensure_future(asyncio.to_thread(release))
+        try:
+            await released
+        finally:
+            await asyncio.wait([checked])
+        return checked.result()
 
     async def _connect_channel(self, spawned: Spawned) -> None:
         """The host's ends of the worker's data and input pipes, and its handoff socket, on the loop."""

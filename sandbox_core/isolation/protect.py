@@ -92,6 +92,11 @@ class TreeGuard:
             raise IsolationUnavailable(f"cannot open {root}: {exc}") from None
         self._fds: list[int] = [self._root_fd]
 
+    @property
+    def root_fd(self) -> int:
+        """The tree's root, as the guard opened it (an ``O_PATH`` descriptor the guard owns)."""
+        return self._root_fd
+
     def hand_over(self, mount: Mount) -> int:
         """The descriptor of ``mount``, which the caller now owns (and closes)."""
         self._fds.remove(mount.fd)

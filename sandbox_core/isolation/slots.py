@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,10 +156,15 @@ class Slot:
         self.ws = str(path / WS)
         self.attached = False
         self._released = False
+        self._removed = False
+        self._releasing = threading.Lock()  # the handshake's release and the exit's clean-up may meet
 
     @classmethod
-    def create(cls, state_dir: Path, worker_id: str) -> Slot:
-        """A fresh slot for ``worker_id``: directories, files, and ``ws`` a shared mount of its own."""
+    def create(cls, state_dir: Path, worker_id: str, *, shared: bool = True) -> Slot:
+        """A fresh slot for ``worker_id``: directories, files, and ``ws`` a mount of its own,
+        shared (an unbound worker's attach point) or private (a tree built for bwrap to bind,
+        :func:`~sandbox_core.isolation.strict.builds_workspace`: unmounting it never reaches
+        the sandbox)."""
         if "/" in worker_id or worker_id in ("", ".", ".."):
             raise IsolationUnavailable(f"bad worker id for a slot: {worker_id!r}")
         path = slots_root(state_dir) / f"{os.getpid()}-{worker_id}"
@@ -175,7 +181,8 @@ class Slot:
             # Its own peer group: private first, so it never joins the parent mount's group.
             _mount(slot.ws, slot.ws, MS_BIND)
             _mount(None, slot.ws, MS_PRIVATE)
-            _mount(None, slot.ws, MS_SHARED)
+            if shared:
+                _mount(None, slot.ws, MS_SHARED)
         except BaseException:
             slot.release()
             raise
@@ -236,11 +243,14 @@ class Slot:
             os.close(source)
 
     def release(self) -> None:
-        """Detach whatever is mounted at ``ws`` and remove the slot (idempotent, after the worker exited)."""
-        if self._released:
-            return
-        self._released = True
-        release_path(self.path)
+        """Detach whatever is mounted at ``ws`` and remove the slot (idempotent; a release that
+        failed is tried again by the next call). An unbound worker's slot is released after the
+        worker exited; a private one also once its worker has answered its handshake."""
+        with self._releasing:
+            self._released = True  # nothing is attached from here on
+            if not self._removed:
+                release_path(self.path)
+                self._removed = True
 
 
 def _beneath(dir_fd: int, rel: str) -> int:

@@ -40,6 +40,10 @@ class LaunchSpec:
     after_spawn: Callable[[int], None] | None = None
     """Called on the host with the new process's pid before the handshake (e.g. to
     move it into a cgroup). Raising IsolationUnavailable kills the worker."""
+    after_handshake: Callable[[], None] | None = None
+    """Called on the host (off its event loop) once the worker has answered its handshake, so
+    that bwrap has built the sandbox: lets go of what the host held only for that (a workspace
+    tree it built for bwrap to bind). Raising kills the worker."""
     cleanup: Callable[[], None] | None = None
     """Called on the host after the worker has exited (remove cgroups, temp files)."""
     sweep_session: bool = True

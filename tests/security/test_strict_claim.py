@@ -311,9 +311,11 @@ async def test_an_attach_that_fails_midway_mounts_nothing_and_falls_back(
 
 def _failing_final_move(monkeypatch: pytest.MonkeyPatch) -> Any:
     original = slots.move_mount
+    failed: list[str] = []
 
     def move(from_dfd: int, from_path: str, to_dfd: int, to_path: str, flags: int) -> None:
-        if to_dfd == slots.AT_FDCWD:  # the finished tree onto the slot: refuse it
+        if to_dfd == slots.AT_FDCWD and not failed:  # the claim's finished tree onto the slot: refuse it
+            failed.append(to_path)  # (the worker spawned for her instead builds its tree the same way)
             raise OSError(22, "injected failure of the final move_mount")
         original(from_dfd, from_path, to_dfd, to_path, flags)
 

@@ -204,9 +204,8 @@ def test_minimal_read_only_view_and_only_workspace_writable(tmp_path: Path) -> N
     bob = prepare_workspace(_config(tmp_path), "bob")
     (bob / "bob-secret").write_text("bob")
     code = textwrap.dedent(code) + f"out['bob'] = [os.path.exists({str(bob)!r}), os.path.exists({str(bob.parent)!r})]\n"
+    host_ws = _config(tmp_path).workspace_for("alice")
     with launched(tmp_path) as spec:
-        options = launch_args(spec)
-        host_ws = Path(options[options.index("/workspace") - 1])
         out = run(spec, code)
     assert not any(
         out["exists"][p]

@@ -122,7 +122,18 @@ def _workspace(tmp_path: Path, **strict_settings: object) -> Path:
 # ----------------------------------------------------------------- protected paths
 
 
-def test_protected_paths_refuse_write_create_rename_delete_and_swap(tmp_path: Path) -> None:
+@pytest.fixture(params=["host builds the tree", "bwrap mounts each"])
+def way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the guards reach the sandbox: a root host mounts them on a clone of the workspace
+    before bwrap binds it (:func:`strict.builds_workspace`), elsewhere bwrap mounts each one."""
+    if request.param == "bwrap mounts each":
+        monkeypatch.setattr(strict, "builds_workspace", lambda *args, **kwargs: False)
+    elif not AS_ROOT:
+        pytest.skip("only a root host builds the workspace tree (mount(2) on the host)")
+    return str(request.param)
+
+
+def test_protected_paths_refuse_write_create_rename_delete_and_swap(tmp_path: Path, way: str) -> None:
     workspace = _workspace(tmp_path)
     with launched(tmp_path) as spec:
         out = run(spec, ATTACKS)
@@ -235,7 +246,7 @@ def _secret_workspace(tmp_path: Path) -> Path:
     return workspace
 
 
-def test_deny_path_cannot_be_moved_away_by_renaming_a_parent(tmp_path: Path) -> None:
+def test_deny_path_cannot_be_moved_away_by_renaming_a_parent(tmp_path: Path, way: str) -> None:
     workspace = _secret_workspace(tmp_path)
     code = f"""
     out["read"] = attempt(lambda: open({DENIED!r}).read())
