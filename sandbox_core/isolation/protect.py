@@ -35,7 +35,6 @@ import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import PurePosixPath
 
 from sandbox_core.errors import ConfigError, IsolationUnavailable
 
@@ -286,8 +285,16 @@ def _entries(top: int) -> Iterator[tuple[str, str, os.stat_result]]:
 
 
 def _ancestors(rel: str) -> list[str]:
-    parents = PurePosixPath(rel).parents
-    return [str(p) for p in parents if str(p) != "."]
+    """The directories above ``rel`` (a clean relative path), nearest first: ``a/b/c`` -> ``a/b``, ``a``.
+
+    String slicing, not ``PurePosixPath.parents``: a launch asks this over a thousand times
+    (0.45 ms of a strict spawn's host work, through pathlib)."""
+    out = []
+    end = rel.rfind("/")
+    while end > 0:
+        out.append(rel[:end])
+        end = rel.rfind("/", 0, end)
+    return out
 
 
 def _refuse(root: str, path: str, why: str) -> IsolationUnavailable:
