@@ -476,6 +476,8 @@ class SandboxWorker:
         self._egress_calls: dict[RequestId, asyncio.Task[None]] = {}
         self._swept: asyncio.Future[None] | None = None
         """The clean-up after exit (session sweep, cgroups), run in a thread; stop() awaits it."""
+        self._background: set[asyncio.Future[None]] = set()
+        """Host work that follows the start in a thread (:meth:`_settle`), held until it is done."""
 
     # ------------------------------------------------------------------ info
 
@@ -640,8 +642,6 @@ class SandboxWorker:
         checked = asyncio.ensure_future(asyncio.to_thread(  # reads /proc of the worker: off the loop
             functools.partial(verify.started, unbound=unbound),
             self.config, spec.plan, self._pid, reply.get("pid"), self.report))
-        if spec.after_handshake is not None:  # bwrap is done with what the host built for it
-            checked = asyncio.ensure_future(self._after_handshake(spec.after_handshake, checked))
         # A worker bound at spawn has seen its workspace since bwrap mounted it, so its bind (a
         # chdir and Landlock, inside) goes out while the host checks /proc; the answer is
         # judged, and the worker started, only once that check has passed.
@@ -664,19 +664,22 @@ class SandboxWorker:
             await self.call("ping", {}, timeout=self.config.startup_timeout)
         if binding is not None:  # the workspace's layers (landlock) are checked against the plan
             self._check_bound(await binding)
+        self._settle(spec)
 
-    @staticmethod
-    async def _after_handshake(
-        release: Callable[[], None], checked: asyncio.Future[verify.Verified]
-    ) -> verify.Verified:
-        """``checked``'s outcome once ``release`` has run beside it (in its own thread); either's
-        failure fails the start."""
-        released = asyncio.ensure_future(asyncio.to_thread(release))
-        try:
-            await released
-        finally:
-            await asyncio.wait([checked])
-        return checked.result()
+    def _settle(self, spec: LaunchSpec) -> None:
+        """Run the spec's ``after_handshake`` in the background once the worker has started: the
+        host's copy of what it built for bwrap goes while the first request runs, not before
+        the start returns. A failure only leaves that copy to the exit's clean-up."""
+        if spec.after_handshake is None:
+            return
+        settling = asyncio.ensure_future(asyncio.to_thread(spec.after_handshake))
+        self._background.add(settling)
+        settling.add_done_callback(self._settled)
+
+    def _settled(self, settling: asyncio.Future[None]) -> None:
+        self._background.discard(settling)
+        if not settling.cancelled() and settling.exception() is not None:
+            _log.warning("worker %s: %s (tried again when it exits)", self.worker_id, settling.exception())
 
     async def _connect_channel(self, spawned: Spawned) -> None:
         """The host's ends of the worker's data and input pipes, and its handoff socket, on the loop."""

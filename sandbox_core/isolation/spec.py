@@ -41,9 +41,10 @@ class LaunchSpec:
     """Called on the host with the new process's pid before the handshake (e.g. to
     move it into a cgroup). Raising IsolationUnavailable kills the worker."""
     after_handshake: Callable[[], None] | None = None
-    """Called on the host (off its event loop) once the worker has answered its handshake, so
-    that bwrap has built the sandbox: lets go of what the host held only for that (a workspace
-    tree it built for bwrap to bind). Raising kills the worker."""
+    """Called on the host in the background (a thread) once the worker has started, so that
+    bwrap has long built the sandbox: lets go of what the host held only for that (a workspace
+    tree it built for bwrap to bind). A failure is logged; ``cleanup`` tries again after the
+    exit, so it must be idempotent with it."""
     cleanup: Callable[[], None] | None = None
     """Called on the host after the worker has exited (remove cgroups, temp files)."""
     sweep_session: bool = True

@@ -908,8 +908,9 @@ def builds_workspace(config: ProcessSandboxConfig, workspace: Path | None, unbou
     private slot of its own, and bwrap binds that tree at ``/workspace`` in one recursive bind.
     bwrap's bind copies the tree itself (the top mount at the slot's ``ws``, with the guards on
     it), and the slot is private besides, so no mount event passes between the two copies: the
-    host takes its own away once the worker has answered its handshake (bwrap has built the
-    sandbox by then), and neither that nor anything later on the host reaches the sandbox. As
+    host takes its own away in the background once the worker has started (bwrap built the
+    sandbox before the handshake), and neither that nor anything later on the host reaches the
+    sandbox. As
     at a claim, nothing resolves a path inside the workspace: the clone and every guard are
     taken by descriptor, and the only paths named are the slot's, below a root-only 0700
     directory. Elsewhere (not root, or no mount API) bwrap mounts each guard.

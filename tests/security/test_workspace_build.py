@@ -20,7 +20,7 @@ from sandbox_core.isolation import slots, strict, tenants
 from sandbox_core.isolation.launch import prepare_workspace
 from sandbox_core.requests import ExecRequest
 from sandbox_core.worker import SandboxWorker
-from tests.helpers import pid_alive
+from tests.helpers import pid_alive, wait_for
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed"),
@@ -59,7 +59,8 @@ async def test_the_host_built_tree_is_gone_from_the_host_and_holds_inside(tmp_pa
     worker = SandboxWorker(config, "w1", user_id="alice", workspace=workspace)
     await worker.start()
     try:
-        assert _slot_mounts(tmp_path) == [] and _slot_dirs(tmp_path) == []  # released at the handshake
+        # released in the background once the worker has started, while its sandbox keeps its copy
+        await wait_for(lambda: _slot_mounts(tmp_path) == [] and _slot_dirs(tmp_path) == [], 10, "the slot released")
         result = await worker.execute("exec", ExecRequest(shell=PROBE).params())
         assert result.exit_code == 0, result.stderr
         assert result.stdout_text.strip() == "ok"  # neither protected file took the write; the rest of the tree did
@@ -90,9 +91,11 @@ async def test_a_build_that_fails_fails_the_start_closed(tmp_path: Path, monkeyp
     assert _slot_mounts(tmp_path) == [] and _slot_dirs(tmp_path) == []
 
 
-async def test_a_release_that_fails_kills_the_worker_and_cleanup_retries(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_release_that_fails_is_logged_and_done_at_the_exit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The host's copy is housekeeping, not a layer: a failed unmount leaves the worker serving,
+    says so, and the clean-up after the exit removes the slot."""
     config = _config(tmp_path)
     original = slots.release_path
     calls: list[Path] = []
@@ -105,11 +108,14 @@ async def test_a_release_that_fails_kills_the_worker_and_cleanup_retries(
 
     monkeypatch.setattr(slots, "release_path", fail_once)
     worker = SandboxWorker(config, "w3", user_id="alice", workspace=prepare_workspace(config, "alice"))
+    await worker.start()
     try:
-        with pytest.raises(IsolationUnavailable, match=r"cannot unmount the workspace tree.*injected failure"):
-            await worker.start()
+        await wait_for(lambda: "injected failure of the release" in caplog.text, 10, "the failed release logged")
+        assert "cannot unmount the workspace tree" in caplog.text
+        result = await worker.execute("exec", ExecRequest(shell=PROBE).params())
+        assert result.exit_code == 0 and result.stdout_text.strip() == "ok"  # serving, protections held
+        assert _slot_dirs(tmp_path)  # still there: the exit's clean-up takes it
     finally:
-        await worker.stop()  # (nothing to stop unless the start wrongly succeeded)
-    assert worker.pid is None or not pid_alive(worker.pid)
-    assert len(calls) == 2  # the handshake's release failed; the clean-up after the exit did it
+        await worker.stop()
+    assert len(calls) == 2
     assert _slot_mounts(tmp_path) == [] and _slot_dirs(tmp_path) == []
