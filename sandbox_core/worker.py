@@ -628,7 +628,32 @@ class SandboxWorker:
         bind_now = spec.bound_at_spawn and self.user_id is not None and spec.workspace_in_sandbox is not None
         if bind_now:  # the worker answers the bind too before it imports its serving loop
             params["bind_follows"] = True
-        reply = await self.call("initialize", params)
+        initializing = asyncio.ensure_future(self.call("initialize", params))
+        # A worker bound at spawn has seen its workspace since bwrap mounted it, so its bind (a
+        # chdir and Landlock, inside) is written right behind initialize (tasks run in the order
+        # they were made, and a call writes its frame before it first waits): the worker finds it
+        # waiting once it has answered initialize, and runs it while the host checks /proc. The
+        # answer is judged, and the worker started, only once that check has passed; a worker
+        # whose initialize failed refuses it (nothing is served before initialize).
+        binding = None
+        if bind_now:
+            assert self.user_id is not None and spec.workspace_in_sandbox is not None
+            binding = asyncio.ensure_future(self.call("bind", {"user_id": self.user_id,
+                                                               "workspace": spec.workspace_in_sandbox}))
+        try:
+            await self._initialized(spec, await initializing)
+            if binding is not None:  # the workspace's layers (landlock) are checked against the plan
+                self._check_bound(await binding)
+        except BaseException:
+            for call in (initializing, binding):
+                if call is not None and not call.done():
+                    call.cancel()
+                    await asyncio.wait([call])
+            raise
+        self._settle(spec)
+
+    async def _initialized(self, spec: LaunchSpec, reply: object) -> None:
+        """Take the ``initialize`` answer and verify the worker from the host (off the loop)."""
         if not isinstance(reply, dict) or reply.get("protocol") != PROTOCOL_VERSION:
             raise WorkerStartError(f"unexpected handshake reply: {reply!r:.200}")
         self.report = dict(reply.get("layers") or {})
@@ -639,32 +664,14 @@ class SandboxWorker:
             self._stdin.close()
             self._stdin = None
         unbound = spec.attach is not None and self.workspace is None
-        checked = asyncio.ensure_future(asyncio.to_thread(  # reads /proc of the worker: off the loop
+        self._verified = await asyncio.to_thread(  # reads /proc of the worker: off the loop
             functools.partial(verify.started, unbound=unbound),
-            self.config, spec.plan, self._pid, reply.get("pid"), self.report))
-        # A worker bound at spawn has seen its workspace since bwrap mounted it, so its bind (a
-        # chdir and Landlock, inside) goes out while the host checks /proc; the answer is
-        # judged, and the worker started, only once that check has passed.
-        binding = None
-        if bind_now:
-            assert self.user_id is not None and spec.workspace_in_sandbox is not None
-            binding = asyncio.ensure_future(self.call("bind", {"user_id": self.user_id,
-                                                               "workspace": spec.workspace_in_sandbox}))
-        try:
-            self._verified = await checked
-        except BaseException:
-            if binding is not None:
-                binding.cancel()
-                await asyncio.wait([binding])
-            raise
+            self.config, spec.plan, self._pid, reply.get("pid"), self.report)
         self.report["verified_by_host"] = self._verified.by_host
         if unbound and spec.stage is not None:
             await self._stage_spare(spec.stage)
         if unbound:  # answered once the imports it does while it waits are done: ready means ready
             await self.call("ping", {}, timeout=self.config.startup_timeout)
-        if binding is not None:  # the workspace's layers (landlock) are checked against the plan
-            self._check_bound(await binding)
-        self._settle(spec)
 
     def _settle(self, spec: LaunchSpec) -> None:
         """Run the spec's ``after_handshake`` in the background once the worker has started: the
