@@ -29,6 +29,7 @@ live there, else v2, and **fails closed** when neither works; rlimits alone only
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -138,7 +139,7 @@ class WorkerCgroup:
             path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             real = os.path.realpath(path.parent) + "/" + path.name  # cpu and cpuacct may share a mount
             if real not in made:
-                path.mkdir(mode=0o755)
+                _make_leaf(path, functools.partial(path.parent.mkdir, mode=0o755, parents=True, exist_ok=True))
                 made.add(real)
         mem = self.paths["memory"]
         if self.tcp_bytes:  # before any socket is charged; v1 counts sockets only once this is set
@@ -157,9 +158,9 @@ class WorkerCgroup:
 
     def _create_v2(self) -> None:
         path = self.paths["unified"]
-        assert self.mount is not None
-        enable_v2(self.mount, path.parent)
-        path.mkdir(mode=0o755)
+        mount = self.mount
+        assert mount is not None
+        _make_leaf(path, lambda: enable_v2(mount, path.parent))
         _write(path / "memory.max", self.memory_bytes or "max")
         with contextlib.suppress(FileNotFoundError):  # no swap accounting: nothing to bound
             _write(path / "memory.swap.max", 0)
@@ -241,6 +242,27 @@ class WorkerCgroup:
         for path in self.paths.values():  # the owner's directory, once its last worker is gone
             with contextlib.suppress(OSError):
                 path.parent.rmdir()
+
+
+_LEAF_TRIES = 5
+
+
+def _make_leaf(path: Path, make_parent: Callable[[], None]) -> None:
+    """``mkdir path`` once ``make_parent()`` has made its parent, again if the parent went meanwhile.
+
+    The owner's directory above a worker's group is removed by the clean-up of its last worker
+    (:meth:`WorkerCgroup.cleanup`); a worker of the same owner created at that moment finds its
+    parent made, then gone (ENOENT). The removal only succeeds on an empty directory, so making
+    the parent again and retrying is all it takes: nothing else can be lost.
+    """
+    for attempt in range(_LEAF_TRIES):
+        make_parent()
+        try:
+            path.mkdir(mode=0o755)
+            return
+        except FileNotFoundError:
+            if attempt == _LEAF_TRIES - 1:
+                raise
 
 
 def remove_groups(paths: list[Path], kill: object, timeout: float) -> None:

@@ -54,6 +54,32 @@ def test_v2_plan_creates_limits_and_enables_controllers_down_the_path(tmp_path: 
     assert group.cpu_usage_ns() == 2_500_000_000
 
 
+def test_a_group_is_made_even_when_the_owner_directory_goes_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker's clean-up removes the (then empty) owner directory between the making of
+    this worker's parent and of its own group: the group is made all the same."""
+    _, mountinfo = _v2_tree(tmp_path)
+    group = cgroups.plan("w1", ResourceLimits(processes=8), "auto", root=tmp_path / "nov1", proc_cgroup="0::/\n",
+                         mountinfo=mountinfo, euid=0)  # fmt: skip
+    path = group.paths["unified"]
+    original = cgroups.enable_v2
+    calls: list[Path] = []
+
+    def enable_then_lose_it(mount: Path, leaf_parent: Path) -> None:
+        original(mount, leaf_parent)
+        calls.append(leaf_parent)
+        if len(calls) == 1:  # what the other worker's cleanup does: rmdir of the owner's directory
+            for name in os.listdir(leaf_parent):
+                os.unlink(leaf_parent / name)
+            leaf_parent.rmdir()
+
+    monkeypatch.setattr(cgroups, "enable_v2", enable_then_lose_it)
+    group.create()
+    assert len(calls) == 2 and path.is_dir()
+    assert (path / "pids.max").read_text() == "8\n"
+
+
 def test_counters_are_read_from_held_descriptors_and_fresh_each_time(tmp_path: Path) -> None:
     _, mountinfo = _v2_tree(tmp_path)
     group = cgroups.plan("w1", ResourceLimits(), "auto", root=tmp_path / "nov1", proc_cgroup="0::/\n",
