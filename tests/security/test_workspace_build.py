@@ -8,6 +8,7 @@ host, and a build that fails fails the start closed without leaving a slot or a 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -91,8 +92,17 @@ async def test_a_build_that_fails_fails_the_start_closed(tmp_path: Path, monkeyp
     assert _slot_mounts(tmp_path) == [] and _slot_dirs(tmp_path) == []
 
 
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
 async def test_a_release_that_fails_is_logged_and_done_at_the_exit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The host's copy is housekeeping, not a layer: a failed unmount leaves the worker serving,
     says so, and the clean-up after the exit removes the slot."""
@@ -107,15 +117,22 @@ async def test_a_release_that_fails_is_logged_and_done_at_the_exit(
         original(path)
 
     monkeypatch.setattr(slots, "release_path", fail_once)
+    kept = _Kept()  # on the worker's own logger: the service's log set-up may stop propagation to the root
+    logger = logging.getLogger("sandbox_core.worker")
+    logger.addHandler(kept)
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "level", logging.WARNING)  # whatever level an earlier test left above it
     worker = SandboxWorker(config, "w3", user_id="alice", workspace=prepare_workspace(config, "alice"))
-    await worker.start()
     try:
-        await wait_for(lambda: "injected failure of the release" in caplog.text, 10, "the failed release logged")
-        assert "cannot unmount the workspace tree" in caplog.text
+        await worker.start()
+        text = lambda: "\n".join(kept.lines)  # noqa: E731
+        await wait_for(lambda: "injected failure of the release" in text(), 10, "the failed release logged")
+        assert "cannot unmount the workspace tree" in text()
         result = await worker.execute("exec", ExecRequest(shell=PROBE).params())
         assert result.exit_code == 0 and result.stdout_text.strip() == "ok"  # serving, protections held
         assert _slot_dirs(tmp_path)  # still there: the exit's clean-up takes it
     finally:
+        logger.removeHandler(kept)
         await worker.stop()
     assert len(calls) == 2
     assert _slot_mounts(tmp_path) == [] and _slot_dirs(tmp_path) == []

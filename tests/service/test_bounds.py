@@ -27,8 +27,8 @@ from tests.service.conftest import Live, tcp_service_with, unix_service_with
 
 MIB = 1024 * 1024
 LINE = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\n"
-OUTPUT = 30 * MIB
-PRINT_30_MIB = f"yes {LINE.decode().strip()} | head -c {OUTPUT}"
+OUTPUT = 40 * MIB
+PRINT_OUTPUT = f"yes {LINE.decode().strip()} | head -c {OUTPUT}"
 
 
 def expected_digest(size: int) -> str:
@@ -57,10 +57,13 @@ def reset_peak_rss() -> int:
     return rss_kib()
 
 
-HELD_AT_MOST = BUFFER_HIGH + MIB + 4 * MIB
+HELD_AT_MOST = BUFFER_HIGH + MIB + 6 * MIB
 """What the server may hold of a run in flight, whatever its size: the worker's read buffer
-(it stops reading at BUFFER_HIGH), the 1 MiB run buffer, and allocator and socket slack (a
-loaded machine's slower reader fills the buffers to their marks: 7.7 MiB measured)."""
+(it stops reading at BUFFER_HIGH), the 1 MiB run buffer, and allocator and socket slack, the
+test's own client (in the same process) included. A loaded machine's slower reader fills the
+buffers to their marks: 7.7 MiB measured once, and 8.9-9.4 MiB at stop 33 on this machine at
+every commit back to stop 32's end, which failed a 4 MiB slack in a quarter to half of the
+runs. Output that the server kept would still be over it many times (``OUTPUT`` is 40 MiB)."""
 
 
 def assert_grew_little(before_kib: int, output: int) -> None:
@@ -76,7 +79,7 @@ async def test_run_buffer_is_bounded_in_bytes_and_marks_the_gap(tmp_path: Path) 
         before = reset_peak_rss()
         digest, received = hashlib.sha256(), 0
         live_sizes: dict[int, int] = {}
-        async for event in client.stream("exec", {"shell": PRINT_30_MIB}):
+        async for event in client.stream("exec", {"shell": PRINT_OUTPUT}):
             assert event.type != "gap", "a live client that keeps reading gets every event"
             live_sizes[event.seq] = event_size({"type": event.type, "data": event.data})
             if event.type == "stdout":
@@ -113,7 +116,7 @@ async def test_a_stalled_client_gets_a_gap_and_the_server_does_not_grow(tmp_path
     async with unix_service_with(tmp_path, **settings) as live, _http(live) as http:
         await _warm_up(live)
         before = reset_peak_rss()
-        async with http.stream("POST", "/v1/runs/exec", json={"shell": PRINT_30_MIB}) as response:
+        async with http.stream("POST", "/v1/runs/exec", json={"shell": PRINT_OUTPUT}) as response:
             run_id = response.headers["x-run-id"]
 
             async def finished() -> bool:  # while this client reads nothing at all
