@@ -100,6 +100,9 @@ class _Kept(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
 
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
 
 async def test_a_release_that_fails_is_logged_and_done_at_the_exit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -125,9 +128,8 @@ async def test_a_release_that_fails_is_logged_and_done_at_the_exit(
     worker = SandboxWorker(config, "w3", user_id="alice", workspace=prepare_workspace(config, "alice"))
     try:
         await worker.start()
-        text = lambda: "\n".join(kept.lines)  # noqa: E731
-        await wait_for(lambda: "injected failure of the release" in text(), 10, "the failed release logged")
-        assert "cannot unmount the workspace tree" in text()
+        await wait_for(lambda: "injected failure of the release" in kept.text(), 10, "the failed release logged")
+        assert "cannot unmount the workspace tree" in kept.text()
         result = await worker.execute("exec", ExecRequest(shell=PROBE).params())
         assert result.exit_code == 0 and result.stdout_text.strip() == "ok"  # serving, protections held
         assert _slot_dirs(tmp_path)  # still there: the exit's clean-up takes it
