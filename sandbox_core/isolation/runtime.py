@@ -426,7 +426,7 @@ def build_stage(stage: Path, final: Path, populate: Callable[[Path], bool]) -> b
 
 
 def _populate(plan: _Plan, tmp: Path) -> bool:
-    made: set[str] = set()
+    made: set[str] = {str(tmp)}  # mkdirs stops here: nothing above the stage is made or chmod'ed
     for dest, src in plan.links:
         target = tmp / dest
         mkdirs(target.parent, made)
@@ -465,6 +465,9 @@ def _compile_into(tmp: Path, dest: str, src: str) -> None:
 
 
 def mkdirs(path: Path, made: set[str]) -> None:
+    """Make ``path`` and its parents, each 0755, up to the first one in ``made`` (the stage's
+    root must be there: the walk would otherwise chmod every directory up to ``/``, a user's
+    home among them when the stage is below ``~/.cache``)."""
     if str(path) in made:
         return
     path.mkdir(mode=0o755, parents=True, exist_ok=True)

@@ -77,3 +77,24 @@ def test_a_source_that_does_not_compile_is_staged_without_bytecode(tmp_path: Pat
     assert runtime._populate(plan, tmp_path / "stage")
     assert (tmp_path / "stage" / "app" / "pkg" / "broken.py").exists()
     assert not (tmp_path / "stage" / "app" / "pkg" / "__pycache__" / f"broken.{TAG}.pyc").exists()
+
+
+def test_building_a_stage_changes_nothing_above_it(tmp_path: Path) -> None:
+    """The stage's directories are made 0755; the directories above it keep their modes (a
+    non-root user's stage is below ~/.cache, and the walk once reached the home directory)."""
+    outer = tmp_path / "home"
+    (outer / ".cache").mkdir(parents=True)
+    outer.chmod(0o700)
+    (outer / ".cache").chmod(0o750)
+    src = tmp_path / "src" / "pkg"
+    src.mkdir(parents=True)
+    (src / "mod.py").write_text("VALUE = 1\n")
+    plan = runtime._Plan()
+    plan.interpreter = ("python/bin/python3", sys.executable)
+    runtime._add_tree(plan, str(src), "app/pkg", stdlib=False)
+    stage = outer / ".cache" / "stage"
+    assert runtime._populate(plan, stage)
+    assert stat.S_IMODE(outer.stat().st_mode) == 0o700
+    assert stat.S_IMODE((outer / ".cache").stat().st_mode) == 0o750
+    assert stat.S_IMODE(stage.stat().st_mode) == 0o755
+    assert stat.S_IMODE((stage / "app" / "pkg").stat().st_mode) == 0o755
