@@ -133,7 +133,10 @@ class Impostor:
         os.close(write_end)
         self.pid, self.out = pid, os.fdopen(read_end)
         line = self.out.readline()  # bounded: the child prints ready or exits (EOF)
-        assert line == "ready\n", f"impostor did not start: {line!r}"
+        if line != "ready\n":  # the child has exited: reap it and close our end, then say so
+            self.out.close()
+            os.waitpid(pid, 0)
+            raise AssertionError(f"impostor did not start: {line!r} (its traceback is on stderr)")
         return self
 
     def move_to(self, dest: Path, owner: int = 0) -> None:
