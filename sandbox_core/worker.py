@@ -674,12 +674,12 @@ class SandboxWorker:
             await self.call("ping", {}, timeout=self.config.startup_timeout)
 
     def _settle(self, spec: LaunchSpec) -> None:
-        """Run the spec's ``after_handshake`` in the background once the worker has started: the
+        """Run the spec's ``after_start`` in the background once the worker has started: the
         host's copy of what it built for bwrap goes while the first request runs, not before
         the start returns. A failure only leaves that copy to the exit's clean-up."""
-        if spec.after_handshake is None:
+        if spec.after_start is None:
             return
-        settling = asyncio.ensure_future(asyncio.to_thread(spec.after_handshake))
+        settling = asyncio.ensure_future(asyncio.to_thread(spec.after_start))
         self._background.add(settling)
         settling.add_done_callback(self._settled)
 

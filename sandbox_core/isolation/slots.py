@@ -157,7 +157,7 @@ class Slot:
         self.attached = False
         self._released = False
         self._removed = False
-        self._releasing = threading.Lock()  # the handshake's release and the exit's clean-up may meet
+        self._releasing = threading.Lock()  # the release after the start and the exit's clean-up may meet
 
     @classmethod
     def create(cls, state_dir: Path, worker_id: str, *, shared: bool = True) -> Slot:
@@ -245,7 +245,7 @@ class Slot:
     def release(self) -> None:
         """Detach whatever is mounted at ``ws`` and remove the slot (idempotent; a release that
         failed is tried again by the next call). An unbound worker's slot is released after the
-        worker exited; a private one also once its worker has answered its handshake."""
+        worker exited; a private one also once its worker has started."""
         with self._releasing:
             self._released = True  # nothing is attached from here on
             if not self._removed:

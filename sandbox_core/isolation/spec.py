@@ -40,9 +40,9 @@ class LaunchSpec:
     after_spawn: Callable[[int], None] | None = None
     """Called on the host with the new process's pid before the handshake (e.g. to
     move it into a cgroup). Raising IsolationUnavailable kills the worker."""
-    after_handshake: Callable[[], None] | None = None
-    """Called on the host in the background (a thread) once the worker has started, so that
-    bwrap has long built the sandbox: lets go of what the host held only for that (a workspace
+    after_start: Callable[[], None] | None = None
+    """Called on the host in the background (a thread) once the worker has started (bwrap
+    built the sandbox before the handshake): lets go of what the host held only for that (a workspace
     tree it built for bwrap to bind). A failure is logged; ``cleanup`` tries again after the
     exit, so it must be idempotent with it."""
     cleanup: Callable[[], None] | None = None

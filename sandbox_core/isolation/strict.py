@@ -483,7 +483,7 @@ def strict_launch(
                 spare.close(slot.release)  # type: ignore[union-attr]
             elif slot is not None:
                 slot.release()
-            if built is not None:  # released at the handshake, unless the worker never got there
+            if built is not None:  # released after the start, unless the worker never got there
                 built.release()
 
     env = worker_env(config, home=HOME)
@@ -500,7 +500,7 @@ def strict_launch(
         spare=spare,
         pass_fds=tuple(fds.fds),
         after_spawn=after_spawn,
-        after_handshake=(lambda: _release_built(built)) if built is not None else None,
+        after_start=(lambda: _release_built(built)) if built is not None else None,
         cleanup=cleanup,
         limit_events=cgroup.limit_events if cgroup is not None else None,
         cpu_usage=cgroup.cpu_usage_ns if cgroup is not None else None,
@@ -910,10 +910,9 @@ def builds_workspace(config: ProcessSandboxConfig, workspace: Path | None, unbou
     it), and the slot is private besides, so no mount event passes between the two copies: the
     host takes its own away in the background once the worker has started (bwrap built the
     sandbox before the handshake), and neither that nor anything later on the host reaches the
-    sandbox. As
-    at a claim, nothing resolves a path inside the workspace: the clone and every guard are
-    taken by descriptor, and the only paths named are the slot's, below a root-only 0700
-    directory. Elsewhere (not root, or no mount API) bwrap mounts each guard.
+    sandbox. As at a claim, nothing resolves a path inside the workspace: the clone and every
+    guard are taken by descriptor, and the only paths named are the slot's, below a root-only
+    0700 directory. Elsewhere (not root, or no mount API) bwrap mounts each guard.
     """
     return workspace is not None and not unbound and slots.unavailable() is None and workspace.is_dir()
 

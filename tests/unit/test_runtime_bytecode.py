@@ -30,6 +30,14 @@ def _module(src: Path, name: str, body: str, *, pyc: str) -> None:
         os.utime(path, (1, 1))
 
 
+def _plan_of(src: Path) -> runtime._Plan:
+    """A stage plan of package ``src`` at ``app/pkg`` (and this interpreter)."""
+    plan = runtime._Plan()
+    plan.interpreter = ("python/bin/python3", sys.executable)
+    runtime._add_tree(plan, str(src), "app/pkg", stdlib=False)
+    return plan
+
+
 def test_missing_and_stale_bytecode_is_compiled_into_the_stage_and_fresh_is_linked(tmp_path: Path) -> None:
     src = tmp_path / "src" / "pkg"
     (src / "__pycache__").mkdir(parents=True)
@@ -37,9 +45,7 @@ def test_missing_and_stale_bytecode_is_compiled_into_the_stage_and_fresh_is_link
     _module(src, "none", "VALUE = 'none'\n", pyc="none")
     _module(src, "fresh", "VALUE = 'fresh'\n", pyc="fresh")
     _module(src, "stale", "VALUE = 'stale'\n", pyc="stale")
-    plan = runtime._Plan()
-    plan.interpreter = ("python/bin/python3", sys.executable)
-    runtime._add_tree(plan, str(src), "app/pkg", stdlib=False)
+    plan = _plan_of(src)
 
     runtime._compile_missing(plan)
 
@@ -70,9 +76,7 @@ def test_a_source_that_does_not_compile_is_staged_without_bytecode(tmp_path: Pat
     src = tmp_path / "src" / "pkg"
     src.mkdir(parents=True)
     (src / "broken.py").write_text("def (:\n")
-    plan = runtime._Plan()
-    plan.interpreter = ("python/bin/python3", sys.executable)
-    runtime._add_tree(plan, str(src), "app/pkg", stdlib=False)
+    plan = _plan_of(src)
     runtime._compile_missing(plan)
     assert runtime._populate(plan, tmp_path / "stage")
     assert (tmp_path / "stage" / "app" / "pkg" / "broken.py").exists()
@@ -89,9 +93,7 @@ def test_building_a_stage_changes_nothing_above_it(tmp_path: Path) -> None:
     src = tmp_path / "src" / "pkg"
     src.mkdir(parents=True)
     (src / "mod.py").write_text("VALUE = 1\n")
-    plan = runtime._Plan()
-    plan.interpreter = ("python/bin/python3", sys.executable)
-    runtime._add_tree(plan, str(src), "app/pkg", stdlib=False)
+    plan = _plan_of(src)
     stage = outer / ".cache" / "stage"
     assert runtime._populate(plan, stage)
     assert stat.S_IMODE(outer.stat().st_mode) == 0o700
