@@ -25,4 +25,14 @@ def watch_with_pidfds() -> bool:
         return False
     os.close(probe)
     asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+    global _pidfds
+    _pidfds = True
     return True
+
+
+_pidfds = False
+
+
+def pidfds_in_use() -> bool:
+    """Whether :func:`watch_with_pidfds` found pidfds usable (commands may then be watched by one)."""
+    return _pidfds

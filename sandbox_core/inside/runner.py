@@ -25,6 +25,7 @@ import functools
 import os
 import resource
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sandbox_core import datapipe
 from sandbox_core.chunks import OutputEncoder
 from sandbox_core.errors import ProtocolError
+from sandbox_core.inside.children import pidfds_in_use
 from sandbox_core.process_tree import alive, boot_ticks, descendants, parent
 
 if TYPE_CHECKING:
@@ -285,35 +287,18 @@ class _Output(OutputBudget):
             await self._pipe.send(int(self._ctx.request.id), datapipe.KIND_END)
 
 
-async def _feed(proc: asyncio.subprocess.Process, data: bytes | None) -> None:
-    if proc.stdin is None:
-        return
+async def _feed(stdin: asyncio.StreamWriter, data: bytes) -> None:
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         if data:
-            proc.stdin.write(data)
-            await proc.stdin.drain()
-    proc.stdin.close()
+            stdin.write(data)
+            await stdin.drain()
+    stdin.close()
 
 
 def _end_command(pid: int, since: int, alone: bool) -> None:
     """Kill what the command ``pid`` started: its process group, and the strays that left it."""
     kill_group(pid)
     kill_strays(since, frozenset({pid}), alone=alone)
-
-
-async def _undo_spawn(spawn: asyncio.Future[Any], since: int, alone: bool) -> None:
-    """The request was cancelled while its command was being started (a timeout, a cancel).
-
-    The process is forked before ``subprocess_exec`` returns, and an abandoned start would
-    only kill the process itself (``sh``), not what it started: ``sleep`` in ``sh -c 'sleep
-    60; true'`` ran on for its minute. So the start is finished, then what it started is
-    killed like that of any command that ends."""
-    try:
-        transport, _ = await spawn
-    except BaseException:  # noqa: BLE001 - it failed to start: nothing runs
-        return
-    _end_command(transport.get_pid(), since, alone)
-    transport.close()
 
 
 def own_limit_reason(returncode: int) -> str | None:
@@ -363,12 +348,222 @@ def output_limit(params: dict[str, Any]) -> int:
     return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 0
 
 
-def _widen(pipe: asyncio.BaseTransport | None) -> None:
+class _Command:
+    """A command started for a request: its pid, its output streams, its stdin (when piped), its exit."""
+
+    pid: int
+    stdout: asyncio.StreamReader
+    stderr: asyncio.StreamReader
+    stdin: asyncio.StreamWriter | None = None
+
+    def has_exited(self) -> bool:
+        raise NotImplementedError
+
+    async def exit(self) -> int:
+        """Its exit status (``-N`` for signal N), once it has exited and been reaped."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop reading its output (the process itself is killed by :func:`_end_command`)."""
+        raise NotImplementedError
+
+
+class _StreamCommand(_Command):
+    """A command through asyncio's subprocess transports: for piped stdin, or without pidfds."""
+
+    def __init__(self, transport: asyncio.SubprocessTransport, protocol: ExitWatch) -> None:
+        self._transport, self._protocol = transport, protocol
+        process = asyncio.subprocess.Process(transport, protocol, asyncio.get_running_loop())
+        assert process.stdout is not None and process.stderr is not None
+        self.pid, self.stdout, self.stderr, self.stdin = process.pid, process.stdout, process.stderr, process.stdin
+        for fd in (0, 1, 2):
+            _widen_pipe(transport.get_pipe_transport(fd))
+
+    @classmethod
+    async def start(cls, argv: list[str], cwd: str, piped: bool, since: int, alone: bool) -> _StreamCommand:
+        loop = asyncio.get_running_loop()
+        spawn = asyncio.ensure_future(loop.subprocess_exec(
+            lambda: ExitWatch(loop),
+            *argv,
+            stdin=asyncio.subprocess.PIPE if piped else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
+            process_group=0,
+        ))
+        try:
+            transport, protocol = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            await _undo_spawn(spawn, since, alone)
+            raise
+        return cls(transport, protocol)
+
+    async def exit(self) -> int:
+        await self._protocol.exited  # not proc.wait(): on 3.11 that also waits for every pipe to close
+        returncode = self._transport.get_returncode()
+        assert returncode is not None
+        return returncode
+
+    def has_exited(self) -> bool:
+        return self._transport.get_returncode() is not None
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+async def _undo_spawn(spawn: asyncio.Future[Any], since: int, alone: bool) -> None:
+    """The request was cancelled while its command was being started (a timeout, a cancel).
+
+    The process is forked before ``subprocess_exec`` returns, and an abandoned start would
+    only kill the process itself (``sh``), not what it started: ``sleep`` in ``sh -c 'sleep
+    60; true'`` ran on for its minute. So the start is finished, then what it started is
+    killed like that of any command that ends."""
+    try:
+        transport, _ = await spawn
+    except BaseException:  # noqa: BLE001 - it failed to start: nothing runs
+        return
+    _end_command(transport.get_pid(), since, alone)
+    transport.close()
+
+
+def _widen_pipe(pipe: asyncio.BaseTransport | None) -> None:
     """Ask for a larger pipe buffer (fewer, larger reads); the kernel may refuse."""
     handle = pipe.get_extra_info("pipe") if pipe is not None else None
     if handle is not None:
-        with contextlib.suppress(OSError, ValueError):
-            fcntl.fcntl(handle.fileno(), datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
+        with contextlib.suppress(ValueError):  # closed already (a command that closed its stdin at once)
+            _widen(handle.fileno())
+
+
+def _widen(fd: int) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        fcntl.fcntl(fd, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
+
+
+class _PlainCommand(_Command):
+    """A command without stdin (``/dev/null``), started and watched with no transport in between.
+
+    asyncio's ``subprocess_exec`` connects each pipe through a transport and a protocol in
+    turns of the event loop of their own, and watches the exit through a child watcher: in
+    a freshly claimed worker that is most of an ``exec true``. Here the command is started by
+    :class:`subprocess.Popen` as asyncio would start it (``close_fds``, the default signal
+    dispositions restored, a process group of its own, the request's cwd), its output pipes
+    are read by the loop's own reader callbacks into :class:`asyncio.StreamReader` (paused
+    while a reader holds more than it may buffer, as a transport would be), and its exit is
+    its pidfd turning readable, then reaped here. Needs pidfds (:func:`pidfds_in_use`).
+    """
+
+    def __init__(self, argv: list[str], cwd: str) -> None:
+        loop = asyncio.get_running_loop()
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = -1, -1
+        try:
+            err_r, err_w = os.pipe2(os.O_CLOEXEC)
+            self._process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
+                                             cwd=cwd, process_group=0)
+        except BaseException:
+            for fd in (out_r, err_r):
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in (out_w, err_w):
+                if fd >= 0:
+                    os.close(fd)
+        self.pid = self._process.pid
+        self._exited: asyncio.Future[int] = loop.create_future()
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            os.kill(self.pid, signal.SIGKILL)  # cannot watch it: it must not run unwatched
+            os.waitpid(self.pid, 0)
+            self._process.returncode = -signal.SIGKILL
+            os.close(out_r)
+            os.close(err_r)
+            raise
+        loop.add_reader(self._pidfd, self._reap)
+        self._readers = (_PipeReader.open(out_r), _PipeReader.open(err_r))
+        self.stdout, self.stderr = (reader.stream for reader in self._readers)
+
+    def _reap(self) -> None:
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        try:
+            _, status = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # reaped by someone else: asyncio's watcher says 255 then too
+            code = 255
+        self._process.returncode = code  # so that Popen never waits for it itself
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    def has_exited(self) -> bool:
+        return self._exited.done()
+
+    async def exit(self) -> int:
+        return await asyncio.shield(self._exited)  # a cancelled request still reaps it when it dies
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+
+
+class _PipeReader(asyncio.ReadTransport):
+    """The reading end of a command's output pipe, fed by the loop's reader callback to a
+    :class:`asyncio.StreamReader`, which pauses and resumes it as its buffer fills and drains."""
+
+    def __init__(self, fd: int, stream: asyncio.StreamReader) -> None:
+        super().__init__()
+        self._fd, self.stream = fd, stream
+        self._loop = asyncio.get_running_loop()
+        self._reading = False
+        self._closed = False
+
+    @classmethod
+    def open(cls, fd: int) -> _PipeReader:
+        os.set_blocking(fd, False)
+        _widen(fd)
+        stream = asyncio.StreamReader(limit=_READ)
+        reader = cls(fd, stream)
+        stream.set_transport(reader)
+        reader.resume_reading()
+        return reader
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._fd, _READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close()
+            self.stream.set_exception(exc)
+            return
+        if data:
+            self.stream.feed_data(data)
+        else:
+            self.close()
+            self.stream.feed_eof()
+
+    def is_reading(self) -> bool:
+        return self._reading
+
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closed:
+            self._loop.add_reader(self._fd, self._readable)
+            self._reading = True
+
+    def is_closing(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if not self._closed:
+            self.pause_reading()
+            self._closed = True
+            os.close(self._fd)
 
 
 async def _run(
@@ -382,58 +577,43 @@ async def _run(
         raise ProtocolError("stdin_b64 is not base64") from None
     started = time.monotonic()
     since = boot_ticks()
-    loop = asyncio.get_running_loop()
     piped = data is not None or sink is not None
-    spawn = asyncio.ensure_future(loop.subprocess_exec(
-        lambda: ExitWatch(loop),
-        *argv,
-        stdin=asyncio.subprocess.PIPE if piped else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=ctx.cwd,
-        process_group=0,
-    ))
     try:
-        transport, protocol = await asyncio.shield(spawn)
-    except asyncio.CancelledError:
-        await _undo_spawn(spawn, since, alone)
-        raise
+        if piped or not pidfds_in_use():
+            command: _Command = await _StreamCommand.start(argv, ctx.cwd, piped, since, alone)
+        else:
+            command = _PlainCommand(argv, ctx.cwd)
     except FileNotFoundError:
         await ctx.emit("stderr", {"data": f"{argv[0]}: command not found\n"})
         return {"exit_code": NOT_FOUND, "duration_s": 0.0}
     except PermissionError:
         await ctx.emit("stderr", {"data": f"{argv[0]}: permission denied\n"})
         return {"exit_code": NOT_EXECUTABLE, "duration_s": 0.0}
-    proc = asyncio.subprocess.Process(transport, protocol, loop)
-    assert proc.stdout is not None and proc.stderr is not None
-    for fd in (0, 1, 2):
-        _widen(transport.get_pipe_transport(fd))
-    output.pgid = proc.pid
+    output.pgid = command.pid
     tasks = [
-        asyncio.create_task(output.pump(proc.stdout, "stdout")),
-        asyncio.create_task(output.pump(proc.stderr, "stderr")),
+        asyncio.create_task(output.pump(command.stdout, "stdout")),
+        asyncio.create_task(output.pump(command.stderr, "stderr")),
     ]
-    if sink is not None and proc.stdin is not None:
-        sink.attach(proc.stdin)
-    elif data is not None:
-        tasks.append(asyncio.create_task(_feed(proc, data)))
+    stdin = command.stdin
+    if sink is not None and stdin is not None:
+        sink.attach(stdin)
+    elif data is not None and stdin is not None:
+        tasks.append(asyncio.create_task(_feed(stdin, data)))
     try:
-        await protocol.exited  # not proc.wait(): on 3.11 that also waits for every pipe to close
-        returncode = transport.get_returncode()
-        _end_command(proc.pid, since, alone)  # background children must not outlive the request
+        returncode = await command.exit()
+        _end_command(command.pid, since, alone)  # background children must not outlive the request
         if sink is not None:
             sink.close()
         _done, pending = await asyncio.wait(tasks, timeout=_DRAIN_AFTER_EXIT)
         for task in pending:  # a process that left the group still holds the pipe
             task.cancel()
     except BaseException:
-        _end_command(proc.pid, since, alone)
+        _end_command(command.pid, since, alone)
         for task in tasks:
             task.cancel()
-        transport.close()
+        command.close()
         raise
     finally:
-        if transport.get_returncode() is not None:
-            transport.close()
-    assert returncode is not None
+        if command.has_exited():
+            command.close()
     return exit_result(returncode, started, output)

@@ -58,6 +58,12 @@ async def test_strict_timeout_kills_everything_the_request_started(workspace_roo
         await wait_for(lambda: {p for p in descendants(bwrap_pid) if pid_alive(p)} <= before, 10,
                        "request's processes gone")
         assert (await pool.execute("carol", sh("echo alive"))).stdout_text == "alive\n"
+        assert (await pool.execute("carol", sh("kill -9 $$"))).exit_code == 137
+        # every command the worker ran, timed out or not, was reaped: no zombie is left below it
+        def zombies() -> list[int]:
+            return [p for p in descendants(bwrap_pid) if os.path.exists(f"/proc/{p}") and not pid_alive(p)]
+
+        await wait_for(lambda: not zombies(), 10, "no zombie left in the sandbox")
 
 
 async def test_strict_crash_then_recovery_and_no_orphans(workspace_root: Path) -> None:
