@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sandbox_core import datapipe
 from sandbox_core.chunks import OutputEncoder
 from sandbox_core.errors import ProtocolError
-from sandbox_core.inside.children import pidfds_in_use
+from sandbox_core.inside import children
 from sandbox_core.process_tree import alive, boot_ticks, descendants, parent
 
 if TYPE_CHECKING:
@@ -101,10 +101,12 @@ def kill_strays(since: int, exclude: frozenset[int] = frozenset(), *, alone: boo
     started since the request began is killed, in passes until none is left or
     :data:`_REAP_WAIT` runs out. Orphans are ours (the worker is a child subreaper), so
     afterwards every child not managed by asyncio (``exclude``) is reaped: an unreaped
-    zombie still counts against the pids limit.
+    zombie still counts against the pids limit. A child someone waits for (:func:`children.waited`)
+    is neither killed nor reaped here: that is its own request's to do.
     """
     if not _in_worker():  # only a worker owns all of its descendants (tests run tools in-process)
         return
+    exclude |= children.waited()  # the commands of other requests, still waited for by them
     deadline = time.monotonic() + _REAP_WAIT
     if alone:
         with contextlib.suppress(ProcessLookupError):
@@ -470,12 +472,14 @@ class _PlainCommand(_Command):
                 if fd >= 0:
                     os.close(fd)
         self.pid = self._process.pid
+        children.waiting_for(self.pid)
         self._exited: asyncio.Future[int] = loop.create_future()
         try:
             self._pidfd = os.pidfd_open(self.pid)
         except OSError:
             os.kill(self.pid, signal.SIGKILL)  # cannot watch it: it must not run unwatched
             os.waitpid(self.pid, 0)
+            children.reaped(self.pid)
             self._process.returncode = -signal.SIGKILL
             os.close(out_r)
             os.close(err_r)
@@ -492,6 +496,7 @@ class _PlainCommand(_Command):
             code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:  # reaped by someone else: asyncio's watcher says 255 then too
             code = 255
+        children.reaped(self.pid)
         self._process.returncode = code  # so that Popen never waits for it itself
         if not self._exited.done():
             self._exited.set_result(code)
@@ -579,7 +584,7 @@ async def _run(
     since = boot_ticks()
     piped = data is not None or sink is not None
     try:
-        if piped or not pidfds_in_use():
+        if piped or not children.pidfds_in_use():
             command: _Command = await _StreamCommand.start(argv, ctx.cwd, piped, since, alone)
         else:
             command = _PlainCommand(argv, ctx.cwd)
