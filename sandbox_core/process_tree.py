@@ -84,9 +84,10 @@ def _start_time(pid: int) -> int:
     return int(fields[19]) if fields is not None and len(fields) > 19 else 0
 
 
-def descendants(root: int, started_since: int | None = None) -> list[int]:
+def descendants(root: int, started_since: int | None = None, *, pruned: frozenset[int] = frozenset()) -> list[int]:
     """Pids below ``root`` in the process tree, optionally only those started at or after
-    ``started_since`` (boot ticks, see :func:`boot_ticks`).
+    ``started_since`` (boot ticks, see :func:`boot_ticks`). The processes in ``pruned`` and
+    everything below them are left out (the walk does not go down there).
 
     Walks /proc/PID/task/*/children (cost grows with the tree, not with the host's process
     count); falls back to scanning all of /proc where the kernel lacks those files.
@@ -96,15 +97,17 @@ def descendants(root: int, started_since: int | None = None) -> list[int]:
     while stack:
         kids = _children(stack.pop())
         if kids is None:
-            return _descendants_by_scan(root, started_since)
+            return _descendants_by_scan(root, started_since, pruned)
         for child in kids:
+            if child in pruned:
+                continue
             if started_since is None or _start_time(child) >= started_since:
                 out.append(child)
             stack.append(child)
     return out
 
 
-def _descendants_by_scan(root: int, started_since: int | None) -> list[int]:
+def _descendants_by_scan(root: int, started_since: int | None, pruned: frozenset[int] = frozenset()) -> list[int]:
     children: dict[int, list[int]] = {}
     started: dict[int, int] = {}
     for name in os.listdir("/proc"):
@@ -116,6 +119,8 @@ def _descendants_by_scan(root: int, started_since: int | None) -> list[int]:
     stack = [root]
     while stack:
         for child in children.get(stack.pop(), []):
+            if child in pruned:
+                continue
             if started_since is None or started.get(child, 0) >= started_since:
                 out.append(child)
             stack.append(child)

@@ -94,36 +94,53 @@ def kill_strays(since: int, exclude: frozenset[int] = frozenset(), *, alone: boo
     double fork, a fork-and-exit chain), and reap every child the worker has left.
 
     With ``alone`` (no other request runs, and the worker is alone in a pid namespace made
-    for it: strict; the caller checks both) this is ``kill(-1, SIGKILL)``: the kernel
-    signals every process of the namespace but us and its init under the task-list lock,
-    which fork also needs, so no process escapes by forking. Otherwise (another
-    request runs, or the ``process`` profile, where -1 would mean the host) every descendant
-    started since the request began is killed, in passes until none is left or
-    :data:`_REAP_WAIT` runs out. Orphans are ours (the worker is a child subreaper), so
-    afterwards every child not managed by asyncio (``exclude``) is reaped: an unreaped
-    zombie still counts against the pids limit. A child someone waits for (:func:`children.waited`)
+    for it: strict; the caller checks both, when it cleans up) this is ``kill(-1, SIGKILL)``:
+    the kernel signals every process of the namespace but us and its init under the
+    task-list lock, which fork also needs, so no process escapes by forking. Otherwise
+    (another request runs, or the ``process`` profile, where -1 would mean the host) every
+    descendant started since the request began is killed, in passes until none is left or
+    :data:`_REAP_WAIT` runs out, but for what belongs to a request still running: the
+    commands their requests wait for (:func:`children.waited`), what runs below them, and what
+    is in their process group or session (a background child whose parent has exited is the
+    worker's child now, but keeps both). A process that left both and lost its parent cannot
+    be told from one of this request's, and is killed with them. Orphans are ours (the worker
+    is a child subreaper), so afterwards every child not managed by asyncio (``exclude``) is
+    reaped: an unreaped zombie still counts against the pids limit. A child someone waits for
     is neither killed nor reaped here: that is its own request's to do.
     """
     if not _in_worker():  # only a worker owns all of its descendants (tests run tools in-process)
         return
-    exclude |= children.waited()  # the commands of other requests, still waited for by them
+    others = children.waited() - exclude  # the commands of other requests, still waited for by them
+    exclude |= others
     deadline = time.monotonic() + _REAP_WAIT
     if alone:
         with contextlib.suppress(ProcessLookupError):
             os.kill(-1, signal.SIGKILL)
         reap_children(exclude, deadline)
         return
+    me = os.getpid()
     while time.monotonic() < deadline:
-        strays = [p for p in descendants(os.getpid(), started_since=since) if p not in exclude and alive(p)]
+        strays = [p for p in descendants(me, started_since=since, pruned=others)
+                  if p not in exclude and alive(p) and not _theirs(p, others)]  # fmt: skip
         if not strays:
             break
         for pid in strays:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-    for pid in descendants(os.getpid()):  # the dead among our children (others may still run)
-        if pid not in exclude and parent(pid) == os.getpid() and not alive(pid):
+    for pid in descendants(me):  # the dead among our children (others may still run)
+        if pid not in exclude and parent(pid) == me and not alive(pid):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
+
+
+def _theirs(pid: int, commands: frozenset[int]) -> bool:
+    """Whether ``pid`` is in the process group or session of one of ``commands`` (each leads its own)."""
+    if not commands:
+        return False
+    try:
+        return os.getpgid(pid) in commands or os.getsid(pid) in commands
+    except OSError:  # gone: nothing left to kill
+        return False
 
 
 def reap_children(exclude: frozenset[int], deadline: float) -> None:
@@ -297,10 +314,19 @@ async def _feed(stdin: asyncio.StreamWriter, data: bytes) -> None:
     stdin.close()
 
 
-def _end_command(pid: int, since: int, alone: bool) -> None:
+Alone = Callable[[], bool]
+"""Asked when a request cleans up: whether no other request runs in the worker now (see
+:func:`kill_strays`). At the start is not enough: another may have come since."""
+
+
+def never_alone() -> bool:
+    return False
+
+
+def _end_command(pid: int, since: int, alone: Alone) -> None:
     """Kill what the command ``pid`` started: its process group, and the strays that left it."""
     kill_group(pid)
-    kill_strays(since, frozenset({pid}), alone=alone)
+    kill_strays(since, frozenset({pid}), alone=alone())
 
 
 def own_limit_reason(returncode: int) -> str | None:
@@ -320,15 +346,15 @@ async def run_command(
     sink: StdinSink | None = None,
     pipe: OutputPipe | None = None,
     *,
-    alone: bool = False,
+    alone: Alone = never_alone,
 ) -> dict[str, Any]:
     """Run the command of an ``exec`` request; the result carries ``exit_code``.
 
     ``sink`` is the request's streamed stdin (``"stdin": "stream"``); it is closed however
     the command ends (what still arrives for it is dropped). ``pipe`` carries the
     output (``"output": "data_pipe"``); its end frame is sent before the result, also when
-    the command could not start. ``alone`` (no other request runs in this worker) lets the
-    clean-up kill every process of the sandbox, not only what this command started.
+    the command could not start. ``alone`` (asked at the clean-up: no other request runs in this
+    worker) lets the clean-up kill every process of the sandbox, not only what this command started.
     """
     output = _Output(ctx, pipe, output_limit(params), 0)
     try:
@@ -382,7 +408,7 @@ class _StreamCommand(_Command):
             _widen_pipe(transport.get_pipe_transport(fd))
 
     @classmethod
-    async def start(cls, argv: list[str], cwd: str, piped: bool, since: int, alone: bool) -> _StreamCommand:
+    async def start(cls, argv: list[str], cwd: str, piped: bool, since: int, alone: Alone) -> _StreamCommand:
         loop = asyncio.get_running_loop()
         spawn = asyncio.ensure_future(loop.subprocess_exec(
             lambda: ExitWatch(loop),
@@ -413,7 +439,7 @@ class _StreamCommand(_Command):
         self._transport.close()
 
 
-async def _undo_spawn(spawn: asyncio.Future[Any], since: int, alone: bool) -> None:
+async def _undo_spawn(spawn: asyncio.Future[Any], since: int, alone: Alone) -> None:
     """The request was cancelled while its command was being started (a timeout, a cancel).
 
     The process is forked before ``subprocess_exec`` returns, and an abandoned start would
@@ -574,7 +600,7 @@ class _PipeReader(asyncio.ReadTransport):
 
 
 async def _run(
-    ctx: RequestContext, params: dict[str, Any], sink: StdinSink | None, output: _Output, alone: bool
+    ctx: RequestContext, params: dict[str, Any], sink: StdinSink | None, output: _Output, alone: Alone
 ) -> dict[str, Any]:
     argv = command_argv(params)
     stdin_b64 = params.get("stdin_b64")

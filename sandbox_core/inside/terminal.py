@@ -36,12 +36,14 @@ from sandbox_core.errors import ProtocolError
 from sandbox_core.inside.runner import (
     NOT_EXECUTABLE,
     NOT_FOUND,
+    Alone,
     ExitWatch,
     OutputBudget,
     command_argv,
     exit_result,
     kill_group,
     kill_strays,
+    never_alone,
     output_limit,
 )
 from sandbox_core.process_tree import boot_ticks
@@ -162,7 +164,7 @@ async def run_terminal(
     pipe: OutputPipe | None,
     terminals: Terminals,
     *,
-    alone: bool = False,
+    alone: Alone = never_alone,
 ) -> dict[str, Any]:
     """Run the command of a ``tty`` exec on a pty of its own; the result carries ``exit_code``."""
     if pipe is None or not isinstance(ctx.request.id, int):
@@ -185,7 +187,7 @@ async def _run(
     pipe: OutputPipe,
     terminals: Terminals,
     request_id: int,
-    alone: bool,
+    alone: Alone,
 ) -> dict[str, Any]:
     argv = command_argv(params)
     tty = params.get("tty")
@@ -237,7 +239,7 @@ async def _run(
             await protocol.exited
             returncode = transport.get_returncode()
             kill_group(pid)
-            kill_strays(since, frozenset({pid}), alone=alone)
+            kill_strays(since, frozenset({pid}), alone=alone())
             if sink is not None:
                 sink.close()
             _done, pending = await asyncio.wait({reader}, timeout=_DRAIN_AFTER_EXIT)
@@ -247,7 +249,7 @@ async def _run(
                 await asyncio.wait(pending)
         except BaseException:
             kill_group(pid)
-            kill_strays(since, frozenset({pid}), alone=alone)
+            kill_strays(since, frozenset({pid}), alone=alone())
             reader.cancel()
             with contextlib.suppress(BaseException):
                 await asyncio.shield(asyncio.wait({reader}))

@@ -325,7 +325,9 @@ class SandboxExecutor:
         streamed = params.get("stdin") == "stream" and isinstance(ctx.request.id, int)
         sink = self.stdin_sink(int(ctx.request.id)) if streamed else None
         pipe = self.output if params.get("output") == "data_pipe" else None
-        alone = self.running <= {ctx.request.id} and self._pid_namespace_is_ours()
+        def alone() -> bool:  # asked when the request cleans up: another may have come since it began
+            return self.running <= {ctx.request.id} and self._pid_namespace_is_ours()
+
         if params.get("tty") is not None:
             from sandbox_core.inside.terminal import Terminals, run_terminal
 
