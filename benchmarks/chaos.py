@@ -40,6 +40,7 @@ def _config(root: Path, profile: str, args: argparse.Namespace) -> ProcessSandbo
         profile="strict" if profile == "strict" else "process", workspace_root=root, min_idle=0,
         max_workers=args.max_workers, max_workers_per_user=2, acquire_timeout=600.0, request_timeout=120.0,
         cleanup_interval=1.0, shutdown_grace=2.0, cancel_grace=1.0,
+        allow_root_process=True,  # the fuzzer's process profile, as the suite does (these machines run as root)
     )
 
 

@@ -252,3 +252,4 @@ async def serve(
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
+        await asyncio.to_thread(logs.close)  # the lines still queued, for a bounded time

@@ -23,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -340,19 +341,37 @@ class Served:
     url: str
     tokens: dict[str, str]
     workspaces: Path
+    log_lines: list[str] = field(default_factory=list)
+    """Its stderr, read as it comes by :attr:`reader` (a service whose log nobody reads drops lines)."""
+    reader: threading.Thread | None = None
 
     def client(self, user: str, timeout: float = 120.0) -> ServiceClient:
         return ServiceClient(self.url, self.tokens[user], timeout)
+
+    def read_log(self) -> None:
+        """Read its stderr until the end, in a thread of its own."""
+        assert self.proc.stderr is not None
+        stderr = self.proc.stderr
+
+        def read() -> None:
+            for line in stderr:
+                self.log_lines.append(line)
+
+        self.reader = threading.Thread(target=read, name="served-log", daemon=True)
+        self.reader.start()
 
     def stop(self) -> str:
         """Kill it if still running; its log (stderr)."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        log = self.proc.stderr.read() if self.proc.stderr else ""
+        if self.reader is not None:
+            self.reader.join(30)
+        elif self.proc.stderr is not None:
+            self.log_lines.append(self.proc.stderr.read())
         if self.proc.stderr is not None:
             self.proc.stderr.close()
-        return log
+        return "".join(self.log_lines)
 
 
 def _popen(argv: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -379,7 +398,9 @@ async def start_served(tmp: Path, users: list[str], profile: str = "process", **
         line = await asyncio.wait_for(asyncio.to_thread(proc.stderr.readline), 60)
         seen += line
         if match := re.search(r"(http://127\.0\.0\.1:\d+)", line):
-            return Served(proc, match.group(1), tokens, ws)
+            served = Served(proc, match.group(1), tokens, ws, [seen])
+            served.read_log()
+            return served
         if not line:
             break
     proc.kill()

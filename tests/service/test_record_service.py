@@ -60,6 +60,7 @@ def test_log_lines_are_json_and_redact_tokens_and_the_key(capsys) -> None:  # ty
     logs.log().info("auth %s with %s", "Authorization: Bearer tok-123456789abcdef", "sk-ant-api03-SECRETKEY-abcdef",
                     extra={"user": "u1", "header": "Bearer tok-123456789abcdef"})
     logging.getLogger("uvicorn.access").info('%s - "%s" %d', "127.0.0.1:5", "GET /v1/runs HTTP/1.1", 200)
+    assert logs.flush(10)  # written by the log's own thread
     lines = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
     assert lines[0]["msg"] == "auth Authorization: Bearer [redacted] with [redacted]"
     assert lines[0]["user"] == "u1" and lines[0]["header"] == "Bearer [redacted]" and lines[0]["level"] == "info"

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import logging
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -111,6 +115,71 @@ async def test_runs_past_the_drain_end_with_a_shutting_down_event_and_one_log_li
             assert not live_session_members(pid)
     finally:
         end_serve(proc)
+
+
+async def test_a_log_nobody_reads_does_not_stop_the_service(tmp_path: Path) -> None:
+    """The service's stderr is a pipe that nobody reads (shrunk to one page: some twenty log
+    lines fill it). It goes on answering, every line is still written once the pipe is read,
+    and it exits cleanly. Before, its event loop waited on the full pipe: the first request past
+    the twentieth line never got an answer, nor did any after it."""
+    proc, sock, _ws = start_serve(tmp_path)
+    try:
+        assert proc.stderr is not None
+        fcntl.fcntl(proc.stderr.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        await wait_for(sock.exists, 20, "the socket")
+        requests = 200  # each one an access line (~170 bytes): eight times the pipe
+        async with ServiceClient(f"unix:{sock}") as client:
+            for _ in range(requests):
+                async with asyncio.timeout(20):
+                    assert (await client.health())["status"] == "ok"
+        proc.send_signal(signal.SIGTERM)
+        log = await asyncio.to_thread(proc.stderr.read)  # read at last: the writer thread catches up
+        assert await asyncio.to_thread(proc.wait, 30) == 0, log
+        assert log.count("GET /v1/health") == requests, log[-2000:]
+        assert "dropped" not in log  # the queue holds far more than this
+    finally:
+        end_serve(proc)
+
+
+def test_a_full_log_queue_drops_and_counts_instead_of_waiting() -> None:
+    """The writer is stuck on its stream; the loggers' handler neither waits nor grows: past the
+    queue's limit records are dropped, and the next line written says how many."""
+    from sandbox_core.service.logs import _Queued
+
+    written: list[str] = []
+    release = threading.Event()
+
+    class Stuck(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            release.wait(30)
+            written.append(record.getMessage())
+
+    handler = _Queued(Stuck(), limit=2)
+    log = logging.getLogger("test.full-log-queue")
+    log.handlers, log.propagate = [handler], False
+    try:
+        log.warning("first")  # taken by the writer, which is stuck on it
+        assert wait_until(lambda: handler._queue.empty(), 10)
+        for i in range(10):
+            log.warning("line %d", i)  # returns at once, whether queued or not
+        release.set()
+        assert handler.drain(10)
+        assert written == ["first", "line 0", "line 1", "8 log lines were dropped: stderr was not read fast enough"]
+        log.warning("after")  # room again: written as usual
+        assert handler.drain(10) and written[-1] == "after"
+    finally:
+        release.set()
+        handler.stop(10)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``predicate`` (from a thread that is not an event loop's) until true or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def _refused(sock: Path) -> bool:
