@@ -231,7 +231,7 @@ def main() -> None:
             _leave_now(0)
         from sandbox_core import standin
 
-        standin.defer("inspect")  # loaded by dataclasses and asyncio, used by neither on these paths
+        standin.defer("inspect", standin.Inspect("inspect"))  # loaded by dataclasses and asyncio, used by neither here
         try:
             options, name, arguments = fast_command(argv)
             code = _run_command(name, options, arguments)

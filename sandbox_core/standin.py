@@ -30,6 +30,31 @@ class Deferred(type(sys)):  # type: ignore[misc]  # a module object, without imp
         return getattr(real(str(self.__name__)), attr)
 
 
+_CO_COROUTINE = 0x80
+"""``inspect.CO_COROUTINE``: the code flag of an ``async def`` function."""
+_FUNCTION = type(lambda: None)
+"""``types.FunctionType``, without importing ``types``."""
+
+
+class Inspect(Deferred):
+    """``inspect`` with the one answer asyncio asks of it on every run, without loading it.
+
+    ``loop.add_signal_handler`` refuses a coroutine function as the handler, and asks
+    ``inspect.iscoroutinefunction`` about it: the CLI, which stops its job on SIGTERM and
+    SIGHUP (:func:`cli.runtime.run_job`), would load ``inspect`` for that question alone.
+    For a plain function the answer is its code's coroutine flag, which is what ``inspect``
+    itself reads for one; anything else (a method, a partial, a callable object, a function
+    marked as a coroutine function) is asked of the real module.
+    """
+
+    @staticmethod
+    def iscoroutinefunction(obj: object) -> bool:
+        if type(obj) is _FUNCTION and not hasattr(obj, "_is_coroutine_marker"):
+            return bool(obj.__code__.co_flags & _CO_COROUTINE)
+        result: bool = real("inspect").iscoroutinefunction(obj)
+        return result
+
+
 def defer(name: str, stand_in: Deferred | None = None) -> Deferred | None:
     """Put ``stand_in`` (a plain :class:`Deferred` by default) in place of the top-level module
     ``name`` unless it is loaded already; the stand-in, or None when nothing was done."""

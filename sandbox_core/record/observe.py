@@ -9,7 +9,7 @@ outcome, the kill reason, the crash).
 from __future__ import annotations
 
 import asyncio
-import secrets
+import os
 import time
 from typing import Any
 
@@ -20,7 +20,9 @@ from sandbox_core.requests import AgentRequest, ExecRequest, Request
 
 
 def new_run_id() -> str:
-    return f"run_{secrets.token_hex(8)}"
+    """``run_`` and 16 hex digits from ``os.urandom``: ``secrets.token_hex``'s bytes, without
+    loading ``secrets`` (with ``hmac``, ``random`` and ``base64``, 3-5 ms of every one-shot CLI)."""
+    return f"run_{os.urandom(8).hex()}"
 
 
 def request_summary(request: Request) -> tuple[str, dict[str, Any]]:

@@ -54,10 +54,12 @@ def test_in_process_exec_loads_no_cli_framework_and_no_sdk(cli_env: dict[str, st
     assert "sandbox_core.service.client" not in modules and "httpx2" not in top_levels(modules)
 
 
-def test_in_process_exec_defers_inspect_past_the_spawn(cli_env: dict[str, str]) -> None:
-    """dataclasses (for the config) would import inspect with it; nothing before the worker is
-    spawned (sandbox_core.head_start: before asyncio is imported) asks it anything
-    (sandbox_core.standin), so it is not loaded before asyncio is."""
+def test_in_process_exec_never_loads_inspect_nor_secrets(cli_env: dict[str, str]) -> None:
+    """dataclasses (for the config) and asyncio would import inspect; nothing before the worker
+    is spawned (sandbox_core.head_start: before asyncio is imported) asks it anything, and the
+    one question after it, asyncio's ``add_signal_handler`` asking whether the CLI's SIGTERM
+    handler is a coroutine function, is answered by the stand-in (sandbox_core.standin.Inspect).
+    The pool's worker tag and the record's run id come from os.urandom, without secrets."""
     result = subprocess.run([sys.executable, "-X", "importtime", SANDBOX, "--local", "exec", "--", "true"],
                             env=cli_env, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -66,6 +68,9 @@ def test_in_process_exec_defers_inspect_past_the_spawn(cli_env: dict[str, str]) 
     before_loop = order[: order.index("asyncio.base_events")]
     assert "dataclasses" in before_loop and "sandbox_core.head_start" in before_loop
     assert "inspect" not in before_loop and "ast" not in before_loop
+    assert "sandbox_core.orchestrator" in order and "sandbox_core.record.observe" in order  # the run was recorded
+    loaded = set(order) & {"inspect", "ast", "dis", "secrets", "hmac"}
+    assert not loaded, sorted(loaded)
 
 
 def test_a_client_of_the_service_still_fails_on_a_bad_setting_it_reads(

@@ -32,3 +32,30 @@ def test_the_first_question_loads_the_real_module_which_answers_from_then_on() -
                          text=True, timeout=60, check=True)  # fmt: skip
     assert json.loads(out.stdout) == {"again": True, "deferred": [True, False, True], "answer": "(a, b=2)",
                                       "real": [False, True, True], "from": True}
+
+
+_INSPECT_PROBE = """
+import functools, json, sys
+sys.path.insert(0, sys.argv[1])
+from sandbox_core import standin
+standin.defer("inspect", standin.Inspect("inspect"))
+import asyncio.coroutines
+def plain(): pass
+async def coro(): pass
+seen = {"plain": [standin.Inspect.iscoroutinefunction(plain), asyncio.coroutines.iscoroutinefunction(coro)]}
+seen["still_deferred"] = standin.deferred("inspect")
+class C:
+    async def method(self): pass
+seen["others"] = [standin.Inspect.iscoroutinefunction(C().method),
+                  standin.Inspect.iscoroutinefunction(functools.partial(coro)),
+                  standin.Inspect.iscoroutinefunction(C)]
+seen["loaded"] = not standin.deferred("inspect")
+print(json.dumps(seen))
+"""
+
+
+def test_the_inspect_stand_in_answers_for_a_plain_function_and_asks_the_real_module_otherwise() -> None:
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", _INSPECT_PROBE, str(PACKAGE_ROOT)], capture_output=True,
+                         text=True, timeout=60, check=True)  # fmt: skip
+    assert json.loads(out.stdout) == {"plain": [False, True], "still_deferred": True,
+                                      "others": [True, True, False], "loaded": True}
