@@ -113,6 +113,13 @@ async def warm_claim(config: ProcessSandboxConfig, n: int) -> Figure:
                   detail={"p99_ms": _ms(p99), "n": n, "spares_taken": spares})
 
 
+def new_users(kind: str, n: int) -> list[str]:
+    """``n`` user ids no earlier call gave, in this process or another: a step that measures a
+    new user's first request must not meet the users (and spares) of its previous run."""
+    tag = os.urandom(4).hex()
+    return [f"{kind}-{tag}-{i}" for i in range(n)]
+
+
 async def claim_new_user(config: ProcessSandboxConfig, n: int) -> Figure:
     """A new user's ``exec true`` on a claimed pre-warmed worker, against the same request
     starting a worker for that user (the spawn-per-user path), measured in the same run.
@@ -149,6 +156,7 @@ async def claim_new_user(config: ProcessSandboxConfig, n: int) -> Figure:
         return took
 
     claimed, spawned = [], []
+    claim_users, spawn_users = new_users("claim-new", n), new_users("spawn-new", n)
     async with SandboxOrchestrator(roomy.replace(min_idle=1)) as pool:
         for i in range(n):
             deadline = time.monotonic() + 30
@@ -156,11 +164,11 @@ async def claim_new_user(config: ProcessSandboxConfig, n: int) -> Figure:
                 if time.monotonic() > deadline:  # the refill done and quiet: it is not on the clock
                     raise TimeoutError("pre-warm did not happen")
                 await asyncio.sleep(0.005)
-            claimed.append(await one(pool, f"claim-new-{os.getpid()}-{i}"))
+            claimed.append(await one(pool, claim_users[i]))
         fallbacks = pool.get_pool_stats()["claim_fallbacks"]
     async with SandboxOrchestrator(roomy.replace(min_idle=0)) as pool:
         for i in range(n):
-            spawned.append(await one(pool, f"spawn-new-{os.getpid()}-{i}"))
+            spawned.append(await one(pool, spawn_users[i]))
     p50, p99 = _pct(claimed, 0.5), _pct(claimed, 0.99)
     base = _pct(spawned, 0.5)
     return Figure(f"claim new user -> exec true ({config.profile})", _ms(p50), "ms p50", "p50 <= 5 ms, p99 <= 20 ms",

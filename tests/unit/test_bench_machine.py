@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox_core.bench import cpu_ticks, machine_figure, suite
+from sandbox_core.bench import cpu_ticks, machine_figure, new_users, suite
 from sandbox_core.errors import ConfigError
+from sandbox_core.names import validate_user_id
 from tests.helpers import process_config
 
 LINE = "cpu  89471 19710 34407 455287 1711 0 991 715 0 0\n"
@@ -37,3 +38,12 @@ def test_a_step_name_that_is_no_step_is_a_config_error_naming_the_steps(tmp_path
     with pytest.raises(ConfigError) as caught:
         suite(config, only=("ping",))
     assert "'ping'" in caught.value.message and "ping vs pipe" in caught.value.message
+
+
+def test_each_new_user_step_gets_users_no_earlier_run_had() -> None:
+    """claim_new_user measures a user's first request: a second run in the same process (a
+    REPL, a test) named its users by pid alone, met the first run's users and took no spares."""
+    first, second = new_users("claim-new", 5), new_users("claim-new", 5)
+    assert len(set(first)) == 5 and not set(first) & set(second)
+    for user in first + second:
+        validate_user_id(user)  # a name the pool takes
