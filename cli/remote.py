@@ -17,12 +17,12 @@ import base64
 import contextlib
 import os
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cli.service_exec import CANCEL_TIMEOUT  # one wait for a cancelled run, in every client of the service
 from sandbox_core.errors import ConfigError, SandboxError
+from sandbox_core.valueclass import dataclass
 
 if TYPE_CHECKING:
     import asyncio

@@ -5,9 +5,11 @@ from __future__ import annotations
 import getpass
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from sandbox_core.valueclass import dataclass
 
 if TYPE_CHECKING:
     from sandbox_core.client_config import ClientSettings

@@ -19,7 +19,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +33,7 @@ from sandbox_core.client_config import (
 )
 from sandbox_core.errors import ConfigError
 from sandbox_core.names import is_ip_literal, parse_host_entry, validate_user_id
+from sandbox_core.valueclass import dataclass
 
 Profile = Literal["strict", "process"]
 NetworkMode = Literal["none", "allowlist"]

@@ -36,12 +36,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Literal
 
 from sandbox_core.config import ResourceLimits
 from sandbox_core.errors import IsolationUnavailable
+from sandbox_core.valueclass import dataclass
 
 _MB = 1024 * 1024
 CGROUP_ROOT = Path("/sys/fs/cgroup")

@@ -34,9 +34,9 @@ import fnmatch
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from sandbox_core.errors import ConfigError, IsolationUnavailable
+from sandbox_core.valueclass import dataclass
 
 FREEZE, PIN, DENY = "freeze", "pin", "deny"
 _STRENGTH = {PIN: 0, FREEZE: 1, DENY: 2}

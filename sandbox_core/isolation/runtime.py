@@ -37,13 +37,14 @@ import sys
 import sysconfig
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.isolation.probes import sha256
 from sandbox_core.isolation.spec import PACKAGE_ROOT
+from sandbox_core.valueclass import dataclass
 
 if TYPE_CHECKING:
     import importlib.metadata

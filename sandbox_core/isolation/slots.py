@@ -36,11 +36,11 @@ import contextlib
 import os
 import stat
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox_core import ffi
 from sandbox_core.errors import IsolationUnavailable
+from sandbox_core.valueclass import dataclass
 
 SLOTS_DIR = "slots"
 WS, PASSWD, GROUP, VOID, VOID_DIR = "ws", "passwd", "group", "void", "voiddir"

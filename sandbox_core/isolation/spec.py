@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sandbox_core.config import ProcessSandboxConfig, ResourceLimits
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.shared import WORKER_ENTRY
+from sandbox_core.valueclass import dataclass
 
 if TYPE_CHECKING:
     from sandbox_core.isolation.spares import Spare

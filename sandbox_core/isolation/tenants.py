@@ -45,11 +45,11 @@ import sqlite3
 import stat
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 from sandbox_core.config import ProcessSandboxConfig, parse_uid_range
 from sandbox_core.errors import IsolationUnavailable
+from sandbox_core.valueclass import dataclass
 
 NOBODY = 65534
 MAP_NAME = "uids.sqlite3"
