@@ -79,13 +79,13 @@ def service_connection(options: dict[str, Any], arguments: dict[str, Any],
     (in-process, ``-v``, a ``--user`` to compare, a TCP service, a setting this reader is unsure
     of, nothing or no one to trust at the socket). Nothing is sent on the connection yet.
     """
+    if options.get("local") or options.get("verbose") or options.get("user") or arguments.get("user"):
+        return None  # in-process, or something to say first: nothing of the client is loaded
     from sandbox_core.client_config import read_client_settings
     from sandbox_core.errors import ConfigError, SandboxError
     from sandbox_core.service.blocking import BlockingClient
     from sandbox_core.service.paths import normalize_address, socket_file
 
-    if options.get("local") or options.get("verbose") or options.get("user") or arguments.get("user"):
-        return None  # in-process, or something to say first
     overrides: dict[str, Any] = {"profile": options.get("profile")}
     if options.get("allow_root_process"):
         overrides["allow_root_process"] = True

@@ -52,6 +52,7 @@ def test_in_process_exec_loads_no_cli_framework_and_no_sdk(cli_env: dict[str, st
     heavy = top_levels(modules) & set(HEAVY)
     assert not heavy, sorted(heavy)
     assert "sandbox_core.service.client" not in modules and "httpx2" not in top_levels(modules)
+    assert "sandbox_core.service.blocking" not in modules  # --local: no service is looked for
 
 
 def test_in_process_exec_never_loads_inspect_nor_secrets(cli_env: dict[str, str]) -> None:
