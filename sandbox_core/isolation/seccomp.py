@@ -32,13 +32,13 @@ import functools
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sandbox_core.errors import IsolationUnavailable
 from sandbox_core.isolation import probes
 from sandbox_core.isolation.probes import sha256
+from sandbox_core.valueclass import dataclass
 
 # fmt: off
 DENY: tuple[str, ...] = (

@@ -35,9 +35,9 @@ import socket
 import stat
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from sandbox_core.errors import IsolationUnavailable
+from sandbox_core.valueclass import dataclass
 
 MAX_DEPTH = 256
 """Directory nesting the walk follows; deeper trees are refused (cannot be checked)."""
