@@ -67,6 +67,12 @@ STATIC_PROBES = (
 )  # fmt: skip
 """Probes of the first ``audit.probe`` request, in order (fds first: nothing else is open yet)."""
 LIMIT_PROBES = ("fork_bomb", "memory_hog")
+MEMORY_HOG_SECONDS = 30.0
+"""How long the audit's memory hog goes on allocating before it gives up (and the check fails:
+nothing stopped it). Near the limit the kernel reclaims the cgroup's page cache before it kills,
+and on a loaded machine that outlasted the 15 s the hog had: in one fresh-clone CI run it reached
+976 MB of a 1024 MB limit at 65 MB/s and was never stopped, where it is killed in a second or two
+on a quiet one. The probe's own wait and the audit's request timeout are derived from it."""
 
 
 def sha256_hex(data: bytes | str) -> str:

@@ -52,7 +52,16 @@ from sandbox_core.config import ProcessSandboxConfig, Secret
 from sandbox_core.errors import SandboxError
 from sandbox_core.isolation.launch import launch_spec, worker_python
 from sandbox_core.names import validate_user_id
-from sandbox_core.shared import EGRESS_PROXY_PORT, LIMIT_PROBES, PROBE_COMMAND_ENTRY, STATIC_PROBES
+from sandbox_core.shared import (
+    EGRESS_PROXY_PORT,
+    LIMIT_PROBES,
+    MEMORY_HOG_SECONDS,
+    PROBE_COMMAND_ENTRY,
+    STATIC_PROBES,
+)
+
+MEMORY_HOG_PHASE = MEMORY_HOG_SECONDS + 30.0
+"""The memory probe's request timeout: the hog's budget, the probe's wait past it and a worker start."""
 
 
 def host_namespaces() -> dict[str, str | None]:
@@ -246,7 +255,7 @@ async def run_audit(
                 errors["command"] = f"unparsable snapshot: {exc}"
 
             for phase, names, timeout in (("static", STATIC_PROBES, 120.0), ("fork_bomb", ("fork_bomb",), 45.0),
-                                          ("memory_hog", ("memory_hog",), 45.0)):  # fmt: skip
+                                          ("memory_hog", ("memory_hog",), MEMORY_HOG_PHASE)):  # fmt: skip
                 say(f"probing: {', '.join(names) if len(names) < 3 else 'files, /proc, network, privileges'}")
                 request = RawRequest("audit.probe", {**spec, "probes": list(names)}, timeout=timeout)
                 try:

@@ -32,13 +32,15 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sandbox_core.shared import CANARY_RE, STATIC_PROBES, sha256_hex, unix_address
+from sandbox_core.shared import CANARY_RE, MEMORY_HOG_SECONDS, STATIC_PROBES, sha256_hex, unix_address
 
 if TYPE_CHECKING:
     from sandbox_core.inside.channel import RequestContext
 
 
 _READ_CAP = 1 << 20
+HOG_WAIT = MEMORY_HOG_SECONDS + 10.0
+"""How long the memory probe waits for its hog: its budget, plus the alarm it sets itself past it."""
 _PROC_SCAN_SECONDS = 8.0
 _CHILD_SECONDS = 5.0
 _CONNECT_SECONDS = 1.0
@@ -817,11 +819,11 @@ def probe_memory_hog(spec: Spec, workspace: Path) -> Observation:
     limits = spec.get("limits", {})
     cap = int(limits.get("memory_cap_mb", 1024))
     proc = subprocess.Popen(
-        [sys.executable, "-I", "-S", "-c", _HOG_CODE, str(cap), "15"],
+        [sys.executable, "-I", "-S", "-c", _HOG_CODE, str(cap), str(MEMORY_HOG_SECONDS)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, process_group=0,
     )  # fmt: skip
     try:
-        out, _err = proc.communicate(timeout=25.0)
+        out, _err = proc.communicate(timeout=HOG_WAIT)
         timed_out = False
     except subprocess.TimeoutExpired:
         timed_out = True
