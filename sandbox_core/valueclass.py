@@ -10,6 +10,10 @@ standard library for the fields only (defaults, factories, ``field()`` options, 
 dataclass) and gives the class generic methods that do what the generated ones do, reading
 the fields when they are called. Type checkers see ``dataclasses.dataclass`` itself.
 
+:mod:`sandbox_core.frozen` answers the same cost for the wire types, which the worker imports
+inside the sandbox: a slotted base class without ``dataclasses`` at all, and so without
+defaults, ``fields()`` or ``replace()``, which the config and the launch classes need.
+
 Only what our classes use is offered: ``frozen``; not ``order``, ``kw_only``, ``slots`` or
 ``InitVar`` (asked for, they raise ``TypeError`` when the class is made), and a class that
 defines one of the methods itself is refused rather than half-served. Two differences remain,
