@@ -33,6 +33,8 @@ MAX_PAYLOAD = 1024 * 1024
 KIND_END, KIND_STDOUT, KIND_STDERR, KIND_STDIN = 0, 1, 2, 3
 STREAMS: dict[int, Literal["stdout", "stderr"]] = {KIND_STDOUT: "stdout", KIND_STDERR: "stderr"}
 _KINDS = frozenset({KIND_END, KIND_STDOUT, KIND_STDERR, KIND_STDIN})
+OUTPUT_KINDS = frozenset({KIND_END, KIND_STDOUT, KIND_STDERR})
+"""What the output pipe carries."""
 PIPE_BYTES = 1024 * 1024
 """Capacity asked of the data pipe (F_SETPIPE_SZ): fewer, larger reads and writes."""
 F_SETPIPE_SZ = 1031
@@ -45,6 +47,12 @@ def frame(request_id: int, kind: int, payload: bytes = b"") -> bytes:
 
 class FrameError(ValueError):
     """The bytes on the data pipe are not frames of this format."""
+
+
+def check_frame(kind: int, length: int, kinds: frozenset[int]) -> None:
+    """FrameError unless a header of ``kind`` and ``length`` is one of a pipe carrying ``kinds``."""
+    if kind not in kinds or length > MAX_PAYLOAD or (kind == KIND_END and length):
+        raise FrameError(f"not an output frame (kind {kind}, length {length})")
 
 
 class DataSplitter:
@@ -83,8 +91,7 @@ class DataSplitter:
                         return
                     request_id, kind, length = HEADER.unpack(self._head)
                     self._head.clear()
-                if kind not in self._kinds or length > MAX_PAYLOAD or (kind == KIND_END and length):
-                    raise FrameError(f"not an output frame (kind {kind}, length {length})")
+                check_frame(kind, length, self._kinds)
                 if end - at >= length:  # the whole payload is in this read: one copy
                     self._deliver(request_id, kind, bytes(view[at : at + length]))
                     at += length

@@ -54,6 +54,7 @@ from sandbox_core.errors import (
     from_worker,
 )
 from sandbox_core.events import EVENT_METHOD, Event
+from sandbox_core.framereader import FrameReader
 from sandbox_core.isolation import verify
 from sandbox_core.isolation.launch import LaunchSpec, launch_spec
 from sandbox_core.process_tree import kill_group_and_children, kill_session, parent
@@ -455,8 +456,7 @@ class SandboxWorker:
         """Output bytes routed to streams and not yet taken by their callers."""
         self._queued = 0
         """Events routed to streams and not yet taken."""
-        self._data: asyncio.ReadTransport | None = None
-        self._data_split = datapipe.DataSplitter(self._on_output)
+        self._data: FrameReader | None = None
         self._data_pipe = False
         """Whether the worker sends command output on the data pipe (it said so at handshake)."""
         self._stdin: asyncio.StreamWriter | None = None
@@ -691,19 +691,21 @@ class SandboxWorker:
     async def _connect_channel(self, spawned: Spawned) -> None:
         """The host's ends of the worker's data and input pipes, and its handoff socket, on the loop."""
         loop = asyncio.get_running_loop()
-        data = os.fdopen(spawned.data_read, "rb", buffering=0)
         stdin = os.fdopen(spawned.stdin_write, "wb", buffering=0)
         handoff = spawned.handoff
         try:
-            self._data, _ = await loop.connect_read_pipe(lambda: _DataPipe(self), data)
+            self._data = FrameReader(spawned.data_read, self._on_output, self._bad_output)
             stdin_transport, stdin_protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, stdin)
             self._stdin = asyncio.StreamWriter(stdin_transport, stdin_protocol, None, loop)
             if handoff is not None and self.egress is not None:
                 fd, handoff = handoff, None  # the relay owns it from here, whatever attach does
                 await self.egress.attach(fd)
         except BaseException:
-            data.close()  # those a transport took are closed by it (a second close does nothing)
-            stdin.close()
+            if self._data is not None:
+                self._data.close()
+            else:
+                os.close(spawned.data_read)
+            stdin.close()  # a transport that took it closes it too (a second close does nothing)
             if handoff is not None:
                 os.close(handoff)
             raise
@@ -939,11 +941,8 @@ class SandboxWorker:
                     pipe.resume_reading()
         self._reading_paused = paused
 
-    def _on_data(self, data: bytes) -> None:
-        try:
-            self._data_split.feed(data)
-        except Exception as exc:  # noqa: BLE001 - bad output frames must not break the reader
-            self._break(f"its output pipe broke the host's reader ({type(exc).__name__}: {exc})")
+    def _bad_output(self, exc: Exception) -> None:
+        self._break(f"its output pipe broke the host's reader ({type(exc).__name__}: {exc})")
 
     async def _serve_egress(self, request: Request, relay: Relay) -> None:
         """Answer one ``egress.open``: the host decides and connects (its own cap, not MAX_HOST_CALLS:
@@ -1519,16 +1518,6 @@ def output_size(event: Event) -> int:
         return len(raw)
     text = event.data.get("data") or event.data.get("b64")
     return len(text) if isinstance(text, str) else 0
-
-
-class _DataPipe(asyncio.Protocol):
-    """The reading end of the worker's output pipe: frames go to the worker as they arrive."""
-
-    def __init__(self, worker: SandboxWorker) -> None:
-        self._worker = worker
-
-    def data_received(self, data: bytes) -> None:
-        self._worker._on_data(data)
 
 
 class _Pipes:

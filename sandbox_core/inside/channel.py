@@ -24,6 +24,8 @@ from sandbox_core.protocol import Notification, Request, RequestId, Response, en
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from sandbox_core.inside.pipestream import PipeStream
+
 
 class Executor(Protocol):
     """What a request context needs of the worker's executor."""
@@ -34,10 +36,19 @@ class Executor(Protocol):
 
 
 class OutputPipe:
-    """The worker's end of the data pipe: output frames, each written whole, in order."""
+    """The worker's end of the data pipe: output frames, each written whole, in order.
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self._writer = writer
+    Written directly (nonblocking ``writev``, and ``splice`` for a command's output pipe:
+    :meth:`splice`), one frame after the other: each frame is a task of its own that starts
+    when the one before it is written, so a sender that is cancelled (a request's pump at its
+    end) never leaves half a frame on the pipe, after which the host could read no frame
+    again. A sender waits for its frame to be written, so a host that reads slowly slows it.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._loop = asyncio.get_running_loop()
+        self._last: asyncio.Task[OSError | None] | None = None
 
     @classmethod
     async def open(cls, fd: int) -> OutputPipe:
@@ -49,16 +60,109 @@ class OutputPipe:
             fcntl.fcntl(fd, datapipe.F_SETPIPE_SZ, datapipe.PIPE_BYTES)
         except OSError:
             pass
-        loop = asyncio.get_running_loop()
-        transport, protocol = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, os.fdopen(fd, "wb", 0))
-        return cls(asyncio.StreamWriter(transport, protocol, None, loop))
+        os.set_blocking(fd, False)
+        return cls(fd)
+
+    def waiting(self) -> bool:
+        """Whether a frame waits for room in the host's end (the host is behind)."""
+        return self._last is not None and not self._last.done()
 
     async def send(self, request_id: int, kind: int, payload: bytes = b"") -> None:
         """One frame; waits while the host is not reading (that slows the command)."""
-        self._writer.write(datapipe.frame(request_id, kind, payload))
-        if payload:
-            self._writer.write(payload)  # a second write, not a copy of the payload
-        await self._writer.drain()
+        await self._queue(datapipe.frame(request_id, kind, payload), payload, None)
+
+    async def splice(self, request_id: int, kind: int, source: PipeStream, length: int) -> None:
+        """A frame of the next ``length`` bytes of ``source``, which must be in it already
+        (:meth:`PipeStream.ready`): the kernel moves them from pipe to pipe, no copy here."""
+        await self._queue(datapipe.HEADER.pack(request_id, kind, length), b"", (source, length))
+
+    async def _queue(self, header: bytes, payload: bytes, spliced: tuple[PipeStream, int] | None) -> None:
+        before = self._last
+        parts = [memoryview(header), memoryview(payload)] if payload else [memoryview(header)]
+        if before is None or before.done():  # the pipe is ours: most frames are written at once
+            self._last = None
+            left = self._write_now(parts, *spliced) if spliced is not None else self._write_now(parts, None, 0)
+            if not parts and not left:
+                return
+            spliced = (spliced[0], left) if spliced is not None else None
+        if spliced is not None:
+            spliced[0].lend()
+        frame = self._loop.create_task(self._write(before, parts, spliced))
+        self._last = frame
+        error = await asyncio.shield(frame)  # written whole even if this sender is cancelled
+        if error is not None:
+            raise error
+
+    def _write_now(self, parts: list[memoryview], source: PipeStream | None, length: int) -> int:
+        """Write what the pipe takes now (``parts`` shrinks to what is left); the bytes left to move."""
+        try:
+            _advance(parts, os.writev(self._fd, parts))
+            while not parts and length:
+                assert source is not None
+                moved = os.splice(source.fd, self._fd, length, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+                if moved == 0:
+                    raise OSError(f"the output pipe ran dry {length} bytes before the end of its frame")
+                length -= moved
+        except (BlockingIOError, InterruptedError):
+            pass
+        return length
+
+    async def _write(self, before: asyncio.Task[OSError | None] | None, parts: list[memoryview],
+                     spliced: tuple[PipeStream, int] | None) -> OSError | None:  # fmt: skip
+        try:
+            if before is not None:
+                await asyncio.wait([before])
+            await self._write_all(parts)
+            if spliced is not None:
+                await self._move(*spliced)
+        except OSError as exc:  # the host closed its end: every later frame fails the same way
+            return exc
+        finally:
+            if spliced is not None:
+                spliced[0].give_back()
+        return None
+
+    async def _write_all(self, parts: list[memoryview]) -> None:
+        while parts:
+            try:
+                written = os.writev(self._fd, parts)
+            except (BlockingIOError, InterruptedError):
+                await self._writable()
+                continue
+            _advance(parts, written)
+
+    async def _move(self, source: PipeStream, length: int) -> None:
+        while length:
+            try:
+                moved = os.splice(source.fd, self._fd, length, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+            except (BlockingIOError, InterruptedError):
+                await self._writable()  # the bytes are in the source: it is the host's end that is full
+                continue
+            if moved == 0:  # cannot happen (only this worker reads the source); a short frame would break the pipe
+                raise OSError(f"the output pipe ran dry {length} bytes before the end of its frame")
+            length -= moved
+
+    async def _writable(self) -> None:
+        waiter = self._loop.create_future()
+        self._loop.add_writer(self._fd, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            self._loop.remove_writer(self._fd)
+
+
+def _advance(parts: list[memoryview], written: int) -> None:
+    """Drop the first ``written`` bytes of ``parts`` (in place)."""
+    while parts and written >= len(parts[0]):
+        written -= len(parts[0])
+        parts.pop(0)
+    if parts:
+        parts[0] = parts[0][written:]
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class InputPipe(asyncio.Protocol):

@@ -1,6 +1,7 @@
 """A command without stdin, started and watched with no asyncio transport in between
-(:class:`sandbox_core.inside.runner._PlainCommand`): its output arrives whole, its reader
-pauses while nobody reads, its exit is its status, and it is reaped however the wait ends.
+(:class:`sandbox_core.inside.runner._PlainCommand`): its output arrives whole and stays in its
+pipe while nobody reads (:class:`sandbox_core.inside.pipestream.PipeStream`), its exit is its
+status, and it is reaped however the wait ends.
 
 In-process on the host (the mechanism); the worker runs it under isolation in the
 integration tests of ``exec``."""
@@ -16,11 +17,20 @@ import threading
 import pytest
 
 from sandbox_core.inside import runner
+from sandbox_core.inside.pipestream import PipeStream, _in_pipe
 from tests.helpers import wait_for
 
 
 def _fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def _reaped(pid: int) -> bool:
@@ -67,11 +77,11 @@ async def test_a_wait_that_is_cancelled_still_reaps_the_command() -> None:
     await wait_for(lambda: _reaped(command.pid), 10, "the killed command reaped")  # by the loop's pidfd reader
 
 
-async def test_the_reader_pauses_while_nobody_reads_and_loses_nothing() -> None:
-    size = 12 * runner._READ  # more than the pipe (1 MiB at most) and the reader's buffer hold
+async def test_the_stream_reads_nothing_ahead_and_loses_nothing() -> None:
+    size = 12 * runner._READ  # more than the pipe (1 MiB at most) holds
     data = os.urandom(size)
     r, w = os.pipe()
-    reader = runner._PipeReader.open(r)
+    stream = PipeStream(r)
 
     def write() -> None:
         with os.fdopen(w, "wb") as pipe:
@@ -80,14 +90,44 @@ async def test_the_reader_pauses_while_nobody_reads_and_loses_nothing() -> None:
     writer = threading.Thread(target=write)
     writer.start()
     try:
-        await wait_for(lambda: not reader.is_reading(), 10, "reader paused")
-        buffered = len(vars(reader.stream)["_buffer"])
-        assert buffered <= 3 * runner._READ  # past twice its limit it pauses: one read more at most
-        assert writer.is_alive()  # held back by the full pipe, not buffered here
+        await wait_for(lambda: _in_pipe(r) > 0, 10, "bytes in the pipe")
+        assert await stream.ready(runner._READ) == min(_in_pipe(r), runner._READ)  # counted, not read
+        assert writer.is_alive()  # held back by the full pipe: nothing was read ahead
         got = bytearray()
-        while chunk := await reader.stream.read(runner._READ):
+        while chunk := await stream.read(runner._READ):
             got += chunk
     finally:
         writer.join(10)
     assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
-    assert reader.is_closing() and not reader.is_reading()
+    assert await stream.ready(runner._READ) == 0  # at the end
+    stream.close()
+    assert stream.is_closing()
+
+
+async def test_ready_says_the_end_only_once_the_pipe_is_empty() -> None:
+    r, w = os.pipe()
+    stream = PipeStream(r)
+    os.write(w, b"last words")
+    os.close(w)  # hung up with bytes still in the pipe
+    assert await stream.ready(4) == 4
+    await stream.skip(4)
+    assert await stream.ready(100) == 6
+    assert await stream.read(100) == b" words"
+    assert await stream.ready(100) == 0
+    stream.close()
+
+
+async def test_close_wakes_a_waiting_read_and_a_lent_descriptor_stays_open_until_given_back() -> None:
+    before = _fds()
+    r, w = os.pipe()
+    stream = PipeStream(r)
+    waiting = asyncio.create_task(stream.read(10))
+    await wait_for(stream.waiting, 10, "the read waiting")
+    stream.lend()
+    stream.close()
+    assert await asyncio.wait_for(waiting, 10) == b""
+    assert _is_open(r)  # a frame still splices from it
+    stream.give_back()
+    assert not _is_open(r)
+    os.close(w)
+    assert _fds() == before
