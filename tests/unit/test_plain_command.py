@@ -17,20 +17,13 @@ import threading
 import pytest
 
 from sandbox_core.inside import runner
+from sandbox_core.inside.confine import _is_open
 from sandbox_core.inside.pipestream import PipeStream, _in_pipe
 from tests.helpers import wait_for
 
 
 def _fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def _reaped(pid: int) -> bool:
