@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sandbox_core import datapipe
 from sandbox_core.errors import ProtocolError, from_wire
 from sandbox_core.events import EVENT_METHOD, EventType
+from sandbox_core.inside.pipestream import wake
 from sandbox_core.protocol import Notification, Request, RequestId, Response, encode
 
 if TYPE_CHECKING:
@@ -99,13 +100,17 @@ class OutputPipe:
             _advance(parts, os.writev(self._fd, parts))
             while not parts and length:
                 assert source is not None
-                moved = os.splice(source.fd, self._fd, length, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
-                if moved == 0:
-                    raise OSError(f"the output pipe ran dry {length} bytes before the end of its frame")
-                length -= moved
+                length -= self._splice_some(source, length)
         except (BlockingIOError, InterruptedError):
             pass
         return length
+
+    def _splice_some(self, source: PipeStream, length: int) -> int:
+        """Move up to ``length`` bytes of ``source`` into the pipe; BlockingIOError while it is full."""
+        moved = os.splice(source.fd, self._fd, length, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        if moved == 0:  # cannot happen (only this worker reads the source); a short frame would break the pipe
+            raise OSError(f"the output pipe ran dry {length} bytes before the end of its frame")
+        return moved
 
     async def _write(self, before: asyncio.Task[OSError | None] | None, parts: list[memoryview],
                      spliced: tuple[PipeStream, int] | None) -> OSError | None:  # fmt: skip
@@ -134,17 +139,13 @@ class OutputPipe:
     async def _move(self, source: PipeStream, length: int) -> None:
         while length:
             try:
-                moved = os.splice(source.fd, self._fd, length, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+                length -= self._splice_some(source, length)
             except (BlockingIOError, InterruptedError):
                 await self._writable()  # the bytes are in the source: it is the host's end that is full
-                continue
-            if moved == 0:  # cannot happen (only this worker reads the source); a short frame would break the pipe
-                raise OSError(f"the output pipe ran dry {length} bytes before the end of its frame")
-            length -= moved
 
     async def _writable(self) -> None:
         waiter = self._loop.create_future()
-        self._loop.add_writer(self._fd, _wake, waiter)
+        self._loop.add_writer(self._fd, wake, waiter)
         try:
             await waiter
         finally:
@@ -158,11 +159,6 @@ def _advance(parts: list[memoryview], written: int) -> None:
         parts.pop(0)
     if parts:
         parts[0] = parts[0][written:]
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class InputPipe(asyncio.Protocol):

@@ -12,11 +12,11 @@ blocks in its own ``write``.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import fcntl
 import os
 import select
+import sys
 import termios
 
 
@@ -92,7 +92,7 @@ class PipeStream:
     async def _readable(self) -> None:
         waiter = self._loop.create_future()
         self._waiter = waiter
-        self._loop.add_reader(self._fd, _wake, waiter)
+        self._loop.add_reader(self._fd, wake, waiter)
         try:
             await waiter
         finally:
@@ -110,7 +110,7 @@ class PipeStream:
         self._closed = True
         if self._waiter is not None:
             self._loop.remove_reader(self._fd)
-            _wake(self._waiter)
+            wake(self._waiter)
         if not self._lent:
             os.close(self._fd)
 
@@ -118,15 +118,15 @@ class PipeStream:
         return self._closed
 
 
-def _wake(waiter: asyncio.Future[None]) -> None:
+def wake(waiter: asyncio.Future[None]) -> None:
+    """A loop callback's end of a wait for a descriptor (the waiter may be gone: cancelled)."""
     if not waiter.done():
         waiter.set_result(None)
 
 
 def _in_pipe(fd: int) -> int:
-    count = array.array("i", [0])
-    fcntl.ioctl(fd, termios.FIONREAD, count)
-    return count[0]
+    """The bytes waiting in the pipe ``fd`` (``FIONREAD``: a C int)."""
+    return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
 
 
 def _hung_up(fd: int) -> bool:
