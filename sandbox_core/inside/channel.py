@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sandbox_core import datapipe
 from sandbox_core.errors import ProtocolError, from_wire
 from sandbox_core.events import EVENT_METHOD, EventType
-from sandbox_core.inside.pipestream import wake
+from sandbox_core.inside.pipestream import hung_up, in_pipe, wake
 from sandbox_core.protocol import Notification, Request, RequestId, Response, encode
 
 if TYPE_CHECKING:
@@ -161,48 +161,132 @@ def _advance(parts: list[memoryview], written: int) -> None:
         parts[0] = parts[0][written:]
 
 
-class InputPipe(asyncio.Protocol):
-    """The worker's end of the input pipe: stdin frames go to ``route`` as they arrive.
+class StdinTaker(Protocol):
+    """Where the payloads of one request's stdin frames go (:class:`sandbox_core.inside.runner.StdinSink`)."""
 
-    Reading pauses while any sink asks (a command not reading, or not started yet), so the
-    host's writes wait: what is buffered here is bounded by the pipe and one read.
+    closed: bool
+
+    def ready(self) -> bool:
+        """Whether it takes bytes now; one that does not calls :meth:`InputPipe.resume` once it does."""
+        ...
+
+    def take(self, source: int, n: int) -> int:
+        """Move up to ``n`` bytes from the pipe ``source``; 0 when none are in it (or it is full itself)."""
+        ...
+
+    def end(self) -> None:
+        """The stdin's end frame: its command's stdin is closed."""
+        ...
+
+
+class InputPipe:
+    """The worker's end of the input pipe: each frame's header is read here, its payload is
+    taken from the pipe by its request's sink (``route``), spliced into the command's stdin.
+
+    Frames are taken one at a time, in order: while the sink of the frame at the head is not
+    ready (its command not started yet, or its stdin full), nothing more is read, so the
+    host's writes wait and the pipe itself holds what has not been taken: nothing is
+    buffered here. A frame of a request that has no sink (over, or never streamed) is read
+    and dropped; bytes that are not frames end the reading (the host never sends them).
     """
 
-    def __init__(self, route: Callable[[int, int, bytes], None]) -> None:
-        self._split = datapipe.DataSplitter(route)
-        self._transport: asyncio.ReadTransport | None = None
-        self._pausers: set[object] = set()
+    def __init__(self, fd: int, route: Callable[[int], StdinTaker | None]) -> None:
+        self._fd = fd
+        self._route = route
+        self._loop = asyncio.get_running_loop()
+        self._head = b""
+        self._frame: tuple[int, int] | None = None
+        """(kind, bytes still to take) of the frame being taken."""
+        self._sink: StdinTaker | None = None
+        self._paused = False
+        self._closed = False
+        self._loop.add_reader(fd, self._step)
 
     @classmethod
-    async def open(cls, fd: int, route: Callable[[int, int, bytes], None]) -> InputPipe:
+    def open(cls, fd: int, route: Callable[[int], StdinTaker | None]) -> InputPipe:
         """Take the input pipe's read end ``fd`` (kept from every command: close-on-exec)."""
         if not stat.S_ISFIFO(os.fstat(fd).st_mode):
             raise ProtocolError(f"stdin_fd {fd} is not a pipe")
         os.set_inheritable(fd, False)
-        pipe = cls(route)
-        await asyncio.get_running_loop().connect_read_pipe(lambda: pipe, os.fdopen(fd, "rb", 0))
-        return pipe
+        os.set_blocking(fd, False)
+        return cls(fd, route)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.ReadTransport)
-        self._transport = transport
+    def resume(self) -> None:
+        """The sink at the head is ready again: go on taking (also a frame already read whole)."""
+        if self._paused and not self._closed:
+            self._paused = False
+            self._loop.add_reader(self._fd, self._step)
+            self._loop.call_soon(self._step)
 
-    def data_received(self, data: bytes) -> None:
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if not self._paused:
+                self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+
+    def _step(self) -> None:
         try:
-            self._split.feed(data)
-        except datapipe.FrameError:  # the host never sends this; stop reading garbage
-            if self._transport is not None:
-                self._transport.close()
+            while not self._closed and not self._paused and self._advance():
+                pass
+        except (datapipe.FrameError, OSError):  # garbage, or the pipe broke: nothing more can be read
+            self.close()
 
-    def pause(self, who: object) -> None:
-        self._pausers.add(who)
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.pause_reading()
+    def _advance(self) -> bool:
+        """Take what the pipe holds of the frame at the head; whether to go on at once."""
+        if self._frame is None:
+            return self._read_header()
+        kind, left = self._frame
+        sink = self._sink
+        if sink is not None and not sink.closed and not sink.ready():
+            self._pause()
+            return False
+        if left:
+            moved = self._drop(left) if sink is None or sink.closed else sink.take(self._fd, left)
+            if moved:
+                self._frame = (kind, left - moved)
+                return True
+            if sink is not None and not sink.closed and not sink.ready():
+                self._pause()  # its command's stdin is full
+            elif _ended(self._fd):
+                self.close()
+            return False
+        self._frame, self._sink = None, None
+        if kind == datapipe.KIND_END and sink is not None and not sink.closed:
+            sink.end()
+        return True
 
-    def resume(self, who: object) -> None:
-        self._pausers.discard(who)
-        if not self._pausers and self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
+    def _read_header(self) -> bool:
+        try:
+            data = os.read(self._fd, datapipe.HEADER.size - len(self._head))
+        except (BlockingIOError, InterruptedError):
+            return False
+        if not data:  # the host closed its end
+            self.close()
+            return False
+        self._head += data
+        if len(self._head) < datapipe.HEADER.size:
+            return True
+        request_id, kind, length = datapipe.HEADER.unpack(self._head)
+        self._head = b""
+        datapipe.check_frame(kind, length, datapipe.INPUT_KINDS)
+        self._frame, self._sink = (kind, length), self._route(request_id)
+        return True
+
+    def _drop(self, left: int) -> int:
+        try:
+            return len(os.read(self._fd, min(left, datapipe.MAX_PAYLOAD)))
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def _pause(self) -> None:
+        self._paused = True
+        self._loop.remove_reader(self._fd)
+
+
+def _ended(fd: int) -> bool:
+    """Whether every writer of the pipe ``fd`` has gone and it is empty (its end reached)."""
+    return not in_pipe(fd) and hung_up(fd)
 
 
 class _HostCall:

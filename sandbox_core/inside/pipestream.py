@@ -47,10 +47,10 @@ class PipeStream:
         Nothing is read: the bytes stay in the pipe for :meth:`OutputPipe.splice` or :meth:`skip`.
         """
         while not self._closed and not self._ended:
-            if waiting := _in_pipe(self._fd):
+            if waiting := in_pipe(self._fd):
                 return min(waiting, n)
-            if _hung_up(self._fd):  # every writer has closed its end: nothing more can come
-                if waiting := _in_pipe(self._fd):  # written just before the last one closed
+            if hung_up(self._fd):  # every writer has closed its end: nothing more can come
+                if waiting := in_pipe(self._fd):  # written just before the last one closed
                     return min(waiting, n)
                 self._ended = True
                 break
@@ -124,12 +124,12 @@ def wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
-def _in_pipe(fd: int) -> int:
+def in_pipe(fd: int) -> int:
     """The bytes waiting in the pipe ``fd`` (``FIONREAD``: a C int)."""
     return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)
 
 
-def _hung_up(fd: int) -> bool:
+def hung_up(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return any(events & select.POLLHUP for _, events in poller.poll(0))

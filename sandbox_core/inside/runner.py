@@ -5,14 +5,13 @@ in a process group of its own. On cancel, and after it exits, the whole group is
 killed, so nothing it started in the background outlives the request.
 
 Output is sent in chunks of up to :data:`_READ` bytes exactly as the command wrote it: raw
-frames on the output pipe (:mod:`sandbox_core.datapipe`; a command without stdin has its
-pipe spliced there, never read by the worker), or ``stdout``/
-``stderr`` events where there is none; each write waits for the pipe to the host, so a host
-that reads slowly slows the command. Stdin comes inline (``stdin_b64``, small) or streamed
-(``"stdin": "stream"``): the host sends raw frames on the input pipe, and a
-:class:`StdinSink` writes them to the command's stdin as they come, pausing the input pipe
-while that is full. A command killed by one of its own limits says which
-(``kill_reason``); the host adds the cgroup limits it can see.
+frames on the output pipe (:mod:`sandbox_core.datapipe`; the command's pipe is spliced
+there, never read by the worker), or ``stdout``/``stderr`` events where there is none; each
+write waits for the pipe to the host, so a host that reads slowly slows the command. Stdin
+comes inline (``stdin_b64``, small) or streamed (``"stdin": "stream"``): the host sends raw
+frames on the input pipe, and the request's :class:`StdinSink` has each payload spliced from
+there into the command's stdin, taking nothing while that is full. A command killed by one
+of its own limits says which (``kill_reason``); the host adds the cgroup limits it can see.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from sandbox_core import datapipe
 from sandbox_core.chunks import OutputEncoder
 from sandbox_core.errors import ProtocolError
 from sandbox_core.inside import children
-from sandbox_core.inside.pipestream import PipeStream
+from sandbox_core.inside.pipestream import PipeStream, in_pipe, wake
 from sandbox_core.process_tree import alive, boot_ticks, descendants, parent
 
 if TYPE_CHECKING:
@@ -169,71 +168,117 @@ def reap_children(exclude: frozenset[int], deadline: float) -> None:
 
 
 class StdinSink:
-    """The inside end of one command's streamed stdin, fed from the input pipe.
+    """The inside end of one command's streamed stdin, taken from the input pipe frame by frame.
 
-    Chunks may arrive before the command has started; then the input pipe is paused until
-    it has. Each chunk is written to the command's stdin pipe as it arrives; while that
-    pipe is full the input pipe is paused too, so the host's writes wait and a command that
-    reads slowly slows the sender. When the command closes its stdin (or exits) the sink
-    drops what still comes and tells the host once (``on_closed``) to stop sending.
+    Until the command has started the sink is not ready, so the input pipe waits (its frames
+    stay in the pipe, the host's writes wait). A command's stdin pipe (:meth:`attach_fd`)
+    gets each payload spliced from the input pipe by the kernel, never read here; while that
+    pipe is full the sink is not ready, so a command that reads slowly slows the sender. A
+    stream writer (:meth:`attach`: a terminal, or a command started through asyncio's
+    transports) is written what is read, and waits past :data:`HIGH` bytes queued. When the
+    command closes its stdin (or exits) the sink drops what still comes and tells the host
+    once (``on_closed``) to stop sending.
     """
 
     HIGH = 256 * 1024
-    """Bytes waiting in the command's stdin pipe buffer past which input is paused."""
+    """Bytes queued on a stream writer past which the sink stops taking input until they drain."""
 
     def __init__(self, pipe: InputPipe, on_closed: Callable[[], None]) -> None:
         self._pipe = pipe
         self._on_closed = on_closed
+        self._loop = asyncio.get_running_loop()
+        self._fd: int | None = None
         self._writer: asyncio.StreamWriter | None = None
-        self._queued: list[tuple[int, bytes]] = []
+        self._full = False
+        """The command's stdin is full (or the writer's queue over HIGH): waiting for it to drain."""
         self._draining: asyncio.Task[None] | None = None
         self.closed = False
 
-    def feed(self, kind: int, payload: bytes) -> None:
-        """One frame for this command (called by the input pipe, in order)."""
+    def ready(self) -> bool:
+        return self.closed or ((self._fd is not None or self._writer is not None) and not self._full)
+
+    def attach_fd(self, fd: int) -> None:
+        """The command started with the write end ``fd`` of its stdin pipe (the sink owns it now)."""
         if self.closed:
+            os.close(fd)
             return
-        if self._writer is None:
-            self._queued.append((kind, payload))
-            self._pipe.pause(self)
-        else:
-            self._write(kind, payload)
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._pipe.resume()
 
     def attach(self, writer: asyncio.StreamWriter) -> None:
-        """The command started: write what arrived before it, then stream."""
+        """The command started with ``writer`` on its stdin (a terminal's, or a transport's)."""
+        if self.closed:
+            writer.close()
+            return
         self._writer = writer
-        queued, self._queued = self._queued, []
-        self._pipe.resume(self)
-        for kind, payload in queued:
-            self._write(kind, payload)
+        self._pipe.resume()
+
+    def take(self, source: int, n: int) -> int:
+        if self._fd is not None:
+            return self._splice(source, n)
+        assert self._writer is not None
+        if self._writer.is_closing():
+            self.close(tell=True)
+            return 0
+        try:
+            data = os.read(source, min(n, datapipe.MAX_PAYLOAD))
+        except (BlockingIOError, InterruptedError):
+            return 0
+        self._writer.write(data)
+        if self._writer.is_closing():  # the write found the pipe broken
+            self.close(tell=True)
+        elif self._writer.transport.get_write_buffer_size() > self.HIGH:
+            self._full = True
+            self._draining = asyncio.create_task(self._drain())
+        return len(data)
+
+    def _splice(self, source: int, n: int) -> int:
+        assert self._fd is not None
+        try:
+            return os.splice(source, self._fd, n, flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK)
+        except (BlockingIOError, InterruptedError):
+            if in_pipe(source):  # the bytes are there: the command's stdin is full
+                self._full = True
+                self._loop.add_writer(self._fd, self._drained)
+            return 0
+        except (BrokenPipeError, ConnectionResetError):  # the command closed its stdin
+            self.close(tell=True)
+            return 0
+
+    def _drained(self) -> None:
+        if self._fd is not None:
+            self._loop.remove_writer(self._fd)
+        self._full = False
+        self._pipe.resume()
+
+    def end(self) -> None:
+        """No more stdin: the command reads the end of its stdin."""
+        self._release()
+        self.closed = True
 
     def close(self, *, tell: bool = False) -> None:
         """Take no more input (the command is gone, or closed its stdin)."""
         if self.closed:
             return
         self.closed = True
-        self._queued.clear()
-        self._pipe.resume(self)
-        if self._draining is not None:
-            self._draining.cancel()
+        self._release()
+        self._pipe.resume()
         if tell:
             self._on_closed()
 
-    def _write(self, kind: int, payload: bytes) -> None:
-        assert self._writer is not None
-        if self._writer.is_closing():
-            self.close(tell=True)
-            return
-        if payload:
-            self._writer.write(payload)
-        if kind == datapipe.KIND_END:
+    def _release(self) -> None:
+        if self._fd is not None:
+            if self._full:
+                self._loop.remove_writer(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        if self._draining is not None:
+            self._draining.cancel()
+            self._draining = None
+        if self._writer is not None:
             self._writer.close()
-            return
-        if self._writer.is_closing():  # the write found the pipe broken
-            self.close(tell=True)
-        elif self._writer.transport.get_write_buffer_size() > self.HIGH and self._draining is None:
-            self._pipe.pause(self)
-            self._draining = asyncio.create_task(self._drain())
+        self._full = False
 
     async def _drain(self) -> None:
         assert self._writer is not None
@@ -244,7 +289,8 @@ class StdinSink:
             self.close(tell=True)
             return
         self._draining = None
-        self._pipe.resume(self)
+        self._full = False
+        self._pipe.resume()
 
 
 class OutputBudget:
@@ -337,6 +383,28 @@ async def _feed(stdin: asyncio.StreamWriter, data: bytes) -> None:
     stdin.close()
 
 
+async def _feed_fd(fd: int, data: bytes) -> None:
+    """Write ``data`` to the command's stdin pipe ``fd`` (owned from here), then close it."""
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    os.set_blocking(fd, False)
+    try:
+        while view:
+            try:
+                view = view[os.write(fd, view) :]
+            except (BlockingIOError, InterruptedError):
+                waiter = loop.create_future()
+                loop.add_writer(fd, wake, waiter)
+                try:
+                    await waiter
+                finally:
+                    loop.remove_writer(fd)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the command closed its stdin: the rest is not wanted
+    finally:
+        os.close(fd)
+
+
 Alone = Callable[[], bool]
 """Asked when a request cleans up: whether no other request runs in the worker now (see
 :func:`kill_strays`). At the start is not enough: another may have come since."""
@@ -420,7 +488,7 @@ class _Command:
 
 
 class _StreamCommand(_Command):
-    """A command through asyncio's subprocess transports: for piped stdin, or without pidfds."""
+    """A command through asyncio's subprocess transports: where pidfds are not to be had."""
 
     def __init__(self, transport: asyncio.SubprocessTransport, protocol: ExitWatch) -> None:
         self._transport, self._protocol = transport, protocol
@@ -491,7 +559,8 @@ def _widen(fd: int) -> None:
 
 
 class _PlainCommand(_Command):
-    """A command without stdin (``/dev/null``), started and watched with no transport in between.
+    """A command started and watched with no transport in between; its stdin is ``/dev/null``,
+    or (``piped``) a pipe whose write end the caller takes (:meth:`take_stdin`).
 
     asyncio's ``subprocess_exec`` connects each pipe through a transport and a protocol in
     turns of the event loop of their own, and watches the exit through a child watcher: CPU
@@ -505,23 +574,26 @@ class _PlainCommand(_Command):
     its pidfd turning readable, then reaped here. Needs pidfds (:func:`pidfds_in_use`).
     """
 
-    def __init__(self, argv: list[str], cwd: str) -> None:
+    def __init__(self, argv: list[str], cwd: str, piped: bool = False) -> None:
         loop = asyncio.get_running_loop()
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = -1, -1
+        err_r = err_w = in_r = in_w = -1
         try:
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
-            self._process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out_w, stderr=err_w,
-                                             cwd=cwd, process_group=0)
+            if piped:
+                in_r, in_w = os.pipe2(os.O_CLOEXEC)
+            self._process = subprocess.Popen(argv, stdin=in_r if piped else subprocess.DEVNULL, stdout=out_w,
+                                             stderr=err_w, cwd=cwd, process_group=0)
         except BaseException:
-            for fd in (out_r, err_r):
+            for fd in (out_r, err_r, in_w):
                 if fd >= 0:
                     os.close(fd)
             raise
         finally:
-            for fd in (out_w, err_w):
+            for fd in (out_w, err_w, in_r):
                 if fd >= 0:
                     os.close(fd)
+        self._stdin_fd = in_w if piped else None
         self.pid = self._process.pid
         children.waiting_for(self.pid)
         self._exited: asyncio.Future[int] = loop.create_future()
@@ -532,12 +604,14 @@ class _PlainCommand(_Command):
             os.waitpid(self.pid, 0)
             children.reaped(self.pid)
             self._process.returncode = -signal.SIGKILL
-            os.close(out_r)
-            os.close(err_r)
+            for fd in (out_r, err_r, in_w):
+                if fd >= 0:
+                    os.close(fd)
             raise
         loop.add_reader(self._pidfd, self._reap)
-        for fd in (out_r, err_r):
-            _widen(fd)
+        for fd in (out_r, err_r, in_w):
+            if fd >= 0:
+                _widen(fd)
         self.stdout, self.stderr = self._streams = (PipeStream(out_r), PipeStream(err_r))
 
     def _reap(self) -> None:
@@ -559,9 +633,16 @@ class _PlainCommand(_Command):
     async def exit(self) -> int:
         return await asyncio.shield(self._exited)  # a cancelled request still reaps it when it dies
 
+    def take_stdin(self) -> int | None:
+        """The write end of its stdin pipe, which the caller now owns (None: not piped, or taken)."""
+        fd, self._stdin_fd = self._stdin_fd, None
+        return fd
+
     def close(self) -> None:
         for stream in self._streams:
             stream.close()
+        if (fd := self.take_stdin()) is not None:
+            os.close(fd)
 
 
 async def _run(
@@ -577,10 +658,10 @@ async def _run(
     since = boot_ticks()
     piped = data is not None or sink is not None
     try:
-        if piped or not children.pidfds_in_use():
+        if not children.pidfds_in_use():
             command: _Command = await _StreamCommand.start(argv, ctx.cwd, piped, since, alone)
         else:
-            command = _PlainCommand(argv, ctx.cwd)
+            command = _PlainCommand(argv, ctx.cwd, piped)
     except FileNotFoundError:
         await ctx.emit("stderr", {"data": f"{argv[0]}: command not found\n"})
         return {"exit_code": NOT_FOUND, "duration_s": 0.0}
@@ -593,8 +674,13 @@ async def _run(
         asyncio.create_task(output.pump(command.stderr, "stderr")),
     ]
     stdin = command.stdin
-    if sink is not None and stdin is not None:
+    stdin_fd = command.take_stdin() if isinstance(command, _PlainCommand) else None
+    if sink is not None and stdin_fd is not None:
+        sink.attach_fd(stdin_fd)
+    elif sink is not None and stdin is not None:
         sink.attach(stdin)
+    elif data is not None and stdin_fd is not None:
+        tasks.append(asyncio.create_task(_feed_fd(stdin_fd, data)))
     elif data is not None and stdin is not None:
         tasks.append(asyncio.create_task(_feed(stdin, data)))
     try:

@@ -173,7 +173,7 @@ class SandboxExecutor:
         if booted.data_fd is not None:
             self.output = await OutputPipe.open(booted.data_fd)
         if booted.stdin_fd is not None:
-            self.input = await InputPipe.open(booted.stdin_fd, self.route_stdin)
+            self.input = InputPipe.open(booted.stdin_fd, self.route_stdin)
         endpoint = self.plan.get("model_endpoint")
         if isinstance(endpoint, dict):
             await self._start_model_endpoint(endpoint)
@@ -360,12 +360,12 @@ class SandboxExecutor:
             sink = self.stdin_sinks[request_id] = StdinSink(self.input, lambda: self._stdin_closed(request_id))
         return sink
 
-    def route_stdin(self, request_id: int, kind: int, payload: bytes) -> None:
-        """A frame from the input pipe: to its request's sink; dropped once the request is over."""
+    def route_stdin(self, request_id: int) -> StdinSink | None:
+        """Where a frame from the input pipe goes: its request's sink (made by the first frame
+        when the request has not been read yet); None, and the frame is dropped, once it is over."""
         if request_id in self.stdin_sinks or request_id in self.running or request_id > self.last_request_id:
-            sink = self.stdin_sink(request_id)
-            if sink is not None:
-                sink.feed(kind, payload)
+            return self.stdin_sink(request_id)
+        return None
 
     def _stdin_closed(self, request_id: int) -> None:
         if self.channel is not None:

@@ -66,9 +66,9 @@ async def test_spliced_and_written_frames_arrive_whole_and_in_order_behind_a_ful
 
 
 def _in(fd: int) -> int:
-    from sandbox_core.inside.pipestream import _in_pipe
+    from sandbox_core.inside.pipestream import in_pipe
 
-    return _in_pipe(fd)
+    return in_pipe(fd)
 
 
 async def test_a_sender_cancelled_mid_frame_still_finishes_it() -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from sandbox_core.inside import runner
 from sandbox_core.inside.confine import _is_open
-from sandbox_core.inside.pipestream import PipeStream, _in_pipe
+from sandbox_core.inside.pipestream import PipeStream, in_pipe
 from tests.helpers import wait_for
 
 
@@ -51,10 +51,33 @@ async def test_a_signal_is_its_exit_status() -> None:
 
 async def test_a_command_that_cannot_start_leaves_nothing_open() -> None:
     before = _fds()
-    with pytest.raises(FileNotFoundError):
-        runner._PlainCommand(["/nonexistent/command"], "/")
-    with pytest.raises(FileNotFoundError):
-        runner._PlainCommand(["true"], "/nonexistent/dir")
+    for piped in (False, True):
+        with pytest.raises(FileNotFoundError):
+            runner._PlainCommand(["/nonexistent/command"], "/", piped)
+        with pytest.raises(FileNotFoundError):
+            runner._PlainCommand(["true"], "/nonexistent/dir", piped)
+    assert _fds() == before
+
+
+async def test_a_piped_command_reads_what_its_stdin_pipe_is_given() -> None:
+    before = _fds()
+    command = runner._PlainCommand(["sha256sum"], "/", piped=True)
+    stdin = command.take_stdin()
+    assert stdin is not None and command.take_stdin() is None  # handed over once
+    data = os.urandom(3 * 1024 * 1024)  # more than the pipe holds: the feed waits for the reader
+    feeding = asyncio.create_task(runner._feed_fd(stdin, data))
+    out, code = await asyncio.gather(command.stdout.read(), command.exit())
+    await feeding
+    assert code == 0 and out.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    command.close()
+    assert _fds() == before  # the feed closed the stdin it was given
+
+
+async def test_an_untaken_stdin_is_closed_with_the_command() -> None:
+    before = _fds()
+    command = runner._PlainCommand(["cat"], "/", piped=True)
+    command.close()  # cat reads the end of its stdin now
+    assert await asyncio.wait_for(command.exit(), 10) == 0
     assert _fds() == before
 
 
@@ -83,8 +106,8 @@ async def test_the_stream_reads_nothing_ahead_and_loses_nothing() -> None:
     writer = threading.Thread(target=write)
     writer.start()
     try:
-        await wait_for(lambda: _in_pipe(r) > 0, 10, "bytes in the pipe")
-        assert await stream.ready(runner._READ) == min(_in_pipe(r), runner._READ)  # counted, not read
+        await wait_for(lambda: in_pipe(r) > 0, 10, "bytes in the pipe")
+        assert await stream.ready(runner._READ) == min(in_pipe(r), runner._READ)  # counted, not read
         assert writer.is_alive()  # held back by the full pipe: nothing was read ahead
         got = bytearray()
         while chunk := await stream.read(runner._READ):
