@@ -23,6 +23,7 @@ writer instead of growing anyone's memory.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Literal
 
@@ -53,3 +54,20 @@ def check_frame(kind: int, length: int, kinds: frozenset[int]) -> None:
     """FrameError unless a header of ``kind`` and ``length`` is one of a pipe carrying ``kinds``."""
     if kind not in kinds or length > MAX_PAYLOAD or (kind == KIND_END and length):
         raise FrameError(f"not a frame of this pipe (kind {kind}, length {length})")
+
+
+def read_header(fd: int, head: bytes, kinds: frozenset[int]) -> tuple[bytes, tuple[int, int, int] | None]:
+    """Read on at a frame header from the pipe ``fd`` (``head``: what has been read of it).
+
+    Returns what is held of it then, and once it is whole and a frame of a pipe carrying
+    ``kinds`` (else FrameError), its ``(request id, kind, length)``. EOFError at the pipe's end,
+    BlockingIOError while a nonblocking pipe is empty."""
+    data = os.read(fd, HEADER.size - len(head))
+    if not data:
+        raise EOFError
+    head += data
+    if len(head) < HEADER.size:
+        return head, None
+    request_id, kind, length = HEADER.unpack(head)
+    check_frame(kind, length, kinds)
+    return b"", (request_id, kind, length)

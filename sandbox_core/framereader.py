@@ -56,16 +56,14 @@ class FrameReader:
     def _step(self) -> bool:
         """Read the rest of the header or of the payload; False at the pipe's end."""
         if self._frame is None:
-            data = os.read(self._fd, datapipe.HEADER.size - len(self._head))
-            if not data:
+            try:
+                self._head, header = datapipe.read_header(self._fd, self._head, self._kinds)
+            except EOFError:
                 self.close()
                 return False
-            self._head += data
-            if len(self._head) < datapipe.HEADER.size:
+            if header is None:
                 return True
-            request_id, kind, length = datapipe.HEADER.unpack(self._head)
-            self._head = b""
-            datapipe.check_frame(kind, length, self._kinds)
+            request_id, kind, length = header
             if not length:
                 self._deliver(request_id, kind, b"")
                 return True

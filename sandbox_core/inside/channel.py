@@ -258,19 +258,15 @@ class InputPipe:
 
     def _read_header(self) -> bool:
         try:
-            data = os.read(self._fd, datapipe.HEADER.size - len(self._head))
+            self._head, header = datapipe.read_header(self._fd, self._head, datapipe.INPUT_KINDS)
         except (BlockingIOError, InterruptedError):
             return False
-        if not data:  # the host closed its end
+        except EOFError:  # the host closed its end
             self.close()
             return False
-        self._head += data
-        if len(self._head) < datapipe.HEADER.size:
-            return True
-        request_id, kind, length = datapipe.HEADER.unpack(self._head)
-        self._head = b""
-        datapipe.check_frame(kind, length, datapipe.INPUT_KINDS)
-        self._frame, self._sink = (kind, length), self._route(request_id)
+        if header is not None:
+            request_id, kind, length = header
+            self._frame, self._sink = (kind, length), self._route(request_id)
         return True
 
     def _drop(self, left: int) -> int:

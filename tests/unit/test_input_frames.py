@@ -66,6 +66,23 @@ def _command_stdin() -> tuple[int, int]:
     return r, w
 
 
+def _one_command(request_id: int) -> tuple[_Worker, int, tuple[int, int]]:
+    """A worker's input pipe (and the host's end of it) with request ``request_id`` running a command."""
+    worker = _Worker()
+    host = worker.open()
+    stdin = _command_stdin()
+    worker.sink(request_id).attach_fd(stdin[1])
+    return worker, host, stdin
+
+
+def _two_commands() -> tuple[_Worker, int, tuple[int, int], tuple[int, int]]:
+    """The same with requests 1 and 2 each running a command."""
+    worker, host, a = _one_command(1)
+    b = _command_stdin()
+    worker.sink(2).attach_fd(b[1])
+    return worker, host, a, b
+
+
 async def _read_to_end(fd: int, timeout: float = 30) -> bytes:
     """Everything the command would read from its stdin, up to the end the sink gives it."""
     parts: list[bytes] = []
@@ -85,12 +102,7 @@ async def _read_to_end(fd: int, timeout: float = 30) -> bytes:
 
 
 async def test_interleaved_requests_each_get_their_own_bytes_whole_and_in_order() -> None:
-    worker = _Worker()
-    host = worker.open()
-    a_r, a_w = _command_stdin()
-    b_r, b_w = _command_stdin()
-    worker.sink(1).attach_fd(a_w)
-    worker.sink(2).attach_fd(b_w)
+    worker, host, (a_r, a_w), (b_r, b_w) = _two_commands()
     a_bytes, b_bytes = os.urandom(3 * datapipe.MAX_PAYLOAD + 17), os.urandom(200_000)
 
     def host_writes() -> None:
@@ -150,12 +162,7 @@ async def test_nothing_is_taken_before_the_command_starts_nor_while_its_stdin_is
 
 
 async def test_a_command_that_closes_its_stdin_is_told_once_and_the_next_request_loses_nothing() -> None:
-    worker = _Worker()
-    host = worker.open()
-    a_r, a_w = _command_stdin()
-    b_r, b_w = _command_stdin()
-    worker.sink(1).attach_fd(a_w)
-    worker.sink(2).attach_fd(b_w)
+    worker, host, (a_r, a_w), (b_r, _b_w) = _two_commands()
     os.close(a_r)  # request 1's command closed its stdin (exec 0<&-)
     b_bytes = os.urandom(500_000)
 
@@ -173,10 +180,7 @@ async def test_a_command_that_closes_its_stdin_is_told_once_and_the_next_request
 
 
 async def test_frames_of_requests_that_are_over_are_dropped_and_the_next_arrives() -> None:
-    worker = _Worker()
-    host = worker.open()
-    r, w = _command_stdin()
-    worker.sink(3).attach_fd(w)
+    worker, host, (r, _w) = _one_command(3)
 
     def host_writes() -> None:
         _send(host, 100, os.urandom(300_000))  # the request ended before its stdin was all sent
@@ -206,10 +210,7 @@ async def test_bytes_that_are_not_input_frames_end_the_reading() -> None:
 
 
 async def test_the_host_going_away_ends_the_reading_also_mid_frame() -> None:
-    worker = _Worker()
-    host = worker.open()
-    r, w = _command_stdin()
-    worker.sink(1).attach_fd(w)
+    worker, host, (r, _w) = _one_command(1)
     os.write(host, datapipe.HEADER.pack(1, datapipe.KIND_STDIN, 1000) + b"x" * 10)
     await wait_for(lambda: in_pipe(r) == 10, 10, "the first bytes in the command's stdin")
     os.close(host)  # the worker's host is gone: the frame never completes
