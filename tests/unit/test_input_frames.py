@@ -11,13 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
+
+import pytest
 
 from sandbox_core import datapipe
 from sandbox_core.inside.channel import InputPipe
-from sandbox_core.inside.confine import _is_open
 from sandbox_core.inside.pipestream import in_pipe
 from sandbox_core.inside.runner import StdinSink
 from tests.helpers import wait_for
+
+
+def _fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+@pytest.fixture(autouse=True)
+async def _nothing_left_open() -> AsyncIterator[set[int]]:
+    """Each test closes its own ends; the pipe and the sinks must have closed theirs (no leak)."""
+    before = _fds()
+    yield before
+    await wait_for(lambda: _fds() == before, 10, "every descriptor of the test closed")
 
 
 class _Worker:
@@ -75,12 +89,12 @@ def _one_command(request_id: int) -> tuple[_Worker, int, tuple[int, int]]:
     return worker, host, stdin
 
 
-def _two_commands() -> tuple[_Worker, int, tuple[int, int], tuple[int, int]]:
-    """The same with requests 1 and 2 each running a command."""
-    worker, host, a = _one_command(1)
-    b = _command_stdin()
-    worker.sink(2).attach_fd(b[1])
-    return worker, host, a, b
+def _two_commands() -> tuple[_Worker, int, int, int]:
+    """The same with requests 1 and 2 each running a command; the read end of each one's stdin."""
+    worker, host, (a_r, _) = _one_command(1)
+    b_r, b_w = _command_stdin()
+    worker.sink(2).attach_fd(b_w)
+    return worker, host, a_r, b_r
 
 
 async def _read_to_end(fd: int, timeout: float = 30) -> bytes:
@@ -102,7 +116,7 @@ async def _read_to_end(fd: int, timeout: float = 30) -> bytes:
 
 
 async def test_interleaved_requests_each_get_their_own_bytes_whole_and_in_order() -> None:
-    worker, host, (a_r, a_w), (b_r, b_w) = _two_commands()
+    worker, host, a_r, b_r = _two_commands()
     a_bytes, b_bytes = os.urandom(3 * datapipe.MAX_PAYLOAD + 17), os.urandom(200_000)
 
     def host_writes() -> None:
@@ -116,9 +130,8 @@ async def test_interleaved_requests_each_get_their_own_bytes_whole_and_in_order(
     writing = asyncio.create_task(asyncio.to_thread(host_writes))
     got_a, got_b = await asyncio.gather(_read_to_end(a_r), _read_to_end(b_r))
     await writing
-    assert got_a == a_bytes and got_b == b_bytes
+    assert got_a == a_bytes and got_b == b_bytes  # each to its end: the end frame closed each command's stdin
     assert worker.closed == []  # ended, not closed by the command: the host is not told to stop
-    assert not _is_open(a_w) and not _is_open(b_w)  # the end closed each command's stdin
     os.close(host)
 
 
@@ -162,7 +175,7 @@ async def test_nothing_is_taken_before_the_command_starts_nor_while_its_stdin_is
 
 
 async def test_a_command_that_closes_its_stdin_is_told_once_and_the_next_request_loses_nothing() -> None:
-    worker, host, (a_r, a_w), (b_r, _b_w) = _two_commands()
+    worker, host, a_r, b_r = _two_commands()
     os.close(a_r)  # request 1's command closed its stdin (exec 0<&-)
     b_bytes = os.urandom(500_000)
 
@@ -175,7 +188,7 @@ async def test_a_command_that_closes_its_stdin_is_told_once_and_the_next_request
     assert await _read_to_end(b_r) == b_bytes
     await writing
     assert worker.closed == [1]
-    assert worker.sinks[1].closed and not _is_open(a_w)
+    assert worker.sinks[1].closed  # and its stdin's write end closed (checked as the test ends)
     os.close(host)
 
 
@@ -195,7 +208,7 @@ async def test_frames_of_requests_that_are_over_are_dropped_and_the_next_arrives
     os.close(host)
 
 
-async def test_bytes_that_are_not_input_frames_end_the_reading() -> None:
+async def test_bytes_that_are_not_input_frames_end_the_reading(_nothing_left_open: set[int]) -> None:
     for garbage in (
         datapipe.HEADER.pack(1, datapipe.KIND_STDOUT, 4) + b"oops",  # an output kind on the input pipe
         datapipe.HEADER.pack(1, datapipe.KIND_STDIN, datapipe.MAX_PAYLOAD + 1),
@@ -204,16 +217,17 @@ async def test_bytes_that_are_not_input_frames_end_the_reading() -> None:
         worker = _Worker()
         host = worker.open()
         os.write(host, garbage)
-        read_end = worker.read_end
-        await wait_for(lambda: not _is_open(read_end), 10, f"the input pipe closed after {garbage[:13]!r}")  # noqa: B023
+        only_host = _nothing_left_open | {host}  # the host's end still open: the garbage closed the reader
+        await wait_for(lambda: _fds() == only_host, 10, f"the input pipe closed after {garbage[:13]!r}")  # noqa: B023
         os.close(host)
 
 
-async def test_the_host_going_away_ends_the_reading_also_mid_frame() -> None:
-    worker, host, (r, _w) = _one_command(1)
+async def test_the_host_going_away_ends_the_reading_also_mid_frame(_nothing_left_open: set[int]) -> None:
+    worker, host, (r, w) = _one_command(1)
     os.write(host, datapipe.HEADER.pack(1, datapipe.KIND_STDIN, 1000) + b"x" * 10)
     await wait_for(lambda: in_pipe(r) == 10, 10, "the first bytes in the command's stdin")
     os.close(host)  # the worker's host is gone: the frame never completes
-    await wait_for(lambda: not _is_open(worker.read_end), 10, "the input pipe closed at its end")
+    left = _nothing_left_open | {r, w}  # the command's stdin, both ends: all that is left
+    await wait_for(lambda: _fds() == left, 10, "the input pipe closed at its end")
     worker.sinks[1].close()
     os.close(r)
