@@ -179,6 +179,12 @@ class StdinTaker(Protocol):
         ...
 
 
+STEPS_PER_TURN = 32
+"""Headers and payload moves the input pipe takes in one turn of the event loop at most: a
+stream that never runs dry must not keep the worker's other requests (and its control
+channel) waiting."""
+
+
 class InputPipe:
     """The worker's end of the input pipe: each frame's header is read here, its payload is
     taken from the pipe by its request's sink (``route``), spliced into the command's stdin.
@@ -227,10 +233,14 @@ class InputPipe:
 
     def _step(self) -> None:
         try:
-            while not self._closed and not self._paused and self._advance():
-                pass
+            for _ in range(STEPS_PER_TURN):
+                if self._closed or self._paused or not self._advance():
+                    return
         except (datapipe.FrameError, OSError):  # garbage, or the pipe broke: nothing more can be read
             self.close()
+            return
+        if not in_pipe(self._fd):  # more to do that no byte will wake: after the loop's other callbacks
+            self._loop.call_soon(self._step)
 
     def _advance(self) -> bool:
         """Take what the pipe holds of the frame at the head; whether to go on at once."""

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from sandbox_core import datapipe
-from sandbox_core.inside.channel import InputPipe
+from sandbox_core.inside.channel import STEPS_PER_TURN, InputPipe
 from sandbox_core.inside.pipestream import in_pipe
 from sandbox_core.inside.runner import StdinSink
 from tests.helpers import wait_for
@@ -231,3 +231,54 @@ async def test_the_host_going_away_ends_the_reading_also_mid_frame(_nothing_left
     await wait_for(lambda: _fds() == left, 10, "the input pipe closed at its end")
     worker.sinks[1].close()
     os.close(r)
+
+
+class _CountingSink:
+    """A sink that reads what it takes and notes the event loop's heartbeat at each take."""
+
+    closed = False
+
+    def __init__(self, beats: list[int]) -> None:
+        self.beats = beats
+        self.seen: list[int] = []
+        self.got = b""
+        self.ended = False
+
+    def ready(self) -> bool:
+        return True
+
+    def take(self, source: int, n: int) -> int:
+        try:
+            data = os.read(source, n)
+        except BlockingIOError:
+            return 0
+        self.seen.append(self.beats[0])
+        self.got += data
+        return len(data)
+
+    def end(self) -> None:
+        self.ended = True
+
+
+async def test_a_stream_that_never_runs_dry_leaves_the_loop_turns_for_others() -> None:
+    """Frames waiting back to back are taken a bounded number per turn of the event loop."""
+    loop = asyncio.get_running_loop()
+    beats = [0]
+    sink = _CountingSink(beats)
+    r, host = os.pipe2(os.O_CLOEXEC)
+    pipe = InputPipe.open(r, lambda request_id: sink)
+    frames = 200
+    _write_all(host, b"".join(datapipe.frame(1, datapipe.KIND_STDIN, b"%03d" % i) + b"%03d" % i
+                              for i in range(frames)) + datapipe.frame(1, datapipe.KIND_END))
+
+    def beat() -> None:  # another callback that wants its turn, every turn
+        beats[0] += 1
+        if not sink.ended:
+            loop.call_soon(beat)
+
+    loop.call_soon(beat)
+    await wait_for(lambda: sink.ended, 10, "the end frame")
+    assert sink.got == b"".join(b"%03d" % i for i in range(frames))
+    assert len(set(sink.seen)) >= 2 * frames // STEPS_PER_TURN  # the other callback ran in between
+    pipe.close()
+    os.close(host)
