@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from sandbox_core import datapipe
 from sandbox_core.errors import ProtocolError, from_wire
 from sandbox_core.events import EVENT_METHOD, EventType
-from sandbox_core.inside.pipestream import hung_up, in_pipe, wake
+from sandbox_core.inside.pipestream import hung_up, in_pipe, writable
 from sandbox_core.protocol import Notification, Request, RequestId, Response, encode
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ class OutputPipe:
             try:
                 written = os.writev(self._fd, parts)
             except (BlockingIOError, InterruptedError):
-                await self._writable()
+                await writable(self._fd)
                 continue
             _advance(parts, written)
 
@@ -141,15 +141,8 @@ class OutputPipe:
             try:
                 length -= self._splice_some(source, length)
             except (BlockingIOError, InterruptedError):
-                await self._writable()  # the bytes are in the source: it is the host's end that is full
+                await writable(self._fd)  # the bytes are in the source: it is the host's end that is full
 
-    async def _writable(self) -> None:
-        waiter = self._loop.create_future()
-        self._loop.add_writer(self._fd, wake, waiter)
-        try:
-            await waiter
-        finally:
-            self._loop.remove_writer(self._fd)
 
 
 def _advance(parts: list[memoryview], written: int) -> None:
@@ -281,7 +274,7 @@ class InputPipe:
 
     def _drop(self, left: int) -> int:
         try:
-            return len(os.read(self._fd, min(left, datapipe.MAX_PAYLOAD)))
+            return len(os.read(self._fd, left))  # at most one payload (MAX_PAYLOAD)
         except (BlockingIOError, InterruptedError):
             return 0
 

@@ -124,6 +124,17 @@ def wake(waiter: asyncio.Future[None]) -> None:
         waiter.set_result(None)
 
 
+async def writable(fd: int) -> None:
+    """Until the nonblocking pipe ``fd`` takes a write (or has no reader left: the write then says so)."""
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    loop.add_writer(fd, wake, waiter)
+    try:
+        await waiter
+    finally:
+        loop.remove_writer(fd)
+
+
 def in_pipe(fd: int) -> int:
     """The bytes waiting in the pipe ``fd`` (``FIONREAD``: a C int)."""
     return int.from_bytes(fcntl.ioctl(fd, termios.FIONREAD, bytes(4)), sys.byteorder)

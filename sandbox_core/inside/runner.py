@@ -34,7 +34,7 @@ from sandbox_core import datapipe
 from sandbox_core.chunks import OutputEncoder
 from sandbox_core.errors import ProtocolError
 from sandbox_core.inside import children
-from sandbox_core.inside.pipestream import PipeStream, in_pipe, wake
+from sandbox_core.inside.pipestream import PipeStream, in_pipe, writable
 from sandbox_core.process_tree import alive, boot_ticks, descendants, parent
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ class StdinSink:
             self.close(tell=True)
             return 0
         try:
-            data = os.read(source, min(n, datapipe.MAX_PAYLOAD))
+            data = os.read(source, n)  # n: what is left of one payload (MAX_PAYLOAD at most)
         except (BlockingIOError, InterruptedError):
             return 0
         self._writer.write(data)
@@ -385,7 +385,6 @@ async def _feed(stdin: asyncio.StreamWriter, data: bytes) -> None:
 
 async def _feed_fd(fd: int, data: bytes) -> None:
     """Write ``data`` to the command's stdin pipe ``fd`` (owned from here), then close it."""
-    loop = asyncio.get_running_loop()
     view = memoryview(data)
     os.set_blocking(fd, False)
     try:
@@ -393,12 +392,7 @@ async def _feed_fd(fd: int, data: bytes) -> None:
             try:
                 view = view[os.write(fd, view) :]
             except (BlockingIOError, InterruptedError):
-                waiter = loop.create_future()
-                loop.add_writer(fd, wake, waiter)
-                try:
-                    await waiter
-                finally:
-                    loop.remove_writer(fd)
+                await writable(fd)
     except (BrokenPipeError, ConnectionResetError):
         pass  # the command closed its stdin: the rest is not wanted
     finally:
