@@ -44,7 +44,7 @@ ALL_KEYS = frozenset({
     "model.request_timeout", "model.request_token_budget", "model.user_token_budget", "network.allow",
     "network.allow_private", "network.connect_timeout", "network.deny", "network.hosts",
     "network.log_refusals", "network.max_connections", "network.max_mb", "network.mode", "network.users",
-    "preload", "profile", "record.enabled", "record.max_mb", "record.preview_bytes",
+    "new_user_spares", "preload", "profile", "record.enabled", "record.max_mb", "record.preview_bytes",
     "record.retention_days", "request_timeout", "service.cancel_on_disconnect", "service.drain_grace",
     "service.keepalive_seconds", "service.log_level", "service.max_body_mb", "service.max_buffered_events",
     "service.max_runs_per_user", "service.operator_uids", "service.run_buffer_mb", "service.run_ttl",

@@ -346,6 +346,12 @@ class ProcessSandboxConfig:
     """A user's concurrent requests get up to this many workers, then queue."""
     min_idle: int = 1
     """Pre-warmed unbound workers kept ready."""
+    new_user_spares: int = 0
+    """Of the ``min_idle`` pre-warmed workers, how many wait already switched to the uid of the
+    spare workspace staged for them (strict profile on a root host with per-user uids; elsewhere
+    none): a claim by a user with no uid and no workspace yet then skips the switch and its
+    check. Such a worker serves no other user (a returning one takes another, or gets one
+    started), and its uid is never given back, even when no user took it."""
     preload: Preload = "auto"
     """What idle workers load ahead of a request: ``agent`` imports the SDK, builds the client on
     the gateway connection and runs one canned offline turn, so a worker's first agent text is
@@ -453,7 +459,7 @@ def _validate(cfg: ProcessSandboxConfig) -> None:
     _positive(cfg, ("startup_timeout", "request_timeout", "worker_timeout", "max_workers",
                     "max_workers_per_user", "acquire_timeout", "cleanup_interval",
                     "max_frame_bytes", "stderr_lines", "start_failure_threshold"))
-    _positive(cfg, ("min_idle", "max_requests_per_worker", "shutdown_grace", "cancel_grace",
+    _positive(cfg, ("min_idle", "new_user_spares", "max_requests_per_worker", "shutdown_grace", "cancel_grace",
                     "circuit_reset", "terminal_timeout"), zero_ok=True)
     if cfg.min_idle > cfg.max_workers:
         raise ConfigError("min_idle", f"must not exceed max_workers ({cfg.max_workers})")

@@ -53,8 +53,8 @@ from sandbox_core.errors import (
     SandboxError,
 )
 from sandbox_core.events import Event
-from sandbox_core.isolation import tenants
-from sandbox_core.isolation.launch import can_prewarm, launch_spec, prepare_workspace, sweep_leftovers
+from sandbox_core.isolation import spares, tenants
+from sandbox_core.isolation.launch import can_prewarm, can_switch_ahead, launch_spec, prepare_workspace, sweep_leftovers
 from sandbox_core.names import validate_user_id
 from sandbox_core.process_tree import kill_session
 from sandbox_core.record import Record, RunLog, new_run_id
@@ -143,6 +143,7 @@ class SandboxOrchestrator:
         self._ids = itertools.count(1)
         # os.urandom: secrets.token_hex's bytes, without loading secrets (with hmac and random, 3-5 ms of a one-shot)
         self._tag = head_start.tag if head_start is not None else os.urandom(2).hex()
+        self._can_switch_ahead = config.new_user_spares > 0 and can_switch_ahead(config)
         self._head_start = head_start
         """A process spawned for the first worker of one user before this pool existed (adopted by
         that user's first spawn; discarded at shutdown otherwise)."""
@@ -514,7 +515,10 @@ class SandboxOrchestrator:
                 return _Grant(worker, "idle")
         if len(mine) >= self.config.max_workers_per_user:
             return None
-        prewarmed = sorted(self._idle_unbound(), key=lambda w: _claim_order(w, agent))
+        prewarmed = self._idle_unbound()
+        if any(w.new_users_only for w in prewarmed) and not spares.is_new_user(self.config, user_id):
+            prewarmed = [w for w in prewarmed if not w.new_users_only]  # switched to a uid that is not theirs
+        prewarmed.sort(key=lambda w: _claim_order(w, agent))
         if prewarmed:
             prewarmed[0].state = WorkerState.BUSY
             return _Grant(prewarmed[0], "claim")
@@ -763,15 +767,21 @@ class SandboxOrchestrator:
             return  # min_idle = 0 turns pre-warming off (see _warm_target): nothing to check
         if not can_prewarm(self.config):
             return
-        warming = sum(
-            1 for w in self._workers.values()
+        warming = [
+            w for w in self._workers.values()
             if w.user_id is None and w.state in (WorkerState.NEW, WorkerState.STARTING, WorkerState.IDLE)
             and w.preload_state != "failed"
-        )
-        for _ in range(min(self._warm_target() - warming, self._capacity())):
+        ]
+        for_new = sum(w.new_users_only for w in warming)
+        switched = self._switched_target()
+        wanted = [True] * (switched - for_new)  # the configured ones first, then any user's (demand)
+        wanted += [False] * (self._warm_target() - switched - (len(warming) - for_new))
+        for new_users_only in wanted[: max(0, self._capacity())]:
             # registered now, not when the task first runs: a second refill in the same loop turn
             # (a release and the cleanup loop, say) counts it, and the pool stays within max_workers
-            self._in_background(self._prewarm_one(self._new_worker(None)))
+            worker = self._new_worker(None)
+            worker.new_users_only = new_users_only
+            self._in_background(self._prewarm_one(worker))
 
     def _warm_target(self) -> int:
         """How many unbound workers to keep warm: ``min_idle``, or as many as were claimed in the
@@ -784,6 +794,11 @@ class SandboxOrchestrator:
         if self.config.min_idle == 0:
             return 0
         return max(self.config.min_idle, len(self._claims))
+
+    def _switched_target(self) -> int:
+        """How many of the :meth:`_warm_target` workers wait switched to a new user's uid
+        (``new_user_spares``, at most ``min_idle``; none where no spare can be staged)."""
+        return min(self.config.new_user_spares, self.config.min_idle) if self._can_switch_ahead else 0
 
     async def _prewarm_one(self, worker: SandboxWorker) -> None:
         if worker.state is not WorkerState.NEW or self._workers.get(worker.worker_id) is not worker:
@@ -857,7 +872,7 @@ class SandboxOrchestrator:
             elif worker.state is WorkerState.IDLE and worker.preload_state == "failed":
                 self._retire(worker)  # a failed preload that ended while it was busy or starting
             elif worker.state is WorkerState.IDLE and now - worker.last_used > self.config.worker_timeout:
-                if worker.user_id is None and len(self._idle_unbound()) <= self.config.min_idle:
+                if worker.user_id is None and self._kept_warm(worker):
                     continue
                 self._counters["reaped"] += 1
                 reaped += 1
@@ -865,6 +880,13 @@ class SandboxOrchestrator:
         self._refill()
         await self._notify()
         return reaped
+
+    def _kept_warm(self, worker: SandboxWorker) -> bool:
+        """Whether an idle unbound worker is one of the ``min_idle`` kept however long it waits
+        (of its kind: switched for new users, or for anyone)."""
+        switched = self._switched_target()
+        kind = [w for w in self._idle_unbound() if w.new_users_only == worker.new_users_only]
+        return len(kind) <= (switched if worker.new_users_only else self.config.min_idle - switched)
 
     # ------------------------------------------------------------------ host calls
 
@@ -1027,6 +1049,7 @@ class SandboxOrchestrator:
                 "total": len(self._workers),
                 **by_state,
                 "prewarmed": len(self._idle_unbound()),
+                "prewarmed_new_users": sum(w.new_users_only for w in self._idle_unbound()),
                 "agent_ready": sum(1 for w in self._workers.values() if w.agent_ready),
                 "max": self.config.max_workers,
             },
@@ -1066,5 +1089,5 @@ def _claim_order(worker: SandboxWorker, agent: bool) -> tuple[bool, ...]:
     another request one that is not preloading right now (its bind would wait for the preload
     to end), and of those one that did not preload, leaving the ready ones to agent requests."""
     if agent:
-        return (not worker.agent_ready,)
-    return (worker.preload_state in ("pending", "running"), worker.agent_ready)
+        return (not worker.agent_ready, not worker.new_users_only)
+    return (worker.preload_state in ("pending", "running"), not worker.new_users_only, worker.agent_ready)

@@ -104,6 +104,9 @@ QUEUE_LOW = 64
 WRITE_TIMEOUT = 10.0
 """Seconds the control pipe may stay full (the worker not reading it) before the worker is
 killed: a stopped worker must not hang its caller, its cancel or the host's shutdown."""
+ASSUME_PRELOAD_WAIT = 60.0
+"""Seconds a worker switching ahead to its spare's uid may first spend waiting for its agent
+preload to end (the worker's own bound, ``PRELOAD_END_LIMIT``), on top of ``startup_timeout``."""
 CPU_POLL = 0.1
 """Seconds between reads of a worker's CPU accounting while a request with a CPU budget runs."""
 NO_PROCESSES = frozenset({"ping"})
@@ -423,6 +426,12 @@ class SandboxWorker:
         hand-over still needed after the bind, ``verify``), for the benchmark."""
         self.claimed_spare = False
         """Claimed by a new user who took the spare workspace staged for this worker."""
+        self.new_users_only = False
+        """Set before the start (by the pool): switch this unbound worker to its spare's uid as soon as
+        the spare is staged, so that a new user's claim skips the switch (:meth:`_assume`); such a
+        worker can serve nobody but a user who has neither a uid nor a workspace yet."""
+        self._switched_to: tuple[int, int] | None = None
+        """The uid and gid the unbound worker switched to ahead of its claim, verified by the host."""
         self.exit_status: int | None = None
         self.exit_signal: int | None = None
         self.workspace_in_sandbox: str | None = None
@@ -430,9 +439,9 @@ class SandboxWorker:
         self._launcher = launcher
         self._spec: LaunchSpec | None = None
         self._verified: verify.Verified | None = None
+        """What the host checked of this worker itself (set once the handshake is verified)."""
         self._claim_expected: verify.Prepared | None = None
         """What the claim's verify expects of the staged spare's uid, worked out before the claim."""
-        """What the host checked of this worker itself (set once the handshake is verified)."""
         self._process: WorkerProcess | None = None
         self._head_start = head_start
         self._pid: int | None = None
@@ -573,6 +582,8 @@ class SandboxWorker:
         """Spawn and handshake within the time limit; on any failure the process is gone on return."""
         try:
             await asyncio.wait_for(self._spawn_and_handshake(), self.config.startup_timeout)
+            if self.new_users_only and self._spec is not None:  # its own limit: it may wait for a preload
+                await self._assume(self._spec)
         except BaseException:
             await asyncio.shield(self._kill_now())
             raise
@@ -672,6 +683,34 @@ class SandboxWorker:
             await self._stage_spare(spec.stage)
         if unbound:  # answered once the imports it does while it waits are done: ready means ready
             await self.call("ping", {}, timeout=self.config.startup_timeout)
+
+    async def _assume(self, spec: LaunchSpec) -> None:
+        """Switch the unbound worker to its staged spare's uid before any claim, and verify it from
+        the host as a claim would (:func:`verify.claimed`). Part of the start: a worker meant for
+        new users that cannot switch, or does not show the switch in ``/proc``, is never offered.
+        Timed apart from the handshake: the worker first waits for its agent preload to end."""
+        spare = spec.spare
+        attached = spare.pledge() if spare is not None else None
+        if attached is None or self._verified is None:
+            raise IsolationUnavailable(f"worker {self.worker_id} has no spare workspace to switch to "
+                                       f"({self.report.get('spare', 'none made')})")  # fmt: skip
+        reply = await self.call("assume", {"uid": attached["uid"], "gid": attached["gid"],
+                                           "expect_mounts": attached["expect_mounts"]},
+                                timeout=self.config.startup_timeout + ASSUME_PRELOAD_WAIT)  # fmt: skip
+        self._take_identity(attached, reply)
+        self._verified = await asyncio.to_thread(verify.claimed, self.config, spec.plan, self._verified, self.report,
+                                                 attached["uid"], attached["gid"], self._claim_expected)  # fmt: skip
+        self.report["verified_by_host"] = self._verified.by_host
+        self._switched_to = (int(attached["uid"]), int(attached["gid"]))
+
+    def _take_identity(self, attached: dict[str, Any], reply: object) -> None:
+        """Note the identity a uid switch (``assume``, or a claim's ``bind``) brought in the report."""
+        answer: dict[str, Any] = reply if isinstance(reply, dict) else {}
+        self.report["identity"] = attached["identity"]
+        self.report.setdefault("filesystem", {}).update(attached["filesystem"])
+        observed = answer.get("observed")
+        if isinstance(observed, dict):
+            self.report.update(observed)
 
     def _settle(self, spec: LaunchSpec) -> None:
         """Run the spec's ``after_start`` in the background once the worker has started: the
@@ -1336,6 +1375,9 @@ class SandboxWorker:
     async def _claim(self, user_id: str, workspace: Path, prepare: Callable[[], object]) -> None:
         """Attach ``workspace`` to this unbound worker's sandbox, switch it to the user's uid, verify.
 
+        A worker that switched ahead (:meth:`_assume`) takes a new user's claim only: the spare
+        becomes theirs, and its ``bind`` enters the workspace with the uid checked at the switch.
+
         Once: the worker is marked as the user's before the first step, so that whatever
         fails it is never offered to anyone else; any failure kills it (its slot is detached
         after it exited, by the spec's clean-up). An error of the attach itself (the host's
@@ -1352,6 +1394,10 @@ class SandboxWorker:
         try:
             spare = spec.spare
             promised = spare.promise(workspace) if spare is not None else None
+            if self._switched_to is not None and promised is None:
+                raise IsolationUnavailable(f"worker {self.worker_id} switched ahead to a new user's uid: it cannot "
+                                           f"serve {user_id!r}, who has a uid or a workspace",
+                                           data={"claim": "attach"})  # fmt: skip
             if spare is not None and promised is not None:  # a new user: handed over while the worker switches uid
                 attached = promised
                 handover = asyncio.ensure_future(asyncio.to_thread(spare.claim, workspace))
@@ -1369,15 +1415,14 @@ class SandboxWorker:
                     await asyncio.shield(self._handed_over(handover, user_id))
             handed_at = time.perf_counter()
             answer: dict[str, Any] = reply if isinstance(reply, dict) else {}
-            self.report["identity"] = attached["identity"]
-            self.report.setdefault("filesystem", {}).update(attached["filesystem"])
-            observed = answer.get("observed")
-            if isinstance(observed, dict):
-                self.report.update(observed)
+            if self._switched_to is None:
+                self._take_identity(attached, answer)
+                verified = verify.claimed(self.config, spec.plan, self._verified, self.report,
+                                          attached["uid"], attached["gid"], self._claim_expected)  # fmt: skip
+            else:  # switched and verified before the claim; only our own code ran in it since
+                verified = self._verified
             if "landlock" in answer:
                 self.report["landlock"] = answer["landlock"]
-            verified = verify.claimed(self.config, spec.plan, self._verified, self.report,
-                                      attached["uid"], attached["gid"], self._claim_expected)  # fmt: skip
             verify.bound(verified, answer)
         except BaseException as exc:
             why = exc.message if isinstance(exc, SandboxError) else f"{type(exc).__name__}: {exc}"

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from sandbox_core import codes
-from sandbox_core.errors import ProtocolError, RequestCancelled, SandboxError
+from sandbox_core.errors import IsolationUnavailable, ProtocolError, RequestCancelled, SandboxError
 from sandbox_core.inside.channel import Channel, InputPipe, OutputPipe, RequestContext
 from sandbox_core.protocol import (
     FrameSplitter,
@@ -79,7 +79,11 @@ class SandboxExecutor:
         """The user's workspace as the worker sees it (a plain string: pathlib is not imported to serve)."""
         self.initialized = False
         self.awaiting_user = False
-        """An unbound strict worker before its ``bind``: it serves nothing but ``bind`` and ``shutdown``."""
+        """An unbound strict worker before its ``bind``: it serves nothing but ``assume``, ``bind`` and ``shutdown``."""
+        self._switched: tuple[int, int] | None = None
+        """The uid and gid an unbound worker switched to ahead of its claim (``assume``), for good."""
+        self._switch_tried = False
+        """An unbound worker's one attempt at its uid switch was made (at ``assume`` or ``bind``)."""
         self.report: dict[str, Any] = {}
         self.plan: dict[str, Any] = {}
         self.stop_requested = asyncio.Event()
@@ -108,6 +112,7 @@ class SandboxExecutor:
         self._preload: Preload | None = None
         self._methods: dict[str, Handler] = {
             "initialize": self.initialize,
+            "assume": self.assume,
             "bind": self.bind,
             "exec": self.exec,
             "shutdown": self.shutdown,
@@ -212,6 +217,29 @@ class SandboxExecutor:
     def ping(self, params: dict[str, Any]) -> dict[str, Any]:
         return {"pong": True, "time": time.time(), "echo": params.get("echo")}
 
+    async def assume(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
+        """Switch an unbound worker to the uid of the spare workspace attached to it, before any
+        user claims it (once, for good): a new user's ``bind`` then only enters the workspace.
+
+        Only our own code has run here, and the switch is the one ``bind`` would make (the
+        mounts checked, the uid for good, no capabilities, ``HOME``); the host verifies the
+        result from ``/proc`` before it offers the worker to anyone. A failure leaves the
+        worker refusing every ``bind``: it only awaits its shutdown.
+        """
+        if not self.awaiting_user or self._switch_tried:
+            raise SandboxError("assume is for an unbound worker that has not switched its uid yet (once)")
+        self._switch_tried = True
+        self._switched = await self._become_user(params)
+        return {"observed": {k: self.report.get(k) for k in OBSERVED_AT_BIND}}
+
+    async def _become_user(self, params: dict[str, Any]) -> tuple[int, int]:
+        from sandbox_core.inside import confine
+
+        if self._preload is not None:  # single-threaded again before the per-thread layers
+            await self._preload.ended(PRELOAD_END_LIMIT)
+        confine.become_user(self.plan, params, self.report)
+        return int(params["uid"]), int(params["gid"])  # checked as ints by become_user
+
     async def bind(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         """Assign a user and workspace to a pre-warmed worker (once)."""
         user_id, workspace = params.get("user_id"), params.get("workspace")
@@ -219,20 +247,25 @@ class SandboxExecutor:
             raise ProtocolError("bind needs user_id and workspace strings")
         if self.user_id is not None and self.user_id != user_id:
             raise SandboxError(f"worker is already bound to {self.user_id!r}")
-        switched = self.awaiting_user
+        switched_now = False
         if self.awaiting_user:  # an unbound strict worker: the host attached the workspace
-            from sandbox_core.inside import confine
-
             if self.user_id is not None:
                 raise SandboxError("a failed bind is never retried: this worker only awaits its shutdown")
             self.user_id = user_id  # one attempt: a failure leaves it refusing everything
-            if self._preload is not None:  # single-threaded again before the per-thread layers
-                await self._preload.ended(PRELOAD_END_LIMIT)
-            confine.become_user(self.plan, params, self.report)
+            if self._switched is not None:  # switched at assume: the claim must name that uid
+                if (params.get("uid"), params.get("gid")) != self._switched:
+                    raise IsolationUnavailable("bind names another uid than the one this worker switched to")
+                if self._preload is not None:  # one asked for after the switch: gone before Landlock
+                    await self._preload.ended(PRELOAD_END_LIMIT)
+            elif self._switch_tried:
+                raise SandboxError("a failed uid switch is never retried: this worker only awaits its shutdown")
+            else:
+                self._switch_tried = switched_now = True
+                self._switched = await self._become_user(params)
             self.awaiting_user = False
         self._enter(user_id, workspace)
         answer: dict[str, Any] = {"user_id": user_id, "workspace": workspace, "preload": self.preload_report()}
-        if switched:
+        if switched_now:
             answer["observed"] = {k: self.report.get(k) for k in OBSERVED_AT_BIND}
         if "landlock" in self.report:  # the host checks it against the plan
             answer["landlock"] = self.report["landlock"]
@@ -316,8 +349,10 @@ class SandboxExecutor:
         from sandbox_core.inside import landlock, runner  # noqa: F401
 
         if self.preload_mode == "agent" and self.awaiting_user and self._preload is None:
-            self._start_preload({"before_bind": "the thread ended before the uid switch and Landlock"},
-                                claim=self._claim_to_come())
+            before = "the thread ended before the uid switch and Landlock"
+            if self._switched is not None:
+                before = "the thread ended before Landlock (it ran as the uid switched to ahead)"
+            self._start_preload({"before_bind": before}, claim=self._claim_to_come())
 
     async def exec(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         from sandbox_core.inside.runner import run_command
@@ -458,7 +493,7 @@ class IPCHandler:
             error = {"code": codes.INVALID_REQUEST, "message": "initialize first"}
             await self._channel.send(Response(request.id, error=error))
             return
-        if self._executor.awaiting_user and request.method not in ("bind", "shutdown", PRELOAD_METHOD):
+        if self._executor.awaiting_user and request.method not in ("assume", "bind", "shutdown", PRELOAD_METHOD):
             error = {"code": codes.NOT_BOUND, "message": "an unbound worker serves nothing before bind"}
             await self._channel.send(Response(request.id, error=error))
             return

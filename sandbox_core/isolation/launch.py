@@ -109,3 +109,10 @@ def can_prewarm(config: ProcessSandboxConfig) -> bool:
     with the workspace bound at spawn (and stay warm for that user afterwards).
     """
     return config.profile != "strict" or can_attach(config) is None
+
+
+def can_switch_ahead(config: ProcessSandboxConfig) -> bool:
+    """Whether pre-warmed workers can switch to a new user's uid before the claim
+    (``new_user_spares``): strict workers that start unbound (:func:`can_prewarm`) with a uid
+    per user, the only ones a spare workspace (and so its uid) is staged for."""
+    return config.profile == "strict" and not config.strict.sandbox_user and can_prewarm(config)

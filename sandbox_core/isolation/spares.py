@@ -92,6 +92,14 @@ class Spare:
         attached = self._attached
         return (int(attached["uid"]), int(attached["gid"])) if self.staged and attached is not None else None
 
+    def pledge(self) -> dict[str, Any] | None:
+        """What the worker's ``assume`` needs to switch to the staged spare's uid before any claim
+        (None when no spare is staged); the uid is never given back from here on."""
+        if not self.staged or self._attached is None:
+            return None
+        self.promised = True
+        return {**self._attached, "spare": True}
+
     def promise(self, workspace: Path) -> dict[str, Any] | None:
         """What the worker's ``bind`` needs when ``workspace`` is a new user's (it does not exist
         and the user has no uid), so that the worker can switch to the spare's uid while
@@ -99,7 +107,7 @@ class Spare:
         ``stat`` and a read of the uid map); :meth:`claim` re-checks under the map's lock."""
         if not self.staged or self._attached is None or workspace.parent != self.root:
             return None
-        if os.path.lexists(workspace) or tenants.has_uid(self.config, workspace.name):
+        if not is_new_user(self.config, workspace.name):
             return None
         self.promised = True
         return {**self._attached, "spare": True}
@@ -158,6 +166,13 @@ class Spare:
             os.close(root_fd)
         if gone and not self.promised:
             tenants.forget(self.config, self.name)
+
+
+def is_new_user(config: ProcessSandboxConfig, user_id: str) -> bool:
+    """Whether ``user_id`` has neither a workspace nor a uid yet (a spare can become theirs).
+    Quick enough for the event loop: a ``stat`` and a read of the uid map; a claim checks
+    again under the map's lock (:meth:`Spare.claim`)."""
+    return not os.path.lexists(config.workspace_for(user_id)) and not tenants.has_uid(config, user_id)
 
 
 def sweep(config: ProcessSandboxConfig) -> list[str]:
