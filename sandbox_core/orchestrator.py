@@ -395,9 +395,17 @@ class SandboxOrchestrator:
             while True:
                 grant = await self._wait_turn(user_id, deadline, front=front, agent=agent)
                 worker = await self._take(grant, user_id)
+                if worker is not None and grant.how == "idle" and not worker.reachable:
+                    # it died after it was reserved for this request, before the request resumed
+                    # (a kill that landed as its last request ended): nothing was sent to it
+                    if worker.alive:  # its pipe is closed and its exit not seen yet
+                        self._retire(worker)
+                    else:
+                        await self._release(worker)
+                    worker = None
                 if worker is not None:
                     return worker
-                front = True  # a pre-warmed worker that failed to bind: the turn is not lost
+                front = True  # a pre-warmed worker that failed to bind, or a dead one: the turn is not lost
         finally:
             self._waiting -= 1
 

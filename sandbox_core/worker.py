@@ -499,6 +499,13 @@ class SandboxWorker:
         return self._pid is not None and not self._exited.is_set()
 
     @property
+    def reachable(self) -> bool:
+        """Alive, and its control pipe still open: a request sent now reaches it (a worker that
+        died has its pipe seen closed a moment before its exit is)."""
+        stdin = self._process.stdin if self._process is not None else None
+        return self.alive and stdin is not None and not stdin.is_closing()
+
+    @property
     def healthy(self) -> bool:
         """Alive, trusted, and not a worker whose preload failed (it is retired, never served)."""
         return (self.alive and self.garbage_frames < GARBAGE_LIMIT and self.broken is None

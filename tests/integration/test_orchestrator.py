@@ -374,3 +374,36 @@ async def test_two_refills_in_one_loop_turn_stay_within_max_workers(workspace_ro
         await wait_for(lambda: pool.get_pool_stats()["workers"]["prewarmed"] == 2, 15, "two pre-warmed workers")
         assert pool.get_pool_stats()["workers"]["total"] == 2
         assert pool.get_pool_stats()["spawned"] == 2
+
+
+@pytest.mark.parametrize("seen", ["its exit", "its pipe closed"])
+async def test_a_worker_that_dies_once_granted_to_a_waiting_request_is_replaced(
+    workspace_root: Path, monkeypatch: pytest.MonkeyPatch, seen: str
+) -> None:
+    """The user's idle worker dies after it was reserved for their next request and before that
+    request resumed (seen in the chaos run: a kill that landed as the previous request ended;
+    the host may see its control pipe closed before its exit): nothing was sent to it, so the
+    request gets another worker instead of WorkerCrashed."""
+    config = process_config(workspace_root, max_workers_per_user=1)
+    async with SandboxOrchestrator(config) as pool:
+        first = await pool.execute("ivy", sh("echo one"))
+        dead = pool._workers[first.worker_id]
+        take = SandboxOrchestrator._take
+
+        async def take_then_die(self: SandboxOrchestrator, grant: object, user_id: str) -> object:
+            worker = await take(self, grant, user_id)  # type: ignore[arg-type]
+            if worker is dead and dead.pid is not None:
+                if seen == "its exit":
+                    os.kill(dead.pid, signal.SIGKILL)
+                    await wait_for(lambda: not dead.alive, 10, "its exit seen by the host")
+                else:
+                    assert dead._process is not None and dead._process.stdin is not None
+                    dead._process.stdin.close()
+            return worker
+
+        monkeypatch.setattr(SandboxOrchestrator, "_take", take_then_die)
+        result = await pool.execute("ivy", sh("echo two"))
+        assert result.stdout_text == "two\n" and result.worker_id != first.worker_id
+        stats = pool.get_pool_stats()
+        assert stats["requests"]["failed"] == 0 and stats["requests"]["ok"] == 2
+        assert first.worker_id not in {w["worker_id"] for w in pool.list_workers()}
