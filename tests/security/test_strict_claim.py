@@ -7,7 +7,6 @@ attach that fails leaves no half-bound worker, no slot mount and no process behi
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -23,22 +22,11 @@ from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.process_tree import descendants
 from sandbox_core.requests import ExecRequest
 from sandbox_core.worker import SandboxWorker
-from tests.helpers import pid_alive, process_config, wait_for
+from tests.helpers import pid_alive, wait_for
+from tests.security.claims import NEEDS_UNBOUND_STRICT, claim_config, fresh_uid_maps, slot_mounts  # noqa: F401
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="unbound strict workers need a root host (slots mount on the host)"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache() -> None:
-    tenants.close_maps()
-
-
-def _config(tmp_path: Path, **changes: Any) -> Any:
-    base = process_config(tmp_path / "ws", state_dir=tmp_path / "state", min_idle=1, max_workers=6)
-    return base.replace(profile="strict", **changes)
+pytestmark = NEEDS_UNBOUND_STRICT
+_config = claim_config
 
 
 def _existing_workspace(config: Any, user: str) -> Path:
@@ -52,10 +40,6 @@ def _spares(config: Any) -> tuple[list[str], list[str]]:
     """Spare workspaces left in the workspace root, and spare keys left in the uid map."""
     names = sorted(n for n in os.listdir(config.workspace_root) if n.startswith(tenants.SPARE_PREFIX))
     return names, sorted(k for k in tenants.assigned(config) if k.startswith(tenants.SPARE_PREFIX))
-
-
-def _slot_mounts(tmp_path: Path) -> list[str]:
-    return [m for m in slots.mounted_slots() if m.startswith(str(tmp_path))]
 
 
 def sh(script: str) -> ExecRequest:
@@ -89,7 +73,7 @@ async def test_a_new_user_claims_a_prewarmed_worker_confined_as_their_own_uid(tm
         assert report is not None and report["uid"] == uid and report["capabilities_zero"] is True
         assert {"identity", "capabilities", "seccomp", "no_new_privs"} <= set(report["verified_by_host"])
         assert report["identity"]["uid"] == uid
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_a_new_user_takes_the_spare_workspace_staged_for_the_worker(tmp_path: Path) -> None:
@@ -115,7 +99,7 @@ async def test_a_new_user_takes_the_spare_workspace_staged_for_the_worker(tmp_pa
         assert report is not None and report["uid"] == uid and "/workspace/.bashrc" in report["filesystem"]["protected"]
     assert _spares(config) == ([], [])  # the refill's spares were removed and their uids given back
     assert set(tenants.assigned(config)) == {"ivan"}
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_a_returning_user_gets_their_own_workspace_and_the_spare_is_given_back(tmp_path: Path) -> None:
@@ -135,7 +119,7 @@ async def test_a_returning_user_gets_their_own_workspace_and_the_spare_is_given_
         await wait_for(lambda: name not in os.listdir(config.workspace_root), 10, "the spare removed")
         assert name not in tenants.assigned(config)
     assert (workspace / "old.txt").read_text() == "judy's" and _spares(config) == ([], [])
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_a_spare_promised_to_a_user_who_turns_out_to_have_a_uid_fails_closed(
@@ -158,7 +142,7 @@ async def test_a_spare_promised_to_a_user_who_turns_out_to_have_a_uid_fails_clos
         await wait_for(lambda: name not in os.listdir(config.workspace_root), 10, "the spare removed")
         monkeypatch.undo()
         assert name in tenants.assigned(config)  # burned: never given to anyone
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_stale_spares_of_a_dead_orchestrator_are_swept_at_start(tmp_path: Path) -> None:
@@ -193,7 +177,7 @@ async def test_a_worker_never_serves_two_users(tmp_path: Path) -> None:
         assert f":{tenants.identity_for(config, 'alice').uid}:" not in second.stdout_text
         seen = [w["worker_id"] for w in pool.list_workers()]
         assert first.worker_id not in seen
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_an_unbound_worker_serves_nothing_before_its_claim(tmp_path: Path) -> None:
@@ -212,7 +196,7 @@ async def test_an_unbound_worker_serves_nothing_before_its_claim(tmp_path: Path)
             await worker.call("bind", {"user_id": "mallory", "workspace": "/workspace", "uid": 201234, "gid": 201234})
     finally:
         await worker.stop()
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_an_attach_the_workspace_refuses_fails_closed(tmp_path: Path) -> None:
@@ -230,9 +214,9 @@ async def test_an_attach_the_workspace_refuses_fails_closed(tmp_path: Path) -> N
         assert all(w["user_id"] is None for w in pool.list_workers())  # nothing bound to eve, half or whole
         assert not set(claimed) & {w["worker_id"] for w in pool.list_workers()}
         await wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "the claimed worker's exit")
-        await wait_for(lambda: not any(c in m for c in claimed for m in _slot_mounts(tmp_path)), 10, "slot detached")
+        await wait_for(lambda: not any(c in m for c in claimed for m in slot_mounts(tmp_path)), 10, "slot detached")
         assert pool.get_pool_stats()["claim_fallbacks"] == 1
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 @pytest.mark.parametrize("returning", [False, True], ids=["new user: the spare", "returning user: attach"])
@@ -287,9 +271,9 @@ async def test_a_crash_between_attach_and_bind_leaves_nothing_behind(
         worker_id, pid = killed[0]
         await wait_for(lambda: not pid_alive(pid), 10, "the crashed worker's exit")
         assert worker_id not in {w["worker_id"] for w in pool.list_workers()}
-        await wait_for(lambda: not any(worker_id in m for m in _slot_mounts(tmp_path)), 10, "its slot detached")
+        await wait_for(lambda: not any(worker_id in m for m in slot_mounts(tmp_path)), 10, "its slot detached")
         assert not (tmp_path / "state" / "slots" / f"{os.getpid()}-{worker_id}").exists()
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
     assert _spares(config) == ([], [])
 
 
@@ -305,8 +289,8 @@ async def test_an_attach_that_fails_midway_mounts_nothing_and_falls_back(
         result = await pool.execute("grace", sh("id -u; ls /workspace | wc -l"))
         assert result.exit_code == 0 and result.worker_id not in before  # spawned for her instead
         assert pool.get_pool_stats()["claim_fallbacks"] == 1
-        await wait_for(lambda: not any(w in m for w in before for m in _slot_mounts(tmp_path)), 10, "slot detached")
-    assert _slot_mounts(tmp_path) == []
+        await wait_for(lambda: not any(w in m for w in before for m in slot_mounts(tmp_path)), 10, "slot detached")
+    assert slot_mounts(tmp_path) == []
 
 
 def _failing_final_move(monkeypatch: pytest.MonkeyPatch) -> Any:
@@ -328,10 +312,10 @@ async def test_stale_slots_of_a_dead_orchestrator_are_swept_at_start(tmp_path: P
     slot = slots.Slot.create(state, "stale")
     dead = state / "slots" / "999999999-stale"
     os.rename(slot.path, dead)  # as if its orchestrator (pid 999999999) had died
-    assert _slot_mounts(tmp_path)
+    assert slot_mounts(tmp_path)
     async with SandboxOrchestrator(config) as pool:
         assert "slot 999999999-stale" in pool.swept
-    assert not dead.exists() and _slot_mounts(tmp_path) == []
+    assert not dead.exists() and slot_mounts(tmp_path) == []
 
 
 async def test_refill_follows_min_idle_and_demand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -349,7 +333,7 @@ async def test_refill_follows_min_idle_and_demand(tmp_path: Path, monkeypatch: p
         stats = pool.get_pool_stats()
         assert stats["workers"]["total"] <= config.max_workers
         assert stats["workers"]["prewarmed"] + stats["workers"]["starting"] <= 2
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_deny_paths_in_the_workspace_are_covered_at_claim(tmp_path: Path) -> None:
@@ -374,7 +358,7 @@ async def test_deny_paths_in_the_workspace_are_covered_at_claim(tmp_path: Path) 
         assert report is not None
         assert set(report["filesystem"]["denied"]) == {"/workspace/secret", "/workspace/key.pem"}
     assert (workspace / "secret" / "token").read_text() == "hidden-token" and (workspace / "key.pem").exists()
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_an_unbound_agent_worker_preloads_before_its_claim_and_binds_single_threaded(tmp_path: Path) -> None:
@@ -400,7 +384,7 @@ async def test_an_unbound_agent_worker_preloads_before_its_claim_and_binds_singl
         assert unbound.report["uid"] != 0
         if landlock_abi() > 0:
             assert unbound.report["landlock"]["abi"] > 0  # applied at bind: refused with a second thread
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_the_first_command_on_a_claimed_worker_starts_no_waiter_thread(tmp_path: Path) -> None:
@@ -412,7 +396,7 @@ async def test_the_first_command_on_a_claimed_worker_starts_no_waiter_thread(tmp
         assert result.exit_code == 0, result.stderr_text
         assert pool.get_pool_stats()["claimed"] == 1
         assert result.stdout_text.split() == ["Threads:", "1"]
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_the_claims_expectations_are_worked_out_for_the_staged_spares_uid(tmp_path: Path) -> None:
@@ -451,7 +435,7 @@ async def test_a_claimed_worker_runs_under_the_ruleset_it_built_while_it_waited(
         assert result.worker_id == unbound.worker_id and pool.get_pool_stats()["claimed"] == 1
         assert result.stdout_text == "a\nb\nc\nread\ncomm-refused\n", result.stderr_text
         assert unbound.report["landlock"]["abi"] == landlock_abi()
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_a_worker_bound_at_spawn_is_confined_as_a_claimed_one(tmp_path: Path) -> None:

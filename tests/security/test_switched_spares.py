@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -18,32 +17,20 @@ from typing import Any
 import pytest
 
 from sandbox_core.errors import CircuitOpen, IsolationUnavailable, SandboxError
-from sandbox_core.isolation import slots, spares, tenants, verify
+from sandbox_core.isolation import spares, tenants, verify
 from sandbox_core.isolation.launch import can_switch_ahead
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.process_tree import descendants
 from sandbox_core.requests import ExecRequest
 from sandbox_core.worker import SandboxWorker
-from tests.helpers import pid_alive, process_config, wait_for
+from tests.helpers import pid_alive, wait_for
+from tests.security.claims import NEEDS_UNBOUND_STRICT, claim_config, fresh_uid_maps, slot_mounts  # noqa: F401
 
-pytestmark = [
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed"),
-    pytest.mark.skipif(os.geteuid() != 0, reason="unbound strict workers need a root host (slots mount on the host)"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache() -> None:
-    tenants.close_maps()
+pytestmark = NEEDS_UNBOUND_STRICT
 
 
 def _config(tmp_path: Path, **changes: Any) -> Any:
-    base = process_config(tmp_path / "ws", state_dir=tmp_path / "state", min_idle=1, max_workers=6)
-    return base.replace(profile="strict", **{"new_user_spares": 1, **changes})
-
-
-def _slot_mounts(tmp_path: Path) -> list[str]:
-    return [m for m in slots.mounted_slots() if m.startswith(str(tmp_path))]
+    return claim_config(tmp_path, **{"new_user_spares": 1, **changes})
 
 
 def _spare_dirs(config: Any) -> list[str]:
@@ -101,7 +88,7 @@ async def test_a_new_user_claims_a_worker_already_running_as_its_spares_uid(tmp_
         assert (config.workspace_for("alice") / "a.txt").stat().st_uid == spare_uid
         assert pool.get_pool_stats()["claim_fallbacks"] == 0
         assert worker.claim_seconds["verify"] < worker.claim_seconds["bind"]  # nothing left to re-check
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 @pytest.mark.parametrize("has", ["a workspace", "a uid"])
@@ -120,7 +107,7 @@ async def test_a_returning_user_never_gets_a_worker_switched_to_another_uid(tmp_
         assert pool.get_pool_stats()["claim_fallbacks"] == 0  # never tried: chosen by kind, not by failure
         again = await pool.execute("newcomer", ExecRequest(shell="id -u"))
         assert again.worker_id == switched.worker_id and again.stdout_text.strip() != str(judy)
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_a_switched_worker_refuses_a_second_switch_and_a_bind_to_another_uid(tmp_path: Path) -> None:
@@ -135,7 +122,7 @@ async def test_a_switched_worker_refuses_a_second_switch_and_a_bind_to_another_u
         with pytest.raises(SandboxError, match="never retried"):  # one attempt: it only awaits its shutdown now
             await worker.call("bind", {"user_id": "mallory", "workspace": "/workspace", "uid": uid, "gid": uid})
         assert worker.pid is not None and _uids_in(worker.pid) <= {(0,) * 4, (uid,) * 4}
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def _never_offered(pool: SandboxOrchestrator, config: Any, tmp_path: Path, failures: int = 1) -> None:
@@ -187,7 +174,7 @@ async def test_a_worker_that_does_not_switch_as_planned_is_never_offered(
         await wait_for(lambda: not set(pledged) & set(_spare_dirs(config)), 10, "the spare directories removed")
         assert set(pledged) <= set(tenants.assigned(config))  # a process was told to run as them: never reused
     await wait_for(lambda: not any(pid_alive(p) for p in pids), 10, "the dead worker's processes")
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
     assert _spare_dirs(config) == []
 
 
@@ -221,7 +208,7 @@ async def test_min_idle_bounds_the_switched_workers_and_the_reaper_keeps_them(
         await pool.cleanup_idle_workers()
         assert kinds() == (2, 0)
         assert not any(w["user_id"] for w in pool.list_workers())  # the users' idle workers were reaped too
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_an_agent_worker_switches_ahead_once_its_preload_ended_and_serves_a_new_user(tmp_path: Path) -> None:
@@ -242,7 +229,7 @@ async def test_an_agent_worker_switches_ahead_once_its_preload_ended_and_serves_
         assert result.worker_id == worker.worker_id and worker.claimed_spare
         assert "".join(e.data.get("text", "") for e in result.events if e.type == "text")
         assert result.result["tools_built"] == 0 and pool.get_pool_stats()["preload"]["failed"] == 0
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
 
 
 async def test_a_preload_asked_for_after_the_switch_is_over_before_the_claims_landlock(tmp_path: Path) -> None:
@@ -264,4 +251,4 @@ async def test_a_preload_asked_for_after_the_switch_is_over_before_the_claims_la
         assert result.exit_code == 0 and result.stdout_text.strip() == str(worker.report["uid"])
         assert result.worker_id == worker.worker_id and pool.get_pool_stats()["claim_fallbacks"] == 0
         assert worker.report["landlock"]["abi"] == landlock_abi()
-    assert _slot_mounts(tmp_path) == []
+    assert slot_mounts(tmp_path) == []
