@@ -524,7 +524,7 @@ class SandboxOrchestrator:
         if len(mine) >= self.config.max_workers_per_user:
             return None
         prewarmed = self._idle_unbound()
-        if any(w.new_users_only for w in prewarmed) and not spares.is_new_user(self.config, user_id):
+        if any(w.new_users_only for w in prewarmed) and not self._is_new_user(user_id):
             prewarmed = [w for w in prewarmed if not w.new_users_only]  # switched to a uid that is not theirs
         prewarmed.sort(key=lambda w: _claim_order(w, agent))
         if prewarmed:
@@ -534,6 +534,15 @@ class SandboxOrchestrator:
         if self._capacity() <= 0 and not self._evict_one(user_id):
             return None
         return _Grant(self._new_worker(user_id), "spawn")  # holds its slot (and the user's) from now on
+
+    def _is_new_user(self, user_id: str) -> bool:
+        """Whether a worker switched ahead may be offered to ``user_id`` (no workspace, no uid);
+        False when the host cannot tell (the claim that follows then checks and says why). A
+        map that fails closed raises, and the turn fails with it."""
+        try:
+            return spares.is_new_user(self.config, user_id)
+        except OSError:
+            return False
 
     def _give_back(self, grant: _Grant) -> None:
         """Undo a reservation whose request went away before it took it."""

@@ -252,3 +252,24 @@ async def test_a_preload_asked_for_after_the_switch_is_over_before_the_claims_la
         assert result.worker_id == worker.worker_id and pool.get_pool_stats()["claim_fallbacks"] == 0
         assert worker.report["landlock"]["abi"] == landlock_abi()
     assert slot_mounts(tmp_path) == []
+
+
+async def test_a_user_the_host_cannot_tell_is_new_gets_another_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the quick look at the workspace and uid map fails (an OSError), the switched worker
+    is not offered: the request is served by a worker started for the user, the pool intact."""
+    config = _config(tmp_path)
+    async with SandboxOrchestrator(config) as pool:
+        switched = await _switched_ready(pool)
+
+        def cannot_tell(cfg: Any, user_id: str) -> bool:
+            raise PermissionError(13, "injected: the uid map cannot be read")
+
+        monkeypatch.setattr(spares, "is_new_user", cannot_tell)
+        result = await pool.execute("quinn", ExecRequest(shell="id -u"))
+        monkeypatch.undo()
+        assert result.exit_code == 0 and result.worker_id != switched.worker_id
+        assert result.stdout_text.strip() == str(tenants.identity_for(config, "quinn").uid)
+        assert switched.user_id is None and _switched(pool) == [switched]
+    assert slot_mounts(tmp_path) == []
