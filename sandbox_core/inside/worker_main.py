@@ -235,10 +235,14 @@ class SandboxExecutor:
     async def _become_user(self, params: dict[str, Any]) -> tuple[int, int]:
         from sandbox_core.inside import confine
 
-        if self._preload is not None:  # single-threaded again before the per-thread layers
-            await self._preload.ended(PRELOAD_END_LIMIT)
+        await self._single_threaded()
         confine.become_user(self.plan, params, self.report)
         return int(params["uid"]), int(params["gid"])  # checked as ints by become_user
+
+    async def _single_threaded(self) -> None:
+        """Wait for a preload thread to end: the uid switch's capability drop and Landlock are per thread."""
+        if self._preload is not None:
+            await self._preload.ended(PRELOAD_END_LIMIT)
 
     async def bind(self, ctx: RequestContext, params: dict[str, Any]) -> dict[str, Any]:
         """Assign a user and workspace to a pre-warmed worker (once)."""
@@ -255,8 +259,7 @@ class SandboxExecutor:
             if self._switched is not None:  # switched at assume: the claim must name that uid
                 if (params.get("uid"), params.get("gid")) != self._switched:
                     raise IsolationUnavailable("bind names another uid than the one this worker switched to")
-                if self._preload is not None:  # one asked for after the switch: gone before Landlock
-                    await self._preload.ended(PRELOAD_END_LIMIT)
+                await self._single_threaded()  # a preload asked for after the switch: gone before Landlock
             elif self._switch_tried:
                 raise SandboxError("a failed uid switch is never retried: this worker only awaits its shutdown")
             else:

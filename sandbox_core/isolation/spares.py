@@ -109,8 +109,7 @@ class Spare:
             return None
         if not is_new_user(self.config, workspace.name):
             return None
-        self.promised = True
-        return {**self._attached, "spare": True}
+        return self.pledge()
 
     def claim(self, workspace: Path) -> dict[str, Any] | None:
         """Make the staged spare ``workspace`` (a user's that does not exist yet) and return what
