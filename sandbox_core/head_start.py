@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -85,7 +84,7 @@ class HeadStart:
             spawned.close()
             if spawned.placement is not None:  # done before its cgroups are removed
                 with contextlib.suppress(Exception):
-                    spawned.placement()
+                    spawned.placement.wait()
         finally:
             if spec.cleanup is not None:
                 spec.cleanup()
@@ -109,29 +108,5 @@ def begin(config: ProcessSandboxConfig, user_id: str, *, launcher: Launcher = la
         if spec.cleanup is not None:
             spec.cleanup()
         raise
-    if spec.after_spawn is not None:
-        spawned.placement = _Placement(spec.after_spawn, spawned.process.pid).wait
     return HeadStart(config, user_id, tag, workspace, spec, spawned)
 
-
-class _Placement:
-    """The spec's ``after_spawn`` (into its cgroups: a few dozen file writes that wait on the
-    kernel) in a thread, while the host goes on loading the pool; the worker that adopts the
-    process waits for it before its ``initialize``, as it waits for its own otherwise."""
-
-    def __init__(self, after_spawn: Callable[[int], None], pid: int) -> None:
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(after_spawn, pid), name="sandbox-placement",
-                                        daemon=True)  # fmt: skip
-        self._thread.start()
-
-    def _run(self, after_spawn: Callable[[int], None], pid: int) -> None:
-        try:
-            after_spawn(pid)
-        except BaseException as exc:  # noqa: BLE001 - raised again by wait(), in the adopter
-            self._error = exc
-
-    def wait(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error

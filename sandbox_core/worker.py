@@ -70,7 +70,7 @@ from sandbox_core.protocol import (
 )
 from sandbox_core.requests import RequestResult
 from sandbox_core.shared import EGRESS_OPEN, HOST_CHUNK, PRELOAD_METHOD, PRELOADED
-from sandbox_core.worker_process import Spawned, WorkerProcess, spawn
+from sandbox_core.worker_process import Placement, Spawned, WorkerProcess, spawn
 
 if TYPE_CHECKING:
     from sandbox_core.head_start import HeadStart
@@ -443,6 +443,8 @@ class SandboxWorker:
         self._claim_expected: verify.Prepared | None = None
         """What the claim's verify expects of the staged spare's uid, worked out before the claim."""
         self._process: WorkerProcess | None = None
+        self._placement: Placement | None = None
+        """Its spec's ``after_spawn`` (into its cgroups), run in a thread from the spawn on."""
         self._head_start = head_start
         self._pid: int | None = None
         self._last_id = 0
@@ -628,6 +630,7 @@ class SandboxWorker:
             spawned = spawn(spec)
         self._process = spawned.process
         self._pid = spawned.process.pid
+        self._placement = spawned.placement
         attach = asyncio.ensure_future(spawned.process.attach(_Pipes(self)))
         try:
             await asyncio.shield(attach)
@@ -636,10 +639,6 @@ class SandboxWorker:
             spawned.close()
             raise
         await self._connect_channel(spawned)
-        if spawned.placement is not None:  # started with the process (a head start)
-            await asyncio.to_thread(spawned.placement)
-        elif spec.after_spawn is not None:  # e.g. into its cgroups: file writes, off the loop
-            await asyncio.to_thread(spec.after_spawn, self._pid)
         params: dict[str, Any] = {"worker_id": self.worker_id, "plan": spec.plan, **spawned.inside}
         if self.preload == "agent":
             params["preload"] = "agent"
@@ -659,6 +658,11 @@ class SandboxWorker:
             binding = asyncio.ensure_future(self.call("bind", {"user_id": self.user_id,
                                                                "workspace": spec.workspace_in_sandbox}))
         try:
+            placement = self._placement  # into its cgroups while the worker confined itself: done first
+            if placement is not None and placement.running:
+                await asyncio.to_thread(placement.wait)
+            elif placement is not None:
+                placement.wait()  # done: raises what it raised
             await self._initialized(spec, await initializing)
             if binding is not None:  # the workspace's layers (landlock) are checked against the plan
                 self._check_bound(await binding)
@@ -1071,6 +1075,9 @@ class SandboxWorker:
         """
         if self._pid is not None and (self._spec is None or self._spec.sweep_session):
             kill_session(self._pid)
+        if self._placement is not None:  # a start cut short may have left it under way: not after the clean-up
+            with contextlib.suppress(BaseException):
+                self._placement.wait()
         if self._spec is not None and self._spec.cleanup is not None:
             with contextlib.suppress(Exception):
                 self._spec.cleanup()

@@ -3,8 +3,9 @@
 Each worker gets ``<base>/sandbox/<owner>/<worker id>.<random>``, where ``<owner>`` names the
 orchestrator process that made it (``o<pid>.<start time>``), so that a later orchestrator can
 tell a dead one's leftovers from a live one's and :func:`sweep` them. The host moves the
-spawned process tree in right after spawn, before the handshake, so nothing untrusted ever
-runs outside it; children inherit it. Cleanup kills whatever is left and removes the groups.
+spawned process tree in from the spawn on (in a thread, while the worker answers its handshake
+with only our code running), and verifies and offers the worker only once it is in, so nothing
+untrusted ever runs outside it; children inherit it. Cleanup kills whatever is left and removes the groups.
 
 **v1** (this machine): ``memory`` (``memory.limit_in_bytes`` and ``memory.memsw`` = the
 limit, so no swap beyond it; ``memory.kmem.tcp.limit_in_bytes`` = ``limits.socket_mb``,

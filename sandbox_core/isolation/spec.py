@@ -38,8 +38,10 @@ class LaunchSpec:
     bound_at_spawn: bool = False
     pass_fds: tuple[int, ...] = ()
     after_spawn: Callable[[int], None] | None = None
-    """Called on the host with the new process's pid before the handshake (e.g. to
-    move it into a cgroup). Raising IsolationUnavailable kills the worker."""
+    """Called on the host with the new process's pid, in a thread from the spawn on
+    (:class:`sandbox_core.worker_process.Placement`; e.g. to move it into its cgroups), while
+    the worker answers its handshake; the worker is judged, verified and offered only once it
+    returned. Raising IsolationUnavailable kills the worker."""
     after_start: Callable[[], None] | None = None
     """Called on the host in the background (a thread) once the worker has started (bwrap
     built the sandbox before the handshake): lets go of what the host held only for that (a workspace
