@@ -107,6 +107,9 @@ killed: a stopped worker must not hang its caller, its cancel or the host's shut
 ASSUME_PRELOAD_WAIT = 60.0
 """Seconds a worker switching ahead to its spare's uid may first spend waiting for its agent
 preload to end (the worker's own bound, ``PRELOAD_END_LIMIT``), on top of ``startup_timeout``."""
+PLACEMENT_WAIT = 10.0
+"""Seconds an exited worker's clean-up waits for a placement still under way (a start cut short
+while the kernel was slow to move it) before it removes the cgroups anyway, saying so."""
 CPU_POLL = 0.1
 """Seconds between reads of a worker's CPU accounting while a request with a CPU budget runs."""
 NO_PROCESSES = frozenset({"ping"})
@@ -1076,8 +1079,13 @@ class SandboxWorker:
         if self._pid is not None and (self._spec is None or self._spec.sweep_session):
             kill_session(self._pid)
         if self._placement is not None:  # a start cut short may have left it under way: not after the clean-up
-            with contextlib.suppress(BaseException):
-                self._placement.wait()
+            try:
+                self._placement.wait(PLACEMENT_WAIT)
+            except TimeoutError:
+                _log.warning("worker %s: its placement did not end within %ss of its exit; cleaning up anyway",
+                             self.worker_id, PLACEMENT_WAIT)  # fmt: skip
+            except BaseException:  # noqa: BLE001 - its start already reported what it raised
+                pass
         if self._spec is not None and self._spec.cleanup is not None:
             with contextlib.suppress(Exception):
                 self._spec.cleanup()

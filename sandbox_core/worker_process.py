@@ -162,10 +162,11 @@ class Placement:
         """Not done yet (:meth:`wait` would block)."""
         return self._done.locked()
 
-    def wait(self) -> None:
-        """Block until it is done; raise what it raised."""
-        with self._done:
-            pass
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until it is done (TimeoutError after ``timeout`` seconds); raise what it raised."""
+        if not self._done.acquire(timeout=-1 if timeout is None else timeout):
+            raise TimeoutError(f"the placement did not end within {timeout}s")
+        self._done.release()
         if self._error is not None:
             raise self._error
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from sandbox_core import worker as worker_module
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.errors import IsolationUnavailable, WorkerStartError
 from sandbox_core.isolation.launch import LaunchSpec, prepare_workspace
@@ -118,3 +119,27 @@ async def test_a_start_cut_short_releases_the_spec_only_after_its_placement(tmp_
     with pytest.raises(WorkerStartError, match="did not finish its handshake"):
         await starting
     assert events == ["placed", "cleaned"]
+
+
+async def test_a_placement_that_never_ends_delays_the_clean_up_only_so_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(worker_module, "PLACEMENT_WAIT", 0.5)
+    config = process_config(tmp_path / "ws", startup_timeout=1.0)
+    events: list[str] = []
+    release = threading.Event()
+
+    def place(pid: int, nofile: int) -> None:  # a kernel that never answers, as far as the start can tell
+        release.wait(30)
+        events.append("placed")
+
+    worker = SandboxWorker(config, "w-hung", user_id="hal", workspace=prepare_workspace(config, "hal"),
+                           launcher=_placing(config, place, events))  # fmt: skip
+    try:
+        with pytest.raises(WorkerStartError, match="did not finish its handshake"):
+            await worker.start()
+        assert events == ["cleaned"]  # the clean-up went ahead, bounded, and said why
+        assert "placement did not end" in caplog.text
+    finally:
+        release.set()
+    await wait_for(lambda: events == ["cleaned", "placed"], 10, "the hung placement to end once let go")
