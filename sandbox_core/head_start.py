@@ -82,9 +82,9 @@ class HeadStart:
             spawned.process.wait_unattached(DISCARD_WAIT)
             spawned.process.close()
             spawned.close()
-            if spawned.placement is not None:  # done before its cgroups are removed
+            if spawned.placement is not None:  # done before its cgroups are removed (bounded: a hung kernel)
                 with contextlib.suppress(Exception):
-                    spawned.placement.wait()
+                    spawned.placement.wait(DISCARD_WAIT)
         finally:
             if spec.cleanup is not None:
                 spec.cleanup()
