@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 from sandbox_core.config import ProcessSandboxConfig
 from sandbox_core.process_tree import session_members
@@ -71,3 +75,33 @@ def short_socket_path(kind: str) -> Path:
     folder = Path(f"/tmp/sbx-{kind}-{os.getpid()}-{secrets.token_hex(3)}")
     SOCKET_DIRS.append(folder)
     return folder / "s.sock"
+
+
+class KeptLog(logging.Handler):
+    """The messages of WARNING and above a logger gave while it was watched (:func:`watched_log`)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@contextlib.contextmanager
+def watched_log(name: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[KeptLog]:
+    """What the logger ``name`` says at WARNING and above, kept on the logger itself: the
+    service's log set-up in an earlier test may have stopped propagation to the root, disabled
+    it or raised its level, so pytest's ``caplog`` may see nothing."""
+    kept = KeptLog()
+    logger = logging.getLogger(name)
+    logger.addHandler(kept)
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    try:
+        yield kept
+    finally:
+        logger.removeHandler(kept)

@@ -23,7 +23,7 @@ from sandbox_core.isolation.spec import process_launch
 from sandbox_core.orchestrator import SandboxOrchestrator
 from sandbox_core.requests import ExecRequest
 from sandbox_core.worker import SandboxWorker
-from tests.helpers import pid_alive, process_config, wait_for
+from tests.helpers import pid_alive, process_config, wait_for, watched_log
 
 
 def _soft_nofile(pid: int) -> int | None:
@@ -122,7 +122,7 @@ async def test_a_start_cut_short_releases_the_spec_only_after_its_placement(tmp_
 
 
 async def test_a_placement_that_never_ends_delays_the_clean_up_only_so_long(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(worker_module, "PLACEMENT_WAIT", 0.5)
     config = process_config(tmp_path / "ws", startup_timeout=1.0)
@@ -136,10 +136,11 @@ async def test_a_placement_that_never_ends_delays_the_clean_up_only_so_long(
     worker = SandboxWorker(config, "w-hung", user_id="hal", workspace=prepare_workspace(config, "hal"),
                            launcher=_placing(config, place, events))  # fmt: skip
     try:
-        with pytest.raises(WorkerStartError, match="did not finish its handshake"):
+        with watched_log("sandbox_core.worker", monkeypatch) as kept, \
+                pytest.raises(WorkerStartError, match="did not finish its handshake"):  # fmt: skip
             await worker.start()
         assert events == ["cleaned"]  # the clean-up went ahead, bounded, and said why
-        assert "placement did not end" in caplog.text
+        assert "placement did not end" in kept.text()
     finally:
         release.set()
     await wait_for(lambda: events == ["cleaned", "placed"], 10, "the hung placement to end once let go")

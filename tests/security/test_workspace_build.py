@@ -8,7 +8,6 @@ host, and a build that fails fails the start closed without leaving a slot or a 
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -21,7 +20,7 @@ from sandbox_core.isolation import slots, strict, tenants
 from sandbox_core.isolation.launch import prepare_workspace
 from sandbox_core.requests import ExecRequest
 from sandbox_core.worker import SandboxWorker
-from tests.helpers import pid_alive, wait_for
+from tests.helpers import pid_alive, wait_for, watched_log
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap (bwrap) is not installed"),
@@ -92,18 +91,6 @@ async def test_a_build_that_fails_fails_the_start_closed(tmp_path: Path, monkeyp
     assert _slot_mounts(tmp_path) == [] and _slot_dirs(tmp_path) == []
 
 
-class _Kept(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
 async def test_a_release_that_fails_is_logged_and_done_at_the_exit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -120,21 +107,16 @@ async def test_a_release_that_fails_is_logged_and_done_at_the_exit(
         original(path)
 
     monkeypatch.setattr(slots, "release_path", fail_once)
-    kept = _Kept()  # on the worker's own logger: the service's log set-up may stop propagation to the root
-    logger = logging.getLogger("sandbox_core.worker")
-    logger.addHandler(kept)
-    monkeypatch.setattr(logger, "disabled", False)
-    monkeypatch.setattr(logger, "level", logging.WARNING)  # whatever level an earlier test left above it
     worker = SandboxWorker(config, "w3", user_id="alice", workspace=prepare_workspace(config, "alice"))
-    try:
-        await worker.start()
-        await wait_for(lambda: "injected failure of the release" in kept.text(), 10, "the failed release logged")
-        assert "cannot unmount the workspace tree" in kept.text()
-        result = await worker.execute("exec", ExecRequest(shell=PROBE).params())
-        assert result.exit_code == 0 and result.stdout_text.strip() == "ok"  # serving, protections held
-        assert _slot_dirs(tmp_path)  # still there: the exit's clean-up takes it
-    finally:
-        logger.removeHandler(kept)
-        await worker.stop()
+    with watched_log("sandbox_core.worker", monkeypatch) as kept:
+        try:
+            await worker.start()
+            await wait_for(lambda: "injected failure of the release" in kept.text(), 10, "the failed release logged")
+            assert "cannot unmount the workspace tree" in kept.text()
+            result = await worker.execute("exec", ExecRequest(shell=PROBE).params())
+            assert result.exit_code == 0 and result.stdout_text.strip() == "ok"  # serving, protections held
+            assert _slot_dirs(tmp_path)  # still there: the exit's clean-up takes it
+        finally:
+            await worker.stop()
     assert len(calls) == 2
     assert _slot_mounts(tmp_path) == [] and _slot_dirs(tmp_path) == []
